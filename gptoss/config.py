@@ -1,0 +1,224 @@
+"""Model hyper-parameters: one dataclass, read from a Hugging Face config.json or a preset."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = 24
+    hidden_size: int = 2880
+    num_heads: int = 64  # query heads
+    num_kv_heads: int = 8
+    head_dim: int = 64
+    num_experts: int = 32
+    experts_per_token: int = 4
+    intermediate_size: int = 2880  # per expert
+    vocab_size: int = 201088
+    sliding_window: int = 128
+    # layer i uses the sliding window when layer_types[i] == "sliding_attention"
+    layer_types: tuple[str, ...] = field(default=())
+    rope_theta: float = 150000.0
+    rope_scaling_factor: float = 32.0
+    rope_initial_context: int = 4096  # YaRN's original_max_position_embeddings
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    rms_norm_eps: float = 1e-5
+    max_context: int = 131072
+
+    def __post_init__(self):
+        if not self.layer_types:
+            types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_layers))
+            object.__setattr__(self, "layer_types", types)
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:  # rows of the fused qkv projection: q, then k, then v
+        return self.q_size + 2 * self.kv_size
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+                     "experts_per_token", "intermediate_size", "vocab_size", "sliding_window", "max_context"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.experts_per_token > self.num_experts:
+            problems.append(f"experts_per_token {self.experts_per_token} > num_experts {self.num_experts}")
+        if self.hidden_size % 32 or self.intermediate_size % 32:
+            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
+        if len(self.layer_types) != self.num_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+        if bad:
+            problems.append(f"unknown layer types {bad}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> "ModelConfig":
+        """Map a Hugging Face GptOss config.json (transformers 4.55+ or 5.x) onto our fields."""
+        def need(*keys, default=None):
+            for k in keys:
+                if k in hf and hf[k] is not None:
+                    return hf[k]
+            if default is None:
+                raise ValueError(f"config.json lacks {' / '.join(keys)}")
+            return default
+
+        # transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters (holding rope_theta too)
+        rope = dict(hf.get("rope_scaling") or {})
+        rope.update(hf.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", hf.get("rope_theta", 150000.0))
+        num_layers = int(need("num_hidden_layers"))
+        layer_types = hf.get("layer_types") or ()
+        return cls(
+            num_layers=num_layers,
+            hidden_size=int(need("hidden_size")),
+            num_heads=int(need("num_attention_heads")),
+            num_kv_heads=int(need("num_key_value_heads")),
+            head_dim=int(need("head_dim")),
+            num_experts=int(need("num_local_experts", "num_experts")),
+            experts_per_token=int(need("num_experts_per_tok", "experts_per_token")),
+            intermediate_size=int(need("intermediate_size")),
+            vocab_size=int(need("vocab_size")),
+            sliding_window=int(need("sliding_window", default=128)),
+            layer_types=tuple(layer_types),
+            rope_theta=float(theta),
+            rope_scaling_factor=float(rope.get("factor", 32.0)),
+            rope_initial_context=int(rope.get("original_max_position_embeddings",
+                                              hf.get("initial_context_length", 4096))),
+            rope_beta_fast=float(rope.get("beta_fast", 32.0)),
+            rope_beta_slow=float(rope.get("beta_slow", 1.0)),
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            max_context=int(need("max_position_embeddings", default=131072)),
+        )
+
+    def to_hf_dict(self, quantized_experts: bool = True) -> dict:
+        """A config.json that transformers' GptOssForCausalLM accepts (both 4.55+ and 5.x keys)."""
+        rope = {"rope_type": "yarn", "factor": self.rope_scaling_factor, "beta_fast": self.rope_beta_fast,
+                "beta_slow": self.rope_beta_slow, "truncate": False,
+                "original_max_position_embeddings": self.rope_initial_context}
+        d = {
+            "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+            "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.experts_per_token, "experts_per_token": self.experts_per_token,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
+            "sliding_window": self.sliding_window, "layer_types": list(self.layer_types),
+            "rope_theta": self.rope_theta, "rope_scaling": rope,
+            "rope_parameters": dict(rope, rope_theta=self.rope_theta),
+            "initial_context_length": self.rope_initial_context,
+            "swiglu_limit": self.swiglu_limit, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_context, "attention_bias": True,
+            "attention_dropout": 0.0, "hidden_act": "silu", "tie_word_embeddings": False,
+            "eos_token_id": 200002, "pad_token_id": 199999, "torch_dtype": "bfloat16",
+        }
+        if quantized_experts:
+            d["quantization_config"] = {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+        return d
+
+    # ---- parameter counts (for rooflines and memory planning) ------------------------------------
+    def attention_params_per_layer(self) -> int:
+        H = self.hidden_size
+        return H * self.qkv_size + self.qkv_size + self.q_size * H + H
+
+    def expert_params(self) -> int:  # one expert, weights and biases
+        H, I = self.hidden_size, self.intermediate_size
+        return H * 2 * I + 2 * I + I * H + H
+
+    def active_matmul_params_per_token(self) -> int:
+        """Multiply-adds per token in weight matrices (attention, active experts, router, unembedding)."""
+        H = self.hidden_size
+        per_layer = (H * self.qkv_size + self.q_size * H + H * self.num_experts
+                     + self.experts_per_token * (H * 2 * self.intermediate_size + self.intermediate_size * H))
+        return self.num_layers * per_layer + self.vocab_size * H
+
+
+def yarn_inv_freq_and_scale(cfg: ModelConfig):
+    """YaRN inverse frequencies (head_dim/2 of them) and the cos/sin concentration factor."""
+    import numpy as np
+
+    d_half = cfg.head_dim // 2
+    base = cfg.rope_theta ** (np.arange(d_half, dtype=np.float64) * 2.0 / cfg.head_dim)
+    if cfg.rope_scaling_factor <= 1.0:
+        return (1.0 / base), 1.0
+    low = d_half * math.log(cfg.rope_initial_context / (cfg.rope_beta_fast * 2 * math.pi)) / math.log(cfg.rope_theta)
+    high = d_half * math.log(cfg.rope_initial_context / (cfg.rope_beta_slow * 2 * math.pi)) / math.log(cfg.rope_theta)
+    ramp = np.clip((np.arange(d_half, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    interpolated = 1.0 / (cfg.rope_scaling_factor * base)
+    extrapolated = 1.0 / base
+    inv_freq = interpolated * ramp + extrapolated * (1.0 - ramp)
+    concentration = 0.1 * math.log(cfg.rope_scaling_factor) + 1.0
+    return inv_freq, concentration
+
+
+GPT_OSS_20B = ModelConfig(num_layers=24, num_experts=32)
+GPT_OSS_120B = ModelConfig(num_layers=36, num_experts=128)
+
+# Tiny shapes for tests: small enough for the NumPy reference and CI.
+TINY = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=4,
+                   experts_per_token=2, intermediate_size=64, vocab_size=512, sliding_window=8,
+                   max_context=256)
+# Real head geometry (64 q / 8 kv heads of 64), small elsewhere: a prompt can run past the window.
+TINY_REAL_HEADS = ModelConfig(num_layers=2, hidden_size=128, num_heads=64, num_kv_heads=8, head_dim=64,
+                              num_experts=8, experts_per_token=4, intermediate_size=96, vocab_size=1024,
+                              sliding_window=16, max_context=512)
+
+PRESETS = {"gpt-oss-20b": GPT_OSS_20B, "gpt-oss-120b": GPT_OSS_120B, "tiny": TINY,
+           "tiny-real-heads": TINY_REAL_HEADS}
+
+
+def load_hf_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf_dict(raw)
