@@ -1,0 +1,5 @@
+"""Shape-checked launch functions over the kernels in gptoss/kernels, one module per family.
+
+Conventions: inputs and outputs are CuPy arrays (bf16 as uint16 bit patterns); `out=None` allocates;
+launches go to the current stream; nothing here synchronizes or copies to the host.
+"""
