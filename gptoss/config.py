@@ -207,8 +207,11 @@ TINY_REAL_HEADS = ModelConfig(num_layers=2, hidden_size=128, num_heads=64, num_k
                               num_experts=8, experts_per_token=4, intermediate_size=96, vocab_size=1024,
                               sliding_window=16, max_context=512)
 
+# TINY with the real vocabulary, so text prompts and the harmony chat format run on it (README's first run).
+TINY_CHAT = dataclasses.replace(TINY, vocab_size=201088)
+
 PRESETS = {"gpt-oss-20b": GPT_OSS_20B, "gpt-oss-120b": GPT_OSS_120B, "tiny": TINY,
-           "tiny-real-heads": TINY_REAL_HEADS}
+           "tiny-real-heads": TINY_REAL_HEADS, "tiny-chat": TINY_CHAT}
 
 
 def load_hf_config(path: str | Path) -> ModelConfig:
