@@ -1,0 +1,201 @@
+"""Continuous batching on the GPU: the backend run.py uses whenever a GPU is present.
+
+Every step packs the decode token of each running sequence and, within a token budget, chunks of the
+prompts still being prefilled; a finished sequence's slot takes the next prompt at once. The number
+of slots comes from free GPU memory after the weights (KV cache per slot, activations per step
+token, logits per row), capped by -b.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .engine import Request, TokenEvent, check_fits, clamp_new_tokens
+from .model import (DeviceWeights, GPUModel, KVCache, ModelTooLargeError, StepBatch, _gib,
+                    activation_bytes_per_token, free_gpu_memory)
+from .sampling import SamplingParams
+
+PREFILL_CHUNK = 1024  # most prompt tokens of one sequence per step (also sizes the sliding-layer ring)
+STEP_PREFILL_TOKENS = 4096  # most prefill tokens per step, over all sequences
+HEADROOM = 1 << 30  # GPU memory left unplanned (CuPy pool fragmentation, kernels' own scratch)
+
+
+@dataclass
+class _Seq:
+    req: Request
+    slot: int
+    budget: int
+    cached: int = 0  # tokens already in the KV cache
+    generated: list = field(default_factory=list)
+    pending: int | None = None  # the last sampled token, fed at the next step
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.req.prompt_ids)
+
+
+@dataclass
+class Plan:
+    slots: int
+    capacity: int
+    max_step_tokens: int
+    kv_bytes: int
+    activation_bytes: int
+
+
+def plan_memory(cfg, free_bytes: int, capacity: int, wanted_slots: int) -> Plan:
+    """Slots that fit: KV cache per slot + per-step activations + logits rows, within free memory."""
+    chunk = min(PREFILL_CHUNK, capacity)
+    per_slot = KVCache.bytes_per_slot(cfg, capacity, chunk)
+    per_token = activation_bytes_per_token(cfg)
+    logits_row = cfg.vocab_size * 4 * 2  # f32 logits + sampling scratch
+
+    def need(slots):
+        step_tokens = slots + min(STEP_PREFILL_TOKENS, slots * chunk)
+        return slots * per_slot + step_tokens * per_token + 2 * slots * logits_row, step_tokens
+
+    budget = free_bytes - HEADROOM
+    lo, hi = 0, max(1, wanted_slots)
+    while lo < hi:  # largest slot count whose need fits
+        mid = (lo + hi + 1) // 2
+        if need(mid)[0] <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise ModelTooLargeError(
+            f"no room for even one sequence of {capacity} tokens: it needs "
+            f"{_gib(need(1)[0])} of GPU memory beside the weights and {_gib(max(budget, 0))} is left. "
+            "Lower -n or shorten the prompts.")
+    total, step_tokens = need(lo)
+    return Plan(lo, capacity, step_tokens, lo * per_slot, step_tokens * per_token)
+
+
+class GPUBackend:
+    name = "gpu"
+
+    def __init__(self, weights, progress: bool = True):
+        import cupy
+
+        self.device_name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        self.name = f"gpu ({self.device_name})"
+        self.weights = DeviceWeights(weights, progress=progress)
+        self.config = weights.config
+        self.model: GPUModel | None = None
+
+    def peak_memory_bytes(self) -> int:
+        import cupy
+
+        return cupy.get_default_memory_pool().total_bytes()
+
+    def _model_for(self, capacity: int, wanted_slots: int) -> GPUModel:
+        m = self.model
+        if m is not None and m.cache.capacity >= capacity and m.cache.slots >= wanted_slots:
+            return m
+        import cupy
+
+        self.model = None
+        cupy.get_default_memory_pool().free_all_blocks()
+        free, _ = free_gpu_memory()
+        plan = plan_memory(self.config, free, capacity, wanted_slots)
+        self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens,
+                              min(PREFILL_CHUNK, capacity))
+        return self.model
+
+    def generate(self, requests: Iterable[Request], sampling: SamplingParams, stop_ids=(),
+                 ignore_eos: bool = False, max_batch: int | None = None) -> Iterator[TokenEvent]:
+        from .ops.sampling import sample as gpu_sample
+        import cupy
+
+        cfg = self.config
+        requests = list(requests)
+        if not requests:
+            return
+        for r in requests:
+            check_fits(len(r.prompt_ids), r.max_new, cfg.max_context)
+        capacity = max(min(len(r.prompt_ids) + r.max_new, cfg.max_context) for r in requests)
+        model = self._model_for(capacity, min(len(requests), max_batch or len(requests)))
+        stop_ids = frozenset(() if ignore_eos else stop_ids)
+        slots_free = list(range(model.cache.slots))[::-1]
+        if max_batch:
+            slots_free = slots_free[-max_batch:]
+        waiting = deque(requests)
+        running: list[_Seq] = []
+
+        while waiting or running:
+            while waiting and slots_free:
+                req = waiting.popleft()
+                budget = clamp_new_tokens(len(req.prompt_ids), req.max_new, cfg.max_context)
+                if budget == 0:
+                    yield TokenEvent(req.index, None, True, "length")
+                    continue
+                running.append(_Seq(req, slots_free.pop(), budget))
+            if not running:
+                break
+            step, order = self._build_step(running, model)
+            logits = model.forward(step)
+            n = len(order)
+            temp = cupy.full(n, sampling.temperature, dtype=cupy.float32)
+            top_p = cupy.full(n, sampling.top_p, dtype=cupy.float32)
+            seqs = cupy.asarray([s.req.index for s in order], dtype=cupy.int32)
+            steps = cupy.asarray([len(s.generated) for s in order], dtype=cupy.int32)
+            ids = cupy.asnumpy(gpu_sample(logits, temp, top_p, sampling.seed, seqs, steps))
+            finished = []
+            for seq, token in zip(order, ids.tolist()):
+                if token in stop_ids:
+                    yield TokenEvent(seq.req.index, None, True, "stop")
+                    finished.append(seq)
+                    continue
+                seq.generated.append(token)
+                seq.pending = token
+                done = len(seq.generated) >= seq.budget
+                yield TokenEvent(seq.req.index, token, done, "length" if done else None)
+                if done:
+                    finished.append(seq)
+            for seq in finished:
+                running.remove(seq)
+                slots_free.append(seq.slot)
+
+    def _build_step(self, running: list[_Seq], model: GPUModel):
+        """Decode tokens first, then prefill chunks within the step's token budget."""
+        tokens, positions, slots, q_lens, seq_slots, seq_starts, logit_rows = [], [], [], [], [], [], []
+        order = []  # sequences that get a sampled token this step, in logit-row order
+        budget = model.max_step_tokens
+        for seq in running:
+            if seq.prefilling:
+                continue
+            tokens.append(seq.pending)
+            positions.append(seq.cached)
+            slots.append(seq.slot)
+            q_lens.append(1)
+            seq_slots.append(seq.slot)
+            seq_starts.append(seq.cached)
+            logit_rows.append(len(tokens) - 1)
+            order.append(seq)
+            seq.cached += 1
+            budget -= 1
+        prefill_budget = min(budget, STEP_PREFILL_TOKENS)
+        for seq in running:
+            if not seq.prefilling or prefill_budget <= 0:
+                continue
+            prompt = seq.req.prompt_ids
+            n = min(len(prompt) - seq.cached, model.cache.max_chunk, prefill_budget)
+            start = seq.cached
+            tokens.extend(prompt[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend([seq.slot] * n)
+            q_lens.append(n)
+            seq_slots.append(seq.slot)
+            seq_starts.append(start)
+            seq.cached += n
+            prefill_budget -= n
+            if not seq.prefilling:  # the prompt is complete: its last token's logits give token 0
+                logit_rows.append(len(tokens) - 1)
+                order.append(seq)
+        step = StepBatch(np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
+                         np.asarray(slots, np.int32), q_lens, seq_slots, seq_starts,
+                         np.asarray(logit_rows, np.int32))
+        return step, order
