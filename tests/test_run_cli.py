@@ -1,0 +1,154 @@
+"""run.py's three modes and decode.py on tiny synthetic models, on the CPU reference."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptoss.config import TINY, TINY_CHAT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, stdin=None, check=True):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """tiny-chat (real vocabulary) exported to .bin."""
+    from gptoss.synthetic import write_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_chat")
+    write_hf_checkpoint(TINY_CHAT, d / "hf", experts="mxfp4", seed=3)
+    run("export/export_model_bin.py", "--model", str(d / "hf"), "--output", str(d / "model.bin"))
+    return d / "model.bin"
+
+
+@pytest.fixture(scope="module")
+def ids_model(tmp_path_factory):
+    """tiny (512-token vocabulary) as a Hugging Face directory with bf16 experts."""
+    from gptoss.synthetic import write_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny_ids")
+    write_hf_checkpoint(TINY, d, experts="bf16", seed=4)
+    return d
+
+
+def test_generate_streams_text(chat_model):
+    proc = run("run.py", str(chat_model), "-m", "generate", "-p", "Hello there", "-n", "6", "--device", "cpu",
+               "-t", "0.8", "-s", "5")
+    assert proc.stdout.startswith("Hello there")
+    assert len(proc.stdout) > len("Hello there")
+    assert "generated" in proc.stderr
+
+
+def test_chat_one_turn_from_stdin(chat_model):
+    proc = run("run.py", str(chat_model), "-m", "chat", "-n", "5", "--device", "cpu", stdin="Hi!\n")
+    assert "generated" in proc.stderr
+
+
+def test_getp_matches_the_reference_greedy(ids_model, tmp_path):
+    from gptoss.checkpoint import open_weights
+    from gptoss.reference import ReferenceModel, greedy_generate
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (3, 17, 1, 9)]
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("".join(" ".join(map(str, p)) + "\n" for p in prompts))
+    out = tmp_path / "out.txt"
+    stats = tmp_path / "stats.json"
+    run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "5", "--device", "cpu",
+        "--input-format", "ids", "--ignore-eos", "--json", str(stats), "-q")
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(prompts)
+    model = ReferenceModel(open_weights(ids_model))
+    for prompt, line in zip(prompts, lines):
+        assert [int(t) for t in line.split()] == greedy_generate(model, prompt, 5)
+    record = json.loads(stats.read_text())
+    assert record["prompts"] == 4 and record["generated_tokens"] == 20
+    assert not (tmp_path / "out.txt.partial").exists()
+
+
+def test_getp_resume_does_not_recompute(ids_model, tmp_path, monkeypatch):
+    import argparse
+
+    from gptoss.getp import run_fingerprint
+
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("1 2 3\n4 5\n")
+    out = tmp_path / "out.txt"
+    ns = argparse.Namespace(steps=3, temperature=0.0, top_p=1.0, seed=0, ignore_eos=True)
+    fp = run_fingerprint(ns, ids_model, [[1, 2, 3], [4, 5]])
+    Path(str(out) + ".partial").write_text(json.dumps({"fingerprint": fp}) + "\n" +
+                                           json.dumps({"i": 0, "ids": [7, 7, 7]}) + "\n")
+    run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "3", "--device", "cpu",
+        "--input-format", "ids", "--ignore-eos", "-q", "--resume")
+    lines = out.read_text().splitlines()
+    assert lines[0] == "7 7 7"  # kept from the partial file, not recomputed
+    assert len(lines[1].split()) == 3
+    assert not Path(str(out) + ".partial").exists()
+
+
+def test_getp_refuses_a_stale_partial_without_resume(ids_model, tmp_path):
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("1 2 3\n")
+    out = tmp_path / "out.txt"
+    Path(str(out) + ".partial").write_text(json.dumps({"fingerprint": "other"}) + "\n")
+    base = ("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "2", "--device", "cpu",
+            "--input-format", "ids", "-q")
+    proc = run(*base, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = run(*base, "--resume", check=False)
+    assert proc.returncode == 2 and "different run" in proc.stderr
+
+
+def test_getp_bad_inputs(ids_model, tmp_path):
+    out = tmp_path / "out.txt"
+    base = ("run.py", str(ids_model), "-m", "getp", "-o", str(out), "--device", "cpu", "--input-format", "ids",
+            "-n", "2")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run(*base, "-i", str(empty), check=False)
+    assert proc.returncode == 2 and "empty" in proc.stderr
+    binary = tmp_path / "bad.txt"
+    binary.write_bytes(b"1 2\n\xff\xfe 3\n")
+    proc = run(*base, "-i", str(binary), check=False)
+    assert proc.returncode == 2 and "line 2" in proc.stderr and "UTF-8" in proc.stderr
+    long = tmp_path / "long.txt"
+    long.write_text("1 2 3\n" + " ".join(["5"] * (TINY.max_context + 3)) + "\n")
+    proc = run(*base, "-i", str(long), check=False)
+    assert proc.returncode == 2 and "line 2" in proc.stderr and "context" in proc.stderr
+    assert not out.exists()
+    proc = run(*base, "-i", str(long), "--skip-long", "-q")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and len(lines[0].split()) == 2 and lines[1] == ""
+    outside = tmp_path / "outside.txt"
+    outside.write_text(f"1 {TINY.vocab_size}\n")
+    proc = run(*base, "-i", str(outside), check=False)
+    assert proc.returncode == 2 and "vocabulary" in proc.stderr
+
+
+def test_corrupt_model_is_one_line_error(tmp_path):
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"not a model at all" * 10)
+    proc = run("run.py", str(bad), "-m", "generate", "-p", "x", "--device", "cpu", check=False)
+    assert proc.returncode == 2
+    assert "model.bin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_decode_roundtrip(chat_model, tmp_path):
+    from gptoss.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    texts = ["Hello world", "multi\nline ünïcode ✓"]
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("".join(" ".join(map(str, tok.encode(t))) + "\n" for t in texts))
+    run("decode.py", "-i", str(ids_file), "-o", str(tmp_path / "text.txt"))
+    assert (tmp_path / "text.txt").read_text().splitlines() == ["Hello world", "multi\\nline ünïcode ✓"]
