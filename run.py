@@ -120,13 +120,15 @@ def main(argv=None) -> int:
             fail(str(e))
         raise
 
-    if args.mode == "getp":
-        from gptoss.getp import run_getp
-        return run_getp(backend, args, sampling, model_path)
+    from gptoss.getp import run_getp
     from gptoss.interactive import run_chat, run_generate
-    if args.mode == "generate":
-        return run_generate(backend, args, sampling, model_path)
-    return run_chat(backend, args, sampling, model_path)
+    from gptoss.tokenizer import TokenizerError
+
+    mode = {"getp": run_getp, "generate": run_generate, "chat": run_chat}[args.mode]
+    try:
+        return mode(backend, args, sampling, model_path)
+    except TokenizerError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path) -> lis
     else:
         messages_for = lambda line: [Message("user", line)]  # noqa: E731
         prompts = [encode_chat(messages_for(line), reasoning_effort=args.reasoning,
-                               developer_instructions=args.system) for line in lines]
+                               developer_instructions=args.system, tokenizer=tok) for line in lines]
     too_big = [(n + 1, max(ids)) for n, ids in enumerate(prompts) if ids and max(ids) >= vocab_size]
     if too_big:
         line, token = too_big[0]

@@ -1,25 +1,11 @@
 """generate and chat: tokens stream to the terminal as they come."""
 from __future__ import annotations
 
-import codecs
 import sys
 import time
 
 from .engine import ContextError, Request
-
-
-class TextStream:
-    """Token ids in, text out, never splitting a multi-byte UTF-8 character between two writes."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token: int) -> str:
-        return self.decoder.decode(self.tokenizer.decode_bytes([token]))
-
-    def flush(self) -> str:
-        return self.decoder.decode(b"", final=True)
+from .tokenizer import StreamDecoder
 
 
 def _stats(n_prompt: int, n_new: int, prefill_s: float, decode_s: float) -> str:
@@ -60,7 +46,7 @@ def run_generate(backend, args, sampling, model_path) -> int:
         print(f"run.py: error: this model's vocabulary has only {backend.config.vocab_size} tokens; "
               "text needs the real 201088 (try a model made with --preset tiny-chat)", file=sys.stderr)
         return 2
-    stream = TextStream(tok)
+    stream = StreamDecoder(tok)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -89,7 +75,7 @@ class ChannelPrinter:
         self.T, self.tok, self.out = T, tokenizer, out
         self.state = "header"  # "header" (after <|start|>/<|channel|>), "channel", "message"
         self.channel = ""
-        self.stream = TextStream(tokenizer)
+        self.stream = StreamDecoder(tokenizer)
         self.final_text: list[str] = []
         self.interactive = out.isatty()
 
@@ -152,7 +138,7 @@ def run_chat(backend, args, sampling, model_path) -> int:
             return 0
         history.append(Message("user", user))
         prompt_ids = encode_chat(history, reasoning_effort=args.reasoning,
-                                 developer_instructions=args.system)
+                                 developer_instructions=args.system, tokenizer=tok)
         printer = ChannelPrinter(tok, sys.stdout)
         try:
             ids, reason, (prefill_s, decode_s) = stream_generation(

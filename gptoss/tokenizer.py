@@ -1,0 +1,591 @@
+"""o200k_harmony, gpt-oss's tokenizer, through tiktoken and offline; harmony chat prompts and replies.
+
+Where the vocabulary comes from (get_tokenizer; the first found wins):
+  1. an explicit tokenizer path (run.py --tokenizer), else $GPTOSS_TOKENIZER: a tokenizer.bin or an
+     o200k_base.tiktoken file;
+  2. tokenizer.bin (or o200k_base.tiktoken) next to the model file, or inside the model directory;
+  3. tiktoken's cache: $TIKTOKEN_CACHE_DIR (else $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache), under
+     the sha1 of the download URL (fb374d419588a4632f3f557e76b4b70aebbca790);
+  4. the repository's ../shared/tokenizer/o200k_base.tiktoken;
+  5. only then a download by tiktoken (kept in its cache); if that fails, TokenizerError says how to
+     get the file by hand.
+The Encoding is built here from the merges, so no cache directory is needed. The pattern string, the
+special tokens, the URL and the sha256 come at run time from the installed tiktoken_ext.openai_public
+(its o200k_harmony constructor is run once with the merge loader swapped for a recorder). .tiktoken
+files are parsed here, not with tiktoken.load.load_tiktoken_bpe, which copies local files into the cache.
+
+tokenizer.bin (export/export_tokenizer_bin.py writes it once; all integers little-endian):
+  header, 32 bytes:  magic b"GPTOSSTK" | u32 version (1) | u32 n_tokens | u32 n_special
+                     | u32 name_len | u32 pattern_len | u32 token_bytes_len
+  name               name_len bytes, UTF-8 ("o200k_harmony")
+  pattern            pattern_len bytes, UTF-8: the pre-tokenizer regex
+  token lengths      n_tokens x u16: byte length of the token of rank 0, 1, ..., n_tokens - 1
+  token bytes        token_bytes_len bytes: the tokens' bytes concatenated in rank order
+  specials           n_special x (u32 id | u16 len | len bytes UTF-8 name), in tiktoken's order
+  checksum           u32 zlib.crc32 of every byte before it
+Loading it gives an Encoding identical to tiktoken's o200k_harmony (tests/test_tokenizer.py checks).
+
+Harmony (openai/harmony's renderer is the reference): render_chat / encode_chat build the prompt,
+parse_assistant splits generated ids into channel messages, StreamDecoder streams text.
+"""
+from __future__ import annotations
+
+import base64
+import codecs
+import hashlib
+import os
+import re
+import struct
+import tempfile
+import threading
+import zlib
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import tiktoken
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_VOCABULARY = REPO_ROOT.parent / "shared" / "tokenizer" / "o200k_base.tiktoken"
+VOCABULARY_NAME = "o200k_base.tiktoken"
+
+# Special token ids of o200k_harmony (docs/gptoss_spec.md, "Tokens"); checked against tiktoken at load.
+STARTOFTEXT = 199998
+ENDOFTEXT = 199999
+RETURN = 200002
+CONSTRAIN = 200003
+CHANNEL = 200005
+START = 200006
+END = 200007
+MESSAGE = 200008
+CALL = 200012
+VOCAB_SIZE = 201088
+STOP_IDS = frozenset({RETURN, CALL, ENDOFTEXT})
+SPECIAL_NAMES = {
+    STARTOFTEXT: "<|startoftext|>", ENDOFTEXT: "<|endoftext|>", RETURN: "<|return|>",
+    CONSTRAIN: "<|constrain|>", CHANNEL: "<|channel|>", START: "<|start|>", END: "<|end|>",
+    MESSAGE: "<|message|>", CALL: "<|call|>",
+}
+
+
+class TokenizerError(ValueError):
+    """The vocabulary cannot be found or read; the message (one line) says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# What tiktoken's o200k_harmony is made of, read from the installed tiktoken_ext at run time.
+
+@dataclass(frozen=True)
+class HarmonyRecipe:
+    name: str
+    pattern: str
+    specials: dict  # name -> id, in tiktoken's order
+    url: str        # where o200k_base.tiktoken is downloaded from
+    sha256: str
+
+
+_recipe: HarmonyRecipe | None = None
+_recipe_lock = threading.Lock()
+
+
+def harmony_recipe() -> HarmonyRecipe:
+    """Run tiktoken_ext's o200k_harmony constructor with its merge loader replaced by a recorder,
+    so nothing is read or downloaded: we get the pattern, the specials, the URL and the hash."""
+    global _recipe
+    with _recipe_lock:
+        if _recipe is None:
+            try:
+                from tiktoken_ext import openai_public
+                constructor = openai_public.o200k_harmony
+            except (ImportError, AttributeError):
+                raise TokenizerError(f"tiktoken {tiktoken.__version__} has no o200k_harmony encoding; "
+                                     "upgrade it: pip install -U 'tiktoken>=0.11'") from None
+            seen = {}
+
+            def record(url, expected_hash=None):
+                seen["url"], seen["sha256"] = url, expected_hash
+                return {}
+
+            loader = openai_public.load_tiktoken_bpe
+            openai_public.load_tiktoken_bpe = record
+            try:
+                spec = constructor()
+            finally:
+                openai_public.load_tiktoken_bpe = loader
+            _recipe = HarmonyRecipe(spec["name"], spec["pat_str"], dict(spec["special_tokens"]),
+                                    seen["url"], seen["sha256"])
+    return _recipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vocabulary files: o200k_base.tiktoken and tokenizer.bin, both read into a Vocabulary.
+
+@dataclass(frozen=True)
+class Vocabulary:
+    name: str
+    pattern: str
+    tokens: list      # bytes of the token of each rank, in rank order
+    specials: dict    # special name -> id
+
+
+def parse_tiktoken_bytes(data: bytes, source: str) -> Vocabulary:
+    """o200k_base.tiktoken: lines "base64(token) rank", ranks 0, 1, ...; checked by tiktoken's sha256."""
+    recipe = harmony_recipe()
+    if hashlib.sha256(data).hexdigest() != recipe.sha256:
+        raise TokenizerError(f"{source}: this is not o200k_base.tiktoken (its sha256 differs from "
+                             f"{recipe.sha256}); download it again from {recipe.url}")
+    tokens = []
+    for number, line in enumerate(data.splitlines()):
+        token_b64, rank = line.split()
+        if int(rank) != number:
+            raise TokenizerError(f"{source}: line {number + 1} has rank {int(rank)}, expected {number}")
+        tokens.append(base64.b64decode(token_b64))
+    return Vocabulary(recipe.name, recipe.pattern, tokens, dict(recipe.specials))
+
+
+def read_tiktoken_file(path) -> Vocabulary:
+    return parse_tiktoken_bytes(Path(path).read_bytes(), str(path))
+
+
+MAGIC = b"GPTOSSTK"
+VERSION = 1
+HEADER = struct.Struct("<8s6I")
+SPECIAL_ENTRY = struct.Struct("<IH")
+
+
+def tokenizer_bin_bytes(vocab: Vocabulary) -> bytes:
+    """The tokenizer.bin image of a vocabulary (format in the module docstring)."""
+    name, pattern = vocab.name.encode(), vocab.pattern.encode()
+    lengths = b"".join(struct.pack("<H", len(t)) for t in vocab.tokens)
+    blob = b"".join(vocab.tokens)
+    specials = b"".join(SPECIAL_ENTRY.pack(i, len(n.encode())) + n.encode() for n, i in vocab.specials.items())
+    body = (HEADER.pack(MAGIC, VERSION, len(vocab.tokens), len(vocab.specials), len(name), len(pattern),
+                        len(blob)) + name + pattern + lengths + blob + specials)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def write_tokenizer_bin(vocab: Vocabulary, path) -> None:
+    """Write atomically: a partial file never carries the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(tokenizer_bin_bytes(vocab))
+    os.replace(tmp, path)
+
+
+def read_tokenizer_bin(path) -> Vocabulary:
+    path = Path(path)
+    data = path.read_bytes()
+
+    def damaged(why: str) -> TokenizerError:
+        return TokenizerError(f"{path}: not a usable tokenizer.bin ({why}); write a new one with "
+                              "python export/export_tokenizer_bin.py -o tokenizer.bin")
+
+    if not data.startswith(MAGIC):
+        raise damaged("no GPTOSSTK header")
+    if len(data) < HEADER.size + 4:
+        raise damaged("truncated")
+    _, version, n_tokens, n_special, name_len, pattern_len, blob_len = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise damaged(f"format version {version}; this code reads version {VERSION}")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise damaged("checksum mismatch: the file is truncated or corrupted")
+    try:
+        at = HEADER.size
+        name = body[at:at + name_len].decode()
+        at += name_len
+        pattern = body[at:at + pattern_len].decode()
+        at += pattern_len
+        lengths = struct.unpack_from(f"<{n_tokens}H", body, at)
+        at += 2 * n_tokens
+        blob = body[at:at + blob_len]
+        at += blob_len
+        if sum(lengths) != blob_len or len(blob) != blob_len:
+            raise damaged("token lengths do not add up")
+        tokens, offset = [], 0
+        for n in lengths:
+            tokens.append(blob[offset:offset + n])
+            offset += n
+        specials = {}
+        for _ in range(n_special):
+            token_id, n = SPECIAL_ENTRY.unpack_from(body, at)
+            at += SPECIAL_ENTRY.size
+            specials[body[at:at + n].decode()] = token_id
+            at += n
+    except (struct.error, UnicodeDecodeError) as e:
+        raise damaged(f"unreadable section: {e}") from None
+    if at != len(body):
+        raise damaged(f"{len(body) - at} unexpected trailing bytes")
+    return Vocabulary(name, pattern, tokens, specials)
+
+
+def looks_like_tokenizer_file(path: Path) -> bool:
+    """True for a tokenizer.bin (by name or magic) or a .tiktoken file (by suffix or first line)."""
+    if path.name == "tokenizer.bin" or path.suffix == ".tiktoken":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith(MAGIC):
+        return True
+    return re.match(rb"[A-Za-z0-9+/=]+ 0\n", head) is not None
+
+
+def read_vocabulary(path) -> Vocabulary:
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC))
+    return read_tokenizer_bin(path) if head == MAGIC or path.suffix == ".bin" else read_tiktoken_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tokenizer.
+
+class Tokenizer:
+    """o200k_harmony: encode / decode, vocab_size, the harmony special ids."""
+
+    STARTOFTEXT, ENDOFTEXT, RETURN, CONSTRAIN, CHANNEL = STARTOFTEXT, ENDOFTEXT, RETURN, CONSTRAIN, CHANNEL
+    START, END, MESSAGE, CALL = START, END, MESSAGE, CALL
+    stop_ids = STOP_IDS
+
+    def __init__(self, vocab: Vocabulary, source: str):
+        ranks = {token: rank for rank, token in enumerate(vocab.tokens)}
+        if len(ranks) != len(vocab.tokens):
+            raise TokenizerError(f"{source}: the vocabulary repeats a token; it is not o200k_base")
+        wrong = {i: n for i, n in SPECIAL_NAMES.items() if vocab.specials.get(n) != i}
+        if wrong:
+            raise TokenizerError(f"{source}: special tokens differ from o200k_harmony's "
+                                 f"(expected {wrong}); rebuild it with export/export_tokenizer_bin.py")
+        self.vocabulary = vocab
+        self.source = source
+        self.encoding = tiktoken.Encoding(vocab.name, pat_str=vocab.pattern, mergeable_ranks=ranks,
+                                          special_tokens=vocab.specials)
+        self.vocab_size = self.encoding.n_vocab
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.encoding.name}, {self.vocab_size} ids, from {self.source})"
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """allow_special=False encodes special-token strings as plain text."""
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode_ordinary(text)
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.encoding.decode_bytes(ids)
+
+    def decode(self, ids) -> str:
+        """Text of the ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer from a tokenizer.bin or an o200k_base.tiktoken file."""
+    return Tokenizer(read_vocabulary(path), str(path))
+
+
+def tiktoken_cache_file() -> Path | None:
+    """Where tiktoken keeps o200k_base.tiktoken (None when its cache is disabled)."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not cache_dir:
+        return None
+    return Path(cache_dir) / hashlib.sha1(harmony_recipe().url.encode()).hexdigest()
+
+
+def find_vocabulary(model_path=None) -> Path | None:
+    """The vocabulary file to use (search order in the module docstring), or None to download.
+
+    model_path is a tokenizer file (used as is) or a model file/directory (searched next to)."""
+    model_dir = None
+    if model_path is not None:
+        path = Path(model_path).expanduser()
+        if not path.exists():
+            raise TokenizerError(f"{path}: no such file or directory")
+        if path.is_file() and looks_like_tokenizer_file(path):
+            return path
+        model_dir = path if path.is_dir() else path.parent
+    env = os.environ.get("GPTOSS_TOKENIZER")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise TokenizerError(f"GPTOSS_TOKENIZER={env}: no such file; point it at a tokenizer.bin "
+                                 f"or an {VOCABULARY_NAME}, or unset it")
+        return path
+    candidates = [model_dir / "tokenizer.bin", model_dir / VOCABULARY_NAME] if model_dir else []
+    cached = tiktoken_cache_file()
+    candidates += ([cached] if cached else []) + [SHARED_VOCABULARY]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def how_to_get_vocabulary(reason: str = "") -> str:
+    recipe = harmony_recipe()
+    cached = tiktoken_cache_file()
+    where = f"copy it to {cached}, " if cached else ""
+    return (f"the o200k_base vocabulary (o200k_harmony's merges) was not found{reason}. Get it once "
+            f"where there is internet: curl -L -o {VOCABULARY_NAME} {recipe.url} (sha256 "
+            f"{recipe.sha256}); then {where}pass --tokenizer {VOCABULARY_NAME} or set "
+            f"GPTOSS_TOKENIZER, or write tokenizer.bin next to the model with: python "
+            f"export/export_tokenizer_bin.py --vocab {VOCABULARY_NAME} -o MODEL_DIR/tokenizer.bin")
+
+
+def download_vocabulary() -> bytes:
+    """Let tiktoken download o200k_base.tiktoken (and keep it in its cache)."""
+    recipe = harmony_recipe()
+    try:
+        from tiktoken.load import read_file_cached
+        return read_file_cached(recipe.url, recipe.sha256)
+    except Exception as e:  # no network, no `requests`, a read-only cache, ...
+        raise TokenizerError(how_to_get_vocabulary(f" and downloading it failed ({type(e).__name__}: {e})")) \
+            from None
+
+
+_tokenizers: dict[str, Tokenizer] = {}
+_last_loaded: Tokenizer | None = None
+
+
+def get_tokenizer(model_path=None, download: bool = True) -> Tokenizer:
+    """The o200k_harmony tokenizer, loaded once per vocabulary file.
+
+    model_path: a tokenizer.bin / .tiktoken file, or the model file or directory to look next to."""
+    global _last_loaded
+    path = find_vocabulary(model_path)
+    key = str(path.resolve()) if path is not None else "download"
+    if key not in _tokenizers:
+        if path is not None:
+            _tokenizers[key] = load_tokenizer(path)
+        elif not download:
+            raise TokenizerError(how_to_get_vocabulary())
+        else:
+            url = harmony_recipe().url
+            _tokenizers[key] = Tokenizer(parse_tiktoken_bytes(download_vocabulary(), url), url)
+    _last_loaded = _tokenizers[key]
+    return _last_loaded
+
+
+def default_tokenizer() -> Tokenizer:
+    """The tokenizer get_tokenizer returned last (any copy of o200k_harmony gives the same ids)."""
+    return _last_loaded if _last_loaded is not None else get_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Harmony chat: prompts.
+
+REASONING_EFFORTS = ("low", "medium", "high")
+CHANNELS = ("analysis", "commentary", "final")
+DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+
+
+@dataclass(frozen=True)
+class Message:
+    """A chat message. role: "developer" (instructions), "user" or "assistant"; an assistant message
+    without a channel is taken as its final answer."""
+
+    role: str
+    content: str
+    channel: str | None = None
+
+
+def system_text(reasoning_effort: str, identity: str | None, knowledge_cutoff: str | None,
+                current_date) -> str:
+    """The system message's content, sections separated by a blank line, as harmony writes it."""
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)} "
+                         f"(got {reasoning_effort!r})")
+    if isinstance(current_date, date):
+        current_date = current_date.isoformat()
+    top = [identity] if identity else []
+    top += [f"Knowledge cutoff: {knowledge_cutoff}"] if knowledge_cutoff else []
+    top += [f"Current date: {current_date}"] if current_date else []
+    sections = ["\n".join(top)] if top else []
+    sections.append(f"Reasoning: {reasoning_effort}")
+    sections.append(f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message.")
+    return "\n\n".join(sections)
+
+
+def message_pieces(role: str, content: str, channel: str | None = None) -> list:
+    """<|start|>role[<|channel|>channel]<|message|>content<|end|> as special ids and text strings."""
+    header = [START, role] + ([CHANNEL, channel] if channel else [])
+    return header + [MESSAGE, content, END]
+
+
+def chat_pieces(messages, reasoning_effort="medium", system_identity=DEFAULT_IDENTITY,
+                knowledge_cutoff="2024-06", current_date=None, developer_instructions=None) -> list:
+    """The whole prompt as a list of special ids (int) and text (str), ending with <|start|>assistant.
+
+    Assistant analysis messages followed by a later final answer are dropped (finished turns are fed
+    back by their final message only)."""
+    messages = list(messages)
+    pieces = message_pieces("system", system_text(reasoning_effort, system_identity, knowledge_cutoff,
+                                                  current_date))
+    if developer_instructions:
+        pieces += message_pieces("developer", f"# Instructions\n\n{developer_instructions}")
+    last_final = max((i for i, m in enumerate(messages)
+                      if m.role == "assistant" and m.channel in (None, "final")), default=-1)
+    for i, m in enumerate(messages):
+        if m.role == "developer":
+            pieces += message_pieces("developer", f"# Instructions\n\n{m.content}")
+        elif m.role == "user":
+            pieces += message_pieces("user", m.content, m.channel)
+        elif m.role == "assistant":
+            if m.channel == "analysis" and i < last_final:
+                continue
+            pieces += message_pieces("assistant", m.content, m.channel or "final")
+        else:
+            raise ValueError(f"message {i}: role must be developer, user or assistant (got {m.role!r}); "
+                             "the system message is built from render_chat's arguments, and "
+                             "instructions go in a developer message")
+    return pieces + [START, "assistant"]
+
+
+def render_chat(messages, reasoning_effort="medium", system_identity=DEFAULT_IDENTITY,
+                knowledge_cutoff="2024-06", current_date=None, developer_instructions=None) -> str:
+    """The harmony prompt as text (see chat_pieces)."""
+    pieces = chat_pieces(messages, reasoning_effort, system_identity, knowledge_cutoff, current_date,
+                         developer_instructions)
+    return "".join(SPECIAL_NAMES[p] if isinstance(p, int) else p for p in pieces)
+
+
+def encode_chat(messages, reasoning_effort="medium", system_identity=DEFAULT_IDENTITY,
+                knowledge_cutoff="2024-06", current_date=None, developer_instructions=None,
+                tokenizer: Tokenizer | None = None) -> list[int]:
+    """The harmony prompt as ids. Text is encoded without specials, like harmony's renderer: a message
+    that contains "<|end|>" cannot end its message early. Otherwise equal to encode(render_chat(...))."""
+    tokenizer = tokenizer or default_tokenizer()
+    ids: list[int] = []
+    for p in chat_pieces(messages, reasoning_effort, system_identity, knowledge_cutoff, current_date,
+                         developer_instructions):
+        if isinstance(p, int):
+            ids.append(p)
+        else:
+            ids += tokenizer.encode(p, allow_special=False)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------
+# Harmony chat: replies.
+
+STOP_REASONS = {RETURN: "return", CALL: "call", ENDOFTEXT: "endoftext"}
+
+
+@dataclass(frozen=True)
+class ChannelMessage:
+    channel: str | None
+    content: str
+    recipient: str | None = None     # "functions.get_weather" for a tool call
+    content_type: str | None = None  # "<|constrain|>json" for a constrained tool call
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """stop: "return" (final answer done), "call" (a tool call), "endoftext", or "length" (ran out)."""
+
+    messages: tuple
+    stop: str
+
+    def channel_text(self, channel: str) -> str:
+        return "\n".join(m.content for m in self.messages if m.channel == channel)
+
+    @property
+    def final(self) -> str:
+        return self.channel_text("final")
+
+    @property
+    def analysis(self) -> str:
+        return self.channel_text("analysis")
+
+    @property
+    def commentary(self) -> str:
+        return self.channel_text("commentary")
+
+
+def parse_header(text: str) -> tuple[str | None, str | None, str | None]:
+    """'assistant to=functions.f<|channel|>commentary <|constrain|>json' -> (channel, recipient, type)."""
+    channel = None
+    marker = SPECIAL_NAMES[CHANNEL]
+    at = text.find(marker)
+    if at >= 0:
+        rest = text[at + len(marker):]
+        value = re.match(r"[^\s<]*", rest).group(0)
+        channel = value or None
+        text = text[:at] + " " + rest[len(value):]
+    parts = text.replace(SPECIAL_NAMES[CONSTRAIN], " " + SPECIAL_NAMES[CONSTRAIN]).split()
+    if parts and parts[0] == "assistant":
+        parts = parts[1:]
+    recipient = next((p[3:] for p in parts if p.startswith("to=")), None)
+    rest = [p for p in parts if not p.startswith("to=")]
+    return channel, recipient, " ".join(rest) or None
+
+
+def parse_assistant(ids, stop_token: int | None = None, tokenizer: Tokenizer | None = None) -> ParsedReply:
+    """Split generated ids (what follows the prompt's <|start|>assistant) into channel messages.
+
+    Generation ends at the first stop id found in ids, else at stop_token when the engine reports the
+    stop token separately, else the reply ran out ("length"); a message cut short keeps its text so far.
+    Lenient: a <|start|> inside a message ends it, stray ids between messages are ignored."""
+    tokenizer = tokenizer or default_tokenizer()
+    if stop_token is not None and stop_token not in STOP_REASONS:
+        raise ValueError(f"stop_token {stop_token} is not a stop id ({sorted(STOP_REASONS)})")
+    messages: list[ChannelMessage] = []
+    header: list[int] = []
+    content: list[int] | None = None  # None while reading a header
+
+    def finish():
+        channel, recipient, content_type = parse_header(tokenizer.decode(header))
+        messages.append(ChannelMessage(channel, tokenizer.decode(content), recipient, content_type))
+
+    stop = STOP_REASONS.get(stop_token, "length")
+    for token in ids:
+        token = int(token)
+        if token in STOP_REASONS:
+            stop = STOP_REASONS[token]
+            break
+        if content is None:
+            if token == MESSAGE:
+                content = []
+            elif token == START:
+                header = []
+            else:
+                header.append(token)
+        elif token in (END, START):
+            finish()
+            header, content = [], None
+        else:
+            content.append(token)
+    if content is not None:
+        finish()
+    return ParsedReply(tuple(messages), stop)
+
+
+class StreamDecoder:
+    """Token ids in, text deltas out, never splitting a multi-byte UTF-8 character between deltas:
+    the bytes of an unfinished character wait for the next id. Concatenated deltas (and flush())
+    equal tokenizer.decode(all ids)."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer or default_tokenizer()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.seen = 0
+
+    def push(self, token: int) -> str:
+        self.seen += 1
+        return self._utf8.decode(self.tokenizer.decode_bytes([token]))
+
+    def update(self, ids) -> str:
+        """ids: the whole growing list of generated ids; decodes those not seen yet."""
+        new = list(ids[self.seen:])
+        self.seen += len(new)
+        return self._utf8.decode(self.tokenizer.decode_bytes(new))
+
+    def flush(self) -> str:
+        """What is left at the end (an unfinished character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
