@@ -79,9 +79,17 @@ class CPUBackend:
                     logits = self.model.forward([token], cache)[-1]
 
 
-def resolve_model_path(model: str | None) -> Path:
-    """MODEL argument, else $GPTOSS_MODEL, else ./model.bin, else a local Hugging Face cache copy."""
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def resolve_model_path(model: str | None) -> Path | str:
+    """MODEL argument, else $GPTOSS_MODEL, else ./model.bin, else a local Hugging Face cache copy.
+
+    `synthetic:PRESET` (e.g. synthetic:gpt-oss-20b) names random weights of that shape, made in
+    memory: for benchmarks of shapes whose files would not fit on disk."""
     candidates = []
+    if model and model.startswith(SYNTHETIC_PREFIX):
+        return model
     if model:
         path = Path(model).expanduser()
         if not path.exists():
@@ -117,7 +125,16 @@ def open_backend(model_path: str | Path, device: str = "auto"):
         from .kernels import gpu_available
 
         device = "gpu" if gpu_available() else "cpu"
-    weights = open_weights(model_path)
+    if str(model_path).startswith(SYNTHETIC_PREFIX):
+        from .config import PRESETS
+        from .synthetic import random_weights
+
+        preset = str(model_path)[len(SYNTHETIC_PREFIX):]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown synthetic model {preset!r}; presets: {', '.join(PRESETS)}")
+        weights = random_weights(PRESETS[preset], "mxfp4", seed=0)
+    else:
+        weights = open_weights(model_path)
     if device == "cpu":
         return CPUBackend(weights)
     from .batching import GPUBackend

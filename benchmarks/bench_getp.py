@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""getp throughput: N prompts of realistic lengths through run.py's getp, exactly -n tokens each.
+
+  python benchmarks/bench_getp.py --preset gpt-oss-20b --prompts 4096 -n 512
+
+The model is random weights of the real shape made in memory (run.py's `synthetic:PRESET`; speed does
+not depend on the values), or --model PATH. Prompts are random token ids (--input-format ids) with
+lengths drawn uniformly from --min-len..--max-len. Prints generated tokens/s from getp's own record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+
+
+def write_prompts(path: Path, n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> int:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, n)
+    with open(path, "w") as f:
+        for length in lengths:
+            f.write(" ".join(map(str, rng.integers(0, min(vocab, 199998), length))) + "\n")
+    return int(lengths.sum())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt-oss-20b", help="shape of the random model (gptoss.config.PRESETS)")
+    p.add_argument("--model", default=None, help="a real model file/directory instead of random weights")
+    p.add_argument("--prompts", type=int, default=2048, help="number of prompts")
+    p.add_argument("--min-len", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("-n", "--steps", type=int, default=256, help="generated tokens per prompt (--ignore-eos)")
+    p.add_argument("-b", "--batch", type=int, default=None, help="cap on sequences in flight")
+    p.add_argument("--json", default=None, help="copy getp's JSON record here")
+    args = p.parse_args(argv)
+
+    import run
+    from gptoss.config import PRESETS
+
+    vocab = PRESETS[args.preset].vocab_size
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.txt"
+        prompt_tokens = write_prompts(prompts, args.prompts, args.min_len, args.max_len, vocab)
+        record = Path(args.json) if args.json else Path(tmp) / "record.json"
+        model = args.model or f"synthetic:{args.preset}"
+        argv = [model, "-m", "getp", "-i", str(prompts), "-o", str(Path(tmp) / "out.txt"),
+                "-n", str(args.steps), "--ignore-eos", "--input-format", "ids", "--json", str(record)]
+        if args.batch:
+            argv += ["-b", str(args.batch)]
+        code = run.main(argv)
+        if code:
+            return code
+        rec = json.loads(record.read_text())
+    print(f"bench_getp: {model}: {args.prompts} prompts ({prompt_tokens} prompt tokens, lengths "
+          f"{args.min_len}..{args.max_len}), {rec['generated_tokens']} generated in {rec['wall_seconds']} s: "
+          f"{rec['tokens_per_second']:,.0f} generated tokens/s, peak GPU memory "
+          f"{(rec['peak_gpu_memory_bytes'] or 0) / 2**30:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Speed of the attention kernels on the gpt-oss geometry (Hq 64, Hkv 8, D 64), full and sliding (128).
+
+  python benchmarks/kernel_attention.py [--json OUT]
+
+- prefill (tensor-core flash kernel): T = 512, 2048, 8192 query tokens, as one sequence from position 0
+  and as many sequences of 256; TFLOP/s counts 4 * D * Hq flops per visible (query, key) pair
+  (causal and window aware, no credit for masked work).
+- decode (split-KV kernel + combine): batch 1, 64, 1024 at contexts 1024 and 4096; GB/s counts the K and
+  V bytes of the visible keys (2 KB per key per layer in bf16), the floor of what decode must read.
+- rope_and_cache at the prefill and decode sizes: GB/s of qkv read + q, k, v written.
+Cache contents are random bf16 (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+HQ, HKV, D, WINDOW = 64, 8, 64, 128
+
+
+def _rand_bf16(shape):
+    """Random bf16 bits (normal values, truncated from f32)."""
+    import cupy as cp
+
+    x = cp.random.standard_normal(shape, dtype=cp.float32)
+    return (x.view(cp.uint32) >> 16).astype(cp.uint16)
+
+
+def _caches(slots: int, L: int):
+    """K, V caches [slots, L, Hkv, D], every slot holding the same random rows (cheap to fill)."""
+    import cupy as cp
+
+    kc = cp.empty((slots, L, HKV, D), dtype=cp.uint16)
+    vc = cp.empty_like(kc)
+    kc[...] = _rand_bf16((1, L, HKV, D))
+    vc[...] = _rand_bf16((1, L, HKV, D))
+    return kc, vc
+
+
+def _visible(positions, window: int) -> int:
+    """Visible (query, key) pairs of queries at these positions."""
+    import numpy as np
+
+    p = np.asarray(positions, dtype=np.int64) + 1
+    return int(np.minimum(p, window).sum() if window else p.sum())
+
+
+def _free():
+    import cupy as cp
+
+    cp.get_default_memory_pool().free_all_blocks()
+
+
+def _prefill_row(time_ms, sinks, T: int, seq_len: int, window: int) -> dict:
+    import cupy as cp
+    import numpy as np
+
+    from gptoss.ops import attention as A
+
+    n_seq = T // seq_len
+    kc, vc = _caches(n_seq, seq_len)
+    q = _rand_bf16((T, HQ, D))
+    out = cp.empty((T, HQ * D), dtype=cp.uint16)
+    batch = A.AttentionBatch.build([seq_len] * n_seq, list(range(n_seq)), [0] * n_seq, seq_len)
+    ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, window, out=out))
+    flops = 4.0 * D * HQ * n_seq * _visible(np.arange(seq_len), window)
+    return dict(common.row("attn_prefill", f"T={T} seqs={n_seq}x{seq_len} window={window}", ms, flops=flops),
+                bound="compute")
+
+
+def _decode_row(time_ms, sinks, B: int, ctx: int, window: int) -> dict:
+    """B sequences, one query each at position ctx - 1; sliding layers keep a ring of window + 1."""
+    import cupy as cp
+
+    from gptoss.ops import attention as A
+
+    kc, vc = _caches(B, ctx if window == 0 else window + 1)
+    q = _rand_bf16((B, HQ, D))
+    out = cp.empty((B, HQ * D), dtype=cp.uint16)
+    batch = A.AttentionBatch.build([1] * B, list(range(B)), [ctx - 1] * B, ctx)
+    ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, window, out=out))
+    kv_bytes = B * min(ctx, window or ctx) * HKV * D * 2 * 2
+    return dict(common.row("attn_decode", f"B={B} ctx={ctx} window={window}", ms, bytes_moved=kv_bytes),
+                bound="memory")
+
+
+def _rope_row(time_ms, table, T: int) -> dict:
+    import cupy as cp
+
+    from gptoss.ops import attention as A
+
+    qkv = _rand_bf16((T, (HQ + 2 * HKV) * D))
+    kc, vc = _caches(1, table.shape[0])
+    pos = cp.arange(T, dtype=cp.int32)
+    slots = cp.zeros(T, dtype=cp.int32)
+    q = cp.empty((T, HQ, D), dtype=cp.uint16)
+    ms = time_ms(lambda: A.rope_and_cache(qkv, pos, slots, table, kc, vc, q_out=q))
+    return dict(common.row("rope_and_cache", f"T={T}", ms, bytes_moved=2.0 * qkv.nbytes), bound="memory")
+
+
+def bench(time_ms=common.time_ms) -> list[dict]:
+    import cupy as cp
+
+    from gptoss.config import GPT_OSS_20B
+    from gptoss.ops import attention as A
+
+    rows = []
+    sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
+    for T in (512, 2048, 8192):
+        for seq_len in (T, 256):
+            for window in (0, WINDOW):
+                rows.append(_prefill_row(time_ms, sinks, T, seq_len, window))
+                _free()
+    for ctx in (1024, 4096):
+        for B in (1, 64, 1024):
+            for window in (0, WINDOW):
+                rows.append(_decode_row(time_ms, sinks, B, ctx, window))
+                _free()
+    table = A.rope_table(GPT_OSS_20B, 8192)
+    for T in (64, 1024, 8192):
+        rows.append(_rope_row(time_ms, table, T))
+        _free()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    import cupy as cp
+
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
+    rows = bench()
+    print(f"{name}: peak {common.H100_COPY_GBPS:.0f} GB/s, {common.H100_BF16_TFLOPS:.0f} TFLOP/s (H100 reference)")
+    print(f"{'kernel':<16} {'shape':<36} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}")
+    for r in rows:
+        print(f"{r['name']:<16} {r['shape']:<36} {r['ms']:9.4f} {r['tflops']:8.1f} {r['gbps']:8.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Our bf16 linear() (gptoss/ops/gemm.py) against cuBLAS on the gpt-oss-20b shapes.
+
+  python benchmarks/kernel_gemm.py [--shapes qkv,out,unembedding,router] [--ms 1,8,64,512,4096] [--sweep]
+
+cuBLAS runs through cupy.matmul on float16 arrays of the same shapes (fp16 and bf16 run at the same
+tensor-core rate on Hopper; CuPy has no bf16 dtype), without the bias. Reported: ms, TFLOP/s, GB/s
+(x + w + out bytes: the memory-bound figure at small M) and ours / cuBLAS throughput ("vs_cublas").
+--sweep also times every variant that fits each shape, for tuning gemm.py's pick_variant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import row, time_ms as default_time_ms  # noqa: E402
+
+# 20b: (N, K) of the bf16 products per token
+SHAPES = {"qkv": (5120, 2880), "out": (2880, 4096), "unembedding": (201088, 2880), "router": (32, 2880)}
+MS = (1, 8, 64, 512, 4096)
+UNEMBEDDING_EXTRA_M = 8192  # only where it fits in memory
+
+
+def _random_bf16(shape, scale: float):
+    """Random bf16 bit patterns generated on the device (truncated fp32: fine for timing)."""
+    import cupy
+
+    f = cupy.random.standard_normal(shape, dtype=cupy.float32) * scale
+    return (f.view(cupy.uint32) >> 16).astype(cupy.uint16)
+
+
+def _as_f16(bits):
+    import cupy
+
+    return (bits.astype(cupy.uint32) << 16).view(cupy.float32).astype(cupy.float16)
+
+
+def _fits(M: int, N: int, K: int) -> bool:
+    import cupy
+
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    need = 2 * 2 * (M * K + N * K + M * N) + 4 * N * K  # ours + fp16 copies + generation scratch
+    return need < 0.8 * free
+
+
+def bench(time_ms=default_time_ms, shapes=None, ms=MS, sweep: bool = False) -> list[dict]:
+    import cupy
+    from gptoss.ops.gemm import LARGE, VARIANTS, linear, pick_variant
+
+    sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["multiProcessorCount"]
+    rows = []
+    for name in shapes or SHAPES:
+        N, K = SHAPES[name]
+        w = _random_bf16((N, K), K ** -0.5)
+        b = _random_bf16((N,), 1.0)
+        w16 = _as_f16(w)
+        m_list = list(ms) + ([UNEMBEDDING_EXTRA_M] if name == "unembedding" and max(ms) >= 4096 else [])
+        for M in m_list:
+            if not _fits(M, N, K):
+                print(f"skipping {name} M={M}: not enough free memory", file=sys.stderr)
+                continue
+            x = _random_bf16((M, K), 1.0)
+            out = cupy.empty((M, N), dtype=cupy.uint16)
+            x16, out16 = _as_f16(x), cupy.empty((M, N), dtype=cupy.float16)
+            flops = 2.0 * M * N * K
+            nbytes = 2.0 * (M * K + N * K + M * N)
+            shape = f"M={M} N={N} K={K}"
+
+            t_cublas = time_ms(lambda: cupy.matmul(x16, w16.T, out=out16))
+            r_cublas = row(f"cublas fp16 {name}", shape, t_cublas, flops, nbytes)
+            picked = pick_variant(M, N, sms)
+            variants = [picked]
+            if sweep:
+                variants += [v for v in VARIANTS if v != picked and (v in LARGE or M <= 64)]
+            for v in variants:
+                t = time_ms(lambda: linear(x, w, b, out=out, variant=v))
+                r = row(f"gemm {name}" + ("" if v == picked else f" [{v}]"), shape, t, flops, nbytes)
+                r["variant"] = v
+                r["vs_cublas"] = t_cublas / t
+                rows.append(r)
+            rows.append(r_cublas)
+            del x, out, x16, out16
+        del w, b, w16
+        cupy.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["name", "shape", "variant", "ms", "tflops", "gbps", "vs_cublas"]
+
+    def fmt(r, c):
+        v = r.get(c, "")
+        if isinstance(v, float):
+            return f"{v:.4f}" if c == "ms" else f"{v:.2f}" if c == "vs_cublas" else f"{v:.1f}"
+        return str(v)
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="bf16 GEMM vs cuBLAS (fp16)")
+        for c in cols:
+            table.add_column(c, justify="left" if c in ("name", "shape", "variant") else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(*(fmt(r, c) for c in cols))
+        Console().print(table)
+    except ImportError:
+        widths = [max(len(c), *(len(fmt(r, c)) for r in rows)) for c in cols]
+        print("  ".join(c.ljust(wd) for c, wd in zip(cols, widths)))
+        for r in rows:
+            print("  ".join(fmt(r, c).ljust(wd) for c, wd in zip(cols, widths)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M (tokens) values")
+    p.add_argument("--sweep", action="store_true", help="also time every variant that fits each shape")
+    args = p.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    _print_table(bench(default_time_ms, shapes, [int(m) for m in args.ms.split(",")], args.sweep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""The MoE block's kernels on one layer of the gpt-oss-20b shape (E = 32, H = I = 2880, k = 4).
+
+  python benchmarks/kernel_moe.py [--experts mxfp4|bf16] [--tokens 1,8,64,1024,4096] [--json OUT]
+
+Times route, dispatch, mlp1, mlp2 and combine (median of CUDA-event timings) at each T. TFLOP/s counts
+only real rows (2 * T*k * N * K per expert GEMM, no padding); GB/s counts the expert weight bytes a
+step needs (blocks + scales, or bf16, of the experts that got rows), the decode roofline. Where both
+tile heights are sensible (T = 64, 1024) the one not picked by default is timed too. Random weights
+are generated on the GPU (speed does not depend on the values; MXFP4 scales 118..125 as in real
+checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import row, time_ms as default_time_ms  # noqa: E402
+
+
+def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
+    import cupy
+
+    rs = cupy.random.RandomState(seed)
+
+    def bf16(shape, scale):  # truncated to bf16 bit patterns (values do not matter for speed)
+        return ((rs.standard_normal(shape, dtype=cupy.float32) * scale).view(cupy.uint32) >> 16).astype(cupy.uint16)
+
+    def experts(R, C):
+        if fmt == "mxfp4":
+            return (rs.randint(0, 256, (E, R, C // 32, 16)).astype(cupy.uint8),
+                    rs.randint(118, 126, (E, R, C // 32)).astype(cupy.uint8))
+        return bf16((E, R, C), 0.02)
+
+    return {"gate_w": bf16((E, H), 1.0 / H ** 0.5), "gate_b": bf16((E,), 0.5),
+            "w1": experts(2 * I, H), "b1": bf16((E, 2 * I), 0.1),
+            "w2": experts(H, I), "b2": bf16((E, H), 0.1)}
+
+
+def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4096), cfg=None) -> list[dict]:
+    """Rows of benchmarks.common.row for the MoE kernels of one 20b-shaped layer at each T."""
+    import cupy
+    import numpy as np
+
+    from gptoss.config import GPT_OSS_20B
+    from gptoss.ops import moe as M
+
+    cfg = cfg or GPT_OSS_20B
+    E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
+    layer = _layer(fmt, E, H, I)
+    w1, w2 = M.expert_matrix(layer["w1"], "w1"), M.expert_matrix(layer["w2"], "w2")
+
+    def weight_bytes(m, n_experts):  # bytes of n experts of one matrix
+        per = m.R * m.C // 2 + m.R * m.C // 32 if m.format == "mxfp4" else m.R * m.C * 2
+        return n_experts * per
+
+    rows = []
+    for T in tokens:
+        rs = cupy.random.RandomState(T)
+        t = (rs.standard_normal((T, H), dtype=cupy.float32).view(cupy.uint32) >> 16).astype(cupy.uint16)
+        x = cupy.zeros((T, H), dtype=cupy.float32)
+        experts, weights = M.route(t, layer["gate_w"], layer["gate_b"], k)
+        d = M.dispatch(experts, E)
+        y = M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha)
+        out = M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights)
+        S = T * k
+        active = int(np.count_nonzero(np.diff(cupy.asnumpy(d.offsets))))  # benchmark only: host copy
+        shape = f"T={T} E={E} H={H} I={I} {fmt} active={active}"
+        bm_auto = M.pick_bm(S, E)
+        rows.append(row("route", shape, time_ms(lambda: M.route(t, layer["gate_w"], layer["gate_b"], k,
+                                                                 out=(experts, weights))),
+                        flops=2.0 * T * E * H, bytes_moved=E * H * 2 + T * H * 2))
+        rows.append(row("dispatch", shape, time_ms(lambda: M.dispatch(experts, E, out=d))))
+        for bm in [bm_auto] + ([b for b in M.TILE_BMS if b != bm_auto] if T in (64, 1024) else []):
+            tag = "" if bm == bm_auto else " (other tile)"
+            ms1 = time_ms(lambda: M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit,
+                                                cfg.swiglu_alpha, out=y, bm=bm))
+            bound = "memory" if bm == 16 else "compute"  # decode streams weights; getp is mma-bound
+            rows.append(dict(row(f"mlp1 m{bm}{tag}", shape, ms1, flops=2.0 * S * 2 * I * H,
+                                 bytes_moved=weight_bytes(w1, active)), bound=bound))
+            ms2 = time_ms(lambda: M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, out=out, bm=bm))
+            rows.append(dict(row(f"mlp2 m{bm}{tag}", shape, ms2, flops=2.0 * S * H * I,
+                                 bytes_moved=weight_bytes(w2, active)), bound=bound))
+        rows.append(dict(row("combine", shape, time_ms(lambda: M.combine_add(x, out)),
+                             bytes_moved=(S * H + 2 * T * H) * 4), bound="memory"))
+        ws = M.MoEWorkspace(T, E, k, H, I)
+        rows.append(row("moe (all five)", shape, time_ms(lambda: M.moe(x, t, layer, cfg, workspace=ws)),
+                        flops=2.0 * S * 3 * I * H + 2.0 * T * E * H,
+                        bytes_moved=weight_bytes(w1, active) + weight_bytes(w2, active)))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", default="mxfp4", choices=("mxfp4", "bf16"))
+    p.add_argument("--tokens", default="1,8,64,1024,4096", help="step sizes T, comma-separated")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")])
+    print(f"{'kernel':<24} {'shape':<48} {'ms':>9} {'TFLOP/s':>9} {'GB/s':>8}")
+    for r in rows:
+        print(f"{r['name']:<24} {r['shape']:<48} {r['ms']:>9.4f} {r['tflops']:>9.1f} {r['gbps']:>8.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Scoring getp outputs against reference outputs: eval.py (the command), metrics.py, bertscore.py."""

@@ -1,0 +1,187 @@
+"""Our single-file model format (docs/BIN_FORMAT.md): a fixed prelude, a JSON header (config, experts
+format, tensor table), then every tensor at a 4096-byte aligned offset, ready for mmap and GPU upload.
+
+    bytes 0..7    magic b"GPTOSSW\\n"
+    bytes 8..11   format version, uint32 little-endian (1)
+    bytes 12..15  CRC-32 of the JSON header bytes, uint32 little-endian
+    bytes 16..23  JSON header length in bytes, uint64 little-endian
+    bytes 24..    the JSON header (UTF-8), then zero padding up to the first tensor
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import DTYPES, CheckpointError, TensorInfo, Weights, canonical_layout, check_tensors, nbytes_of
+from .config import ModelConfig
+
+MAGIC = b"GPTOSSW\n"
+VERSION = 1
+ALIGN = 4096
+PRELUDE = struct.Struct("<8sIIQ")  # magic, version, header crc32, header length
+WRITE_CHUNK = 64 << 20  # bytes per write, so the progress bar moves and views stay small
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def build_header(weights: Weights) -> tuple[bytes, list[dict]]:
+    """The JSON header bytes and the tensor table (offsets absolute in the file, each 4096-aligned)."""
+    names = weights.names()
+    infos = [weights.info(n) for n in names]
+
+    def encode(table, file_size):
+        header = {"format": "gptoss-bin", "version": VERSION, "config": weights.config.to_dict(),
+                  "experts_format": weights.experts_format, "alignment": ALIGN, "file_size": file_size,
+                  "tensors": table}
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    # The offsets depend on the header's length, which depends on the offsets: iterate to a fixed point
+    # (the first tensor's offset only ever grows, and by whole pages, so this ends in a step or two).
+    first = _align(PRELUDE.size + len(encode([], 0)) + 64 * len(infos))
+    while True:
+        table, offset = [], first
+        for info in infos:
+            table.append({"name": info.name, "dtype": info.dtype, "shape": list(info.shape), "offset": offset,
+                          "nbytes": info.nbytes})
+            offset = _align(offset + info.nbytes)
+        file_size = table[-1]["offset"] + table[-1]["nbytes"] if table else first
+        text = encode(table, file_size)
+        if PRELUDE.size + len(text) <= first:
+            return text, table
+        first = _align(PRELUDE.size + len(text))
+
+
+def _byte_chunks(arr: np.ndarray):
+    """Contiguous pieces of an array (in C order) of about WRITE_CHUNK bytes, cut along axis 0."""
+    if arr.ndim == 0 or arr.nbytes <= WRITE_CHUNK:
+        yield np.ascontiguousarray(arr)
+        return
+    rows = max(1, WRITE_CHUNK // max(1, arr.nbytes // arr.shape[0]))
+    for start in range(0, arr.shape[0], rows):
+        yield np.ascontiguousarray(arr[start:start + rows])
+
+
+def write_bin(path, weights: Weights, progress: bool = True) -> Path:
+    """Write `weights` as a .bin, tensor by tensor (never the whole model in memory), to PATH.tmp, then
+    rename it to PATH. Shows a progress bar over bytes when `progress`."""
+    from .progress import ByteProgress
+
+    path = Path(path)
+    text, table = build_header(weights)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f, ByteProgress("export", sum(t["nbytes"] for t in table),
+                                                quiet=not progress) as bar:
+            f.write(PRELUDE.pack(MAGIC, VERSION, zlib.crc32(text), len(text)))
+            f.write(text)
+            for entry in table:
+                f.write(b"\0" * (entry["offset"] - f.tell()))
+                arr = weights.raw(entry["name"])
+                expected = (DTYPES[entry["dtype"]][0], tuple(entry["shape"]))
+                if (arr.dtype, arr.shape) != expected:
+                    raise CheckpointError(f"{weights.source}: {entry['name']} gave {arr.dtype} {list(arr.shape)}, "
+                                          f"its info says {entry['dtype']} {entry['shape']}")
+                for chunk in _byte_chunks(arr):
+                    f.write(memoryview(chunk).cast("B"))
+                    bar.advance(chunk.nbytes)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class BinWeights(Weights):
+    """A .bin file, memory-mapped: raw() returns zero-copy read-only views of the file."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.source = str(path)
+        header = read_header(path)
+        self.config = header["config"]
+        self.experts_format = header["experts_format"]
+        self.table = {t["name"]: t for t in header["tensors"]}
+        self.map = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def names(self) -> list[str]:
+        return list(self.table)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self.table.get(name)
+        if t is None:
+            raise self._unknown(name)
+        return TensorInfo(name, t["dtype"], tuple(t["shape"]))
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self.table.get(name)
+        if t is None:
+            raise self._unknown(name)
+        return self.map[t["offset"]:t["offset"] + t["nbytes"]].view(DTYPES[t["dtype"]][0]).reshape(t["shape"])
+
+
+def read_header(path: Path) -> dict:
+    """Read and check the prelude, header and tensor table of a .bin; config becomes a ModelConfig."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prelude = f.read(PRELUDE.size)
+            if len(prelude) < PRELUDE.size:
+                raise CheckpointError(f"{path}: only {size} bytes, too short to be a gptoss .bin")
+            magic, version, crc, length = PRELUDE.unpack(prelude)
+            if magic != MAGIC:
+                raise CheckpointError(f"{path}: not a gptoss .bin (magic {magic!r}, expected {MAGIC!r}); "
+                                      "convert checkpoints with export/export_model_bin.py")
+            if version != VERSION:
+                raise CheckpointError(f"{path}: .bin format version {version}, this code reads version "
+                                      f"{VERSION}; export the model again with this version")
+            if PRELUDE.size + length > size:
+                raise CheckpointError(f"{path}: truncated: the header needs {PRELUDE.size + length} bytes, the "
+                                      f"file has {size}")
+            text = f.read(length)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if zlib.crc32(text) != crc:
+        raise CheckpointError(f"{path}: corrupt header (checksum mismatch)")
+    try:
+        header = json.loads(text)
+        config = ModelConfig.from_dict(header["config"])
+        experts, table, file_size = header["experts_format"], header["tensors"], int(header["file_size"])
+        layout = canonical_layout(config, experts)
+        entries = {}
+        for t in table:
+            t["shape"] = [int(s) for s in t["shape"]]
+            t["offset"], t["nbytes"] = int(t["offset"]), int(t["nbytes"])
+            entries[str(t["name"])] = t
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt header ({type(e).__name__}: {e})") from None
+    if size < file_size:
+        raise CheckpointError(f"{path}: truncated: the header describes {file_size} bytes, the file has {size} "
+                              "(the export was interrupted or the copy is incomplete)")
+    if len(entries) != len(table):
+        raise CheckpointError(f"{path}: the tensor table lists a name twice")
+    check_tensors({n: (t["dtype"], tuple(t["shape"])) for n, t in entries.items()}, layout, lambda n: path,
+                  str(path), config)
+    data_start = PRELUDE.size + length
+    end_of_previous, previous = data_start, "the header"
+    for t in sorted(table, key=lambda t: t["offset"]):
+        name, start, end = t["name"], t["offset"], t["offset"] + t["nbytes"]
+        if t["nbytes"] != nbytes_of(t["dtype"], t["shape"]):
+            raise CheckpointError(f"{path}: {name} has nbytes {t['nbytes']} in the table, but {t['dtype']} "
+                                  f"{t['shape']} needs {nbytes_of(t['dtype'], t['shape'])}")
+        if start < 0 or end > size:
+            raise CheckpointError(f"{path}: {name} at bytes [{start}, {end}) points outside the file "
+                                  f"({size} bytes)")
+        if start % ALIGN:
+            raise CheckpointError(f"{path}: {name} starts at byte {start}, not a multiple of {ALIGN}")
+        if start < end_of_previous:
+            raise CheckpointError(f"{path}: {name} at byte {start} overlaps {previous}")
+        end_of_previous, previous = end, name
+    header["config"] = config
+    return header

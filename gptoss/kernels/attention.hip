@@ -1,0 +1,598 @@
+// Attention of gpt-oss: YaRN RoPE fused with the KV-cache write, then attention with learned sinks, GQA
+// and an optional sliding window, over a varlen batch of sequences whose keys live in a slot-indexed
+// cache [slots, L, Hkv, D] (position p of a slot at index p % L).
+//
+// Kernels
+//   rope_and_cache        grid T, 256 threads: RoPE on q (to q_out) and k, k and v into the caches.
+//   attn_prefill_g{4,8}   grid (query blocks, Hkv), 32*G threads (fast path, D = 64; the sequences with
+//                         more than one query): one CTA = 16 consecutive queries of one sequence x the
+//                         G q heads of one kv head, so its 16*G rows ((query, head) pairs, 16 per warp)
+//                         share every K/V tile it loads.
+//   attn_decode_g{4,8}    grid (splits, Hkv, SD), 32 threads (fast path; the SD sequences with one query):
+//                         one warp = the G heads of one kv head over one segment of the keys; writes
+//                         fp32 partial (m, l, acc) to a workspace.
+//   attn_decode_combine   folds a query's partials in segment order and writes the output.
+//   attn_simple           grid (T, Hq), 128 threads: portable path (any even D <= 128; AMD).
+//
+// The canonical computation (why a query's output never depends on the rest of the launch)
+// Keys are cut at fixed absolute positions: tiles of 64 keys (positions 64i..64i+63) grouped into
+// segments of ATTN_SEG = 256 keys. For one (query, head) row:
+//   1. per segment, an online softmax over its tiles in increasing order, from (m = -inf, l = 0, o = 0),
+//      every tile processed by the same warp-level routine (attend_tile) with the same instruction
+//      sequence; a tile with no visible key for the row leaves the state bit-identical, so it does
+//      not matter which extra tiles a launch happens to load for other rows;
+//   2. the segments are folded in increasing order into (M = sink, L = 1, ACC = 0) by merge_coeffs /
+//      merge_value (explicit __fmaf_rn / __fmul_rn, no compiler contraction); a segment with no
+//      visible key folds as the identity;
+//   3. out = ACC / L, rounded to bf16.
+// The prefill kernel does 1-3 in one CTA (the segment state in registers, the running state in shared
+// memory); the decode kernel does step 1 for one segment per CTA and attn_decode_combine does 2-3: the
+// same bits either way. So a query
+// gets the same output alone or with other sequences, prefilled in one chunk or in many, and as a
+// decode token or inside a prefill chunk. (The portable attn_simple is invariant as well -- it handles
+// every (query, head) on its own -- but its bits differ from the tensor-core path's.)
+//
+// All softmax arithmetic is in the log2 domain: scores are multiplied by log2(e) / sqrt(D) and the
+// sink by log2(e), so exp2f does the exponentials.
+#include "common.h"
+#include "mma.h"
+
+#define ATTN_TILE 64      // keys per tile (fast path)
+#define ATTN_SEG 256      // keys per segment: decode's split unit, fixed absolute cut points
+#define ATTN_BLOCK_Q 16   // queries per prefill CTA
+#define ATTN_LOG2E 1.4426950408889634f
+
+// ---------------------------------------------------------------------------------------------------
+// RoPE + cache write. qkv [T, (Hq + 2 Hkv) D] (q heads, k heads, v heads); table [n_positions, D/2, 2]
+// holds (cos, sin) with the YaRN concentration applied. Pairs (i, i + D/2) rotate:
+//   a' = a cos - b sin,  b' = b cos + a sin.
+// q goes to q_out [T, Hq, D]; k and v go to cache[slot, pos % L]. A token whose position or slot is out of
+// range gets NaN q and writes nothing to the caches (a visible failure instead of a stray write).
+extern "C" __global__ void __launch_bounds__(256) rope_and_cache(
+    const bf16_t* __restrict__ qkv, const int* __restrict__ positions, const int* __restrict__ slots,
+    const float* __restrict__ table, bf16_t* __restrict__ q_out, bf16_t* __restrict__ k_cache,
+    bf16_t* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_slots)
+{
+    const int tok = blockIdx.x, half = D / 2;
+    const int pos = positions[tok], slot = slots[tok];
+    const bool ok = pos >= 0 && pos < n_positions && slot >= 0 && slot < n_slots;
+    const bf16_t* x = qkv + (long long)tok * (Hq + 2 * Hkv) * D;
+    bf16_t* qo = q_out + (long long)tok * Hq * D;
+    const long long crow = ok ? ((long long)slot * L + pos % L) * Hkv * D : 0;  // cache row of this token
+    const float* cs = table + (long long)(ok ? pos : 0) * D;                    // [half][2]
+    const int n_rope = (Hq + Hkv) * half, n_all = n_rope + Hkv * half;
+    for (int j = threadIdx.x; j < n_all; j += blockDim.x) {
+        const int h = j / half, i = j - h * half;  // h runs over q heads, then k heads, then v heads
+        const bf16_t* xh = x + h * D;
+        if (j < n_rope) {
+            const float a = bf16_to_float(xh[i]), b = bf16_to_float(xh[i + half]);
+            const float c = cs[2 * i], s = cs[2 * i + 1];
+            const bf16_t ra = float_to_bf16(a * c - b * s), rb = float_to_bf16(b * c + a * s);
+            if (h < Hq) {
+                qo[h * D + i] = ok ? ra : (bf16_t)0x7fc0;
+                qo[h * D + i + half] = ok ? rb : (bf16_t)0x7fc0;
+            } else if (ok) {
+                bf16_t* kd = k_cache + crow + (h - Hq) * D;
+                kd[i] = ra;
+                kd[i + half] = rb;
+            }
+        } else if (ok) {
+            bf16_t* vd = v_cache + crow + (h - Hq - Hkv) * D;
+            vd[i] = xh[i];
+            vd[i + half] = xh[i + half];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Portable attention: one CTA of 128 threads per (query token, q head), any even D <= 128. Keys in
+// chunks of 128 aligned to absolute positions; thread j scores key base + j, thread d accumulates
+// output dimension d. Starts from the sink (m = sink, l = 1, acc = 0).
+extern "C" __global__ void __launch_bounds__(128) attn_simple(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
+    const int* __restrict__ seq_start, bf16_t* __restrict__ out, int S, int Hq, int Hkv, int D, int L,
+    int window, float scale_log2)
+{
+    __shared__ float qs[128], ps[128], scratch[1024 / WARP_SIZE];
+    const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    int a = 0, b = S - 1;  // the sequence holding this token: the last s with cu_q[s] <= tok
+    while (a < b) {
+        const int mid = (a + b + 1) >> 1;
+        if (cu_q[mid] <= tok) a = mid; else b = mid - 1;
+    }
+    const int s = a;
+    const int p = seq_start[s] + tok - cu_q[s];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int kvh = h / (Hq / Hkv);
+    const long long row0 = (long long)seq_slot[s] * L;
+    if (tid < D) qs[tid] = bf16_to_float(q[((long long)tok * Hq + h) * D + tid]);
+    __syncthreads();
+
+    float m = __fmul_rn(sinks[h], ATTN_LOG2E), l = 1.0f, acc = 0.0f;
+    for (int base = (lo / 128) * 128; base <= p; base += 128) {
+        const int kp = base + tid;
+        const bool visible = kp >= lo && kp <= p;
+        float score = NEG_INF_F;
+        if (visible) {
+            const bf16_t* k = kc + ((row0 + kp % L) * Hkv + kvh) * D;
+            float dot = 0.0f;
+            for (int d = 0; d < D; ++d) dot += qs[d] * bf16_to_float(k[d]);
+            score = dot * scale_log2;
+        }
+        const float m_new = fmaxf(m, block_max(score, scratch));  // finite: m starts at the sink
+        const float alpha = exp2f(m - m_new);
+        const float pj = visible ? exp2f(score - m_new) : 0.0f;
+        l = l * alpha + block_sum(pj, scratch);
+        ps[tid] = pj;
+        __syncthreads();
+        if (tid < D) {
+            float o = acc * alpha;
+            const int j_lo = max(lo - base, 0), j_hi = min(p - base, 127);
+            for (int j = j_lo; j <= j_hi; ++j)
+                o += ps[j] * bf16_to_float(vc[((row0 + (base + j) % L) * Hkv + kvh) * D + tid]);
+            acc = o;
+        }
+        m = m_new;
+        __syncthreads();
+    }
+    if (tid < D) out[((long long)tok * Hq + h) * D + tid] = float_to_bf16(acc / l);
+}
+
+#if GPTOSS_HAS_MMA
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core path, D = 64. Fragment layouts: see mma.h (g = lane / 4, t = lane % 4; a thread holds rows
+// g and g + 8 of a warp's 16 rows).
+
+DEVICE u32 pack_bf16x2_rn(float lo, float hi) {  // cvt packs its first source into the high half
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Element offset of 16-byte chunk ch (0..7) of row `row` in a [64][64] bf16 tile. Chunks are XOR-swizzled
+// by row % 8, so the 8 row addresses of one ldmatrix 8x8 matrix hit 8 different 16-byte bank groups.
+DEVICE int swz(int row, int ch) { return row * 64 + ((ch ^ (row & 7)) << 3); }
+
+// cp.async the K and V rows of keys 64*tile .. 64*tile + 63 of one (slot, kv head) into sK, sV, with
+// NTHREADS threads: thread tid copies 16-byte chunk tid % 8 of key rows tid / 8 + (NTHREADS / 8) j.
+// kp / vp point at this thread's chunk of cache row 0 of the slot and kv head; rows are `stride` apart.
+// Keys outside [lo, hi] are zero-filled: their cache rows may be stale or never written, and although
+// they are masked, a NaN there would poison P.V (0 * NaN).
+template <int NTHREADS>
+DEVICE void load_kv_tile(bf16_t* sK, bf16_t* sV, const bf16_t* kp, const bf16_t* vp, int stride, int L,
+                         int tile, int lo, int hi, int tid)
+{
+    const int key0 = tile * ATTN_TILE, base = key0 % L, ch = tid & 7;
+    #pragma unroll
+    for (int j = 0; j < ATTN_TILE * 8 / NTHREADS; ++j) {
+        const int row = (tid >> 3) + (NTHREADS / 8) * j, pos = key0 + row;
+        const bool valid = pos >= lo && pos <= hi;
+        int idx = base + row;  // pos % L
+        if (idx >= L) idx = L >= ATTN_TILE ? idx - L : idx % L;
+        const long long off = valid ? (long long)idx * stride : 0;
+        const int n = valid ? 16 : 0;
+        cp_async_16(sK + swz(row, ch), kp + off, n);
+        cp_async_16(sV + swz(row, ch), vp + off, n);
+    }
+}
+
+// This thread's chunk (tid % 8) of cache row 0 of (slot, kv head) in a [slots, L, Hkv, 64] cache.
+DEVICE const bf16_t* cache_chunk(const bf16_t* cache, long long slot_row0, int Hkv, int kvh, int tid) {
+    return cache + (slot_row0 * Hkv + kvh) * 64 + (tid & 7) * 8;
+}
+
+DEVICE float quad_max(float v) {
+    v = fmaxf(v, WARP_SHFL_XOR(v, 1));
+    return fmaxf(v, WARP_SHFL_XOR(v, 2));
+}
+
+// Sum over the 4 lanes of a quad; (v0 + v1) + (v2 + v3) on every lane (fp add is commutative, so all
+// four lanes hold the same bits).
+DEVICE float quad_sum(float v) {
+    v = v + WARP_SHFL_XOR(v, 1);
+    return v + WARP_SHFL_XOR(v, 2);
+}
+
+// Folding a segment (m, l, x) into the running state (M, L, X): Mn = max(M, m),
+// X' = X * 2^(M - Mn) + x * 2^(m - Mn). Shared by the prefill kernel and attn_decode_combine.
+// A coefficient is exactly 1 where its max did not move (not left to exp2f(0)), so that folding an empty
+// segment (m = -inf, l = 0, x = 0) is exactly the identity.
+DEVICE void merge_coeffs(float M, float m, float& Mn, float& a, float& b) {
+    Mn = fmaxf(M, m);  // M is finite (it starts at the sink); m = -inf gives b = 0
+    a = Mn == M ? 1.0f : exp2f(M - Mn);
+    b = Mn == m ? 1.0f : exp2f(m - Mn);
+}
+DEVICE float merge_value(float X, float x, float a, float b) { return __fmaf_rn(x, b, __fmul_rn(X, a)); }
+
+// One warp's 16 rows against one 64-key tile in shared memory (online softmax step, log2 domain).
+// sQ: the warp's 16 Q rows, [16][64] swizzled. State: m[r] (row max, quad-uniform), l[r] (this
+// thread's partial row sum: its 16 columns only; quad_sum at the end of the segment), o: the 16x64
+// output as 8 C fragments (dims 8nt..8nt+7). qpos_a / qpos_b: positions of rows g and g + 8.
+DEVICE void attend_tile(const bf16_t* sQ, const bf16_t* sK, const bf16_t* sV, int key0, int qpos_a,
+                        int qpos_b, int window, bool need_mask, float scale_log2, float m[2], float l[2],
+                        float o[8][4], int lane)
+{
+    const int t = lane & 3;
+    // S = Q K^T, in two halves of D (k-steps 2h, 2h + 1), so s[nt] accumulates k-steps 0, 1, 2, 3 in order.
+    // A fragment of k-step kk: ldmatrix x4 with lane -> row lane % 16, chunk 2kk + lane / 16 (matrices:
+    // rows 0-7 / 8-15 of dims 16kk..+7, then of dims 16kk+8..+15 = a[0..3] of mma.h).
+    // B fragment of n-tile nt (keys 8nt..8nt+7): b[0] = K[8nt + g][16kk + 2t..], b[1] = K[8nt + g][16kk + 8 +
+    // 2t..] -- rows of K as stored, so a plain ldmatrix; one x4 over the 4 consecutive 8-dim chunks
+    // 4h..4h+3 (lane -> key row 8nt + lane % 8, chunk 4h + lane / 8) gives the b of k-steps 2h and 2h + 1.
+    float s[8][4];
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        u32 qa[4], qb[4];
+        ldmatrix_x4(qa, sQ + swz(lane & 15, 4 * h + (lane >> 4)));
+        ldmatrix_x4(qb, sQ + swz(lane & 15, 4 * h + 2 + (lane >> 4)));
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            u32 kb[4];
+            ldmatrix_x4(kb, sK + swz(nt * 8 + (lane & 7), 4 * h + (lane >> 3)));
+            mma_bf16_16816(s[nt], qa, kb);
+            mma_bf16_16816(s[nt], qb, kb + 2);
+        }
+    }
+    // s[nt][e] is the score of row (e < 2 ? g : g + 8) and key key0 + 8nt + 2t + (e & 1).
+    if (need_mask) {
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int kpos = key0 + nt * 8 + 2 * t + (e & 1);
+                const int qp = e < 2 ? qpos_a : qpos_b;
+                if (kpos > qp || (window > 0 && qp - kpos >= window)) s[nt][e] = NEG_INF_F;
+            }
+        }
+    }
+    float mx[2] = {NEG_INF_F, NEG_INF_F};
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float alpha[2], mu[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[r], __fmul_rn(quad_max(mx[r]), scale_log2));  // scale > 0 keeps the max
+        mu[r] = m_new == NEG_INF_F ? 0.0f : m_new;  // nothing visible yet: avoid -inf - -inf
+        // exactly 1 when the max did not move, so a tile with nothing visible to the row leaves it as it was
+        alpha[r] = m_new == m[r] ? 1.0f : exp2f(m[r] - mu[r]);
+        m[r] = m_new;
+    }
+    float ls[2] = {0.0f, 0.0f};
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = exp2f(__fmaf_rn(s[nt][e], scale_log2, -mu[e >> 1]));
+            s[nt][e] = p;
+            ls[e >> 1] += p;
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = __fmaf_rn(l[r], alpha[r], ls[r]);
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        o[nt][0] = __fmul_rn(o[nt][0], alpha[0]);
+        o[nt][1] = __fmul_rn(o[nt][1], alpha[0]);
+        o[nt][2] = __fmul_rn(o[nt][2], alpha[1]);
+        o[nt][3] = __fmul_rn(o[nt][3], alpha[1]);
+    }
+    // O += P V. The A fragment of k-step kk (keys 16kk..16kk+15) is the C fragments of n-tiles 2kk and
+    // 2kk + 1: a[0] = P[g][16kk+2t..] = s[2kk][0..1], a[1] = P[g+8][..] = s[2kk][2..3],
+    // a[2] = P[g][16kk+8+2t..] = s[2kk+1][0..1], a[3] = s[2kk+1][2..3].
+    // B = V[key][dim] stored key-major: ldmatrix.trans. Matrices of one x4: keys 16kk+0..7 / 16kk+8..15
+    // of dim chunk 2np, then the same of chunk 2np + 1 -> b of dim n-tiles 2np and 2np + 1.
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        u32 pa[4];
+        pa[0] = pack_bf16x2_rn(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack_bf16x2_rn(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack_bf16x2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack_bf16x2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        #pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            u32 vb[4];
+            ldmatrix_x4_trans(vb, sV + swz(16 * kk + (lane & 15), 2 * np + (lane >> 4)));
+            mma_bf16_16816(o[2 * np], pa, vb);
+            mma_bf16_16816(o[2 * np + 1], pa, vb + 2);
+        }
+    }
+}
+
+// cp.async a warp's 16 Q rows into sQ ([16][64], swizzled); row r is token row tok(r), head head(r), or
+// zeros where valid(r) is false. Lane handles rows lane / 8 + 4 i, chunk lane % 8.
+template <typename RowFn>
+DEVICE void load_q_rows(bf16_t* sQ, const bf16_t* __restrict__ q, int Hq, int lane, RowFn row_of) {
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r = (lane >> 3) + 4 * i, ch = lane & 7;
+        long long tok;
+        int head;
+        const bool valid = row_of(r, tok, head);
+        const bf16_t* src = valid ? q + (tok * Hq + head) * 64 + ch * 8 : q;
+        cp_async_16(sQ + swz(r, ch), src, valid ? 16 : 0);
+    }
+}
+
+// End of a segment in the prefill kernel: fold the warp's segment state (m, l = this thread's partial
+// sums, o) into the running state, then reset the segment state. The running state lives in shared
+// memory, this thread's own slots at run[32 i]: i = 0..31 ACC in fragment order (o[nt][e] -> 4 nt + e),
+// 32 + r = M of row r, 34 + r = L of row r (rows g, g + 8). Only the owning thread touches them.
+DEVICE void fold_segment(float* run, float m[2], float l[2], float o[8][4]) {
+    float ca[2], cb[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float Mn;
+        merge_coeffs(run[32 * (32 + r)], m[r], Mn, ca[r], cb[r]);
+        run[32 * (34 + r)] = merge_value(run[32 * (34 + r)], quad_sum(l[r]), ca[r], cb[r]);
+        run[32 * (32 + r)] = Mn;
+        m[r] = NEG_INF_F;
+        l[r] = 0.0f;
+    }
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float* x = run + 32 * (nt * 4 + e);
+            *x = merge_value(*x, o[nt][e], ca[e >> 1], cb[e >> 1]);
+            o[nt][e] = 0.0f;
+        }
+    }
+}
+
+// Prefill: CTA = 16 queries of one sequence (block table entry: sequence, first query index in it) x
+// the G heads of kv head blockIdx.y; warp w holds rows 16w..16w+15, row r = (query 16w/G + r / G,
+// head r % G). K/V tiles flow through a STAGES-deep cp.async ring shared by all warps; a warp skips the
+// tiles its rows cannot see. The running state (M, L, ACC) of the rows lives in shared memory
+// (see fold_segment); the segment state in registers.
+template <int G, int STAGES>
+DEVICE void attn_prefill_body(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
+    const int* __restrict__ seq_start, const int* __restrict__ blocks, bf16_t* __restrict__ out,
+    int Hq, int Hkv, int L, int window, float scale_log2)
+{
+    constexpr int QPW = 16 / G;  // queries per warp
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16_t* sKV = (bf16_t*)smem_raw;                                // [STAGES][K|V][64*64]
+    bf16_t* sQ = sKV + STAGES * 2 * ATTN_TILE * 64;                 // [G warps][16*64]
+    float* sRun = (float*)(sQ + G * 16 * 64);                       // [G warps][36][32]: running state
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int kvh = blockIdx.y;
+    const int s = blocks[2 * blockIdx.x], qi0 = blocks[2 * blockIdx.x + 1];
+    const int tok0 = cu_q[s] + qi0;
+    const int nq = min(ATTN_BLOCK_Q, cu_q[s + 1] - cu_q[s] - qi0);
+    const int p0 = seq_start[s] + qi0;  // position of the block's first query
+    const long long slot_row0 = (long long)seq_slot[s] * L;
+    const bf16_t* kp = cache_chunk(kc, slot_row0, Hkv, kvh, tid);
+    const bf16_t* vp = cache_chunk(vc, slot_row0, Hkv, kvh, tid);
+    const int hi = p0 + nq - 1, lo = window > 0 ? max(0, p0 - window + 1) : 0;  // keys the CTA may need
+
+    // this thread's two rows and this warp's query range
+    const int qa = warp * QPW + g / G, qb = warp * QPW + (g + 8) / G;
+    const int ha = kvh * G + g % G, hb = kvh * G + (g + 8) % G;
+    const bool va = qa < nq, vb = qb < nq;
+    const int wfirst = warp * QPW, wlast = min(wfirst + QPW, nq) - 1;
+    const bool active = wfirst < nq;
+    const int w_hi = p0 + wlast, w_lo = window > 0 ? max(0, p0 + wfirst - window + 1) : 0;
+
+    bf16_t* wQ = sQ + warp * 16 * 64;
+    load_q_rows(wQ, q, Hq, lane, [&](int r, long long& tok, int& head) {
+        const int qi = warp * QPW + r / G;
+        tok = tok0 + qi;
+        head = kvh * G + r % G;
+        return qi < nq;
+    });  // lands with the first K/V tile's group
+
+    float* run = sRun + warp * 36 * 32 + lane;  // running state (M, L, ACC) = (sink, 1, 0), see fold_segment
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) run[32 * i] = 0.0f;
+    run[32 * 32] = va ? __fmul_rn(sinks[ha], ATTN_LOG2E) : 0.0f;
+    run[32 * 33] = vb ? __fmul_rn(sinks[hb], ATTN_LOG2E) : 0.0f;
+    run[32 * 34] = run[32 * 35] = 1.0f;
+
+    float m[2] = {NEG_INF_F, NEG_INF_F}, l[2] = {0.0f, 0.0f}, o[8][4];
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+
+    const int tile_lo = lo / ATTN_TILE, ntiles = hi / ATTN_TILE - tile_lo + 1;
+    #pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) {
+            bf16_t* buf = sKV + st * 2 * ATTN_TILE * 64;
+            load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile_lo + st, lo, hi, tid);
+        }
+        cp_async_commit();
+    }
+    for (int i = 0; i < ntiles; ++i) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile i visible to all; everyone is done with the buffer refilled below
+        {
+            const int nxt = i + STAGES - 1;
+            if (nxt < ntiles) {
+                bf16_t* buf = sKV + (nxt % STAGES) * 2 * ATTN_TILE * 64;
+                load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile_lo + nxt, lo, hi,
+                                     tid);
+            }
+            cp_async_commit();
+        }
+        if (!active) continue;
+        const int key0 = (tile_lo + i) * ATTN_TILE;
+        // a new segment starts: fold the finished one (the identity if this warp's rows saw none of it)
+        if (i > 0 && key0 % ATTN_SEG == 0) fold_segment(run, m, l, o);
+        if (key0 <= w_hi && key0 + ATTN_TILE - 1 >= w_lo) {
+            const bool need_mask = key0 + ATTN_TILE - 1 > p0 + wfirst ||
+                                   (window > 0 && key0 < w_hi - window + 1);
+            const bf16_t* buf = sKV + (i % STAGES) * 2 * ATTN_TILE * 64;
+            attend_tile(wQ, buf, buf + ATTN_TILE * 64, key0, p0 + qa, p0 + qb, window, need_mask,
+                        scale_log2, m, l, o, lane);
+        }
+    }
+    cp_async_wait<0>();
+    if (!active) return;
+    fold_segment(run, m, l, o);  // the last segment; then out = ACC / L
+    const float La = run[32 * 34], Lb = run[32 * 35];
+    u32* out32 = (u32*)out;
+    const long long ra = ((long long)(tok0 + qa) * Hq + ha) * 32, rb = ((long long)(tok0 + qb) * Hq + hb) * 32;
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        const float* x = run + 32 * (nt * 4);
+        if (va) out32[ra + 4 * nt + t] = pack_bf16x2_rn(__fdiv_rn(x[0], La), __fdiv_rn(x[32], La));
+        if (vb) out32[rb + 4 * nt + t] = pack_bf16x2_rn(__fdiv_rn(x[64], Lb), __fdiv_rn(x[96], Lb));
+    }
+}
+
+// Decode: one warp = the G heads of kv head blockIdx.y for the one query of sequence dec_seqs[blockIdx.z],
+// over segment (first segment of its visible keys) + blockIdx.x; all of the segment's (at most 4) tiles
+// are requested at once. Rows g < G are heads; the other rows are empty. Writes (m, l) and the
+// unnormalised o of each head to the workspace: part_ml [SD, nsplit, Hq, 2], part_acc [SD, nsplit, Hq, 64].
+template <int G>
+DEVICE void attn_decode_body(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start,
+    const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml, int Hq,
+    int Hkv, int L, int window, int nsplit, float scale_log2)
+{
+    constexpr int NT = ATTN_SEG / ATTN_TILE;
+    static_assert(NT == 4, "the cp.async wait chain below assumes 4 tiles per segment");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16_t* sKV = (bf16_t*)smem_raw;              // [NT][K|V][64*64]
+    bf16_t* sQ = sKV + NT * 2 * ATTN_TILE * 64;   // [16*64]
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const int z = blockIdx.x, kvh = blockIdx.y, d = blockIdx.z, s = dec_seqs[d];
+    const int p = seq_start[s], tok = cu_q[s];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int seg = lo / ATTN_SEG + z;
+    const int k_first = max(lo, seg * ATTN_SEG);
+    if (k_first > p) return;  // this split lies past the query: no partial, combine stops before it
+    const int k_last = min(p, seg * ATTN_SEG + ATTN_SEG - 1);
+    const int tile0 = k_first / ATTN_TILE, ntiles = k_last / ATTN_TILE - tile0 + 1;
+    const long long slot_row0 = (long long)seq_slot[s] * L;
+    const bf16_t* kp = cache_chunk(kc, slot_row0, Hkv, kvh, lane);
+    const bf16_t* vp = cache_chunk(vc, slot_row0, Hkv, kvh, lane);
+    load_q_rows(sQ, q, Hq, lane, [&](int r, long long& qt, int& head) {
+        qt = tok;
+        head = kvh * G + r;
+        return r < G;
+    });  // lands with the first tile's group
+    #pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        if (i < ntiles) {
+            bf16_t* buf = sKV + i * 2 * ATTN_TILE * 64;
+            load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile0 + i, lo, p, lane);
+        }
+        cp_async_commit();
+    }
+    const int ha = kvh * G + g, hb = kvh * G + g + 8;
+    const bool va = g < G, vb = g + 8 < G;
+
+    float m[2] = {NEG_INF_F, NEG_INF_F}, l[2] = {0.0f, 0.0f}, o[8][4];
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        if (i < ntiles) {
+            if (i == 0) cp_async_wait<NT - 1>();
+            else if (i == 1) cp_async_wait<NT - 2>();
+            else if (i == 2) cp_async_wait<NT - 3>();
+            else cp_async_wait<0>();
+            __syncthreads();
+            const int key0 = (tile0 + i) * ATTN_TILE;
+            const bool need_mask = key0 + ATTN_TILE - 1 > p || (window > 0 && key0 < p - window + 1);
+            const bf16_t* buf = sKV + i * 2 * ATTN_TILE * 64;
+            attend_tile(sQ, buf, buf + ATTN_TILE * 64, key0, p, p, window, need_mask, scale_log2, m, l, o, lane);
+        }
+    }
+    cp_async_wait<0>();
+    const float la = quad_sum(l[0]), lb = quad_sum(l[1]);
+    const long long prow = ((long long)d * nsplit + z) * Hq;  // partial row of head 0
+    if (va) {
+        float* pa = part_acc + (prow + ha) * 64 + 2 * t;
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) *(float2*)(pa + 8 * nt) = make_float2(o[nt][0], o[nt][1]);
+        if (t == 0) *(float2*)(part_ml + (prow + ha) * 2) = make_float2(m[0], la);
+    }
+    if (vb) {
+        float* pb = part_acc + (prow + hb) * 64 + 2 * t;
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) *(float2*)(pb + 8 * nt) = make_float2(o[nt][2], o[nt][3]);
+        if (t == 0) *(float2*)(part_ml + (prow + hb) * 2) = make_float2(m[1], lb);
+    }
+}
+
+#endif  // GPTOSS_HAS_MMA
+
+// The tensor-core kernels are declared for every target (host compilation passes need the symbols);
+// without GPTOSS_HAS_MMA their bodies are empty and gptoss/ops/attention.py launches attn_simple instead.
+#define ATTN_PREFILL_ARGS                                                                                  \
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,           \
+        const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,  \
+        const int* __restrict__ seq_start, const int* __restrict__ blocks, bf16_t* __restrict__ out,      \
+        int Hq, int Hkv, int L, int window, float scale_log2
+#define ATTN_PREFILL_CALL q, kc, vc, sinks, cu_q, seq_slot, seq_start, blocks, out, Hq, Hkv, L, window, scale_log2
+#define ATTN_DECODE_ARGS                                                                                   \
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,           \
+        const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start, \
+        const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml,     \
+        int Hq, int Hkv, int L, int window, int nsplit, float scale_log2
+#define ATTN_DECODE_CALL \
+    q, kc, vc, cu_q, seq_slot, seq_start, dec_seqs, part_acc, part_ml, Hq, Hkv, L, window, nsplit, scale_log2
+
+// Dynamic shared memory: prefill 2 stages x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running state); decode 4 x 16 KB
+// of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)
+extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_g8(ATTN_PREFILL_ARGS) {
+#if GPTOSS_HAS_MMA
+    attn_prefill_body<8, 2>(ATTN_PREFILL_CALL);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(128, 4) attn_prefill_g4(ATTN_PREFILL_ARGS) {
+#if GPTOSS_HAS_MMA
+    attn_prefill_body<4, 2>(ATTN_PREFILL_CALL);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(32) attn_decode_g8(ATTN_DECODE_ARGS) {
+#if GPTOSS_HAS_MMA
+    attn_decode_body<8>(ATTN_DECODE_CALL);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(32) attn_decode_g4(ATTN_DECODE_ARGS) {
+#if GPTOSS_HAS_MMA
+    attn_decode_body<4>(ATTN_DECODE_CALL);
+#endif
+}
+
+// Fold the decode partials of each (sequence, head) in segment order, starting from the sink, and
+// write out = ACC / L. One thread per (decode sequence, head, pair of dims).
+extern "C" __global__ void __launch_bounds__(256) attn_decode_combine(
+    const float* __restrict__ part_acc, const float* __restrict__ part_ml, const float* __restrict__ sinks,
+    const int* __restrict__ cu_q, const int* __restrict__ seq_start, const int* __restrict__ dec_seqs,
+    bf16_t* __restrict__ out, int SD, int Hq, int window, int nsplit)
+{
+#if GPTOSS_HAS_MMA
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= SD * Hq * 32) return;
+    const int dp = idx & 31, head = (idx >> 5) % Hq, d = (idx >> 5) / Hq, s = dec_seqs[d];
+    const int p = seq_start[s];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int nseg = p / ATTN_SEG - lo / ATTN_SEG + 1;
+    float M = __fmul_rn(sinks[head], ATTN_LOG2E), L = 1.0f, x0 = 0.0f, x1 = 0.0f;
+    for (int z = 0; z < nseg; ++z) {
+        const long long r = ((long long)d * nsplit + z) * Hq + head;
+        const float2 ml = *(const float2*)(part_ml + 2 * r);
+        const float2 a = *(const float2*)(part_acc + r * 64 + 2 * dp);
+        float Mn, ca, cb;
+        merge_coeffs(M, ml.x, Mn, ca, cb);
+        L = merge_value(L, ml.y, ca, cb);
+        x0 = merge_value(x0, a.x, ca, cb);
+        x1 = merge_value(x1, a.y, ca, cb);
+        M = Mn;
+    }
+    ((u32*)out)[((long long)cu_q[s] * Hq + head) * 32 + dp] = pack_bf16x2_rn(__fdiv_rn(x0, L), __fdiv_rn(x1, L));
+#endif
+}

@@ -1,0 +1,528 @@
+// Grouped expert GEMMs of the MoE block (router, dispatch and combine are in routing.hip).
+//
+//   mlp1: y[r]        = swiglu(t[slot_r / k] . W1_e^T + b1_e)     r = sorted row, e its expert  [S, I] bf16
+//   mlp2: out[slot_r] = (y[r] . W2_e^T + b2_e) * route_w[slot_r]                                [S, H] f32
+//
+// Tiles. A CTA computes BM consecutive sorted rows ("tokens", all of one expert e, from the tile
+// schedule made by moe_dispatch) x BN output columns of e. Grid = (ceil(N / BN), tile bound); the CTAs
+// whose tile lies past the last real one read expert -1 and exit. Warp w owns output columns
+// [16*MW*w, 16*MW*(w + 1)) of the tile for all BM rows. K goes through a cp.async pipeline of STAGES buffers of
+// BK = 32*KSUB. No split-K: every output is one thread's fp32 accumulation over k16 steps in increasing
+// k, the same in every variant and for any T (batch invariance).
+//
+// Transposed mma. Each mma.sync m16n8k16 computes a piece of C^T = W . A^T: its 16 "rows" are weight
+// rows (output columns) and its 8 "columns" token rows, so the weights are the mma A operand and the
+// tokens the B operand. The A operand is a register quad that mixes two rows (g and g + 8): the weights
+// are made in registers by the MXFP4 dequantization anyway, so they land in the quad for free, while a
+// token row read by one 16-byte load holds its B register pairs side by side. Inside warp tile j
+// (16 columns), mma row g is output column 16j + 2g and row g + 8 is column 16j + 2g + 1: a thread's
+// accumulators c[h] and c[2 + h] are then columns (2u, 2u + 1) of token row 2t + h: for mlp1 the
+// (gate, linear) pair of unit u (SwiGLU right in the epilogue), for mlp2 two adjacent floats.
+//
+// MXFP4 path: K order inside a 32-block. One byte holds the k pair (2q, 2q + 1), i.e. one bf16x2
+// register of a fragment. A k16 step may take any 16 of the block's k as long as both operands agree,
+// so lane t of step s takes the physical pairs q = 4t + 2s + r (r = 0: a[0]/a[1] and b[0]; r = 1:
+// a[2]/a[3] and b[1]). Then lane (g, t) needs bytes 4t..4t+3 of a weight row's 16-byte block (ONE
+// 32-bit load: byte 2s + r -> step s, register r) and elements 8t..8t+7 of a token row (one 16-byte
+// load: word 2s + r). Step s covers pairs {4t + 2s, 4t + 2s + 1 : t = 0..3}; s = 0, 1 cover the block.
+// bf16 path: the usual k order, both operands through ldmatrix.x4 (a different but equally fixed order).
+//
+// Shared memory per stage (bank-conflict-free reads):
+//   tokens, MXFP4 path: [BM][BK] bf16, 16-byte chunk ch of row r at ch ^ 4*(r & 1): a 16-byte load
+//                 serves 8 lanes per phase = rows (2p, 2p+1) x 4 chunks; the odd row goes to the other
+//                 half of the 128 bytes: 8 different bank groups.
+//   tokens, bf16: [BM][BK], chunk ch ^ (r & 7) (ldmatrix: 8 rows of one matrix in 8 bank groups).
+//   weights, MXFP4: [KSUB][BN][16 bytes], row n at position (n & ~15) | (n & 1) << 3 | (n >> 1) & 7
+//                 (even columns first): mma rows g and g + 8 read 8 consecutive 16-byte blocks each.
+//   weights, bf16: [BN][BK], chunk ch ^ ((n >> 1) & 7): rows 16j + 2i + c, i = 0..7, of one ldmatrix
+//                 matrix fall in 8 bank groups.
+//   scales:       the tile's rows of the scale matrix over all of K ([BN][K/32] bytes, contiguous in
+//                 global memory), copied once at the start in aligned 16-byte pieces.
+//
+// MXFP4 -> bf16 in registers, 4 bytes (8 codes) at a time, lo nibble = even k:
+//   x = [lo nibble, 0, hi nibble, 0] (prmt); placed = (x * 0x1040) & 0x81C081C0 puts each nibble's
+//   magnitude bits (e1 e0 m) at bf16 bits 6..8 and its sign at bit 15 (both halves): as a bf16 that is
+//   exactly E2M1 * 2^-126 (code 1 = 0.5 is a subnormal). One bf16x2 FMA by 2^(s - 1) (adding -0) gives
+//   E2M1 * 2^(s - 127) exactly. 2^(s - 1) is a bf16 for s <= 128; a CTA whose scales include s > 128
+//   (a block max above 12: never seen in checkpoints) runs the BIG path, which multiplies by
+//   2^(min(s,128) - 1) and then by 2^(s - 128): the same exact values, so paths agree bit for bit.
+#include "common.h"
+#include "mma.h"
+
+// All launches pass the same arguments (ops/moe.py builds them once).
+struct MoeParams {
+    const bf16_t* a;         // mlp1: t [T, K]; mlp2: y [S, K] in sorted order
+    const u8* wq;            // MXFP4 blocks [E, N, K/32, 16]
+    const u8* ws;            // MXFP4 scales [E, N, K/32]
+    const bf16_t* wb;        // bf16 weights [E, N, K]
+    const bf16_t* bias;      // [E, N]
+    const int* offsets;      // [E + 1] sorted rows of each expert
+    const int* slots;        // [S] slot (t*k + j) of each sorted row
+    const int* tiles;        // [tiles, 2] (expert or -1, first sorted row)
+    const float* rw;         // mlp2: routing weight of each slot [S]
+    bf16_t* y;               // mlp1 output [S, N / 2]
+    float* out;              // mlp2 output [S, N], row = slot
+    int N, K, topk, S, E;
+    long long scales_bytes;  // size of ws: the 16-byte scale copies never read past it
+    float limit, alpha;
+};
+
+#define MOE_ARGS                                                                                      \
+    const bf16_t *a, const u8 *wq, const u8 *ws, const bf16_t *wb, const bf16_t *bias,                \
+    const int *offsets, const int *slots, const int *tiles, const float *rw, bf16_t *y, float *out,  \
+    int N, int K, int topk, int S, int E, long long scales_bytes, float limit, float alpha
+#define MOE_PARAMS {a, wq, ws, wb, bias, offsets, slots, tiles, rw, y, out, N, K, topk, S, E, \
+                    scales_bytes, limit, alpha}
+
+// gate = min(gate, limit), lin = clamp(lin, -limit, limit), gate * sigmoid(alpha * gate) * (lin + 1).
+// Explicit _rn operations: no contraction, so every variant compiles the same arithmetic.
+DEVICE float moe_swiglu(float gate, float lin, float limit, float alpha) {
+    gate = fminf(gate, limit);
+    lin = fminf(fmaxf(lin, -limit), limit);
+    const float sig = __frcp_rn(__fadd_rn(1.0f, __expf(__fmul_rn(-alpha, gate))));
+    return __fmul_rn(__fmul_rn(gate, sig), __fadd_rn(lin, 1.0f));
+}
+
+#if GPTOSS_HAS_MMA
+
+DEVICE u32 prmt_b32(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+DEVICE u32 fma_bf16x2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// bf16x2 multipliers for scale byte s: m1 = 2^(min(s, 128) - 1), m2 = 2^(max(s, 128) - 128)
+// (m1 * m2 = 2^(s - 1); m2 = 1 for s <= 128). Both are finite for every byte value.
+DEVICE u32 scale_m1(u32 s) { return (min(s, 128u) + 126u) * 0x00800080u; }
+DEVICE u32 scale_m2(u32 s) { return (max(s, 128u) - 1u) * 0x00800080u; }
+
+// 4 packed bytes (8 E2M1 codes) -> 4 bf16x2: out[q] = (lo nibble, hi nibble of byte q) * 2^(s - 127).
+template <bool BIG>
+DEVICE void fp4x8_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
+    const u32 lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
+    #pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        // bytes [lo_q, 0, hi_q, 0]: selector nibbles q, 8|q, 4+q, 8|(4+q); bit 3 replicates the top bit
+        // of a lo/hi byte, which is 0, giving a zero byte
+        const u32 sel = q | ((8 | q) << 4) | ((4 + q) << 8) | ((12 + q) << 12);
+        const u32 x = prmt_b32(lo, hi, sel);
+        const u32 placed = (x * 0x1040u) & 0x81C081C0u;  // (x << 6) | (x << 12): disjoint bits
+        u32 v = fma_bf16x2(placed, m1, 0x80008000u);
+        if (BIG) v = fma_bf16x2(v, m2, 0x80008000u);
+        out[q] = v;
+    }
+}
+
+// 16-byte cp.async to a shared address given as a 32-bit shared-window offset (no generic conversion
+// per copy); bytes < 16 zero-fills, bytes = 0 reads nothing (src must still be a valid address).
+DEVICE void cp_async_16s(u32 saddr, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(saddr), "l"(gmem), "r"(bytes));
+}
+
+DEVICE void ldsm_x4(u32 r[4], u32 saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
+}
+
+// Shared-memory position of MXFP4 weight row n (local to the tile): even columns of each 16 first.
+DEVICE int wpos(int n) { return (n & ~15) | ((n & 1) << 3) | ((n >> 1) & 7); }
+
+template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_>
+struct MoeCfg {
+    static constexpr int NT = NT_;            // n8 tiles of token rows (per warp = per CTA)
+    static constexpr int MW = MW_;            // m16 tiles of weight rows per warp (16 * MW columns)
+    static constexpr int WARPS_N = WARPS_N_, KSUB = KSUB_, STAGES = STAGES_;
+    static constexpr bool FP4 = FP4_;
+    static constexpr int BM = 8 * NT, BN = 16 * MW * WARPS_N, BK = 32 * KSUB, KCH = BK / 8;
+    static constexpr int THREADS = 32 * WARPS_N;
+    static constexpr int A_BYTES = BM * BK * 2;                          // tokens
+    static constexpr int B_BYTES = FP4 ? BN * BK / 2 : BN * BK * 2;     // weights
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int A_STEP = THREADS / KCH;                         // token rows per loader pass
+    static constexpr int A_ITERS = (BM + A_STEP - 1) / A_STEP;
+    static constexpr int B_STEP = FP4 ? THREADS / KSUB : THREADS / KCH;  // weight rows per loader pass
+    static constexpr int B_ITERS = BN / B_STEP;
+    static_assert(THREADS % KCH == 0 && THREADS % KSUB == 0 && BN % B_STEP == 0, "loader mapping");
+    static_assert(!FP4 || B_STEP % 16 == 0, "wpos(n + i * B_STEP) = wpos(n) + i * B_STEP");
+    static_assert(NT % 2 == 0, "ldmatrix.x4 loads two token n8 tiles");
+    static_assert(A_ITERS <= 32 && B_ITERS <= 32, "validity masks");
+};
+
+template <class C, bool MLP1>
+struct MoeCta {
+    const MoeParams& p;
+    unsigned char* smem;  // dynamic shared memory (generic pointer, for plain loads)
+    u32 sbase;            // the same as a shared-window address (cp.async, ldmatrix)
+    int expert, row0, rows, n0, KB, KT, tid, lane, nw, g, t4;
+    // token loader: chunk a_ch of rows tid / KCH + i * A_STEP (element offsets of the rows from p.a)
+    u32 a_src[C::A_ITERS];
+    u32 a_dst[C::A_ITERS];
+    u32 a_rd[C::KSUB];    // MXFP4 path: offset of this lane's token chunk in block kk of a stage, row g
+    unsigned a_exist, a_ok;
+    int a_ch;
+    // weight loader: block (MXFP4) / chunk (bf16) b_x of rows b_n + i * B_STEP
+    const unsigned char* b_src;  // start of weight row b_n (clamped to a valid row)
+    unsigned b_ok;
+    int b_x, b_n;
+    int sc_row[C::MW][2];        // scale buffer offset of the rows of mma rows g and g + 8
+    float acc[C::MW][C::NT][4];  // [weight m16 tile][token n8 tile][fragment]
+
+    DEVICE MoeCta(const MoeParams& p_, unsigned char* smem_) : p(p_), smem(smem_), sbase(smem_u32(smem_)) {}
+
+    DEVICE void load_stage(int buf, int kt) {
+        const u32 st = sbase + buf * C::STAGE_BYTES;
+        // Sources past K or past the valid rows copy 0 bytes from the start of a valid row.
+        {   // tokens
+            const int k = kt * C::BK + a_ch * 8;
+            const bool kv = k < p.K;
+            const u32 kofs = kv ? k : 0;
+            #pragma unroll
+            for (int i = 0; i < C::A_ITERS; ++i)
+                if (a_exist >> i & 1u)
+                    cp_async_16s(st + a_dst[i], p.a + (a_src[i] + kofs), kv && (a_ok >> i & 1u) ? 16 : 0);
+        }
+        if (C::FP4) {
+            const int kb = kt * C::KSUB + b_x;
+            const bool kv = kb < KB;
+            const unsigned char* src = b_src + (kv ? (size_t)kb * 16 : 0);
+            const u32 dst = st + C::A_BYTES + (b_x * C::BN + wpos(b_n)) * 16;
+            #pragma unroll
+            for (int i = 0; i < C::B_ITERS; ++i) {
+                const bool ok = kv && (b_ok >> i & 1u);
+                cp_async_16s(dst + i * C::B_STEP * 16, ok ? src + (size_t)i * C::B_STEP * KB * 16 : src,
+                             ok ? 16 : 0);
+            }
+        } else {
+            const int k = kt * C::BK + b_x * 8;
+            const bool kv = k < p.K;
+            const unsigned char* src = b_src + (kv ? (size_t)k * 2 : 0);
+            #pragma unroll
+            for (int i = 0; i < C::B_ITERS; ++i) {
+                const bool ok = kv && (b_ok >> i & 1u);
+                const int n = b_n + i * C::B_STEP;
+                cp_async_16s(st + C::A_BYTES + n * C::BK * 2 + ((b_x ^ ((n >> 1) & 7)) * 16),
+                             ok ? src + (size_t)i * C::B_STEP * p.K * 2 : src, ok ? 16 : 0);
+            }
+        }
+    }
+
+    template <bool BIG>
+    DEVICE void compute_stage_fp4(int buf, int kt) {
+        const unsigned char* sa = smem + buf * C::STAGE_BYTES;
+        const unsigned char* sb = sa + C::A_BYTES;
+        const unsigned char* sc = smem + C::STAGES * C::STAGE_BYTES;
+        #pragma unroll
+        for (int kk = 0; kk < C::KSUB; ++kk) {
+            const int kb = kt * C::KSUB + kk;
+            u32 af[C::MW][2][4];  // [tile][step][quad]
+            #pragma unroll
+            for (int j = 0; j < C::MW; ++j) {
+                const int pr = nw + 16 * j + g;  // = wpos(nw + 16j + 2g); row g + 8 sits 8 blocks later
+                const u32 w0 = *reinterpret_cast<const u32*>(sb + (kk * C::BN + pr) * 16 + 4 * t4);
+                const u32 w1 = *reinterpret_cast<const u32*>(sb + (kk * C::BN + pr + 8) * 16 + 4 * t4);
+                const u32 s0 = sc[sc_row[j][0] + kb], s1 = sc[sc_row[j][1] + kb];
+                u32 c0[4], c1[4];
+                fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
+                fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+                #pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    af[j][s][0] = c0[2 * s];      // row g,     pair 4t + 2s
+                    af[j][s][1] = c1[2 * s];      // row g + 8, pair 4t + 2s
+                    af[j][s][2] = c0[2 * s + 1];  // row g,     pair 4t + 2s + 1
+                    af[j][s][3] = c1[2 * s + 1];  // row g + 8, pair 4t + 2s + 1
+                }
+            }
+            #pragma unroll
+            for (int i = 0; i < C::NT; ++i) {  // token row 8i + g (same parity as g: same swizzle)
+                const uint4 b = *reinterpret_cast<const uint4*>(sa + a_rd[kk] + i * 8 * C::BK * 2);
+                const u32 b0[2] = {b.x, b.y};  // step 0: pairs 4t, 4t + 1
+                const u32 b1[2] = {b.z, b.w};  // step 1: pairs 4t + 2, 4t + 3
+                #pragma unroll
+                for (int j = 0; j < C::MW; ++j) {
+                    mma_bf16_16816(acc[j][i], af[j][0], b0);
+                    mma_bf16_16816(acc[j][i], af[j][1], b1);
+                }
+            }
+        }
+    }
+
+    DEVICE void compute_stage_bf16(int buf) {
+        const u32 sa = sbase + buf * C::STAGE_BYTES, sb = sa + C::A_BYTES;
+        const int q = lane / 8, li = lane % 8;  // ldmatrix: lane gives row li of matrix q
+        #pragma unroll
+        for (int ks = 0; ks < 2 * C::KSUB; ++ks) {  // k16 steps
+            u32 af[C::MW][4];
+            #pragma unroll
+            for (int j = 0; j < C::MW; ++j) {  // matrices: rows g / g + 8 (q & 1) x k lo / hi (q >> 1)
+                const int n = nw + 16 * j + 2 * li + (q & 1), ch = 2 * ks + (q >> 1);
+                ldsm_x4(af[j], sb + n * C::BK * 2 + ((ch ^ ((n >> 1) & 7)) * 16));
+            }
+            #pragma unroll
+            for (int ip = 0; ip < C::NT / 2; ++ip) {  // matrices: tiles 2ip / 2ip + 1 (q >> 1) x k lo / hi (q & 1)
+                const int r = 16 * ip + 8 * (q >> 1) + li, ch = 2 * ks + (q & 1);
+                u32 bq[4];
+                ldsm_x4(bq, sa + r * C::BK * 2 + ((ch ^ (r & 7)) * 16));
+                const u32 b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+                #pragma unroll
+                for (int j = 0; j < C::MW; ++j) {
+                    mma_bf16_16816(acc[j][2 * ip], af[j], b0);
+                    mma_bf16_16816(acc[j][2 * ip + 1], af[j], b1);
+                }
+            }
+        }
+    }
+
+    template <bool BIG>
+    DEVICE void mainloop() {
+        int rbuf = 0, wbuf = C::STAGES - 1;
+        for (int kt = 0; kt < KT; ++kt) {
+            cp_async_wait<C::STAGES - 2>();
+            __syncthreads();  // stage kt landed for everyone; buffer wbuf (read at kt - 1) is free
+            if (kt + C::STAGES - 1 < KT) load_stage(wbuf, kt + C::STAGES - 1);
+            cp_async_commit();
+            if (C::FP4) compute_stage_fp4<BIG>(rbuf, kt); else compute_stage_bf16(rbuf);
+            rbuf = rbuf + 1 == C::STAGES ? 0 : rbuf + 1;
+            wbuf = wbuf + 1 == C::STAGES ? 0 : wbuf + 1;
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // shared memory is free for the epilogue
+    }
+
+    DEVICE void run(int* s_slot, float* s_rw, u32* s_arow) {
+        expert = p.tiles[2 * blockIdx.y];
+        if (expert < 0) return;  // past the last tile of this step
+        row0 = p.tiles[2 * blockIdx.y + 1];
+        rows = min(C::BM, p.offsets[expert + 1] - row0);
+        const int N = p.N, K = p.K;
+        n0 = blockIdx.x * C::BN;
+        KB = K / 32;
+        KT = (K + C::BK - 1) / C::BK;
+        tid = threadIdx.x;
+        lane = tid % 32;
+        nw = (tid / 32) * 16 * C::MW;
+        g = lane / 4;
+        t4 = lane % 4;
+
+        for (int r = tid; r < C::BM; r += C::THREADS) {
+            const int slot = r < rows ? p.slots[row0 + r] : -1;
+            s_slot[r] = slot;
+            s_rw[r] = (!MLP1 && slot >= 0) ? p.rw[slot] : 0.0f;
+            s_arow[r] = slot < 0 ? 0u : MLP1 ? (u32)(slot / p.topk) * (u32)K : (u32)(row0 + r) * (u32)K;
+        }
+        #pragma unroll
+        for (int j = 0; j < C::MW; ++j)
+            #pragma unroll
+            for (int i = 0; i < C::NT; ++i)
+                acc[j][i][0] = acc[j][i][1] = acc[j][i][2] = acc[j][i][3] = 0.0f;
+        __syncthreads();
+
+        a_ch = tid % C::KCH;
+        a_exist = a_ok = 0;
+        #pragma unroll
+        for (int i = 0; i < C::A_ITERS; ++i) {
+            const int r = tid / C::KCH + i * C::A_STEP;
+            const int rr = r < C::BM ? r : 0;
+            a_src[i] = s_arow[rr];  // rows past `rows` point at row 0 and copy 0 bytes
+            const int sw = C::FP4 ? a_ch ^ ((rr & 1) << 2) : a_ch ^ (rr & 7);
+            a_dst[i] = rr * C::BK * 2 + sw * 16;
+            a_exist |= (unsigned)(r < C::BM) << i;
+            a_ok |= (unsigned)(r < rows) << i;
+        }
+        #pragma unroll
+        for (int kk = 0; kk < C::KSUB; ++kk) a_rd[kk] = g * C::BK * 2 + (((4 * kk + t4) ^ ((g & 1) << 2)) * 16);
+        b_x = C::FP4 ? tid % C::KSUB : tid % C::KCH;
+        b_n = C::FP4 ? tid / C::KSUB : tid / C::KCH;
+        b_ok = 0;
+        #pragma unroll
+        for (int i = 0; i < C::B_ITERS; ++i) b_ok |= (unsigned)(n0 + b_n + i * C::B_STEP < N) << i;
+        const size_t wrow = (size_t)expert * N + n0;  // first weight row of the tile
+        const size_t brow = wrow + (size_t)(min(n0 + b_n, N - 1) - n0);
+        b_src = C::FP4 ? p.wq + brow * KB * 16 : reinterpret_cast<const unsigned char*>(p.wb + brow * K);
+
+        // scales of rows [n0, min(n0 + BN, N)) over all of K: one contiguous byte range, copied in
+        // aligned 16-byte pieces (it starts sc_shift bytes into the first piece)
+        int sc_chunks = 0;
+        if (C::FP4) {
+            const u32 sc = sbase + C::STAGES * C::STAGE_BYTES;
+            const long long first = (long long)wrow * KB;
+            const long long a0 = first & ~15LL;
+            const int sc_shift = (int)(first - a0);
+            sc_chunks = (sc_shift + min(C::BN, N - n0) * KB + 15) / 16;
+            for (int c = tid; c < sc_chunks; c += C::THREADS) {
+                const long long src = a0 + 16LL * c, left = p.scales_bytes - src;
+                const int bytes = left >= 16 ? 16 : left > 0 ? (int)left : 0;
+                cp_async_16s(sc + 16 * c, p.ws + (bytes > 0 ? src : 0), bytes);
+            }
+            #pragma unroll
+            for (int j = 0; j < C::MW; ++j) {
+                sc_row[j][0] = sc_shift + (nw + 16 * j + 2 * g) * KB;
+                sc_row[j][1] = sc_row[j][0] + KB;
+            }
+        }
+
+        // prologue: stages 0 .. STAGES-2 (the scales ride in group 0)
+        #pragma unroll
+        for (int s = 0; s < C::STAGES - 1; ++s) {
+            if (s < KT) load_stage(s, s);
+            cp_async_commit();
+        }
+        bool big = false;
+        if (C::FP4) {
+            cp_async_wait<C::STAGES - 2>();
+            __syncthreads();
+            const unsigned char* sc = smem + C::STAGES * C::STAGE_BYTES;
+            int flag = 0;  // any scale byte > 128 in what was copied (a superset of the tile's scales)
+            for (int c = tid; c < sc_chunks; c += C::THREADS) {
+                const uint4 v = *reinterpret_cast<const uint4*>(sc + 16 * c);
+                flag |= __vcmpgtu4(v.x, 0x80808080u) | __vcmpgtu4(v.y, 0x80808080u)
+                      | __vcmpgtu4(v.z, 0x80808080u) | __vcmpgtu4(v.w, 0x80808080u);
+            }
+            big = __syncthreads_or(flag) != 0;
+        }
+        if (big) mainloop<true>(); else mainloop<false>();
+
+        if (MLP1) epilogue_mlp1(); else epilogue_mlp2(s_slot, s_rw);
+    }
+
+    // bias + SwiGLU on the (gate, linear) pairs, bf16 y staged in shared memory, then written out in
+    // 16-byte pieces of rows
+    DEVICE void epilogue_mlp1() {
+        constexpr int U = C::BN / 2;  // y columns of the tile
+        bf16_t* sy = reinterpret_cast<bf16_t*>(smem);
+        const int N = p.N;
+        #pragma unroll
+        for (int j = 0; j < C::MW; ++j) {
+            const int col = nw + 16 * j + 2 * g, n = n0 + col;
+            const u32 bw = n < N ? *reinterpret_cast<const u32*>(p.bias + (size_t)expert * N + n) : 0u;
+            const float bg = bf16x2_lo(bw), bl = bf16x2_hi(bw);
+            #pragma unroll
+            for (int i = 0; i < C::NT; ++i)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 8 * i + 2 * t4 + h;
+                    const float yv = moe_swiglu(__fadd_rn(acc[j][i][h], bg), __fadd_rn(acc[j][i][2 + h], bl),
+                                                p.limit, p.alpha);
+                    sy[r * U + col / 2] = float_to_bf16(yv);
+                }
+        }
+        __syncthreads();
+        const int I = N / 2, u0 = n0 / 2;
+        for (int c = tid; c < C::BM * (U / 8); c += C::THREADS) {
+            const int r = c / (U / 8), uc = (c % (U / 8)) * 8;
+            if (r < rows && u0 + uc < I)
+                *reinterpret_cast<uint4*>(p.y + (size_t)(row0 + r) * I + u0 + uc) =
+                    *reinterpret_cast<const uint4*>(sy + r * U + uc);
+        }
+    }
+
+    // (acc + bias) * routing weight, straight to row `slot`: 8 bytes per lane, 64 per row per warp tile
+    DEVICE void epilogue_mlp2(const int* s_slot, const float* s_rw) {
+        const int N = p.N;
+        #pragma unroll
+        for (int j = 0; j < C::MW; ++j) {
+            const int n = n0 + nw + 16 * j + 2 * g;
+            if (n >= N) continue;
+            const u32 bw = *reinterpret_cast<const u32*>(p.bias + (size_t)expert * N + n);
+            const float b0 = bf16x2_lo(bw), b1 = bf16x2_hi(bw);
+            #pragma unroll
+            for (int i = 0; i < C::NT; ++i)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 8 * i + 2 * t4 + h;
+                    if (r >= rows) continue;
+                    const float w = s_rw[r];
+                    float2 v;
+                    v.x = __fmul_rn(__fadd_rn(acc[j][i][h], b0), w);
+                    v.y = __fmul_rn(__fadd_rn(acc[j][i][2 + h], b1), w);
+                    *reinterpret_cast<float2*>(p.out + (size_t)s_slot[r] * N + n) = v;
+                }
+        }
+    }
+};
+
+template <class C, bool MLP1>
+DEVICE void moe_gemm(const MoeParams& p) {
+    extern __shared__ __align__(16) unsigned char moe_smem[];
+    __shared__ int s_slot[C::BM];
+    __shared__ float s_rw[C::BM];
+    __shared__ u32 s_arow[C::BM];  // element offset of each tile row's A row
+    MoeCta<C, MLP1> cta(p, moe_smem);
+    cta.run(s_slot, s_rw, s_arow);
+}
+
+#define MOE_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB)                             \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_N, MINB) NAME(MOE_ARGS) {                \
+        const MoeParams p = MOE_PARAMS;                                                              \
+        moe_gemm<MoeCfg<NT, MW, WARPS_N, KSUB, STAGES, FP4>, MLP1>(p);                               \
+    }
+
+#else  // portable path (AMD): one thread per output, k in increasing order, no tiles
+
+DEVICE float moe_weight(const MoeParams& p, bool fp4, int e, int n, int k) {
+    const size_t row = (size_t)e * p.N + n;
+    if (!fp4) return bf16_to_float(p.wb[row * p.K + k]);
+    const size_t blk = row * (p.K / 32) + k / 32;
+    const u32 byte = p.wq[blk * 16 + (k % 32) / 2];
+    return fp4_e2m1_to_float(k % 2 ? byte >> 4 : byte & 15u) * e8m0_to_float(p.ws[blk]);
+}
+
+DEVICE float moe_dot(const MoeParams& p, bool fp4, const bf16_t* a, int e, int n) {
+    float s = 0.0f;
+    for (int k = 0; k < p.K; ++k) s = fmaf(bf16_to_float(a[k]), moe_weight(p, fp4, e, n, k), s);
+    return s;
+}
+
+template <bool FP4, bool MLP1>
+DEVICE void moe_gemm_portable(const MoeParams& p) {
+    const int NO = MLP1 ? p.N / 2 : p.N;  // outputs per row
+    const size_t total = (size_t)p.S * NO;
+    const size_t stride = (size_t)gridDim.x * gridDim.y * blockDim.x;
+    for (size_t idx = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+         idx += stride) {
+        const int r = (int)(idx / NO), c = (int)(idx % NO);
+        int lo = 0, hi = p.E;  // the expert of sorted row r: offsets[lo] <= r < offsets[hi]
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) / 2;
+            if (p.offsets[mid] <= r) lo = mid; else hi = mid;
+        }
+        const int slot = p.slots[r];
+        if (MLP1) {
+            const bf16_t* a = p.a + (size_t)(slot / p.topk) * p.K;
+            const float gate = moe_dot(p, FP4, a, lo, 2 * c) + bf16_to_float(p.bias[(size_t)lo * p.N + 2 * c]);
+            const float lin = moe_dot(p, FP4, a, lo, 2 * c + 1) + bf16_to_float(p.bias[(size_t)lo * p.N + 2 * c + 1]);
+            p.y[(size_t)r * NO + c] = float_to_bf16(moe_swiglu(gate, lin, p.limit, p.alpha));
+        } else {
+            const float v = moe_dot(p, FP4, p.a + (size_t)r * p.K, lo, c) + bf16_to_float(p.bias[(size_t)lo * p.N + c]);
+            p.out[(size_t)slot * p.N + c] = v * p.rw[slot];
+        }
+    }
+}
+
+#define MOE_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB)                             \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_N) NAME(MOE_ARGS) {                      \
+        const MoeParams p = MOE_PARAMS;                                                              \
+        moe_gemm_portable<FP4, MLP1>(p);                                                             \
+    }
+
+#endif  // GPTOSS_HAS_MMA
+
+// The variants. ops/moe.py reads these lines for the tile shapes (BM = 8*NT token rows, BN = 16*MW*WARPS_N
+// columns, BK = 32*KSUB, 32*WARPS_N threads) and the shared memory they need.
+//   m64: getp (many rows per expert): 64 x 192 tiles, 6 warps of 64 rows x 32 columns.
+//   m16: decode (a few rows per expert): 16 x 64 tiles, 4 warps of 16 rows x 16 columns: as many warps
+//        as possible stream the few experts' weights (a warp's dequantization is latency-bound).
+//         name                 NT MW WARPS_N KSUB STAGES FP4    MLP1   MIN_BLOCKS
+MOE_KERNEL(moe_mlp1_fp4_m64,    8, 2, 6,      2,   4,     true,  true,  2)
+MOE_KERNEL(moe_mlp2_fp4_m64,    8, 2, 6,      2,   4,     true,  false, 2)
+MOE_KERNEL(moe_mlp1_bf16_m64,   8, 2, 6,      2,   3,     false, true,  2)
+MOE_KERNEL(moe_mlp2_bf16_m64,   8, 2, 6,      2,   3,     false, false, 2)
+MOE_KERNEL(moe_mlp1_fp4_m16,    2, 1, 4,      4,   4,     true,  true,  4)
+MOE_KERNEL(moe_mlp2_fp4_m16,    2, 1, 4,      4,   4,     true,  false, 4)
+MOE_KERNEL(moe_mlp1_bf16_m16,   2, 1, 4,      4,   4,     false, true,  2)
+MOE_KERNEL(moe_mlp2_bf16_m16,   2, 1, 4,      4,   4,     false, false, 2)

@@ -1,0 +1,291 @@
+// Mixture-of-experts routing: the router (logits, top-k, softmax over the chosen k), the dispatch that
+// groups the T*k (token, expert) slots by expert on the GPU, and the final combine of the k expert
+// outputs of each token into the residual stream. The expert GEMMs themselves are in moe.hip.
+//
+// Batch invariance (docs/DESIGN.md): every float result of a token depends only on that token's data.
+//  - router_logits: logit[t][e] = ((p0 + p1) + p2) + p3 + bias[e], where p_s is the fp32 sum, in
+//    increasing h, of t[t][h] * w[e][h] over the s-th of ROUTER_SPLITS fixed slices of H. The split
+//    exists only to give decode (T = 1..64) enough CTAs; it is the same for every T.
+//  - dispatch is integer work (counts and a stable order: slot order inside an expert), exact.
+//  - combine: x[t] += ((o0 + o1) + o2) + o3, in increasing j, no atomics.
+#include "common.h"
+
+#define ROUTER_SPLITS 4   // slices of H summed in fixed order (ops/moe.py: ROUTER_SPLITS)
+#define ROUTER_TT 32      // tokens per CTA
+#define ROUTER_TE 32      // experts per CTA
+#define ROUTER_HC 32      // h per shared-memory chunk
+#define ROUTER_THREADS 256
+#define TOPK_MAX 8        // largest k router_topk supports
+#define DISPATCH_THREADS 1024
+#define DISPATCH_MAX_E 256
+#define DISPATCH_CACHE 32 // 32-slot steps per warp whose expert ids stay in registers
+
+// ---- router logits ------------------------------------------------------------------------------
+// grid (ceil(T / 32), ceil(E / 32), ROUTER_SPLITS), 256 threads. Thread (q = tid / 32, e = tid % 32)
+// owns tokens 4q..4q+3 of the tile and expert e: per h it reads one float4 of t (the same for the 32
+// threads of a group: a broadcast) and one w value, for four FMAs.
+// partial: [ROUTER_SPLITS, T, E] float32.
+extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
+router_logits(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ partial,
+              int T, int E, int H) {
+    __shared__ __align__(16) float st[ROUTER_HC][ROUTER_TT];  // [h][token]
+    __shared__ float sw[ROUTER_HC][ROUTER_TE + 1];            // [h][expert]
+    const int tid = threadIdx.x;
+    const int t0 = blockIdx.x * ROUTER_TT, e0 = blockIdx.y * ROUTER_TE;
+    const int q = tid / 32, el = tid % 32;
+    const int chunks = H / ROUTER_HC;                           // H % 32 == 0 (checked by the launcher)
+    const int c_begin = (int)((long long)blockIdx.z * chunks / ROUTER_SPLITS);
+    const int c_end = (int)((long long)(blockIdx.z + 1) * chunks / ROUTER_SPLITS);
+    // loader: thread -> (row = tid / 8, 4 consecutive h at (tid % 8) * 4), for t and for w
+    const int lr = tid / 8, lh = (tid % 8) * 4;
+    const bool t_ok = t0 + lr < T, w_ok = e0 + lr < E;
+    const bf16_t* tp = t + (size_t)(t_ok ? t0 + lr : 0) * H + lh;
+    const bf16_t* wp = w + (size_t)(w_ok ? e0 + lr : 0) * H + lh;
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c = c_begin; c < c_end; ++c) {
+        const int h0 = c * ROUTER_HC;
+        // 4 bf16 = 8 bytes (rows start 64-byte aligned: H % 32 == 0 and the launcher checks the bases)
+        const uint2 tq = t_ok ? *reinterpret_cast<const uint2*>(tp + h0) : make_uint2(0u, 0u);
+        const uint2 wq = w_ok ? *reinterpret_cast<const uint2*>(wp + h0) : make_uint2(0u, 0u);
+        __syncthreads();  // the previous chunk's readers are done
+        st[lh + 0][lr] = bf16x2_lo(tq.x); st[lh + 1][lr] = bf16x2_hi(tq.x);
+        st[lh + 2][lr] = bf16x2_lo(tq.y); st[lh + 3][lr] = bf16x2_hi(tq.y);
+        sw[lh + 0][lr] = bf16x2_lo(wq.x); sw[lh + 1][lr] = bf16x2_hi(wq.x);
+        sw[lh + 2][lr] = bf16x2_lo(wq.y); sw[lh + 3][lr] = bf16x2_hi(wq.y);
+        __syncthreads();
+        #pragma unroll 8
+        for (int h = 0; h < ROUTER_HC; ++h) {
+            const float4 x = *reinterpret_cast<const float4*>(&st[h][4 * q]);
+            const float we = sw[h][el];
+            acc[0] = fmaf(x.x, we, acc[0]);
+            acc[1] = fmaf(x.y, we, acc[1]);
+            acc[2] = fmaf(x.z, we, acc[2]);
+            acc[3] = fmaf(x.w, we, acc[3]);
+        }
+    }
+    const int e = e0 + el;
+    if (e < E) {
+        for (int i = 0; i < 4; ++i) {
+            const int tok = t0 + 4 * q + i;
+            if (tok < T) partial[((size_t)blockIdx.z * T + tok) * E + e] = acc[i];
+        }
+    }
+}
+
+// ---- top-k and softmax --------------------------------------------------------------------------
+// One warp per token: lane l holds experts l, l + WARP_SIZE, ... The k picks go in order of decreasing
+// logit, ties to the lower expert index; weights = softmax over the k picked logits.
+extern "C" __global__ void
+router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, int* __restrict__ experts,
+            float* __restrict__ weights, int T, int E, int k) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (tok >= T) return;  // whole warps leave together
+    constexpr int EJ = DISPATCH_MAX_E / 32;  // values per lane (E <= 256; fewer are used on AMD's 64 lanes)
+    float v[EJ];
+    #pragma unroll
+    for (int j = 0; j < EJ; ++j) {
+        const int e = lane + j * WARP_SIZE;
+        v[j] = NEG_INF_F;
+        if (e < E) {
+            float s = partial[(size_t)tok * E + e];
+            for (int p = 1; p < ROUTER_SPLITS; ++p) s += partial[((size_t)p * T + tok) * E + e];
+            v[j] = s + bf16_to_float(bias[e]);
+        }
+    }
+    unsigned taken = 0;  // bit j: v[j] already picked
+    float pick_v[TOPK_MAX];
+    int pick_e[TOPK_MAX];
+    for (int r = 0; r < k; ++r) {  // k <= TOPK_MAX (checked by the launcher)
+        float bv = NEG_INF_F;
+        int be = 0x7fffffff;
+        #pragma unroll
+        for (int j = 0; j < EJ; ++j) {
+            const int e = lane + j * WARP_SIZE;
+            if (e < E && !(taken >> j & 1u) && (v[j] > bv || (v[j] == bv && e < be))) { bv = v[j]; be = e; }
+        }
+        for (int m = WARP_SIZE / 2; m > 0; m >>= 1) {
+            const float ov = WARP_SHFL_XOR(bv, m);
+            const int oe = WARP_SHFL_XOR(be, m);
+            if (ov > bv || (ov == bv && oe < be)) { bv = ov; be = oe; }
+        }
+        if (be < E && be % WARP_SIZE == lane) taken |= 1u << (be / WARP_SIZE);
+        if (be >= E) be = 0;  // only with NaN logits: keep the index valid
+        pick_v[r] = bv;
+        pick_e[r] = be;
+    }
+    if (lane == 0) {
+        // softmax over the picks; pick_v[0] is the largest
+        float ex[TOPK_MAX], sum = 0.0f;
+        for (int r = 0; r < k; ++r) { ex[r] = expf(pick_v[r] - pick_v[0]); sum += ex[r]; }
+        const float inv = 1.0f / sum;
+        for (int r = 0; r < k; ++r) {
+            experts[(size_t)tok * k + r] = pick_e[r];
+            weights[(size_t)tok * k + r] = ex[r] * inv;
+        }
+    }
+}
+
+// ---- dispatch -----------------------------------------------------------------------------------
+// One CTA of DISPATCH_THREADS. Slots s = t*k + j (S = T*k of them) are sorted by expert, stably:
+//   offsets[e] .. offsets[e+1]-1 are the positions of expert e's slots in sorted_slots, in slot order.
+// Warp w owns the contiguous slots [w*span, (w+1)*span). Pass 1 counts per (warp, expert); an
+// exclusive scan over warps (per expert) and over experts gives each warp its first position per
+// expert; pass 2 walks the span again in order and places each slot at base + its rank among the
+// lanes of the same expert in this 32-slot step (lower lanes first), so the order is the slot order.
+//
+// Then the tile schedules of the expert GEMMs, for two tile heights bm_a and bm_b: tile i of
+// tiles_x ([ntiles_x, 2] int32) = (expert, first sorted row) of the i-th bm-row tile, experts in
+// order, tiles in row order inside an expert; tiles past the last one get expert -1 (their CTAs
+// exit). ntiles_x is the launch bound ceil(S / bm) + min(E, S) >= sum_e ceil(M_e / bm).
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ offsets,
+             int* __restrict__ sorted_slots, int bm_a, int* __restrict__ tiles_a, int ntiles_a,
+             int bm_b, int* __restrict__ tiles_b, int ntiles_b) {
+    constexpr int NW = DISPATCH_THREADS / WARP_SIZE;
+    __shared__ int cnt[NW * DISPATCH_MAX_E];           // per (warp, expert): count, then first position
+    __shared__ int s_off[DISPATCH_MAX_E + 1];          // row offsets
+    __shared__ int s_ta[DISPATCH_MAX_E + 1], s_tb[DISPATCH_MAX_E + 1];  // tile offsets
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const int steps = (S + NW * WARP_SIZE - 1) / (NW * WARP_SIZE);  // 32-slot steps per warp
+    const int span = steps * WARP_SIZE;
+    const int begin = warp * span, end = min(begin + span, S);
+
+    for (int i = tid; i < NW * E; i += DISPATCH_THREADS) cnt[i] = 0;
+    __syncthreads();
+    // pass 1: integer counts (the atomics only make the count, whose value is order-free). The first
+    // DISPATCH_CACHE steps keep their expert ids in registers for pass 2 (S <= 32768 with 1024 threads:
+    // every getp step), so the loads are issued back to back and read once.
+    int ecache[DISPATCH_CACHE];
+    #pragma unroll
+    for (int it = 0; it < DISPATCH_CACHE; ++it) {
+        const int s = begin + it * WARP_SIZE + lane;
+        ecache[it] = (it < steps && s < end) ? experts[s] : -1;
+    }
+    #pragma unroll
+    for (int it = 0; it < DISPATCH_CACHE; ++it)
+        if ((unsigned)ecache[it] < (unsigned)E) atomicAdd(&cnt[warp * E + ecache[it]], 1);
+    for (int s = begin + DISPATCH_CACHE * WARP_SIZE + lane; s < end; s += WARP_SIZE) {
+        const int e = experts[s];
+        if ((unsigned)e < (unsigned)E) atomicAdd(&cnt[warp * E + e], 1);
+    }
+    __syncthreads();
+    // per expert: exclusive scan over warps; total rows of the expert into s_off[e]
+    for (int e = tid; e < E; e += DISPATCH_THREADS) {
+        int run = 0;
+        for (int w = 0; w < NW; ++w) {
+            const int c = cnt[w * E + e];
+            cnt[w * E + e] = run;
+            run += c;
+        }
+        s_off[e] = run;
+    }
+    __syncthreads();
+    // exclusive scans over experts of rows, tiles of bm_a, tiles of bm_b (warp 0, WARP_SIZE at a time)
+    if (warp == 0) {
+        int carry_r = 0, carry_a = 0, carry_b = 0;
+        for (int e0 = 0; e0 < E; e0 += WARP_SIZE) {
+            const int e = e0 + lane;
+            const int m = e < E ? s_off[e] : 0;
+            int r = m, a = (m + bm_a - 1) / bm_a, b = (m + bm_b - 1) / bm_b;  // inclusive scans
+            for (int d = 1; d < WARP_SIZE; d <<= 1) {
+                const int src = lane >= d ? lane - d : lane;
+                const int r2 = WARP_SHFL(r, src), a2 = WARP_SHFL(a, src), b2 = WARP_SHFL(b, src);
+                if (lane >= d) { r += r2; a += a2; b += b2; }
+            }
+            if (e < E) {
+                s_off[e] = carry_r + r - m;
+                s_ta[e] = carry_a + a - (m + bm_a - 1) / bm_a;
+                s_tb[e] = carry_b + b - (m + bm_b - 1) / bm_b;
+            }
+            carry_r += WARP_SHFL(r, WARP_SIZE - 1);
+            carry_a += WARP_SHFL(a, WARP_SIZE - 1);
+            carry_b += WARP_SHFL(b, WARP_SIZE - 1);
+        }
+        if (lane == 0) { s_off[E] = carry_r; s_ta[E] = carry_a; s_tb[E] = carry_b; }
+    }
+    __syncthreads();
+    for (int e = tid; e <= E; e += DISPATCH_THREADS) offsets[e] = s_off[e];
+    for (int i = tid; i < NW * E; i += DISPATCH_THREADS) cnt[i] += s_off[i % E];
+    __syncthreads();
+
+    // pass 2: stable placement. Every warp runs `steps` iterations (uniform, so the barrier below is
+    // legal on both vendors); lanes past the span carry expert -1 and write nothing.
+    #pragma unroll 1
+    for (int it = 0; it < steps; ++it) {
+        const int s = begin + it * WARP_SIZE + lane;
+        int e = -1;
+        #pragma unroll
+        for (int c = 0; c < DISPATCH_CACHE; ++c)  // registers only: a select chain, no local memory
+            if (c == it) e = ecache[c];
+        if (it >= DISPATCH_CACHE) e = s < end ? experts[s] : -1;
+        const bool ok = (unsigned)e < (unsigned)E;
+        int rank = 0, peers = 0;
+#if GPTOSS_NVIDIA
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        rank = __popc(same & ((1u << lane) - 1u));
+        peers = __popc(same);
+#else
+        for (int l = 0; l < WARP_SIZE; ++l) {
+            const int o = WARP_SHFL(e, l);
+            if (o == e) { rank += l < lane; ++peers; }
+        }
+#endif
+        const int base = ok ? cnt[warp * E + e] : 0;
+        if (ok) sorted_slots[base + rank] = s;
+#if GPTOSS_NVIDIA
+        __syncwarp();
+#else
+        __syncthreads();
+#endif
+        if (ok && rank == 0) cnt[warp * E + e] = base + peers;
+#if GPTOSS_NVIDIA
+        __syncwarp();
+#else
+        __syncthreads();
+#endif
+    }
+
+    // tile schedules: tile i belongs to the expert e with s_t[e] <= i < s_t[e+1] (binary search)
+    for (int pass = 0; pass < 2; ++pass) {
+        const int* st = pass ? s_tb : s_ta;
+        const int bm = pass ? bm_b : bm_a, n = pass ? ntiles_b : ntiles_a;
+        int* out = pass ? tiles_b : tiles_a;
+        for (int i = tid; i < n; i += DISPATCH_THREADS) {
+            int e = -1, row = 0;
+            if (i < st[E]) {
+                int lo = 0, hi = E;  // invariant: st[lo] <= i < st[hi]
+                while (hi - lo > 1) {
+                    const int mid = (lo + hi) / 2;
+                    if (st[mid] <= i) lo = mid; else hi = mid;
+                }
+                e = lo;
+                row = s_off[e] + (i - st[e]) * bm;
+            }
+            out[2 * i] = e;
+            out[2 * i + 1] = row;
+        }
+    }
+}
+
+// ---- combine ------------------------------------------------------------------------------------
+// x[t][h] += ((eo[t*k][h] + eo[t*k+1][h]) + ...) over j in increasing order; 4 h per thread (H % 4 == 0).
+extern "C" __global__ void
+moe_combine_add(float* __restrict__ x, const float* __restrict__ eo, int T, int H, int k) {
+    const int H4 = H / 4;
+    const size_t n = (size_t)T * H4;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t tok = i / H4, h = (i % H4) * 4;
+        const float* o = eo + tok * k * H + h;
+        float4 s = *reinterpret_cast<const float4*>(o);
+        for (int j = 1; j < k; ++j) {
+            const float4 v = *reinterpret_cast<const float4*>(o + (size_t)j * H);
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        float4* xp = reinterpret_cast<float4*>(x + tok * H + h);
+        float4 xv = *xp;
+        xv.x += s.x; xv.y += s.y; xv.z += s.z; xv.w += s.w;
+        *xp = xv;
+    }
+}

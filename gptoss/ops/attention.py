@@ -1,0 +1,279 @@
+"""RoPE + KV-cache write, and attention with sinks, GQA and a sliding window (kernels/attention.hip).
+
+    table = rope_table(cfg, capacity)                        # once: (cos, sin) x concentration, f32
+    batch = AttentionBatch.build(q_lens, slots, starts, capacity)   # every step, from host lists
+    q = rope_and_cache(qkv, positions, slots, table, k_cache, v_cache)
+    out = attention(q, k_cache, v_cache, batch, sinks, window)       # window 0 = full attention
+
+Kernels (D = 64 and Hq / Hkv in {4, 8} on NVIDIA; a launch may use both):
+- decode, for the sequences with one query: the keys of each are split at fixed multiples of
+  SEG = 256 positions, one warp per (split, kv head, sequence), fp32 partials in a workspace kept on
+  the batch, then a combine kernel;
+- prefill, for the sequences with more queries: one CTA per (16 queries of one sequence, kv head),
+  flash style on tensor cores.
+Other shapes (any even D <= 128, any GQA ratio) and AMD take the portable kernel: one CTA per
+(query, head), slow. The decode and prefill kernels give a query bit-identical outputs (see the
+comment at the top of attention.hip), so a query's result never depends on the batch it runs in, on
+how its prompt was cut into chunks, or on whether it ran as a decode token or inside a chunk.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._check import check, out_or_new
+
+SEG = 256  # keys per decode split (ATTN_SEG in attention.hip): fixed absolute cut points
+TILE = 64  # keys per tile (ATTN_TILE)
+BLOCK_Q = 16  # queries per prefill CTA (ATTN_BLOCK_Q)
+FAST_GROUPS = (4, 8)  # Hq / Hkv ratios with a tensor-core kernel (D = 64)
+
+_PREFILL_STAGES = 2
+_DECODE_TILES = SEG // TILE
+
+
+def _prefill_smem(G: int) -> int:  # K/V stages + per warp: Q rows (2 KB) and running state (36 x 32 f32)
+    return _PREFILL_STAGES * 2 * TILE * 64 * 2 + G * (16 * 64 * 2 + 36 * 32 * 4)
+
+
+_DECODE_SMEM = _DECODE_TILES * 2 * TILE * 64 * 2 + 16 * 64 * 2
+
+
+def rope_table(cfg, max_positions: int):
+    """cupy float32 [max_positions, D/2, 2]: (cos, sin) of position x inv_freq_i, times the YaRN
+    concentration; computed in float64 on the host."""
+    import cupy
+
+    from ..config import yarn_inv_freq_and_scale
+
+    if max_positions <= 0:
+        raise ValueError(f"max_positions must be positive, got {max_positions}")
+    inv_freq, concentration = yarn_inv_freq_and_scale(cfg)
+    angle = np.arange(max_positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    table = np.stack([np.cos(angle) * concentration, np.sin(angle) * concentration], axis=-1)
+    return cupy.asarray(table.astype(np.float32))
+
+
+def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None):
+    """RoPE on q and k of qkv [T, (Hq + 2 Hkv) D] bf16; k and v go to the caches [slots, L, Hkv, D] at
+    (slots[t], positions[t] % L); returns q [T, Hq, D] bf16 (written into q_out when given).
+    A position outside the table or a slot outside the cache gives that token NaN q and no cache write."""
+    import cupy
+
+    from ..kernels import kernel
+
+    check(k_cache, "k_cache", cupy.uint16, ndim=4)
+    n_slots, L, Hkv, D = k_cache.shape
+    check(v_cache, "v_cache", cupy.uint16, tuple(k_cache.shape))
+    check(qkv, "qkv", cupy.uint16, ndim=2)
+    T, width = qkv.shape
+    if D % 2 or width % D or width // D <= 2 * Hkv:
+        raise ValueError(f"qkv: width {width} is not (Hq + 2*{Hkv}) * {D} for a positive Hq")
+    Hq = width // D - 2 * Hkv
+    if Hq % Hkv:
+        raise ValueError(f"qkv: {Hq} q heads is not a multiple of the caches' {Hkv} kv heads")
+    check(positions, "positions", cupy.int32, (T,))
+    check(slots, "slots", cupy.int32, (T,))
+    check(table, "table", cupy.float32, (None, D // 2, 2))
+    q = out_or_new(q_out, "q_out", (T, Hq, D), cupy.uint16)
+    if T == 0:
+        return q
+    kernel("attention", "rope_and_cache")(
+        (T,), (256,),
+        (qkv, positions, slots, table, q, k_cache, v_cache, np.int32(Hq), np.int32(Hkv), np.int32(D),
+         np.int32(L), np.int32(table.shape[0]), np.int32(n_slots)))
+    return q
+
+
+@dataclass
+class AttentionBatch:
+    """The varlen layout of one attention launch, on the device, with its host-known bounds.
+
+    Queries of a sequence are contiguous in T. Query t of sequence s sits at position
+    seq_start_pos[s] + t - cu_q[s] and sees keys up to its own position. Build it from host lists with
+    AttentionBatch.build; for a captured CUDA graph, build one with max_kv set to a bound that covers
+    the replays (the grid depends on it, never the results), run attention() once before capturing
+    (it allocates the decode workspace), and refresh the device arrays in place with load()."""
+    cu_q: object  # cupy int32 [S + 1]: query offsets
+    seq_slot: object  # cupy int32 [S]: cache slot of each sequence
+    seq_start_pos: object  # cupy int32 [S]: position of each sequence's first query
+    blocks: object  # cupy int32 [NB, 2]: (sequence, first query index in it) of each prefill CTA
+    dec_seqs: object  # cupy int32 [SD]: the sequences with one query (the decode kernel's)
+    num_seqs: int  # S
+    num_tokens: int  # T
+    max_q: int  # most queries of one sequence
+    max_kv: int  # a bound on keys per sequence (last position + 1)
+    capacity: int
+    _workspace: object = field(default=None, repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.dec_seqs.shape[0])
+
+    @classmethod
+    def build(cls, q_lens, slots, start_positions, capacity: int, max_kv: int | None = None) -> "AttentionBatch":
+        import cupy
+
+        q_lens = np.asarray(q_lens, dtype=np.int64).reshape(-1)
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        starts = np.asarray(start_positions, dtype=np.int64).reshape(-1)
+        S = len(q_lens)
+        if S == 0:
+            raise ValueError("AttentionBatch needs at least one sequence")
+        if len(slots) != S or len(starts) != S:
+            raise ValueError(f"q_lens, slots and start_positions differ in length ({S}, {len(slots)}, {len(starts)})")
+        if (q_lens < 1).any():
+            raise ValueError("every sequence needs at least one query")
+        if (starts < 0).any() or (slots < 0).any():
+            raise ValueError("negative start position or slot")
+        ends = starts + q_lens
+        if ends.max() > capacity:
+            raise ValueError(f"a sequence reaches position {int(ends.max()) - 1}, past the capacity {capacity}")
+        bound = int(ends.max())
+        if max_kv is not None:
+            if max_kv < bound:
+                raise ValueError(f"max_kv {max_kv} is below the batch's {bound} keys")
+            bound = int(max_kv)
+        cu_q = np.zeros(S + 1, dtype=np.int32)
+        cu_q[1:] = np.cumsum(q_lens)
+        # prefill blocks of BLOCK_Q queries for the sequences with more than one query, the ones that end
+        # furthest into their sequence first (they have the most keys to read: the long CTAs start early)
+        single = q_lens == 1
+        nblk = np.where(single, 0, (q_lens + BLOCK_Q - 1) // BLOCK_Q)
+        seq = np.repeat(np.arange(S), nblk)
+        first = np.arange(int(nblk.sum())) - np.repeat(np.cumsum(nblk) - nblk, nblk)
+        first = first * BLOCK_Q
+        last_pos = starts[seq] + np.minimum(first + BLOCK_Q, q_lens[seq]) - 1
+        order = np.argsort(-last_pos, kind="stable")
+        blocks = np.stack([seq[order], first[order]], axis=1).astype(np.int32).reshape(-1, 2)
+        dec_seqs = np.flatnonzero(single).astype(np.int32)
+        return cls(cupy.asarray(cu_q), cupy.asarray(slots.astype(np.int32)), cupy.asarray(starts.astype(np.int32)),
+                   cupy.asarray(blocks), cupy.asarray(dec_seqs), S, int(cu_q[-1]), int(q_lens.max()), bound,
+                   int(capacity))
+
+    def load(self, other: "AttentionBatch") -> None:
+        """Copy other's device arrays into this batch's (for CUDA graph replay): same S, T, block count,
+        decode count and max_q; other's keys must fit this batch's max_kv."""
+        mine, theirs = self._shape(), other._shape()
+        if theirs != mine:
+            raise ValueError(f"load: the batches differ in (S, T, blocks, decode, max_q): {theirs} vs {mine}")
+        if other.max_kv > self.max_kv:
+            raise ValueError(f"load: {other.max_kv} keys exceed this batch's bound {self.max_kv}")
+        for name in ("cu_q", "seq_slot", "seq_start_pos", "blocks", "dec_seqs"):
+            getattr(self, name)[...] = getattr(other, name)
+
+    def _shape(self) -> tuple:
+        return (self.num_seqs, self.num_tokens, self.num_blocks, self.num_decode, self.max_q)
+
+    def workspace(self, n_floats: int):
+        """A float32 scratch buffer of at least n_floats kept with the batch (decode partials)."""
+        import cupy
+
+        if self._workspace is None or self._workspace.size < n_floats:
+            self._workspace = cupy.empty(n_floats, dtype=cupy.float32)
+        return self._workspace
+
+
+def decode_splits(max_kv: int, window: int) -> int:
+    """Splits (grid x) of the decode kernel: segments of SEG keys a query can touch."""
+    n = (max_kv + SEG - 1) // SEG
+    if window > 0:
+        n = min(n, (window - 1 + SEG - 1) // SEG + 1)
+    return max(n, 1)
+
+
+_kernels: dict = {}
+
+
+def _kernel(name: str, smem: int = 0):
+    """The attention family's kernel `name` on the current device, allowed `smem` bytes of dynamic
+    shared memory (set once: the attribute stays with the function)."""
+    import cupy
+
+    from ..kernels import kernel
+
+    key = (name, cupy.cuda.runtime.getDevice())
+    k = _kernels.get(key)
+    if k is None:
+        k = kernel("attention", name)
+        if smem > 48 * 1024:
+            k.max_dynamic_shared_size_bytes = smem
+        _kernels[key] = k
+    return k
+
+
+def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, out=None, path: str = "auto"):
+    """out [T, Hq*D] bf16: softmax(q k^T / sqrt(D) over the visible keys and the head's sink) v.
+
+    q [T, Hq, D] bf16 (after RoPE); caches [slots, L, Hkv, D] bf16, position p at index p % L; sinks
+    [Hq] f32; window 0 = full attention, else a query at p sees keys p - window + 1 .. p.
+    path: "auto" (fastest kernel for the shapes), or "simple" to force the portable kernel."""
+    import cupy
+
+    check(q, "q", cupy.uint16, ndim=3)
+    T, Hq, D = q.shape
+    check(k_cache, "k_cache", cupy.uint16, ndim=4)
+    n_slots, L, Hkv, Dk = k_cache.shape
+    check(v_cache, "v_cache", cupy.uint16, tuple(k_cache.shape))
+    check(sinks, "sinks", cupy.float32, (Hq,))
+    if Dk != D:
+        raise ValueError(f"q has head dim {D}, the caches {Dk}")
+    if D % 2 or D > 128:
+        raise ValueError(f"head dim {D} unsupported (even, at most 128)")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} q heads is not a multiple of {Hkv} kv heads")
+    if T != batch.num_tokens:
+        raise ValueError(f"q has {T} tokens, the batch {batch.num_tokens}")
+    window = int(window)
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if batch.max_kv > L and not (window > 0 and batch.max_q + window - 1 <= L):
+        raise ValueError(f"caches of {L} positions cannot hold the {batch.max_kv} keys of this batch"
+                         + (f" (a ring needs window + max queries - 1 = {window + batch.max_q - 1})"
+                            if window > 0 else ""))
+    if path not in ("auto", "simple"):
+        raise ValueError(f"path must be 'auto' or 'simple', got {path!r}")
+    out = out_or_new(out, "out", (T, Hq * D), cupy.uint16)
+    if T == 0:
+        return out
+    G = Hq // Hkv
+    scale_log2 = np.float32(math.log2(math.e) / math.sqrt(D))
+    fast = path == "auto" and D == 64 and G in FAST_GROUPS and not cupy.cuda.runtime.is_hip
+    if not fast:
+        _kernel("attn_simple")(
+            (T, Hq), (128,),
+            (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, out,
+             np.int32(batch.num_seqs), np.int32(Hq), np.int32(Hkv), np.int32(D), np.int32(L),
+             np.int32(window), scale_log2))
+        return out
+    SD = batch.num_decode
+    if SD:  # the one-query sequences: split over the keys, then combine
+        if SD > 65535:
+            raise ValueError(f"{SD} one-query sequences exceed the decode grid's limit of 65535")
+        nsplit = decode_splits(batch.max_kv, window)
+        rows = SD * nsplit * Hq
+        ws = batch.workspace(rows * 66)
+        part_acc, part_ml = ws[:rows * 64], ws[rows * 64:rows * 66]
+        _kernel(f"attn_decode_g{G}", _DECODE_SMEM)(
+            (nsplit, Hkv, SD), (32,),
+            (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
+             part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2),
+            shared_mem=_DECODE_SMEM)
+        _kernel("attn_decode_combine")(
+            ((SD * Hq * 32 + 255) // 256,), (256,),
+            (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
+             np.int32(Hq), np.int32(window), np.int32(nsplit)))
+    if batch.num_blocks:  # the longer sequences: flash-style prefill
+        smem = _prefill_smem(G)
+        _kernel(f"attn_prefill_g{G}", smem)(
+            (batch.num_blocks, Hkv), (32 * G,),
+            (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.blocks, out,
+             np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2),
+            shared_mem=smem)
+    return out

@@ -1,0 +1,27 @@
+"""Token embedding into the fp32 residual stream (gptoss/kernels/embed.hip).
+
+An id outside [0, V) reads nothing: its row of the output is NaN (so the error is loud downstream).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import kernel
+from ._check import check, out_or_new
+
+THREADS = 256  # EMBED_THREADS in embed.hip
+
+
+def embed(tokens, table, out=None):
+    """x [T, H] float32 = table[tokens] for tokens [T] int32 and a bf16 table [V, H] (uint16 bits)."""
+    import cupy
+
+    check(tokens, "tokens", cupy.int32, ndim=1)
+    check(table, "table", cupy.uint16, ndim=2)
+    (T,), (V, H) = tokens.shape, table.shape
+    out = out_or_new(out, "out", (T, H), cupy.float32)
+    if T == 0 or H == 0:
+        return out
+    vec8 = H % 8 == 0 and table.data.ptr % 16 == 0 and out.data.ptr % 16 == 0
+    kernel("embed", "embed_bf16")((T,), (THREADS,), (tokens, table, out, np.int32(H), np.int32(V), np.int32(vec8)))
+    return out

@@ -1,0 +1,154 @@
+"""Dense bf16 GEMM (gptoss/kernels/gemm.hip): out = x · wᵀ + bias with fp32 accumulation.
+
+Used for the attention projections (QKV and output, with bias), the router and the unembedding. x is
+[M, K] bf16, w the checkpoint's [N, K] ([out, in]) bf16, bias [N] bf16; out [M, N] bf16 or float32.
+
+Variants (tile shapes of one kernel body) and how one is picked from (M, N):
+- M <= 64 (decode): "d{BM}x{BN}": BM = 16/32/64 covers all rows in one row tile, BN is the widest of
+  64/32/16 that still gives at least one CTA per SM (N = 2880 -> 16, 5120 -> 32, 201088 -> 64), 8 for the
+  tiny N of the router; these stream W through a deep cp.async ring (memory bound).
+- M > 64: "256x128", "128x128", "64x128" or "64x64", by a small model of the time: waves of CTAs over the
+  SMs times the tile's area over its relative efficiency (_EFFICIENCY); big tiles win once they fill the GPU.
+Every variant accumulates an element in the same order (k16 steps in increasing k), so a row's result is
+bit-identical whatever M is and whichever variant runs (batch invariance; docs/DESIGN.md).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels import kernel
+from ._check import check, out_or_new
+
+
+@dataclass(frozen=True)
+class Variant:
+    bm: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+    stages: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory of the tensor-core path: the cp.async ring of x and w tiles."""
+        return self.stages * (self.bm + self.bn) * self.bk * 2
+
+
+# Must match the GEMM_KERNEL list at the bottom of gemm.hip (name -> BM, BN, BK, WM, WN, STAGES).
+VARIANTS = {
+    "256x128": Variant(256, 128, 64, 4, 2, 4),
+    "128x128": Variant(128, 128, 64, 2, 2, 3),
+    "64x128": Variant(64, 128, 64, 2, 2, 4),
+    "64x64": Variant(64, 64, 64, 2, 2, 4),
+    "d16x8": Variant(16, 8, 128, 1, 1, 12),
+    "d16x16": Variant(16, 16, 128, 1, 2, 12),
+    "d16x32": Variant(16, 32, 128, 1, 4, 8),
+    "d16x64": Variant(16, 64, 128, 1, 4, 4),
+    "d32x8": Variant(32, 8, 128, 2, 1, 9),
+    "d32x16": Variant(32, 16, 128, 2, 2, 8),
+    "d32x32": Variant(32, 32, 128, 1, 4, 6),
+    "d32x64": Variant(32, 64, 128, 1, 4, 4),
+    "d64x8": Variant(64, 8, 128, 4, 1, 5),
+    "d64x16": Variant(64, 16, 128, 2, 2, 4),
+    "d64x32": Variant(64, 32, 128, 2, 2, 4),
+    "d64x64": Variant(64, 64, 128, 2, 2, 3),
+}
+LARGE = ("256x128", "128x128", "64x128", "64x64")
+# Relative tensor-core efficiency per CTA-tile area (bigger warp tiles and CTA tiles reuse more of each
+# shared-memory and L2 byte). Estimates, to be tuned against benchmarks/kernel_gemm.py --sweep.
+_EFFICIENCY = {"256x128": 1.0, "128x128": 0.9, "64x128": 0.8, "64x64": 0.6}
+_OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pick_variant(M: int, N: int, sms: int = 132) -> str:
+    """The variant linear() runs for an [M, K] x [N, K]ᵀ product on a GPU of `sms` multiprocessors."""
+    if M <= 64:
+        bm = 16 if M <= 16 else 32 if M <= 32 else 64
+        if N <= 512:  # the router (E = 32 or 128): as many CTAs as we can get
+            bn = 8
+        else:
+            bn = next((c for c in (64, 32) if _cdiv(N, c) >= sms), 16)
+            # each column tile re-reads the M real rows of x from L2: keep that below ~2x W's bytes
+            bn = max(bn, min(64, bm // 2))
+        return f"d{bm}x{bn}"
+    best, best_t = LARGE[0], float("inf")
+    for name in LARGE:
+        v = VARIANTS[name]
+        waves = _cdiv(_cdiv(M, v.bm) * _cdiv(N, v.bn), sms)
+        t = waves * v.bm * v.bn / _EFFICIENCY[name]
+        if t < best_t:
+            best, best_t = name, t
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(name: str, device_id: int):
+    """(kernel, dynamic smem bytes) of a variant; raises the kernel's shared-memory limit once."""
+    import cupy
+
+    k = kernel("gemm", f"gemm_{name}")
+    if cupy.cuda.runtime.is_hip:
+        return k, 0  # the portable path uses static shared memory only
+    smem = VARIANTS[name].smem
+    if smem > 48 * 1024:
+        k.max_dynamic_shared_size_bytes = smem
+    return k, smem
+
+
+def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str | None = None):
+    """out [M, N] = x [M, K] · w [N, K]ᵀ (+ bias [N]); bf16 inputs (uint16 bits), fp32 accumulation,
+    one rounding at the end (out_dtype "bf16") or fp32 output ("f32"). K % 32 == 0; x and w 16-byte
+    aligned. `variant` forces a tile shape (a key of VARIANTS; for tests and benchmarks)."""
+    import cupy
+
+    check(x, "x", cupy.uint16, ndim=2)
+    check(w, "w", cupy.uint16, ndim=2)
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"w: expected shape ({N}, {K}) to match x {x.shape}, got {w.shape}")
+    if K == 0 or K % 32:
+        raise ValueError(f"K = {K}: must be a positive multiple of 32")
+    if bias is not None:
+        check(bias, "bias", cupy.uint16, (N,))
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype: expected one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    dtype = _OUT_DTYPES[out_dtype]
+    out = out_or_new(out, "out", (M, N), dtype)
+    for arr, name, align in ((x, "x", 16), (w, "w", 16), (out, "out", 2 * out.itemsize)):
+        if arr.data.ptr % align:
+            raise ValueError(f"{name}: must be {align}-byte aligned (got address {arr.data.ptr:#x})")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    if M == 0 or N == 0:
+        return out
+
+    dev = cupy.cuda.runtime.getDevice()
+    name = variant or pick_variant(M, N, _sm_count(dev))
+    v = VARIANTS[name]
+    k, smem = _launcher(name, dev)
+    grid = _cdiv(M, v.bm) * _cdiv(N, v.bn)
+    k((grid,), (v.threads,),
+      (x, w, bias if bias is not None else w, out, np.int32(M), np.int32(N), np.int32(K),
+       np.int32(bias is not None), np.int32(out_dtype == "f32")),
+      shared_mem=smem)
+    return out

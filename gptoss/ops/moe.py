@@ -1,0 +1,482 @@
+"""The mixture-of-experts block on the GPU: router (top-k + softmax), dispatch (tokens grouped by expert,
+on the device), the grouped expert GEMMs with MXFP4 (or bf16) weights, and the combine.
+
+Kernels: gptoss/kernels/routing.hip (router, dispatch, combine) and gptoss/kernels/moe.hip (expert
+GEMMs); design notes in docs/notes/moe.md. Nothing here synchronizes or copies to the host, and every
+grid size comes from host-known sizes (T, k, E, H, I), so a whole MoE block can be captured in a CUDA
+graph.
+
+Expert weights (`w1`, `w2`) may be given as
+  - an object with `.format` ("mxfp4" or "bf16") and `.blocks`/`.scales` or `.weight`
+    (gptoss.model.ExpertWeights),
+  - a tuple `(blocks, scales)`: MXFP4, blocks uint8 [E, R, C/32, 16], scales uint8 [E, R, C/32],
+  - a cupy uint16 array [E, R, C]: bf16 bit patterns,
+for a matrix of R rows (outputs) by C columns (inputs) per expert: w1 is [E, 2I, H], w2 is [E, H, I].
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..kernels import KERNEL_DIR, kernel
+from ._check import check, out_or_new
+
+ROUTER_SPLITS = 4       # routing.hip: H is summed in 4 fixed slices (batch invariance needs a fixed order)
+ROUTER_TT = 32          # tokens per router CTA
+ROUTER_TE = 32          # experts per router CTA
+TOPK_MAX = 8            # routing.hip TOPK_MAX
+DISPATCH_THREADS = 1024
+MAX_EXPERTS = 256       # routing.hip DISPATCH_MAX_E
+TOPK_THREADS = 256
+COMBINE_THREADS = 256
+TILE_BMS = (16, 64)     # tile heights the dispatch schedules (the two GEMM variants below)
+
+
+# ---- the GEMM variants, read from the MOE_KERNEL lines of moe.hip (one source of truth) ------------
+
+@dataclass(frozen=True)
+class Variant:
+    name: str       # kernel name
+    nt: int         # token n8 tiles: BM = 8 * nt
+    mw: int         # weight m16 tiles per warp: a warp owns 16 * mw columns
+    warps_n: int    # BN = 16 * mw * warps_n, threads = 32 * warps_n
+    ksub: int       # BK = 32 * ksub
+    stages: int
+    fp4: bool
+    mlp1: bool
+
+    @property
+    def bm(self) -> int:
+        return 8 * self.nt
+
+    @property
+    def bn(self) -> int:
+        return 16 * self.mw * self.warps_n
+
+    @property
+    def bk(self) -> int:
+        return 32 * self.ksub
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_n
+
+    def shared_bytes(self, K: int) -> int:
+        """Dynamic shared memory for inner dimension K: pipeline stages (+ the tile's scale rows)."""
+        a = self.bm * self.bk * 2
+        b = self.bn * self.bk // 2 if self.fp4 else self.bn * self.bk * 2
+        smem = self.stages * (a + b)
+        if self.fp4:  # BN rows of K/32 scale bytes, copied in aligned 16-byte pieces (+ misalignment)
+            smem += (self.bn * (K // 32) + 32 + 15) // 16 * 16
+        # the mlp1 epilogue stages BM x BN/2 bf16 in the pipeline buffers
+        return max(smem, self.bm * self.bn)
+
+
+def _parse_variants() -> dict[str, Variant]:
+    src = (KERNEL_DIR / "moe.hip").read_text()
+    num = r"\s*(\d+),"
+    pat = re.compile(r"^MOE_KERNEL\((\w+)," + num * 5 + r"\s*(true|false),\s*(true|false),\s*\d+\)", re.M)
+    out = {}
+    for m in pat.finditer(src):
+        name, nt, mw, wn, ks, st, fp4, mlp1 = m.groups()
+        out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
+    if not out:
+        raise RuntimeError("no MOE_KERNEL variants found in moe.hip")
+    return out
+
+
+VARIANTS = _parse_variants()
+
+
+def variant_for(stage: str, fmt: str, bm: int) -> Variant:
+    """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm."""
+    return VARIANTS[f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"]
+
+
+def pick_bm(num_slots: int, num_experts: int) -> int:
+    """Tile height: 16 (decode: stream the weights of the experts in use) when the average expert gets
+    at most 16 rows, else 64 (getp). Both give bit-identical results."""
+    return 16 if num_slots <= 16 * num_experts else 64
+
+
+# ---- host-side index math (also what the tests check the device against) -------------------------
+
+def tile_bound(num_slots: int, num_experts: int, bm: int) -> int:
+    """Launch bound on the number of bm-row tiles: sum_e ceil(M_e / bm) <= ceil(S / bm) + min(E, S),
+    since each expert with rows wastes less than one tile and at most min(E, S) experts have rows."""
+    return -(-num_slots // bm) + min(num_experts, num_slots)
+
+
+def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
+    """The [ntiles, 2] int32 table moe_dispatch writes: (expert, first sorted row) per tile, experts in
+    order, then (-1, 0) for the unused tail. Host version, for tests and documentation."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    table = np.zeros((ntiles, 2), dtype=np.int32)
+    table[:, 0] = -1
+    i = 0
+    for e in range(len(offsets) - 1):
+        for r in range(int(offsets[e]), int(offsets[e + 1]), bm):
+            table[i] = (e, r)
+            i += 1
+    assert i <= ntiles, "tile bound violated"
+    return table
+
+
+# ---- kernels ---------------------------------------------------------------------------------------
+
+_gemm_kernels: dict[tuple, list] = {}  # (device, name) -> [kernel, dynamic shared memory allowed]
+_dummies: dict[tuple, object] = {}
+
+
+def _dummy(dtype):
+    """A small device array standing for an argument a kernel variant does not read."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), np.dtype(dtype).str)
+    if key not in _dummies:
+        _dummies[key] = cupy.zeros(16, dtype=dtype)
+    return _dummies[key]
+
+
+def _is_hip() -> bool:
+    import cupy
+
+    return bool(getattr(cupy.cuda.runtime, "is_hip", False))
+
+
+def _gemm_kernel(v: Variant, smem: int):
+    """The compiled GEMM variant, allowed `smem` bytes of dynamic shared memory (a function attribute,
+    set once per process and device)."""
+    import cupy
+
+    if _is_hip():
+        return kernel("moe", v.name), 0  # the portable path uses no dynamic shared memory
+    key = (cupy.cuda.runtime.getDevice(), v.name)
+    entry = _gemm_kernels.get(key)
+    if entry is None:
+        entry = _gemm_kernels[key] = [kernel("moe", v.name), 48 * 1024]
+    if smem > entry[1]:
+        entry[0].max_dynamic_shared_size_bytes = smem
+        entry[1] = smem
+    return entry[0], smem
+
+
+def _aligned16(arr, name: str):
+    if arr.data.ptr % 16:
+        raise ValueError(f"{name}: base address must be 16-byte aligned")
+
+
+@dataclass
+class ExpertMatrix:
+    """Normalised view of one layer's expert matrix [E, R, C]."""
+    format: str
+    E: int
+    R: int
+    C: int
+    blocks: object = None
+    scales: object = None
+    weight: object = None
+
+
+def expert_matrix(w, name: str) -> ExpertMatrix:
+    import cupy
+
+    fmt = getattr(w, "format", None)
+    if fmt is not None:
+        if fmt == "mxfp4":
+            w = (w.blocks, w.scales)
+        elif fmt == "bf16":
+            w = w.weight
+        else:
+            raise ValueError(f"{name}: unknown expert format {fmt!r}")
+    if isinstance(w, tuple):
+        if len(w) != 2:
+            raise ValueError(f"{name}: MXFP4 weights are a (blocks, scales) pair")
+        blocks, scales = w
+        check(blocks, f"{name}.blocks", cupy.uint8, ndim=4)
+        E, R, KB, sixteen = blocks.shape
+        if sixteen != 16:
+            raise ValueError(f"{name}.blocks: last dimension must be 16, got {blocks.shape}")
+        check(scales, f"{name}.scales", cupy.uint8, (E, R, KB))
+        _aligned16(blocks, f"{name}.blocks")
+        _aligned16(scales, f"{name}.scales")
+        return ExpertMatrix("mxfp4", E, R, KB * 32, blocks=blocks, scales=scales)
+    if isinstance(w, cupy.ndarray):
+        check(w, name, cupy.uint16, ndim=3)
+        _aligned16(w, name)
+        E, R, C = w.shape
+        if C % 32:
+            raise ValueError(f"{name}: inner dimension {C} must be a multiple of 32")
+        return ExpertMatrix("bf16", E, R, C, weight=w)
+    raise TypeError(f"{name}: expected ExpertWeights, a (blocks, scales) tuple or a bf16 cupy array, "
+                    f"got {type(w).__name__}")
+
+
+# ---- route -------------------------------------------------------------------------------------------
+
+def route(t, router_w, router_b, k: int, out=None, scratch=None):
+    """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16, router_w [E, H] bf16,
+    router_b [E] bf16: logits in fp32 (summed in a fixed order), top k by decreasing logit (ties to the
+    lower expert index), softmax over the k. `out` = (experts, weights) to fill; `scratch` float32
+    [ROUTER_SPLITS * T * E] for the partial sums (allocated when None)."""
+    import cupy
+
+    check(t, "t", cupy.uint16, ndim=2)
+    T, H = t.shape
+    check(router_w, "router_w", cupy.uint16, ndim=2)
+    E = router_w.shape[0]
+    check(router_w, "router_w", cupy.uint16, (E, H))
+    check(router_b, "router_b", cupy.uint16, (E,))
+    if H % 32:
+        raise ValueError(f"hidden size {H} must be a multiple of 32")
+    if not 1 <= k <= min(TOPK_MAX, E):
+        raise ValueError(f"k = {k} must be in 1..min({TOPK_MAX}, E = {E})")
+    if E > MAX_EXPERTS:
+        raise ValueError(f"at most {MAX_EXPERTS} experts are supported, got {E}")
+    for a, n in ((t, "t"), (router_w, "router_w")):
+        if a.data.ptr % 8:
+            raise ValueError(f"{n}: base address must be 8-byte aligned")
+    experts, weights = (None, None) if out is None else out
+    experts = out_or_new(experts, "experts", (T, k), cupy.int32)
+    weights = out_or_new(weights, "weights", (T, k), cupy.float32)
+    if T == 0:
+        return experts, weights
+    if scratch is None:
+        scratch = cupy.empty(ROUTER_SPLITS * T * E, dtype=cupy.float32)
+    elif scratch.dtype != cupy.float32 or scratch.size < ROUTER_SPLITS * T * E or not scratch.flags.c_contiguous:
+        raise ValueError(f"scratch: need a contiguous float32 array of at least {ROUTER_SPLITS * T * E}")
+    grid = (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
+    kernel("routing", "router_logits")(grid, (256,), (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
+    warp = 64 if _is_hip() else 32
+    per_block = TOPK_THREADS // warp
+    kernel("routing", "router_topk")((-(-T // per_block),), (TOPK_THREADS,),
+                                     (scratch, router_b, experts, weights, np.int32(T), np.int32(E), np.int32(k)))
+    return experts, weights
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------
+
+@dataclass
+class Dispatch:
+    """The slots s = t*k + j grouped by expert (device arrays; the ints are host-known sizes).
+
+    offsets [E + 1] int32: expert e's rows are offsets[e] .. offsets[e + 1] - 1 of the sorted order;
+    sorted_slots [T*k] int32: the slot of each sorted row, increasing inside an expert;
+    tiles {bm: [tile_bound(T*k, E, bm), 2] int32}: (expert, first row) of each bm-row tile, (-1, 0) past
+    the last one (the expert GEMMs launch the bound and let the extra CTAs exit).
+    """
+    offsets: object
+    sorted_slots: object
+    tiles: dict = field(default_factory=dict)
+    num_tokens: int = 0
+    top_k: int = 0
+    num_experts: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_tokens * self.top_k
+
+
+def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch:
+    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA)."""
+    import cupy
+
+    check(experts, "experts", cupy.int32, ndim=2)
+    T, k = experts.shape
+    E = int(num_experts)
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"num_experts = {E} must be in 1..{MAX_EXPERTS}")
+    S = T * k
+    bounds = {bm: tile_bound(S, E, bm) for bm in TILE_BMS}
+    if out is None:
+        out = Dispatch(cupy.empty(E + 1, dtype=cupy.int32), cupy.empty(S, dtype=cupy.int32),
+                       {bm: cupy.empty((n, 2), dtype=cupy.int32) for bm, n in bounds.items()})
+    else:
+        check(out.offsets, "out.offsets", cupy.int32, (E + 1,))
+        check(out.sorted_slots, "out.sorted_slots", cupy.int32, (S,))
+        for bm, n in bounds.items():
+            check(out.tiles.get(bm), f"out.tiles[{bm}]", cupy.int32, (n, 2))
+    out.num_tokens, out.top_k, out.num_experts = T, k, E
+    a, b = TILE_BMS
+    kernel("routing", "moe_dispatch")((1,), (DISPATCH_THREADS,), (
+        experts, np.int32(S), np.int32(E), out.offsets, out.sorted_slots,
+        np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b])))
+    return out
+
+
+# ---- expert GEMMs ------------------------------------------------------------------------------------
+
+def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, bm):
+    import cupy
+
+    S, E = d.num_slots, d.num_experts
+    bm = pick_bm(S, E) if bm is None else bm
+    if bm not in TILE_BMS:
+        raise ValueError(f"tile height {bm} is not one of {TILE_BMS}")
+    v = variant_for(stage, w.format, bm)
+    N, K = w.R, w.C
+    smem = v.shared_bytes(K)
+    kern, smem = _gemm_kernel(v, smem)
+    ntiles = d.tiles[bm].shape[0]
+    if ntiles > 65535:
+        raise ValueError(f"{S} slots need {ntiles} row tiles, more than a grid dimension holds")
+    grid = (-(-N // v.bn), ntiles)
+    wq = w.blocks if w.format == "mxfp4" else _dummy(cupy.uint8)
+    ws = w.scales if w.format == "mxfp4" else _dummy(cupy.uint8)
+    wb = w.weight if w.format == "bf16" else _dummy(cupy.uint16)
+    rwv = rw if rw is not None else _dummy(cupy.float32)
+    yv = y if y is not None else _dummy(cupy.uint16)
+    ov = outf if outf is not None else _dummy(cupy.float32)
+    kern(grid, (v.threads,), (
+        a, wq, ws, wb, bias, d.offsets, d.sorted_slots, d.tiles[bm], rwv, yv, ov,
+        np.int32(N), np.int32(K), np.int32(d.top_k), np.int32(S), np.int32(E),
+        np.int64(ws.nbytes), np.float32(limit), np.float32(alpha)), shared_mem=smem)
+
+
+def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None):
+    """y [T*k, I] bf16: row r = swiglu(t[token of sorted_slots[r]] . W1_e^T + b1_e), e = the expert of
+    row r; interleaved gate/linear columns, clamped SwiGLU, rounded to bf16. bm forces a tile height
+    (16 or 64; default by rows per expert): results are bit-identical either way."""
+    import cupy
+
+    d = dispatch
+    check(t, "t", cupy.uint16, (d.num_tokens, None))
+    H = t.shape[1]
+    w = expert_matrix(w1, "w1")
+    if w.E != d.num_experts or w.C != H or w.R % 2:
+        raise ValueError(f"w1 [{w.E}, {w.R}, {w.C}] does not match E = {d.num_experts}, H = {H} (2I rows)")
+    check(b1, "b1", cupy.uint16, (w.E, w.R))
+    _aligned16(t, "t")
+    if b1.data.ptr % 4:
+        raise ValueError("b1: base address must be 4-byte aligned")
+    I = w.R // 2
+    out = out_or_new(out, "out", (d.num_slots, I), cupy.uint16)
+    _aligned16(out, "out")
+    if d.num_slots == 0:
+        return out
+    _launch_gemm("mlp1", t, d, w, b1, None, out, None, limit, alpha, bm)
+    return out
+
+
+def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None = None):
+    """out [T*k, H] float32: row slot = (y[r] . W2_e^T + b2_e) * weights[slot] for the sorted row r
+    holding that slot; y [T*k, I] bf16 in sorted order (expert_mlp1's output)."""
+    import cupy
+
+    d = dispatch
+    check(y, "y", cupy.uint16, (d.num_slots, None))
+    I = y.shape[1]
+    w = expert_matrix(w2, "w2")
+    if w.E != d.num_experts or w.C != I:
+        raise ValueError(f"w2 [{w.E}, {w.R}, {w.C}] does not match E = {d.num_experts}, I = {I}")
+    H = w.R
+    check(b2, "b2", cupy.uint16, (w.E, H))
+    if b2.data.ptr % 4:
+        raise ValueError("b2: base address must be 4-byte aligned")
+    check(weights, "weights", cupy.float32, (d.num_tokens, d.top_k))
+    _aligned16(y, "y")
+    out = out_or_new(out, "out", (d.num_slots, H), cupy.float32)
+    if out.data.ptr % 8:
+        raise ValueError("out: base address must be 8-byte aligned")
+    if d.num_slots == 0:
+        return out
+    _launch_gemm("mlp2", y, d, w, b2, weights, None, out, 0.0, 0.0, bm)
+    return out
+
+
+# ---- combine -----------------------------------------------------------------------------------------
+
+def combine_add(x, expert_out):
+    """x [T, H] float32 += sum over j (in increasing j) of expert_out [T*k, H] rows t*k + j; in place."""
+    import cupy
+
+    check(x, "x", cupy.float32, ndim=2)
+    T, H = x.shape
+    check(expert_out, "expert_out", cupy.float32, ndim=2)
+    if T == 0:
+        return x
+    if expert_out.shape[1] != H or expert_out.shape[0] % T:
+        raise ValueError(f"expert_out {expert_out.shape} does not match x {x.shape} (rows must be T*k)")
+    k = expert_out.shape[0] // T
+    if H % 4 or x.data.ptr % 16 or expert_out.data.ptr % 16:
+        raise ValueError("combine_add needs H % 4 == 0 and 16-byte aligned arrays")
+    n4 = T * H // 4
+    blocks = min(-(-n4 // COMBINE_THREADS), 65535)
+    kernel("routing", "moe_combine_add")((blocks,), (COMBINE_THREADS,),
+                                         (x, expert_out, np.int32(T), np.int32(H), np.int32(k)))
+    return x
+
+
+# ---- the whole block ---------------------------------------------------------------------------------
+
+class MoEWorkspace:
+    """Preallocated buffers for moe() up to max_tokens tokens (for CUDA graph capture, or to skip the
+    allocations): the same object can serve every layer of a model."""
+
+    def __init__(self, max_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int):
+        import cupy
+
+        T, E, k = max_tokens, num_experts, top_k
+        S = T * k
+        self.max_tokens, self.num_experts, self.top_k = T, E, k
+        self.experts = cupy.empty(S, dtype=cupy.int32)
+        self.weights = cupy.empty(S, dtype=cupy.float32)
+        self.scratch = cupy.empty(ROUTER_SPLITS * T * E, dtype=cupy.float32)
+        self.offsets = cupy.empty(E + 1, dtype=cupy.int32)
+        self.sorted_slots = cupy.empty(S, dtype=cupy.int32)
+        self.tiles = {bm: cupy.empty(2 * tile_bound(S, E, bm), dtype=cupy.int32) for bm in TILE_BMS}
+        self.y = cupy.empty(S * intermediate, dtype=cupy.uint16)
+        self.out = cupy.empty(S * hidden, dtype=cupy.float32)
+
+    def views(self, T: int, H: int, I: int):
+        if T > self.max_tokens:
+            raise ValueError(f"{T} tokens exceed the workspace's {self.max_tokens}")
+        k, E = self.top_k, self.num_experts
+        S = T * k
+        d = Dispatch(self.offsets, self.sorted_slots[:S],
+                     {bm: a[: 2 * tile_bound(S, E, bm)].reshape(-1, 2) for bm, a in self.tiles.items()})
+        return ((self.experts[:S].reshape(T, k), self.weights[:S].reshape(T, k)), self.scratch, d,
+                self.y[: S * I].reshape(S, I), self.out[: S * H].reshape(S, H))
+
+
+def _layer_attr(layer, *names):
+    for n in names:
+        if hasattr(layer, n):
+            return getattr(layer, n)
+        if isinstance(layer, dict) and n in layer:
+            return layer[n]
+    raise AttributeError(f"layer has none of {names}")
+
+
+def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = None, alpha: float | None = None,
+        workspace: MoEWorkspace | None = None, bm: int | None = None):
+    """x [T, H] float32 += sum_j weight_j * expert_j(t), t [T, H] bf16 (the normed input).
+
+    `layer` has router_w (or gate_w) [E, H], router_b (or gate_b) [E], w1 [E, 2I, H] and w2 [E, H, I]
+    (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
+    GPU (attributes or dict keys; gptoss.model.LayerWeights works as is). k, limit and alpha come from
+    cfg (a ModelConfig) unless given. Returns x.
+    """
+    router_w = _layer_attr(layer, "router_w", "gate_w")
+    router_b = _layer_attr(layer, "router_b", "gate_b")
+    w1, w2 = _layer_attr(layer, "w1"), _layer_attr(layer, "w2")
+    b1, b2 = _layer_attr(layer, "b1"), _layer_attr(layer, "b2")
+    k = k if k is not None else cfg.experts_per_token
+    limit = limit if limit is not None else (cfg.swiglu_limit if cfg is not None else 7.0)
+    alpha = alpha if alpha is not None else (cfg.swiglu_alpha if cfg is not None else 1.702)
+    T, H = t.shape
+    E = router_w.shape[0]
+    I = expert_matrix(w2, "w2").C
+    if workspace is not None:
+        (ex, wt), scratch, d, y, out = workspace.views(T, H, I)
+        experts, weights = route(t, router_w, router_b, k, out=(ex, wt), scratch=scratch)
+        d = dispatch(experts, E, out=d)
+    else:
+        experts, weights = route(t, router_w, router_b, k)
+        d = dispatch(experts, E)
+        y = out = None
+    y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm)
+    out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm)
+    return combine_add(x, out)

@@ -1,0 +1,63 @@
+"""RMSNorm of the fp32 residual stream into bf16, alone or fused with the residual add before it
+(gptoss/kernels/norm.hip). fp32 math: t = bf16(x / sqrt(mean(x^2) + eps) * scale)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import kernel
+from ._check import check, out_or_new
+
+THREADS = 256  # NORM_THREADS in norm.hip
+_NAMES = {np.dtype(np.uint16): "bf16", np.dtype(np.float32): "f32"}
+
+
+def _dtype_name(arr, name: str, shape: tuple) -> str:
+    """'bf16' or 'f32' for a bf16 (uint16 bits) or float32 array of the given shape."""
+    import cupy
+
+    if not isinstance(arr, cupy.ndarray) or arr.dtype not in _NAMES:
+        got = arr.dtype if isinstance(arr, cupy.ndarray) else type(arr).__name__
+        raise TypeError(f"{name}: expected a cupy bf16 (uint16) or float32 array, got {got}")
+    check(arr, name, arr.dtype, shape)
+    return _NAMES[arr.dtype]
+
+
+def _aligned(arr, nbytes: int) -> bool:
+    return arr.data.ptr % nbytes == 0
+
+
+def _vec4(H: int, x, out, *others) -> bool:
+    """4-wide loads apply: H % 4 == 0 and each array aligned to 4 of its elements."""
+    return H % 4 == 0 and _aligned(x, 16) and _aligned(out, 8) and all(_aligned(a, 4 * a.itemsize) for a in others)
+
+
+def rmsnorm(x, scale, eps: float, out=None):
+    """t [T, H] bf16 = rmsnorm(x [T, H] float32) * scale [H] (bf16 or float32)."""
+    import cupy
+
+    check(x, "x", cupy.float32, ndim=2)
+    T, H = x.shape
+    sname = _dtype_name(scale, "scale", (H,))
+    out = out_or_new(out, "out", (T, H), cupy.uint16)
+    if T == 0 or H == 0:
+        return out
+    vec = _vec4(H, x, out, scale)
+    kernel("norm", f"rmsnorm_{sname}")((T,), (THREADS,), (x, scale, out, np.int32(H), np.float32(eps), np.int32(vec)))
+    return out
+
+
+def add_rmsnorm(x, delta, scale, eps: float, out=None):
+    """x += delta (in place; delta [T, H] bf16 or float32), then t [T, H] bf16 = rmsnorm(x) * scale."""
+    import cupy
+
+    check(x, "x", cupy.float32, ndim=2)
+    T, H = x.shape
+    dname = _dtype_name(delta, "delta", (T, H))
+    sname = _dtype_name(scale, "scale", (H,))
+    out = out_or_new(out, "out", (T, H), cupy.uint16)
+    if T == 0 or H == 0:
+        return out
+    vec = _vec4(H, x, out, delta, scale)
+    kernel("norm", f"add_rmsnorm_{dname}_{sname}")(
+        (T,), (THREADS,), (x, delta, scale, out, np.int32(H), np.float32(eps), np.int32(vec)))
+    return out

@@ -1,0 +1,454 @@
+"""The MoE block on the GPU (gptoss/ops/moe.py; kernels routing.hip and moe.hip) against gptoss.reference.
+
+Fresh random inputs, poisoned outputs: route, dispatch (exact), mlp1 / mlp2 / combine / the whole block
+for T in {1, 2, 5, 64, 333, 2048}, E in {4, 32, 128}, both weight formats, odd sizes; batch invariance
+(bitwise, across batch sizes, positions and tile heights); the MXFP4 large-scale path; workspace and
+CUDA-graph capture; argument errors. The NumPy model of the kernels' index math is tests/test_moe_cpu.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gptoss.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.mxfp4 import dequantize
+from gptoss.ops import moe as M
+
+LIMIT, ALPHA = 7.0, 1.702
+
+gpu = pytest.mark.gpu
+TS = [1, 2, 5, 64, 333, 2048]
+
+
+def rel_err(got, ref) -> float:
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(got, dtype=np.float64) - ref) / np.linalg.norm(ref))
+
+
+def bf16(rng, shape, scale=1.0):
+    return to_bf16_bits((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+class Experts:
+    """Random expert weights of one layer in either format, host and device, dequantized per expert on
+    demand (a 2880-wide expert is 66 MB in float32)."""
+
+    def __init__(self, rng, fmt, E, R, C, scale_lo=118, scale_hi=125):
+        import cupy
+
+        self.fmt, self.E, self.R, self.C = fmt, E, R, C
+        if fmt == "mxfp4":  # every code, scales as in real checkpoints (|w| <= 6 * 2^-2)
+            self.blocks = rng.integers(0, 256, (E, R, C // 32, 16), dtype=np.uint8)
+            self.scales = rng.integers(scale_lo, scale_hi + 1, (E, R, C // 32), dtype=np.uint8)
+            self.dev = (cupy.asarray(self.blocks), cupy.asarray(self.scales))
+        else:  # random bf16 bit patterns: random sign and mantissa, exponent 119..122: |w| in [2^-8, 2^-4)
+            r = rng.integers(0, 1 << 16, (E, R, C), dtype=np.uint16)
+            expo = ((r >> np.uint16(7)) & np.uint16(3)) + np.uint16(119)
+            self.weight = (r & np.uint16(0x807F)) | (expo << np.uint16(7))
+            self.dev = cupy.asarray(self.weight)
+        self._cache = {}
+
+    def __getitem__(self, e) -> np.ndarray:  # [R, C] float32, as gptoss.reference.MoEWeights wants
+        e = int(e)
+        if e not in self._cache:
+            self._cache[e] = (dequantize(self.blocks[e], self.scales[e]) if self.fmt == "mxfp4"
+                              else from_bf16_bits(self.weight[e]))
+        return self._cache[e]
+
+
+_BIG_EXPERTS: dict = {}
+
+
+def experts_for(rng, fmt, E, R, C) -> Experts:
+    """Fresh random experts, except 20b-sized ones (>= 2^26 weights), which are made once per module
+    and shared by the tests of that shape (host generation and dequantization dominate otherwise)."""
+    if E * R * C < 1 << 26:
+        return Experts(rng, fmt, E, R, C)
+    key = (fmt, E, R, C)
+    if key not in _BIG_EXPERTS:
+        if len(_BIG_EXPERTS) >= 4:
+            _BIG_EXPERTS.pop(next(iter(_BIG_EXPERTS)))
+        _BIG_EXPERTS[key] = Experts(np.random.default_rng(R * 7 + C + E), fmt, E, R, C)
+    return _BIG_EXPERTS[key]
+
+
+def distinct_experts(rng, T, E, k=4, used=None):
+    """[T, k] int32, k distinct experts per token drawn from the first `used` of a permutation."""
+    pool = rng.permutation(E)[: used or E]
+    return np.stack([rng.choice(pool, size=k, replace=False) for _ in range(T)]).astype(np.int32)
+
+
+def dispatch_dev(experts, E):
+    import cupy
+
+    return M.dispatch(cupy.asarray(experts), E)
+
+
+def separated_router(rng, T, E, H, k=4, gap=2e-3):
+    """t [T, H], router_w [E, H], router_b [E] (bf16 bits) whose top k+1 logits per token are at least
+    `gap` apart (rows are redrawn until they are), and the float64 logits."""
+    w = bf16(rng, (E, H), 1.0 / np.sqrt(H))
+    b = bf16(rng, (E,), 0.5)
+    t = bf16(rng, (T, H))
+    wf, bf = from_bf16_bits(w).astype(np.float64), from_bf16_bits(b).astype(np.float64)
+    kk = min(k + 1, E)
+    for _ in range(200):
+        logits = from_bf16_bits(t).astype(np.float64) @ wf.T + bf
+        top = -np.sort(-logits, axis=1)[:, :kk]
+        bad = np.nonzero((np.diff(-top, axis=1) < gap).any(axis=1))[0]
+        if not len(bad):
+            return t, w, b, logits
+        t[bad] = bf16(rng, (len(bad), H))
+    raise AssertionError("could not separate the router logits")
+
+
+@gpu
+@pytest.mark.parametrize("E", [4, 32, 128])
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("H", [96, 2880])
+def test_route(T, E, H):
+    import cupy
+    from gptoss.reference import router_topk
+
+    rng = np.random.default_rng(T * 1009 + E * 7 + H)
+    t, w, b, logits = separated_router(rng, T, E, H)
+    k = 4
+    ex = cupy.full((T, k), -1, dtype=cupy.int32)
+    wt = cupy.full((T, k), np.nan, dtype=cupy.float32)
+    got_e, got_w = M.route(cupy.asarray(t), cupy.asarray(w), cupy.asarray(b), k, out=(ex, wt))
+    assert got_e is ex and got_w is wt
+    ref_e, ref_w = router_topk(logits.astype(np.float32), k)
+    np.testing.assert_array_equal(cupy.asnumpy(got_e), ref_e)
+    assert rel_err(cupy.asnumpy(got_w), ref_w) <= 1e-4
+    np.testing.assert_allclose(cupy.asnumpy(got_w).sum(axis=1), 1.0, rtol=1e-5)
+
+
+@gpu
+def test_route_ties_lower_index_first():
+    """Equal logits (identical router rows and biases): the lower expert index wins."""
+    import cupy
+
+    rng = np.random.default_rng(5)
+    E, H, T = 32, 64, 7
+    row = bf16(rng, (1, H))
+    w = np.repeat(row, E, axis=0)
+    b = np.zeros(E, dtype=np.uint16)
+    b[[3, 9, 17]] = to_bf16_bits(np.float32(1.0))  # three winners tie, then all the rest tie
+    t = bf16(rng, (T, H))
+    ex, wt = M.route(cupy.asarray(t), cupy.asarray(w), cupy.asarray(b), 4)
+    np.testing.assert_array_equal(cupy.asnumpy(ex), np.tile([3, 9, 17, 0], (T, 1)))
+    assert np.isfinite(cupy.asnumpy(wt)).all()
+
+
+@gpu
+@pytest.mark.parametrize("E, used", [(4, 3), (32, 32), (32, 7), (128, 100)])
+@pytest.mark.parametrize("T", TS + [4096])
+def test_dispatch(T, E, used):
+    import cupy
+
+    rng = np.random.default_rng(T * 13 + E + used)
+    experts = distinct_experts(rng, T, E, k=min(4, used), used=used)
+    k = experts.shape[1]
+    S = T * k
+    bounds = {bm: M.tile_bound(S, E, bm) for bm in M.TILE_BMS}
+    out = M.Dispatch(cupy.full(E + 1, -7, dtype=cupy.int32), cupy.full(S, -7, dtype=cupy.int32),
+                     {bm: cupy.full((n, 2), -7, dtype=cupy.int32) for bm, n in bounds.items()})
+    d = M.dispatch(cupy.asarray(experts), E, out=out)
+    assert d is out and d.num_slots == S
+    flat = experts.reshape(-1)
+    offsets = np.searchsorted(np.sort(flat), np.arange(E + 1))
+    np.testing.assert_array_equal(cupy.asnumpy(d.offsets), offsets)
+    np.testing.assert_array_equal(cupy.asnumpy(d.sorted_slots), np.argsort(flat, kind="stable"))
+    for bm, n in bounds.items():
+        np.testing.assert_array_equal(cupy.asnumpy(d.tiles[bm]), M.tile_schedule(offsets, bm, n))
+
+
+def _mlp1_ref(t, experts_arr, W1: Experts, b1, sorted_slots, k):
+    flat = experts_arr.reshape(-1)
+    tf = from_bf16_bits(t)
+    b1f = from_bf16_bits(b1)
+    I = W1.R // 2
+    y = np.zeros((len(sorted_slots), I), dtype=np.float32)
+    slots = np.asarray(sorted_slots)
+    for e in np.unique(flat):
+        rows = np.nonzero(flat[slots] == e)[0]
+        h = tf[slots[rows] // k] @ W1[e].T + b1f[e]
+        from gptoss.reference import swiglu
+        y[rows] = swiglu(h, LIMIT, ALPHA)
+    return y
+
+
+SHAPES = [(64, 96), (96, 64), (2880, 2880)]
+
+
+def _cases():
+    for H, I in SHAPES:
+        for E in (4, 32, 128):
+            for T in TS:
+                if H == 2880 and (E == 128 or T in (2, 64)):
+                    continue  # keep the host reference affordable; 2880 x E=32 covers the real shape
+                yield H, I, E, T
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
+@pytest.mark.parametrize("H, I, E, T", list(_cases()))
+def test_mlp1(H, I, E, T, fmt):
+    import cupy
+
+    rng = np.random.default_rng(H + I * 3 + E * 5 + T * 7 + (fmt == "bf16"))
+    k = 4
+    W1 = experts_for(rng, fmt, E, 2 * I, H)
+    b1 = bf16(rng, (E, 2 * I), 0.5)
+    t = bf16(rng, (T, H))
+    experts = distinct_experts(rng, T, E, k)
+    d = dispatch_dev(experts, E)
+    slots = cupy.asnumpy(d.sorted_slots)
+    ref = _mlp1_ref(t, experts, W1, b1, slots, k)
+    results = []
+    for bm in (None,) + M.TILE_BMS:
+        out = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
+        got = M.expert_mlp1(cupy.asarray(t), d, W1.dev, cupy.asarray(b1), LIMIT, ALPHA, out=out, bm=bm)
+        assert got is out
+        y = cupy.asnumpy(got)
+        assert rel_err(from_bf16_bits(y), ref) <= 1e-2, bm
+        results.append(y)
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])  # both tile heights: identical bits
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
+@pytest.mark.parametrize("H, I, E, T", list(_cases()))
+def test_mlp2(H, I, E, T, fmt):
+    import cupy
+
+    rng = np.random.default_rng(H * 3 + I + E * 11 + T * 5 + (fmt == "bf16"))
+    k = 4
+    W2 = experts_for(rng, fmt, E, H, I)
+    b2 = bf16(rng, (E, H), 0.5)
+    experts = distinct_experts(rng, T, E, k)
+    weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32)
+    d = dispatch_dev(experts, E)
+    slots = cupy.asnumpy(d.sorted_slots)
+    y = bf16(rng, (T * k, I))
+    flat = experts.reshape(-1)
+    ref = np.zeros((T * k, H), dtype=np.float32)
+    yf, b2f = from_bf16_bits(y), from_bf16_bits(b2)
+    for e in np.unique(flat):
+        rows = np.nonzero(flat[slots] == e)[0]
+        ref[slots[rows]] = (yf[rows] @ W2[e].T + b2f[e]) * weights.reshape(-1)[slots[rows], None]
+    results = []
+    for bm in (None,) + M.TILE_BMS:
+        out = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
+        got = M.expert_mlp2(cupy.asarray(y), d, W2.dev, cupy.asarray(b2), cupy.asarray(weights), out=out, bm=bm)
+        assert got is out
+        o = cupy.asnumpy(got)
+        assert rel_err(o, ref) <= 1e-2, bm
+        results.append(o)
+    for o in results[1:]:
+        np.testing.assert_array_equal(o, results[0])
+
+
+@gpu
+@pytest.mark.parametrize("T, H, k", [(1, 64, 4), (5, 96, 4), (333, 2880, 4), (2048, 64, 2)])
+def test_combine_add(T, H, k):
+    import cupy
+
+    rng = np.random.default_rng(T + H)
+    x = (rng.standard_normal((T, H)) * 3).astype(np.float32)
+    eo = rng.standard_normal((T * k, H)).astype(np.float32)
+    xd = cupy.asarray(x)
+    got = M.combine_add(xd, cupy.asarray(eo))
+    assert got is xd
+    parts = eo.reshape(T, k, H)
+    s = parts[:, 0].copy()
+    for j in range(1, k):
+        s = s + parts[:, j]  # float32, increasing j: the kernel's exact order
+    np.testing.assert_array_equal(cupy.asnumpy(got), x + s)
+
+
+class Layer:
+    """Device weights of one MoE layer in the attribute names gptoss.model.LayerWeights uses."""
+
+    def __init__(self, rng, fmt, E, H, I):
+        self.W1 = experts_for(rng, fmt, E, 2 * I, H)
+        self.W2 = experts_for(rng, fmt, E, H, I)
+        self.b1 = bf16(rng, (E, 2 * I), 0.5)
+        self.b2 = bf16(rng, (E, H), 0.5)
+        self.E, self.H, self.I = E, H, I
+        self.w1, self.w2 = self.W1.dev, self.W2.dev
+
+    def set_router(self, w, b):
+        import cupy
+        from gptoss.reference import MoEWeights
+
+        self.gate_w, self.gate_b = cupy.asarray(w), cupy.asarray(b)
+        self.ref = MoEWeights(from_bf16_bits(w), from_bf16_bits(b), self.W1, from_bf16_bits(self.b1),
+                              self.W2, from_bf16_bits(self.b2))
+        self.b1_dev, self.b2_dev = cupy.asarray(self.b1), cupy.asarray(self.b2)
+
+    def device(self):
+        return {"gate_w": self.gate_w, "gate_b": self.gate_b, "w1": self.w1, "w2": self.w2,
+                "b1": self.b1_dev, "b2": self.b2_dev}
+
+
+def _cfg(E, H, I):
+    from gptoss.config import ModelConfig
+
+    return ModelConfig(num_layers=1, hidden_size=H, intermediate_size=I, num_experts=E, experts_per_token=4,
+                       num_heads=4, num_kv_heads=1, head_dim=16, vocab_size=64)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
+@pytest.mark.parametrize("H, I, E, T", [(64, 96, 4, 5), (96, 64, 32, 333), (64, 64, 128, 2048),
+                                        (2880, 2880, 32, 1), (2880, 2880, 32, 333)])
+def test_moe(H, I, E, T, fmt):
+    import cupy
+    from gptoss import reference
+
+    rng = np.random.default_rng(H + E + T)
+    layer = Layer(rng, fmt, E, H, I)
+    t, w, b, _ = separated_router(rng, T, E, H)
+    layer.set_router(w, b)
+    cfg = _cfg(E, H, I)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    xd = cupy.asarray(x)
+    got = M.moe(xd, cupy.asarray(t), layer.device(), cfg)
+    assert got is xd
+    ref = reference.moe(from_bf16_bits(t), layer.ref, cfg)
+    assert rel_err(cupy.asnumpy(got).astype(np.float64) - x, ref) <= 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
+@pytest.mark.parametrize("H, I, E", [(2880, 2880, 32), (96, 64, 128)])
+def test_batch_invariance(H, I, E, fmt):
+    """A token's output is bit-identical alone, in small and large batches at any position, and with
+    either tile height."""
+    import cupy
+
+    rng = np.random.default_rng(E + H)
+    layer = Layer(rng, fmt, E, H, I)
+    layer.set_router(bf16(rng, (E, H), 1 / np.sqrt(H)), bf16(rng, (E,), 0.5))
+    cfg = _cfg(E, H, I)
+    probe_t = bf16(rng, (3, H))
+    probe_x = rng.standard_normal((3, H)).astype(np.float32)
+
+    def run(T, positions, bm):
+        t = bf16(np.random.default_rng(T), (T, H))
+        x = np.random.default_rng(T + 1).standard_normal((T, H)).astype(np.float32)
+        t[positions], x[positions] = probe_t, probe_x
+        out = M.moe(cupy.asarray(x), cupy.asarray(t), layer.device(), cfg, bm=bm)
+        return cupy.asnumpy(out)[positions]
+
+    base = run(3, [0, 1, 2], 16)
+    for T, bm in [(3, 64), (5, None), (64, 16), (64, 64), (333, None), (2048, 64), (2048, 16)]:
+        positions = np.random.default_rng(T).choice(T, 3, replace=False)
+        np.testing.assert_array_equal(run(T, positions, bm), base, err_msg=f"T={T} bm={bm}")
+
+
+@gpu
+@pytest.mark.parametrize("bm", M.TILE_BMS)
+def test_mxfp4_large_scales_exact(bm):
+    """Scales above 128 take the kernel's BIG path: weights with every scale raised by 5 and tokens
+    scaled by 2^-5 give bit-identical y (the same exact products)."""
+    import cupy
+
+    rng = np.random.default_rng(bm)
+    E, H, I, T, k = 8, 2880, 192, 64, 4
+    W1 = Experts(rng, "mxfp4", E, 2 * I, H, scale_lo=124, scale_hi=128)
+    big = (W1.dev[0], W1.dev[1] + np.uint8(5))  # every CTA holds scales 129..133
+    b1 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5))
+    t = bf16(rng, (T, H))
+    t_small = to_bf16_bits(from_bf16_bits(t) * np.float32(2.0**-5))
+    d = dispatch_dev(distinct_experts(rng, T, E, k), E)
+    y_ref = M.expert_mlp1(cupy.asarray(t), d, W1.dev, b1, LIMIT, ALPHA, bm=bm)
+    y_big = M.expert_mlp1(cupy.asarray(t_small), d, big, b1, LIMIT, ALPHA, bm=bm)
+    np.testing.assert_array_equal(cupy.asnumpy(y_big), cupy.asnumpy(y_ref))
+    # and against the reference
+    # and against the reference: the large scales dequantize as E2M1 * 2^(s - 127)
+    from gptoss.reference import swiglu
+
+    slots = cupy.asnumpy(d.sorted_slots)
+    blocks, scales = cupy.asnumpy(big[0]), cupy.asnumpy(big[1])
+    row_expert = np.repeat(np.arange(E), np.diff(cupy.asnumpy(d.offsets)))
+    tf, b1f = from_bf16_bits(t_small), from_bf16_bits(cupy.asnumpy(b1))
+    want = np.zeros((T * k, I), dtype=np.float32)
+    for e in np.unique(row_expert):
+        rows = np.nonzero(row_expert == e)[0]
+        h = tf[slots[rows] // k] @ dequantize(blocks[e], scales[e]).T + b1f[e]
+        want[rows] = swiglu(h, LIMIT, ALPHA)
+    assert rel_err(from_bf16_bits(cupy.asnumpy(y_big)), want) <= 1e-2
+
+
+@gpu
+def test_workspace_and_graph_capture():
+    """moe() with a workspace gives the same bits as without, and replays from a CUDA graph."""
+    import cupy
+
+    rng = np.random.default_rng(11)
+    E, H, I, T = 32, 96, 64, 40
+    layer = Layer(rng, "mxfp4", E, H, I)
+    layer.set_router(bf16(rng, (E, H), 0.1), bf16(rng, (E,), 0.5))
+    cfg = _cfg(E, H, I)
+    t = cupy.asarray(bf16(rng, (T, H)))
+    x0 = rng.standard_normal((T, H)).astype(np.float32)
+    want = cupy.asnumpy(M.moe(cupy.asarray(x0), t, layer.device(), cfg))
+    ws = M.MoEWorkspace(64, E, 4, H, I)
+    x = cupy.asarray(x0)
+    M.moe(x, t, layer.device(), cfg, workspace=ws)
+    np.testing.assert_array_equal(cupy.asnumpy(x), want)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    x = cupy.asarray(x0)
+    dev = layer.device()
+    with stream:
+        M.moe(x, t, dev, cfg, workspace=ws)  # warm-up: compiles, sets attributes
+        x[...] = cupy.asarray(x0)
+        stream.synchronize()
+        stream.begin_capture()
+        M.moe(x, t, dev, cfg, workspace=ws)
+        graph = stream.end_capture()
+        x[...] = cupy.asarray(x0)
+        graph.launch(stream)
+        stream.synchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(x), want)
+
+
+@gpu
+def test_argument_errors():
+    import cupy
+
+    rng = np.random.default_rng(0)
+    E, H, I, T = 4, 64, 96, 3
+    W1 = Experts(rng, "mxfp4", E, 2 * I, H)
+    t = cupy.asarray(bf16(rng, (T, H)))
+    experts = cupy.asarray(distinct_experts(rng, T, E))
+    d = M.dispatch(experts, E)
+    b1 = cupy.asarray(bf16(rng, (E, 2 * I)))
+    with pytest.raises(TypeError):
+        M.route(t.astype(cupy.float32), cupy.zeros((E, H), cupy.uint16), cupy.zeros(E, cupy.uint16), 4)
+    with pytest.raises(ValueError):
+        M.route(t, cupy.zeros((E, H + 32), cupy.uint16), cupy.zeros(E, cupy.uint16), 4)
+    with pytest.raises(ValueError):
+        M.route(t, cupy.zeros((E, H), cupy.uint16), cupy.zeros(E, cupy.uint16), 5)  # k > E
+    with pytest.raises(TypeError):
+        M.dispatch(experts.astype(cupy.int64), E)
+    with pytest.raises(ValueError):
+        M.dispatch(experts, 1000)
+    with pytest.raises(ValueError):  # w1 for another hidden size
+        M.expert_mlp1(cupy.asarray(bf16(rng, (T, 96))), d, W1.dev, b1, LIMIT, ALPHA)
+    with pytest.raises(ValueError):  # bias of the wrong shape
+        M.expert_mlp1(t, d, W1.dev, b1[:, :-2], LIMIT, ALPHA)
+    with pytest.raises(TypeError):
+        M.expert_mlp1(t, d, [1, 2], b1, LIMIT, ALPHA)
+    with pytest.raises(ValueError):  # non-contiguous input
+        M.expert_mlp1(cupy.asarray(bf16(rng, (T, 2 * H)))[:, ::2], d, W1.dev, b1, LIMIT, ALPHA)
+    with pytest.raises(ValueError):
+        M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=32)
+    with pytest.raises(ValueError):  # y rows != T*k
+        M.expert_mlp2(cupy.zeros((T * 4 + 1, I), cupy.uint16), d, (W1.dev[0][:, :H], W1.dev[1][:, :H]),
+                      cupy.zeros((E, H), cupy.uint16), cupy.zeros((T, 4), cupy.float32))
+    with pytest.raises(ValueError):
+        M.combine_add(cupy.zeros((T, H), cupy.float32), cupy.zeros((T * 4, H + 4), cupy.float32))
