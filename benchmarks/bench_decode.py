@@ -20,6 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from benchmarks.common import H100_BF16_TFLOPS
+
+
+def active_params(cfg) -> int:
+    """Weights one token multiplies: attention, router, k experts, unembedding (not the embedding)."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    attn = H * cfg.qkv_size + cfg.q_size * H
+    moe = cfg.num_experts * H + cfg.experts_per_token * (H * 2 * I + I * H)
+    return cfg.num_layers * (attn + moe) + cfg.vocab_size * H
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +46,7 @@ def main(argv=None) -> int:
 
     import cupy
     from gptoss.config import PRESETS
-    from gptoss.model import DeviceWeights, GPUModel
+    from gptoss.model import DeviceWeights, GPUModel, SampleArgs, StepBatch
     from gptoss.synthetic import random_weights
 
     cfg = PRESETS[args.preset]
@@ -51,11 +61,12 @@ def main(argv=None) -> int:
     model = GPUModel(weights, slots=max_b, capacity=capacity,
                      max_step_tokens=max(args.prompt_len, max_b), max_chunk=args.prompt_len)
     rng = np.random.default_rng(0)
-    results = {"preset": args.preset, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+    results = {"preset": args.preset, "experts": args.experts,
+               "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
 
     # prefill: one sequence, one chunk
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
-    step = model.prefill_step([prompt], [0])
+    step = StepBatch.prefill([prompt], [0])
     model.forward(step)  # warm-up: compiles every kernel
     cupy.cuda.Device().synchronize()
     times = []
@@ -66,30 +77,44 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     prefill_s = min(times)
     results["prefill_tokens_per_s"] = args.prompt_len / prefill_s
-    print(f"prefill {args.prompt_len} tokens: {prefill_s * 1e3:.1f} ms, "
-          f"{args.prompt_len / prefill_s:,.0f} tokens/s", flush=True)
+    flops = 2 * args.prompt_len * active_params(cfg)
+    print(f"prefill {args.prompt_len} tokens: {prefill_s * 1e3:.1f} ms, {args.prompt_len / prefill_s:,.0f} tokens/s, "
+          f"{flops / prefill_s / 1e12:.0f} TFLOP/s in matmuls (of ~{H100_BF16_TFLOPS:.0f})", flush=True)
 
-    # decode: fill each slot's cache with --context tokens (chunked prefill), then time steps
+    # decode: fill the caches with --context tokens (chunked prefill over all slots), then time steps
+    contexts = rng.integers(0, cfg.vocab_size, (max_b, args.context)).astype(np.int32)
+    per_step = max(1, args.prompt_len // args.context) if args.context <= args.prompt_len else 1
+    chunk = min(args.context, args.prompt_len)
+    for s0 in range(0, max_b, per_step):
+        seqs = list(range(s0, min(max_b, s0 + per_step)))
+        for c0 in range(0, args.context, chunk):
+            model.forward(StepBatch.prefill([contexts[s, c0:c0 + chunk] for s in seqs], seqs, [c0] * len(seqs)))
+    cupy.cuda.Device().synchronize()
     results["decode"] = {}
+    results["profile"] = {}
     for b in batches:
-        contexts = [rng.integers(0, cfg.vocab_size, args.context).astype(np.int32) for _ in range(b)]
-        for s in range(b):
-            model.forward(model.prefill_step([contexts[s]], [s]))
+        slots = np.arange(b, dtype=np.int32)
         tokens = rng.integers(0, cfg.vocab_size, b).astype(np.int32)
         positions = np.full(b, args.context, np.int32)
-        runner = model.decoder(b, use_graph=args.graphs)
-        runner(tokens, positions, np.arange(b, dtype=np.int32))  # warm-up / capture
+        greedy = SampleArgs()
+        tokens = model.step(StepBatch.decode(tokens, positions, slots), greedy, use_graph=args.graphs)  # warm-up
         cupy.cuda.Device().synchronize()
         t = time.perf_counter()
         for i in range(args.steps):
             positions = positions + 1
-            tokens = runner(tokens, positions, np.arange(b, dtype=np.int32))  # host ids, greedy
+            tokens = model.step(StepBatch.decode(tokens, positions, slots), greedy, use_graph=args.graphs)
         elapsed = time.perf_counter() - t
         step_ms = elapsed / args.steps * 1e3
         tps = b * args.steps / elapsed
         results["decode"][b] = {"step_ms": step_ms, "tokens_per_s": tps}
-        print(f"decode batch {b:5d} (context {args.context}): {step_ms:7.2f} ms/step, {tps:10,.1f} tokens/s",
-              flush=True)
+        print(f"decode batch {b:5d} (context {args.context}): {step_ms:7.2f} ms/step, {tps:10,.1f} tokens/s "
+              f"(graphs {'on' if args.graphs else 'off'})", flush=True)
+        prof = model.profile(StepBatch.decode(tokens, positions + 1, slots))
+        total = sum(prof.values())
+        results["profile"][b] = prof
+        print(f"  one eager step, per kernel family ({total:.2f} ms of GPU time):")
+        for name, ms in sorted(prof.items(), key=lambda kv: -kv[1]):
+            print(f"    {name:32s} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .engine import Request, TokenEvent, check_fits, clamp_new_tokens
-from .model import (DeviceWeights, GPUModel, KVCache, ModelTooLargeError, StepBatch, _gib,
-                    activation_bytes_per_token, free_gpu_memory)
+from .model import (DeviceWeights, GPUModel, KVCache, ModelTooLargeError, SampleArgs, StepBatch, _gib,
+                    activation_bytes_per_token, decode_batch_bucket, free_gpu_memory, logit_row_bytes)
 from .sampling import SamplingParams
 
 PREFILL_CHUNK = 1024  # most prompt tokens of one sequence per step (also sizes the sliding-layer ring)
@@ -47,15 +47,21 @@ class Plan:
 
 
 def plan_memory(cfg, free_bytes: int, capacity: int, wanted_slots: int) -> Plan:
-    """Slots that fit: KV cache per slot + per-step activations + logits rows, within free memory."""
+    """Most slots that fit in free memory: the KV cache per slot (plus the padding slot), the step
+    buffers (activations per step token, logits per row) and the decode graphs' attention partials."""
+    from .ops.attention import decode_splits
+
     chunk = min(PREFILL_CHUNK, capacity)
     per_slot = KVCache.bytes_per_slot(cfg, capacity, chunk)
     per_token = activation_bytes_per_token(cfg)
-    logits_row = cfg.vocab_size * 4 * 2  # f32 logits + sampling scratch
+    per_row = logit_row_bytes(cfg) + 16 * 4  # + sampling inputs
+    partials = decode_splits(capacity, 0) * cfg.num_heads * 66 * 4
 
     def need(slots):
-        step_tokens = slots + min(STEP_PREFILL_TOKENS, slots * chunk)
-        return slots * per_slot + step_tokens * per_token + 2 * slots * logits_row, step_tokens
+        rows = decode_batch_bucket(slots)
+        step_tokens = max(slots + min(STEP_PREFILL_TOKENS, slots * chunk), rows)
+        return ((slots + 1) * per_slot + step_tokens * per_token + rows * (per_row + partials),
+                step_tokens)
 
     budget = free_bytes - HEADROOM
     lo, hi = 0, max(1, wanted_slots)
@@ -71,7 +77,7 @@ def plan_memory(cfg, free_bytes: int, capacity: int, wanted_slots: int) -> Plan:
             f"{_gib(need(1)[0])} of GPU memory beside the weights and {_gib(max(budget, 0))} is left. "
             "Lower -n or shorten the prompts.")
     total, step_tokens = need(lo)
-    return Plan(lo, capacity, step_tokens, lo * per_slot, step_tokens * per_token)
+    return Plan(lo, capacity, step_tokens, (lo + 1) * per_slot, total - (lo + 1) * per_slot)
 
 
 class GPUBackend:
@@ -85,6 +91,7 @@ class GPUBackend:
         self.weights = DeviceWeights(weights, progress=progress)
         self.config = weights.config
         self.model: GPUModel | None = None
+        self.use_graphs = True
 
     def peak_memory_bytes(self) -> int:
         import cupy
@@ -93,7 +100,7 @@ class GPUBackend:
 
     def _model_for(self, capacity: int, wanted_slots: int) -> GPUModel:
         m = self.model
-        if m is not None and m.cache.capacity >= capacity and m.cache.slots >= wanted_slots:
+        if m is not None and m.capacity >= capacity and m.slots >= wanted_slots:
             return m
         import cupy
 
@@ -107,9 +114,6 @@ class GPUBackend:
 
     def generate(self, requests: Iterable[Request], sampling: SamplingParams, stop_ids=(),
                  ignore_eos: bool = False, max_batch: int | None = None) -> Iterator[TokenEvent]:
-        from .ops.sampling import sample as gpu_sample
-        import cupy
-
         cfg = self.config
         requests = list(requests)
         if not requests:
@@ -119,7 +123,7 @@ class GPUBackend:
         capacity = max(min(len(r.prompt_ids) + r.max_new, cfg.max_context) for r in requests)
         model = self._model_for(capacity, min(len(requests), max_batch or len(requests)))
         stop_ids = frozenset(() if ignore_eos else stop_ids)
-        slots_free = list(range(model.cache.slots))[::-1]
+        slots_free = list(range(model.slots))[::-1]
         if max_batch:
             slots_free = slots_free[-max_batch:]
         waiting = deque(requests)
@@ -136,13 +140,10 @@ class GPUBackend:
             if not running:
                 break
             step, order = self._build_step(running, model)
-            logits = model.forward(step)
-            n = len(order)
-            temp = cupy.full(n, sampling.temperature, dtype=cupy.float32)
-            top_p = cupy.full(n, sampling.top_p, dtype=cupy.float32)
-            seqs = cupy.asarray([s.req.index for s in order], dtype=cupy.int32)
-            steps = cupy.asarray([len(s.generated) for s in order], dtype=cupy.int32)
-            ids = cupy.asnumpy(gpu_sample(logits, temp, top_p, sampling.seed, seqs, steps))
+            args = SampleArgs(sampling.temperature, sampling.top_p, sampling.seed,
+                              np.asarray([s.req.index for s in order], np.int32),
+                              np.asarray([len(s.generated) for s in order], np.int32))
+            ids = model.step(step, args, use_graph=self.use_graphs)
             finished = []
             for seq, token in zip(order, ids.tolist()):
                 if token in stop_ids:

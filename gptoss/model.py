@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bf16 import to_bf16_bits
 from .config import ModelConfig
 
 
@@ -81,7 +82,13 @@ class DeviceWeights:
 
         with ByteProgress("upload", need, quiet=not progress) as bar:
             def up(name, as_f32=False):
-                host = weights.f32(name) if as_f32 else weights.raw(name)
+                # norms' scales and sinks in f32; every other tensor as the kernels read it (bf16 bits, u8)
+                if as_f32:
+                    host = weights.f32(name)
+                elif weights.info(name).dtype == "f32":
+                    host = to_bf16_bits(weights.f32(name))
+                else:
+                    host = weights.raw(name)
                 arr = cupy.asarray(np.ascontiguousarray(host))
                 bar.advance(host.nbytes)
                 return arr
@@ -115,6 +122,8 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int):
         import cupy
 
+        if capacity <= 0 or slots <= 0:
+            raise ValueError(f"a KV cache needs slots and capacity > 0, got {slots} and {capacity}")
         self.slots, self.capacity, self.max_chunk = slots, capacity, max_chunk
         ring = min(capacity, cfg.sliding_window + max_chunk)
         self.k, self.v = [], []
@@ -132,10 +141,15 @@ class KVCache:
 
 
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
-    """GPU bytes a token of one step needs for activations (a generous bound, see forward)."""
-    H, k = cfg.hidden_size, cfg.experts_per_token
-    return (H * 4 + H * 2 + cfg.qkv_size * 2 + 2 * cfg.q_size * 2 + H * 2          # x, t, qkv, q, attn
-            + k * (cfg.intermediate_size * 2 + H * 4) + k * 12 + cfg.num_experts * 4)  # moe buffers
+    """GPU bytes one token of a step needs in StepBuffers (a slight over-count)."""
+    H, k, E = cfg.hidden_size, cfg.experts_per_token, cfg.num_experts
+    return (3 * 4 + H * 4 + H * 2 + cfg.qkv_size * 2 + 2 * cfg.q_size * 2 + H * 2  # ids, x, t, qkv, q, attn, o
+            + k * (cfg.intermediate_size * 2 + H * 4 + 12) + 4 * E * 4)  # moe: y, out, slots; router partials
+
+
+def logit_row_bytes(cfg: ModelConfig) -> int:
+    """GPU bytes per row of next-token logits a step produces (gathered x, its norm, f32 logits)."""
+    return cfg.hidden_size * 6 + cfg.vocab_size * 4 + 32
 
 
 @dataclass
@@ -149,44 +163,316 @@ class StepBatch:
     seq_starts: list  # position of each sequence's first token in this step
     logit_rows: np.ndarray  # [R] int32: rows of T whose next-token logits are wanted
 
+    @classmethod
+    def decode(cls, tokens, positions, slots) -> "StepBatch":
+        """One token per sequence (every row's logits wanted)."""
+        tokens, positions, slots = (np.asarray(a, np.int32).reshape(-1) for a in (tokens, positions, slots))
+        n = len(tokens)
+        return cls(tokens, positions, slots, [1] * n, slots.tolist(), positions.tolist(), np.arange(n, dtype=np.int32))
+
+    @classmethod
+    def prefill(cls, prompts, slots, starts=None) -> "StepBatch":
+        """Whole chunks: prompts[i] (token ids) at positions starts[i].. of slot slots[i]; logits of
+        each chunk's last token."""
+        starts = [0] * len(prompts) if starts is None else list(starts)
+        tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts])
+        positions = np.concatenate([np.arange(s, s + len(p), dtype=np.int32) for p, s in zip(prompts, starts)])
+        slot_ids = np.concatenate([np.full(len(p), s, np.int32) for p, s in zip(prompts, slots)])
+        lens = [len(p) for p in prompts]
+        return cls(tokens, positions, slot_ids, lens, list(slots), starts,
+                   (np.cumsum(lens) - 1).astype(np.int32))
+
+
+@dataclass
+class SampleArgs:
+    """How to pick each row's next token: temperature 0 = greedy (argmax)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    sequences: np.ndarray | None = None  # [R] int32: the counter RNG's sequence id of each row
+    steps: np.ndarray | None = None  # [R] int32: the RNG's step (tokens generated so far) of each row
+
+
+class StepBuffers:
+    """Every activation of one step, allocated once for up to `tokens` tokens and `rows` logit rows:
+    a step uses leading views, so the forward allocates nothing and can be captured in a CUDA graph."""
+
+    def __init__(self, cfg: ModelConfig, tokens: int, rows: int):
+        import cupy
+
+        from .ops.moe import MoEWorkspace
+
+        T, R, H = tokens, rows, cfg.hidden_size
+        self.max_tokens, self.max_rows = T, R
+        u16, f32, i32 = cupy.uint16, cupy.float32, cupy.int32
+        self.tokens, self.positions, self.slots = (cupy.zeros(T, i32) for _ in range(3))
+        self.rows = cupy.zeros(R, i32)
+        self.x = cupy.empty((T, H), f32)  # residual stream
+        self.t = cupy.empty((T, H), u16)  # normed input of the next matmul
+        self.qkv = cupy.empty((T, cfg.qkv_size), u16)
+        self.q = cupy.empty((T, cfg.num_heads, cfg.head_dim), u16)
+        self.attn = cupy.empty((T, cfg.q_size), u16)
+        self.o = cupy.empty((T, H), u16)
+        self.last = cupy.empty((R, H), f32)
+        self.last_t = cupy.empty((R, H), u16)
+        self.logits = cupy.empty((R, cfg.vocab_size), f32)
+        self.temperature, self.top_p = cupy.zeros(R, f32), cupy.ones(R, f32)
+        self.sequences, self.steps = cupy.zeros(R, i32), cupy.zeros(R, i32)
+        self.ids = cupy.zeros(R, i32)
+        self.moe = MoEWorkspace(T, cfg.num_experts, cfg.experts_per_token, H, cfg.intermediate_size)
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def decode_batch_bucket(b: int) -> int:
+    """Padded batch of a captured decode graph: powers of two up to 64, then multiples of 64."""
+    return _pow2_at_least(b, 1) if b <= 64 else -(-b // 64) * 64
+
 
 class GPUModel:
+    """The forward pass over a KV cache of `slots` sequences (plus one padding slot that captured
+    decode steps use for their unused rows) of up to `capacity` positions."""
+
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
                  max_chunk: int):
         from .ops.attention import rope_table
 
         self.w = weights
         self.cfg = cfg = weights.config
-        self.max_step_tokens = max_step_tokens
-        self.cache = KVCache(cfg, slots, capacity, max_chunk)
+        self.slots = slots
+        self.pad_slot = slots
+        self.max_step_tokens = max(max_step_tokens, decode_batch_bucket(slots))
+        self.cache = KVCache(cfg, slots + 1, capacity, max_chunk)
         self.rope = rope_table(cfg, capacity)
+        self.buf = StepBuffers(cfg, self.max_step_tokens, decode_batch_bucket(slots))
+        self._graphs: dict = {}  # (padded batch, key bound) -> (graph, attention batch)
+        self._decode_ws = None  # the attention decode partials, shared by every graph
 
-    def forward(self, step: StepBatch):
-        """Logits [R, V] float32 for step.logit_rows, after writing every token's K/V into the cache."""
-        import cupy
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    # ---- the forward, on preallocated buffers -------------------------------------------------------
+    def _layers(self, T: int, batch, prof: "Profile | None" = None) -> None:
+        """Embedding through the last block for the T tokens in self.buf (x holds the residual)."""
         from .ops import attention as A, embed as E, gemm as G, moe as M, norm as N
 
-        cfg, w = self.cfg, self.w
-        T = len(step.tokens)
-        if T > self.max_step_tokens:
-            raise ValueError(f"a step of {T} tokens exceeds the planned {self.max_step_tokens}")
-        tokens = cupy.asarray(step.tokens, dtype=cupy.int32)
-        positions = cupy.asarray(step.positions, dtype=cupy.int32)
-        slots = cupy.asarray(step.slots, dtype=cupy.int32)
-        batch = A.AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.cache.capacity)
-
-        x = E.embed(tokens, w.embedding)  # residual stream, f32 [T, H]
-        t = N.rmsnorm(x, w.layers[0].attn_norm, cfg.rms_norm_eps)
+        cfg, w, b = self.cfg, self.w, self.buf
+        mark = prof.mark if prof is not None else (lambda name: None)
+        eps = cfg.rms_norm_eps
+        positions, slots = b.positions[:T], b.slots[:T]
+        x, t, qkv, q, attn, o = b.x[:T], b.t[:T], b.qkv[:T], b.q[:T], b.attn[:T], b.o[:T]
+        E.embed(b.tokens[:T], w.embedding, out=x)
+        N.rmsnorm(x, w.layers[0].attn_norm, eps, out=t)
+        mark("embed + norm")
         for i, layer in enumerate(w.layers):
-            qkv = G.linear(t, layer.qkv_w, layer.qkv_b)
-            q = A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i])
-            attn = A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window)
-            o = G.linear(attn, layer.out_w, layer.out_b)
-            t = N.add_rmsnorm(x, o, layer.mlp_norm, cfg.rms_norm_eps)  # x += o; t = norm(x)
-            M.moe(x, t, layer, cfg)  # x += sum_j weight_j * expert_j(t)
-            next_norm = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else None
-            if next_norm is not None:
-                t = N.rmsnorm(x, next_norm, cfg.rms_norm_eps)
-        rows = cupy.asarray(step.logit_rows, dtype=cupy.int32)
-        last = N.rmsnorm(x[rows] if len(step.logit_rows) != T else x, w.final_norm, cfg.rms_norm_eps)
-        return G.linear(last, w.unembedding, out_dtype="f32")
+            G.linear(t, layer.qkv_w, layer.qkv_b, out=qkv)
+            mark("qkv gemm")
+            A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i], q_out=q)
+            mark("rope + kv write")
+            A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn)
+            mark("attention full" if layer.window == 0 else "attention sliding")
+            G.linear(attn, layer.out_w, layer.out_b, out=o)
+            mark("out gemm")
+            N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t)  # x += o; t = norm(x)
+            mark("add + norm")
+            if prof is None:
+                M.moe(x, t, layer, cfg, workspace=b.moe)  # x += sum_j weight_j * expert_j(t)
+            else:
+                self._moe_profiled(x, t, layer, mark)
+            if i + 1 < len(w.layers):
+                N.rmsnorm(x, w.layers[i + 1].attn_norm, eps, out=t)
+                mark("add + norm")
+
+    def _moe_profiled(self, x, t, layer, mark) -> None:
+        """moe() split into its kernels, each timed (the same launches as ops.moe.moe)."""
+        from .ops import moe as M
+
+        cfg = self.cfg
+        T, H = t.shape
+        (ex, wt), scratch, d, y, out = self.buf.moe.views(T, H, cfg.intermediate_size)
+        experts, weights = M.route(t, layer.gate_w, layer.gate_b, cfg.experts_per_token, out=(ex, wt), scratch=scratch)
+        mark("router")
+        d = M.dispatch(experts, cfg.num_experts, out=d)
+        mark("moe dispatch")
+        M.expert_mlp1(t, d, layer.w1, layer.b1, cfg.swiglu_limit, cfg.swiglu_alpha, out=y)
+        mark("moe mlp1 (gate/up + swiglu)")
+        M.expert_mlp2(y, d, layer.w2, layer.b2, weights, out=out)
+        mark("moe mlp2 (down)")
+        M.combine_add(x, out)
+        mark("moe combine")
+
+    def profile(self, step: StepBatch) -> dict:
+        """Milliseconds per kernel family of one eager step (CUDA events between launches)."""
+        from .ops.attention import AttentionBatch
+
+        self._check(step)
+        T, R = len(step.tokens), len(step.logit_rows)
+        self._load_inputs(step, None)
+        batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
+        prof = Profile()
+        self._layers(T, batch, prof)
+        identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
+        self._head(T, R, gather=not identity)
+        prof.mark("final norm + unembedding")
+        self._sample(R, True, 0)
+        prof.mark("sampling")
+        return prof.totals()
+
+    def _head(self, T: int, R: int, gather: bool):
+        """Final norm and unembedding of R rows (gathered from x by self.buf.rows when `gather`)."""
+        from .ops import embed as E, gemm as G, norm as N
+
+        b = self.buf
+        src = E.gather_rows(b.rows[:R], b.x[:T], out=b.last[:R]) if gather else b.x[:R]
+        N.rmsnorm(src, self.w.final_norm, self.cfg.rms_norm_eps, out=b.last_t[:R])
+        return G.linear(b.last_t[:R], self.w.unembedding, out=b.logits[:R], out_dtype="f32")
+
+    def _sample(self, R: int, greedy: bool, seed: int):
+        from .ops import sampling as S
+
+        b = self.buf
+        if greedy:
+            return S.argmax(b.logits[:R], out=b.ids[:R])
+        return S.sample(b.logits[:R], b.temperature[:R], b.top_p[:R], seed, b.sequences[:R], b.steps[:R],
+                        out=b.ids[:R])
+
+    def _load_inputs(self, step: StepBatch, sample: SampleArgs | None, pad_to: int | None = None) -> None:
+        b = self.buf
+        T, R = len(step.tokens), len(step.logit_rows)
+        n = pad_to or T
+        pad = n - T
+        fill = lambda a, v: np.concatenate([a, np.full(pad, v, np.int32)]) if pad else a  # noqa: E731
+        b.tokens[:n].set(fill(step.tokens, 0))
+        b.positions[:n].set(fill(step.positions, 0))
+        b.slots[:n].set(fill(step.slots, self.pad_slot))
+        b.rows[:R].set(np.asarray(step.logit_rows, np.int32))
+        if sample is not None and sample.temperature > 0:
+            rn = pad_to or R
+            b.temperature[:rn].fill(sample.temperature)
+            b.top_p[:rn].fill(sample.top_p)
+            b.sequences[:rn].set(fill(np.asarray(sample.sequences, np.int32), 0))
+            b.steps[:rn].set(fill(np.asarray(sample.steps, np.int32), 0))
+
+    def _check(self, step: StepBatch) -> None:
+        T, R = len(step.tokens), len(step.logit_rows)
+        if T == 0 or R == 0:
+            raise ValueError("a step needs at least one token and one logit row")
+        if T > self.max_step_tokens or R > self.buf.max_rows:
+            raise ValueError(f"a step of {T} tokens / {R} logit rows exceeds the planned "
+                             f"{self.max_step_tokens} / {self.buf.max_rows}")
+        if int(np.max(step.positions)) >= self.capacity:
+            raise ValueError(f"position {int(np.max(step.positions))} is past the cache's capacity {self.capacity}")
+
+    def forward(self, step: StepBatch, sample: SampleArgs | None = None):
+        """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for
+        step.logit_rows, after writing every token's K/V into the cache. Eager launches."""
+        from .ops.attention import AttentionBatch
+
+        self._check(step)
+        T, R = len(step.tokens), len(step.logit_rows)
+        self._load_inputs(step, sample)
+        batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
+        self._layers(T, batch)
+        identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
+        return self._head(T, R, gather=not identity)
+
+    def step(self, step: StepBatch, sample: SampleArgs, use_graph: bool = True) -> np.ndarray:
+        """Run one step and pick the next token of each logit row: host int32 [R]. A step of decode
+        tokens only replays a captured CUDA graph (when use_graph, and not on AMD)."""
+        import cupy
+
+        greedy = sample.temperature <= 0
+        T = len(step.tokens)
+        decode_only = len(step.q_lens) == T and np.array_equal(step.logit_rows, np.arange(T))
+        if use_graph and decode_only and not cupy.cuda.runtime.is_hip:
+            return self._decode_graph(step, sample, greedy)
+        self.forward(step, sample)
+        return cupy.asnumpy(self._sample(len(step.logit_rows), greedy, sample.seed))
+
+    # ---- captured decode steps ----------------------------------------------------------------------
+    def _decode_graph(self, step: StepBatch, sample: SampleArgs, greedy: bool) -> np.ndarray:
+        import cupy
+
+        from .ops.attention import SEG, AttentionBatch
+
+        self._check(step)
+        B = len(step.tokens)
+        Bp = decode_batch_bucket(B)
+        kv = min(_pow2_at_least(int(np.max(step.positions)) + 1, SEG), self.capacity)
+        key = (Bp, kv, greedy, None if greedy else int(sample.seed))
+        pad = Bp - B
+        slots = np.concatenate([step.slots, np.full(pad, self.pad_slot, np.int32)])
+        positions = np.concatenate([step.positions, np.zeros(pad, np.int32)])
+        fresh = AttentionBatch.build([1] * Bp, slots, positions, self.capacity, max_kv=kv)
+        self._load_inputs(step, sample, pad_to=Bp)
+        entry = self._graphs.get(key)
+        stream = cupy.cuda.get_current_stream()
+        if entry is None:
+            entry = self._capture(Bp, fresh, greedy, int(sample.seed))
+            self._graphs[key] = entry
+        graph, batch = entry
+        batch.load(fresh)
+        graph.launch(stream)
+        return cupy.asnumpy(self.buf.ids[:B])
+
+    def _capture(self, Bp: int, batch, greedy: bool, seed: int):
+        """Run the decode step once eagerly (compiles, sizes the workspaces), then capture it."""
+        import cupy
+
+        from .ops.attention import decode_splits
+
+        cfg = self.cfg
+        need = Bp * decode_splits(batch.max_kv, 0) * cfg.num_heads * 66
+        if self._decode_ws is None or self._decode_ws.size < need:
+            bound = decode_batch_bucket(self.slots) * decode_splits(self.capacity, 0) * cfg.num_heads * 66
+            self._decode_ws = cupy.empty(max(need, bound), dtype=cupy.float32)
+        batch._workspace = self._decode_ws
+
+        def run():
+            self._layers(Bp, batch)
+            self._head(Bp, Bp, gather=False)
+            self._sample(Bp, greedy, seed)
+
+        run()  # eager: the graph's inputs are the same, so this step's results stand either way
+        cupy.cuda.get_current_stream().synchronize()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                run()
+            finally:
+                graph = stream.end_capture()
+        cupy.cuda.get_current_stream().synchronize()
+        return graph, batch
+
+
+class Profile:
+    """CUDA events recorded after each launch; totals() sums the gaps per name, in milliseconds."""
+
+    def __init__(self):
+        import cupy
+
+        self.events = [("start", cupy.cuda.Event())]
+        self.events[0][1].record()
+
+    def mark(self, name: str) -> None:
+        import cupy
+
+        e = cupy.cuda.Event()
+        e.record()
+        self.events.append((name, e))
+
+    def totals(self) -> dict:
+        import cupy
+
+        self.events[-1][1].synchronize()
+        out: dict = {}
+        for (_, a), (name, b) in zip(self.events, self.events[1:]):
+            out[name] = out.get(name, 0.0) + cupy.cuda.get_elapsed_time(a, b)
+        return out

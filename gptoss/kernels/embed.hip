@@ -31,3 +31,20 @@ embed_bf16(const int* __restrict__ tokens, const bf16_t* __restrict__ table, flo
         for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = bf16_to_float(row[i]);
     }
 }
+
+// Row gather in the fp32 residual stream: out[r, :] = src[rows[r], :] (the tokens whose logits a step
+// wants). One CTA per output row; a row index outside [0, T) gives a NaN row.
+extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
+gather_rows_f32(const int* __restrict__ rows, const float* __restrict__ src, float* __restrict__ out,
+                int H, int T) {
+    const int r = blockIdx.x;
+    const int s = rows[r];
+    float* o = out + (size_t)r * H;
+    if (s < 0 || s >= T) {
+        const float nan = __uint_as_float(0x7fc00000u);
+        for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = nan;
+        return;
+    }
+    const float* x = src + (size_t)s * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = x[i];
+}

@@ -25,3 +25,16 @@ def embed(tokens, table, out=None):
     vec8 = H % 8 == 0 and table.data.ptr % 16 == 0 and out.data.ptr % 16 == 0
     kernel("embed", "embed_bf16")((T,), (THREADS,), (tokens, table, out, np.int32(H), np.int32(V), np.int32(vec8)))
     return out
+
+
+def gather_rows(rows, src, out=None):
+    """out [R, H] float32 = src [T, H] float32 rows `rows` [R] int32 (NaN rows for indices outside T)."""
+    import cupy
+
+    check(rows, "rows", cupy.int32, ndim=1)
+    check(src, "src", cupy.float32, ndim=2)
+    (R,), (T, H) = rows.shape, src.shape
+    out = out_or_new(out, "out", (R, H), cupy.float32)
+    if R and H:
+        kernel("embed", "gather_rows_f32")((R,), (THREADS,), (rows, src, out, np.int32(H), np.int32(T)))
+    return out

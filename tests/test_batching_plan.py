@@ -1,0 +1,31 @@
+"""plan_memory sizes the batch from free GPU memory (pure arithmetic: runs without a GPU)."""
+import pytest
+
+from gptoss.batching import plan_memory
+from gptoss.config import GPT_OSS_20B, TINY
+from gptoss.model import KVCache, ModelTooLargeError, activation_bytes_per_token
+
+
+def test_too_little_memory_names_the_numbers():
+    with pytest.raises(ModelTooLargeError, match=r"needs [0-9.]+ GiB .* [0-9.]+ GiB is left"):
+        plan_memory(GPT_OSS_20B, free_bytes=2 << 30, capacity=131072, wanted_slots=8)
+
+
+def test_plan_fits_and_grows_with_memory():
+    small = plan_memory(GPT_OSS_20B, free_bytes=20 << 30, capacity=2048, wanted_slots=100000)
+    large = plan_memory(GPT_OSS_20B, free_bytes=60 << 30, capacity=2048, wanted_slots=100000)
+    assert 0 < small.slots < large.slots
+    for plan, free in ((small, 20 << 30), (large, 60 << 30)):
+        assert plan.kv_bytes + plan.activation_bytes <= free - (1 << 30)
+        assert plan.kv_bytes == (plan.slots + 1) * KVCache.bytes_per_slot(GPT_OSS_20B, 2048, 1024)
+
+
+def test_plan_respects_the_cap():
+    plan = plan_memory(TINY, free_bytes=8 << 30, capacity=64, wanted_slots=5)
+    assert plan.slots == 5
+    assert plan.max_step_tokens >= 5
+
+
+def test_activation_count_covers_router_partials():
+    cfg = GPT_OSS_20B
+    assert activation_bytes_per_token(cfg) >= 4 * cfg.num_experts * 4 + cfg.hidden_size * 4
