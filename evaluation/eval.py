@@ -101,14 +101,15 @@ def load_thresholds(path: str, model_key: str) -> dict:
     return entry
 
 
-def score_prompts(sub_ids, ref_ids, sub_texts, ref_texts) -> list[dict]:
-    """Per prompt: token metrics, first divergence, METEOR and chrF."""
+def score_prompts(sub_ids, ref_ids, sub_texts, ref_texts, text_metrics=None) -> list[dict]:
+    """Per prompt: token metrics, first divergence, and the text metrics (default METEOR and chrF)."""
+    text_metrics = TEXT_METRICS if text_metrics is None else text_metrics
     rows = []
     for n, (s, r, st, rt) in enumerate(zip(sub_ids, ref_ids, sub_texts, ref_texts)):
         row = {"prompt": n + 1, "sub_tokens": len(s), "ref_tokens": len(r),
                "first_divergence": metrics.first_divergence(s, r)}
         row.update({name: fn(s, r) for name, fn in PAIR_METRICS.items()})
-        row.update({name: fn(st, rt) for name, fn in TEXT_METRICS.items()})
+        row.update({name: fn(st, rt) for name, fn in text_metrics.items()})
         rows.append(row)
     return rows
 
@@ -164,11 +165,15 @@ def format_details(rows: list[dict]) -> str:
         div = "-" if row["first_divergence"] is None else str(row["first_divergence"])
         line = f"{row['prompt']:>6} {row['ref_tokens']:>5} {row['sub_tokens']:>5} " \
                f"{'yes' if row['exact_match'] else 'no':>5} {row['common_prefix']:>6} {div:>8} " \
-               f"{row['meteor']:>8.4f} {row['chrf']:>8.4f}"
+               f"{_cell(row, 'meteor')} {_cell(row, 'chrf')}"
         if has_bert:
             line += f" {row['bertscore_f1']:>9.4f}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _cell(row: dict, key: str) -> str:
+    return f"{row[key]:>8.4f}" if key in row else f"{'-':>8}"
 
 
 def divergence_text(rows: list[dict]) -> str:
@@ -192,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", action="store_true", help="also print a table of per-prompt scores")
     p.add_argument("--json", dest="json_path", default=None,
                    help="also write the means, per-prompt scores and threshold results as JSON here")
+    p.add_argument("--meteor", choices=("auto", "off", "require"), default="auto",
+                   help="auto: compute METEOR when nltk and WordNet are installed (required when the "
+                        "model's thresholds include METEOR), else skip it with a note (default); off: "
+                        "skip it; require: fail (exit 2) without it")
     p.add_argument("--bertscore", choices=("auto", "off", "require"), default="auto",
                    help="auto: compute BERTScore F1 when bert-score and a model are installed, else "
                         "skip it with a note (default); off: skip it; require: fail (exit 2) "
@@ -244,22 +253,44 @@ def read_outputs(args) -> tuple[list, list, list[str], list[str]]:
     return sub_ids, ref_ids, [tok.decode(ids) for ids in sub_ids], [tok.decode(ids) for ids in ref_ids]
 
 
+def choose_text_metrics(args, thresholds: dict) -> tuple[dict, list[str]]:
+    """The text metrics this machine can compute: (metrics, notes on those skipped). A metric the
+    thresholds need, or that --meteor require asks for, is an error when it cannot run."""
+    from evaluation.wordnet_setup import WordNetMissing, ensure_wordnet
+
+    chosen, notes = {}, []
+    if args.meteor != "off":
+        try:
+            ensure_wordnet()
+            chosen["meteor"] = TEXT_METRICS["meteor"]
+        except (WordNetMissing, ImportError) as e:
+            if args.meteor == "require" or "meteor" in thresholds:
+                raise EvalError(f"METEOR: {e} (pip install -r requirements-eval.txt; bash .ci/install-eval.sh)") from None
+            notes.append(f"METEOR not computed: {e}")
+    try:
+        import sacrebleu  # noqa: F401
+        chosen["chrf"] = TEXT_METRICS["chrf"]
+    except ImportError:
+        if "chrf" in thresholds:
+            raise EvalError("chrF: sacrebleu is not installed (pip install -r requirements-eval.txt)") from None
+        notes.append("chrF not computed: sacrebleu is not installed")
+    return chosen, notes
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from evaluation.wordnet_setup import WordNetMissing, ensure_wordnet
 
     try:
         thresholds = load_thresholds(args.threshold, args.model)
         bert = choose_bertscore_model(args)
         sub_ids, ref_ids, sub_texts, ref_texts = read_outputs(args)
-        try:
-            ensure_wordnet()
-        except WordNetMissing as e:
-            raise EvalError(f"METEOR: {e}") from None
+        text_metrics, skipped = choose_text_metrics(args, thresholds)
     except EvalError as e:
         return fail(str(e))
+    for note in skipped:
+        print(f"eval.py: note: {note}", file=sys.stderr)
 
-    rows = score_prompts(sub_ids, ref_ids, sub_texts, ref_texts)
+    rows = score_prompts(sub_ids, ref_ids, sub_texts, ref_texts, text_metrics)
     if bert:
         from evaluation.bertscore import bertscore_f1
 

@@ -239,7 +239,7 @@ class GPUModel:
     decode steps use for their unused rows) of up to `capacity` positions."""
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
-                 max_chunk: int):
+                 max_chunk: int, max_rows: int | None = None):
         from .ops.attention import rope_table
 
         self.w = weights
@@ -249,7 +249,8 @@ class GPUModel:
         self.max_step_tokens = max(max_step_tokens, decode_batch_bucket(slots))
         self.cache = KVCache(cfg, slots + 1, capacity, max_chunk)
         self.rope = rope_table(cfg, capacity)
-        self.buf = StepBuffers(cfg, self.max_step_tokens, decode_batch_bucket(slots))
+        rows = max(decode_batch_bucket(slots), max_rows or 0)  # logit rows a step may ask for
+        self.buf = StepBuffers(cfg, self.max_step_tokens, rows)
         self._graphs: dict = {}  # (padded batch, key bound) -> (graph, attention batch)
         self._decode_ws = None  # the attention decode partials, shared by every graph
 

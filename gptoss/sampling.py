@@ -66,8 +66,9 @@ def top_p_mask(p: np.ndarray, top_p: float) -> np.ndarray:
     if top_p >= 1.0:
         return np.ones(p.shape, dtype=bool)
     descending = np.sort(p)[::-1]
-    running = np.cumsum(descending, dtype=np.float32)
-    reached = np.flatnonzero(running >= top_p)
+    # sums in float64: near-exact, like the GPU kernel's 64-bit fixed point (fp32 drifts over 201k ids)
+    running = np.cumsum(descending, dtype=np.float64)
+    reached = np.flatnonzero(running >= np.float64(top_p))
     if reached.size == 0:
         return np.ones(p.shape, dtype=bool)
     return p >= descending[reached[0]]
@@ -79,8 +80,8 @@ def sample_row(logits: np.ndarray, params: SamplingParams, sequence: int, step: 
         return int(np.argmax(logits))  # np.argmax takes the first of equal maxima: the lowest id
     p = softmax_f32(logits, params.temperature)
     kept = top_p_mask(p, params.top_p)
-    running = np.cumsum(np.where(kept, p, np.float32(0.0)), dtype=np.float32)
-    target = np.float32(sample_uniform(params.seed, sequence, step)) * running[-1]
+    running = np.cumsum(np.where(kept, p, np.float32(0.0)), dtype=np.float64)
+    target = np.float64(sample_uniform(params.seed, sequence, step)) * running[-1]
     above = np.flatnonzero((running > target) & kept)
     if above.size:
         return int(above[0])

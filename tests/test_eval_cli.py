@@ -168,3 +168,20 @@ def test_make_reference_then_eval_on_a_tiny_model(tmp_path, tok):
     assert run_eval("-m", "synthetic", "-s", str(tmp_path / "b.txt"), "-r", str(tmp_path / "a.txt"),
                     "--json", str(scores)) == 0
     assert json.loads(scores.read_text())["means"]["exact_match"] == 1.0
+
+
+def test_missing_text_metric_packages(tmp_path, tok, capsys, monkeypatch):
+    """Without nltk/sacrebleu: thresholds that do not need them still run (with a note); a METEOR
+    threshold is a clear error (exit 2), never a traceback."""
+    monkeypatch.setitem(sys.modules, "nltk", None)  # import nltk raises ImportError
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    ref = write_ids(tmp_path / "ref.txt", tok, [TEXT_A, TEXT_C])
+    sub = write_ids(tmp_path / "sub.txt", tok, [TEXT_A, TEXT_B])
+    out = tmp_path / "scores.json"
+    assert run_eval("-m", "synthetic", "-s", sub, "-r", ref, "--details", "--json", str(out)) == 0
+    captured = capsys.readouterr()
+    assert "METEOR not computed" in captured.err and "chrF not computed" in captured.err
+    means = json.loads(out.read_text())["means"]
+    assert "meteor" not in means and means["exact_match"] == 0.5
+    assert run_eval("-m", "20b", "-s", sub, "-r", ref) == 2
+    assert "METEOR" in capsys.readouterr().err

@@ -28,7 +28,7 @@ def make(cfg, experts, seed=0, slots=4, capacity=None, chunk=256):
     w = random_weights(cfg, experts, seed=seed)
     capacity = capacity or cfg.max_context
     model = GPUModel(DeviceWeights(w, progress=False), slots=slots, capacity=capacity,
-                     max_step_tokens=chunk * 2, max_chunk=chunk)
+                     max_step_tokens=chunk * 2, max_chunk=chunk, max_rows=chunk * 2)
     return w, model
 
 
