@@ -143,7 +143,7 @@ class KVCache:
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """GPU bytes one token of a step needs in StepBuffers (a slight over-count)."""
     H, k, E = cfg.hidden_size, cfg.experts_per_token, cfg.num_experts
-    return (3 * 4 + H * 4 + H * 2 + cfg.qkv_size * 2 + 2 * cfg.q_size * 2 + H * 2  # ids, x, t, qkv, q, attn, o
+    return (3 * 4 + H * 4 + H * 2 + H * 4 + cfg.qkv_size * 2 + 2 * cfg.q_size * 2 + H * 2  # ids, x, t, t32, qkv, q, attn, o
             + k * (cfg.intermediate_size * 2 + H * 4 + 12) + 4 * E * 4)  # moe: y, out, slots; router partials
 
 
@@ -209,6 +209,7 @@ class StepBuffers:
         self.rows = cupy.zeros(R, i32)
         self.x = cupy.empty((T, H), f32)  # residual stream
         self.t = cupy.empty((T, H), u16)  # normed input of the next matmul
+        self.t32 = cupy.empty((T, H), f32)  # the MoE's normed input unrounded: the router reads it
         self.qkv = cupy.empty((T, cfg.qkv_size), u16)
         self.q = cupy.empty((T, cfg.num_heads, cfg.head_dim), u16)
         self.attn = cupy.empty((T, cfg.q_size), u16)
@@ -267,7 +268,7 @@ class GPUModel:
         mark = prof.mark if prof is not None else (lambda name: None)
         eps = cfg.rms_norm_eps
         positions, slots = b.positions[:T], b.slots[:T]
-        x, t, qkv, q, attn, o = b.x[:T], b.t[:T], b.qkv[:T], b.q[:T], b.attn[:T], b.o[:T]
+        x, t, t32, qkv, q, attn, o = b.x[:T], b.t[:T], b.t32[:T], b.qkv[:T], b.q[:T], b.attn[:T], b.o[:T]
         E.embed(b.tokens[:T], w.embedding, out=x)
         N.rmsnorm(x, w.layers[0].attn_norm, eps, out=t)
         mark("embed + norm")
@@ -280,24 +281,25 @@ class GPUModel:
             mark("attention full" if layer.window == 0 else "attention sliding")
             G.linear(attn, layer.out_w, layer.out_b, out=o)
             mark("out gemm")
-            N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t)  # x += o; t = norm(x)
+            N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t, out_f32=t32)  # x += o; t = norm(x)
             mark("add + norm")
+            # x += sum_j weight_j * expert_j(t); the router reads t unrounded (bf16 flips near-ties)
             if prof is None:
-                M.moe(x, t, layer, cfg, workspace=b.moe)  # x += sum_j weight_j * expert_j(t)
+                M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32)
             else:
-                self._moe_profiled(x, t, layer, mark)
+                self._moe_profiled(x, t, t32, layer, mark)
             if i + 1 < len(w.layers):
                 N.rmsnorm(x, w.layers[i + 1].attn_norm, eps, out=t)
                 mark("add + norm")
 
-    def _moe_profiled(self, x, t, layer, mark) -> None:
+    def _moe_profiled(self, x, t, t32, layer, mark) -> None:
         """moe() split into its kernels, each timed (the same launches as ops.moe.moe)."""
         from .ops import moe as M
 
         cfg = self.cfg
         T, H = t.shape
         (ex, wt), scratch, d, y, out = self.buf.moe.views(T, H, cfg.intermediate_size)
-        experts, weights = M.route(t, layer.gate_w, layer.gate_b, cfg.experts_per_token, out=(ex, wt), scratch=scratch)
+        experts, weights = M.route(t32, layer.gate_w, layer.gate_b, cfg.experts_per_token, out=(ex, wt), scratch=scratch)
         mark("router")
         d = M.dispatch(experts, cfg.num_experts, out=d)
         mark("moe dispatch")
@@ -454,11 +456,16 @@ class GPUModel:
 
 
 class Profile:
-    """CUDA events recorded after each launch; totals() sums the gaps per name, in milliseconds."""
+    """CUDA events recorded after each launch; totals() sums the gaps per name, in milliseconds.
+    The GPU first spins for hold_cycles (about 100 ms) while the host queues the whole step, so the
+    gaps are kernel time, not launch overhead."""
 
-    def __init__(self):
+    def __init__(self, hold_cycles: int = 200_000_000):
         import cupy
 
+        from .kernels import kernel
+
+        kernel("util", "spin_wait")((1,), (1,), (np.int64(hold_cycles),))
         self.events = [("start", cupy.cuda.Event())]
         self.events[0][1].record()
 

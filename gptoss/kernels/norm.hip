@@ -2,7 +2,9 @@
 // that precedes it:
 //     rmsnorm:      t = bf16(x / sqrt(mean(x^2) + eps) * scale)
 //     add_rmsnorm:  x += delta (in place), then t = rmsnorm(x)
-// One CTA per row, fp32 math, one rounding to bf16 at the end. A row's result depends only on that row
+// One CTA per row, fp32 math, one rounding to bf16 at the end. When out32 is not null the unrounded
+// fp32 result goes there too (the MoE router reads it: a bf16-rounded router input flips near-tied
+// expert choices, the largest single error of a bf16 forward against the fp32 reference). A row's result depends only on that row
 // (the reduction order is fixed by the block size), so it is the same whatever the batch.
 #include "common.h"
 
@@ -29,7 +31,8 @@ DEVICE void store4_bf16(bf16_t* p, float4 v) {
 // add needs no barrier between the two loops.
 template <bool ADD, typename D, typename S>
 DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, const S* __restrict__ scale,
-                        bf16_t* __restrict__ out, int H, float eps, int vec, float* scratch) {
+                        bf16_t* __restrict__ out, float* __restrict__ out32, int H, float eps, int vec,
+                        float* scratch) {
     const size_t off = (size_t)blockIdx.x * H;
     float* xr = x + off;
     bf16_t* orow = out + off;
@@ -58,10 +61,16 @@ DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, cons
     if (vec) {
         for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
             const float4 v = load4(xr + i), s = load4(scale + i);
-            store4_bf16(orow + i, make_float4(v.x * r * s.x, v.y * r * s.y, v.z * r * s.z, v.w * r * s.w));
+            const float4 y = make_float4(v.x * r * s.x, v.y * r * s.y, v.z * r * s.z, v.w * r * s.w);
+            store4_bf16(orow + i, y);
+            if (out32) *reinterpret_cast<float4*>(out32 + off + i) = y;
         }
     } else {
-        for (int i = threadIdx.x; i < H; i += blockDim.x) orow[i] = float_to_bf16(xr[i] * r * load1(scale, i));
+        for (int i = threadIdx.x; i < H; i += blockDim.x) {
+            const float y = xr[i] * r * load1(scale, i);
+            orow[i] = float_to_bf16(y);
+            if (out32) out32[off + i] = y;
+        }
     }
 }
 
@@ -69,18 +78,19 @@ DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, cons
 #define RMSNORM_KERNEL(SNAME, S)                                                                       \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                       \
     rmsnorm_##SNAME(const float* __restrict__ x, const S* __restrict__ scale, bf16_t* __restrict__ out, \
-                    int H, float eps, int vec) {                                                       \
+                    float* __restrict__ out32, int H, float eps, int vec) {                            \
         __shared__ float scratch[32];                                                                  \
-        rmsnorm_row<false, float, S>(const_cast<float*>(x), nullptr, scale, out, H, eps, vec, scratch); \
+        rmsnorm_row<false, float, S>(const_cast<float*>(x), nullptr, scale, out, out32, H, eps, vec,   \
+                                     scratch);                                                         \
     }
 
 #define ADD_RMSNORM_KERNEL(DNAME, D, SNAME, S)                                                         \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                       \
     add_rmsnorm_##DNAME##_##SNAME(float* __restrict__ x, const D* __restrict__ delta,                  \
-                                  const S* __restrict__ scale, bf16_t* __restrict__ out, int H,         \
-                                  float eps, int vec) {                                                 \
+                                  const S* __restrict__ scale, bf16_t* __restrict__ out,                \
+                                  float* __restrict__ out32, int H, float eps, int vec) {               \
         __shared__ float scratch[32];                                                                  \
-        rmsnorm_row<true, D, S>(x, delta, scale, out, H, eps, vec, scratch);                           \
+        rmsnorm_row<true, D, S>(x, delta, scale, out, out32, H, eps, vec, scratch);                    \
     }
 
 RMSNORM_KERNEL(f32, float)

@@ -25,9 +25,16 @@
 // owns tokens 4q..4q+3 of the tile and expert e: per h it reads one float4 of t (the same for the 32
 // threads of a group: a broadcast) and one w value, for four FMAs.
 // partial: [ROUTER_SPLITS, T, E] float32.
-extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
-router_logits(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ partial,
-              int T, int E, int H) {
+// t is bf16 (router_logits) or fp32 (router_logits_f32: the unrounded normed activations).
+DEVICE float4 router_load4(const bf16_t* p) {
+    const uint2 q = *reinterpret_cast<const uint2*>(p);  // 4 bf16 = 8 bytes
+    return make_float4(bf16x2_lo(q.x), bf16x2_hi(q.x), bf16x2_lo(q.y), bf16x2_hi(q.y));
+}
+DEVICE float4 router_load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+template <typename TIn>
+DEVICE void router_logits_tile(const TIn* __restrict__ t, const bf16_t* __restrict__ w,
+                               float* __restrict__ partial, int T, int E, int H) {
     __shared__ __align__(16) float st[ROUTER_HC][ROUTER_TT];  // [h][token]
     __shared__ float sw[ROUTER_HC][ROUTER_TE + 1];            // [h][expert]
     const int tid = threadIdx.x;
@@ -39,18 +46,18 @@ router_logits(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float*
     // loader: thread -> (row = tid / 8, 4 consecutive h at (tid % 8) * 4), for t and for w
     const int lr = tid / 8, lh = (tid % 8) * 4;
     const bool t_ok = t0 + lr < T, w_ok = e0 + lr < E;
-    const bf16_t* tp = t + (size_t)(t_ok ? t0 + lr : 0) * H + lh;
+    const TIn* tp = t + (size_t)(t_ok ? t0 + lr : 0) * H + lh;
     const bf16_t* wp = w + (size_t)(w_ok ? e0 + lr : 0) * H + lh;
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int c = c_begin; c < c_end; ++c) {
         const int h0 = c * ROUTER_HC;
         // 4 bf16 = 8 bytes (rows start 64-byte aligned: H % 32 == 0 and the launcher checks the bases)
-        const uint2 tq = t_ok ? *reinterpret_cast<const uint2*>(tp + h0) : make_uint2(0u, 0u);
+        const float4 tq = t_ok ? router_load4(tp + h0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const uint2 wq = w_ok ? *reinterpret_cast<const uint2*>(wp + h0) : make_uint2(0u, 0u);
         __syncthreads();  // the previous chunk's readers are done
-        st[lh + 0][lr] = bf16x2_lo(tq.x); st[lh + 1][lr] = bf16x2_hi(tq.x);
-        st[lh + 2][lr] = bf16x2_lo(tq.y); st[lh + 3][lr] = bf16x2_hi(tq.y);
+        st[lh + 0][lr] = tq.x; st[lh + 1][lr] = tq.y;
+        st[lh + 2][lr] = tq.z; st[lh + 3][lr] = tq.w;
         sw[lh + 0][lr] = bf16x2_lo(wq.x); sw[lh + 1][lr] = bf16x2_hi(wq.x);
         sw[lh + 2][lr] = bf16x2_lo(wq.y); sw[lh + 3][lr] = bf16x2_hi(wq.y);
         __syncthreads();
@@ -71,6 +78,18 @@ router_logits(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float*
             if (tok < T) partial[((size_t)blockIdx.z * T + tok) * E + e] = acc[i];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
+router_logits(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ partial,
+              int T, int E, int H) {
+    router_logits_tile<bf16_t>(t, w, partial, T, E, H);
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
+router_logits_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ partial,
+                  int T, int E, int H) {
+    router_logits_tile<float>(t, w, partial, T, E, H);
 }
 
 // ---- top-k and softmax --------------------------------------------------------------------------

@@ -217,13 +217,15 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
 # ---- route -------------------------------------------------------------------------------------------
 
 def route(t, router_w, router_b, k: int, out=None, scratch=None):
-    """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16, router_w [E, H] bf16,
+    """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16 or float32, router_w [E, H] bf16,
     router_b [E] bf16: logits in fp32 (summed in a fixed order), top k by decreasing logit (ties to the
     lower expert index), softmax over the k. `out` = (experts, weights) to fill; `scratch` float32
     [ROUTER_SPLITS * T * E] for the partial sums (allocated when None)."""
     import cupy
 
-    check(t, "t", cupy.uint16, ndim=2)
+    if t.dtype != cupy.float32:
+        check(t, "t", cupy.uint16, ndim=2)
+    check(t, "t", t.dtype, ndim=2)
     T, H = t.shape
     check(router_w, "router_w", cupy.uint16, ndim=2)
     E = router_w.shape[0]
@@ -235,9 +237,9 @@ def route(t, router_w, router_b, k: int, out=None, scratch=None):
         raise ValueError(f"k = {k} must be in 1..min({TOPK_MAX}, E = {E})")
     if E > MAX_EXPERTS:
         raise ValueError(f"at most {MAX_EXPERTS} experts are supported, got {E}")
-    for a, n in ((t, "t"), (router_w, "router_w")):
-        if a.data.ptr % 8:
-            raise ValueError(f"{n}: base address must be 8-byte aligned")
+    for a, n, align in ((t, "t", 4 * t.itemsize), (router_w, "router_w", 8)):
+        if a.data.ptr % align:
+            raise ValueError(f"{n}: base address must be {align}-byte aligned")
     experts, weights = (None, None) if out is None else out
     experts = out_or_new(experts, "experts", (T, k), cupy.int32)
     weights = out_or_new(weights, "weights", (T, k), cupy.float32)
@@ -248,7 +250,8 @@ def route(t, router_w, router_b, k: int, out=None, scratch=None):
     elif scratch.dtype != cupy.float32 or scratch.size < ROUTER_SPLITS * T * E or not scratch.flags.c_contiguous:
         raise ValueError(f"scratch: need a contiguous float32 array of at least {ROUTER_SPLITS * T * E}")
     grid = (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
-    kernel("routing", "router_logits")(grid, (256,), (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
+    name = "router_logits_f32" if t.dtype == cupy.float32 else "router_logits"
+    kernel("routing", name)(grid, (256,), (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
     warp = 64 if _is_hip() else 32
     per_block = TOPK_THREADS // warp
     kernel("routing", "router_topk")((-(-T // per_block),), (TOPK_THREADS,),
@@ -451,8 +454,9 @@ def _layer_attr(layer, *names):
 
 
 def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = None, alpha: float | None = None,
-        workspace: MoEWorkspace | None = None, bm: int | None = None):
+        workspace: MoEWorkspace | None = None, bm: int | None = None, router_input=None):
     """x [T, H] float32 += sum_j weight_j * expert_j(t), t [T, H] bf16 (the normed input).
+    router_input: the same normed input unrounded, float32 [T, H], for the router (default t).
 
     `layer` has router_w (or gate_w) [E, H], router_b (or gate_b) [E], w1 [E, 2I, H] and w2 [E, H, I]
     (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
@@ -471,10 +475,11 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     I = expert_matrix(w2, "w2").C
     if workspace is not None:
         (ex, wt), scratch, d, y, out = workspace.views(T, H, I)
-        experts, weights = route(t, router_w, router_b, k, out=(ex, wt), scratch=scratch)
+        experts, weights = route(t if router_input is None else router_input, router_w, router_b, k,
+                                 out=(ex, wt), scratch=scratch)
         d = dispatch(experts, E, out=d)
     else:
-        experts, weights = route(t, router_w, router_b, k)
+        experts, weights = route(t if router_input is None else router_input, router_w, router_b, k)
         d = dispatch(experts, E)
         y = out = None
     y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm)

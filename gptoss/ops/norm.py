@@ -31,23 +31,36 @@ def _vec4(H: int, x, out, *others) -> bool:
     return H % 4 == 0 and _aligned(x, 16) and _aligned(out, 8) and all(_aligned(a, 4 * a.itemsize) for a in others)
 
 
-def rmsnorm(x, scale, eps: float, out=None):
-    """t [T, H] bf16 = rmsnorm(x [T, H] float32) * scale [H] (bf16 or float32)."""
+def _out32(out_f32, T: int, H: int):
+    """The optional fp32 copy of the result: (kernel argument, vec4-able)."""
+    import cupy
+
+    if out_f32 is None:
+        return np.uint64(0), True  # a null pointer: the kernel skips the fp32 store
+    check(out_f32, "out_f32", cupy.float32, (T, H))
+    return out_f32, _aligned(out_f32, 16)
+
+
+def rmsnorm(x, scale, eps: float, out=None, out_f32=None):
+    """t [T, H] bf16 = rmsnorm(x [T, H] float32) * scale [H] (bf16 or float32); the same values
+    unrounded into out_f32 [T, H] float32 when given."""
     import cupy
 
     check(x, "x", cupy.float32, ndim=2)
     T, H = x.shape
     sname = _dtype_name(scale, "scale", (H,))
     out = out_or_new(out, "out", (T, H), cupy.uint16)
+    o32, ok32 = _out32(out_f32, T, H)
     if T == 0 or H == 0:
         return out
-    vec = _vec4(H, x, out, scale)
-    kernel("norm", f"rmsnorm_{sname}")((T,), (THREADS,), (x, scale, out, np.int32(H), np.float32(eps), np.int32(vec)))
+    vec = _vec4(H, x, out, scale) and ok32
+    kernel("norm", f"rmsnorm_{sname}")((T,), (THREADS,), (x, scale, out, o32, np.int32(H), np.float32(eps), np.int32(vec)))
     return out
 
 
-def add_rmsnorm(x, delta, scale, eps: float, out=None):
-    """x += delta (in place; delta [T, H] bf16 or float32), then t [T, H] bf16 = rmsnorm(x) * scale."""
+def add_rmsnorm(x, delta, scale, eps: float, out=None, out_f32=None):
+    """x += delta (in place; delta [T, H] bf16 or float32), then t [T, H] bf16 = rmsnorm(x) * scale
+    (unrounded into out_f32 too when given)."""
     import cupy
 
     check(x, "x", cupy.float32, ndim=2)
@@ -55,9 +68,10 @@ def add_rmsnorm(x, delta, scale, eps: float, out=None):
     dname = _dtype_name(delta, "delta", (T, H))
     sname = _dtype_name(scale, "scale", (H,))
     out = out_or_new(out, "out", (T, H), cupy.uint16)
+    o32, ok32 = _out32(out_f32, T, H)
     if T == 0 or H == 0:
         return out
-    vec = _vec4(H, x, out, delta, scale)
+    vec = _vec4(H, x, out, delta, scale) and ok32
     kernel("norm", f"add_rmsnorm_{dname}_{sname}")(
-        (T,), (THREADS,), (x, delta, scale, out, np.int32(H), np.float32(eps), np.int32(vec)))
+        (T,), (THREADS,), (x, delta, scale, out, o32, np.int32(H), np.float32(eps), np.int32(vec)))
     return out

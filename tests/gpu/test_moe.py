@@ -121,6 +121,10 @@ def test_route(T, E, H):
     np.testing.assert_array_equal(cupy.asnumpy(got_e), ref_e)
     assert rel_err(cupy.asnumpy(got_w), ref_w) <= 1e-4
     np.testing.assert_allclose(cupy.asnumpy(got_w).sum(axis=1), 1.0, rtol=1e-5)
+    # the fp32 input path (the model's unrounded normed activations): same values, same bits out
+    e32, w32 = M.route(cupy.asarray(from_bf16_bits(t)), cupy.asarray(w), cupy.asarray(b), k)
+    np.testing.assert_array_equal(cupy.asnumpy(e32), ref_e)
+    np.testing.assert_array_equal(cupy.asnumpy(w32), cupy.asnumpy(got_w))
 
 
 @gpu
@@ -428,7 +432,7 @@ def test_argument_errors():
     d = M.dispatch(experts, E)
     b1 = cupy.asarray(bf16(rng, (E, 2 * I)))
     with pytest.raises(TypeError):
-        M.route(t.astype(cupy.float32), cupy.zeros((E, H), cupy.uint16), cupy.zeros(E, cupy.uint16), 4)
+        M.route(t.astype(cupy.float64), cupy.zeros((E, H), cupy.uint16), cupy.zeros(E, cupy.uint16), 4)
     with pytest.raises(ValueError):
         M.route(t, cupy.zeros((E, H + 32), cupy.uint16), cupy.zeros(E, cupy.uint16), 4)
     with pytest.raises(ValueError):

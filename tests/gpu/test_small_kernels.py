@@ -160,6 +160,13 @@ def test_add_rmsnorm(H, T, scale_dtype, delta_dtype):
     np.testing.assert_array_equal(cupy.asnumpy(x_dev), x + delta_f32)  # fp32 add, in place
     ref = ref_rmsnorm(x + delta_f32, scale_f32(scale), EPS)
     assert rel_err(from_bf16_bits(cupy.asnumpy(got)), ref) <= 1e-2
+    # with the fp32 copy (the router's input): the same t, and fp32 values within 1e-5 of the reference
+    x_dev = cupy.asarray(x)
+    out32 = cupy.full((T, H), np.nan, dtype=cupy.float32)
+    got2 = add_rmsnorm(x_dev, cupy.asarray(delta), cupy.asarray(scale), EPS, out_f32=out32)
+    np.testing.assert_array_equal(cupy.asnumpy(got2), cupy.asnumpy(got))
+    assert rel_err(cupy.asnumpy(out32), ref) <= 1e-5
+    np.testing.assert_array_equal(to_bf16_bits(cupy.asnumpy(out32)), cupy.asnumpy(got))
 
 
 def test_add_rmsnorm_unaligned():
