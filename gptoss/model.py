@@ -12,6 +12,7 @@ import numpy as np
 
 from .bf16 import to_bf16_bits
 from .config import ModelConfig
+from .ops.moe import ROUTER_SPLITS
 
 
 class ModelTooLargeError(RuntimeError):
@@ -144,7 +145,7 @@ def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """GPU bytes one token of a step needs in StepBuffers (a slight over-count)."""
     H, k, E = cfg.hidden_size, cfg.experts_per_token, cfg.num_experts
     return (3 * 4 + H * 4 + H * 2 + H * 4 + cfg.qkv_size * 2 + 2 * cfg.q_size * 2 + H * 2  # ids, x, t, t32, qkv, q, attn, o
-            + k * (cfg.intermediate_size * 2 + H * 4 + 12) + 4 * E * 4)  # moe: y, out, slots; router partials
+            + k * (cfg.intermediate_size * 2 + H * 4 + 12) + ROUTER_SPLITS * E * 4)  # moe: y, out, slots; router partials
 
 
 def logit_row_bytes(cfg: ModelConfig) -> int:

@@ -58,10 +58,21 @@ def test_prefill_logits_match_reference(cfg, experts, n):
     gpu = cupy.asnumpy(model.forward(step))
     assert np.isfinite(gpu).all()
     err = rel_err(gpu, ref)
-    agree = float(np.mean(gpu.argmax(-1) == ref.argmax(-1)))
-    print(f"logits rel err {err:.2e}, argmax agreement {agree:.3f}")
+    pick = gpu.argmax(-1)
+    strict = float(np.mean(pick == ref.argmax(-1)))
+    # A pick counts as agreeing when it is the reference's argmax or ties it within 5% of the row's
+    # logit spread. On these random models 17-20% of rows have a top-two gap under 0.05 std, and the
+    # bf16 forward (roundings at the GEMM inputs, q/k/v, attention output, SwiGLU output) moves logits
+    # by ~1% of their norm, more where a perturbed token flips a near-tied router choice: the float32
+    # reference with exactly those roundings emulated on the CPU disagrees with itself on the same
+    # rows (tiny-real-heads: 0.987 with MXFP4 experts, 0.971 with bf16) at the same errors (8.6e-3,
+    # 1.6e-2) as the GPU. A wrong kernel moves logits by their whole spread and fails both checks.
+    near = ref[np.arange(n), pick] >= ref.max(-1) - 0.05 * ref.std(-1)
+    agree = float(np.mean(near))
+    print(f"logits rel err {err:.2e}, argmax agreement {strict:.3f} (with near-ties {agree:.3f})")
     assert err <= 2e-2
     assert agree >= 0.99
+    assert strict >= 0.95
     assert ref.std(axis=-1).min() > 0.1  # the logits are not flat: the comparison means something
 
 
