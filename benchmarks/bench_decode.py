@@ -31,6 +31,13 @@ def active_params(cfg) -> int:
     return cfg.num_layers * (attn + moe) + cfg.vocab_size * H
 
 
+def print_profile(prof: dict, what: str) -> None:
+    total = sum(prof.values())
+    print(f"  {what}, per kernel family ({total:.2f} ms of GPU time, launches queued ahead):")
+    for name, ms in sorted(prof.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:32s} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt-oss-20b", help="model shape (gptoss.config.PRESETS)")
@@ -81,6 +88,10 @@ def main(argv=None) -> int:
     print(f"prefill {args.prompt_len} tokens: {prefill_s * 1e3:.1f} ms, {args.prompt_len / prefill_s:,.0f} tokens/s, "
           f"{flops / prefill_s / 1e12:.0f} TFLOP/s in matmuls (of ~{H100_BF16_TFLOPS:.0f})", flush=True)
 
+    prof = model.profile(step)
+    results["prefill_profile"] = prof
+    print_profile(prof, f"one prefill step of {args.prompt_len} tokens")
+
     # decode: fill the caches with --context tokens (chunked prefill over all slots), then time steps
     contexts = rng.integers(0, cfg.vocab_size, (max_b, args.context)).astype(np.int32)
     per_step = max(1, args.prompt_len // args.context) if args.context <= args.prompt_len else 1
@@ -110,11 +121,8 @@ def main(argv=None) -> int:
         print(f"decode batch {b:5d} (context {args.context}): {step_ms:7.2f} ms/step, {tps:10,.1f} tokens/s "
               f"(graphs {'on' if args.graphs else 'off'})", flush=True)
         prof = model.profile(StepBatch.decode(tokens, positions + 1, slots))
-        total = sum(prof.values())
         results["profile"][b] = prof
-        print(f"  one eager step, per kernel family ({total:.2f} ms of GPU time):")
-        for name, ms in sorted(prof.items(), key=lambda kv: -kv[1]):
-            print(f"    {name:32s} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
+        print_profile(prof, f"one decode step at batch {b}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
