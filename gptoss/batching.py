@@ -18,7 +18,7 @@ from .model import (DeviceWeights, GPUModel, KVCache, ModelTooLargeError, Sample
                     activation_bytes_per_token, decode_batch_bucket, free_gpu_memory, logit_row_bytes)
 from .sampling import SamplingParams
 
-PREFILL_CHUNK = 1024  # most prompt tokens of one sequence per step (also sizes the sliding-layer ring)
+PREFILL_CHUNK = 256  # most prompt tokens of one sequence per step; sliding layers keep a ring of window + this
 STEP_PREFILL_TOKENS = 4096  # most prefill tokens per step, over all sequences
 HEADROOM = 1 << 30  # GPU memory left unplanned (CuPy pool fragmentation, kernels' own scratch)
 
