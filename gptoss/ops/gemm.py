@@ -7,8 +7,8 @@ Variants (tile shapes of one kernel body) and how one is picked from (M, N):
 - M <= 64 (decode): "d{BM}x{BN}": BM = 16/32/64 covers all rows in one row tile, BN is the widest of
   64/32/16 that still gives at least one CTA per SM (N = 2880 -> 16, 5120 -> 32, 201088 -> 64), 8 for the
   tiny N of the router; these stream W through a deep cp.async ring (memory bound).
-- M > 64: "256x128", "128x128", "64x128" or "64x64", by a small model of the time: waves of CTAs over the
-  SMs times the tile's area over its relative efficiency (_EFFICIENCY); big tiles win once they fill the GPU.
+- M > 64: "128x128" when it makes at least two waves of tiles, else "64x64" (measured on H100 with
+  benchmarks/kernel_gemm.py --sweep; "256x128" and "64x128" stay available for the sweep).
 Every variant accumulates an element in the same order (k16 steps in increasing k), so a row's result is
 bit-identical whatever M is and whichever variant runs (batch invariance; docs/DESIGN.md).
 """
@@ -62,9 +62,6 @@ VARIANTS = {
     "d64x64": Variant(64, 64, 128, 2, 2, 3),
 }
 LARGE = ("256x128", "128x128", "64x128", "64x64")
-# Relative tensor-core efficiency per CTA-tile area (bigger warp tiles and CTA tiles reuse more of each
-# shared-memory and L2 byte). Estimates, to be tuned against benchmarks/kernel_gemm.py --sweep.
-_EFFICIENCY = {"256x128": 1.0, "128x128": 0.9, "64x128": 0.8, "64x64": 0.6}
 _OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
 
 
@@ -83,14 +80,11 @@ def pick_variant(M: int, N: int, sms: int = 132) -> str:
             # each column tile re-reads the M real rows of x from L2: keep that below ~2x W's bytes
             bn = max(bn, min(64, bm // 2))
         return f"d{bm}x{bn}"
-    best, best_t = LARGE[0], float("inf")
-    for name in LARGE:
-        v = VARIANTS[name]
-        waves = _cdiv(_cdiv(M, v.bm) * _cdiv(N, v.bn), sms)
-        t = waves * v.bm * v.bn / _EFFICIENCY[name]
-        if t < best_t:
-            best, best_t = name, t
-    return best
+    # Measured on H100 (benchmarks/kernel_gemm.py --sweep, docs/notes/gemm.md): 128x128 (2 CTAs per SM)
+    # is the fastest once it has two waves of tiles; with fewer, 64x64 (3 per SM) fills the GPU better.
+    if _cdiv(M, 128) * _cdiv(N, 128) >= 2 * sms:
+        return "128x128"
+    return "64x64"
 
 
 @functools.lru_cache(maxsize=None)
