@@ -41,7 +41,8 @@ def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
             "w2": experts(H, I), "b2": bf16((E, H), 0.1)}
 
 
-def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4096), cfg=None) -> list[dict]:
+def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4096), cfg=None,
+          all_tiles: bool = False) -> list[dict]:
     """Rows of benchmarks.common.row for the MoE kernels of one 20b-shaped layer at each T."""
     import cupy
     import numpy as np
@@ -75,7 +76,8 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
                                                                  out=(experts, weights))),
                         flops=2.0 * T * E * H, bytes_moved=E * H * 2 + T * H * 2))
         rows.append(row("dispatch", shape, time_ms(lambda: M.dispatch(experts, E, out=d))))
-        for bm in [bm_auto] + ([b for b in M.TILE_BMS if b != bm_auto] if T in (64, 1024) else []):
+        others = [b for b in M.TILE_BMS if b != bm_auto] if all_tiles or T in (64, 1024) else []
+        for bm in [bm_auto] + others:
             tag = "" if bm == bm_auto else " (other tile)"
             ms1 = time_ms(lambda: M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit,
                                                 cfg.swiglu_alpha, out=y, bm=bm))
@@ -98,9 +100,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", default="mxfp4", choices=("mxfp4", "bf16"))
     p.add_argument("--tokens", default="1,8,64,1024,4096", help="step sizes T, comma-separated")
+    p.add_argument("--preset", default="gpt-oss-20b", help="layer shape (gptoss.config.PRESETS)")
+    p.add_argument("--all-tiles", action="store_true", help="time every tile height at every T")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")])
+    from gptoss.config import PRESETS
+
+    rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")], cfg=PRESETS[args.preset],
+                 all_tiles=args.all_tiles)
     print(f"{'kernel':<24} {'shape':<48} {'ms':>9} {'TFLOP/s':>9} {'GB/s':>8}")
     for r in rows:
         print(f"{r['name']:<24} {r['shape']:<48} {r['ms']:>9.4f} {r['tflops']:>9.1f} {r['gbps']:>8.0f}")
