@@ -151,8 +151,13 @@ class ModelConfig:
             "swiglu_limit": self.swiglu_limit, "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_context, "attention_bias": True,
             "attention_dropout": 0.0, "hidden_act": "silu", "tie_word_embeddings": False,
-            "eos_token_id": 200002, "pad_token_id": 199999, "torch_dtype": "bfloat16",
+            "torch_dtype": "bfloat16",
         }
+        # the real models' <|return|> and <|endoftext|>; a tiny vocabulary has no such ids (and
+        # transformers refuses a pad id outside the vocabulary)
+        for key, token in (("eos_token_id", 200002), ("pad_token_id", 199999)):
+            if token < self.vocab_size:
+                d[key] = token
         if quantized_experts:
             d["quantization_config"] = {
                 "quant_method": "mxfp4",
