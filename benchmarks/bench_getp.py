@@ -39,11 +39,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("-n", "--steps", type=int, default=256, help="generated tokens per prompt (--ignore-eos)")
     p.add_argument("-b", "--batch", type=int, default=None, help="cap on sequences in flight")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="most prompt tokens prefilled per step (default gptoss.batching.STEP_PREFILL_TOKENS)")
     p.add_argument("--json", default=None, help="copy getp's JSON record here")
     args = p.parse_args(argv)
 
     import run
+    from gptoss import batching
     from gptoss.config import PRESETS
+
+    if args.prefill_tokens:
+        batching.STEP_PREFILL_TOKENS = args.prefill_tokens
 
     vocab = PRESETS[args.preset].vocab_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,6 +69,12 @@ def main(argv=None) -> int:
           f"{args.min_len}..{args.max_len}), {rec['generated_tokens']} generated in {rec['wall_seconds']} s: "
           f"{rec['tokens_per_second']:,.0f} generated tokens/s, peak GPU memory "
           f"{(rec['peak_gpu_memory_bytes'] or 0) / 2**30:.1f} GiB")
+    eng = rec.get("engine")
+    if eng:
+        print(f"  {eng['slots']} slots of {eng['capacity']} positions; {eng['mixed_steps']} steps with prompt "
+              f"chunks ({eng['prompt_tokens']} prompt tokens + decode tokens) in {eng['mixed_seconds']:.1f} s; "
+              f"{eng['decode_steps']} decode-only steps in {eng['decode_seconds']:.1f} s; "
+              f"{eng['decode_tokens']} decode tokens in all; host scheduling {eng['host_seconds']:.1f} s")
     return 0
 
 

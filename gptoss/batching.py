@@ -7,6 +7,7 @@ token, logits per row), capped by -b.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -92,6 +93,11 @@ class GPUBackend:
         self.config = weights.config
         self.model: GPUModel | None = None
         self.use_graphs = True
+        self.step_prefill_tokens = STEP_PREFILL_TOKENS
+        # seconds and counts of the last generate(): steps with prompt chunks vs decode-only steps
+        # (graph replays), the time each kind took (launch to sampled ids on the host), and the host's
+        # own scheduling time between steps
+        self.stats: dict = {}
 
     def peak_memory_bytes(self) -> int:
         import cupy
@@ -128,6 +134,10 @@ class GPUBackend:
             slots_free = slots_free[-max_batch:]
         waiting = deque(requests)
         running: list[_Seq] = []
+        st = self.stats = {"slots": model.slots, "capacity": model.capacity, "mixed_steps": 0,
+                           "mixed_seconds": 0.0, "prompt_tokens": 0, "decode_steps": 0,
+                           "decode_seconds": 0.0, "decode_tokens": 0, "host_seconds": 0.0}
+        clock = time.perf_counter()
 
         while waiting or running:
             while waiting and slots_free:
@@ -143,7 +153,16 @@ class GPUBackend:
             args = SampleArgs(sampling.temperature, sampling.top_p, sampling.seed,
                               np.asarray([s.req.index for s in order], np.int32),
                               np.asarray([len(s.generated) for s in order], np.int32))
+            t0 = time.perf_counter()
+            st["host_seconds"] += t0 - clock
             ids = model.step(step, args, use_graph=self.use_graphs)
+            clock = time.perf_counter()
+            decode_only = len(step.q_lens) == len(step.tokens)
+            kind = "decode" if decode_only else "mixed"
+            st[f"{kind}_steps"] += 1
+            st[f"{kind}_seconds"] += clock - t0
+            st["decode_tokens"] += sum(1 for n in step.q_lens if n == 1)
+            st["prompt_tokens"] += sum(n for n in step.q_lens if n > 1)
             finished = []
             for seq, token in zip(order, ids.tolist()):
                 if token in stop_ids:
@@ -178,7 +197,7 @@ class GPUBackend:
             order.append(seq)
             seq.cached += 1
             budget -= 1
-        prefill_budget = min(budget, STEP_PREFILL_TOKENS)
+        prefill_budget = min(budget, self.step_prefill_tokens)
         for seq in running:
             if not seq.prefilling or prefill_budget <= 0:
                 continue

@@ -191,6 +191,9 @@ def run_getp(backend, args, sampling, model_path) -> int:
               "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0,
               "peak_gpu_memory_bytes": peak, "backend": backend.name, "model": str(model_path),
               "steps": args.steps, "batch": args.batch}
+    stats = getattr(backend, "stats", None)
+    if stats:
+        record["engine"] = dict(stats)  # where the time went: steps by kind, host vs GPU seconds
     peak_text = f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""
     print(f"getp: {len(prompts)} prompts ({len(todo)} run), {generated} generated tokens in "
           f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {args.output}",
