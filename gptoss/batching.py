@@ -7,6 +7,7 @@ token, logits per row), capped by -b.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,10 +33,7 @@ class _Seq:
     cached: int = 0  # tokens already in the KV cache
     generated: list = field(default_factory=list)
     pending: int | None = None  # the last sampled token, fed at the next step
-
-    @property
-    def prefilling(self) -> bool:
-        return self.cached < len(self.req.prompt_ids)
+    prefilled: bool = False  # the whole prompt is in the cache
 
 
 @dataclass
@@ -90,6 +88,13 @@ class GPUBackend:
         self.device_name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         self.name = f"gpu ({self.device_name})"
         self.weights = DeviceWeights(weights, progress=progress)
+        from .kernels import compile_all
+
+        t0 = time.perf_counter()
+        compile_all()  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
+        if progress and time.perf_counter() - t0 > 2:
+            print(f"compiled the GPU kernels in {time.perf_counter() - t0:.0f} s (cached for later runs)",
+                  file=sys.stderr)
         self.config = weights.config
         self.model: GPUModel | None = None
         self.use_graphs = True
@@ -149,7 +154,7 @@ class GPUBackend:
                 running.append(_Seq(req, slots_free.pop(), budget))
             if not running:
                 break
-            step, order = self._build_step(running, model)
+            step, order, n_decode = self._build_step(running, model)
             args = SampleArgs(sampling.temperature, sampling.top_p, sampling.seed,
                               np.asarray([s.req.index for s in order], np.int32),
                               np.asarray([len(s.generated) for s in order], np.int32))
@@ -157,12 +162,11 @@ class GPUBackend:
             st["host_seconds"] += t0 - clock
             ids = model.step(step, args, use_graph=self.use_graphs)
             clock = time.perf_counter()
-            decode_only = len(step.q_lens) == len(step.tokens)
-            kind = "decode" if decode_only else "mixed"
+            kind = "decode" if n_decode == len(step.tokens) else "mixed"
             st[f"{kind}_steps"] += 1
             st[f"{kind}_seconds"] += clock - t0
-            st["decode_tokens"] += sum(1 for n in step.q_lens if n == 1)
-            st["prompt_tokens"] += sum(n for n in step.q_lens if n > 1)
+            st["decode_tokens"] += n_decode
+            st["prompt_tokens"] += len(step.tokens) - n_decode
             finished = []
             for seq, token in zip(order, ids.tolist()):
                 if token in stop_ids:
@@ -175,47 +179,46 @@ class GPUBackend:
                 yield TokenEvent(seq.req.index, token, done, "length" if done else None)
                 if done:
                     finished.append(seq)
-            for seq in finished:
-                running.remove(seq)
-                slots_free.append(seq.slot)
+            if finished:
+                gone = {id(seq) for seq in finished}
+                running = [seq for seq in running if id(seq) not in gone]
+                slots_free.extend(seq.slot for seq in finished)
 
     def _build_step(self, running: list[_Seq], model: GPUModel):
-        """Decode tokens first, then prefill chunks within the step's token budget."""
-        tokens, positions, slots, q_lens, seq_slots, seq_starts, logit_rows = [], [], [], [], [], [], []
-        order = []  # sequences that get a sampled token this step, in logit-row order
-        budget = model.max_step_tokens
+        """Decode tokens first (sequences whose prompt is in the cache), then prompt chunks within the
+        step's token budget. Returns (step, the sequences that get a token, in logit-row order,
+        the number of decode tokens)."""
+        dec = [s for s in running if s.prefilled]
+        n = len(dec)
+        tokens = [s.pending for s in dec]
+        positions = [s.cached for s in dec]
+        slots = [s.slot for s in dec]
+        for s in dec:
+            s.cached += 1
+        q_lens, seq_slots, seq_starts = [1] * n, list(slots), list(positions)
+        logit_rows, order = list(range(n)), dec
+        budget = min(model.max_step_tokens - n, self.step_prefill_tokens)
         for seq in running:
-            if seq.prefilling:
-                continue
-            tokens.append(seq.pending)
-            positions.append(seq.cached)
-            slots.append(seq.slot)
-            q_lens.append(1)
-            seq_slots.append(seq.slot)
-            seq_starts.append(seq.cached)
-            logit_rows.append(len(tokens) - 1)
-            order.append(seq)
-            seq.cached += 1
-            budget -= 1
-        prefill_budget = min(budget, self.step_prefill_tokens)
-        for seq in running:
-            if not seq.prefilling or prefill_budget <= 0:
+            if budget <= 0:
+                break
+            if seq.prefilled:
                 continue
             prompt = seq.req.prompt_ids
-            n = min(len(prompt) - seq.cached, model.cache.max_chunk, prefill_budget)
             start = seq.cached
-            tokens.extend(prompt[start:start + n])
-            positions.extend(range(start, start + n))
-            slots.extend([seq.slot] * n)
-            q_lens.append(n)
+            m = min(len(prompt) - start, model.cache.max_chunk, budget)
+            tokens.extend(prompt[start:start + m])
+            positions.extend(range(start, start + m))
+            slots.extend([seq.slot] * m)
+            q_lens.append(m)
             seq_slots.append(seq.slot)
             seq_starts.append(start)
-            seq.cached += n
-            prefill_budget -= n
-            if not seq.prefilling:  # the prompt is complete: its last token's logits give token 0
+            seq.cached += m
+            budget -= m
+            if seq.cached == len(prompt):  # the prompt is complete: its last token's logits give token 0
+                seq.prefilled = True
                 logit_rows.append(len(tokens) - 1)
                 order.append(seq)
         step = StepBatch(np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
                          np.asarray(slots, np.int32), q_lens, seq_slots, seq_starts,
                          np.asarray(logit_rows, np.int32))
-        return step, order
+        return step, order, n

@@ -63,3 +63,12 @@ def module(family: str, defines: tuple = ()):
 
 def kernel(family: str, name: str, defines: tuple = ()):
     return module(family, defines).get_function(name)
+
+
+def compile_all() -> list[str]:
+    """Compile (or load from CuPy's disk cache) every family on the current device, so that no
+    compile happens in the middle of timed work. Returns the family names."""
+    names = families()
+    for name in names:
+        module(name)
+    return names
