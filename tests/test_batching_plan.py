@@ -1,7 +1,7 @@
 """plan_memory sizes the batch from free GPU memory (pure arithmetic: runs without a GPU)."""
 import pytest
 
-from gptoss.batching import plan_memory
+from gptoss.batching import PREFILL_CHUNK, plan_memory
 from gptoss.config import GPT_OSS_20B, TINY
 from gptoss.model import KVCache, ModelTooLargeError, activation_bytes_per_token
 
@@ -17,7 +17,7 @@ def test_plan_fits_and_grows_with_memory():
     assert 0 < small.slots < large.slots
     for plan, free in ((small, 20 << 30), (large, 60 << 30)):
         assert plan.kv_bytes + plan.activation_bytes <= free - (1 << 30)
-        assert plan.kv_bytes == (plan.slots + 1) * KVCache.bytes_per_slot(GPT_OSS_20B, 2048, 1024)
+        assert plan.kv_bytes == (plan.slots + 1) * KVCache.bytes_per_slot(GPT_OSS_20B, 2048, PREFILL_CHUNK)
 
 
 def test_plan_respects_the_cap():
