@@ -76,7 +76,6 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
                                                                  out=(experts, weights))),
                         flops=2.0 * T * E * H, bytes_moved=E * H * 2 + T * H * 2))
         rows.append(row("dispatch", shape, time_ms(lambda: M.dispatch(experts, E, out=d))))
-        M.dispatch(experts, E, out=d, bm="all")  # the timing above left only the picked pair's tables
         others = [b for b in M.TILE_BMS if b != bm_auto] if all_tiles or T in (64, 1024) else []
         for bm in [bm_auto] + others:
             tag = "" if bm == bm_auto else " (other tile)"
