@@ -65,7 +65,7 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
         t = (rs.standard_normal((T, H), dtype=cupy.float32).view(cupy.uint32) >> 16).astype(cupy.uint16)
         x = cupy.zeros((T, H), dtype=cupy.float32)
         experts, weights = M.route(t, layer["gate_w"], layer["gate_b"], k)
-        d = M.dispatch(experts, E, bm="all")  # every tile table: the tile heights are compared below
+        d = M.dispatch(experts, E)
         y = M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha)
         out = M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights)
         S = T * k
