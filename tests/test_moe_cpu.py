@@ -403,13 +403,3 @@ def test_tile_bound_cpu():
     assert M.tile_bound(0, 8, 16) == 0
     table = M.tile_schedule(np.array([0, 0, 17, 17, 20]), 16, M.tile_bound(20, 4, 16))
     np.testing.assert_array_equal(table, [[1, 0], [1, 16], [3, 17]] + [[-1, 0]] * 3)
-
-
-def test_pick_bm_by_rows_per_expert():
-    E = 32
-    assert M.pick_bm(16 * E, E) == 16
-    assert M.pick_bm(16 * E + 1, E) == 64
-    assert M.pick_bm(M.M128_MIN_ROWS * E - 1, E) == 64
-    assert M.pick_bm(M.M128_MIN_ROWS * E, E) == 128
-    for bm in M.TILE_BMS:  # a dispatch for any height also makes that height's table
-        assert bm in M.TILE_PAIRS[bm]

@@ -517,8 +517,6 @@ DEVICE void moe_gemm_portable(const MoeParams& p) {
 //   m64: getp (many rows per expert): 64 x 192 tiles, 6 warps of 64 rows x 32 columns.
 //   m16: decode (a few rows per expert): 16 x 64 tiles, 4 warps of 16 rows x 16 columns: as many warps
 //        as possible stream the few experts' weights (a warp's dequantization is latency-bound).
-//   m128: prefill and large batches (hundreds of rows per expert): 128 x 192 tiles, 12 warps of 128 rows x
-//        16 columns: each weight byte is read from L2 and dequantized once per 128 rows instead of 64.
 //         name                 NT MW WARPS_N KSUB STAGES FP4    MLP1   MIN_BLOCKS
 MOE_KERNEL(moe_mlp1_fp4_m64,    8, 2, 6,      2,   4,     true,  true,  2)
 MOE_KERNEL(moe_mlp2_fp4_m64,    8, 2, 6,      2,   4,     true,  false, 2)
@@ -528,7 +526,3 @@ MOE_KERNEL(moe_mlp1_fp4_m16,    2, 1, 4,      4,   4,     true,  true,  4)
 MOE_KERNEL(moe_mlp2_fp4_m16,    2, 1, 4,      4,   4,     true,  false, 4)
 MOE_KERNEL(moe_mlp1_bf16_m16,   2, 1, 4,      4,   4,     false, true,  2)
 MOE_KERNEL(moe_mlp2_bf16_m16,   2, 1, 4,      4,   4,     false, false, 2)
-MOE_KERNEL(moe_mlp1_fp4_m128,   16, 1, 12,    2,   4,     true,  true,  1)
-MOE_KERNEL(moe_mlp2_fp4_m128,   16, 1, 12,    2,   4,     true,  false, 1)
-MOE_KERNEL(moe_mlp1_bf16_m128,  16, 1, 12,    2,   3,     false, true,  1)
-MOE_KERNEL(moe_mlp2_bf16_m128,  16, 1, 12,    2,   3,     false, false, 1)

@@ -31,9 +31,7 @@ DISPATCH_THREADS = 1024
 MAX_EXPERTS = 256       # routing.hip DISPATCH_MAX_E
 TOPK_THREADS = 256
 COMBINE_THREADS = 256
-TILE_BMS = (16, 64, 128)  # tile heights of the GEMM variants below; a dispatch schedules two of them
-TILE_PAIRS = {16: (16, 64), 64: (16, 64), 128: (64, 128)}  # the pair a dispatch for a given height makes
-M128_MIN_ROWS = 128     # rows per expert (on average) from which the 128-row tiles run
+TILE_BMS = (16, 64)     # tile heights the dispatch schedules (the two GEMM variants below)
 
 
 # ---- the GEMM variants, read from the MOE_KERNEL lines of moe.hip (one source of truth) ------------
@@ -98,12 +96,9 @@ def variant_for(stage: str, fmt: str, bm: int) -> Variant:
 
 
 def pick_bm(num_slots: int, num_experts: int) -> int:
-    """Tile height by the average rows per expert: 16 (decode: stream the weights of the experts in
-    use) up to 16 rows, 64 up to M128_MIN_ROWS, then 128 (prefill, large batches). All give
-    bit-identical results."""
-    if num_slots <= 16 * num_experts:
-        return 16
-    return 64 if num_slots < M128_MIN_ROWS * num_experts else 128
+    """Tile height: 16 (decode: stream the weights of the experts in use) when the average expert gets
+    at most 16 rows, else 64 (getp). Both give bit-identical results."""
+    return 16 if num_slots <= 16 * num_experts else 64
 
 
 # ---- host-side index math (also what the tests check the device against) -------------------------
@@ -281,17 +276,14 @@ class Dispatch:
     num_tokens: int = 0
     top_k: int = 0
     num_experts: int = 0
-    ready: tuple = ()  # the tile heights whose tables the last dispatch filled
 
     @property
     def num_slots(self) -> int:
         return self.num_tokens * self.top_k
 
 
-def dispatch(experts, num_experts: int, out: Dispatch | None = None, bm=None) -> Dispatch:
-    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA), and make
-    the tile tables of tile height bm (default pick_bm) and its partner in TILE_PAIRS ("all": every
-    table, in two launches)."""
+def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch:
+    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA)."""
     import cupy
 
     check(experts, "experts", cupy.int32, ndim=2)
@@ -300,28 +292,17 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None, bm=None) ->
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"num_experts = {E} must be in 1..{MAX_EXPERTS}")
     S = T * k
-    if bm == "all":  # every tile table (tests, benchmarks): two launches, identical offsets and order
-        if out is None:
-            out = Dispatch(cupy.empty(E + 1, dtype=cupy.int32), cupy.empty(S, dtype=cupy.int32),
-                           {h: cupy.empty((tile_bound(S, E, h), 2), dtype=cupy.int32) for h in TILE_BMS})
-        dispatch(experts, E, out, bm=TILE_BMS[0])
-        dispatch(experts, E, out, bm=TILE_BMS[-1])
-        out.ready = TILE_BMS
-        return out
-    bm = pick_bm(S, E) if bm is None else bm
-    if bm not in TILE_PAIRS:
-        raise ValueError(f"tile height {bm} is not one of {TILE_BMS}")
-    a, b = TILE_PAIRS[bm]
-    bounds = {h: tile_bound(S, E, h) for h in (a, b)}
+    bounds = {bm: tile_bound(S, E, bm) for bm in TILE_BMS}
     if out is None:
         out = Dispatch(cupy.empty(E + 1, dtype=cupy.int32), cupy.empty(S, dtype=cupy.int32),
-                       {h: cupy.empty((n, 2), dtype=cupy.int32) for h, n in bounds.items()})
+                       {bm: cupy.empty((n, 2), dtype=cupy.int32) for bm, n in bounds.items()})
     else:
         check(out.offsets, "out.offsets", cupy.int32, (E + 1,))
         check(out.sorted_slots, "out.sorted_slots", cupy.int32, (S,))
-        for h, n in bounds.items():
-            check(out.tiles.get(h), f"out.tiles[{h}]", cupy.int32, (n, 2))
-    out.num_tokens, out.top_k, out.num_experts, out.ready = T, k, E, (a, b)
+        for bm, n in bounds.items():
+            check(out.tiles.get(bm), f"out.tiles[{bm}]", cupy.int32, (n, 2))
+    out.num_tokens, out.top_k, out.num_experts = T, k, E
+    a, b = TILE_BMS
     kernel("routing", "moe_dispatch")((1,), (DISPATCH_THREADS,), (
         experts, np.int32(S), np.int32(E), out.offsets, out.sorted_slots,
         np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b])))
@@ -334,15 +315,9 @@ def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limi
     import cupy
 
     S, E = d.num_slots, d.num_experts
-    if bm is None:
-        bm = pick_bm(S, E)
-        if bm not in d.ready:  # a dispatch made for another height: use one it has
-            bm = d.ready[0] if bm < d.ready[0] else d.ready[-1]
+    bm = pick_bm(S, E) if bm is None else bm
     if bm not in TILE_BMS:
         raise ValueError(f"tile height {bm} is not one of {TILE_BMS}")
-    if bm not in d.ready:
-        raise ValueError(f"tile height {bm}: this dispatch made tables for {d.ready} only "
-                         f"(dispatch(..., bm={bm}) makes them)")
     v = variant_for(stage, w.format, bm)
     N, K = w.R, w.C
     smem = v.shared_bytes(K)
@@ -502,10 +477,10 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
         (ex, wt), scratch, d, y, out = workspace.views(T, H, I)
         experts, weights = route(t if router_input is None else router_input, router_w, router_b, k,
                                  out=(ex, wt), scratch=scratch)
-        d = dispatch(experts, E, out=d, bm=bm)
+        d = dispatch(experts, E, out=d)
     else:
         experts, weights = route(t if router_input is None else router_input, router_w, router_b, k)
-        d = dispatch(experts, E, bm=bm)
+        d = dispatch(experts, E)
         y = out = None
     y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm)
     out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm)

@@ -81,7 +81,7 @@ def distinct_experts(rng, T, E, k=4, used=None):
 def dispatch_dev(experts, E):
     import cupy
 
-    return M.dispatch(cupy.asarray(experts), E, bm="all")  # tables for every tile height
+    return M.dispatch(cupy.asarray(experts), E)
 
 
 def separated_router(rng, T, E, H, k=4, gap=2e-3):
@@ -157,8 +157,8 @@ def test_dispatch(T, E, used):
     bounds = {bm: M.tile_bound(S, E, bm) for bm in M.TILE_BMS}
     out = M.Dispatch(cupy.full(E + 1, -7, dtype=cupy.int32), cupy.full(S, -7, dtype=cupy.int32),
                      {bm: cupy.full((n, 2), -7, dtype=cupy.int32) for bm, n in bounds.items()})
-    d = M.dispatch(cupy.asarray(experts), E, out=out, bm="all")
-    assert d is out and d.num_slots == S and d.ready == M.TILE_BMS
+    d = M.dispatch(cupy.asarray(experts), E, out=out)
+    assert d is out and d.num_slots == S
     flat = experts.reshape(-1)
     offsets = np.searchsorted(np.sort(flat), np.arange(E + 1))
     np.testing.assert_array_equal(cupy.asnumpy(d.offsets), offsets)
@@ -218,7 +218,7 @@ def test_mlp1(H, I, E, T, fmt):
         assert rel_err(from_bf16_bits(y), ref) <= 1e-2, bm
         results.append(y)
     for y in results[1:]:
-        np.testing.assert_array_equal(y, results[0])  # every tile height: identical bits
+        np.testing.assert_array_equal(y, results[0])  # both tile heights: identical bits
 
 
 @gpu
@@ -348,8 +348,7 @@ def test_batch_invariance(H, I, E, fmt):
         return cupy.asnumpy(out)[positions]
 
     base = run(3, [0, 1, 2], 16)
-    for T, bm in [(3, 64), (5, None), (64, 16), (64, 64), (64, 128), (333, None), (333, 128), (2048, 64),
-                  (2048, 16), (2048, 128), (2048, None)]:
+    for T, bm in [(3, 64), (5, None), (64, 16), (64, 64), (333, None), (2048, 64), (2048, 16)]:
         positions = np.random.default_rng(T).choice(T, 3, replace=False)
         np.testing.assert_array_equal(run(T, positions, bm), base, err_msg=f"T={T} bm={bm}")
 
