@@ -261,16 +261,17 @@ class GPUModel:
         return self.cache.capacity
 
     # ---- the forward, on preallocated buffers -------------------------------------------------------
-    def _layers(self, T: int, batch, prof: "Profile | None" = None) -> None:
-        """Embedding through the last block for the T tokens in self.buf (x holds the residual)."""
+    def _layers(self, T: int, batch, prof: "Profile | None" = None, inputs=None) -> None:
+        """Embedding through the last block for the T tokens (ids, positions, slots: `inputs`, default
+        the step buffers'); x holds the residual stream."""
         from .ops import attention as A, embed as E, gemm as G, moe as M, norm as N
 
         cfg, w, b = self.cfg, self.w, self.buf
         mark = prof.mark if prof is not None else (lambda name: None)
         eps = cfg.rms_norm_eps
-        positions, slots = b.positions[:T], b.slots[:T]
+        tokens, positions, slots = inputs or (b.tokens[:T], b.positions[:T], b.slots[:T])
         x, t, t32, qkv, q, attn, o = b.x[:T], b.t[:T], b.t32[:T], b.qkv[:T], b.q[:T], b.attn[:T], b.o[:T]
-        E.embed(b.tokens[:T], w.embedding, out=x)
+        E.embed(tokens, w.embedding, out=x)
         N.rmsnorm(x, w.layers[0].attn_norm, eps, out=t)
         mark("embed + norm")
         for i, layer in enumerate(w.layers):
@@ -337,31 +338,29 @@ class GPUModel:
         N.rmsnorm(src, self.w.final_norm, self.cfg.rms_norm_eps, out=b.last_t[:R])
         return G.linear(b.last_t[:R], self.w.unembedding, out=b.logits[:R], out_dtype="f32")
 
-    def _sample(self, R: int, greedy: bool, seed: int):
+    def _sample(self, R: int, greedy: bool, seed: int, args=None):
+        """Next token ids of the R logit rows into buf.ids; args = (temperature, top_p, sequences,
+        steps) device arrays, default the step buffers'."""
         from .ops import sampling as S
 
         b = self.buf
         if greedy:
             return S.argmax(b.logits[:R], out=b.ids[:R])
-        return S.sample(b.logits[:R], b.temperature[:R], b.top_p[:R], seed, b.sequences[:R], b.steps[:R],
-                        out=b.ids[:R])
+        temp, top_p, seqs, steps = args or (b.temperature[:R], b.top_p[:R], b.sequences[:R], b.steps[:R])
+        return S.sample(b.logits[:R], temp, top_p, seed, seqs, steps, out=b.ids[:R])
 
-    def _load_inputs(self, step: StepBatch, sample: SampleArgs | None, pad_to: int | None = None) -> None:
+    def _load_inputs(self, step: StepBatch, sample: SampleArgs | None) -> None:
         b = self.buf
         T, R = len(step.tokens), len(step.logit_rows)
-        n = pad_to or T
-        pad = n - T
-        fill = lambda a, v: np.concatenate([a, np.full(pad, v, np.int32)]) if pad else a  # noqa: E731
-        b.tokens[:n].set(fill(step.tokens, 0))
-        b.positions[:n].set(fill(step.positions, 0))
-        b.slots[:n].set(fill(step.slots, self.pad_slot))
+        b.tokens[:T].set(step.tokens)
+        b.positions[:T].set(step.positions)
+        b.slots[:T].set(step.slots)
         b.rows[:R].set(np.asarray(step.logit_rows, np.int32))
         if sample is not None and sample.temperature > 0:
-            rn = pad_to or R
-            b.temperature[:rn].fill(sample.temperature)
-            b.top_p[:rn].fill(sample.top_p)
-            b.sequences[:rn].set(fill(np.asarray(sample.sequences, np.int32), 0))
-            b.steps[:rn].set(fill(np.asarray(sample.steps, np.int32), 0))
+            b.temperature[:R].fill(sample.temperature)
+            b.top_p[:R].fill(sample.top_p)
+            b.sequences[:R].set(np.asarray(sample.sequences, np.int32))
+            b.steps[:R].set(np.asarray(sample.steps, np.int32))
 
     def _check(self, step: StepBatch) -> None:
         T, R = len(step.tokens), len(step.logit_rows)
@@ -401,49 +400,63 @@ class GPUModel:
 
     # ---- captured decode steps ----------------------------------------------------------------------
     def _decode_graph(self, step: StepBatch, sample: SampleArgs, greedy: bool) -> np.ndarray:
+        """Replay the graph of this (padded batch, key bound, sampling): one host-to-device copy of the
+        step's ids, positions and slots (+ the sampler's counters), one graph launch."""
         import cupy
 
-        from .ops.attention import SEG, AttentionBatch
+        from .ops.attention import SEG
 
         self._check(step)
         B = len(step.tokens)
         Bp = decode_batch_bucket(B)
         kv = min(_pow2_at_least(int(np.max(step.positions)) + 1, SEG), self.capacity)
-        key = (Bp, kv, greedy, None if greedy else int(sample.seed))
-        pad = Bp - B
-        slots = np.concatenate([step.slots, np.full(pad, self.pad_slot, np.int32)])
-        positions = np.concatenate([step.positions, np.zeros(pad, np.int32)])
-        fresh = AttentionBatch.build([1] * Bp, slots, positions, self.capacity, max_kv=kv)
-        self._load_inputs(step, sample, pad_to=Bp)
+        key = (Bp, kv) + ((True,) if greedy else
+                          (False, int(sample.seed), float(sample.temperature), float(sample.top_p)))
         entry = self._graphs.get(key)
-        stream = cupy.cuda.get_current_stream()
         if entry is None:
-            entry = self._capture(Bp, fresh, greedy, int(sample.seed))
-            self._graphs[key] = entry
-        graph, batch = entry
-        batch.load(fresh)
-        graph.launch(stream)
+            entry = self._graphs[key] = self._capture(Bp, kv, greedy, sample)
+        graph, inputs = entry
+        host = np.zeros((5, Bp), np.int32)  # rows: token, position, slot, sequence, step
+        host[0, :B], host[1, :B], host[2, :B] = step.tokens, step.positions, step.slots
+        host[2, B:] = self.pad_slot  # padding rows: token 0 at position 0 of the padding slot
+        if not greedy:
+            host[3, :B], host[4, :B] = sample.sequences, sample.steps
+        inputs.set(host)
+        graph.launch(cupy.cuda.get_current_stream())
         return cupy.asnumpy(self.buf.ids[:B])
 
-    def _capture(self, Bp: int, batch, greedy: bool, seed: int):
-        """Run the decode step once eagerly (compiles, sizes the workspaces), then capture it."""
+    def _capture(self, Bp: int, kv: int, greedy: bool, sample: SampleArgs):
+        """A decode step of Bp rows as a CUDA graph reading its inputs from its own [5, Bp] array, run
+        once eagerly first (on padding rows only) so that every kernel is compiled and every workspace
+        exists before the capture."""
         import cupy
 
-        from .ops.attention import decode_splits
+        from .ops.attention import AttentionBatch, decode_splits
 
         cfg = self.cfg
-        need = Bp * decode_splits(batch.max_kv, 0) * cfg.num_heads * 66
+        need = Bp * decode_splits(kv, 0) * cfg.num_heads * 66
         if self._decode_ws is None or self._decode_ws.size < need:
             bound = decode_batch_bucket(self.slots) * decode_splits(self.capacity, 0) * cfg.num_heads * 66
             self._decode_ws = cupy.empty(max(need, bound), dtype=cupy.float32)
+        inputs = cupy.zeros((5, Bp), dtype=cupy.int32)
+        inputs[2] = self.pad_slot
+        i32 = cupy.int32
+        # one query per sequence: the attention layout is fixed but for the slots and positions, which
+        # the batch reads straight from the graph's inputs
+        batch = AttentionBatch(cupy.arange(Bp + 1, dtype=i32), inputs[2], inputs[1], cupy.zeros((0, 2), i32),
+                               cupy.arange(Bp, dtype=i32), Bp, Bp, 1, kv, self.capacity)
         batch._workspace = self._decode_ws
+        args = None
+        if not greedy:
+            args = (cupy.full(Bp, sample.temperature, dtype=cupy.float32),
+                    cupy.full(Bp, sample.top_p, dtype=cupy.float32), inputs[3], inputs[4])
 
         def run():
-            self._layers(Bp, batch)
+            self._layers(Bp, batch, inputs=(inputs[0], inputs[1], inputs[2]))
             self._head(Bp, Bp, gather=False)
-            self._sample(Bp, greedy, seed)
+            self._sample(Bp, greedy, int(sample.seed), args)
 
-        run()  # eager: the graph's inputs are the same, so this step's results stand either way
+        run()
         cupy.cuda.get_current_stream().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
@@ -453,7 +466,7 @@ class GPUModel:
             finally:
                 graph = stream.end_capture()
         cupy.cuda.get_current_stream().synchronize()
-        return graph, batch
+        return graph, inputs
 
 
 class Profile:

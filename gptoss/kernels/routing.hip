@@ -3,14 +3,14 @@
 // outputs of each token into the residual stream. The expert GEMMs themselves are in moe.hip.
 //
 // Batch invariance (docs/DESIGN.md): every float result of a token depends only on that token's data.
-//  - router_logits: logit[t][e] = (((p0 + p1) + p2) + ... + p15) + bias[e], where p_s is the fp32 sum, in
+//  - router_logits: logit[t][e] = (((p0 + p1) + p2) + ... + p31) + bias[e], where p_s is the fp32 sum, in
 //    increasing h, of t[t][h] * w[e][h] over the s-th of ROUTER_SPLITS fixed slices of H. The split
 //    exists only to give decode (T = 1..64) enough CTAs; it is the same for every T.
 //  - dispatch is integer work (counts and a stable order: slot order inside an expert), exact.
 //  - combine: x[t] += ((o0 + o1) + o2) + o3, in increasing j, no atomics.
 #include "common.h"
 
-#define ROUTER_SPLITS 16  // slices of H summed in fixed order (ops/moe.py: ROUTER_SPLITS)
+#define ROUTER_SPLITS 32  // slices of H summed in fixed order (ops/moe.py: ROUTER_SPLITS)
 #define ROUTER_TT 32      // tokens per CTA
 #define ROUTER_TE 32      // experts per CTA
 #define ROUTER_HC 32      // h per shared-memory chunk

@@ -23,7 +23,7 @@ import numpy as np
 from ..kernels import KERNEL_DIR, kernel
 from ._check import check, out_or_new
 
-ROUTER_SPLITS = 16      # routing.hip: H is summed in 16 fixed slices (enough CTAs at T = 1; batch invariance needs a fixed order)
+ROUTER_SPLITS = 32      # routing.hip: H is summed in 32 fixed slices (enough CTAs at T = 1; batch invariance needs a fixed order)
 ROUTER_TT = 32          # tokens per router CTA
 ROUTER_TE = 32          # experts per router CTA
 TOPK_MAX = 8            # routing.hip TOPK_MAX
