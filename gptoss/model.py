@@ -253,7 +253,7 @@ class GPUModel:
         self.rope = rope_table(cfg, capacity)
         rows = max(decode_batch_bucket(slots), max_rows or 0)  # logit rows a step may ask for
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows)
-        self._graphs: dict = {}  # (padded batch, key bound) -> (graph, attention batch)
+        self._graphs: dict = {}  # (padded batch, key bound, sampling) -> (graph, inputs, what it reads)
         self._decode_ws = None  # the attention decode partials, shared by every graph
 
     @property
@@ -415,7 +415,7 @@ class GPUModel:
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(Bp, kv, greedy, sample)
-        graph, inputs = entry
+        graph, inputs = entry[:2]
         host = np.zeros((5, Bp), np.int32)  # rows: token, position, slot, sequence, step
         host[0, :B], host[1, :B], host[2, :B] = step.tokens, step.positions, step.slots
         host[2, B:] = self.pad_slot  # padding rows: token 0 at position 0 of the padding slot
@@ -466,7 +466,8 @@ class GPUModel:
             finally:
                 graph = stream.end_capture()
         cupy.cuda.get_current_stream().synchronize()
-        return graph, inputs
+        # the graph holds raw device pointers: every array it reads must live as long as it does
+        return graph, inputs, (batch, args, self._decode_ws)
 
 
 class Profile:
