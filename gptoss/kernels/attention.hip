@@ -3,7 +3,7 @@
 // cache [slots, L, Hkv, D] (position p of a slot at index p % L).
 //
 // Kernels
-//   rope_and_cache        grid T, 256 threads: RoPE on q (to q_out) and k, k and v into the caches.
+//   rope_and_cache        grid (T, Y), 256 threads: RoPE on q (to q_out) and k, k and v into the caches.
 //   attn_prefill_g{4,8}   grid (query blocks, Hkv), 32*G threads (fast path, D = 64; the sequences with
 //                         more than one query): one CTA = 16 consecutive queries of one sequence x the
 //                         G q heads of one kv head, so its 16*G rows ((query, head) pairs, 16 per warp)
@@ -61,7 +61,8 @@ extern "C" __global__ void __launch_bounds__(256) rope_and_cache(
     const long long crow = ok ? ((long long)slot * L + pos % L) * Hkv * D : 0;  // cache row of this token
     const float* cs = table + (long long)(ok ? pos : 0) * D;                    // [half][2]
     const int n_rope = (Hq + Hkv) * half, n_all = n_rope + Hkv * half;
-    for (int j = threadIdx.x; j < n_all; j += blockDim.x) {
+    // grid.y CTAs share a token's pairs (decode: a few tokens, so more CTAs shorten the load chain)
+    for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < n_all; j += blockDim.x * gridDim.y) {
         const int h = j / half, i = j - h * half;  // h runs over q heads, then k heads, then v heads
         const bf16_t* xh = x + h * D;
         if (j < n_rope) {

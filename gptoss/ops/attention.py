@@ -80,8 +80,10 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None):
     q = out_or_new(q_out, "q_out", (T, Hq, D), cupy.uint16)
     if T == 0:
         return q
+    pairs = (Hq + 2 * Hkv) * D // 2
+    per_token = max(1, min(-(-pairs // 256), 1024 // T))  # CTAs per token: spread small steps
     kernel("attention", "rope_and_cache")(
-        (T,), (256,),
+        (T, per_token), (256,),
         (qkv, positions, slots, table, q, k_cache, v_cache, np.int32(Hq), np.int32(Hkv), np.int32(D),
          np.int32(L), np.int32(table.shape[0]), np.int32(n_slots)))
     return q
