@@ -285,16 +285,18 @@ class GPUModel:
             mark("out gemm")
             N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t, out_f32=t32)  # x += o; t = norm(x)
             mark("add + norm")
-            # x += sum_j weight_j * expert_j(t); the router reads t unrounded (bf16 flips near-ties)
+            # x += sum_j weight_j * expert_j(t), fused with the next block's norm; the router reads t
+            # unrounded (a bf16 router input flips near-tied expert choices)
+            last = i + 1 == len(w.layers)
             if prof is None:
-                M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32)
+                eo = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last)
             else:
-                self._moe_profiled(x, t, t32, layer, mark)
-            if i + 1 < len(w.layers):
-                N.rmsnorm(x, w.layers[i + 1].attn_norm, eps, out=t)
-                mark("add + norm")
+                eo = self._moe_profiled(x, t, t32, layer, mark, combine=last)
+            if not last:
+                N.combine_rmsnorm(x, eo, cfg.experts_per_token, w.layers[i + 1].attn_norm, eps, out=t)
+                mark("moe combine + norm")
 
-    def _moe_profiled(self, x, t, t32, layer, mark) -> None:
+    def _moe_profiled(self, x, t, t32, layer, mark, combine: bool):
         """moe() split into its kernels, each timed (the same launches as ops.moe.moe)."""
         from .ops import moe as M
 
@@ -309,8 +311,10 @@ class GPUModel:
         mark("moe mlp1 (gate/up + swiglu)")
         M.expert_mlp2(y, d, layer.w2, layer.b2, weights, out=out)
         mark("moe mlp2 (down)")
-        M.combine_add(x, out)
-        mark("moe combine")
+        if combine:
+            M.combine_add(x, out)
+            mark("moe combine + norm")
+        return out
 
     def profile(self, step: StepBatch) -> dict:
         """Milliseconds per kernel family of one eager step (CUDA events between launches)."""

@@ -99,3 +99,43 @@ ADD_RMSNORM_KERNEL(f32, float, f32, float)
 ADD_RMSNORM_KERNEL(f32, float, bf16, bf16_t)
 ADD_RMSNORM_KERNEL(bf16, bf16_t, f32, float)
 ADD_RMSNORM_KERNEL(bf16, bf16_t, bf16, bf16_t)
+
+// The MoE combine fused with the next RMSNorm: x[t] += ((eo[t*k] + eo[t*k+1]) + ...) (j increasing, the
+// same adds as routing.hip's moe_combine_add), then t = rmsnorm(x) * scale. eo: [T*k, H] float32. Needs
+// the 4-wide path (H % 4 == 0, aligned pointers; ops/norm.py falls back to the two kernels otherwise).
+template <typename S>
+DEVICE void combine_rmsnorm_row(float* __restrict__ x, const float* __restrict__ eo, int k,
+                                const S* __restrict__ scale, bf16_t* __restrict__ out, int H, float eps,
+                                float* scratch) {
+    const size_t off = (size_t)blockIdx.x * H;
+    float* xr = x + off;
+    const float* o = eo + off * k;
+    float ss = 0.0f;
+    for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
+        float4 s = load4(o + i);
+        for (int j = 1; j < k; ++j) {
+            const float4 v = load4(o + (size_t)j * H + i);
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        float4 v = load4(xr + i);
+        v.x += s.x; v.y += s.y; v.z += s.z; v.w += s.w;
+        *reinterpret_cast<float4*>(xr + i) = v;
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    const float r = 1.0f / sqrtf(block_sum(ss, scratch) / (float)H + eps);
+    for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
+        const float4 v = load4(xr + i), s = load4(scale + i);
+        store4_bf16(out + off + i, make_float4(v.x * r * s.x, v.y * r * s.y, v.z * r * s.z, v.w * r * s.w));
+    }
+}
+
+#define COMBINE_RMSNORM_KERNEL(SNAME, S)                                                               \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                       \
+    combine_rmsnorm_##SNAME(float* __restrict__ x, const float* __restrict__ eo, int k,                \
+                            const S* __restrict__ scale, bf16_t* __restrict__ out, int H, float eps) {  \
+        __shared__ float scratch[32];                                                                  \
+        combine_rmsnorm_row<S>(x, eo, k, scale, out, H, eps, scratch);                                 \
+    }
+
+COMBINE_RMSNORM_KERNEL(f32, float)
+COMBINE_RMSNORM_KERNEL(bf16, bf16_t)

@@ -454,9 +454,12 @@ def _layer_attr(layer, *names):
 
 
 def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = None, alpha: float | None = None,
-        workspace: MoEWorkspace | None = None, bm: int | None = None, router_input=None):
+        workspace: MoEWorkspace | None = None, bm: int | None = None, router_input=None,
+        combine: bool = True):
     """x [T, H] float32 += sum_j weight_j * expert_j(t), t [T, H] bf16 (the normed input).
     router_input: the same normed input unrounded, float32 [T, H], for the router (default t).
+    combine=False leaves x alone and returns the weighted expert outputs [T*k, H] float32 instead (for
+    ops.norm.combine_rmsnorm, which adds them and applies the next norm in one pass).
 
     `layer` has router_w (or gate_w) [E, H], router_b (or gate_b) [E], w1 [E, 2I, H] and w2 [E, H, I]
     (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
@@ -484,4 +487,4 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
         y = out = None
     y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm)
     out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm)
-    return combine_add(x, out)
+    return combine_add(x, out) if combine else out

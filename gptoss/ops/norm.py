@@ -75,3 +75,26 @@ def add_rmsnorm(x, delta, scale, eps: float, out=None, out_f32=None):
     kernel("norm", f"add_rmsnorm_{dname}_{sname}")(
         (T,), (THREADS,), (x, delta, scale, out, o32, np.int32(H), np.float32(eps), np.int32(vec)))
     return out
+
+
+def combine_rmsnorm(x, expert_out, k: int, scale, eps: float, out=None):
+    """The MoE combine and the next norm in one pass: x [T, H] float32 += sum over j (increasing) of
+    expert_out [T*k, H] float32 rows t*k + j, then t [T, H] bf16 = rmsnorm(x) * scale. The same bits as
+    ops.moe.combine_add followed by rmsnorm (which it falls back to when the 4-wide path does not apply)."""
+    import cupy
+
+    check(x, "x", cupy.float32, ndim=2)
+    T, H = x.shape
+    check(expert_out, "expert_out", cupy.float32, (T * k, H))
+    sname = _dtype_name(scale, "scale", (H,))
+    out = out_or_new(out, "out", (T, H), cupy.uint16)
+    if T == 0 or H == 0:
+        return out
+    if not _vec4(H, x, out, scale) or not _aligned(expert_out, 16):
+        from .moe import combine_add
+
+        combine_add(x, expert_out)
+        return rmsnorm(x, scale, eps, out=out)
+    kernel("norm", f"combine_rmsnorm_{sname}")(
+        (T,), (THREADS,), (x, expert_out, np.int32(k), scale, out, np.int32(H), np.float32(eps)))
+    return out

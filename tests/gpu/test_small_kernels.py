@@ -199,3 +199,29 @@ def test_norm_checks_arguments():
         rmsnorm(x[:, ::2], cupy.ones(32, dtype=cupy.float32), EPS)  # not contiguous
     with pytest.raises(ValueError):
         add_rmsnorm(x, cupy.ones((3, 63), dtype=cupy.uint16), cupy.ones(64, dtype=cupy.uint16), EPS)
+
+
+@pytest.mark.parametrize("scale_dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("T,H,k", [(1, 2880, 4), (37, 2880, 4), (5, 64, 2), (3, 96, 4)])
+def test_combine_rmsnorm_equals_combine_then_norm(T, H, k, scale_dtype):
+    """The fused MoE combine + next norm gives the bits of combine_add followed by rmsnorm, and the
+    reference's values."""
+    from gptoss.ops.moe import combine_add
+    from gptoss.ops.norm import combine_rmsnorm, rmsnorm
+    from gptoss.reference import rmsnorm as ref_rmsnorm
+
+    rng = np.random.default_rng(T * 7 + H + k)
+    x = random_x(rng, T, H)
+    eo = (rng.standard_normal((T * k, H)) * 2).astype(np.float32)
+    scale = random_scale(rng, H, scale_dtype)
+    x_fused, x_two = cupy.asarray(x), cupy.asarray(x)
+    out = cupy.full((T, H), BF16_NAN, dtype=cupy.uint16)
+    got = combine_rmsnorm(x_fused, cupy.asarray(eo), k, cupy.asarray(scale), EPS, out=out)
+    assert got is out
+    combine_add(x_two, cupy.asarray(eo))
+    two = rmsnorm(x_two, cupy.asarray(scale), EPS)
+    np.testing.assert_array_equal(cupy.asnumpy(x_fused), cupy.asnumpy(x_two))
+    np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(two))
+    x_ref = x + eo.reshape(T, k, H).sum(axis=1)
+    assert rel_err(cupy.asnumpy(x_fused), x_ref) <= 1e-6
+    assert rel_err(from_bf16_bits(cupy.asnumpy(got)), ref_rmsnorm(x_ref, scale_f32(scale), EPS)) <= 1e-2
