@@ -5,7 +5,11 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
     TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console
 from rich.text import Text
+
+# Bars go to stderr: stdout carries the generated text (generate, chat), which users pipe.
+_STDERR = Console(stderr=True)
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -27,7 +31,7 @@ class GetpProgress:
         self.progress = Progress(TextColumn("getp"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("prompts"), _TokensPerSecond(self), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), disable=quiet,
-                                 transient=False)
+                                 transient=False, console=_STDERR)
         self.task = self.progress.add_task("getp", total=total, completed=done)
 
     def rate(self) -> float:
@@ -56,7 +60,7 @@ class ByteProgress:
         from rich.progress import DownloadColumn, TransferSpeedColumn
 
         self.progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn(), disable=quiet, transient=True)
+                                 TimeRemainingColumn(), disable=quiet, transient=True, console=_STDERR)
         self.task = self.progress.add_task(label, total=total_bytes)
 
     def advance(self, nbytes: int) -> None:

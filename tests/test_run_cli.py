@@ -152,3 +152,15 @@ def test_decode_roundtrip(chat_model, tmp_path):
     ids_file.write_text("".join(" ".join(map(str, tok.encode(t))) + "\n" for t in texts))
     run("decode.py", "-i", str(ids_file), "-o", str(tmp_path / "text.txt"))
     assert (tmp_path / "text.txt").read_text().splitlines() == ["Hello world", "multi\\nline ünïcode ✓"]
+
+
+def test_progress_bars_stay_off_stdout(capsys):
+    """stdout carries generated text (users pipe it): upload/export and getp bars go to stderr."""
+    from gptoss.progress import ByteProgress, GetpProgress
+
+    with ByteProgress("upload", 100) as bar:
+        bar.advance(100)
+    with GetpProgress(total=2) as bar:
+        bar.tokens(3)
+        bar.prompt_done()
+    assert capsys.readouterr().out == ""
