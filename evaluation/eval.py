@@ -60,18 +60,12 @@ def read_id_lines(path: str, vocab_size: int) -> list[list[int]]:
         raise EvalError(f"{path}: not a text file of token ids") from None
     if not lines:
         raise EvalError(f"{path}: the file is empty (expected one line of token ids per prompt)")
-    out = []
-    for number, line in enumerate(lines, 1):
-        try:
-            ids = [int(word) for word in line.split()]
-        except ValueError:
-            raise EvalError(f"{path}: line {number}: not a list of space-separated token ids") from None
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise EvalError(f"{path}: line {number}: token id {bad[0]} is outside the vocabulary "
-                            f"(0..{vocab_size - 1})")
-        out.append(ids)
-    return out
+    from gptoss.getp import parse_id_line  # the parser getp's --input-format ids and decode.py use
+
+    try:
+        return [parse_id_line(line, number, vocab_size) for number, line in enumerate(lines, 1)]
+    except ValueError as e:
+        raise EvalError(f"{path}: {e}") from None
 
 
 def load_thresholds(path: str, model_key: str) -> dict:
