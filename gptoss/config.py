@@ -1,11 +1,9 @@
-"""Model hyper-parameters: one dataclass, read from a Hugging Face config.json or a preset."""
+"""Model hyper-parameters: one dataclass (from a Hugging Face config dict: gptoss.checkpoint reads the file) and presets."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -217,16 +215,3 @@ TINY_CHAT = dataclasses.replace(TINY, vocab_size=201088)
 
 PRESETS = {"gpt-oss-20b": GPT_OSS_20B, "gpt-oss-120b": GPT_OSS_120B, "tiny": TINY,
            "tiny-real-heads": TINY_REAL_HEADS, "tiny-chat": TINY_CHAT}
-
-
-def load_hf_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_dict(raw)
