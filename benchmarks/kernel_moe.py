@@ -71,12 +71,12 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
         S = T * k
         active = int(np.count_nonzero(np.diff(cupy.asnumpy(d.offsets))))  # benchmark only: host copy
         shape = f"T={T} E={E} H={H} I={I} {fmt} active={active}"
-        bm_auto = M.pick_bm(S, E)
+        bm_auto = M.pick_bm(S, E, fmt)
         rows.append(row("route", shape, time_ms(lambda: M.route(t, layer["gate_w"], layer["gate_b"], k,
                                                                  out=(experts, weights))),
                         flops=2.0 * T * E * H, bytes_moved=E * H * 2 + T * H * 2))
         rows.append(row("dispatch", shape, time_ms(lambda: M.dispatch(experts, E, out=d))))
-        others = [b for b in M.TILE_BMS if b != bm_auto] if all_tiles or T in (64, 1024) else []
+        others = [b for b in M.tile_heights(fmt) if b != bm_auto] if all_tiles or T in (64, 1024) else []
         for bm in [bm_auto] + others:
             tag = "" if bm == bm_auto else " (other tile)"
             ms1 = time_ms(lambda: M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit,
@@ -102,9 +102,19 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="1,8,64,1024,4096", help="step sizes T, comma-separated")
     p.add_argument("--preset", default="gpt-oss-20b", help="layer shape (gptoss.config.PRESETS)")
     p.add_argument("--all-tiles", action="store_true", help="time every tile height at every T")
+    p.add_argument("--ablate", type=int, default=0, choices=(0, 1, 2, 3),
+                   help="measurement only, wgmma kernels: 1 = no dequantization arithmetic, 2 = no wgmma, "
+                        "3 = no loads after the prologue (wrong results; see moe.hip MOE_ABLATE)")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     from gptoss.config import PRESETS
+    from gptoss.kernels import wgmma_available
+    from gptoss.ops import moe as M
+
+    if args.ablate:
+        M.KERNEL_DEFINES = (f"MOE_ABLATE={args.ablate}",)
+    print(f"expert GEMMs: {'wgmma (sm_90a)' if wgmma_available() else 'mma.sync'} "
+          "(GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200)")
 
     rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")], cfg=PRESETS[args.preset],
                  all_tiles=args.all_tiles)

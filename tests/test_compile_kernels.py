@@ -35,16 +35,16 @@ def need_compilers(*names):
 
 def test_every_family_compiles_for_both_targets():
     need_compilers("nvcc", "hipcc")
-    from gptoss.kernels import families
+    from gptoss.kernels import WGMMA_FAMILIES, families
 
     proc = subprocess.run([sys.executable, str(TOOL)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[1] in ("sm_90", "gfx90a"):
+        if len(parts) == 3 and parts[1] in ("sm_90", "sm_90a", "gfx90a"):
             status[parts[0], parts[1]] = parts[2]
-    expected = {(f, t) for f in families() for t in ("sm_90", "gfx90a")}
+    expected = {(f, t) for f in families() for t in ("sm_90", "gfx90a")} | {(f, "sm_90a") for f in WGMMA_FAMILIES}
     assert families(), "no kernel families found"
     assert set(status) == expected
     assert all(s == "ok" for s in status.values()), status
@@ -80,6 +80,23 @@ def test_resource_report_lists_each_kernel(target, compiler):
     sample = result.kernels["sample_rows"]
     assert sample["registers"] > 0 and sample["smem"] >= 8 * 1024  # the 1024-bin u64 histogram
     assert sample["spills"] == 0
+
+
+def test_sm90a_build_has_the_wgmma_kernels():
+    """The moe family's sm_90a pass defines the wgmma variants ops/moe.py picks on H100/H200, and they
+    assemble to wgmma (no serialization fallback)."""
+    need_compilers("nvcc")
+    tool = load_tool()
+    from gptoss.kernels import expanded_source
+    from gptoss.ops.moe import VARIANTS
+
+    result = tool.compile_one("moe", expanded_source("moe"), "sm_90a", report=True)
+    assert result.ok, result.output
+    wg = {name for name, v in VARIANTS.items() if v.wgmma}
+    assert wg and wg <= set(result.kernels)
+    assert "serializ" not in result.output.lower()
+    plain = tool.compile_one("moe", expanded_source("moe"), "sm_90", report=True)
+    assert plain.ok and not wg & set(plain.kernels)
 
 
 def test_missing_compiler_fails_unless_skipped(tmp_path):

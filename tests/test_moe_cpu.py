@@ -320,17 +320,31 @@ def test_fp4_bit_trick_exhaustive_cpu():
 
 
 def test_shared_memory_budget_cpu():
-    """Every variant fits an H100 SM (227 KB per CTA) for the real K, and at least MIN_BLOCKS of the
-    getp variants fit together."""
+    """Every variant fits an H100 SM (227 KB per CTA) for the real K, two of each getp variant fit
+    together, and the variants picked by tile height and path are exactly those moe.hip defines."""
     for v in M.VARIANTS.values():
         assert v.shared_bytes(2880) <= 227 * 1024, v.name
-        assert v.bn % 16 == 0 and v.bm % 16 == 0 and 2880 % v.bn == 0 and 5760 % v.bn == 0
-    assert 2 * M.variant_for("mlp1", "mxfp4", 64).shared_bytes(2880) <= 228 * 1024
-    assert {M.variant_for(s, f, bm).name for s in ("mlp1", "mlp2") for f in ("mxfp4", "bf16")
-            for bm in M.TILE_BMS} == set(M.VARIANTS)
+        assert v.bn % 16 == 0 and v.bm % 16 == 0, v.name
+        if not v.wgmma:  # the 64-column-per-warpgroup wgmma tiles may leave a partial column tile
+            assert 2880 % v.bn == 0 and 5760 % v.bn == 0, v.name
+    for wg in (False, True):
+        for bm in (64, 128) if wg else (64,):
+            assert 2 * M.variant_for("mlp1", "mxfp4", bm, wgmma=wg).shared_bytes(2880) <= 228 * 1024
+    picked = {M.variant_for(s, f, bm, wgmma=wg).name for s in ("mlp1", "mlp2") for f in ("mxfp4", "bf16")
+              for wg in (False, True) for bm in M.tile_heights(f, wgmma=wg)}
+    assert picked == set(M.VARIANTS)
+    assert M.tile_heights("bf16", wgmma=True) == (16, 64) and M.tile_heights("mxfp4", wgmma=False) == (16, 64)
+    with pytest.raises(ValueError, match="tile height 128"):
+        M.variant_for("mlp1", "mxfp4", 128, wgmma=False)
 
 
-def simulate_dispatch(experts: np.ndarray, E: int, bms=(16, 64), nwarps: int = 32, warp: int = 32):
+def test_pick_bm_cpu():
+    assert M.pick_bm(4 * 64, 32) == 16            # decode: <= 16 rows per expert
+    assert M.pick_bm(4 * 1024, 32) == 64          # no 128-row kernels without a GPU
+    assert M.pick_bm(4 * 4096, 32, "bf16") == 64
+
+
+def simulate_dispatch(experts: np.ndarray, E: int, bms=M.TILE_BMS, nwarps: int = 32, warp: int = 32):
     """routing.hip moe_dispatch, step by step (per-warp spans, counts, scans, ranked placement, tile
     binary search)."""
     flat = experts.reshape(-1)
@@ -394,7 +408,7 @@ def test_tile_bound_cpu():
         E = int(rng.integers(1, 200))
         S = int(rng.integers(0, 5000))
         counts = np.bincount(rng.integers(0, E, S), minlength=E) if S else np.zeros(E, int)
-        for bm in (16, 64):
+        for bm in M.TILE_BMS:
             need = int(np.sum(-(-counts // bm)))
             assert need <= M.tile_bound(S, E, bm)
     # tight cases: every expert one row past a tile; a single expert; no slots
@@ -403,3 +417,27 @@ def test_tile_bound_cpu():
     assert M.tile_bound(0, 8, 16) == 0
     table = M.tile_schedule(np.array([0, 0, 17, 17, 20]), 16, M.tile_bound(20, 4, 16))
     np.testing.assert_array_equal(table, [[1, 0], [1, 16], [3, 17]] + [[-1, 0]] * 3)
+
+
+def test_wgmma_fragment_gather_cpu():
+    """moe.hip issue_stage_wg: lane t's three prmts over a weight row's 16-byte block give bytes t, t+4,
+    t+8, t+12, so fp4x8_to_bf16x2's outputs q = 0..3 are the pairs 8s + t (q = 2s) and 8s + t + 4
+    (q = 2s + 1) of k16 step s: the standard mma A-fragment k order the shared-memory tokens use."""
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        block = rng.integers(0, 256, 16)
+        x, y, z, w = (int(block[4 * i]) | int(block[4 * i + 1]) << 8 | int(block[4 * i + 2]) << 16
+                      | int(block[4 * i + 3]) << 24 for i in range(4))
+        for t in range(4):
+            sel = t | ((t + 4) << 4)
+            word = prmt(prmt(x, y, sel), prmt(z, w, sel), 0x5410)
+            got = [(word >> (8 * q)) & 0xFF for q in range(4)]
+            assert got == [int(block[t]), int(block[t + 4]), int(block[t + 8]), int(block[t + 12])]
+            out = fp4x8_to_bf16x2(word, 127, False)
+            for s in range(2):
+                for r, pair in ((0, 8 * s + t), (1, 8 * s + t + 4)):
+                    byte = int(block[pair])  # k = 2 * pair (lo nibble), 2 * pair + 1 (hi nibble)
+                    want = FP4_VALUES[[byte & 15, byte >> 4]].astype(np.float32)
+                    v = out[2 * s + r]
+                    got_v = from_bf16_bits(np.array([v & 0xFFFF, v >> 16], dtype=np.uint16))
+                    np.testing.assert_array_equal(got_v, want)

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Compile every kernel family in gptoss/kernels for NVIDIA sm_90 (nvcc) and AMD gfx90a (hipcc), without a GPU.
+"""Compile every kernel family in gptoss/kernels for NVIDIA sm_90 (nvcc) and AMD gfx90a (hipcc), and the
+families with wgmma kernels (gptoss.kernels.WGMMA_FAMILIES) for sm_90a too, without a GPU.
 
-  python tools/compile_kernels.py [--ptxas-report] [--families a,b] [--targets sm_90,gfx90a]
+  python tools/compile_kernels.py [--ptxas-report] [--families a,b] [--targets sm_90,sm_90a,gfx90a]
                                   [--skip-missing] [--keep DIR] [-j N] [-v]
 
 Each family's source is compiled as cupy.RawModule sees it (gptoss.kernels.expanded_source: our headers
 pasted in), with -std=c++17:
   sm_90:  nvcc -x cu -arch=sm_90 -c
+  sm_90a: nvcc -x cu -gencode=arch=compute_90a,code=sm_90a -cubin (device code only: the wgmma kernels
+          exist only in the sm_90a pass, so a host stub pass would not find them)
   gfx90a: HIP_PLATFORM=amd hipcc --offload-arch=gfx90a --cuda-device-only -x hip -c
 One line per (family, target): ok or FAIL, then the compiler's messages on a failure (and its warnings
 with -v). --ptxas-report adds registers, shared memory, stack and spills per kernel for both targets.
@@ -29,10 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gptoss.kernels import expanded_source, families  # noqa: E402
+from gptoss.kernels import WGMMA_FAMILIES, expanded_source, families  # noqa: E402
 
-TARGETS = ("sm_90", "gfx90a")
-COMPILER = {"sm_90": "nvcc", "gfx90a": "hipcc"}
+TARGETS = ("sm_90", "sm_90a", "gfx90a")
+COMPILER = {"sm_90": "nvcc", "sm_90a": "nvcc", "gfx90a": "hipcc"}
 
 
 @dataclass
@@ -47,8 +50,9 @@ class Result:
 
 def compile_command(target: str, compiler: str, src: Path, obj: Path, report: bool) -> tuple[list[str], dict]:
     env = dict(os.environ)
-    if target == "sm_90":
-        cmd = [compiler, "-x", "cu", "-arch=sm_90", "-std=c++17", "-c", str(src), "-o", str(obj)]
+    if target in ("sm_90", "sm_90a"):
+        arch = ["-arch=sm_90", "-c"] if target == "sm_90" else ["-gencode=arch=compute_90a,code=sm_90a", "-cubin"]
+        cmd = [compiler, "-x", "cu", *arch, "-std=c++17", str(src), "-o", str(obj)]
         if report:
             cmd += ["-Xptxas", "-v"]
     else:
@@ -74,7 +78,7 @@ def compile_one(family: str, source: str, target: str, compiler: str | None = No
         return Result(family, target, False, f"{COMPILER[target]} not found on PATH", missing=True)
     with tempfile.TemporaryDirectory(prefix=f"gptoss-{family}-{target}-") as tmp:
         where = Path(workdir or tmp)
-        src = where / f"{family}.{'cu' if target == 'sm_90' else 'hip'}"
+        src = where / f"{family}.{'cu' if target.startswith('sm_') else 'hip'}"
         src.write_text(prepare_source(source))
         cmd, env = compile_command(target, compiler, src, Path(tmp) / f"{family}.o", report)
         try:
@@ -84,7 +88,7 @@ def compile_one(family: str, source: str, target: str, compiler: str | None = No
         except OSError as e:
             return Result(family, target, False, f"could not run {compiler}: {e}", missing=True)
     text = proc.stdout + proc.stderr
-    kernels = (parse_ptxas(text) if target == "sm_90" else parse_amd_report(text)) if report else {}
+    kernels = (parse_ptxas(text) if target.startswith("sm_") else parse_amd_report(text)) if report else {}
     return Result(family, target, proc.returncode == 0, clean_output(text), kernels)
 
 
@@ -183,7 +187,7 @@ def format_report(result: Result) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=None, help="comma-separated subset (default: every *.hip)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of sm_90,gfx90a")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of sm_90,sm_90a,gfx90a")
     p.add_argument("--ptxas-report", action="store_true", help="registers, smem, stack and spills per kernel")
     p.add_argument("--skip-missing", action="store_true", help="a missing compiler is not an error")
     p.add_argument("--nvcc", default=None, help="nvcc to use (default: from PATH)")
@@ -207,7 +211,8 @@ def main(argv=None) -> int:
     if bad or not targets:
         print(f"unknown targets {bad}; known: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
-    compilers = {"sm_90": args.nvcc or shutil.which("nvcc"), "gfx90a": args.hipcc or shutil.which("hipcc")}
+    nvcc = args.nvcc or shutil.which("nvcc")
+    compilers = {"sm_90": nvcc, "sm_90a": nvcc, "gfx90a": args.hipcc or shutil.which("hipcc")}
 
     sources = {f: expanded_source(f) for f in fams}
     keep = Path(args.keep) if args.keep else None
@@ -218,6 +223,8 @@ def main(argv=None) -> int:
         if not compilers[t]:
             continue
         for f in fams:
+            if t == "sm_90a" and f not in WGMMA_FAMILIES:
+                continue  # the same code as the sm_90 pass
             workdir = None
             if keep:
                 workdir = keep / t

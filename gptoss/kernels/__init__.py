@@ -46,11 +46,58 @@ def gpu_available() -> bool:
         return False
 
 
+# Families with wgmma (sm_90a) kernels: compiled for sm_90a on compute capability 9.0 devices.
+WGMMA_FAMILIES = ("moe",)
+
+
+def wgmma_available() -> bool:
+    """True on an NVIDIA compute capability 9.0 GPU (H100/H200) unless GPTOSS_WGMMA=0: the families in
+    WGMMA_FAMILIES then compile for sm_90a and their wgmma kernels exist."""
+    import os
+
+    if os.environ.get("GPTOSS_WGMMA", "1") == "0":
+        return False
+    try:
+        import cupy
+        device_id = cupy.cuda.runtime.getDevice()
+    except Exception:  # no CuPy or no GPU
+        return False
+    return _compute_capability_of(device_id) == "90"
+
+
 @functools.lru_cache(maxsize=None)
-def _module(family: str, device_id: int, defines: tuple):
+def _compute_capability_of(device_id: int) -> str:
+    import cupy
+
+    if getattr(cupy.cuda.runtime, "is_hip", False):
+        return ""
+    return cupy.cuda.Device(device_id).compute_capability
+
+
+def _compile_sm90a(source: str, options: tuple):
+    """cupy.RawModule compiled for sm_90a. CuPy picks -arch=sm_<cc> itself (no way to ask for the 'a'
+    target); its choice comes from compiler._get_arch_for_options_for_nvrtc, which is swapped for the
+    compile (its result is also part of CuPy's disk-cache key, so the sm_90a binary is cached apart)."""
+    import cupy
+    from cupy.cuda import compiler
+
+    original = compiler._get_arch_for_options_for_nvrtc
+    compiler._get_arch_for_options_for_nvrtc = lambda arch=None: ("-arch=sm_90a", "cubin")
+    try:
+        mod = cupy.RawModule(code=source, options=options)
+        mod.compile()
+    finally:
+        compiler._get_arch_for_options_for_nvrtc = original
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family: str, device_id: int, defines: tuple, sm90a: bool):
     import cupy
 
     options = ("-std=c++17",) + tuple(f"-D{d}" for d in defines)
+    if sm90a:  # the extra define also keeps CuPy's in-process module memo (keyed by code and options) apart
+        return _compile_sm90a(expanded_source(family), options + ("-DGPTOSS_SM90A=1",))
     return cupy.RawModule(code=expanded_source(family), options=options)
 
 
@@ -58,7 +105,8 @@ def module(family: str, defines: tuple = ()):
     """The compiled RawModule of one family on the current device (compiled on first use)."""
     import cupy
 
-    return _module(family, cupy.cuda.runtime.getDevice(), tuple(defines))
+    sm90a = family in WGMMA_FAMILIES and wgmma_available()
+    return _module(family, cupy.cuda.runtime.getDevice(), tuple(defines), sm90a)
 
 
 def kernel(family: str, name: str, defines: tuple = ()):

@@ -23,6 +23,10 @@
   #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     #define GPTOSS_HAS_MMA 1
   #endif
+  // wgmma (warpgroup tensor-core ops) needs the sm_90a target (NVRTC -arch=sm_90a; see kernels/__init__.py).
+  #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    #define GPTOSS_HAS_WGMMA 1
+  #endif
 #endif
 
 #define DEVICE __device__ __forceinline__

@@ -49,6 +49,13 @@
 #include "common.h"
 #include "mma.h"
 
+// Measurement only (benchmarks/kernel_moe.py --ablate N): the wgmma kernels with one part of the work
+// removed, to see what bounds them. 1: no dequantization arithmetic, 2: no wgmma, 3: no loads after
+// the prologue. Results are wrong for N > 0.
+#ifndef MOE_ABLATE
+#define MOE_ABLATE 0
+#endif
+
 // All launches pass the same arguments (ops/moe.py builds them once).
 struct MoeParams {
     const bf16_t* a;         // mlp1: t [T, K]; mlp2: y [S, K] in sorted order
@@ -133,12 +140,15 @@ DEVICE void ldsm_x4(u32 r[4], u32 saddr) {
 // Shared-memory position of MXFP4 weight row n (local to the tile): even columns of each 16 first.
 DEVICE int wpos(int n) { return (n & ~15) | ((n & 1) << 3) | ((n >> 1) & 7); }
 
-template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_>
+template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_, bool WG_ = false>
 struct MoeCfg {
     static constexpr int NT = NT_;            // n8 tiles of token rows (per warp = per CTA)
     static constexpr int MW = MW_;            // m16 tiles of weight rows per warp (16 * MW columns)
     static constexpr int WARPS_N = WARPS_N_, KSUB = KSUB_, STAGES = STAGES_;
     static constexpr bool FP4 = FP4_;
+    static constexpr bool WG = WG_;           // wgmma (sm_90a): each warpgroup owns 64 columns
+    static_assert(!WG || (FP4 && MW == 1 && WARPS_N % 4 == 0 && KSUB % 2 == 0 && (NT == 2 || NT == 8 || NT == 16)),
+                  "wgmma variant: MXFP4, whole warpgroups, 64-wide token rows, n16, n64 or n128");
     static constexpr int BM = 8 * NT, BN = 16 * MW * WARPS_N, BK = 32 * KSUB, KCH = BK / 8;
     static constexpr int THREADS = 32 * WARPS_N;
     static constexpr int A_BYTES = BM * BK * 2;                          // tokens
@@ -278,15 +288,99 @@ struct MoeCta {
         }
     }
 
+    // wgmma path: dequantize the stage's weights into A fragments (the MXFP4 register path above, but
+    // in the standard k order since the tokens are read by the tensor cores in it: k16 step s of a block
+    // takes pairs 8s + t (a[0]/a[1]) and 8s + t + 4 (a[2]/a[3]), i.e. bytes t, t+4, t+8, t+12 of a
+    // row's 16-byte block, gathered by prmt from one 16-byte load), then issue the stage's wgmmas.
+    template <bool BIG>
+    DEVICE void issue_stage_wg(int buf, int kt) {
+#if GPTOSS_HAS_WGMMA
+        const u32 sa = sbase + buf * C::STAGE_BYTES;
+        const unsigned char* sb = smem + buf * C::STAGE_BYTES + C::A_BYTES;
+        const unsigned char* sc = smem + C::STAGES * C::STAGE_BYTES;
+        const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
+        u32 af[C::KSUB][2][4];                  // [block][step][quad]
+        #pragma unroll
+        for (int kk = 0; kk < C::KSUB; ++kk) {
+            const int kb = kt * C::KSUB + kk, pr = nw + g;  // wpos(nw + 2g); row g + 8 sits 8 blocks later
+            const uint4 v0 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr) * 16);
+            const uint4 v1 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr + 8) * 16);
+            const u32 w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
+            const u32 w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
+            const u32 s0 = sc[sc_row[0][0] + kb], s1 = sc[sc_row[0][1] + kb];
+            u32 c0[4], c1[4];
+#if MOE_ABLATE == 1
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) { c0[q] = w0 ^ s0 ^ q; c1[q] = w1 ^ s1 ^ q; }
+#else
+            fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
+            fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+#endif
+            #pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                af[kk][s][0] = c0[2 * s];      // row g,     pair 8s + t
+                af[kk][s][1] = c1[2 * s];      // row g + 8, pair 8s + t
+                af[kk][s][2] = c0[2 * s + 1];  // row g,     pair 8s + t + 4
+                af[kk][s][3] = c1[2 * s + 1];  // row g + 8, pair 8s + t + 4
+            }
+        }
+        fence_acc();
+#if MOE_ABLATE == 2
+        #pragma unroll
+        for (int kk = 0; kk < C::KSUB; ++kk)
+            acc[0][0][0] += __uint_as_float((af[kk][0][0] ^ af[kk][1][1] ^ af[kk][0][2] ^ af[kk][1][3]) & 0x3FFFFFFFu)
+                          + __uint_as_float((af[kk][1][0] ^ af[kk][0][1] ^ af[kk][1][2] ^ af[kk][0][3]) & 0x3FFFFFFFu);
+        acc[0][0][1] += __uint_as_float(sa);
+#else
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < C::KSUB; ++kk)
+            #pragma unroll
+            for (int s = 0; s < 2; ++s)  // token atom kk / 2, k16 step 2 (kk % 2) + s of its 64-wide rows
+                wgmma_bf16_rs<8 * C::NT>(&acc[0][0][0], af[kk][s],
+                                         wgmma_desc_sw128(sa + (kk >> 1) * C::BM * 128 + ((kk & 1) * 2 + s) * 32));
+#endif
+        wgmma_commit();
+        fence_acc();
+#endif
+    }
+
+    // Keeps the accumulators in place around asynchronous wgmmas (no copies of them between issue and
+    // wait; the CUTLASS warpgroup_fence_operand pattern).
+    DEVICE void fence_acc() {
+#if GPTOSS_HAS_WGMMA
+        #pragma unroll
+        for (int i = 0; i < C::NT; ++i)
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) reg_fence(acc[0][i][q]);
+#endif
+    }
+
     template <bool BIG>
     DEVICE void mainloop() {
         int rbuf = 0, wbuf = C::STAGES - 1;
         for (int kt = 0; kt < KT; ++kt) {
             cp_async_wait<C::STAGES - 2>();
+#if GPTOSS_HAS_WGMMA
+            if constexpr (C::WG) fence_proxy_async();  // the tokens are read by wgmma (async proxy)
+#endif
             __syncthreads();  // stage kt landed for everyone; buffer wbuf (read at kt - 1) is free
-            if (kt + C::STAGES - 1 < KT) load_stage(wbuf, kt + C::STAGES - 1);
+            if (kt + C::STAGES - 1 < KT && !(C::WG && MOE_ABLATE == 3)) load_stage(wbuf, kt + C::STAGES - 1);
             cp_async_commit();
-            if (C::FP4) compute_stage_fp4<BIG>(rbuf, kt); else compute_stage_bf16(rbuf);
+            if constexpr (C::WG) {
+#if GPTOSS_HAS_WGMMA
+                // Waiting for this stage's wgmmas before dequantizing the next one keeps the A fragments
+                // safe; leaving one group in flight (ptxas then reuses the fragments' registers while the
+                // tensor cores still read them) was 6% faster and gave wrong results.
+                issue_stage_wg<BIG>(rbuf, kt);
+                wgmma_wait<0>();
+                fence_acc();
+#endif
+            } else if constexpr (C::FP4) {
+                compute_stage_fp4<BIG>(rbuf, kt);
+            } else {
+                compute_stage_bf16(rbuf);
+            }
             rbuf = rbuf + 1 == C::STAGES ? 0 : rbuf + 1;
             wbuf = wbuf + 1 == C::STAGES ? 0 : wbuf + 1;
         }
@@ -330,7 +424,9 @@ struct MoeCta {
             const int rr = r < C::BM ? r : 0;
             a_src[i] = s_arow[rr];  // rows past `rows` point at row 0 and copy 0 bytes
             const int sw = C::FP4 ? a_ch ^ ((rr & 1) << 2) : a_ch ^ (rr & 7);
-            a_dst[i] = rr * C::BK * 2 + sw * 16;
+            // wgmma: [BK/64][BM][128 B] atoms in the 128-byte swizzle (mma.h, wgmma_desc_sw128)
+            a_dst[i] = C::WG ? (a_ch >> 3) * C::BM * 128 + rr * 128 + (((a_ch & 7) ^ (rr & 7)) * 16)
+                             : rr * C::BK * 2 + sw * 16;
             a_exist |= (unsigned)(r < C::BM) << i;
             a_ok |= (unsigned)(r < rows) << i;
         }
@@ -386,6 +482,7 @@ struct MoeCta {
             big = __syncthreads_or(flag) != 0;
         }
         if (big) mainloop<true>(); else mainloop<false>();
+        if constexpr (C::WG) fence_acc();
 
         if (MLP1) epilogue_mlp1(); else epilogue_mlp2(s_slot, s_rw);
     }
@@ -452,7 +549,9 @@ DEVICE void moe_gemm(const MoeParams& p) {
     __shared__ int s_slot[C::BM];
     __shared__ float s_rw[C::BM];
     __shared__ u32 s_arow[C::BM];  // element offset of each tile row's A row
-    MoeCta<C, MLP1> cta(p, moe_smem);
+    // wgmma's swizzled token atoms need 1 KB-aligned stages (the launch adds 1 KB of slack)
+    unsigned char* base = moe_smem + (C::WG ? (1024u - (smem_u32(moe_smem) & 1023u)) & 1023u : 0u);
+    MoeCta<C, MLP1> cta(p, base);
     cta.run(s_slot, s_rw, s_arow);
 }
 
@@ -461,6 +560,14 @@ DEVICE void moe_gemm(const MoeParams& p) {
         const MoeParams p = MOE_PARAMS;                                                              \
         moe_gemm<MoeCfg<NT, MW, WARPS_N, KSUB, STAGES, FP4>, MLP1>(p);                               \
     }
+
+#if GPTOSS_HAS_WGMMA
+#define MOE_WG_KERNEL(NAME, NT, WARPS_N, KSUB, STAGES, MLP1, MINB)                                   \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_N, MINB) NAME(MOE_ARGS) {                \
+        const MoeParams p = MOE_PARAMS;                                                              \
+        moe_gemm<MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true>, MLP1>(p);                         \
+    }
+#endif
 
 #else  // portable path (AMD): one thread per output, k in increasing order, no tiles
 
@@ -526,3 +633,20 @@ MOE_KERNEL(moe_mlp1_fp4_m16,    2, 1, 4,      4,   4,     true,  true,  4)
 MOE_KERNEL(moe_mlp2_fp4_m16,    2, 1, 4,      4,   4,     true,  false, 4)
 MOE_KERNEL(moe_mlp1_bf16_m16,   2, 1, 4,      4,   4,     false, true,  2)
 MOE_KERNEL(moe_mlp2_bf16_m16,   2, 1, 4,      4,   4,     false, false, 2)
+
+// wgmma variants of the MXFP4 kernels (sm_90a builds only; ops/moe.py picks them there): warpgroups of
+// 64 columns, the tokens read by the tensor cores from shared memory. Every variant (any tile height,
+// any T) runs the same k16 steps in the same order: bit-identical results (batch invariance).
+//   m128: getp from 64 rows per expert on (T >= 512 on 20b): 128 x 128 tiles, 2 warpgroups. The
+//         dequantization per weight is shared by twice the tokens of m64: 1.5x its speed at T = 4096.
+//         2880 = 22.5 x 128: mlp2's last column tile is half empty.
+#ifndef MOE_WG_KERNEL
+#define MOE_WG_KERNEL(NAME, NT, WARPS_N, KSUB, STAGES, MLP1, MINB)
+#endif
+//            name                   NT  WARPS_N KSUB STAGES MLP1   MIN_BLOCKS
+MOE_WG_KERNEL(moe_mlp1_fp4_m128_wg,  16, 8,      2,   4,     true,  2)
+MOE_WG_KERNEL(moe_mlp2_fp4_m128_wg,  16, 8,      2,   4,     false, 2)
+MOE_WG_KERNEL(moe_mlp1_fp4_m64_wg,   8,  12,     2,   5,     true,  2)
+MOE_WG_KERNEL(moe_mlp2_fp4_m64_wg,   8,  12,     2,   5,     false, 2)
+MOE_WG_KERNEL(moe_mlp1_fp4_m16_wg,   2,  4,      4,   5,     true,  4)
+MOE_WG_KERNEL(moe_mlp2_fp4_m16_wg,   2,  4,      4,   5,     false, 4)

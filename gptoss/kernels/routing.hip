@@ -154,18 +154,19 @@ router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, 
 // expert; pass 2 walks the span again in order and places each slot at base + its rank among the
 // lanes of the same expert in this 32-slot step (lower lanes first), so the order is the slot order.
 //
-// Then the tile schedules of the expert GEMMs, for two tile heights bm_a and bm_b: tile i of
+// Then the tile schedules of the expert GEMMs, for three tile heights bm_a, bm_b, bm_c: tile i of
 // tiles_x ([ntiles_x, 2] int32) = (expert, first sorted row) of the i-th bm-row tile, experts in
 // order, tiles in row order inside an expert; tiles past the last one get expert -1 (their CTAs
 // exit). ntiles_x is the launch bound ceil(S / bm) + min(E, S) >= sum_e ceil(M_e / bm).
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
 moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ offsets,
              int* __restrict__ sorted_slots, int bm_a, int* __restrict__ tiles_a, int ntiles_a,
-             int bm_b, int* __restrict__ tiles_b, int ntiles_b) {
+             int bm_b, int* __restrict__ tiles_b, int ntiles_b, int bm_c, int* __restrict__ tiles_c,
+             int ntiles_c) {
     constexpr int NW = DISPATCH_THREADS / WARP_SIZE;
     __shared__ int cnt[NW * DISPATCH_MAX_E];           // per (warp, expert): count, then first position
     __shared__ int s_off[DISPATCH_MAX_E + 1];          // row offsets
-    __shared__ int s_ta[DISPATCH_MAX_E + 1], s_tb[DISPATCH_MAX_E + 1];  // tile offsets
+    __shared__ int s_ta[DISPATCH_MAX_E + 1], s_tb[DISPATCH_MAX_E + 1], s_tc[DISPATCH_MAX_E + 1];  // tile offsets
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int steps = (S + NW * WARP_SIZE - 1) / (NW * WARP_SIZE);  // 32-slot steps per warp
     const int span = steps * WARP_SIZE;
@@ -201,28 +202,32 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
         s_off[e] = run;
     }
     __syncthreads();
-    // exclusive scans over experts of rows, tiles of bm_a, tiles of bm_b (warp 0, WARP_SIZE at a time)
+    // exclusive scans over experts of rows and of tiles of bm_a, bm_b, bm_c (warp 0, WARP_SIZE at a time)
     if (warp == 0) {
-        int carry_r = 0, carry_a = 0, carry_b = 0;
+        int carry_r = 0, carry_a = 0, carry_b = 0, carry_c = 0;
         for (int e0 = 0; e0 < E; e0 += WARP_SIZE) {
             const int e = e0 + lane;
             const int m = e < E ? s_off[e] : 0;
-            int r = m, a = (m + bm_a - 1) / bm_a, b = (m + bm_b - 1) / bm_b;  // inclusive scans
+            const int ma = (m + bm_a - 1) / bm_a, mb = (m + bm_b - 1) / bm_b, mc = (m + bm_c - 1) / bm_c;
+            int r = m, a = ma, b = mb, c = mc;  // inclusive scans
             for (int d = 1; d < WARP_SIZE; d <<= 1) {
                 const int src = lane >= d ? lane - d : lane;
-                const int r2 = WARP_SHFL(r, src), a2 = WARP_SHFL(a, src), b2 = WARP_SHFL(b, src);
-                if (lane >= d) { r += r2; a += a2; b += b2; }
+                const int r2 = WARP_SHFL(r, src), a2 = WARP_SHFL(a, src), b2 = WARP_SHFL(b, src),
+                          c2 = WARP_SHFL(c, src);
+                if (lane >= d) { r += r2; a += a2; b += b2; c += c2; }
             }
             if (e < E) {
                 s_off[e] = carry_r + r - m;
-                s_ta[e] = carry_a + a - (m + bm_a - 1) / bm_a;
-                s_tb[e] = carry_b + b - (m + bm_b - 1) / bm_b;
+                s_ta[e] = carry_a + a - ma;
+                s_tb[e] = carry_b + b - mb;
+                s_tc[e] = carry_c + c - mc;
             }
             carry_r += WARP_SHFL(r, WARP_SIZE - 1);
             carry_a += WARP_SHFL(a, WARP_SIZE - 1);
             carry_b += WARP_SHFL(b, WARP_SIZE - 1);
+            carry_c += WARP_SHFL(c, WARP_SIZE - 1);
         }
-        if (lane == 0) { s_off[E] = carry_r; s_ta[E] = carry_a; s_tb[E] = carry_b; }
+        if (lane == 0) { s_off[E] = carry_r; s_ta[E] = carry_a; s_tb[E] = carry_b; s_tc[E] = carry_c; }
     }
     __syncthreads();
     for (int e = tid; e <= E; e += DISPATCH_THREADS) offsets[e] = s_off[e];
@@ -267,10 +272,11 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     }
 
     // tile schedules: tile i belongs to the expert e with s_t[e] <= i < s_t[e+1] (binary search)
-    for (int pass = 0; pass < 2; ++pass) {
-        const int* st = pass ? s_tb : s_ta;
-        const int bm = pass ? bm_b : bm_a, n = pass ? ntiles_b : ntiles_a;
-        int* out = pass ? tiles_b : tiles_a;
+    for (int pass = 0; pass < 3; ++pass) {
+        const int* st = pass == 0 ? s_ta : pass == 1 ? s_tb : s_tc;
+        const int bm = pass == 0 ? bm_a : pass == 1 ? bm_b : bm_c;
+        const int n = pass == 0 ? ntiles_a : pass == 1 ? ntiles_b : ntiles_c;
+        int* out = pass == 0 ? tiles_a : pass == 1 ? tiles_b : tiles_c;
         for (int i = tid; i < n; i += DISPATCH_THREADS) {
             int e = -1, row = 0;
             if (i < st[E]) {

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import KERNEL_DIR, kernel
+from ..kernels import KERNEL_DIR, kernel, wgmma_available
 from ._check import check, out_or_new
 
 ROUTER_SPLITS = 32      # routing.hip: H is summed in 32 fixed slices (enough CTAs at T = 1; batch invariance needs a fixed order)
@@ -31,7 +31,7 @@ DISPATCH_THREADS = 1024
 MAX_EXPERTS = 256       # routing.hip DISPATCH_MAX_E
 TOPK_THREADS = 256
 COMBINE_THREADS = 256
-TILE_BMS = (16, 64)     # tile heights the dispatch schedules (the two GEMM variants below)
+TILE_BMS = (16, 64, 128)  # tile heights the dispatch schedules (128: the MXFP4 wgmma kernels only)
 
 
 # ---- the GEMM variants, read from the MOE_KERNEL lines of moe.hip (one source of truth) ------------
@@ -46,6 +46,7 @@ class Variant:
     stages: int
     fp4: bool
     mlp1: bool
+    wgmma: bool = False  # sm_90a warpgroup kernel (MOE_WG_KERNEL): stages start 1 KB-aligned
 
     @property
     def bm(self) -> int:
@@ -71,7 +72,7 @@ class Variant:
         if self.fp4:  # BN rows of K/32 scale bytes, copied in aligned 16-byte pieces (+ misalignment)
             smem += (self.bn * (K // 32) + 32 + 15) // 16 * 16
         # the mlp1 epilogue stages BM x BN/2 bf16 in the pipeline buffers
-        return max(smem, self.bm * self.bn)
+        return max(smem, self.bm * self.bn) + (1024 if self.wgmma else 0)
 
 
 def _parse_variants() -> dict[str, Variant]:
@@ -82,6 +83,10 @@ def _parse_variants() -> dict[str, Variant]:
     for m in pat.finditer(src):
         name, nt, mw, wn, ks, st, fp4, mlp1 = m.groups()
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
+    wg = re.compile(r"^MOE_WG_KERNEL\((\w+)," + num * 4 + r"\s*(true|false),\s*\d+\)", re.M)
+    for m in wg.finditer(src):
+        name, nt, wn, ks, st, mlp1 = m.groups()
+        out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True)
     if not out:
         raise RuntimeError("no MOE_KERNEL variants found in moe.hip")
     return out
@@ -90,15 +95,39 @@ def _parse_variants() -> dict[str, Variant]:
 VARIANTS = _parse_variants()
 
 
-def variant_for(stage: str, fmt: str, bm: int) -> Variant:
-    """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm."""
-    return VARIANTS[f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"]
+def _uses_wgmma(fmt: str, wgmma: bool | None) -> bool:
+    return fmt == "mxfp4" and (wgmma_available() if wgmma is None else wgmma)
 
 
-def pick_bm(num_slots: int, num_experts: int) -> int:
+def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
+    """The tile heights with a kernel for weights `fmt` here: 16 and 64 everywhere, 128 with wgmma."""
+    return TILE_BMS if _uses_wgmma(fmt, wgmma) else (16, 64)
+
+
+def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Variant:
+    """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: on
+    sm_90a devices (kernels.wgmma_available) the MXFP4 ones are the wgmma variants."""
+    if bm not in tile_heights(fmt, wgmma):
+        raise ValueError(f"tile height {bm}: expected one of {tile_heights(fmt, wgmma)} for {fmt} experts here "
+                         f"(128 needs MXFP4 experts and the sm_90a wgmma kernels)")
+    name = f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"
+    return VARIANTS[name + "_wg" if _uses_wgmma(fmt, wgmma) else name]
+
+
+# Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones
+# (benchmarks/kernel_moe.py --all-tiles on an H200: even at 32 rows, T = 256 on 20b; 1.3x at 128 rows).
+BM128_MIN_ROWS = 64
+
+
+def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4") -> int:
     """Tile height: 16 (decode: stream the weights of the experts in use) when the average expert gets
-    at most 16 rows, else 64 (getp). Both give bit-identical results."""
-    return 16 if num_slots <= 16 * num_experts else 64
+    at most 16 rows, 128 when it gets BM128_MIN_ROWS or more and the 128-row kernels exist, else 64.
+    All give bit-identical results."""
+    if num_slots <= 16 * num_experts:
+        return 16
+    if 128 in tile_heights(fmt) and num_slots >= BM128_MIN_ROWS * num_experts:
+        return 128
+    return 64
 
 
 # ---- host-side index math (also what the tests check the device against) -------------------------
@@ -126,7 +155,8 @@ def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
 
 # ---- kernels ---------------------------------------------------------------------------------------
 
-_gemm_kernels: dict[tuple, list] = {}  # (device, name) -> [kernel, dynamic shared memory allowed]
+_gemm_kernels: dict[tuple, list] = {}  # (device, name, defines) -> [kernel, dynamic shared memory allowed]
+KERNEL_DEFINES: tuple = ()  # extra -D of the expert GEMMs (benchmarks/kernel_moe.py --ablate)
 _dummies: dict[tuple, object] = {}
 
 
@@ -153,10 +183,10 @@ def _gemm_kernel(v: Variant, smem: int):
 
     if _is_hip():
         return kernel("moe", v.name), 0  # the portable path uses no dynamic shared memory
-    key = (cupy.cuda.runtime.getDevice(), v.name)
+    key = (cupy.cuda.runtime.getDevice(), v.name, KERNEL_DEFINES)
     entry = _gemm_kernels.get(key)
     if entry is None:
-        entry = _gemm_kernels[key] = [kernel("moe", v.name), 48 * 1024]
+        entry = _gemm_kernels[key] = [kernel("moe", v.name, KERNEL_DEFINES), 48 * 1024]
     if smem > entry[1]:
         entry[0].max_dynamic_shared_size_bytes = smem
         entry[1] = smem
@@ -302,10 +332,11 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
         for bm, n in bounds.items():
             check(out.tiles.get(bm), f"out.tiles[{bm}]", cupy.int32, (n, 2))
     out.num_tokens, out.top_k, out.num_experts = T, k, E
-    a, b = TILE_BMS
+    a, b, c = TILE_BMS
     kernel("routing", "moe_dispatch")((1,), (DISPATCH_THREADS,), (
         experts, np.int32(S), np.int32(E), out.offsets, out.sorted_slots,
-        np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b])))
+        np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b]),
+        np.int32(c), out.tiles[c], np.int32(bounds[c])))
     return out
 
 
@@ -315,9 +346,7 @@ def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limi
     import cupy
 
     S, E = d.num_slots, d.num_experts
-    bm = pick_bm(S, E) if bm is None else bm
-    if bm not in TILE_BMS:
-        raise ValueError(f"tile height {bm} is not one of {TILE_BMS}")
+    bm = pick_bm(S, E, w.format) if bm is None else bm
     v = variant_for(stage, w.format, bm)
     N, K = w.R, w.C
     smem = v.shared_bytes(K)
