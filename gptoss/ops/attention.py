@@ -38,7 +38,11 @@ def _prefill_smem(G: int) -> int:  # K/V stages + per warp: Q rows (2 KB) and ru
     return _PREFILL_STAGES * 2 * TILE * 64 * 2 + G * (16 * 64 * 2 + 36 * 32 * 4)
 
 
-_DECODE_SMEM = _DECODE_TILES * 2 * TILE * 64 * 2 + 16 * 64 * 2
+DECODE_STAGES = {8: 2, 4: 4}  # K/V tile buffers of attn_decode_g{G} (attention.hip ATTN_DECODE_KERNEL lines)
+
+
+def _decode_smem(stages: int) -> int:
+    return stages * 2 * TILE * 64 * 2 + 16 * 64 * 2
 
 
 def rope_table(cfg, max_positions: int):
@@ -262,11 +266,12 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         rows = SD * nsplit * Hq
         ws = batch.workspace(rows * 66)
         part_acc, part_ml = ws[:rows * 64], ws[rows * 64:rows * 66]
-        _kernel(f"attn_decode_g{G}", _DECODE_SMEM)(
+        smem = _decode_smem(DECODE_STAGES[G])
+        _kernel(f"attn_decode_g{G}", smem)(
             (nsplit, Hkv, SD), (32,),
             (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
              part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2),
-            shared_mem=_DECODE_SMEM)
+            shared_mem=smem)
         _kernel("attn_decode_combine")(
             ((SD * Hq * 32 + 255) // 256,), (256,),
             (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
