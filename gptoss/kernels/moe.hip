@@ -3,6 +3,9 @@
 //   mlp1: y[r]        = swiglu(t[slot_r / k] . W1_e^T + b1_e)     r = sorted row, e its expert  [S, I] bf16
 //   mlp2: out[slot_r] = (y[r] . W2_e^T + b2_e) * route_w[slot_r]                                [S, H] f32
 //
+// On sm_90a (H100/H200) the MXFP4 variants run on wgmma instead (MOE_WG_KERNEL, issue_stage_wg): the
+// same tiles, loads and epilogues, warpgroups of 64 columns (docs/notes/moe.md, "wgmma kernels").
+//
 // Tiles. A CTA computes BM consecutive sorted rows ("tokens", all of one expert e, from the tile
 // schedule made by moe_dispatch) x BN output columns of e. Grid = (ceil(N / BN), tile bound); the CTAs
 // whose tile lies past the last real one read expert -1 and exit. Warp w owns output columns
