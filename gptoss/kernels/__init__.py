@@ -59,9 +59,12 @@ def wgmma_available() -> bool:
         return False
     try:
         import cupy
+        from cupy.cuda import compiler
         device_id = cupy.cuda.runtime.getDevice()
     except Exception:  # no CuPy or no GPU
         return False
+    if not hasattr(compiler, "_get_arch_for_options_for_nvrtc"):
+        return False  # a CuPy whose arch choice _compile_sm90a cannot swap: stay on the sm_90 kernels
     return _compute_capability_of(device_id) == "90"
 
 
