@@ -129,6 +129,23 @@ DEVICE void fp4x8_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
     }
 }
 
+// The A fragments of both k16 steps (s = 0, 1) of one 32-block for mma rows g and g + 8, from their
+// 8-code words w0, w1 (scale bytes s0, s1): a[s] = {row g q = 2s, row g+8 q = 2s, row g q = 2s+1,
+// row g+8 q = 2s+1}, q indexing the words' bytes. Which k pairs the bytes hold is the caller's k order.
+template <bool BIG>
+DEVICE void fp4_block_fragments(u32 w0, u32 w1, u32 s0, u32 s1, u32 af[2][4]) {
+    u32 c0[4], c1[4];
+    fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
+    fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+    #pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        af[s][0] = c0[2 * s];
+        af[s][1] = c1[2 * s];
+        af[s][2] = c0[2 * s + 1];
+        af[s][3] = c1[2 * s + 1];
+    }
+}
+
 // 16-byte cp.async to a shared address given as a 32-bit shared-window offset (no generic conversion
 // per copy); bytes < 16 zero-fills, bytes = 0 reads nothing (src must still be a valid address).
 DEVICE void cp_async_16s(u32 saddr, const void* gmem, int bytes) {
@@ -239,17 +256,8 @@ struct MoeCta {
                 const int pr = nw + 16 * j + g;  // = wpos(nw + 16j + 2g); row g + 8 sits 8 blocks later
                 const u32 w0 = *reinterpret_cast<const u32*>(sb + (kk * C::BN + pr) * 16 + 4 * t4);
                 const u32 w1 = *reinterpret_cast<const u32*>(sb + (kk * C::BN + pr + 8) * 16 + 4 * t4);
-                const u32 s0 = sc[sc_row[j][0] + kb], s1 = sc[sc_row[j][1] + kb];
-                u32 c0[4], c1[4];
-                fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
-                fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
-                #pragma unroll
-                for (int s = 0; s < 2; ++s) {
-                    af[j][s][0] = c0[2 * s];      // row g,     pair 4t + 2s
-                    af[j][s][1] = c1[2 * s];      // row g + 8, pair 4t + 2s
-                    af[j][s][2] = c0[2 * s + 1];  // row g,     pair 4t + 2s + 1
-                    af[j][s][3] = c1[2 * s + 1];  // row g + 8, pair 4t + 2s + 1
-                }
+                // byte q = 2s + r of a word: pair 4t + 2s + r
+                fp4_block_fragments<BIG>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
             }
             #pragma unroll
             for (int i = 0; i < C::NT; ++i) {  // token row 8i + g (same parity as g: same swizzle)
@@ -311,21 +319,13 @@ struct MoeCta {
             const u32 w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
             const u32 w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
             const u32 s0 = sc[sc_row[0][0] + kb], s1 = sc[sc_row[0][1] + kb];
-            u32 c0[4], c1[4];
 #if MOE_ABLATE == 1
             #pragma unroll
-            for (int q = 0; q < 4; ++q) { c0[q] = w0 ^ s0 ^ q; c1[q] = w1 ^ s1 ^ q; }
+            for (int q = 0; q < 4; ++q) af[kk][q >> 1][q & 1] = af[kk][q >> 1][2 + (q & 1)] = w0 ^ w1 ^ s0 ^ s1 ^ q;
 #else
-            fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
-            fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+            // byte q = 2s + r of a word: pair 8s + t + 4r
+            fp4_block_fragments<BIG>(w0, w1, s0, s1, af[kk]);
 #endif
-            #pragma unroll
-            for (int s = 0; s < 2; ++s) {
-                af[kk][s][0] = c0[2 * s];      // row g,     pair 8s + t
-                af[kk][s][1] = c1[2 * s];      // row g + 8, pair 8s + t
-                af[kk][s][2] = c0[2 * s + 1];  // row g,     pair 8s + t + 4
-                af[kk][s][3] = c1[2 * s + 1];  // row g + 8, pair 8s + t + 4
-            }
         }
         fence_acc();
 #if MOE_ABLATE == 2
