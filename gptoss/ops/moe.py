@@ -107,11 +107,13 @@ def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
 def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Variant:
     """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: on
     sm_90a devices (kernels.wgmma_available) the MXFP4 ones are the wgmma variants."""
-    if bm not in tile_heights(fmt, wgmma):
-        raise ValueError(f"tile height {bm}: expected one of {tile_heights(fmt, wgmma)} for {fmt} experts here "
+    wg = _uses_wgmma(fmt, wgmma)
+    heights = tile_heights(fmt, wg)
+    if bm not in heights:
+        raise ValueError(f"tile height {bm}: expected one of {heights} for {fmt} experts here "
                          f"(128 needs MXFP4 experts and the sm_90a wgmma kernels)")
     name = f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"
-    return VARIANTS[name + "_wg" if _uses_wgmma(fmt, wgmma) else name]
+    return VARIANTS[name + "_wg" if wg else name]
 
 
 # Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones
@@ -119,13 +121,13 @@ def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Var
 BM128_MIN_ROWS = 64
 
 
-def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4") -> int:
+def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | None = None) -> int:
     """Tile height: 16 (decode: stream the weights of the experts in use) when the average expert gets
     at most 16 rows, 128 when it gets BM128_MIN_ROWS or more and the 128-row kernels exist, else 64.
     All give bit-identical results."""
     if num_slots <= 16 * num_experts:
         return 16
-    if 128 in tile_heights(fmt) and num_slots >= BM128_MIN_ROWS * num_experts:
+    if 128 in tile_heights(fmt, wgmma) and num_slots >= BM128_MIN_ROWS * num_experts:
         return 128
     return 64
 
@@ -346,8 +348,9 @@ def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limi
     import cupy
 
     S, E = d.num_slots, d.num_experts
-    bm = pick_bm(S, E, w.format) if bm is None else bm
-    v = variant_for(stage, w.format, bm)
+    wg = wgmma_available()  # once per launch: it asks CuPy for the device
+    bm = pick_bm(S, E, w.format, wg) if bm is None else bm
+    v = variant_for(stage, w.format, bm, wg)
     N, K = w.R, w.C
     smem = v.shared_bytes(K)
     kern, smem = _gemm_kernel(v, smem)
