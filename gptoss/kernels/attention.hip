@@ -8,7 +8,7 @@
 //                         more than one query): one CTA = 16 consecutive queries of one sequence x the
 //                         G q heads of one kv head, so its 16*G rows ((query, head) pairs, 16 per warp)
 //                         share every K/V tile it loads.
-//   attn_decode_g{4,8}    grid (splits, Hkv, SD), 32 threads (fast path; the SD sequences with one query):
+//   attn_decode_g{4,8}    grid (Hkv, SD, splits), 32 threads (fast path; the SD sequences with one query):
 //                         one warp = the G heads of one kv head over one segment of the keys; writes
 //                         fp32 partial (m, l, acc) to a workspace.
 //   attn_decode_combine   folds a query's partials in segment order and writes the output.
@@ -449,9 +449,9 @@ DEVICE void attn_prefill_body(
     }
 }
 
-// Decode: one warp = the G heads of kv head blockIdx.y for the one query of sequence dec_seqs[blockIdx.z],
-// over segment (first segment of its visible keys) + blockIdx.x; all of the segment's (at most 4) tiles
-// are requested at once. Rows g < G are heads; the other rows are empty. Writes (m, l) and the
+// Decode: one warp = the G heads of kv head blockIdx.x for the one query of sequence dec_seqs[blockIdx.y],
+// over segment (first segment of its visible keys) + blockIdx.z; the segment's (at most 4) tiles flow
+// through a ring of STAGES buffers. Rows g < G are heads; the other rows are empty. Writes (m, l) and the
 // unnormalised o of each head to the workspace: part_ml [SD, nsplit, Hq, 2], part_acc [SD, nsplit, Hq, 64].
 template <int G, int STAGES>
 DEVICE void attn_decode_body(
@@ -466,7 +466,7 @@ DEVICE void attn_decode_body(
     bf16_t* sKV = (bf16_t*)smem_raw;                  // [STAGES][K|V][64*64]
     bf16_t* sQ = sKV + STAGES * 2 * ATTN_TILE * 64;   // [16*64]
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
-    const int z = blockIdx.x, kvh = blockIdx.y, d = blockIdx.z, s = dec_seqs[d];
+    const int kvh = blockIdx.x, d = blockIdx.y, z = blockIdx.z, s = dec_seqs[d];
     const int p = seq_start[s], tok = cu_q[s];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int seg = lo / ATTN_SEG + z;

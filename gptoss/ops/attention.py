@@ -7,7 +7,7 @@
 
 Kernels (D = 64 and Hq / Hkv in {4, 8} on NVIDIA; a launch may use both):
 - decode, for the sequences with one query: the keys of each are split at fixed multiples of
-  SEG = 256 positions, one warp per (split, kv head, sequence), fp32 partials in a workspace kept on
+  SEG = 256 positions, one warp per (kv head, sequence, split), fp32 partials in a workspace kept on
   the batch, then a combine kernel;
 - prefill, for the sequences with more queries: one CTA per (16 queries of one sequence, kv head),
   flash style on tensor cores.
@@ -158,7 +158,10 @@ class AttentionBatch:
         last_pos = starts[seq] + np.minimum(first + BLOCK_Q, q_lens[seq]) - 1
         order = np.argsort(-last_pos, kind="stable")
         blocks = np.stack([seq[order], first[order]], axis=1).astype(np.int32).reshape(-1, 2)
-        dec_seqs = np.flatnonzero(single).astype(np.int32)
+        # the one-query sequences, longest first: the decode grid walks (kv head, sequence) within a split,
+        # so the CTAs of a split that have keys to read come first and neighbours read alike
+        dec_seqs = np.flatnonzero(single)
+        dec_seqs = dec_seqs[np.argsort(-starts[dec_seqs], kind="stable")].astype(np.int32)
         return cls(cupy.asarray(cu_q), cupy.asarray(slots.astype(np.int32)), cupy.asarray(starts.astype(np.int32)),
                    cupy.asarray(blocks), cupy.asarray(dec_seqs), S, int(cu_q[-1]), int(q_lens.max()), bound,
                    int(capacity))
@@ -187,7 +190,7 @@ class AttentionBatch:
 
 
 def decode_splits(max_kv: int, window: int) -> int:
-    """Splits (grid x) of the decode kernel: segments of SEG keys a query can touch."""
+    """Splits (grid z) of the decode kernel: segments of SEG keys a query can touch."""
     n = (max_kv + SEG - 1) // SEG
     if window > 0:
         n = min(n, (window - 1 + SEG - 1) // SEG + 1)
@@ -268,7 +271,7 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         part_acc, part_ml = ws[:rows * 64], ws[rows * 64:rows * 66]
         smem = _decode_smem(DECODE_STAGES[G])
         _kernel(f"attn_decode_g{G}", smem)(
-            (nsplit, Hkv, SD), (32,),
+            (Hkv, SD, nsplit), (32,),
             (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
              part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2),
             shared_mem=smem)
