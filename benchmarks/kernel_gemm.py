@@ -11,6 +11,7 @@ tensor-core rate on Hopper; CuPy has no bf16 dtype), without the bias. Reported:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def _fits(M: int, N: int, K: int) -> bool:
 
 def bench(time_ms=default_time_ms, shapes=None, ms=MS, sweep: bool = False) -> list[dict]:
     import cupy
-    from gptoss.ops.gemm import LARGE, VARIANTS, linear, pick_variant
+    from gptoss.kernels import wgmma_available
+    from gptoss.ops.gemm import LARGE, available_variants, linear, pick_variant
 
     sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["multiProcessorCount"]
     rows = []
@@ -71,10 +73,10 @@ def bench(time_ms=default_time_ms, shapes=None, ms=MS, sweep: bool = False) -> l
 
             t_cublas = time_ms(lambda: cupy.matmul(x16, w16.T, out=out16))
             r_cublas = row(f"cublas fp16 {name}", shape, t_cublas, flops, nbytes)
-            picked = pick_variant(M, N, sms)
+            picked = pick_variant(M, N, sms, wgmma_available())
             variants = [picked]
             if sweep:
-                variants += [v for v in VARIANTS if v != picked and (v in LARGE or M <= 64)]
+                variants += [v for v in available_variants() if v != picked and (v in LARGE or M <= 64)]
             for v in variants:
                 t = time_ms(lambda: linear(x, w, b, out=out, variant=v))
                 r = row(f"gemm {name}" + ("" if v == picked else f" [{v}]"), shape, t, flops, nbytes)
@@ -106,7 +108,7 @@ def _print_table(rows: list[dict]) -> None:
             table.add_column(c, justify="left" if c in ("name", "shape", "variant") else "right", no_wrap=True)
         for r in rows:
             table.add_row(*(fmt(r, c) for c in cols))
-        Console().print(table)
+        Console(width=None if sys.stdout.isatty() else 160).print(table)  # piped: no truncated columns
     except ImportError:
         widths = [max(len(c), *(len(fmt(r, c)) for r in rows)) for c in cols]
         print("  ".join(c.ljust(wd) for c, wd in zip(cols, widths)))
@@ -119,12 +121,16 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M (tokens) values")
     p.add_argument("--sweep", action="store_true", help="also time every variant that fits each shape")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         p.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
-    _print_table(bench(default_time_ms, shapes, [int(m) for m in args.ms.split(",")], args.sweep))
+    rows = bench(default_time_ms, shapes, [int(m) for m in args.ms.split(",")], args.sweep)
+    _print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -47,7 +47,7 @@ def gpu_available() -> bool:
 
 
 # Families with wgmma (sm_90a) kernels: compiled for sm_90a on compute capability 9.0 devices.
-WGMMA_FAMILIES = ("moe",)
+WGMMA_FAMILIES = ("moe", "gemm")
 
 
 def wgmma_available() -> bool:

@@ -239,6 +239,119 @@ DEVICE void gemm_body(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w
     }
 }
 
+#if GPTOSS_HAS_WGMMA
+// wgmma path (sm_90a builds; ops/gemm.py picks it for M > 64 on H100/H200). CTA = 128 rows of x x BN rows
+// of w, two warpgroups of 64 x rows each; both operands are read by the tensor cores from shared memory
+// (descriptors, mma.h): per stage x [128][64] and w [BN][64] bf16, rows of 128 B in 8-row atoms of 1 KB,
+// chunk c of row r at c ^ (r & 7) (the 128-byte swizzle; stages 1 KB-aligned). One wgmma per k16 step,
+// k increasing, from zero accumulators: the same per-element arithmetic as the mma.sync variants
+// (measured bit-identical on an H200), so every variant still gives a row the same bits.
+// Ring: STAGES slots; k-tile kt + STAGES - 2 is requested while kt is multiplied and kt - 1's wgmmas may
+// still run (wgmma_wait<1>), so a slot is refilled two k-tiles after it was read.
+template <int BN_, int STAGES_>
+struct GemmWgTile {
+    static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, THREADS = 256;
+    static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+    static_assert(BN == 128 || BN == 256, "wgmma n128 or n256");
+    static_assert(STAGES >= 3, "one slot read, one in a running wgmma, one or more in flight");
+};
+
+template <class T>
+DEVICE void gemm_wg_body(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
+                         const bf16_t* __restrict__ bias, void* __restrict__ out, int M, int N, int K,
+                         int has_bias, int out_f32) {
+    constexpr int BM = T::BM, BN = T::BN, BK = T::BK, STAGES = T::STAGES, NACC = BN / 2;
+    extern __shared__ __align__(16) unsigned char gemm_wg_smem[];
+    unsigned char* smem = gemm_wg_smem + ((1024u - (smem_u32(gemm_wg_smem) & 1023u)) & 1023u);
+    const u32 sbase = smem_u32(smem);
+
+    int tm, tn;
+    gemm_tile_coords(M, N, BM, BN, tm, tn);
+    const int m0 = tm * BM, n0 = tn * BN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+
+    // loader: chunk lc of rows lr + 32 i (x: i < 4, w: i < BN / 32); all of a thread's rows share r & 7
+    const int lr = tid >> 3, lc = tid & 7;
+    const u32 dst0 = lr * 128 + ((lc ^ (lr & 7)) << 4);
+    const bf16_t* xg = x + (size_t)(m0 + lr) * K + lc * 8;
+    const bf16_t* wgp = w + (size_t)(n0 + lr) * K + lc * 8;
+    auto load_stage = [&](int slot, int kt) {
+        unsigned char* sa = smem + slot * T::STAGE_BYTES;
+        unsigned char* sb = sa + T::A_BYTES;
+        const int k0 = kt * BK;
+        const bool k_ok = k0 + lc * 8 < K;
+        #pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const bool ok = k_ok && m0 + lr + 32 * i < M;
+            cp_async_16(sa + dst0 + i * 32 * 128, ok ? xg + (size_t)i * 32 * K + k0 : x, ok ? 16 : 0);
+        }
+        #pragma unroll
+        for (int i = 0; i < BN / 32; ++i) {
+            const bool ok = k_ok && n0 + lr + 32 * i < N;
+            cp_async_16(sb + dst0 + i * 32 * 128, ok ? wgp + (size_t)i * 32 * K + k0 : w, ok ? 16 : 0);
+        }
+    };
+
+    float acc[NACC];
+    #pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+    auto fence_acc = [&]() {
+        #pragma unroll
+        for (int i = 0; i < NACC; ++i) reg_fence(acc[i]);
+    };
+
+    const int KT = (K + BK - 1) / BK;
+    #pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        // committed: STAGES - 2 + kt groups; k-tile kt is group kt, so STAGES - 3 may stay in flight
+        cp_async_wait<STAGES - 3>();
+        fence_proxy_async();  // this thread's copies are read next by wgmma (the async proxy)
+        __syncthreads();      // k-tile kt landed for everyone; every warpgroup is past kt - 2's wgmmas
+        if (kt + STAGES - 2 < KT) load_stage((kt + STAGES - 2) % STAGES, kt + STAGES - 2);
+        cp_async_commit();
+        const u32 sa = sbase + (kt % STAGES) * T::STAGE_BYTES, sb = sa + T::A_BYTES;
+        const u32 a0 = sa + wg * 64 * 128;
+        fence_acc();
+        if (K - kt * BK >= BK) {
+            wgmma_fence();
+            #pragma unroll
+            for (int ks = 0; ks < BK / 16; ++ks)
+                wgmma_bf16_ss<BN>(acc, wgmma_desc_sw128(a0 + ks * 32), wgmma_desc_sw128(sb + ks * 32));
+        } else {  // a short last k-tile (K % 64 = 16, 32 or 48): only its real k16 steps
+            for (int ks = 0; ks < (K - kt * BK) / 16; ++ks) {
+                wgmma_fence();
+                wgmma_bf16_ss<BN>(acc, wgmma_desc_sw128(a0 + ks * 32), wgmma_desc_sw128(sb + ks * 32));
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_acc();
+    }
+    wgmma_wait<0>();
+    fence_acc();
+    cp_async_wait<0>();
+
+    // D layout (mma.h): n8 chunk i holds (row g, cols 8i + 2t..) in acc[4i..4i+1], row g + 8 in acc[4i+2..]
+    const int g = lane >> 2, t = lane & 3;
+    const int row = m0 + wg * 64 + (warp & 3) * 16 + g;
+    #pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+        const int col = n0 + 8 * i + 2 * t;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (has_bias) {
+            if (col < N) b0 = bf16_to_float(bias[col]);
+            if (col + 1 < N) b1 = bf16_to_float(bias[col + 1]);
+        }
+        gemm_store_pair(out, out_f32, M, N, row, col, acc[4 * i] + b0, acc[4 * i + 1] + b1);
+        gemm_store_pair(out, out_f32, M, N, row + 8, col, acc[4 * i + 2] + b0, acc[4 * i + 3] + b1);
+    }
+}
+#endif  // GPTOSS_HAS_WGMMA
+
 #else  // portable path (AMD and anything without mma.sync)
 
 // Tiled FMA GEMM over the same tiles and grid: BKF-deep fp32 tiles of x and w in static shared memory
@@ -339,3 +452,16 @@ GEMM_KERNEL(d64x8, 64, 8, 128, 4, 1, 5, 1)
 GEMM_KERNEL(d64x16, 64, 16, 128, 2, 2, 4, 1)
 GEMM_KERNEL(d64x32, 64, 32, 128, 2, 2, 4, 1)
 GEMM_KERNEL(d64x64, 64, 64, 128, 2, 2, 3, 1)
+
+// wgmma variants (sm_90a builds only: H100/H200, where ops/gemm.py takes them for M > 64): 128 x BN tiles,
+// 2 warpgroups, dynamic shared memory STAGES * (128 + BN) * 128 bytes + 1 KB of alignment slack.
+#if GPTOSS_HAS_WGMMA
+#define GEMM_WG_KERNEL(NAME, BN, STAGES, MIN_BLOCKS)                                                       \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                           \
+    gemm_##NAME(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, const bf16_t* __restrict__ bias, \
+                void* __restrict__ out, int M, int N, int K, int has_bias, int out_f32) {                    \
+        gemm_wg_body<GemmWgTile<BN, STAGES>>(x, w, bias, out, M, N, K, has_bias, out_f32);                  \
+    }
+GEMM_WG_KERNEL(wg128x256, 256, 4, 1)  // 192 KiB smem, 1 CTA/SM, 128 accumulators per thread
+GEMM_WG_KERNEL(wg128x128, 128, 3, 2)  // 96 KiB smem, 2 CTAs/SM
+#endif

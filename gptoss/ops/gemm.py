@@ -7,10 +7,13 @@ Variants (tile shapes of one kernel body) and how one is picked from (M, N):
 - M <= 64 (decode): "d{BM}x{BN}": BM = 16/32/64 covers all rows in one row tile, BN is the widest of
   64/32/16 that still gives at least one CTA per SM (N = 2880 -> 16, 5120 -> 32, 201088 -> 64), 8 for the
   tiny N of the router; these stream W through a deep cp.async ring (memory bound).
-- M > 64: "128x128" when it makes at least two waves of tiles, else "64x64" (measured on H100 with
-  benchmarks/kernel_gemm.py --sweep; "256x128" and "64x128" stay available for the sweep).
-Every variant accumulates an element in the same order (k16 steps in increasing k), so a row's result is
-bit-identical whatever M is and whichever variant runs (batch invariance; docs/DESIGN.md).
+- M > 64 on H100/H200 (sm_90a, kernels.wgmma_available): "wg128x256" / "wg128x128", wgmma with both
+  operands in shared memory (see pick_variant for which).
+- M > 64 elsewhere: "128x128" when it makes at least two waves of tiles, else "64x64" (measured on H100
+  with benchmarks/kernel_gemm.py --sweep; "256x128" and "64x128" stay available for the sweep).
+Every variant accumulates an element in the same order (one k16 step at a time in increasing k, mma.sync
+or wgmma: bit-identical), so a row's result is the same whatever M is and whichever variant runs (batch
+invariance; docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import kernel
+from ..kernels import kernel, wgmma_available
 from ._check import check, out_or_new
 
 
@@ -31,6 +34,7 @@ class Variant:
     warps_m: int
     warps_n: int
     stages: int
+    wgmma: bool = False  # sm_90a only (GEMM_WG_KERNEL in gemm.hip)
 
     @property
     def threads(self) -> int:
@@ -38,12 +42,16 @@ class Variant:
 
     @property
     def smem(self) -> int:
-        """Dynamic shared memory of the tensor-core path: the cp.async ring of x and w tiles."""
-        return self.stages * (self.bm + self.bn) * self.bk * 2
+        """Dynamic shared memory of the tensor-core path: the cp.async ring of x and w tiles (wgmma: plus
+        1 KB of slack to align the ring to the 1 KB swizzle atoms)."""
+        return self.stages * (self.bm + self.bn) * self.bk * 2 + (1024 if self.wgmma else 0)
 
 
-# Must match the GEMM_KERNEL list at the bottom of gemm.hip (name -> BM, BN, BK, WM, WN, STAGES).
+# Must match the GEMM_KERNEL / GEMM_WG_KERNEL lists at the bottom of gemm.hip (name -> BM, BN, BK, WM,
+# WN, STAGES; the wgmma ones as 2 x 4 warps = 2 warpgroups of 64 rows).
 VARIANTS = {
+    "wg128x256": Variant(128, 256, 64, 2, 4, 4, wgmma=True),
+    "wg128x128": Variant(128, 128, 64, 2, 4, 3, wgmma=True),
     "256x128": Variant(256, 128, 64, 4, 2, 4),
     "128x128": Variant(128, 128, 64, 2, 2, 3),
     "64x128": Variant(64, 128, 64, 2, 2, 4),
@@ -61,7 +69,7 @@ VARIANTS = {
     "d64x32": Variant(64, 32, 128, 2, 2, 4),
     "d64x64": Variant(64, 64, 128, 2, 2, 3),
 }
-LARGE = ("256x128", "128x128", "64x128", "64x64")
+LARGE = ("wg128x256", "wg128x128", "256x128", "128x128", "64x128", "64x64")
 _OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
 
 
@@ -69,8 +77,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pick_variant(M: int, N: int, sms: int = 132) -> str:
-    """The variant linear() runs for an [M, K] x [N, K]ᵀ product on a GPU of `sms` multiprocessors."""
+def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False) -> str:
+    """The variant linear() runs for an [M, K] x [N, K]ᵀ product on a GPU of `sms` multiprocessors
+    (`wgmma`: the sm_90a variants exist, kernels.wgmma_available())."""
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
         if N <= 512:  # the router (E = 32 or 128): as many CTAs as we can get
@@ -80,11 +89,22 @@ def pick_variant(M: int, N: int, sms: int = 132) -> str:
             # each column tile re-reads the M real rows of x from L2: keep that below ~2x W's bytes
             bn = max(bn, min(64, bm // 2))
         return f"d{bm}x{bn}"
+    if wgmma:  # one CTA of 128 x 256 per SM once there is a wave of them; else 128 x 128, two per SM
+        if _cdiv(M, 128) * _cdiv(N, 256) >= sms:
+            return "wg128x256"
+        if _cdiv(M, 128) * _cdiv(N, 128) >= sms:
+            return "wg128x128"
     # Measured on H100 (benchmarks/kernel_gemm.py --sweep, docs/notes/gemm.md): 128x128 (2 CTAs per SM)
     # is the fastest once it has two waves of tiles; with fewer, 64x64 (3 per SM) fills the GPU better.
     if _cdiv(M, 128) * _cdiv(N, 128) >= 2 * sms:
         return "128x128"
     return "64x64"
+
+
+def available_variants(wgmma: bool | None = None) -> list[str]:
+    """The variants this device can run: the wgmma ones only where kernels.wgmma_available()."""
+    wgmma = wgmma_available() if wgmma is None else wgmma
+    return [name for name, v in VARIANTS.items() if wgmma or not v.wgmma]
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +157,10 @@ def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str |
         return out
 
     dev = cupy.cuda.runtime.getDevice()
-    name = variant or pick_variant(M, N, _sm_count(dev))
+    wgmma = wgmma_available()
+    if variant is not None and VARIANTS[variant].wgmma and not wgmma:
+        raise ValueError(f"variant {variant}: a wgmma kernel, which needs an sm_90a device (H100/H200)")
+    name = variant or pick_variant(M, N, _sm_count(dev), wgmma)
     v = VARIANTS[name]
     k, smem = _launcher(name, dev)
     grid = _cdiv(M, v.bm) * _cdiv(N, v.bn)
