@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .engine import Request, TokenEvent, check_fits, clamp_new_tokens
+from .engine import Request, StepTokens, TokenEvent, check_fits, clamp_new_tokens
 from .model import (DeviceWeights, GPUModel, KVCache, ModelTooLargeError, SampleArgs, StepBatch, _gib,
                     activation_bytes_per_token, decode_batch_bucket, free_gpu_memory, logit_row_bytes)
 from .sampling import SamplingParams
@@ -26,14 +26,24 @@ HEADROOM = 1 << 30  # GPU memory left unplanned (CuPy pool fragmentation, kernel
 
 
 @dataclass
-class _Seq:
+class _Prefill:
+    """A sequence whose prompt is not all in the KV cache yet."""
     req: Request
     slot: int
-    budget: int
-    cached: int = 0  # tokens already in the KV cache
-    generated: list = field(default_factory=list)
-    pending: int | None = None  # the last sampled token, fed at the next step
-    prefilled: bool = False  # the whole prompt is in the cache
+    cached: int = 0  # prompt tokens already in the cache
+
+
+class _Slots:
+    """Per-slot state of the running sequences, as arrays indexed by slot (one vector update per step
+    instead of Python work per token)."""
+
+    def __init__(self, n: int):
+        self.index = np.zeros(n, np.int64)    # the request (input line) in the slot
+        self.budget = np.zeros(n, np.int64)   # new tokens it may generate
+        self.made = np.zeros(n, np.int64)     # new tokens generated so far (the sampler's step)
+        self.cached = np.zeros(n, np.int64)   # positions in its KV cache
+        self.pending = np.zeros(n, np.int32)  # its last sampled token, fed at the next step
+        self.decoding = np.zeros(n, bool)     # its prompt is in the cache: one token per step
 
 
 @dataclass
@@ -125,6 +135,13 @@ class GPUBackend:
 
     def generate(self, requests: Iterable[Request], sampling: SamplingParams, stop_ids=(),
                  ignore_eos: bool = False, max_batch: int | None = None) -> Iterator[TokenEvent]:
+        """The TokenEvents of generate_steps, one by one (generate and chat stream them)."""
+        for step in self.generate_steps(requests, sampling, stop_ids, ignore_eos, max_batch):
+            yield from step.events()
+
+    def generate_steps(self, requests: Iterable[Request], sampling: SamplingParams, stop_ids=(),
+                       ignore_eos: bool = False, max_batch: int | None = None) -> Iterator[StepTokens]:
+        """Continuous batching: one StepTokens per engine step (every running sequence's new token)."""
         cfg = self.config
         requests = list(requests)
         if not requests:
@@ -133,31 +150,33 @@ class GPUBackend:
             check_fits(len(r.prompt_ids), r.max_new, cfg.max_context)
         capacity = max(min(len(r.prompt_ids) + r.max_new, cfg.max_context) for r in requests)
         model = self._model_for(capacity, min(len(requests), max_batch or len(requests)))
-        stop_ids = frozenset(() if ignore_eos else stop_ids)
+        stops = np.asarray(sorted(set(() if ignore_eos else stop_ids)), np.int64)
         slots_free = list(range(model.slots))[::-1]
         if max_batch:
             slots_free = slots_free[-max_batch:]
         waiting = deque(requests)
-        running: list[_Seq] = []
+        state = _Slots(model.slots)
+        prefilling: list[_Prefill] = []
         st = self.stats = {"slots": model.slots, "capacity": model.capacity, "mixed_steps": 0,
                            "mixed_seconds": 0.0, "prompt_tokens": 0, "decode_steps": 0,
                            "decode_seconds": 0.0, "decode_tokens": 0, "host_seconds": 0.0}
         clock = time.perf_counter()
 
-        while waiting or running:
+        while waiting or prefilling or state.decoding.any():
             while waiting and slots_free:
                 req = waiting.popleft()
                 budget = clamp_new_tokens(len(req.prompt_ids), req.max_new, cfg.max_context)
                 if budget == 0:
-                    yield TokenEvent(req.index, None, True, "length")
+                    yield StepTokens(np.array([req.index]), np.array([-1]), np.array([True]), np.array([False]))
                     continue
-                running.append(_Seq(req, slots_free.pop(), budget))
-            if not running:
+                slot = slots_free.pop()
+                state.index[slot], state.budget[slot], state.made[slot] = req.index, budget, 0
+                prefilling.append(_Prefill(req, slot))
+            if not prefilling and not state.decoding.any():
                 break
-            step, order, n_decode = self._build_step(running, model)
+            step, rows, n_decode, prefilled = self._build_step(state, prefilling, model)
             args = SampleArgs(sampling.temperature, sampling.top_p, sampling.seed,
-                              np.asarray([s.req.index for s in order], np.int32),
-                              np.asarray([len(s.generated) for s in order], np.int32))
+                              state.index[rows].astype(np.int32), state.made[rows].astype(np.int32))
             t0 = time.perf_counter()
             st["host_seconds"] += t0 - clock
             ids = model.step(step, args, use_graph=self.use_graphs)
@@ -167,58 +186,54 @@ class GPUBackend:
             st[f"{kind}_seconds"] += clock - t0
             st["decode_tokens"] += n_decode
             st["prompt_tokens"] += len(step.tokens) - n_decode
-            finished = []
-            for seq, token in zip(order, ids.tolist()):
-                if token in stop_ids:
-                    yield TokenEvent(seq.req.index, None, True, "stop")
-                    finished.append(seq)
-                    continue
-                seq.generated.append(token)
-                seq.pending = token
-                done = len(seq.generated) >= seq.budget
-                yield TokenEvent(seq.req.index, token, done, "length" if done else None)
-                if done:
-                    finished.append(seq)
-            if finished:
-                gone = {id(seq) for seq in finished}
-                running = [seq for seq in running if id(seq) not in gone]
-                slots_free.extend(seq.slot for seq in finished)
+            # every row's slot: its new token (none on a stop id), then who is done
+            ids = np.asarray(ids, np.int64)
+            stopped = np.isin(ids, stops) if len(stops) else np.zeros(len(rows), bool)
+            state.made[rows] += ~stopped
+            state.pending[rows] = ids
+            done = stopped | (state.made[rows] >= state.budget[rows])
+            state.decoding[prefilled] = True  # their first token came: decode from the next step
+            finished = rows[done]
+            state.decoding[finished] = False
+            slots_free.extend(finished.tolist())
+            yield StepTokens(state.index[rows], np.where(stopped, -1, ids), done, stopped)
 
-    def _build_step(self, running: list[_Seq], model: GPUModel):
-        """Decode tokens first (sequences whose prompt is in the cache), then prompt chunks within the
-        step's token budget. Returns (step, the sequences that get a token, in logit-row order,
-        the number of decode tokens)."""
-        dec = [s for s in running if s.prefilled]
+    def _build_step(self, state: _Slots, prefilling: list, model: GPUModel):
+        """Decode tokens first (the sequences whose prompt is in the cache, in slot order), then prompt
+        chunks within the step's token budget. Returns (step, the slot of each logit row, the number of
+        decode tokens, the slots whose prompt this step completes); prefilling loses those."""
+        dec = np.flatnonzero(state.decoding)
         n = len(dec)
-        tokens = [s.pending for s in dec]
-        positions = [s.cached for s in dec]
-        slots = [s.slot for s in dec]
-        for s in dec:
-            s.cached += 1
-        q_lens, seq_slots, seq_starts = [1] * n, list(slots), list(positions)
-        logit_rows, order = list(range(n)), dec
+        positions = state.cached[dec]
+        state.cached[dec] += 1
+        tokens, pos, slots = [state.pending[dec]], [positions], [dec]
+        q_lens, seq_slots, seq_starts = [1] * n, dec.tolist(), positions.tolist()
+        done_prefill, total = [], n  # (sequence, its logit row); tokens so far
         budget = min(model.max_step_tokens - n, self.step_prefill_tokens)
-        for seq in running:
+        for seq in prefilling:
             if budget <= 0:
                 break
-            if seq.prefilled:
-                continue
-            prompt = seq.req.prompt_ids
-            start = seq.cached
+            prompt, start = seq.req.prompt_ids, seq.cached
             m = min(len(prompt) - start, model.cache.max_chunk, budget)
-            tokens.extend(prompt[start:start + m])
-            positions.extend(range(start, start + m))
-            slots.extend([seq.slot] * m)
+            tokens.append(np.asarray(prompt[start:start + m], np.int32))
+            pos.append(np.arange(start, start + m))
+            slots.append(np.full(m, seq.slot))
             q_lens.append(m)
             seq_slots.append(seq.slot)
             seq_starts.append(start)
             seq.cached += m
             budget -= m
+            total += m
             if seq.cached == len(prompt):  # the prompt is complete: its last token's logits give token 0
-                seq.prefilled = True
-                logit_rows.append(len(tokens) - 1)
-                order.append(seq)
-        step = StepBatch(np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
-                         np.asarray(slots, np.int32), q_lens, seq_slots, seq_starts,
-                         np.asarray(logit_rows, np.int32))
-        return step, order, n
+                state.cached[seq.slot] = seq.cached
+                done_prefill.append((seq, total - 1))
+        if done_prefill:
+            finished = {id(seq) for seq, _ in done_prefill}
+            prefilling[:] = [seq for seq in prefilling if id(seq) not in finished]
+        prefilled = np.asarray([seq.slot for seq, _ in done_prefill], np.int64)
+        rows = np.concatenate([dec, prefilled]).astype(np.int64)
+        logit_rows = np.concatenate([np.arange(n), np.asarray([r for _, r in done_prefill], np.int64)])
+        step = StepBatch(np.concatenate(tokens).astype(np.int32), np.concatenate(pos).astype(np.int32),
+                         np.concatenate(slots).astype(np.int32), q_lens, seq_slots, seq_starts,
+                         logit_rows.astype(np.int32))
+        return step, rows, n, prefilled

@@ -1,7 +1,8 @@
 """Generation over a backend: the float32 NumPy reference on the CPU, or the GPU model.
 
-A backend turns requests (prompt ids + a token budget) into a stream of TokenEvents. run.py builds
-generate, chat and getp on top of `generate`.
+A backend turns requests (prompt ids + a token budget) into a stream of TokenEvents (`generate`; run.py's
+generate and chat) or of StepTokens, one per engine step for many requests at once (`step_tokens`; getp,
+where a Python object per token would cost seconds).
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import numpy as np
 
 from .sampling import SamplingParams, sample
 
@@ -26,6 +29,40 @@ class TokenEvent:
     token: int | None  # None when the request ended without a new token (a stop id is not emitted)
     done: bool
     reason: str | None = None  # "stop" (a stop id came), "length" (max_new reached)
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What one engine step gave several requests, as parallel arrays: the request index, the new token
+    (-1 for none: the request ended on a stop id, which is not emitted, or had no budget), whether the
+    request is done, and whether it stopped on a stop id (done and not stopped: its length budget)."""
+    index: np.ndarray  # int64
+    token: np.ndarray  # int64
+    done: np.ndarray  # bool
+    stopped: np.ndarray  # bool
+
+    @classmethod
+    def of(cls, ev: TokenEvent) -> "StepTokens":
+        stopped = ev.reason == "stop"
+        return cls(np.array([ev.index]), np.array([-1 if ev.token is None else ev.token]), np.array([ev.done]),
+                   np.array([stopped]))
+
+    def events(self) -> Iterator[TokenEvent]:
+        for i, tok, done, stop in zip(self.index.tolist(), self.token.tolist(), self.done.tolist(),
+                                      self.stopped.tolist()):
+            yield TokenEvent(i, None if tok < 0 else tok, done, "stop" if stop else "length" if done else None)
+
+
+def step_tokens(backend, requests: Iterable[Request], sampling: SamplingParams, stop_ids=(),
+                ignore_eos: bool = False, max_batch: int | None = None) -> Iterator[StepTokens]:
+    """The backend's generation as StepTokens: its own per-step stream where it has one (GPUBackend),
+    else its TokenEvents one by one."""
+    kw = dict(stop_ids=stop_ids, ignore_eos=ignore_eos, max_batch=max_batch)
+    if hasattr(backend, "generate_steps"):
+        yield from backend.generate_steps(requests, sampling, **kw)
+        return
+    for ev in backend.generate(requests, sampling, **kw):
+        yield StepTokens.of(ev)
 
 
 class ContextError(ValueError):

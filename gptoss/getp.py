@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from .engine import ContextError, Request, check_fits
+import numpy as np
+
+from .engine import ContextError, Request, check_fits, step_tokens
 
 
 def check_getp_args(args) -> None:
@@ -171,15 +173,17 @@ def run_getp(backend, args, sampling, model_path) -> int:
     from .progress import GetpProgress
 
     with GetpProgress(total=len(prompts), done=len(prompts) - len(todo), quiet=args.quiet) as bar:
-        events = backend.generate(todo, sampling, stop_ids=STOP_IDS, ignore_eos=args.ignore_eos,
-                                  max_batch=args.batch)
-        for ev in events:
-            if ev.token is not None:
-                outputs[ev.index].append(ev.token)
-                generated += 1
-                bar.tokens(1)
-            if ev.done:
-                partial.add(ev.index, outputs[ev.index])
+        steps = step_tokens(backend, todo, sampling, stop_ids=STOP_IDS, ignore_eos=args.ignore_eos,
+                            max_batch=args.batch)
+        for step in steps:  # one engine step: a token (or a stop) for each running prompt
+            for index, token in zip(step.index.tolist(), step.token.tolist()):
+                if token >= 0:
+                    outputs[index].append(token)
+            made = int(np.count_nonzero(step.token >= 0))
+            generated += made
+            bar.tokens(made)
+            for index in step.index[step.done].tolist():
+                partial.add(index, outputs[index])
                 bar.prompt_done()
     wall = time.perf_counter() - start
     write_atomically(args.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])

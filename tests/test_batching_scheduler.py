@@ -1,0 +1,146 @@
+"""The continuous-batching scheduler (GPUBackend.generate_steps) over a stand-in model, without a GPU.
+
+The stand-in's next token is a function of the row's input token and position only, so every request
+has one right answer, the one it gets alone: the scheduler must feed each sequence its own tokens at
+its own positions whatever else shares the step, refill freed slots, honour stop ids, budgets, the
+context and -b, and hand the sampler each row's (request, tokens so far)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gptoss.batching import GPUBackend
+from gptoss.engine import Request, StepTokens, step_tokens
+from gptoss.sampling import SamplingParams
+
+VOCAB = 997
+
+
+def next_token(token: int, position: int) -> int:
+    return (token * 31 + position * 7 + 3) % VOCAB
+
+
+class StandInModel:
+    """GPUModel's step() interface: next_token of each logit row; records what it was asked."""
+
+    def __init__(self, slots: int, capacity: int, chunk: int, step_tokens: int):
+        self.slots, self.capacity, self.max_step_tokens = slots, capacity, step_tokens
+        self.cache = SimpleNamespace(max_chunk=chunk)
+        self.steps = []
+
+    def step(self, step, args, use_graph=True):
+        r = step.logit_rows
+        assert len(np.unique(step.slots[r])) == len(r), "two logit rows in one slot"
+        assert step.positions.max() < self.capacity
+        self.steps.append((step, args))
+        return np.asarray([next_token(int(t), int(p)) for t, p in zip(step.tokens[r], step.positions[r])],
+                          np.int32)
+
+
+def backend_with(model, max_context=4096, prefill_tokens=48):
+    b = object.__new__(GPUBackend)  # no GPU: the scheduler alone, over the stand-in
+    b.config = SimpleNamespace(max_context=max_context)
+    b.use_graphs, b.step_prefill_tokens, b.stats, b.model = True, prefill_tokens, {}, model
+    b._model_for = lambda capacity, slots: model
+    return b
+
+
+def alone(prompt, max_new, stop_ids=(), max_context=4096):
+    """The request's tokens and end reason when it runs by itself."""
+    out, tok, pos = [], prompt[-1], len(prompt) - 1
+    for _ in range(min(max_new, max_context - len(prompt))):
+        tok = next_token(tok, pos)
+        pos += 1
+        if tok in stop_ids:
+            return out, "stop"
+        out.append(tok)
+    return out, "length"
+
+
+def run(backend, requests, **kw):
+    got = {r.index: [] for r in requests}
+    ended = {}
+    for step in backend.generate_steps(requests, SamplingParams(), **kw):
+        assert isinstance(step, StepTokens)
+        for i, tok, done, stop in zip(step.index.tolist(), step.token.tolist(), step.done.tolist(),
+                                      step.stopped.tolist()):
+            assert i not in ended, f"request {i} got a token after it ended"
+            assert tok >= 0 or done  # no token: the request ends (stop id or no budget)
+            assert not stop or tok == -1
+            if tok >= 0:
+                got[i].append(tok)
+            if done:
+                ended[i] = "stop" if stop else "length"
+    assert set(ended) == set(got), "every request ends exactly once"
+    return got, ended
+
+
+def random_requests(rng, n, max_new=(1, 40), prompt_len=(1, 90)):
+    return [Request(i, rng.integers(0, VOCAB, rng.integers(*prompt_len)).tolist(), int(rng.integers(*max_new)))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+def test_each_request_gets_what_it_gets_alone(slots):
+    rng = np.random.default_rng(slots)
+    requests = random_requests(rng, 40)
+    model = StandInModel(slots, capacity=256, chunk=32, step_tokens=slots + 48)
+    got, ended = run(backend_with(model), requests, ignore_eos=True)
+    for r in requests:
+        assert (got[r.index], ended[r.index]) == alone(r.prompt_ids, r.max_new)
+    assert max(len(step.logit_rows) for step, _ in model.steps) <= slots
+
+
+def test_stop_ids_end_a_request_without_emitting_the_stop():
+    rng = np.random.default_rng(7)
+    requests = random_requests(rng, 30, max_new=(30, 60))
+    stops = {5, 17, 99, 500, 731}
+    model = StandInModel(8, capacity=256, chunk=32, step_tokens=64)
+    got, ended = run(backend_with(model), requests, stop_ids=stops)
+    assert "stop" in ended.values()  # the stand-in hits the stop ids on some requests
+    for r in requests:
+        assert (got[r.index], ended[r.index]) == alone(r.prompt_ids, r.max_new, stops)
+    got, ended = run(backend_with(StandInModel(8, 256, 32, 64)), requests, stop_ids=stops, ignore_eos=True)
+    assert set(ended.values()) == {"length"}
+
+
+def test_sampler_gets_each_rows_request_and_tokens_so_far():
+    rng = np.random.default_rng(3)
+    requests = random_requests(rng, 20)
+    model = StandInModel(5, capacity=256, chunk=16, step_tokens=40)
+    run(backend_with(model, prefill_tokens=20), requests, ignore_eos=True)
+    made = {r.index: 0 for r in requests}
+    for step, args in model.steps:
+        for seq, k in zip(args.sequences.tolist(), args.steps.tolist()):
+            assert k == made[seq]
+            made[seq] += 1
+    assert made == {r.index: r.max_new for r in requests}
+
+
+def test_max_batch_and_context_limits():
+    rng = np.random.default_rng(11)
+    requests = random_requests(rng, 12, max_new=(50, 80), prompt_len=(20, 60))
+    model = StandInModel(8, capacity=100, chunk=32, step_tokens=64)
+    got, ended = run(backend_with(model, max_context=100), requests, ignore_eos=True, max_batch=3)
+    assert max(len(step.logit_rows) for step, _ in model.steps) <= 3
+    for r in requests:  # generation stops at the context's end
+        assert got[r.index] == alone(r.prompt_ids, r.max_new, max_context=100)[0]
+        assert len(r.prompt_ids) + len(got[r.index]) <= 100
+
+
+def test_zero_budget_and_token_events_agree_with_steps():
+    requests = [Request(0, list(range(10)), 0), Request(1, [3, 4, 5], 4), Request(2, [9] * 8, 2)]
+    got, ended = run(backend_with(StandInModel(2, 64, 8, 16)), requests, ignore_eos=True)
+    assert got[0] == [] and ended[0] == "length"
+    events = list(backend_with(StandInModel(2, 64, 8, 16)).generate(requests, SamplingParams(), ignore_eos=True))
+    for r in requests:
+        mine = [e for e in events if e.index == r.index]
+        assert [e.token for e in mine if e.token is not None] == got[r.index]
+        assert [e.done for e in mine] == [False] * (len(mine) - 1) + [True]
+        assert mine[-1].reason == ended[r.index]
+    # step_tokens takes a backend's own per-step stream, or wraps its TokenEvents
+    b = backend_with(StandInModel(2, 64, 8, 16))
+    wrapped = SimpleNamespace(generate=b.generate)
+    flat = [(i, t) for s in step_tokens(wrapped, requests, SamplingParams(), ignore_eos=True)
+            for i, t in zip(s.index.tolist(), s.token.tolist())]
+    assert flat == [(e.index, -1 if e.token is None else e.token) for e in events]
