@@ -82,21 +82,35 @@ def test_resource_report_lists_each_kernel(target, compiler):
     assert sample["spills"] == 0
 
 
-def test_sm90a_build_has_the_wgmma_kernels():
-    """The moe family's sm_90a pass defines the wgmma variants ops/moe.py picks on H100/H200, and they
-    assemble to wgmma (no serialization fallback)."""
+@pytest.mark.parametrize("family", ["moe", "gemm"])
+def test_sm90a_build_has_the_wgmma_kernels(family):
+    """The sm_90a pass of the moe and gemm families defines the wgmma variants ops/ picks on H100/H200,
+    and they assemble to wgmma without ptxas serializing them (its C7513 remark); the sm_90 pass has
+    none of them."""
     need_compilers("nvcc")
     tool = load_tool()
-    from gptoss.kernels import expanded_source
-    from gptoss.ops.moe import VARIANTS
+    from gptoss.kernels import WGMMA_FAMILIES, expanded_source
+    from gptoss.ops import gemm, moe
 
-    result = tool.compile_one("moe", expanded_source("moe"), "sm_90a", report=True)
+    assert family in WGMMA_FAMILIES
+    variants = {"moe": {name for name, v in moe.VARIANTS.items() if v.wgmma},
+                "gemm": {f"gemm_{name}" for name, v in gemm.VARIANTS.items() if v.wgmma}}[family]
+    result = tool.compile_one(family, expanded_source(family), "sm_90a", report=True)
     assert result.ok, result.output
-    wg = {name for name, v in VARIANTS.items() if v.wgmma}
-    assert wg and wg <= set(result.kernels)
-    assert "serializ" not in result.output.lower()
-    plain = tool.compile_one("moe", expanded_source("moe"), "sm_90", report=True)
-    assert plain.ok and not wg & set(plain.kernels)
+    assert variants and variants <= set(result.kernels)
+    assert "serializ" not in result.output.lower(), result.output
+    plain = tool.compile_one(family, expanded_source(family), "sm_90", report=True)
+    assert plain.ok and not variants & set(plain.kernels)
+
+
+def test_clean_output_keeps_ptxas_performance_remarks():
+    """The serialization check above reads clean_output, which drops ptxas's resource lines: the
+    performance remarks (also "ptxas info" lines) must survive it."""
+    tool = load_tool()
+    remark = ("ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are "
+              "serialized due to non wgmma instructions defining input registers of a wgmma")
+    out = tool.clean_output(PTXAS + remark + "\n")
+    assert "serialized" in out and "Used 56 registers" not in out
 
 
 def test_missing_compiler_fails_unless_skipped(tmp_path):

@@ -96,8 +96,8 @@ def clean_output(text: str) -> str:
     """Compiler messages without the resource report lines (those are parsed separately)."""
     keep = []
     for line in text.splitlines():
-        if line.startswith("ptxas info") or "kernel-resource-usage" in line:
-            continue
+        if (line.startswith("ptxas info") and "Performance Loss" not in line) or "kernel-resource-usage" in line:
+            continue  # (ptxas's performance remarks, e.g. C7513 wgmma serialization, stay)
         if re.match(r"^\s*\d+ bytes stack frame", line):
             continue
         keep.append(line)

@@ -372,9 +372,10 @@ struct MoeCta {
             cp_async_commit();
             if constexpr (C::WG) {
 #if GPTOSS_HAS_WGMMA
-                // Waiting for this stage's wgmmas before dequantizing the next one keeps the A fragments
-                // safe; leaving one group in flight (ptxas then reuses the fragments' registers while the
-                // tensor cores still read them) was 6% faster and gave wrong results.
+                // Wait for this stage's wgmmas before dequantizing the next one. Leaving one group in
+                // flight needs the ring to refill a slot two stages after it was read (the running
+                // wgmmas still read its tokens), and then ptxas serializes the wgmmas anyway (C7513:
+                // the next stage's A fragments are defined while a wgmma is in flight).
                 issue_stage_wg<BIG>(rbuf, kt);
                 wgmma_wait<0>();
                 fence_acc();
