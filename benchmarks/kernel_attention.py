@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed of the attention kernels on the gpt-oss geometry (Hq 64, Hkv 8, D 64), full and sliding (128).
 
-  python benchmarks/kernel_attention.py [--json OUT]
+  python benchmarks/kernel_attention.py [--json OUT] [--decode-sweep 2048:1024,1025,1280,2049]
 
 - prefill (tensor-core flash kernel): T = 512, 2048, 8192 query tokens, as one sequence from position 0
   and as many sequences of 256; TFLOP/s counts 4 * D * Hq flops per visible (query, key) pair
@@ -105,6 +105,33 @@ def _rope_row(time_ms, table, T: int) -> dict:
     return dict(common.row("rope_and_cache", f"T={T}", ms, bytes_moved=2.0 * qkv.nbytes), bound="memory")
 
 
+def decode_sweep(time_ms, sinks, B: int, keys_list) -> list[dict]:
+    """One full-attention decode layer at batch B for each key count (every sequence alike), then with
+    ragged contexts (uniform 64..2,047 keys, seed 0, the shape of getp's decode steps)."""
+    import cupy as cp
+    import numpy as np
+
+    from gptoss.ops import attention as A
+
+    L = max(max(keys_list), 2048) + 64
+    kc = cp.empty((B, L, HKV, D), dtype=cp.uint16)
+    vc = cp.empty_like(kc)
+    kc[...] = _rand_bf16((1, L, HKV, D))
+    vc[...] = _rand_bf16((1, L, HKV, D))
+    q = _rand_bf16((B, HQ, D))
+    out = cp.empty((B, HQ * D), dtype=cp.uint16)
+    cases = [(f"B={B} keys={k}", [k - 1] * B) for k in keys_list]
+    ragged = np.random.default_rng(0).integers(64, 2048, B)
+    cases.append((f"B={B} keys=U(64,2047)", (ragged - 1).tolist()))
+    rows = []
+    for shape, pos in cases:
+        batch = A.AttentionBatch.build([1] * B, list(range(B)), pos, L, max_kv=None)
+        ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, 0, out=out))
+        kv_bytes = (np.asarray(pos) + 1).sum() * HKV * D * 2 * 2
+        rows.append(dict(common.row("attn_decode", shape, ms, bytes_moved=kv_bytes), bound="memory"))
+    return rows
+
+
 def bench(time_ms=common.time_ms) -> list[dict]:
     import cupy as cp
 
@@ -133,11 +160,19 @@ def bench(time_ms=common.time_ms) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.add_argument("--decode-sweep", default=None, metavar="B:KEYS,KEYS,...",
+                   help="only time full-attention decode at batch B for these key counts (and ragged "
+                        "contexts), e.g. 2048:1024,1025,1280,2049")
     args = p.parse_args(argv)
     import cupy as cp
 
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
-    rows = bench()
+    if args.decode_sweep:
+        batch, _, keys = args.decode_sweep.partition(":")
+        sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
+        rows = decode_sweep(common.time_ms, sinks, int(batch), [int(k) for k in keys.split(",") if k])
+    else:
+        rows = bench()
     print(f"{name}: peak {common.H100_COPY_GBPS:.0f} GB/s, {common.H100_BF16_TFLOPS:.0f} TFLOP/s (H100 reference)")
     print(f"{'kernel':<16} {'shape':<36} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}")
     for r in rows:

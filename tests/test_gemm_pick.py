@@ -15,3 +15,26 @@ def test_prefill_shapes():
     assert pick_variant(512, 201088, 132) == "128x128"
     assert pick_variant(512, 5120, 132) == "64x64"  # 160 tiles of 128x128: under two waves
     assert pick_variant(65, 2880, 132) == "64x64"
+
+
+def test_wgmma_variants_for_large_m_only():
+    """On sm_90a (wgmma=True): 128 x 256 tiles once they make a wave, else 128 x 128, else the mma.sync
+    rule; decode shapes keep the streaming mma.sync variants (they give the same bits)."""
+    assert pick_variant(4096, 5120, 132, wgmma=True) == "wg128x256"
+    assert pick_variant(2048, 2880, 132, wgmma=True) == "wg128x256"  # 16 x 12 = 192 tiles
+    assert pick_variant(512, 5120, 132, wgmma=True) == "wg128x128"   # 80 tiles of 128 x 256, 160 of 128 x 128
+    assert pick_variant(512, 2880, 132, wgmma=True) == "64x64"       # 92 tiles of 128 x 128
+    for M in (1, 7, 64):
+        assert pick_variant(M, 5120, 132, wgmma=True) == pick_variant(M, 5120, 132)
+
+
+def test_available_variants_hide_wgmma_without_sm90a():
+    from gptoss.ops.gemm import available_variants
+
+    wg = {name for name, v in VARIANTS.items() if v.wgmma}
+    assert wg == {"wg128x256", "wg128x128"}
+    assert not wg & set(available_variants(wgmma=False))
+    assert set(available_variants(wgmma=True)) == set(VARIANTS)
+    for name in wg:  # 256 threads (two warpgroups) and 1 KB of alignment slack in the ring
+        v = VARIANTS[name]
+        assert v.threads == 256 and v.smem == v.stages * (v.bm + v.bn) * v.bk * 2 + 1024
