@@ -262,7 +262,7 @@ DEVICE void gemm_wg_body(const bf16_t* __restrict__ x, const bf16_t* __restrict_
                          int has_bias, int out_f32) {
     constexpr int BM = T::BM, BN = T::BN, BK = T::BK, STAGES = T::STAGES, NACC = BN / 2;
     extern __shared__ __align__(16) unsigned char gemm_wg_smem[];
-    unsigned char* smem = gemm_wg_smem + ((1024u - (smem_u32(gemm_wg_smem) & 1023u)) & 1023u);
+    unsigned char* smem = align_1k(gemm_wg_smem);
     const u32 sbase = smem_u32(smem);
 
     int tm, tn;
@@ -272,7 +272,7 @@ DEVICE void gemm_wg_body(const bf16_t* __restrict__ x, const bf16_t* __restrict_
 
     // loader: chunk lc of rows lr + 32 i (x: i < 4, w: i < BN / 32); all of a thread's rows share r & 7
     const int lr = tid >> 3, lc = tid & 7;
-    const u32 dst0 = lr * 128 + ((lc ^ (lr & 7)) << 4);
+    const u32 dst0 = sw128_offset(lr, lc);
     const bf16_t* xg = x + (size_t)(m0 + lr) * K + lc * 8;
     const bf16_t* wgp = w + (size_t)(n0 + lr) * K + lc * 8;
     auto load_stage = [&](int slot, int kt) {

@@ -23,6 +23,12 @@ DEVICE void mma_bf16_16816(float d[4], const u32 a[4], const u32 b[2]) {
 
 DEVICE u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+// wgmma operand tiles (layout at wgmma_desc_sw128 below): the byte offset of 16-byte chunk c (0..7) of
+// 128-byte row r in the 128-byte swizzle, and a dynamic shared-memory pointer moved up to the next 1 KB
+// boundary of the shared window (the swizzle atoms must be 1 KB-aligned; launches add 1 KB of slack).
+DEVICE u32 sw128_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+DEVICE unsigned char* align_1k(unsigned char* p) { return p + ((1024u - (smem_u32(p) & 1023u)) & 1023u); }
+
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i; r[i] is matrix i's fragment.
 DEVICE void ldmatrix_x4(u32 r[4], const void* smem_row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -429,7 +429,7 @@ struct MoeCta {
             a_src[i] = s_arow[rr];  // rows past `rows` point at row 0 and copy 0 bytes
             const int sw = C::FP4 ? a_ch ^ ((rr & 1) << 2) : a_ch ^ (rr & 7);
             // wgmma: [BK/64][BM][128 B] atoms in the 128-byte swizzle (mma.h, wgmma_desc_sw128)
-            a_dst[i] = C::WG ? (a_ch >> 3) * C::BM * 128 + rr * 128 + (((a_ch & 7) ^ (rr & 7)) * 16)
+            a_dst[i] = C::WG ? (a_ch >> 3) * C::BM * 128 + sw128_offset(rr, a_ch & 7)
                              : rr * C::BK * 2 + sw * 16;
             a_exist |= (unsigned)(r < C::BM) << i;
             a_ok |= (unsigned)(r < rows) << i;
@@ -554,7 +554,7 @@ DEVICE void moe_gemm(const MoeParams& p) {
     __shared__ float s_rw[C::BM];
     __shared__ u32 s_arow[C::BM];  // element offset of each tile row's A row
     // wgmma's swizzled token atoms need 1 KB-aligned stages (the launch adds 1 KB of slack)
-    unsigned char* base = moe_smem + (C::WG ? (1024u - (smem_u32(moe_smem) & 1023u)) & 1023u : 0u);
+    unsigned char* base = C::WG ? align_1k(moe_smem) : moe_smem;
     MoeCta<C, MLP1> cta(p, base);
     cta.run(s_slot, s_rw, s_arow);
 }
