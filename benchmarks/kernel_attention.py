@@ -114,10 +114,7 @@ def decode_sweep(time_ms, sinks, B: int, keys_list) -> list[dict]:
     from gptoss.ops import attention as A
 
     L = max(max(keys_list), 2048) + 64
-    kc = cp.empty((B, L, HKV, D), dtype=cp.uint16)
-    vc = cp.empty_like(kc)
-    kc[...] = _rand_bf16((1, L, HKV, D))
-    vc[...] = _rand_bf16((1, L, HKV, D))
+    kc, vc = _caches(B, L)
     q = _rand_bf16((B, HQ, D))
     out = cp.empty((B, HQ * D), dtype=cp.uint16)
     cases = [(f"B={B} keys={k}", [k - 1] * B) for k in keys_list]

@@ -167,7 +167,7 @@ class GPUBackend:
                 req = waiting.popleft()
                 budget = clamp_new_tokens(len(req.prompt_ids), req.max_new, cfg.max_context)
                 if budget == 0:
-                    yield StepTokens(np.array([req.index]), np.array([-1]), np.array([True]), np.array([False]))
+                    yield StepTokens.of(TokenEvent(req.index, None, True, "length"))
                     continue
                 slot = slots_free.pop()
                 state.index[slot], state.budget[slot], state.made[slot] = req.index, budget, 0
