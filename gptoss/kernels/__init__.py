@@ -48,6 +48,9 @@ def gpu_available() -> bool:
 
 # Families with wgmma (sm_90a) kernels: compiled for sm_90a on compute capability 9.0 devices.
 WGMMA_FAMILIES = ("moe", "gemm")
+# Dynamic shared memory a wgmma kernel gets beyond its tiles: align_1k (mma.h) moves the start up to a
+# 1 KB boundary for the swizzle atoms.
+WGMMA_SMEM_SLACK = 1024
 
 
 def wgmma_available() -> bool:

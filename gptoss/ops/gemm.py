@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import kernel, wgmma_available
+from ..kernels import WGMMA_SMEM_SLACK, kernel, wgmma_available
 from ._check import check, out_or_new
 
 
@@ -44,7 +44,7 @@ class Variant:
     def smem(self) -> int:
         """Dynamic shared memory of the tensor-core path: the cp.async ring of x and w tiles (wgmma: plus
         1 KB of slack to align the ring to the 1 KB swizzle atoms)."""
-        return self.stages * (self.bm + self.bn) * self.bk * 2 + (1024 if self.wgmma else 0)
+        return self.stages * (self.bm + self.bn) * self.bk * 2 + (WGMMA_SMEM_SLACK if self.wgmma else 0)
 
 
 # Must match the GEMM_KERNEL / GEMM_WG_KERNEL lists at the bottom of gemm.hip (name -> BM, BN, BK, WM,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import KERNEL_DIR, kernel, wgmma_available
+from ..kernels import KERNEL_DIR, WGMMA_SMEM_SLACK, kernel, wgmma_available
 from ._check import check, out_or_new
 
 ROUTER_SPLITS = 32      # routing.hip: H is summed in 32 fixed slices (enough CTAs at T = 1; batch invariance needs a fixed order)
@@ -72,7 +72,7 @@ class Variant:
         if self.fp4:  # BN rows of K/32 scale bytes, copied in aligned 16-byte pieces (+ misalignment)
             smem += (self.bn * (K // 32) + 32 + 15) // 16 * 16
         # the mlp1 epilogue stages BM x BN/2 bf16 in the pipeline buffers
-        return max(smem, self.bm * self.bn) + (1024 if self.wgmma else 0)
+        return max(smem, self.bm * self.bn) + (WGMMA_SMEM_SLACK if self.wgmma else 0)
 
 
 def _parse_variants() -> dict[str, Variant]:
