@@ -92,6 +92,27 @@ DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::
 // async proxy): each writer fences after its writes landed, before the barrier.
 DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// mbarriers (shared-memory 64-bit barrier objects; phases complete when `count` arrivals are in).
+DEVICE void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+DEVICE void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// One arrival on `bar` once all of this thread's earlier cp.async copies have landed (counted in the
+// barrier's init count: .noinc).
+DEVICE void mbar_arrive_cp_async(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+}
+// Blocks until the phase of parity `parity` of `bar` has completed.
+DEVICE void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
 // Pins a register value in program order (accumulators that an in-flight wgmma writes behind the
 // compiler's back must not be read before wgmma_wait).
 DEVICE void reg_fence(float& x) { asm volatile("" : "+f"(x) :: "memory"); }

@@ -83,9 +83,9 @@ def _parse_variants() -> dict[str, Variant]:
     for m in pat.finditer(src):
         name, nt, mw, wn, ks, st, fp4, mlp1 = m.groups()
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
-    wg = re.compile(r"^MOE_WG_KERNEL\((\w+)," + num * 4 + r"\s*(true|false),\s*\d+\)", re.M)
+    wg = re.compile(r"^MOE_WG_KERNEL\((\w+)," + num * 5 + r"\s*(true|false),\s*\d+\)", re.M)
     for m in wg.finditer(src):
-        name, nt, wn, ks, st, mlp1 = m.groups()
+        name, nt, wn, ks, st, _lag, mlp1 = m.groups()
         out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True)
     if not out:
         raise RuntimeError("no MOE_KERNEL variants found in moe.hip")
