@@ -288,48 +288,18 @@ class GPUModel:
             # x += sum_j weight_j * expert_j(t), fused with the next block's norm; the router reads t
             # unrounded (a bf16 router input flips near-tied expert choices)
             last = i + 1 == len(w.layers)
-            if prof is None:
-                eo = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last)
-            else:
-                eo = self._moe_profiled(x, t, t32, layer, mark, combine=last)
+            eo = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last, mark=mark)
             if not last:
                 N.combine_rmsnorm(x, eo, cfg.experts_per_token, w.layers[i + 1].attn_norm, eps, out=t)
                 mark("moe combine + norm")
 
-    def _moe_profiled(self, x, t, t32, layer, mark, combine: bool):
-        """moe() split into its kernels, each timed (the same launches as ops.moe.moe)."""
-        from .ops import moe as M
-
-        cfg = self.cfg
-        T, H = t.shape
-        (ex, wt), scratch, d, y, out = self.buf.moe.views(T, H, cfg.intermediate_size)
-        experts, weights = M.route(t32, layer.gate_w, layer.gate_b, cfg.experts_per_token, out=(ex, wt), scratch=scratch)
-        mark("router")
-        d = M.dispatch(experts, cfg.num_experts, out=d)
-        mark("moe dispatch")
-        M.expert_mlp1(t, d, layer.w1, layer.b1, cfg.swiglu_limit, cfg.swiglu_alpha, out=y)
-        mark("moe mlp1 (gate/up + swiglu)")
-        M.expert_mlp2(y, d, layer.w2, layer.b2, weights, out=out)
-        mark("moe mlp2 (down)")
-        if combine:
-            M.combine_add(x, out)
-            mark("moe combine + norm")
-        return out
-
     def profile(self, step: StepBatch) -> dict:
         """Milliseconds per kernel family of one eager step (CUDA events between launches)."""
-        from .ops.attention import AttentionBatch
-
-        self._check(step)
-        T, R = len(step.tokens), len(step.logit_rows)
-        self._load_inputs(step, None)
-        batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
-        prof = Profile()
-        self._layers(T, batch, prof)
-        identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
-        self._head(T, R, gather=not identity)
+        run = self._prepare(step, None)
+        prof = Profile()  # after the input copies: the GPU holds while the host queues the step
+        run(prof)
         prof.mark("final norm + unembedding")
-        self._sample(R, True, 0)
+        self._sample(len(step.logit_rows), True, 0)
         prof.mark("sampling")
         return prof.totals()
 
@@ -376,18 +346,26 @@ class GPUModel:
         if int(np.max(step.positions)) >= self.capacity:
             raise ValueError(f"position {int(np.max(step.positions))} is past the cache's capacity {self.capacity}")
 
-    def forward(self, step: StepBatch, sample: SampleArgs | None = None):
-        """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for
-        step.logit_rows, after writing every token's K/V into the cache. Eager launches."""
+    def _prepare(self, step: StepBatch, sample: SampleArgs | None):
+        """Checks the step and copies its inputs; returns run(prof=None), which queues the layers and
+        the head and returns the logits."""
         from .ops.attention import AttentionBatch
 
         self._check(step)
         T, R = len(step.tokens), len(step.logit_rows)
         self._load_inputs(step, sample)
         batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
-        self._layers(T, batch)
         identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
-        return self._head(T, R, gather=not identity)
+
+        def run(prof: "Profile | None" = None):
+            self._layers(T, batch, prof)
+            return self._head(T, R, gather=not identity)
+        return run
+
+    def forward(self, step: StepBatch, sample: SampleArgs | None = None):
+        """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for
+        step.logit_rows, after writing every token's K/V into the cache. Eager launches."""
+        return self._prepare(step, sample)()
 
     def step(self, step: StepBatch, sample: SampleArgs, use_graph: bool = True) -> np.ndarray:
         """Run one step and pick the next token of each logit row: host int32 [R]. A step of decode

@@ -166,7 +166,10 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     constexpr int NW = DISPATCH_THREADS / WARP_SIZE;
     __shared__ int cnt[NW * DISPATCH_MAX_E];           // per (warp, expert): count, then first position
     __shared__ int s_off[DISPATCH_MAX_E + 1];          // row offsets
-    __shared__ int s_ta[DISPATCH_MAX_E + 1], s_tb[DISPATCH_MAX_E + 1], s_tc[DISPATCH_MAX_E + 1];  // tile offsets
+    constexpr int NH = 3;                              // tile heights (schedules)
+    __shared__ int s_t[NH][DISPATCH_MAX_E + 1];        // first tile of each expert, per height
+    const int bm[NH] = {bm_a, bm_b, bm_c}, ntiles[NH] = {ntiles_a, ntiles_b, ntiles_c};
+    int* const tiles[NH] = {tiles_a, tiles_b, tiles_c};
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int steps = (S + NW * WARP_SIZE - 1) / (NW * WARP_SIZE);  // 32-slot steps per warp
     const int span = steps * WARP_SIZE;
@@ -202,32 +205,41 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
         s_off[e] = run;
     }
     __syncthreads();
-    // exclusive scans over experts of rows and of tiles of bm_a, bm_b, bm_c (warp 0, WARP_SIZE at a time)
+    // exclusive scans over experts of rows and of tiles of each height (warp 0, WARP_SIZE at a time)
     if (warp == 0) {
-        int carry_r = 0, carry_a = 0, carry_b = 0, carry_c = 0;
+        int carry_r = 0, carry_t[NH] = {};
         for (int e0 = 0; e0 < E; e0 += WARP_SIZE) {
             const int e = e0 + lane;
             const int m = e < E ? s_off[e] : 0;
-            const int ma = (m + bm_a - 1) / bm_a, mb = (m + bm_b - 1) / bm_b, mc = (m + bm_c - 1) / bm_c;
-            int r = m, a = ma, b = mb, c = mc;  // inclusive scans
+            int r = m, mt[NH], t[NH];  // inclusive scans of rows and of tiles
+            #pragma unroll
+            for (int h = 0; h < NH; ++h) t[h] = mt[h] = (m + bm[h] - 1) / bm[h];
             for (int d = 1; d < WARP_SIZE; d <<= 1) {
                 const int src = lane >= d ? lane - d : lane;
-                const int r2 = WARP_SHFL(r, src), a2 = WARP_SHFL(a, src), b2 = WARP_SHFL(b, src),
-                          c2 = WARP_SHFL(c, src);
-                if (lane >= d) { r += r2; a += a2; b += b2; c += c2; }
+                const int r2 = WARP_SHFL(r, src);
+                int t2[NH];
+                #pragma unroll
+                for (int h = 0; h < NH; ++h) t2[h] = WARP_SHFL(t[h], src);
+                if (lane >= d) {
+                    r += r2;
+                    #pragma unroll
+                    for (int h = 0; h < NH; ++h) t[h] += t2[h];
+                }
             }
             if (e < E) {
                 s_off[e] = carry_r + r - m;
-                s_ta[e] = carry_a + a - ma;
-                s_tb[e] = carry_b + b - mb;
-                s_tc[e] = carry_c + c - mc;
+                #pragma unroll
+                for (int h = 0; h < NH; ++h) s_t[h][e] = carry_t[h] + t[h] - mt[h];
             }
             carry_r += WARP_SHFL(r, WARP_SIZE - 1);
-            carry_a += WARP_SHFL(a, WARP_SIZE - 1);
-            carry_b += WARP_SHFL(b, WARP_SIZE - 1);
-            carry_c += WARP_SHFL(c, WARP_SIZE - 1);
+            #pragma unroll
+            for (int h = 0; h < NH; ++h) carry_t[h] += WARP_SHFL(t[h], WARP_SIZE - 1);
         }
-        if (lane == 0) { s_off[E] = carry_r; s_ta[E] = carry_a; s_tb[E] = carry_b; s_tc[E] = carry_c; }
+        if (lane == 0) {
+            s_off[E] = carry_r;
+            #pragma unroll
+            for (int h = 0; h < NH; ++h) s_t[h][E] = carry_t[h];
+        }
     }
     __syncthreads();
     for (int e = tid; e <= E; e += DISPATCH_THREADS) offsets[e] = s_off[e];
@@ -272,12 +284,10 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     }
 
     // tile schedules: tile i belongs to the expert e with s_t[e] <= i < s_t[e+1] (binary search)
-    for (int pass = 0; pass < 3; ++pass) {
-        const int* st = pass == 0 ? s_ta : pass == 1 ? s_tb : s_tc;
-        const int bm = pass == 0 ? bm_a : pass == 1 ? bm_b : bm_c;
-        const int n = pass == 0 ? ntiles_a : pass == 1 ? ntiles_b : ntiles_c;
-        int* out = pass == 0 ? tiles_a : pass == 1 ? tiles_b : tiles_c;
-        for (int i = tid; i < n; i += DISPATCH_THREADS) {
+    #pragma unroll
+    for (int h = 0; h < NH; ++h) {
+        const int* st = s_t[h];
+        for (int i = tid; i < ntiles[h]; i += DISPATCH_THREADS) {
             int e = -1, row = 0;
             if (i < st[E]) {
                 int lo = 0, hi = E;  // invariant: st[lo] <= i < st[hi]
@@ -286,10 +296,10 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
                     if (st[mid] <= i) lo = mid; else hi = mid;
                 }
                 e = lo;
-                row = s_off[e] + (i - st[e]) * bm;
+                row = s_off[e] + (i - st[e]) * bm[h];
             }
-            out[2 * i] = e;
-            out[2 * i + 1] = row;
+            tiles[h][2 * i] = e;
+            tiles[h][2 * i + 1] = row;
         }
     }
 }

@@ -487,7 +487,7 @@ def _layer_attr(layer, *names):
 
 def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = None, alpha: float | None = None,
         workspace: MoEWorkspace | None = None, bm: int | None = None, router_input=None,
-        combine: bool = True):
+        combine: bool = True, mark=None):
     """x [T, H] float32 += sum_j weight_j * expert_j(t), t [T, H] bf16 (the normed input).
     router_input: the same normed input unrounded, float32 [T, H], for the router (default t).
     combine=False leaves x alone and returns the weighted expert outputs [T*k, H] float32 instead (for
@@ -496,8 +496,10 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     `layer` has router_w (or gate_w) [E, H], router_b (or gate_b) [E], w1 [E, 2I, H] and w2 [E, H, I]
     (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
     GPU (attributes or dict keys; gptoss.model.LayerWeights works as is). k, limit and alpha come from
-    cfg (a ModelConfig) unless given. Returns x.
+    cfg (a ModelConfig) unless given. mark(name), when given, is called after each stage's launches
+    (gptoss.model.Profile.mark). Returns x.
     """
+    mark = mark or (lambda name: None)
     router_w = _layer_attr(layer, "router_w", "gate_w")
     router_b = _layer_attr(layer, "router_b", "gate_b")
     w1, w2 = _layer_attr(layer, "w1"), _layer_attr(layer, "w2")
@@ -508,15 +510,18 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     T, H = t.shape
     E = router_w.shape[0]
     I = expert_matrix(w2, "w2").C
-    if workspace is not None:
-        (ex, wt), scratch, d, y, out = workspace.views(T, H, I)
-        experts, weights = route(t if router_input is None else router_input, router_w, router_b, k,
-                                 out=(ex, wt), scratch=scratch)
-        d = dispatch(experts, E, out=d)
-    else:
-        experts, weights = route(t if router_input is None else router_input, router_w, router_b, k)
-        d = dispatch(experts, E)
-        y = out = None
+    routed, scratch, d, y, out = workspace.views(T, H, I) if workspace is not None else (None,) * 5
+    experts, weights = route(t if router_input is None else router_input, router_w, router_b, k,
+                             out=routed, scratch=scratch)
+    mark("router")
+    d = dispatch(experts, E, out=d)
+    mark("moe dispatch")
     y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm)
+    mark("moe mlp1 (gate/up + swiglu)")
     out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm)
-    return combine_add(x, out) if combine else out
+    mark("moe mlp2 (down)")
+    if not combine:
+        return out
+    combine_add(x, out)
+    mark("moe combine + norm")
+    return x
