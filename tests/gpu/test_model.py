@@ -188,3 +188,30 @@ def test_sampling_reproducible_across_batches():
     assert run([4], max_batch=1)[4] == crowd[4]
     assert len({tuple(v) for v in crowd.values()}) > 1
 
+
+
+def test_profile_runs_the_forward():
+    """GPUModel.profile times the very launches of forward(): its logits are forward's bit for bit, and
+    every kernel family gets a time."""
+    import cupy
+
+    from gptoss.model import StepBatch
+
+    _, model = make(TINY, "mxfp4")
+    n = 40
+    prompt = np.random.default_rng(3).integers(0, TINY.vocab_size, n).astype(np.int32)
+    step = StepBatch(prompt, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), [n], [0], [0],
+                     np.arange(n, dtype=np.int32))
+    poison(model)
+    want = cupy.asnumpy(model.forward(step))
+    poison(model)
+    times = model.profile(step)
+    got = cupy.asnumpy(model.buf.logits[:n])
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(want).all()
+    families = {"embed + norm", "qkv gemm", "rope + kv write", "out gemm", "add + norm", "router", "moe dispatch",
+                "moe mlp1 (gate/up + swiglu)", "moe mlp2 (down)", "moe combine + norm",
+                "final norm + unembedding", "sampling"}
+    assert families <= set(times), families - set(times)
+    assert all(v >= 0 for v in times.values())
+    assert times["moe mlp1 (gate/up + swiglu)"] > 0
