@@ -703,7 +703,7 @@ MOE_KERNEL(moe_mlp2_bf16_m16,   2, 1, 4,      4,   4,     false, false, 2)
 //         2880 = 22.5 x 128: mlp2's last column tile is half empty.
 // LAG: 0 = the k-tile ring synchronizes the CTA once per k-tile (__syncthreads); 2 = mbarrier ring
 // (mainloop_mb), warpgroups drift apart by up to two k-tiles: one dequantizes while the other's wgmmas
-// run. 8-12% faster for m128 and m64 at T = 256..4,096; no gain for the memory-bound m16.
+// run. 3-15% faster for m128 and m64 at T = 256..4,096 on an H200; no gain for the memory-bound m16.
 #ifndef MOE_WG_KERNEL
 #define MOE_WG_KERNEL(NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB)
 #endif
