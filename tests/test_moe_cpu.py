@@ -344,7 +344,7 @@ def test_pick_bm_cpu():
     assert M.pick_bm(4 * 4096, 32, "bf16") == 64
 
 
-def simulate_dispatch(experts: np.ndarray, E: int, bms=M.SCHEDULES, nwarps: int = 32, warp: int = 32):
+def simulate_dispatch(experts: np.ndarray, E: int, bms=M.TILE_BMS, nwarps: int = 32, warp: int = 32):
     """routing.hip moe_dispatch, step by step (per-warp spans, counts, scans, ranked placement, tile
     binary search)."""
     flat = experts.reshape(-1)
@@ -373,14 +373,9 @@ def simulate_dispatch(experts: np.ndarray, E: int, bms=M.SCHEDULES, nwarps: int 
                 placed[e] = placed.get(e, 0) + 1
             for e, c in placed.items():
                 base[w, e] += c
-    def count(bm, m):  # routing.hip dispatch_tiles: a, b all rows; c 128-row tiles but a tail <= 64; d it
-        if bm == M.TAIL:
-            return int(0 < m % 128 <= 64)
-        return m // 128 + (m % 128 > 64) if bm == 128 else -(-m // bm)
-
     tiles = {}
     for bm in bms:
-        st = np.concatenate([[0], np.cumsum([count(bm, int(m)) for m in totals])])
+        st = np.concatenate([[0], np.cumsum(-(-totals // bm))])
         n = M.tile_bound(S, E, bm)
         table = np.zeros((n, 2), dtype=np.int64)
         for i in range(n):
@@ -391,8 +386,7 @@ def simulate_dispatch(experts: np.ndarray, E: int, bms=M.SCHEDULES, nwarps: int 
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if st[mid] <= i else (lo, mid)
-            m = int(totals[lo])
-            table[i] = (lo, off[lo] + (m - m % 128 if bm == M.TAIL else (i - st[lo]) * bm))
+            table[i] = (lo, off[lo] + (i - st[lo]) * bm)
         tiles[bm] = table
     return off, sorted_slots, tiles
 
@@ -414,8 +408,8 @@ def test_tile_bound_cpu():
         E = int(rng.integers(1, 200))
         S = int(rng.integers(0, 5000))
         counts = np.bincount(rng.integers(0, E, S), minlength=E) if S else np.zeros(E, int)
-        for bm in M.SCHEDULES:
-            need = sum(len(M.expert_tiles(int(c), bm)) for c in counts)
+        for bm in M.TILE_BMS:
+            need = int(np.sum(-(-counts // bm)))
             assert need <= M.tile_bound(S, E, bm)
     # tight cases: every expert one row past a tile; a single expert; no slots
     assert M.tile_bound(32 * 17, 32, 16) == 34 + 32 and np.sum(-(-np.full(32, 17) // 16)) == 64
@@ -423,30 +417,6 @@ def test_tile_bound_cpu():
     assert M.tile_bound(0, 8, 16) == 0
     table = M.tile_schedule(np.array([0, 0, 17, 17, 20]), 16, M.tile_bound(20, 4, 16))
     np.testing.assert_array_equal(table, [[1, 0], [1, 16], [3, 17]] + [[-1, 0]] * 3)
-
-
-def test_128_tiles_and_tails_partition_rows_cpu():
-    """The 128-row schedule and the tail schedule cover each expert's rows exactly once; a 128-row tile
-    is more than half full; a tail has 1..64 rows and goes to exactly one of the 16- and 64-row kernels
-    (moe.hip: a tail launch takes tail_min < rows <= BM, with tail_min 0 for m16 and 16 for m64)."""
-    for m in list(range(0, 300)) + [511, 512, 513, 576, 577, 4096 + 65]:
-        covered = np.zeros(m, dtype=int)
-        for r in M.expert_tiles(m, 128):
-            assert m - r > 64
-            covered[r:r + 128] += 1
-        tails = M.expert_tiles(m, M.TAIL)
-        assert len(tails) <= 1
-        for r in tails:
-            rows = m - r
-            assert 0 < rows <= 64 and r % 128 == 0
-            assert (0 < rows <= 16) + (16 < rows <= 64) == 1
-            covered[r:] += 1
-        np.testing.assert_array_equal(covered, 1)
-    # experts of 130 (128 + a tail of 2), 0, 200 (128 + 72: no tail) and 70 rows (one tile, no tail)
-    offsets = np.array([0, 130, 130, 330, 400])
-    table = M.tile_schedule(offsets, 128, M.tile_bound(400, 4, 128))
-    np.testing.assert_array_equal(table[:5], [[0, 0], [2, 130], [2, 258], [3, 330], [-1, 0]])
-    np.testing.assert_array_equal(M.tile_schedule(offsets, M.TAIL, 4), [[0, 128]] + [[-1, 0]] * 3)
 
 
 def test_wgmma_fragment_gather_cpu():

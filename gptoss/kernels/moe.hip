@@ -75,16 +75,14 @@ struct MoeParams {
     int N, K, topk, S, E;
     long long scales_bytes;  // size of ws: the 16-byte scale copies never read past it
     float limit, alpha;
-    int tail_min;            // -1: every tile of `tiles`; else a tail schedule: only tiles of
-                             // tail_min < rows <= BM (the rest belong to another tile height)
 };
 
 #define MOE_ARGS                                                                                      \
     const bf16_t *a, const u8 *wq, const u8 *ws, const bf16_t *wb, const bf16_t *bias,                \
     const int *offsets, const int *slots, const int *tiles, const float *rw, bf16_t *y, float *out,  \
-    int N, int K, int topk, int S, int E, long long scales_bytes, float limit, float alpha, int tail_min
+    int N, int K, int topk, int S, int E, long long scales_bytes, float limit, float alpha
 #define MOE_PARAMS {a, wq, ws, wb, bias, offsets, slots, tiles, rw, y, out, N, K, topk, S, E, \
-                    scales_bytes, limit, alpha, tail_min}
+                    scales_bytes, limit, alpha}
 
 // gate = min(gate, limit), lin = clamp(lin, -limit, limit), gate * sigmoid(alpha * gate) * (lin + 1).
 // Explicit _rn operations: no contraction, so every variant compiles the same arithmetic.
@@ -434,9 +432,7 @@ struct MoeCta {
         expert = p.tiles[2 * blockIdx.y];
         if (expert < 0) return;  // past the last tile of this step
         row0 = p.tiles[2 * blockIdx.y + 1];
-        const int left = p.offsets[expert + 1] - row0;
-        if (p.tail_min >= 0 && (left <= p.tail_min || left > C::BM)) return;  // another height's tail
-        rows = min(C::BM, left);
+        rows = min(C::BM, p.offsets[expert + 1] - row0);
         const int N = p.N, K = p.K;
         n0 = blockIdx.x * C::BN;
         KB = K / 32;

@@ -154,38 +154,22 @@ router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, 
 // expert; pass 2 walks the span again in order and places each slot at base + its rank among the
 // lanes of the same expert in this 32-slot step (lower lanes first), so the order is the slot order.
 //
-// Then the tile schedules of the expert GEMMs: tile i of tiles_x ([ntiles_x, 2] int32) = (expert, first
-// sorted row) of the i-th tile, experts in order, tiles in row order inside an expert; entries past the
-// last tile get expert -1 (their CTAs exit). ntiles_x is a launch bound on the tile count.
-//   a, b: all of an expert's M rows in ceil(M / bm) tiles of bm_a, bm_b rows;
-//   c:    bm_c-row tiles except a tail of at most bm_c / 2 rows (a tile at least half empty);
-//   d:    that tail, one tile per expert that has one (first row M - M % bm_c).
-// Inclusive prefix sum over the lanes of a warp (Hillis-Steele with shuffles).
-DEVICE int warp_inclusive_sum(int v, int lane) {
-    for (int d = 1; d < WARP_SIZE; d <<= 1) {
-        const int u = WARP_SHFL(v, lane >= d ? lane - d : lane);
-        if (lane >= d) v += u;
-    }
-    return v;
-}
-
-DEVICE int dispatch_tiles(int h, int bm, int m) {
-    if (h == 2) return m / bm + (m % bm > bm / 2);
-    if (h == 3) return m % bm > 0 && m % bm <= bm / 2;
-    return (m + bm - 1) / bm;
-}
-
+// Then the tile schedules of the expert GEMMs, for three tile heights bm_a, bm_b, bm_c: tile i of
+// tiles_x ([ntiles_x, 2] int32) = (expert, first sorted row) of the i-th bm-row tile, experts in
+// order, tiles in row order inside an expert; tiles past the last one get expert -1 (their CTAs
+// exit). ntiles_x is the launch bound ceil(S / bm) + min(E, S) >= sum_e ceil(M_e / bm).
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
 moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ offsets,
              int* __restrict__ sorted_slots, int bm_a, int* __restrict__ tiles_a, int ntiles_a,
              int bm_b, int* __restrict__ tiles_b, int ntiles_b, int bm_c, int* __restrict__ tiles_c,
-             int ntiles_c, int* __restrict__ tiles_d, int ntiles_d) {
+             int ntiles_c) {
     constexpr int NW = DISPATCH_THREADS / WARP_SIZE;
     __shared__ int cnt[NW * DISPATCH_MAX_E];           // per (warp, expert): count, then first position
     __shared__ int s_off[DISPATCH_MAX_E + 1];          // row offsets
-    constexpr int NH = 4;                              // schedules a, b, c, d
-    __shared__ int s_t[NH][DISPATCH_MAX_E + 1];        // first tile of each expert, per schedule
-    auto schedule_bm = [&](int h) { return h == 0 ? bm_a : h == 1 ? bm_b : bm_c; };
+    constexpr int NH = 3;                              // tile heights (schedules)
+    __shared__ int s_t[NH][DISPATCH_MAX_E + 1];        // first tile of each expert, per height
+    const int bm[NH] = {bm_a, bm_b, bm_c}, ntiles[NH] = {ntiles_a, ntiles_b, ntiles_c};
+    int* const tiles[NH] = {tiles_a, tiles_b, tiles_c};
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int steps = (S + NW * WARP_SIZE - 1) / (NW * WARP_SIZE);  // 32-slot steps per warp
     const int span = steps * WARP_SIZE;
@@ -221,31 +205,41 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
         s_off[e] = run;
     }
     __syncthreads();
-    // exclusive scans over experts (warp 0, WARP_SIZE experts at a time) of the tiles of each schedule,
-    // one schedule at a time (few registers live next to ecache), then of the rows: s_off holds each
-    // expert's row count until the last scan replaces it by the offsets, each lane its own experts
+    // exclusive scans over experts of rows and of tiles of each height (warp 0, WARP_SIZE at a time)
     if (warp == 0) {
-        #pragma unroll 1
-        for (int h = 0; h < NH; ++h) {
-            int carry = 0;
-            for (int e0 = 0; e0 < E; e0 += WARP_SIZE) {
-                const int e = e0 + lane;
-                const int n = e < E ? dispatch_tiles(h, schedule_bm(h), s_off[e]) : 0;
-                const int t = warp_inclusive_sum(n, lane);
-                if (e < E) s_t[h][e] = carry + t - n;
-                carry += WARP_SHFL(t, WARP_SIZE - 1);
-            }
-            if (lane == 0) s_t[h][E] = carry;
-        }
-        int carry = 0;
+        int carry_r = 0, carry_t[NH] = {};
         for (int e0 = 0; e0 < E; e0 += WARP_SIZE) {
             const int e = e0 + lane;
             const int m = e < E ? s_off[e] : 0;
-            const int r = warp_inclusive_sum(m, lane);
-            if (e < E) s_off[e] = carry + r - m;
-            carry += WARP_SHFL(r, WARP_SIZE - 1);
+            int r = m, mt[NH], t[NH];  // inclusive scans of rows and of tiles
+            #pragma unroll
+            for (int h = 0; h < NH; ++h) t[h] = mt[h] = (m + bm[h] - 1) / bm[h];
+            for (int d = 1; d < WARP_SIZE; d <<= 1) {
+                const int src = lane >= d ? lane - d : lane;
+                const int r2 = WARP_SHFL(r, src);
+                int t2[NH];
+                #pragma unroll
+                for (int h = 0; h < NH; ++h) t2[h] = WARP_SHFL(t[h], src);
+                if (lane >= d) {
+                    r += r2;
+                    #pragma unroll
+                    for (int h = 0; h < NH; ++h) t[h] += t2[h];
+                }
+            }
+            if (e < E) {
+                s_off[e] = carry_r + r - m;
+                #pragma unroll
+                for (int h = 0; h < NH; ++h) s_t[h][e] = carry_t[h] + t[h] - mt[h];
+            }
+            carry_r += WARP_SHFL(r, WARP_SIZE - 1);
+            #pragma unroll
+            for (int h = 0; h < NH; ++h) carry_t[h] += WARP_SHFL(t[h], WARP_SIZE - 1);
         }
-        if (lane == 0) s_off[E] = carry;
+        if (lane == 0) {
+            s_off[E] = carry_r;
+            #pragma unroll
+            for (int h = 0; h < NH; ++h) s_t[h][E] = carry_t[h];
+        }
     }
     __syncthreads();
     for (int e = tid; e <= E; e += DISPATCH_THREADS) offsets[e] = s_off[e];
@@ -290,12 +284,10 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     }
 
     // tile schedules: tile i belongs to the expert e with s_t[e] <= i < s_t[e+1] (binary search)
-    #pragma unroll 1
+    #pragma unroll
     for (int h = 0; h < NH; ++h) {
         const int* st = s_t[h];
-        const int bm = schedule_bm(h), n = h == 0 ? ntiles_a : h == 1 ? ntiles_b : h == 2 ? ntiles_c : ntiles_d;
-        int* out = h == 0 ? tiles_a : h == 1 ? tiles_b : h == 2 ? tiles_c : tiles_d;
-        for (int i = tid; i < n; i += DISPATCH_THREADS) {
+        for (int i = tid; i < ntiles[h]; i += DISPATCH_THREADS) {
             int e = -1, row = 0;
             if (i < st[E]) {
                 int lo = 0, hi = E;  // invariant: st[lo] <= i < st[hi]
@@ -304,11 +296,10 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
                     if (st[mid] <= i) lo = mid; else hi = mid;
                 }
                 e = lo;
-                const int m = s_off[e + 1] - s_off[e];
-                row = s_off[e] + (h == 3 ? m - m % bm : (i - st[e]) * bm);
+                row = s_off[e] + (i - st[e]) * bm[h];
             }
-            out[2 * i] = e;
-            out[2 * i + 1] = row;
+            tiles[h][2 * i] = e;
+            tiles[h][2 * i + 1] = row;
         }
     }
 }

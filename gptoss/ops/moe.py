@@ -32,8 +32,6 @@ MAX_EXPERTS = 256       # routing.hip DISPATCH_MAX_E
 TOPK_THREADS = 256
 COMBINE_THREADS = 256
 TILE_BMS = (16, 64, 128)  # tile heights the dispatch schedules (128: the MXFP4 wgmma kernels only)
-TAIL = "tail"             # the fourth schedule: each expert's tail of <= 64 rows left by the 128-row tiles
-SCHEDULES = TILE_BMS + (TAIL,)
 
 
 # ---- the GEMM variants, read from the MOE_KERNEL lines of moe.hip (one source of truth) ------------
@@ -136,37 +134,22 @@ def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | 
 
 # ---- host-side index math (also what the tests check the device against) -------------------------
 
-def tile_bound(num_slots: int, num_experts: int, bm) -> int:
-    """Launch bound on the tiles of schedule bm (a height or TAIL): sum_e ceil(M_e / bm) <= ceil(S / bm)
-    + min(E, S), since each expert with rows wastes less than one tile and at most min(E, S) experts have
-    rows; TAIL has at most one tile per expert with rows."""
-    if bm == TAIL:
-        return min(num_experts, num_slots)
+def tile_bound(num_slots: int, num_experts: int, bm: int) -> int:
+    """Launch bound on the number of bm-row tiles: sum_e ceil(M_e / bm) <= ceil(S / bm) + min(E, S),
+    since each expert with rows wastes less than one tile and at most min(E, S) experts have rows."""
     return -(-num_slots // bm) + min(num_experts, num_slots)
 
 
-def expert_tiles(rows: int, bm) -> list[int]:
-    """First rows (relative to the expert's) of its tiles in schedule bm. 16 and 64: every row, in
-    bm-row tiles. 128: 128-row tiles but for a tail of at most 64 rows, which would leave a tile at least
-    half empty; TAIL: that tail as one tile (run by the 16-row kernel if it has <= 16 rows, else the
-    64-row one: results are bit-identical across heights)."""
-    tail = rows % 128
-    if bm == TAIL:
-        return [rows - tail] if 0 < tail <= 64 else []
-    n = rows // 128 + (tail > 64) if bm == 128 else -(-rows // bm)
-    return [j * bm for j in range(n)]
-
-
-def tile_schedule(offsets: np.ndarray, bm, ntiles: int) -> np.ndarray:
-    """The [ntiles, 2] int32 table moe_dispatch writes for schedule bm: (expert, first sorted row) per
-    tile, experts in order, then (-1, 0) for the unused rest. Host version, for tests and documentation."""
+def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
+    """The [ntiles, 2] int32 table moe_dispatch writes: (expert, first sorted row) per tile, experts in
+    order, then (-1, 0) for the unused tail. Host version, for tests and documentation."""
     offsets = np.asarray(offsets, dtype=np.int64)
     table = np.zeros((ntiles, 2), dtype=np.int32)
     table[:, 0] = -1
     i = 0
     for e in range(len(offsets) - 1):
-        for r in expert_tiles(int(offsets[e + 1] - offsets[e]), bm):
-            table[i] = (e, offsets[e] + r)
+        for r in range(int(offsets[e]), int(offsets[e + 1]), bm):
+            table[i] = (e, r)
             i += 1
     assert i <= ntiles, "tile bound violated"
     return table
@@ -316,9 +299,8 @@ class Dispatch:
 
     offsets [E + 1] int32: expert e's rows are offsets[e] .. offsets[e + 1] - 1 of the sorted order;
     sorted_slots [T*k] int32: the slot of each sorted row, increasing inside an expert;
-    tiles {bm: [tile_bound(T*k, E, bm), 2] int32} for bm in SCHEDULES: (expert, first row) of each tile
-    (expert_tiles), (-1, 0) past the last one (the expert GEMMs launch the bound and let the extra CTAs
-    exit).
+    tiles {bm: [tile_bound(T*k, E, bm), 2] int32}: (expert, first row) of each bm-row tile, (-1, 0) past
+    the last one (the expert GEMMs launch the bound and let the extra CTAs exit).
     """
     offsets: object
     sorted_slots: object
@@ -342,7 +324,7 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"num_experts = {E} must be in 1..{MAX_EXPERTS}")
     S = T * k
-    bounds = {bm: tile_bound(S, E, bm) for bm in SCHEDULES}
+    bounds = {bm: tile_bound(S, E, bm) for bm in TILE_BMS}
     if out is None:
         out = Dispatch(cupy.empty(E + 1, dtype=cupy.int32), cupy.empty(S, dtype=cupy.int32),
                        {bm: cupy.empty((n, 2), dtype=cupy.int32) for bm, n in bounds.items()})
@@ -356,44 +338,42 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
     kernel("routing", "moe_dispatch")((1,), (DISPATCH_THREADS,), (
         experts, np.int32(S), np.int32(E), out.offsets, out.sorted_slots,
         np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b]),
-        np.int32(c), out.tiles[c], np.int32(bounds[c]), out.tiles[TAIL], np.int32(bounds[TAIL])))
+        np.int32(c), out.tiles[c], np.int32(bounds[c])))
     return out
 
 
 # ---- expert GEMMs ------------------------------------------------------------------------------------
 
 def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, bm):
-    """Tile height bm (default pick_bm): one launch over its schedule; 128: the 128-row tiles, then the
-    tails of <= 64 rows they leave on the 16-row (<= 16 rows) and 64-row kernels (expert_tiles)."""
     import cupy
 
     S, E = d.num_slots, d.num_experts
     wg = wgmma_available()  # once per launch: it asks CuPy for the device
     bm = pick_bm(S, E, w.format, wg) if bm is None else bm
+    v = variant_for(stage, w.format, bm, wg)
     N, K = w.R, w.C
+    smem = v.shared_bytes(K)
+    kern, smem = _gemm_kernel(v, smem)
+    ntiles = d.tiles[bm].shape[0]
+    if ntiles > 65535:
+        raise ValueError(f"{S} slots need {ntiles} row tiles, more than a grid dimension holds")
+    grid = (-(-N // v.bn), ntiles)
     wq = w.blocks if w.format == "mxfp4" else _dummy(cupy.uint8)
     ws = w.scales if w.format == "mxfp4" else _dummy(cupy.uint8)
     wb = w.weight if w.format == "bf16" else _dummy(cupy.uint16)
     rwv = rw if rw is not None else _dummy(cupy.float32)
     yv = y if y is not None else _dummy(cupy.uint16)
     ov = outf if outf is not None else _dummy(cupy.float32)
-    launches = [(bm, bm, -1)] + ([(64, TAIL, 16), (16, TAIL, 0)] if bm == 128 else [])
-    for height, schedule, tail_min in launches:  # (kernel height, schedule, tail rows above tail_min)
-        v = variant_for(stage, w.format, height, wg)
-        kern, smem = _gemm_kernel(v, v.shared_bytes(K))
-        tiles = d.tiles[schedule]
-        if tiles.shape[0] > 65535:
-            raise ValueError(f"{S} slots need {tiles.shape[0]} row tiles, more than a grid dimension holds")
-        kern((-(-N // v.bn), tiles.shape[0]), (v.threads,), (
-            a, wq, ws, wb, bias, d.offsets, d.sorted_slots, tiles, rwv, yv, ov,
-            np.int32(N), np.int32(K), np.int32(d.top_k), np.int32(S), np.int32(E),
-            np.int64(ws.nbytes), np.float32(limit), np.float32(alpha), np.int32(tail_min)), shared_mem=smem)
+    kern(grid, (v.threads,), (
+        a, wq, ws, wb, bias, d.offsets, d.sorted_slots, d.tiles[bm], rwv, yv, ov,
+        np.int32(N), np.int32(K), np.int32(d.top_k), np.int32(S), np.int32(E),
+        np.int64(ws.nbytes), np.float32(limit), np.float32(alpha)), shared_mem=smem)
 
 
 def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None):
     """y [T*k, I] bf16: row r = swiglu(t[token of sorted_slots[r]] . W1_e^T + b1_e), e = the expert of
     row r; interleaved gate/linear columns, clamped SwiGLU, rounded to bf16. bm forces a tile height
-    (one of tile_heights(); default by rows per expert): results are bit-identical either way."""
+    (16 or 64; default by rows per expert): results are bit-identical either way."""
     import cupy
 
     d = dispatch
@@ -481,7 +461,7 @@ class MoEWorkspace:
         self.scratch = cupy.empty(ROUTER_SPLITS * T * E, dtype=cupy.float32)
         self.offsets = cupy.empty(E + 1, dtype=cupy.int32)
         self.sorted_slots = cupy.empty(S, dtype=cupy.int32)
-        self.tiles = {bm: cupy.empty(2 * tile_bound(S, E, bm), dtype=cupy.int32) for bm in SCHEDULES}
+        self.tiles = {bm: cupy.empty(2 * tile_bound(S, E, bm), dtype=cupy.int32) for bm in TILE_BMS}
         self.y = cupy.empty(S * intermediate, dtype=cupy.uint16)
         self.out = cupy.empty(S * hidden, dtype=cupy.float32)
 

@@ -154,7 +154,7 @@ def test_dispatch(T, E, used):
     experts = distinct_experts(rng, T, E, k=min(4, used), used=used)
     k = experts.shape[1]
     S = T * k
-    bounds = {bm: M.tile_bound(S, E, bm) for bm in M.SCHEDULES}
+    bounds = {bm: M.tile_bound(S, E, bm) for bm in M.TILE_BMS}
     out = M.Dispatch(cupy.full(E + 1, -7, dtype=cupy.int32), cupy.full(S, -7, dtype=cupy.int32),
                      {bm: cupy.full((n, 2), -7, dtype=cupy.int32) for bm, n in bounds.items()})
     d = M.dispatch(cupy.asarray(experts), E, out=out)
