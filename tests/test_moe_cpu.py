@@ -441,3 +441,92 @@ def test_wgmma_fragment_gather_cpu():
                     v = out[2 * s + r]
                     got_v = from_bf16_bits(np.array([v & 0xFFFF, v >> 16], dtype=np.uint16))
                     np.testing.assert_array_equal(got_v, want)
+
+
+class _MBarrier:
+    """An mbarrier: a phase completes when `count` arrivals are in; try_wait.parity(P) succeeds when
+    the current phase's parity differs from P."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.phase = count, count, 0
+
+    def arrive(self):
+        self.pending -= 1
+        if self.pending == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def try_wait(self, use):
+        # a wait for a slot's `use`-th phase must find the barrier at phase use or use + 1; anything
+        # else would make the parity ambiguous (or deadlock)
+        assert use <= self.phase <= use + 1, (use, self.phase)
+        return self.phase % 2 != use % 2
+
+
+def _ring_run(KT, S, LAG, warps, rng):
+    """moe.hip mainloop_mb, one agent per warp, in a random interleaving; copies land at random later
+    times. Returns the k-tiles each warp read, in order."""
+    full = [_MBarrier(warps) for _ in range(S)]
+    empty = [_MBarrier(warps) for _ in range(S)]
+    slot = [[None] * warps for _ in range(S)]  # k-tile whose copy (per warp part) has landed
+    in_flight = []  # (warp, slot, k-tile) copies not landed yet
+
+    def load(w, b, kt):
+        assert all(not (x[1] == b) for x in in_flight if x[0] == w)
+        in_flight.append((w, b, kt))
+
+    reads = [[] for _ in range(warps)]
+    readers = [set() for _ in range(S)]  # warps still between reading a slot and releasing it
+    state = [dict(kt=0, step="refill") for _ in range(warps)]
+    for w in range(warps):  # prologue: every slot
+        for s in range(min(S, KT)):
+            load(w, s, s)
+    idle = 0  # scheduling rounds without progress: a deadlock if it grows
+    while any(st["kt"] < KT for st in state) or in_flight:
+        idle += 1
+        assert idle < 10_000, "deadlock: no warp can proceed and no copy is in flight"
+        if in_flight and rng.random() < 0.4:  # a copy lands; its thread's arrival follows
+            w, b, kt = in_flight.pop(rng.integers(len(in_flight)))
+            slot[b][w] = kt
+            full[b].arrive()
+            idle = 0
+            continue
+        w = int(rng.integers(warps))
+        st = state[w]
+        kt = st["kt"]
+        if kt >= KT:
+            continue
+        if st["step"] == "refill":
+            j = kt - LAG
+            if kt >= LAG and j + S < KT:
+                if not empty[j % S].try_wait(j // S):
+                    continue
+                assert not readers[j % S], "slot refilled while a warp reads it"
+                load(w, j % S, j + S)
+            st["step"] = "wait"
+            idle = 0
+        elif st["step"] == "wait":
+            if not full[kt % S].try_wait(kt // S):
+                continue
+            assert slot[kt % S] == [kt] * warps, "read before every part of the k-tile landed"
+            readers[kt % S].add(w)
+            reads[w].append(kt)
+            st["step"] = "release"
+            idle = 0
+        else:  # the warp's wgmmas on the slot are done
+            readers[kt % S].discard(w)
+            empty[kt % S].arrive()
+            st.update(kt=kt + 1, step="refill")
+            idle = 0
+    return reads
+
+
+@pytest.mark.parametrize("S, LAG", [(4, 2), (5, 2), (4, 1), (4, 3)])
+def test_mbarrier_ring_protocol_cpu(S, LAG):
+    """The k-tile ring of the wgmma MoE kernels (moe.hip mainloop_mb, LAG 1..STAGES-1) under random
+    warp speeds and copy latencies: every warp reads every k-tile in order, only after all its copies
+    landed; no slot is refilled while a warp still reads it; every parity wait is unambiguous."""
+    rng = np.random.default_rng(S * 10 + LAG)
+    for KT in (1, 2, S - 1, S, S + 1, 45):
+        for _ in range(20):
+            reads = _ring_run(KT, S, LAG, warps=8, rng=rng)
+            assert reads == [list(range(KT))] * 8
