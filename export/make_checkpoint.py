@@ -43,7 +43,7 @@ def parse_size(text: str) -> int:
 
 def read_config_file(path: Path) -> ModelConfig:
     """A Hugging Face config.json, an original/config.json, or ModelConfig.to_dict() JSON."""
-    from gptoss.checkpoint import config_from_json
+    from gptoss.checkpoint import config_from_dict
 
     if path.is_dir():
         path = path / "config.json"
@@ -55,7 +55,7 @@ def read_config_file(path: Path) -> ModelConfig:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if isinstance(raw, dict) and "num_layers" in raw:  # gptoss's own field names
         return ModelConfig.from_dict(raw)
-    return config_from_json(path)
+    return config_from_dict(raw, str(path))
 
 
 def build_parser() -> argparse.ArgumentParser:

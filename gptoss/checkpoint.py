@@ -314,14 +314,20 @@ def config_from_json(path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs its config.json)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return config_from_dict(raw, str(path))
+
+
+def config_from_dict(raw, source: str) -> ModelConfig:
+    """The parsed JSON of a Hugging Face config.json or OpenAI's original/config.json -> ModelConfig
+    (CheckpointError naming `source` if bad)."""
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
+        raise CheckpointError(f"{source}: not a JSON object")
     if any(k in raw for k in ("rope_ntk_alpha", "rope_ntk_beta", "rope_scaling_factor")):
         raw = _original_to_hf_config(raw)
     try:
         return ModelConfig.from_hf_dict(raw)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _safetensors_files(directory: Path) -> tuple[dict[str, Path], str]:

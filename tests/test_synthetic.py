@@ -224,6 +224,15 @@ def test_make_checkpoint_cli(tmp_path):
     assert from_config.returncode == 0, from_config.stderr
     assert open_weights(tmp_path / "c").config == TINY
 
+    own_keys = tmp_path / "own.json"  # ModelConfig.to_dict() keys
+    own_keys.write_text(json.dumps(TINY.to_dict()))
+    assert run_cli("--config", own_keys, "--out", tmp_path / "o", "--quiet").returncode == 0
+    assert open_weights(tmp_path / "o").config == TINY
+    not_object = tmp_path / "list.json"
+    not_object.write_text("[1, 2]")
+    proc = run_cli("--config", not_object, "--out", tmp_path / "l")
+    assert proc.returncode == 1 and "not a JSON object" in proc.stderr and "Traceback" not in proc.stderr
+
     bad = run_cli("--preset", "tiny", "--out", tmp_path / "x", "--shard-size", "2XB")
     assert bad.returncode == 2 and "is not a size" in bad.stderr
     assert run_cli("--help").stdout.count("--shard-size") >= 1
