@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch", type=int, default=None,
                    help="getp: most sequences in flight at once (default: as many as GPU memory "
                         "holds; 1 on the CPU)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="GPU memory this run may use in all, weights included, in GiB (default: all "
+                        "that is free); lower it to share the GPU or to size a run for a smaller one")
     p.add_argument("-i", "--input", help="getp: input file, one prompt per line (UTF-8)")
     p.add_argument("-o", "--output", help="getp: output file, one line of generated token ids per "
                    "prompt, in input order (written atomically at the end)")
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
         fail(f"-n must be at least 1 (got {args.steps})")
     if args.batch is not None and args.batch < 1:
         fail(f"-b must be at least 1 (got {args.batch})")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        fail(f"--gpu-memory must be positive (got {args.gpu_memory})")
     if args.mode == "getp":
         from gptoss.getp import check_getp_args
         try:
@@ -112,7 +117,8 @@ def main(argv=None) -> int:
 
     try:
         model_path = resolve_model_path(args.model)
-        backend = open_backend(model_path, args.device)
+        memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
+        backend = open_backend(model_path, args.device, memory_limit=memory)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     except Exception as e:  # CheckpointError and GPU memory errors carry their own one-line message

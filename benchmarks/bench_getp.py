@@ -41,6 +41,12 @@ def main(argv=None) -> int:
     p.add_argument("-b", "--batch", type=int, default=None, help="cap on sequences in flight")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="most prompt tokens prefilled per step (default gptoss.batching.STEP_PREFILL_TOKENS)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="GPU memory the run may use, weights included (run.py --gpu-memory): e.g. 78 to "
+                        "size the batch as on an 80 GB card")
+    p.add_argument("--promise", type=float, default=None,
+                   help="share of each budget that admission promises in KV pages (default "
+                        "gptoss.batching.PROMISE; below 1, sequences may be preempted and recomputed)")
     p.add_argument("--json", default=None, help="copy getp's JSON record here")
     args = p.parse_args(argv)
 
@@ -50,6 +56,8 @@ def main(argv=None) -> int:
 
     if args.prefill_tokens:
         batching.STEP_PREFILL_TOKENS = args.prefill_tokens
+    if args.promise is not None:
+        batching.PROMISE = args.promise
 
     vocab = PRESETS[args.preset].vocab_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +69,8 @@ def main(argv=None) -> int:
                 "-n", str(args.steps), "--ignore-eos", "--input-format", "ids", "--json", str(record)]
         if args.batch:
             argv += ["-b", str(args.batch)]
+        if args.gpu_memory:
+            argv += ["--gpu-memory", str(args.gpu_memory)]
         code = run.main(argv)
         if code:
             return code
@@ -71,7 +81,10 @@ def main(argv=None) -> int:
           f"{(rec['peak_gpu_memory_bytes'] or 0) / 2**30:.1f} GiB")
     eng = rec.get("engine")
     if eng:
-        print(f"  {eng['slots']} slots of {eng['capacity']} positions; {eng['mixed_steps']} steps with prompt "
+        print(f"  {eng['slots']} slots of {eng['capacity']} positions, {eng.get('pages', 0)} KV pages of 64; at most "
+              f"{eng.get('most_running', 0)} sequences at once; {eng.get('preemptions', 0)} preemptions "
+              f"({eng.get('recomputed_tokens', 0)} tokens prefilled again)")
+        print(f"  {eng['mixed_steps']} steps with prompt "
               f"chunks ({eng['prompt_tokens']} prompt tokens + decode tokens) in {eng['mixed_seconds']:.1f} s; "
               f"{eng['decode_steps']} decode-only steps in {eng['decode_seconds']:.1f} s; "
               f"{eng['decode_tokens']} decode tokens in all; host scheduling {eng['host_seconds']:.1f} s")

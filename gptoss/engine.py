@@ -152,8 +152,9 @@ def resolve_model_path(model: str | None) -> Path | str:
         "  python export/make_checkpoint.py --preset tiny-chat --out models/tiny-chat")
 
 
-def open_backend(model_path: str | Path, device: str = "auto"):
-    """The backend for a model (.bin file or HF checkpoint directory) on 'cpu', 'gpu' or 'auto'."""
+def open_backend(model_path: str | Path, device: str = "auto", memory_limit: int | None = None):
+    """The backend for a model (.bin file or HF checkpoint directory) on 'cpu', 'gpu' or 'auto';
+    memory_limit: most GPU bytes the run may use, weights included (default: all that is free)."""
     from .checkpoint import open_weights
 
     if device not in ("auto", "cpu", "gpu"):
@@ -176,4 +177,4 @@ def open_backend(model_path: str | Path, device: str = "auto"):
         return CPUBackend(weights)
     from .batching import GPUBackend
 
-    return GPUBackend(weights)
+    return GPUBackend(weights, memory_limit=memory_limit)

@@ -116,29 +116,98 @@ class DeviceWeights:
             self.unembedding = up("unembedding.weight")
 
 
-class KVCache:
-    """K and V per layer, [slots, L, Hkv, D] bf16: L = capacity on full layers, a ring of
-    window + max_chunk positions on sliding layers (position p at index p % L)."""
+PAGE = 64  # positions per page of the full layers' cache: one attention tile (ops/attention.py TILE)
 
-    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int):
+
+class PageTable:
+    """Which page holds positions PAGE*j .. PAGE*j + PAGE-1 of each slot: host[slot, j], on the host
+    (KVCache copies it to the device before a step). Pages 0 .. pages-1 are for sequences; page `spare`
+    (= pages) is where every entry not given to a sequence points, so a stray write (a padding row of
+    a captured decode step) lands there and nowhere else. `owned`: slot s holds pages s*width ..
+    s*width + width-1 for good (no scheduler hands pages out)."""
+
+    def __init__(self, slots: int, width: int, pages: int | None = None):
+        self.slots, self.width = slots, width
+        owned = pages is None
+        self.pages = slots * width if owned else int(pages)
+        if self.pages <= 0:
+            raise ValueError(f"a paged KV cache needs at least one page, got {pages}")
+        self.spare = self.pages
+        if owned:
+            self.host = np.arange(self.pages, dtype=np.int32).reshape(slots, width)
+        else:
+            self.host = np.full((slots, width), self.spare, np.int32)
+        self.dirty = False
+
+    def assign(self, slots, indices, pages) -> None:
+        """host[slots[i], indices[i]] = pages[i]."""
+        self.host[np.asarray(slots), np.asarray(indices)] = np.asarray(pages, np.int32)
+        self.dirty = True
+
+    def release(self, slot: int) -> None:
+        """Point every entry of `slot` back at the spare page."""
+        self.host[slot] = self.spare
+        self.dirty = True
+
+
+class KVCache:
+    """K and V per layer, bf16.
+
+    Sliding layers: [slots, ring, Hkv, D], a ring of window + max_chunk positions per slot (position p
+    at row p % ring). Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through the page
+    table [slots, ceil(capacity / PAGE)] (PageTable; the last page is its spare): position p of slot s
+    sits in page table[s, p // PAGE]. Without `pages` each slot owns the pages of its whole capacity;
+    with `pages` the table starts empty and the continuous-batching scheduler hands pages out
+    (batching.PagePool), so a sequence holds only the pages its positions reach."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int | None = None):
         import cupy
 
         if capacity <= 0 or slots <= 0:
             raise ValueError(f"a KV cache needs slots and capacity > 0, got {slots} and {capacity}")
         self.slots, self.capacity, self.max_chunk = slots, capacity, max_chunk
+        self.page_table = PageTable(slots, -(-capacity // PAGE), pages)
+        self.table = cupy.asarray(self.page_table.host)  # the kernels' copy
         ring = min(capacity, cfg.sliding_window + max_chunk)
         self.k, self.v = [], []
         for i in range(cfg.num_layers):
-            length = ring if cfg.is_sliding(i) else capacity
-            shape = (slots, length, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.is_sliding(i):
+                shape = (slots, ring, cfg.num_kv_heads, cfg.head_dim)
+            else:
+                shape = (self.page_table.pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
             self.k.append(cupy.empty(shape, dtype=cupy.uint16))
             self.v.append(cupy.empty(shape, dtype=cupy.uint16))
 
+    @property
+    def pages(self) -> int:
+        return self.page_table.pages
+
+    def layer_table(self, layer: int, cfg: ModelConfig):
+        """The page table for layer `layer`'s kernels: the device table on full layers, None on sliding."""
+        return None if cfg.is_sliding(layer) else self.table
+
+    def upload(self) -> None:
+        """Copy the page table to the device if it changed (on the current stream, before the step)."""
+        if self.page_table.dirty:
+            self.table.set(self.page_table.host)
+            self.page_table.dirty = False
+
     @staticmethod
-    def bytes_per_slot(cfg: ModelConfig, capacity: int, max_chunk: int) -> int:
+    def slot_bytes(cfg: ModelConfig, capacity: int, max_chunk: int) -> int:
+        """GPU bytes of one slot apart from its pages: the sliding layers' rings and its table row."""
         ring = min(capacity, cfg.sliding_window + max_chunk)
-        per_pos = 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V, bf16
-        return sum((ring if cfg.is_sliding(i) else capacity) * per_pos for i in range(cfg.num_layers))
+        sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_layers))
+        return sliding * ring * _kv_bytes_per_position(cfg) + -(-capacity // PAGE) * 4
+
+    @staticmethod
+    def page_bytes(cfg: ModelConfig) -> int:
+        """GPU bytes of one page: PAGE positions of every full layer."""
+        full = sum(not cfg.is_sliding(i) for i in range(cfg.num_layers))
+        return full * PAGE * _kv_bytes_per_position(cfg)
+
+
+def _kv_bytes_per_position(cfg: ModelConfig) -> int:
+    return 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V, bf16
 
 
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
@@ -238,10 +307,11 @@ def decode_batch_bucket(b: int) -> int:
 
 class GPUModel:
     """The forward pass over a KV cache of `slots` sequences (plus one padding slot that captured
-    decode steps use for their unused rows) of up to `capacity` positions."""
+    decode steps use for their unused rows) of up to `capacity` positions. Without `pages` every slot
+    owns its whole capacity; with `pages` the caller hands out the full layers' pages (self.cache)."""
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
-                 max_chunk: int, max_rows: int | None = None):
+                 max_chunk: int, max_rows: int | None = None, pages: int | None = None):
         from .ops.attention import rope_table
 
         self.w = weights
@@ -249,7 +319,7 @@ class GPUModel:
         self.slots = slots
         self.pad_slot = slots
         self.max_step_tokens = max(max_step_tokens, decode_batch_bucket(slots))
-        self.cache = KVCache(cfg, slots + 1, capacity, max_chunk)
+        self.cache = KVCache(cfg, slots + 1, capacity, max_chunk, pages)
         self.rope = rope_table(cfg, capacity)
         rows = max(decode_batch_bucket(slots), max_rows or 0)  # logit rows a step may ask for
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows)
@@ -277,9 +347,12 @@ class GPUModel:
         for i, layer in enumerate(w.layers):
             G.linear(t, layer.qkv_w, layer.qkv_b, out=qkv)
             mark("qkv gemm")
-            A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i], q_out=q)
+            table = self.cache.layer_table(i, cfg)
+            A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i], q_out=q,
+                             page_table=table)
             mark("rope + kv write")
-            A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn)
+            A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn,
+                        page_table=table)
             mark("attention full" if layer.window == 0 else "attention sliding")
             G.linear(attn, layer.out_w, layer.out_b, out=o)
             mark("out gemm")
@@ -338,8 +411,8 @@ class GPUModel:
 
     def _check(self, step: StepBatch) -> None:
         T, R = len(step.tokens), len(step.logit_rows)
-        if T == 0 or R == 0:
-            raise ValueError("a step needs at least one token and one logit row")
+        if T == 0:
+            raise ValueError("a step needs at least one token")
         if T > self.max_step_tokens or R > self.buf.max_rows:
             raise ValueError(f"a step of {T} tokens / {R} logit rows exceeds the planned "
                              f"{self.max_step_tokens} / {self.buf.max_rows}")
@@ -354,17 +427,19 @@ class GPUModel:
         self._check(step)
         T, R = len(step.tokens), len(step.logit_rows)
         self._load_inputs(step, sample)
+        self.cache.upload()
         batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
         identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
 
         def run(prof: "Profile | None" = None):
             self._layers(T, batch, prof)
-            return self._head(T, R, gather=not identity)
+            return self._head(T, R, gather=not identity) if R else self.buf.logits[:0]
         return run
 
     def forward(self, step: StepBatch, sample: SampleArgs | None = None):
         """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for
-        step.logit_rows, after writing every token's K/V into the cache. Eager launches."""
+        step.logit_rows, after writing every token's K/V into the cache (R may be 0: a step of prompt
+        chunks none of which ends its prompt). Eager launches."""
         return self._prepare(step, sample)()
 
     def step(self, step: StepBatch, sample: SampleArgs, use_graph: bool = True) -> np.ndarray:
@@ -378,7 +453,8 @@ class GPUModel:
         if use_graph and decode_only and not cupy.cuda.runtime.is_hip:
             return self._decode_graph(step, sample, greedy)
         self.forward(step, sample)
-        return cupy.asnumpy(self._sample(len(step.logit_rows), greedy, sample.seed))
+        R = len(step.logit_rows)
+        return cupy.asnumpy(self._sample(R, greedy, sample.seed)) if R else np.zeros(0, np.int32)
 
     # ---- captured decode steps ----------------------------------------------------------------------
     def _decode_graph(self, step: StepBatch, sample: SampleArgs, greedy: bool) -> np.ndarray:
@@ -404,6 +480,7 @@ class GPUModel:
         if not greedy:
             host[3, :B], host[4, :B] = sample.sequences, sample.steps
         inputs.set(host)
+        self.cache.upload()
         graph.launch(cupy.cuda.get_current_stream())
         return cupy.asnumpy(self.buf.ids[:B])
 

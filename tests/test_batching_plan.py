@@ -3,7 +3,7 @@ import pytest
 
 from gptoss.batching import PREFILL_CHUNK, plan_memory
 from gptoss.config import GPT_OSS_20B, TINY
-from gptoss.model import KVCache, ModelTooLargeError, activation_bytes_per_token
+from gptoss.model import PAGE, KVCache, ModelTooLargeError, activation_bytes_per_token
 
 
 def test_too_little_memory_names_the_numbers():
@@ -14,10 +14,25 @@ def test_too_little_memory_names_the_numbers():
 def test_plan_fits_and_grows_with_memory():
     small = plan_memory(GPT_OSS_20B, free_bytes=20 << 30, capacity=2048, wanted_slots=100000)
     large = plan_memory(GPT_OSS_20B, free_bytes=60 << 30, capacity=2048, wanted_slots=100000)
-    assert 0 < small.slots < large.slots
+    assert 0 < small.slots < large.slots and small.pages < large.pages
     for plan, free in ((small, 20 << 30), (large, 60 << 30)):
         assert plan.kv_bytes + plan.activation_bytes <= free - (1 << 30)
-        assert plan.kv_bytes == (plan.slots + 1) * KVCache.bytes_per_slot(GPT_OSS_20B, 2048, PREFILL_CHUNK)
+        assert plan.kv_bytes == ((plan.slots + 1) * KVCache.slot_bytes(GPT_OSS_20B, 2048, PREFILL_CHUNK)
+                                 + (plan.pages + 1) * KVCache.page_bytes(GPT_OSS_20B))
+        assert plan.pages >= plan.slots * (2048 // PAGE)  # no sharing assumed: every slot can fill up
+        # all that is left beside the slots went to pages: one more page would not fit
+        assert plan.kv_bytes + plan.activation_bytes + KVCache.page_bytes(GPT_OSS_20B) > free - (1 << 30) \
+            or plan.pages == plan.slots * 2048 // PAGE
+
+
+def test_sharing_pages_fits_more_slots():
+    """Sequences expected to hold 600 of their 2,048 positions: more slots than at full capacity, and
+    still the pages for one whole sequence."""
+    full = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=100000)
+    shared = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=100000, mean_positions=600)
+    assert shared.slots > 2 * full.slots
+    assert shared.pages >= shared.slots * -(-600 // PAGE) and shared.pages >= 2048 // PAGE
+    assert shared.kv_bytes + shared.activation_bytes <= (40 << 30) - (1 << 30)
 
 
 def test_plan_respects_the_cap():

@@ -1,59 +1,80 @@
 """The continuous-batching scheduler (GPUBackend.generate_steps) over a stand-in model, without a GPU.
 
-The stand-in's next token is a function of the row's input token and position only, so every request
-has one right answer, the one it gets alone: the scheduler must feed each sequence its own tokens at
-its own positions whatever else shares the step, refill freed slots, honour stop ids, budgets, the
-context and -b, and hand the sampler each row's (request, tokens so far)."""
+The stand-in keeps a KV cache of token ids in pages, reached through the scheduler's page table like
+the GPU model's, and its next token is a hash of every token in the row's cache up to its position.
+So every request has one right answer, the one it gets alone, and it gets it only if the scheduler
+feeds each sequence its own tokens at its own positions whatever else shares the step, gives every
+position a page of its own, refills freed slots, honours stop ids, budgets, the context and -b, hands
+the sampler each row's (request, tokens so far), and, when pages run out, preempts a sequence and
+prefills it again (prompt + what it had generated) before it goes on."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from gptoss.batching import GPUBackend
+from gptoss.batching import GPUBackend, PagePool, pages_for
 from gptoss.engine import Request, StepTokens, step_tokens
+from gptoss.model import PAGE, PageTable
 from gptoss.sampling import SamplingParams
 
 VOCAB = 997
 
 
-def next_token(token: int, position: int) -> int:
-    return (token * 31 + position * 7 + 3) % VOCAB
+def next_token(tokens) -> int:
+    h = 0
+    for t in tokens:
+        h = (h * 31 + int(t) + 1) % VOCAB
+    return h
 
 
 class StandInModel:
-    """GPUModel's step() interface: next_token of each logit row; records what it was asked."""
+    """GPUModel's step() interface over a paged cache of token ids: next_token of the row's cached
+    sequence; records what it was asked and checks every write has a page of its own."""
 
-    def __init__(self, slots: int, capacity: int, chunk: int, step_tokens: int):
+    def __init__(self, slots: int, capacity: int, chunk: int, step_tokens: int, pages: int | None = None):
         self.slots, self.capacity, self.max_step_tokens = slots, capacity, step_tokens
-        self.cache = SimpleNamespace(max_chunk=chunk)
+        width = -(-capacity // PAGE)
+        table = PageTable(slots + 1, width, slots * width if pages is None else pages)
+        self.cache = SimpleNamespace(max_chunk=chunk, page_table=table)
+        self.kv = np.full((table.pages + 1, PAGE), -1, np.int64)
         self.steps = []
 
     def step(self, step, args, use_graph=True):
+        table = self.cache.page_table
+        held = table.host[table.host != table.spare]
+        assert len(np.unique(held)) == len(held), "a page in two places of the table"
         r = step.logit_rows
         assert len(np.unique(step.slots[r])) == len(r), "two logit rows in one slot"
         assert step.positions.max() < self.capacity
+        pages = table.host[step.slots, step.positions // PAGE]
+        assert (pages != table.spare).all(), "a token written to a position without a page"
+        self.kv[pages, step.positions % PAGE] = step.tokens
         self.steps.append((step, args))
-        return np.asarray([next_token(int(t), int(p)) for t, p in zip(step.tokens[r], step.positions[r])],
-                          np.int32)
+        out = []
+        for slot, pos in zip(step.slots[r].tolist(), step.positions[r].tolist()):
+            p = np.arange(pos + 1)
+            out.append(next_token(self.kv[table.host[slot, p // PAGE], p % PAGE]))
+        return np.asarray(out, np.int32)
 
 
-def backend_with(model, max_context=4096, prefill_tokens=48):
+def backend_with(model, max_context=4096, prefill_tokens=48, promise=0.0):
     b = object.__new__(GPUBackend)  # no GPU: the scheduler alone, over the stand-in
     b.config = SimpleNamespace(max_context=max_context)
     b.use_graphs, b.step_prefill_tokens, b.stats, b.model = True, prefill_tokens, {}, model
-    b._model_for = lambda capacity, slots: model
+    b.promise = promise
+    b._model_for = lambda *args: model
     return b
 
 
 def alone(prompt, max_new, stop_ids=(), max_context=4096):
     """The request's tokens and end reason when it runs by itself."""
-    out, tok, pos = [], prompt[-1], len(prompt) - 1
+    seq, out = list(prompt), []
     for _ in range(min(max_new, max_context - len(prompt))):
-        tok = next_token(tok, pos)
-        pos += 1
+        tok = next_token(seq)
         if tok in stop_ids:
             return out, "stop"
         out.append(tok)
+        seq.append(tok)
     return out, "length"
 
 
@@ -144,3 +165,54 @@ def test_zero_budget_and_token_events_agree_with_steps():
     flat = [(i, t) for s in step_tokens(wrapped, requests, SamplingParams(), ignore_eos=True)
             for i, t in zip(s.index.tolist(), s.token.tolist())]
     assert flat == [(e.index, -1 if e.token is None else e.token) for e in events]
+
+
+@pytest.mark.parametrize("pages,promise", [(5, 0.0), (9, 0.0), (12, 0.3)])
+def test_preempted_sequences_get_what_they_get_alone(pages, promise):
+    """Too few pages for the slots: sequences are preempted, prefilled again and continued, and still
+    get exactly their tokens alone; every page comes back at the end."""
+    rng = np.random.default_rng(pages)
+    requests = random_requests(rng, 40, max_new=(20, 120), prompt_len=(1, 130))
+    model = StandInModel(8, capacity=256, chunk=32, step_tokens=64, pages=pages)
+    backend = backend_with(model, promise=promise)
+    got, ended = run(backend, requests, ignore_eos=True)
+    for r in requests:
+        assert (got[r.index], ended[r.index]) == alone(r.prompt_ids, r.max_new)
+    assert backend.stats["preemptions"] > 0 and backend.stats["recomputed_tokens"] > 0
+    table = model.cache.page_table
+    assert (table.host == table.spare).all(), "a finished sequence kept its pages"
+
+
+def test_sampler_steps_continue_across_preemptions():
+    rng = np.random.default_rng(4)
+    requests = random_requests(rng, 20, max_new=(30, 90), prompt_len=(1, 100))
+    model = StandInModel(6, capacity=256, chunk=16, step_tokens=40, pages=7)
+    backend = backend_with(model, prefill_tokens=20)
+    run(backend, requests, ignore_eos=True)
+    assert backend.stats["preemptions"] > 0
+    made = {r.index: 0 for r in requests}
+    for step, args in model.steps:
+        for seq, k in zip(args.sequences.tolist(), args.steps.tolist()):
+            assert k == made[seq]
+            made[seq] += 1
+    assert made == {r.index: r.max_new for r in requests}
+
+
+def test_page_pool_hands_out_each_page_once():
+    table = PageTable(5, 4, 12)
+    pool = PagePool(table)
+    pool.grow([0, 3], [1, 130])  # 1 page, 3 pages
+    pool.grow([0, 1], [64, 65])  # slot 0 keeps its page; slot 1 takes 2
+    pool.grow([3], [100])  # already holds them: nothing
+    assert pool.held.tolist() == [1, 2, 0, 3, 0] and pool.available == 12 - 6
+    held = np.concatenate([table.host[s, :n] for s, n in enumerate(pool.held)])
+    assert sorted(held.tolist()) == list(range(6))
+    assert (table.host[2] == table.spare).all() and (table.host[0, 1:] == table.spare).all()
+    pool.release(3)
+    assert (table.host[3] == table.spare).all() and pool.available == 12 - 3
+    pool.grow([2], [4 * PAGE])
+    assert len(set(table.host[2].tolist()) | set(table.host[0, :1].tolist()) | set(table.host[1, :2].tolist())) == 7
+    pool.grow([0], [4 * PAGE])  # 3 more: 2 left
+    with pytest.raises(RuntimeError, match="out of pages"):
+        pool.grow([4], [4 * PAGE])
+    assert pages_for([0, 1, 64, 65]).tolist() == [0, 1, 1, 2]

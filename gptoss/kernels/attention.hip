@@ -1,6 +1,8 @@
 // Attention of gpt-oss: YaRN RoPE fused with the KV-cache write, then attention with learned sinks, GQA
-// and an optional sliding window, over a varlen batch of sequences whose keys live in a slot-indexed
-// cache [slots, L, Hkv, D] (position p of a slot at index p % L).
+// and an optional sliding window, over a varlen batch of sequences whose keys live in a cache of blocks
+// [blocks, L, Hkv, D]. Without a page table (table_w = 0) block s is slot s's whole cache, position p at
+// row p % L (a ring when L is shorter than the sequence). With one, the cache is paged: position p of
+// slot s sits in block table[s][p / L] at row p % L, so a sequence holds only the blocks it reaches.
 //
 // Kernels
 //   rope_and_cache        grid (T, Y), 256 threads: RoPE on q (to q_out) and k, k and v into the caches.
@@ -42,23 +44,37 @@
 #define ATTN_BLOCK_Q 16   // queries per prefill CTA
 #define ATTN_LOG2E 1.4426950408889634f
 
+// Index of the first cache row of the block holding position pos of `slot` (see the top of this file):
+// slot * L without a page table, the page table[slot][pos / L] times L with one ([slots, table_w] int32).
+// The position's row is this + pos % L.
+DEVICE long long block_row0(const int* __restrict__ table, int table_w, int slot, int L, int pos) {
+    return (long long)(table_w > 0 ? table[(long long)slot * table_w + pos / L] : slot) * L;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // RoPE + cache write. qkv [T, (Hq + 2 Hkv) D] (q heads, k heads, v heads); table [n_positions, D/2, 2]
 // holds (cos, sin) with the YaRN concentration applied. Pairs (i, i + D/2) rotate:
 //   a' = a cos - b sin,  b' = b cos + a sin.
-// q goes to q_out [T, Hq, D]; k and v go to cache[slot, pos % L]. A token whose position or slot is out of
-// range gets NaN q and writes nothing to the caches (a visible failure instead of a stray write).
+// q goes to q_out [T, Hq, D]; k and v go to the cache row of (slot, pos) (block_row0). A token whose
+// position, slot or page is out of range gets NaN q and writes nothing to the caches (a visible failure
+// instead of a stray write). page_table [table_rows, table_w]; table_w = 0: no page table.
 extern "C" __global__ void __launch_bounds__(256) rope_and_cache(
     const bf16_t* __restrict__ qkv, const int* __restrict__ positions, const int* __restrict__ slots,
     const float* __restrict__ table, bf16_t* __restrict__ q_out, bf16_t* __restrict__ k_cache,
-    bf16_t* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_slots)
+    bf16_t* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_blocks,
+    const int* __restrict__ page_table, int table_rows, int table_w)
 {
     const int tok = blockIdx.x, half = D / 2;
     const int pos = positions[tok], slot = slots[tok];
-    const bool ok = pos >= 0 && pos < n_positions && slot >= 0 && slot < n_slots;
+    int block = -1;  // the cache block this token's K/V go to
+    if (pos >= 0 && pos < n_positions && slot >= 0) {
+        if (table_w == 0) block = slot;
+        else if (slot < table_rows && pos / L < table_w) block = page_table[(long long)slot * table_w + pos / L];
+    }
+    const bool ok = block >= 0 && block < n_blocks;
     const bf16_t* x = qkv + (long long)tok * (Hq + 2 * Hkv) * D;
     bf16_t* qo = q_out + (long long)tok * Hq * D;
-    const long long crow = ok ? ((long long)slot * L + pos % L) * Hkv * D : 0;  // cache row of this token
+    const long long crow = ok ? ((long long)block * L + pos % L) * Hkv * D : 0;  // cache row of this token
     const float* cs = table + (long long)(ok ? pos : 0) * D;                    // [half][2]
     const int n_rope = (Hq + Hkv) * half, n_all = n_rope + Hkv * half;
     // grid.y CTAs share a token's pairs (decode: a few tokens, so more CTAs shorten the load chain)
@@ -93,7 +109,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
     const int* __restrict__ seq_start, bf16_t* __restrict__ out, int S, int Hq, int Hkv, int D, int L,
-    int window, float scale_log2)
+    int window, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
     __shared__ float qs[128], ps[128], scratch[1024 / WARP_SIZE];
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
@@ -106,7 +122,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
     const int p = seq_start[s] + tok - cu_q[s];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int kvh = h / (Hq / Hkv);
-    const long long row0 = (long long)seq_slot[s] * L;
+    const int slot = seq_slot[s];
     if (tid < D) qs[tid] = bf16_to_float(q[((long long)tok * Hq + h) * D + tid]);
     __syncthreads();
 
@@ -116,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
         const bool visible = kp >= lo && kp <= p;
         float score = NEG_INF_F;
         if (visible) {
-            const bf16_t* k = kc + ((row0 + kp % L) * Hkv + kvh) * D;
+            const bf16_t* k = kc + ((block_row0(page_table, table_w, slot, L, kp) + kp % L) * Hkv + kvh) * D;
             float dot = 0.0f;
             for (int d = 0; d < D; ++d) dot += qs[d] * bf16_to_float(k[d]);
             score = dot * scale_log2;
@@ -130,8 +146,11 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
         if (tid < D) {
             float o = acc * alpha;
             const int j_lo = max(lo - base, 0), j_hi = min(p - base, 127);
-            for (int j = j_lo; j <= j_hi; ++j)
-                o += ps[j] * bf16_to_float(vc[((row0 + (base + j) % L) * Hkv + kvh) * D + tid]);
+            for (int j = j_lo; j <= j_hi; ++j) {
+                const int vpos = base + j;
+                const long long row = block_row0(page_table, table_w, slot, L, vpos) + vpos % L;
+                o += ps[j] * bf16_to_float(vc[(row * Hkv + kvh) * D + tid]);
+            }
             acc = o;
         }
         m = m_new;
@@ -157,12 +176,14 @@ DEVICE int swz(int row, int ch) { return row * 64 + ((ch ^ (row & 7)) << 3); }
 
 // cp.async the K and V rows of keys 64*tile .. 64*tile + 63 of one (slot, kv head) into sK, sV, with
 // NTHREADS threads: thread tid copies 16-byte chunk tid % 8 of key rows tid / 8 + (NTHREADS / 8) j.
-// kp / vp point at this thread's chunk of cache row 0 of the slot and kv head; rows are `stride` apart.
+// kp / vp point at this thread's chunk of cache row 0 of the kv head; rows are `stride` apart; the tile's
+// keys sit in the block starting at row row0 (block_row0 of its first key: a 64-key tile never spans two
+// pages, since a paged cache's L is a multiple of 64).
 // Keys outside [lo, hi] are zero-filled: their cache rows may be stale or never written, and although
 // they are masked, a NaN there would poison P.V (0 * NaN).
 template <int NTHREADS>
 DEVICE void load_kv_tile(bf16_t* sK, bf16_t* sV, const bf16_t* kp, const bf16_t* vp, int stride, int L,
-                         int tile, int lo, int hi, int tid)
+                         long long row0, int tile, int lo, int hi, int tid)
 {
     const int key0 = tile * ATTN_TILE, base = key0 % L, ch = tid & 7;
     #pragma unroll
@@ -171,16 +192,16 @@ DEVICE void load_kv_tile(bf16_t* sK, bf16_t* sV, const bf16_t* kp, const bf16_t*
         const bool valid = pos >= lo && pos <= hi;
         int idx = base + row;  // pos % L
         if (idx >= L) idx = L >= ATTN_TILE ? idx - L : idx % L;
-        const long long off = valid ? (long long)idx * stride : 0;
+        const long long off = valid ? (row0 + idx) * stride : 0;
         const int n = valid ? 16 : 0;
         cp_async_16(sK + swz(row, ch), kp + off, n);
         cp_async_16(sV + swz(row, ch), vp + off, n);
     }
 }
 
-// This thread's chunk (tid % 8) of cache row 0 of (slot, kv head) in a [slots, L, Hkv, 64] cache.
-DEVICE const bf16_t* cache_chunk(const bf16_t* cache, long long slot_row0, int Hkv, int kvh, int tid) {
-    return cache + (slot_row0 * Hkv + kvh) * 64 + (tid & 7) * 8;
+// This thread's chunk (tid % 8) of cache row 0 of kv head kvh in a [blocks, L, Hkv, 64] cache.
+DEVICE const bf16_t* cache_chunk(const bf16_t* cache, int kvh, int tid) {
+    return cache + kvh * 64 + (tid & 7) * 8;
 }
 
 DEVICE float quad_max(float v) {
@@ -356,7 +377,7 @@ DEVICE void attn_prefill_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
     const int* __restrict__ seq_start, const int* __restrict__ blocks, bf16_t* __restrict__ out,
-    int Hq, int Hkv, int L, int window, float scale_log2)
+    int Hq, int Hkv, int L, int window, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
     constexpr int QPW = 16 / G;  // queries per warp
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -370,9 +391,9 @@ DEVICE void attn_prefill_body(
     const int tok0 = cu_q[s] + qi0;
     const int nq = min(ATTN_BLOCK_Q, cu_q[s + 1] - cu_q[s] - qi0);
     const int p0 = seq_start[s] + qi0;  // position of the block's first query
-    const long long slot_row0 = (long long)seq_slot[s] * L;
-    const bf16_t* kp = cache_chunk(kc, slot_row0, Hkv, kvh, tid);
-    const bf16_t* vp = cache_chunk(vc, slot_row0, Hkv, kvh, tid);
+    const int slot = seq_slot[s];
+    const bf16_t* kp = cache_chunk(kc, kvh, tid);
+    const bf16_t* vp = cache_chunk(vc, kvh, tid);
     const int hi = p0 + nq - 1, lo = window > 0 ? max(0, p0 - window + 1) : 0;  // keys the CTA may need
 
     // this thread's two rows and this warp's query range
@@ -407,7 +428,9 @@ DEVICE void attn_prefill_body(
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < ntiles) {
             bf16_t* buf = sKV + st * 2 * ATTN_TILE * 64;
-            load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile_lo + st, lo, hi, tid);
+            const int tile = tile_lo + st;
+            load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L,
+                                 block_row0(page_table, table_w, slot, L, tile * ATTN_TILE), tile, lo, hi, tid);
         }
         cp_async_commit();
     }
@@ -418,7 +441,9 @@ DEVICE void attn_prefill_body(
             const int nxt = i + STAGES - 1;
             if (nxt < ntiles) {
                 bf16_t* buf = sKV + (nxt % STAGES) * 2 * ATTN_TILE * 64;
-                load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile_lo + nxt, lo, hi,
+                const int tile = tile_lo + nxt;
+                load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L,
+                                     block_row0(page_table, table_w, slot, L, tile * ATTN_TILE), tile, lo, hi,
                                      tid);
             }
             cp_async_commit();
@@ -458,7 +483,7 @@ DEVICE void attn_decode_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start,
     const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml, int Hq,
-    int Hkv, int L, int window, int nsplit, float scale_log2)
+    int Hkv, int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
     constexpr int NT = ATTN_SEG / ATTN_TILE;
     static_assert(STAGES >= 2 && STAGES <= NT, "a ring of 2..NT tile buffers");
@@ -474,9 +499,10 @@ DEVICE void attn_decode_body(
     if (k_first > p) return;  // this split lies past the query: no partial, combine stops before it
     const int k_last = min(p, seg * ATTN_SEG + ATTN_SEG - 1);
     const int tile0 = k_first / ATTN_TILE, ntiles = k_last / ATTN_TILE - tile0 + 1;
-    const long long slot_row0 = (long long)seq_slot[s] * L;
-    const bf16_t* kp = cache_chunk(kc, slot_row0, Hkv, kvh, lane);
-    const bf16_t* vp = cache_chunk(vc, slot_row0, Hkv, kvh, lane);
+    const int slot = seq_slot[s];
+    const bf16_t* kp = cache_chunk(kc, kvh, lane);
+    const bf16_t* vp = cache_chunk(vc, kvh, lane);
+    auto row0 = [&](int tile) { return block_row0(page_table, table_w, slot, L, tile * ATTN_TILE); };
     load_q_rows(sQ, q, Hq, lane, [&](int r, long long& qt, int& head) {
         qt = tok;
         head = kvh * G + r;
@@ -488,7 +514,8 @@ DEVICE void attn_decode_body(
     for (int i = 0; i < STAGES; ++i) {
         if (i < ntiles) {
             bf16_t* buf = sKV + i * 2 * ATTN_TILE * 64;
-            load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile0 + i, lo, p, lane);
+            load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0(tile0 + i), tile0 + i, lo, p,
+                             lane);
         }
         cp_async_commit();
     }
@@ -510,7 +537,8 @@ DEVICE void attn_decode_body(
             if (STAGES < NT) {
                 __syncthreads();  // every lane is done with the buffer before it is refilled
                 if (i + STAGES < ntiles)
-                    load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, tile0 + i + STAGES, lo, p, lane);
+                    load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0(tile0 + i + STAGES),
+                                     tile0 + i + STAGES, lo, p, lane);
             }
         }
         if (STAGES < NT) cp_async_commit();
@@ -540,15 +568,18 @@ DEVICE void attn_decode_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,           \
         const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,  \
         const int* __restrict__ seq_start, const int* __restrict__ blocks, bf16_t* __restrict__ out,      \
-        int Hq, int Hkv, int L, int window, float scale_log2
-#define ATTN_PREFILL_CALL q, kc, vc, sinks, cu_q, seq_slot, seq_start, blocks, out, Hq, Hkv, L, window, scale_log2
+        int Hq, int Hkv, int L, int window, float scale_log2, const int* __restrict__ page_table, int table_w
+#define ATTN_PREFILL_CALL \
+    q, kc, vc, sinks, cu_q, seq_slot, seq_start, blocks, out, Hq, Hkv, L, window, scale_log2, page_table, table_w
 #define ATTN_DECODE_ARGS                                                                                   \
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,           \
         const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start, \
         const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml,     \
-        int Hq, int Hkv, int L, int window, int nsplit, float scale_log2
-#define ATTN_DECODE_CALL \
-    q, kc, vc, cu_q, seq_slot, seq_start, dec_seqs, part_acc, part_ml, Hq, Hkv, L, window, nsplit, scale_log2
+        int Hq, int Hkv, int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table,  \
+        int table_w
+#define ATTN_DECODE_CALL                                                                                   \
+    q, kc, vc, cu_q, seq_slot, seq_start, dec_seqs, part_acc, part_ml, Hq, Hkv, L, window, nsplit, scale_log2, \
+        page_table, table_w
 
 // Dynamic shared memory: prefill 2 stages x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running state); decode
 // STAGES x 16 KB of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)

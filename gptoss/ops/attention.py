@@ -5,6 +5,11 @@
     q = rope_and_cache(qkv, positions, slots, table, k_cache, v_cache)
     out = attention(q, k_cache, v_cache, batch, sinks, window)       # window 0 = full attention
 
+A cache is [blocks, L, Hkv, D] bf16. Without a page table, block s is slot s's cache and position p sits
+at row p % L (a ring when L is shorter than the sequence: the sliding layers). With page_table
+[slots, W] int32 (L a multiple of TILE), position p of slot s sits in block page_table[s, p // L] at
+row p % L: a sequence holds only the pages it reaches (the full layers; KVCache in model.py).
+
 Kernels (D = 64 and Hq / Hkv in {4, 8} on NVIDIA; a launch may use both):
 - decode, for the sequences with one query: the keys of each are split at fixed multiples of
   SEG = 256 positions, one warp per (kv head, sequence, split), fp32 partials in a workspace kept on
@@ -60,16 +65,33 @@ def rope_table(cfg, max_positions: int):
     return cupy.asarray(table.astype(np.float32))
 
 
-def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None):
-    """RoPE on q and k of qkv [T, (Hq + 2 Hkv) D] bf16; k and v go to the caches [slots, L, Hkv, D] at
-    (slots[t], positions[t] % L); returns q [T, Hq, D] bf16 (written into q_out when given).
-    A position outside the table or a slot outside the cache gives that token NaN q and no cache write."""
+def _check_page_table(page_table, L: int) -> tuple:
+    """(the table or a dummy pointer, rows, width) for the kernels; width 0 = no page table."""
+    import cupy
+
+    if page_table is None:
+        return np.intp(0), np.int32(0), np.int32(0)
+    check(page_table, "page_table", cupy.int32, ndim=2)
+    if L % TILE:
+        raise ValueError(f"a paged cache needs pages of a multiple of {TILE} positions, got {L}")
+    rows, width = page_table.shape
+    if width == 0:
+        raise ValueError("page_table has no columns")
+    return page_table, np.int32(rows), np.int32(width)
+
+
+def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, page_table=None):
+    """RoPE on q and k of qkv [T, (Hq + 2 Hkv) D] bf16; k and v go to the caches [blocks, L, Hkv, D]
+    at the row of (slots[t], positions[t]) (see the module's docstring); returns q [T, Hq, D] bf16
+    (written into q_out when given). A position outside the table, a slot outside the cache (or the
+    page table) or a page outside the cache gives that token NaN q and no cache write."""
     import cupy
 
     from ..kernels import kernel
 
     check(k_cache, "k_cache", cupy.uint16, ndim=4)
     n_slots, L, Hkv, D = k_cache.shape
+    pt, pt_rows, pt_w = _check_page_table(page_table, L)
     check(v_cache, "v_cache", cupy.uint16, tuple(k_cache.shape))
     check(qkv, "qkv", cupy.uint16, ndim=2)
     T, width = qkv.shape
@@ -89,7 +111,7 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None):
     kernel("attention", "rope_and_cache")(
         (T, per_token), (256,),
         (qkv, positions, slots, table, q, k_cache, v_cache, np.int32(Hq), np.int32(Hkv), np.int32(D),
-         np.int32(L), np.int32(table.shape[0]), np.int32(n_slots)))
+         np.int32(L), np.int32(table.shape[0]), np.int32(n_slots), pt, pt_rows, pt_w))
     return q
 
 
@@ -217,11 +239,13 @@ def _kernel(name: str, smem: int = 0):
     return k
 
 
-def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, out=None, path: str = "auto"):
+def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, out=None, path: str = "auto",
+              page_table=None):
     """out [T, Hq*D] bf16: softmax(q k^T / sqrt(D) over the visible keys and the head's sink) v.
 
-    q [T, Hq, D] bf16 (after RoPE); caches [slots, L, Hkv, D] bf16, position p at index p % L; sinks
-    [Hq] f32; window 0 = full attention, else a query at p sees keys p - window + 1 .. p.
+    q [T, Hq, D] bf16 (after RoPE); caches [blocks, L, Hkv, D] bf16 with an optional page table (see the
+    module's docstring); sinks [Hq] f32; window 0 = full attention, else a query at p sees keys
+    p - window + 1 .. p.
     path: "auto" (fastest kernel for the shapes), or "simple" to force the portable kernel."""
     import cupy
 
@@ -242,8 +266,10 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
     window = int(window)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    if batch.max_kv > L and not (window > 0 and batch.max_q + window - 1 <= L):
-        raise ValueError(f"caches of {L} positions cannot hold the {batch.max_kv} keys of this batch"
+    pt, _, pt_w = _check_page_table(page_table, L)
+    reach = L * max(int(pt_w), 1)  # positions one sequence's cache can hold
+    if batch.max_kv > reach and not (window > 0 and page_table is None and batch.max_q + window - 1 <= L):
+        raise ValueError(f"caches of {reach} positions cannot hold the {batch.max_kv} keys of this batch"
                          + (f" (a ring needs window + max queries - 1 = {window + batch.max_q - 1})"
                             if window > 0 else ""))
     if path not in ("auto", "simple"):
@@ -259,7 +285,7 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
             (T, Hq), (128,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, out,
              np.int32(batch.num_seqs), np.int32(Hq), np.int32(Hkv), np.int32(D), np.int32(L),
-             np.int32(window), scale_log2))
+             np.int32(window), scale_log2, pt, pt_w))
         return out
     SD = batch.num_decode
     if SD:  # the one-query sequences: split over the keys, then combine
@@ -273,7 +299,8 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         _kernel(f"attn_decode_g{G}", smem)(
             (Hkv, SD, nsplit), (32,),
             (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
-             part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2),
+             part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2,
+             pt, pt_w),
             shared_mem=smem)
         _kernel("attn_decode_combine")(
             ((SD * Hq * 32 + 255) // 256,), (256,),
@@ -284,6 +311,6 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         _kernel(f"attn_prefill_g{G}", smem)(
             (batch.num_blocks, Hkv), (32 * G,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.blocks, out,
-             np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2),
+             np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2, pt, pt_w),
             shared_mem=smem)
     return out

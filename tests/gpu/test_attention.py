@@ -70,9 +70,10 @@ class Seqs:
         self.kc[self.slots[i], cp.asarray(idx)] = cp.asarray(self.k[i][a:b])
         self.vc[self.slots[i], cp.asarray(idx)] = cp.asarray(self.v[i][a:b])
 
-    def run(self, parts, window, path="auto", capacity=None, max_kv=None):
+    def run(self, parts, window, path="auto", capacity=None, max_kv=None, paged=None):
         """One attention launch over parts = [(sequence, first position, count)], in that order.
-        Returns the output per part, [count, Hq, D] bf16 bits."""
+        Returns the output per part, [count, Hq, D] bf16 bits. paged: (k pages, v pages, page table)
+        to read instead of the contiguous caches."""
         import cupy as cp
 
         from gptoss.ops import attention as A
@@ -82,12 +83,28 @@ class Seqs:
         batch = A.AttentionBatch.build([n for _, _, n in parts], [self.slots[i] for i, _, _ in parts],
                                        [a for _, a, _ in parts], capacity or 1 << 20, max_kv)
         out = cp.full((len(q), cfg.num_heads * cfg.head_dim), POISON, dtype=cp.uint16)
-        res = A.attention(cp.asarray(q), self.kc, self.vc, batch, cp.asarray(self.sinks), window, out=out,
-                          path=path)
+        kc, vc, table = paged or (self.kc, self.vc, None)
+        res = A.attention(cp.asarray(q), kc, vc, batch, cp.asarray(self.sinks), window, out=out, path=path,
+                          page_table=table)
         assert res is out
         host = cp.asnumpy(out).reshape(len(q), cfg.num_heads, cfg.head_dim)
         offs = np.cumsum([0] + [n for _, _, n in parts])
         return [host[offs[j]:offs[j + 1]] for j in range(len(parts))]
+
+    def paged(self, rng, spare_pages=5):
+        """The caches cut into 64-position pages in scrambled order: (k pages, v pages, page table
+        [slots, L / 64]), the unused pages poisoned."""
+        import cupy as cp
+
+        n_slots, L, Hkv, D = self.kc.shape
+        W = L // 64
+        table = rng.permutation(n_slots * W + spare_pages)[:n_slots * W].astype(np.int32)
+        pages = []
+        for cache in (self.kc, self.vc):
+            paged = cp.full((n_slots * W + spare_pages, 64, Hkv, D), POISON, dtype=cp.uint16)
+            paged[cp.asarray(table)] = cache.reshape(n_slots * W, 64, Hkv, D)
+            pages.append(paged)
+        return pages[0], pages[1], cp.asarray(table.reshape(n_slots, W))
 
     def reference(self, i, a, n, window):
         from gptoss import reference as R
@@ -281,6 +298,63 @@ def test_batch_invariance(geometry, window):
     whole = s.run([(0, 0, N)], window)[0]
     assert np.array_equal(whole[:P], base)
     assert np.array_equal(whole[P:], np.concatenate([dec[p] for p in range(P, N)]))
+
+
+@pytest.mark.parametrize("geometry,path", [("tiny", "auto"), ("real", "auto"), ("real", "simple")])
+@pytest.mark.parametrize("window", [0, 128])
+def test_paged_cache_gives_the_contiguous_bits(geometry, path, window):
+    """The caches cut into 64-position pages in scrambled order, read through a page table, give the
+    contiguous caches' outputs bit for bit: prompt chunks, decode queries, and both in one launch."""
+    cfg = GEOMETRIES[geometry]
+    rng = np.random.default_rng(21 + window)
+    lengths = [700, 333, 64, 1, 129, 65]
+    s = Seqs(cfg, lengths, L=768, rng=rng, slots=[3, 0, 5, 1, 2, 4])
+    for i, n in enumerate(lengths):
+        s.write(i, 0, n)
+    paged = s.paged(rng)
+    launches = [[(0, 600, 100), (1, 0, 333), (2, 63, 1), (3, 0, 1), (4, 100, 29), (5, 0, 65)],
+                [(i, n - 1, 1) for i, n in enumerate(lengths)],
+                [(0, 0, 700)]]
+    for parts in launches:
+        want = s.run(parts, window, path)
+        s.check(parts, want, window)
+        got = s.run(parts, window, path, paged=paged)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), f"paged cache changed the bits of {parts}"
+
+
+@pytest.mark.parametrize("geometry", ["tiny", "real"])
+def test_rope_and_cache_through_a_page_table(geometry):
+    """rope_and_cache with a page table writes each token's K/V to row pos % 64 of page
+    table[slot, pos // 64], the same bits as the contiguous write, and nothing else; a token whose
+    position is past the table gets NaN q and writes nothing."""
+    import cupy as cp
+
+    from gptoss.ops import attention as A
+
+    cfg = GEOMETRIES[geometry]
+    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rng = np.random.default_rng(3)
+    n_slots, L, n_pages = 3, 256, 20
+    slots = np.array([0, 2, 2, 1, 0, 2, 1, 1], np.int32)
+    positions = np.array([0, 63, 64, 200, 130, 255, 5, 256], np.int32)  # the last is past the table
+    page_table = rng.permutation(n_pages)[:n_slots * 4].reshape(n_slots, 4).astype(np.int32)
+    qkv = cp.asarray(rand_bf16(rng, (len(slots), (Hq + 2 * Hkv) * D)))
+    rope = A.rope_table(cfg, 512)
+    kc, vc = (cp.full((n_slots, L + 64, Hkv, D), POISON, dtype=cp.uint16) for _ in range(2))
+    kp, vp = (cp.full((n_pages, 64, Hkv, D), POISON, dtype=cp.uint16) for _ in range(2))
+    q_flat = A.rope_and_cache(qkv, cp.asarray(positions), cp.asarray(slots), rope, kc, vc)
+    q_paged = A.rope_and_cache(qkv, cp.asarray(positions), cp.asarray(slots), rope, kp, vp,
+                               page_table=cp.asarray(page_table))
+    q_flat, q_paged = cp.asnumpy(q_flat), cp.asnumpy(q_paged)
+    assert np.array_equal(q_paged[:-1], q_flat[:-1]) and np.isnan(from_bf16_bits(q_paged[-1])).all()
+    written = np.zeros((n_pages, 64), bool)
+    for flat, paged in ((kc, kp), (vc, vp)):
+        flat, paged = cp.asnumpy(flat), cp.asnumpy(paged)
+        for slot, pos in zip(slots[:-1], positions[:-1]):
+            page = page_table[slot, pos // 64]
+            assert np.array_equal(paged[page, pos % 64], flat[slot, pos])
+            written[page, pos % 64] = True
+        assert (paged[~written] == POISON).all(), "a write outside the tokens' rows"
 
 
 def test_batch_load_in_place():

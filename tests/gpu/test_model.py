@@ -165,6 +165,42 @@ def test_greedy_batch_invariance():
     assert all(len(v) == 12 for v in crowd.values())
 
 
+def test_preemption_and_prompt_only_steps_keep_greedy_tokens():
+    """A KV cache of few pages: sequences are preempted, prefilled again (prompt + their tokens so far)
+    and continued, and still get their greedy tokens alone; a prompt longer than the prefill chunk run
+    alone makes steps with no logit row."""
+    from gptoss.batching import GPUBackend
+    from gptoss.engine import Request
+    from gptoss.model import GPUModel
+    from gptoss.sampling import SamplingParams
+
+    cfg = TINY_REAL_HEADS
+    backend = GPUBackend(random_weights(cfg, "mxfp4", seed=6), progress=False)
+    rng = np.random.default_rng(12)
+    lengths = [300, *rng.integers(1, 200, 11)]  # the first is longer than the 256-token chunk
+    prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in lengths]
+
+    def run(indices, max_batch=None):
+        out = {i: [] for i in indices}
+        for ev in backend.generate([Request(i, prompts[i], 40) for i in indices], SamplingParams(),
+                                   max_batch=max_batch):
+            if ev.token is not None:
+                out[ev.index].append(ev.token)
+        return out
+
+    alone = {i: run([i], max_batch=1)[i] for i in (0, 3, 8)}
+    capacity = 340
+    small = GPUModel(backend.weights, slots=8, capacity=capacity, max_step_tokens=512, max_chunk=256,
+                     pages=-(-capacity // 64) + 4)
+    backend.model, backend.promise = small, 0.0
+    backend._model_for = lambda *args: small
+    crowd = run(range(len(prompts)))
+    assert backend.stats["preemptions"] > 0
+    for i, tokens in alone.items():
+        assert crowd[i] == tokens, f"prompt {i}: alone {tokens} vs among preemptions {crowd[i]}"
+    assert all(len(v) == 40 for v in crowd.values())
+
+
 def test_sampling_reproducible_across_batches():
     """Temperature sampling: a prompt's tokens depend on (seed, its index), not on its companions."""
     from gptoss.batching import GPUBackend
