@@ -6,7 +6,8 @@
 - prefill (tensor-core flash kernel): T = 512, 2048, 8192 query tokens, as one sequence from position 0
   and as many sequences of 256; TFLOP/s counts 4 * D * Hq flops per visible (query, key) pair
   (causal and window aware, no credit for masked work).
-- decode (split-KV kernel + combine): batch 1, 64, 1024 at contexts 1024 and 4096; GB/s counts the K and
+- decode (split-KV kernel + combine): batch 1, 64, 1024 at contexts 1024 and 4096 (full attention also paged:
+  scrambled 64-position pages behind a page table, as the model keeps them); GB/s counts the K and
   V bytes of the visible keys (2 KB per key per layer in bf16), the floor of what decode must read.
 - rope_and_cache at the prefill and decode sizes: GB/s of qkv read + q, k, v written.
 Cache contents are random bf16 (speed does not depend on them).
@@ -75,20 +76,27 @@ def _prefill_row(time_ms, sinks, T: int, seq_len: int, window: int) -> dict:
                 bound="compute")
 
 
-def _decode_row(time_ms, sinks, B: int, ctx: int, window: int) -> dict:
-    """B sequences, one query each at position ctx - 1; sliding layers keep a ring of window + 1."""
+def _decode_row(time_ms, sinks, B: int, ctx: int, window: int, paged: bool = False) -> dict:
+    """B sequences, one query each at position ctx - 1; sliding layers keep a ring of window + 1.
+    paged: the full layer's cache as 64-position pages in scrambled order behind a page table (as
+    the model keeps it)."""
     import cupy as cp
 
     from gptoss.ops import attention as A
 
     kc, vc = _caches(B, ctx if window == 0 else window + 1)
+    table = None
+    if paged:
+        pages = B * ctx // 64
+        kc, vc = kc.reshape(pages, 64, HKV, D), vc.reshape(pages, 64, HKV, D)
+        table = cp.random.permutation(pages).astype(cp.int32).reshape(B, ctx // 64)
     q = _rand_bf16((B, HQ, D))
     out = cp.empty((B, HQ * D), dtype=cp.uint16)
     batch = A.AttentionBatch.build([1] * B, list(range(B)), [ctx - 1] * B, ctx)
-    ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, window, out=out))
+    ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, window, out=out, page_table=table))
     kv_bytes = B * min(ctx, window or ctx) * HKV * D * 2 * 2
-    return dict(common.row("attn_decode", f"B={B} ctx={ctx} window={window}", ms, bytes_moved=kv_bytes),
-                bound="memory")
+    name = "attn_decode_paged" if paged else "attn_decode"
+    return dict(common.row(name, f"B={B} ctx={ctx} window={window}", ms, bytes_moved=kv_bytes), bound="memory")
 
 
 def _rope_row(time_ms, table, T: int) -> dict:
@@ -146,6 +154,9 @@ def bench(time_ms=common.time_ms) -> list[dict]:
         for B in (1, 64, 1024):
             for window in (0, WINDOW):
                 rows.append(_decode_row(time_ms, sinks, B, ctx, window))
+                _free()
+            if B > 1:
+                rows.append(_decode_row(time_ms, sinks, B, ctx, 0, paged=True))
                 _free()
     table = A.rope_table(GPT_OSS_20B, 8192)
     for T in (64, 1024, 8192):

@@ -312,7 +312,9 @@ class GPUModel:
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
                  max_chunk: int, max_rows: int | None = None, pages: int | None = None):
-        from .ops.attention import rope_table
+        import cupy
+
+        from .ops.attention import decode_splits, rope_table
 
         self.w = weights
         self.cfg = cfg = weights.config
@@ -324,7 +326,10 @@ class GPUModel:
         rows = max(decode_batch_bucket(slots), max_rows or 0)  # logit rows a step may ask for
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows)
         self._graphs: dict = {}  # (padded batch, key bound, sampling) -> (graph, inputs, what it reads)
-        self._decode_ws = None  # the attention decode partials, shared by every graph
+        # the attention decode partials of every step, eager or captured, sized for the largest (a
+        # workspace per step would grow with the batch, and the pool would keep every old size)
+        self._decode_ws = cupy.empty(decode_batch_bucket(slots) * decode_splits(capacity, 0) * cfg.num_heads * 66,
+                                     dtype=cupy.float32)
 
     @property
     def capacity(self) -> int:
@@ -429,6 +434,7 @@ class GPUModel:
         self._load_inputs(step, sample)
         self.cache.upload()
         batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
+        batch._workspace = self._decode_ws
         identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
 
         def run(prof: "Profile | None" = None):
@@ -490,13 +496,8 @@ class GPUModel:
         exists before the capture."""
         import cupy
 
-        from .ops.attention import AttentionBatch, decode_splits
+        from .ops.attention import AttentionBatch
 
-        cfg = self.cfg
-        need = Bp * decode_splits(kv, 0) * cfg.num_heads * 66
-        if self._decode_ws is None or self._decode_ws.size < need:
-            bound = decode_batch_bucket(self.slots) * decode_splits(self.capacity, 0) * cfg.num_heads * 66
-            self._decode_ws = cupy.empty(max(need, bound), dtype=cupy.float32)
         inputs = cupy.zeros((5, Bp), dtype=cupy.int32)
         inputs[2] = self.pad_slot
         i32 = cupy.int32

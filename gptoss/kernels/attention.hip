@@ -502,7 +502,10 @@ DEVICE void attn_decode_body(
     const int slot = seq_slot[s];
     const bf16_t* kp = cache_chunk(kc, kvh, lane);
     const bf16_t* vp = cache_chunk(vc, kvh, lane);
-    auto row0 = [&](int tile) { return block_row0(page_table, table_w, slot, L, tile * ATTN_TILE); };
+    long long row0[NT];  // first cache row of each tile's block: independent loads, all issued up front
+    #pragma unroll
+    for (int i = 0; i < NT; ++i)
+        row0[i] = i < ntiles ? block_row0(page_table, table_w, slot, L, (tile0 + i) * ATTN_TILE) : 0;
     load_q_rows(sQ, q, Hq, lane, [&](int r, long long& qt, int& head) {
         qt = tok;
         head = kvh * G + r;
@@ -514,8 +517,7 @@ DEVICE void attn_decode_body(
     for (int i = 0; i < STAGES; ++i) {
         if (i < ntiles) {
             bf16_t* buf = sKV + i * 2 * ATTN_TILE * 64;
-            load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0(tile0 + i), tile0 + i, lo, p,
-                             lane);
+            load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0[i], tile0 + i, lo, p, lane);
         }
         cp_async_commit();
     }
@@ -537,7 +539,7 @@ DEVICE void attn_decode_body(
             if (STAGES < NT) {
                 __syncthreads();  // every lane is done with the buffer before it is refilled
                 if (i + STAGES < ntiles)
-                    load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0(tile0 + i + STAGES),
+                    load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0[min(i + STAGES, NT - 1)],
                                      tile0 + i + STAGES, lo, p, lane);
             }
         }
