@@ -133,6 +133,8 @@ def test_getp_bad_inputs(ids_model, tmp_path):
     outside.write_text(f"1 {TINY.vocab_size}\n")
     proc = run(*base, "-i", str(outside), check=False)
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
+    proc = run(*base, "-i", str(long), "--gpu-memory", "0", check=False)
+    assert proc.returncode == 2 and "--gpu-memory must be positive" in proc.stderr
 
 
 def test_corrupt_model_is_one_line_error(tmp_path):
