@@ -64,7 +64,7 @@ class _Slots:
     """Per-slot state of the running sequences, as arrays indexed by slot (one vector update per step
     instead of Python work per token)."""
 
-    def __init__(self, n: int, max_new: int):
+    def __init__(self, n: int, history: int):
         self.index = np.zeros(n, np.int64)    # the request (input line) in the slot
         self.budget = np.zeros(n, np.int64)   # new tokens it may generate
         self.made = np.zeros(n, np.int64)     # new tokens generated so far (the sampler's step)
@@ -73,7 +73,8 @@ class _Slots:
         self.decoding = np.zeros(n, bool)     # its prompt is in the cache: one token per step
         self.admitted = np.zeros(n, np.int64)  # admission order (the preemption victim is the latest)
         self.promised = np.zeros(n, np.int64)  # pages admission counted on it reaching
-        self.generated = np.zeros((n, max(max_new, 1)), np.int32)  # its new tokens (kept for a preemption)
+        # its new tokens, kept for a preemption (`history` columns: 1 where none can happen)
+        self.generated = np.zeros((n, max(history, 1)), np.int32)
         self.job: list = [None] * n           # the _Job it runs
 
 
@@ -83,6 +84,7 @@ class PagePool:
 
     def __init__(self, table):
         self.table = table
+        table.clear()  # a generation abandoned half-way (an interrupted chat turn) left its pages there
         self.free = list(range(table.pages))[::-1]  # pop() hands out low pages first
         self.held = np.zeros(table.slots, np.int64)
 
@@ -253,7 +255,9 @@ class GPUBackend:
         if max_batch:
             slots_free = slots_free[-max_batch:]
         waiting = deque(_Job(r, r.prompt_ids) for r in requests)
-        state = _Slots(model.slots, max(budgets))
+        # a preempted sequence is prefilled again with its tokens so far; with every budget promised in
+        # full no sequence is ever preempted, and nothing needs keeping
+        state = _Slots(model.slots, max(budgets) if self.promise < 1 else 1)
         pool = PagePool(model.cache.page_table)
         prefilling: list[_Prefill] = []
         st = self.stats = {"slots": model.slots, "capacity": model.capacity, "pages": model.cache.page_table.pages,
@@ -266,6 +270,8 @@ class GPUBackend:
         def preempt(slot: int) -> None:
             """Free the slot's pages and put its job back at the head of the queue."""
             if state.decoding[slot]:
+                if state.generated.shape[1] < state.made[slot]:
+                    raise RuntimeError("a sequence was preempted although its pages were promised")
                 job = _Job.resumed(state.job[slot].req, state.generated[slot, :state.made[slot]].copy())
                 state.decoding[slot] = False
             else:
@@ -341,7 +347,8 @@ class GPUBackend:
             # every row's slot: its new token (none on a stop id), then who is done
             ids = np.asarray(ids, np.int64)
             stopped = np.isin(ids, stops) if len(stops) else np.zeros(len(rows), bool)
-            state.generated[rows, np.minimum(state.made[rows], state.generated.shape[1] - 1)] = ids
+            keep = np.minimum(state.made[rows], state.generated.shape[1] - 1)  # (column 0 when none is kept)
+            state.generated[rows, keep] = ids
             state.made[rows] += ~stopped
             state.pending[rows] = ids
             done = stopped | (state.made[rows] >= state.budget[rows])

@@ -149,6 +149,11 @@ class PageTable:
         self.host[slot] = self.spare
         self.dirty = True
 
+    def clear(self) -> None:
+        """Every entry back at the spare page (no slot holds a page)."""
+        self.host[...] = self.spare
+        self.dirty = True
+
 
 class KVCache:
     """K and V per layer, bf16.

@@ -216,3 +216,19 @@ def test_page_pool_hands_out_each_page_once():
     with pytest.raises(RuntimeError, match="out of pages"):
         pool.grow([4], [4 * PAGE])
     assert pages_for([0, 1, 64, 65]).tolist() == [0, 1, 1, 2]
+
+
+def test_an_abandoned_generation_leaves_no_pages_behind():
+    """A consumer that stops reading mid-run (an interrupted chat turn) leaves pages in the table; the
+    next generation starts from an empty table and gets every request right."""
+    rng = np.random.default_rng(8)
+    requests = random_requests(rng, 12, max_new=(20, 40), prompt_len=(30, 120))
+    model = StandInModel(4, capacity=256, chunk=32, step_tokens=64, pages=10)
+    backend = backend_with(model)
+    steps = backend.generate_steps(requests, SamplingParams(), ignore_eos=True)
+    for _ in range(6):
+        next(steps)
+    steps.close()
+    got, ended = run(backend, requests, ignore_eos=True, max_batch=1)  # one slot: the others keep their rows
+    for r in requests:
+        assert (got[r.index], ended[r.index]) == alone(r.prompt_ids, r.max_new)
