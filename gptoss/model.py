@@ -123,8 +123,8 @@ class PageTable:
     """Which page holds positions PAGE*j .. PAGE*j + PAGE-1 of each slot: host[slot, j], on the host
     (KVCache copies it to the device before a step). Pages 0 .. pages-1 are for sequences; page `spare`
     (= pages) is where every entry not given to a sequence points, so a stray write (a padding row of
-    a captured decode step) lands there and nowhere else. `owned`: slot s holds pages s*width ..
-    s*width + width-1 for good (no scheduler hands pages out)."""
+    a captured decode step) lands there and nowhere else. Without `pages`, slot s holds pages s*width
+    .. s*width + width-1 for good (no scheduler hands pages out)."""
 
     def __init__(self, slots: int, width: int, pages: int | None = None):
         self.slots, self.width = slots, width
