@@ -127,6 +127,41 @@ class PartialResults:
         self.path.unlink(missing_ok=True)
 
 
+class RunningOutputs:
+    """The tokens of the prompts in flight, one row of a [rows, max_new] array each, so that a step's
+    tokens (one per running prompt) go in with one vector write instead of an append per token."""
+
+    def __init__(self, n_prompts: int, max_new: int, rows: int = 64):
+        self.row_of = np.full(n_prompts, -1, np.int64)  # prompt -> its row (-1: not running)
+        self.buf = np.zeros((rows, max_new), np.int32)
+        self.count = np.zeros(rows, np.int64)
+        self.free = list(range(rows))[::-1]
+
+    def add(self, index: np.ndarray, token: np.ndarray) -> None:
+        """Each prompt index[i] gets token[i] (-1: none)."""
+        for i in index[self.row_of[index] < 0].tolist():  # prompts new to the run
+            if not self.free:  # twice the rows
+                n = len(self.count)
+                self.buf = np.concatenate([self.buf, np.zeros_like(self.buf)])
+                self.count = np.concatenate([self.count, np.zeros(n, np.int64)])
+                self.free = list(range(2 * n - 1, n - 1, -1))
+            self.row_of[i] = self.free.pop()
+        keep = token >= 0
+        rows = self.row_of[index[keep]]
+        self.buf[rows, self.count[rows]] = token[keep]
+        self.count[rows] += 1
+
+    def pop(self, index: int) -> list[int]:
+        """A finished prompt's tokens; its row is free again."""
+        row = self.row_of[index]
+        if row < 0:
+            return []
+        ids = self.buf[row, :self.count[row]].tolist()
+        self.count[row], self.row_of[index] = 0, -1
+        self.free.append(int(row))
+        return ids
+
+
 def write_atomically(path: str, lines: list[str]) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -167,6 +202,7 @@ def run_getp(backend, args, sampling, model_path) -> int:
             if n not in skipped and n not in partial.done]
     outputs: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
     outputs.update(partial.done)
+    running = RunningOutputs(len(prompts), args.steps)
 
     generated = 0
     start = time.perf_counter()
@@ -176,13 +212,12 @@ def run_getp(backend, args, sampling, model_path) -> int:
         steps = step_tokens(backend, todo, sampling, stop_ids=STOP_IDS, ignore_eos=args.ignore_eos,
                             max_batch=args.batch)
         for step in steps:  # one engine step: a token (or a stop) for each running prompt
-            for index, token in zip(step.index.tolist(), step.token.tolist()):
-                if token >= 0:
-                    outputs[index].append(token)
+            running.add(step.index, step.token)
             made = int(np.count_nonzero(step.token >= 0))
             generated += made
             bar.tokens(made)
             for index in step.index[step.done].tolist():
+                outputs[index] = running.pop(index)
                 partial.add(index, outputs[index])
                 bar.prompt_done()
     wall = time.perf_counter() - start
