@@ -232,3 +232,21 @@ def test_an_abandoned_generation_leaves_no_pages_behind():
     got, ended = run(backend, requests, ignore_eos=True, max_batch=1)  # one slot: the others keep their rows
     for r in requests:
         assert (got[r.index], ended[r.index]) == alone(r.prompt_ids, r.max_new)
+
+
+def test_modeled_runs_promise_one_never_preempts():
+    """benchmarks/sim_scheduler.py over the real 20b plan: with the whole budget promised no sequence is
+    preempted, with none promised they are (a small memory), and paging runs more sequences at once
+    than slots of a whole capacity."""
+    import re
+
+    from benchmarks.sim_scheduler import simulate
+    from gptoss.config import GPT_OSS_20B
+
+    lengths = np.random.default_rng(0).integers(64, 513, 120)
+    rows = {name: simulate(GPT_OSS_20B, lengths, 256, 4.0, 0.0, promise, paged)
+            for name, promise, paged in (("flat", 1.0, False), ("p0", 0.0, True), ("p1", 1.0, True))}
+    numbers = {name: dict(re.findall(r"(most running|preemptions)\s+(\d+)", row)) for name, row in rows.items()}
+    assert numbers["p1"]["preemptions"] == "0" and numbers["flat"]["preemptions"] == "0"
+    assert int(numbers["p0"]["preemptions"]) > 0
+    assert int(numbers["p1"]["most running"]) > int(numbers["flat"]["most running"])
