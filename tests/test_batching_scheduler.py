@@ -125,11 +125,15 @@ def test_stop_ids_end_a_request_without_emitting_the_stop():
     assert set(ended.values()) == {"length"}
 
 
-def test_sampler_gets_each_rows_request_and_tokens_so_far():
-    rng = np.random.default_rng(3)
-    requests = random_requests(rng, 20)
-    model = StandInModel(5, capacity=256, chunk=16, step_tokens=40)
-    run(backend_with(model, prefill_tokens=20), requests, ignore_eos=True)
+@pytest.mark.parametrize("pages", [None, 7])  # 7: too few, sequences are preempted and resumed
+def test_sampler_gets_each_rows_request_and_tokens_so_far(pages):
+    rng = np.random.default_rng(3 if pages is None else 4)
+    requests = random_requests(rng, 20, max_new=(1, 40) if pages is None else (30, 90), prompt_len=(1, 100))
+    model = StandInModel(5 if pages is None else 6, capacity=256, chunk=16, step_tokens=40, pages=pages)
+    backend = backend_with(model, prefill_tokens=20)
+    run(backend, requests, ignore_eos=True)
+    if pages is not None:
+        assert backend.stats["preemptions"] > 0
     made = {r.index: 0 for r in requests}
     for step, args in model.steps:
         for seq, k in zip(args.sequences.tolist(), args.steps.tolist()):
@@ -181,21 +185,6 @@ def test_preempted_sequences_get_what_they_get_alone(pages, promise):
     assert backend.stats["preemptions"] > 0 and backend.stats["recomputed_tokens"] > 0
     table = model.cache.page_table
     assert (table.host == table.spare).all(), "a finished sequence kept its pages"
-
-
-def test_sampler_steps_continue_across_preemptions():
-    rng = np.random.default_rng(4)
-    requests = random_requests(rng, 20, max_new=(30, 90), prompt_len=(1, 100))
-    model = StandInModel(6, capacity=256, chunk=16, step_tokens=40, pages=7)
-    backend = backend_with(model, prefill_tokens=20)
-    run(backend, requests, ignore_eos=True)
-    assert backend.stats["preemptions"] > 0
-    made = {r.index: 0 for r in requests}
-    for step, args in model.steps:
-        for seq, k in zip(args.sequences.tolist(), args.steps.tolist()):
-            assert k == made[seq]
-            made[seq] += 1
-    assert made == {r.index: r.max_new for r in requests}
 
 
 def test_page_pool_hands_out_each_page_once():
