@@ -267,6 +267,10 @@ class GPUBackend:
         clock = time.perf_counter()
         admitted = 0
 
+        def busy() -> np.ndarray:
+            """The slots of the running sequences: decoding, then prefilling."""
+            return np.concatenate([np.flatnonzero(state.decoding), [p.slot for p in prefilling]]).astype(np.int64)
+
         def preempt(slot: int) -> None:
             """Free the slot's pages and put its job back at the head of the queue."""
             if state.decoding[slot]:
@@ -285,10 +289,10 @@ class GPUBackend:
             waiting.appendleft(job)
 
         while waiting or prefilling or state.decoding.any():
-            busy = np.concatenate([np.flatnonzero(state.decoding), [p.slot for p in prefilling]]).astype(np.int64)
-            running = len(busy)
+            slots = busy()
+            running = len(slots)
             # pages the running sequences were promised and do not hold yet
-            owed = int(np.maximum(state.promised[busy] - pool.held[busy], 0).sum())
+            owed = int(np.maximum(state.promised[slots] - pool.held[slots], 0).sum())
             while waiting and slots_free:
                 job = waiting[0]
                 budget = clamp_new_tokens(len(job.req.prompt_ids), job.req.max_new, cfg.max_context)
@@ -324,8 +328,8 @@ class GPUBackend:
                 grow = dec[state.cached[dec] >= pool.held[dec] * PAGE]
                 if len(grow) <= pool.available:
                     break
-                busy = np.concatenate([dec, [p.slot for p in prefilling]]).astype(np.int64)
-                preempt(int(busy[np.argmax(state.admitted[busy])]))
+                slots = busy()
+                preempt(int(slots[np.argmax(state.admitted[slots])]))
             if not prefilling and not state.decoding.any():
                 continue  # (not reached: one sequence always fits)
             pool.grow(grow, state.cached[grow] + 1)
