@@ -28,13 +28,24 @@ def test_wgmma_variants_for_large_m_only():
         assert pick_variant(M, 5120, 132, wgmma=True) == pick_variant(M, 5120, 132)
 
 
+def test_tma_variant_replaces_the_wide_wgmma_tile_where_tensor_maps_exist():
+    for M, N in ((4096, 5120), (2048, 2880), (2048, 201088)):
+        assert pick_variant(M, N, 132, wgmma=True, tma=True) == "wgt128x256"
+    assert pick_variant(1024, 2880, 132, wgmma=True, tma=True) == "wgt128x256"  # 96 tiles: half a wave
+    assert pick_variant(512, 2880, 132, wgmma=True, tma=True) == "64x64"       # 48 tiles
+    for M in (1, 64, 65):
+        assert pick_variant(M, 5120, 132, wgmma=True, tma=True) == pick_variant(M, 5120, 132, wgmma=True)
+    assert pick_variant(4096, 5120, 132, wgmma=False, tma=True) == "128x128"  # tensor maps alone: no wgmma
+
+
 def test_available_variants_hide_wgmma_without_sm90a():
     from gptoss.ops.gemm import available_variants
 
     wg = {name for name, v in VARIANTS.items() if v.wgmma}
-    assert wg == {"wg128x256", "wg128x128"}
-    assert not wg & set(available_variants(wgmma=False))
-    assert set(available_variants(wgmma=True)) == set(VARIANTS)
-    for name in wg:  # 256 threads (two warpgroups) and 1 KB of alignment slack in the ring
+    assert wg == {"wgt128x256", "wg128x256", "wg128x128"}
+    assert not wg & set(available_variants(wgmma=False, tma=True))
+    assert set(available_variants(wgmma=True, tma=True)) == set(VARIANTS)
+    assert set(available_variants(wgmma=True, tma=False)) == set(VARIANTS) - {"wgt128x256"}
+    for name in wg:  # two consumer warpgroups (+ a producer for TMA); 1 KB of alignment slack in the ring
         v = VARIANTS[name]
-        assert v.threads == 256 and v.smem == v.stages * (v.bm + v.bn) * v.bk * 2 + 1024
+        assert v.threads == (384 if v.tma else 256) and v.smem == v.stages * (v.bm + v.bn) * v.bk * 2 + 1024

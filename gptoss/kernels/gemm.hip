@@ -248,6 +248,26 @@ DEVICE void gemm_body(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w
 // (measured bit-identical on an H200), so every variant still gives a row the same bits.
 // Ring: STAGES slots; k-tile kt + STAGES - 2 is requested while kt is multiplied and kt - 1's wgmmas may
 // still run (wgmma_wait<1>), so a slot is refilled two k-tiles after it was read.
+// Epilogue of the wgmma variants: bias, then rows row0 + g and row0 + g + 8 of the accumulators (D layout
+// of mma.h: n8 chunk i holds (row g, cols 8i + 2t..) in acc[4i..4i+1], row g + 8 in acc[4i+2..]).
+template <int BN>
+DEVICE void gemm_wg_epilogue(const float* acc, const bf16_t* __restrict__ bias, void* __restrict__ out, int M,
+                             int N, int row0, int n0, int lane, int has_bias, int out_f32) {
+    const int g = lane >> 2, t = lane & 3;
+    const int row = row0 + g;
+    #pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+        const int col = n0 + 8 * i + 2 * t;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (has_bias) {
+            if (col < N) b0 = bf16_to_float(bias[col]);
+            if (col + 1 < N) b1 = bf16_to_float(bias[col + 1]);
+        }
+        gemm_store_pair(out, out_f32, M, N, row, col, acc[4 * i] + b0, acc[4 * i + 1] + b1);
+        gemm_store_pair(out, out_f32, M, N, row + 8, col, acc[4 * i + 2] + b0, acc[4 * i + 3] + b1);
+    }
+}
+
 template <int BN_, int STAGES_>
 struct GemmWgTile {
     static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, THREADS = 256;
@@ -335,20 +355,91 @@ DEVICE void gemm_wg_body(const bf16_t* __restrict__ x, const bf16_t* __restrict_
     fence_acc();
     cp_async_wait<0>();
 
-    // D layout (mma.h): n8 chunk i holds (row g, cols 8i + 2t..) in acc[4i..4i+1], row g + 8 in acc[4i+2..]
-    const int g = lane >> 2, t = lane & 3;
-    const int row = m0 + wg * 64 + (warp & 3) * 16 + g;
-    #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-        const int col = n0 + 8 * i + 2 * t;
-        float b0 = 0.0f, b1 = 0.0f;
-        if (has_bias) {
-            if (col < N) b0 = bf16_to_float(bias[col]);
-            if (col + 1 < N) b1 = bf16_to_float(bias[col + 1]);
+    gemm_wg_epilogue<BN>(acc, bias, out, M, N, m0 + wg * 64 + (warp & 3) * 16, n0, lane, has_bias, out_f32);
+}
+
+// TMA variant (sm_90a): the same tiles, k order and epilogue as gemm_wg_body, but warp-specialized.
+// Warpgroup 0 is the producer: one thread asks the tensor-memory accelerator (cp.async.bulk.tensor) for
+// each k-tile's x [128][64] and w [BN][64] boxes, which land in the 128-byte swizzle the wgmma
+// descriptors read (the tensor maps say SWIZZLE_128B; rows or k past the matrix arrive as zeros), and
+// arrive.expect_tx on the slot's `full` mbarrier, whose phase completes when the bytes are in. Warpgroups
+// 1 and 2 are the consumers: they wait for `full`, issue the k-tile's wgmmas and, once wgmma.wait_group 1
+// says k-tile kt - 1's are done, release its slot on `empty` (one arrival per consumer warp), which
+// the producer waits for before refilling it. No cp.async and no CTA barrier in the loop.
+template <int BN_, int STAGES_>
+struct GemmTmaTile {
+    static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, THREADS = 384;
+    static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+    static_assert(BN == 128 || BN == 256, "wgmma n128 or n256; a TMA box has at most 256 rows");
+    static_assert(STAGES >= 3, "one slot being read, one in a running wgmma group, one being filled");
+};
+
+template <class T>
+DEVICE void gemm_tma_body(const TensorMap* tx, const TensorMap* tw, const bf16_t* __restrict__ bias,
+                          void* __restrict__ out, int M, int N, int K, int has_bias, int out_f32) {
+    constexpr int BN = T::BN, BK = T::BK, STAGES = T::STAGES, NACC = BN / 2;
+    extern __shared__ __align__(16) unsigned char gemm_tma_smem[];
+    __shared__ __align__(8) unsigned long long bars[2 * STAGES];  // full[s], then empty[s]
+    unsigned char* smem = align_1k(gemm_tma_smem);
+    const u32 sbase = smem_u32(smem), full = smem_u32(bars), empty = full + 8 * STAGES;
+
+    int tm, tn;
+    gemm_tile_coords(M, N, T::BM, BN, tm, tn);
+    const int m0 = tm * T::BM, n0 = tn * BN;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warp-uniform in the compiler's eyes
+    const int KT = (K + BK - 1) / BK;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 8);  // the 8 consumer warps
         }
-        gemm_store_pair(out, out_f32, M, N, row, col, acc[4 * i] + b0, acc[4 * i + 1] + b1);
-        gemm_store_pair(out, out_f32, M, N, row + 8, col, acc[4 * i + 2] + b0, acc[4 * i + 3] + b1);
+        fence_mbar_init();
     }
+    __syncthreads();
+
+    if (wg == 0) {  // producer
+        if (tid == 0) {
+            for (int kt = 0; kt < KT; ++kt) {
+                const int s = kt % STAGES, use = kt / STAGES;
+                if (use > 0) mbar_wait_in_asm(empty + 8 * s, (use - 1) & 1);  // k-tile kt - STAGES left it
+                const u32 sa = sbase + s * T::STAGE_BYTES;
+                mbar_arrive_expect_tx(full + 8 * s, T::STAGE_BYTES);
+                tma_load_2d(sa, tx, kt * BK, m0, full + 8 * s);
+                tma_load_2d(sa + T::A_BYTES, tw, kt * BK, n0, full + 8 * s);
+            }
+        }
+        return;
+    }
+
+    const int c = wg - 1;  // consumer warpgroup: rows 64c .. 64c + 63 of the tile
+    float acc[NACC];
+    #pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % STAGES;
+        mbar_wait_in_asm(full + 8 * s, (kt / STAGES) & 1);
+        const u32 sa = sbase + s * T::STAGE_BYTES, sb = sa + T::A_BYTES, a0 = sa + c * 64 * 128;
+        if (K - kt * BK >= BK) {
+            wgmma_fence();
+            #pragma unroll
+            for (int ks = 0; ks < BK / 16; ++ks)
+                wgmma_bf16_ss<BN>(acc, wgmma_desc_sw128(a0 + ks * 32), wgmma_desc_sw128(sb + ks * 32));
+        } else {  // a short last k-tile (K % 64 = 32): only its real k16 steps
+            for (int ks = 0; ks < (K - kt * BK) / 16; ++ks) {
+                wgmma_fence();
+                wgmma_bf16_ss<BN>(acc, wgmma_desc_sw128(a0 + ks * 32), wgmma_desc_sw128(sb + ks * 32));
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // k-tile kt - 1's wgmmas are done: its slot may be refilled
+        __syncwarp();
+        mbar_arrive_if(empty + 8 * ((kt + STAGES - 1) % STAGES), lane == 0 && kt > 0);
+    }
+    wgmma_wait<0>();
+    #pragma unroll
+    for (int i = 0; i < NACC; ++i) reg_fence(acc[i]);
+    gemm_wg_epilogue<BN>(acc, bias, out, M, N, m0 + c * 64 + (warp & 3) * 16, n0, lane, has_bias, out_f32);
 }
 #endif  // GPTOSS_HAS_WGMMA
 
@@ -464,4 +555,15 @@ GEMM_KERNEL(d64x64, 64, 64, 128, 2, 2, 3, 1)
     }
 GEMM_WG_KERNEL(wg128x256, 256, 4, 1)  // 192 KiB smem, 1 CTA/SM, 128 accumulators per thread
 GEMM_WG_KERNEL(wg128x128, 128, 3, 2)  // 96 KiB smem, 2 CTAs/SM
+
+// TMA variant: the tensor maps of x ([M, K], box 64 x 128) and w ([N, K], box 64 x BN) come by value
+// (gptoss/ops/tma.py builds them); 3 warpgroups (a producer and two consumers).
+#define GEMM_TMA_KERNEL(NAME, BN, STAGES)                                                                  \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                   \
+    gemm_##NAME(const __grid_constant__ TensorMap tx, const __grid_constant__ TensorMap tw,                \
+                const bf16_t* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int has_bias, \
+                int out_f32) {                                                                             \
+        gemm_tma_body<GemmTmaTile<BN, STAGES>>(&tx, &tw, bias, out, M, N, K, has_bias, out_f32);          \
+    }
+GEMM_TMA_KERNEL(wgt128x256, 256, 4)  // 192 KiB smem, 1 CTA/SM
 #endif

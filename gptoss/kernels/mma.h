@@ -113,6 +113,38 @@ DEVICE void mbar_wait(u32 bar, u32 parity) {
     } while (!done);
 }
 
+// The same wait with its spin loop inside the asm block, and a predicated arrival: a C++ loop or branch
+// between a wgmma and its wait_group makes ptxas serialize the wgmmas (remarks C7513/C7515).
+DEVICE void mbar_wait_in_asm(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred p;\nMBAR_WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 "@!p bra MBAR_WAIT_%=;\n}\n"
+                 :: "r"(bar), "r"(parity) : "memory");
+}
+DEVICE void mbar_arrive_if(u32 bar, bool pred) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n"
+                 :: "r"(bar), "r"((u32)pred) : "memory");
+}
+// mbarrier inits visible to the async proxy (the tensor-memory accelerator) before first use.
+DEVICE void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+// Tensor-memory accelerator (TMA). TensorMap is the driver's 128-byte CUtensorMap, made on the host
+// (gptoss/ops/tma.py) and passed by value as a __grid_constant__ kernel parameter.
+struct __align__(64) TensorMap { unsigned long long opaque[16]; };
+
+// One arrival on `bar` that also announces `bytes` of asynchronous copies completing on it.
+DEVICE void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// The box of `map` at element coordinates (c0 = innermost, c1) into shared memory at dst; the bytes
+// count on mbarrier `bar` (the box's full size, elements outside the tensor arriving as zeros).
+DEVICE void tma_load_2d(u32 dst, const TensorMap* map, int c0, int c1, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n"
+                 :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+
 // Pins a register value in program order (accumulators that an in-flight wgmma writes behind the
 // compiler's back must not be read before wgmma_wait).
 DEVICE void reg_fence(float& x) { asm volatile("" : "+f"(x) :: "memory"); }

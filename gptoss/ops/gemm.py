@@ -8,7 +8,9 @@ Variants (tile shapes of one kernel body) and how one is picked from (M, N):
   64/32/16 that still gives at least one CTA per SM (N = 2880 -> 16, 5120 -> 32, 201088 -> 64), 8 for the
   tiny N of the router; these stream W through a deep cp.async ring (memory bound).
 - M > 64 on H100/H200 (sm_90a, kernels.wgmma_available): "wg128x256" / "wg128x128", wgmma with both
-  operands in shared memory (see pick_variant for which).
+  operands in shared memory (see pick_variant for which); where the driver can make tensor maps
+  (ops/tma.py), "wgt128x256" instead of "wg128x256": the same tiles, loaded by the tensor-memory
+  accelerator from a producer warpgroup.
 - M > 64 elsewhere: "128x128" when it makes at least two waves of tiles, else "64x64" (measured on H100
   with benchmarks/kernel_gemm.py --sweep; "256x128" and "64x128" stay available for the sweep).
 Every variant accumulates an element in the same order (one k16 step at a time in increasing k, mma.sync
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import WGMMA_SMEM_SLACK, kernel, wgmma_available
+from . import tma as _tma
 from ._check import check, out_or_new
 
 
@@ -35,6 +38,7 @@ class Variant:
     warps_n: int
     stages: int
     wgmma: bool = False  # sm_90a only (GEMM_WG_KERNEL in gemm.hip)
+    tma: bool = False    # takes tensor maps of x and w (GEMM_TMA_KERNEL), not their addresses
 
     @property
     def threads(self) -> int:
@@ -47,9 +51,11 @@ class Variant:
         return self.stages * (self.bm + self.bn) * self.bk * 2 + (WGMMA_SMEM_SLACK if self.wgmma else 0)
 
 
-# Must match the GEMM_KERNEL / GEMM_WG_KERNEL lists at the bottom of gemm.hip (name -> BM, BN, BK, WM,
-# WN, STAGES; the wgmma ones as 2 x 4 warps = 2 warpgroups of 64 rows).
+# Must match the GEMM_KERNEL / GEMM_WG_KERNEL / GEMM_TMA_KERNEL lists at the bottom of gemm.hip (name ->
+# BM, BN, BK, WM, WN, STAGES; the wgmma ones as 2 x 4 warps = 2 warpgroups of 64 rows, the TMA one as
+# 3 x 4: a producer warpgroup and two consumers).
 VARIANTS = {
+    "wgt128x256": Variant(128, 256, 64, 3, 4, 4, wgmma=True, tma=True),
     "wg128x256": Variant(128, 256, 64, 2, 4, 4, wgmma=True),
     "wg128x128": Variant(128, 128, 64, 2, 4, 3, wgmma=True),
     "256x128": Variant(256, 128, 64, 4, 2, 4),
@@ -69,7 +75,7 @@ VARIANTS = {
     "d64x32": Variant(64, 32, 128, 2, 2, 4),
     "d64x64": Variant(64, 64, 128, 2, 2, 3),
 }
-LARGE = ("wg128x256", "wg128x128", "256x128", "128x128", "64x128", "64x64")
+LARGE = ("wgt128x256", "wg128x256", "wg128x128", "256x128", "128x128", "64x128", "64x64")
 _OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
 
 
@@ -77,9 +83,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False) -> str:
+def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool = False) -> str:
     """The variant linear() runs for an [M, K] x [N, K]ᵀ product on a GPU of `sms` multiprocessors
-    (`wgmma`: the sm_90a variants exist, kernels.wgmma_available())."""
+    (`wgmma`: the sm_90a variants exist, kernels.wgmma_available(); `tma`: tensor maps can be made,
+    ops.tma.available())."""
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
         if N <= 512:  # the router (E = 32 or 128): as many CTAs as we can get
@@ -90,6 +97,9 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False) -> str:
             bn = max(bn, min(64, bm // 2))
         return f"d{bm}x{bn}"
     if wgmma:  # one CTA of 128 x 256 per SM once there is a wave of them; else 128 x 128, two per SM
+        # (the TMA kernel from half a wave on: 1.18x the 128 x 128 one at 96 tiles, M = 1,024, N = 2,880)
+        if tma and _cdiv(M, 128) * _cdiv(N, 256) >= sms // 2:
+            return "wgt128x256"
         if _cdiv(M, 128) * _cdiv(N, 256) >= sms:
             return "wg128x256"
         if _cdiv(M, 128) * _cdiv(N, 128) >= sms:
@@ -101,10 +111,12 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False) -> str:
     return "64x64"
 
 
-def available_variants(wgmma: bool | None = None) -> list[str]:
-    """The variants this device can run: the wgmma ones only where kernels.wgmma_available()."""
+def available_variants(wgmma: bool | None = None, tma: bool | None = None) -> list[str]:
+    """The variants this device can run: the wgmma ones only where kernels.wgmma_available(), the TMA
+    one where tensor maps can be made too."""
     wgmma = wgmma_available() if wgmma is None else wgmma
-    return [name for name, v in VARIANTS.items() if wgmma or not v.wgmma]
+    tma = _tma.available() if tma is None else tma
+    return [name for name, v in VARIANTS.items() if (wgmma or not v.wgmma) and (tma or not v.tma)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,12 +172,15 @@ def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str |
     wgmma = wgmma_available()
     if variant is not None and VARIANTS[variant].wgmma and not wgmma:
         raise ValueError(f"variant {variant}: a wgmma kernel, which needs an sm_90a device (H100/H200)")
-    name = variant or pick_variant(M, N, _sm_count(dev), wgmma)
+    if variant is not None and VARIANTS[variant].tma and not _tma.available():
+        raise ValueError(f"variant {variant}: needs cuTensorMapEncodeTiled from the CUDA driver")
+    name = variant or pick_variant(M, N, _sm_count(dev), wgmma, wgmma and _tma.available())
     v = VARIANTS[name]
     k, smem = _launcher(name, dev)
     grid = _cdiv(M, v.bm) * _cdiv(N, v.bn)
+    operands = (_tma.matrix_map(x, v.bm), _tma.matrix_map(w, v.bn)) if v.tma else (x, w)
     k((grid,), (v.threads,),
-      (x, w, bias if bias is not None else w, out, np.int32(M), np.int32(N), np.int32(K),
+      (*operands, bias if bias is not None else w, out, np.int32(M), np.int32(N), np.int32(K),
        np.int32(bias is not None), np.int32(out_dtype == "f32")),
       shared_mem=smem)
     return out
