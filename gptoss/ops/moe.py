@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..kernels import KERNEL_DIR, WGMMA_SMEM_SLACK, kernel, wgmma_available
+from . import tma as _tma
 from ._check import check, out_or_new
 
 ROUTER_SPLITS = 32      # routing.hip: H is summed in 32 fixed slices (enough CTAs at T = 1; batch invariance needs a fixed order)
@@ -47,6 +48,7 @@ class Variant:
     fp4: bool
     mlp1: bool
     wgmma: bool = False  # sm_90a warpgroup kernel (MOE_WG_KERNEL): stages start 1 KB-aligned
+    lag: int = 0         # wgmma kernels: > 0 = mbarrier ring (mlp2's token rows then come by TMA)
 
     @property
     def bm(self) -> int:
@@ -85,8 +87,9 @@ def _parse_variants() -> dict[str, Variant]:
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
     wg = re.compile(r"^MOE_WG_KERNEL\((\w+)," + num * 5 + r"\s*(true|false),\s*\d+\)", re.M)
     for m in wg.finditer(src):
-        name, nt, wn, ks, st, _lag, mlp1 = m.groups()
-        out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True)
+        name, nt, wn, ks, st, lag, mlp1 = m.groups()
+        out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True,
+                            lag=int(lag))
     if not out:
         raise RuntimeError("no MOE_KERNEL variants found in moe.hip")
     return out
@@ -96,7 +99,8 @@ VARIANTS = _parse_variants()
 
 
 def _uses_wgmma(fmt: str, wgmma: bool | None) -> bool:
-    return fmt == "mxfp4" and (wgmma_available() if wgmma is None else wgmma)
+    """MXFP4 experts on sm_90a, where the driver makes tensor maps (ops/tma.py) too."""
+    return fmt == "mxfp4" and (wgmma_available() and _tma.available() if wgmma is None else wgmma)
 
 
 def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
@@ -157,6 +161,7 @@ def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
 
 # ---- kernels ---------------------------------------------------------------------------------------
 
+_NO_MAP = np.zeros(1, dtype="V128")[0]  # the tensor-map argument of the wgmma kernels that read none
 _gemm_kernels: dict[tuple, list] = {}  # (device, name, defines) -> [kernel, dynamic shared memory allowed]
 KERNEL_DEFINES: tuple = ()  # extra -D of the expert GEMMs (benchmarks/kernel_moe.py --ablate)
 _dummies: dict[tuple, object] = {}
@@ -344,17 +349,14 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
 
 # ---- expert GEMMs ------------------------------------------------------------------------------------
 
-def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, bm):
+def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, v: Variant):
     import cupy
 
     S, E = d.num_slots, d.num_experts
-    wg = wgmma_available()  # once per launch: it asks CuPy for the device
-    bm = pick_bm(S, E, w.format, wg) if bm is None else bm
-    v = variant_for(stage, w.format, bm, wg)
     N, K = w.R, w.C
     smem = v.shared_bytes(K)
     kern, smem = _gemm_kernel(v, smem)
-    ntiles = d.tiles[bm].shape[0]
+    ntiles = d.tiles[v.bm].shape[0]
     if ntiles > 65535:
         raise ValueError(f"{S} slots need {ntiles} row tiles, more than a grid dimension holds")
     grid = (-(-N // v.bn), ntiles)
@@ -364,10 +366,18 @@ def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limi
     rwv = rw if rw is not None else _dummy(cupy.float32)
     yv = y if y is not None else _dummy(cupy.uint16)
     ov = outf if outf is not None else _dummy(cupy.float32)
+    # every MOE_WG_KERNEL takes a tensor map of its token rows; only mlp2 of 128-row tiles reads it
+    amap = ((_tma.matrix_map(a, v.bm) if v.bm >= 128 and not v.mlp1 else _NO_MAP),) if v.wgmma else ()
     kern(grid, (v.threads,), (
-        a, wq, ws, wb, bias, d.offsets, d.sorted_slots, d.tiles[bm], rwv, yv, ov,
+        *amap, a, wq, ws, wb, bias, d.offsets, d.sorted_slots, d.tiles[v.bm], rwv, yv, ov,
         np.int32(N), np.int32(K), np.int32(d.top_k), np.int32(S), np.int32(E),
         np.int64(ws.nbytes), np.float32(limit), np.float32(alpha)), shared_mem=smem)
+
+
+def _pick_variant(stage: str, d: Dispatch, fmt: str, bm: int | None) -> Variant:
+    wg = _uses_wgmma(fmt, None)  # once per launch: it asks CuPy for the device
+    bm = pick_bm(d.num_slots, d.num_experts, fmt, wg) if bm is None else bm
+    return variant_for(stage, fmt, bm, wg)
 
 
 def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None):
@@ -391,7 +401,7 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
     _aligned16(out, "out")
     if d.num_slots == 0:
         return out
-    _launch_gemm("mlp1", t, d, w, b1, None, out, None, limit, alpha, bm)
+    _launch_gemm("mlp1", t, d, w, b1, None, out, None, limit, alpha, _pick_variant("mlp1", d, w.format, bm))
     return out
 
 
@@ -417,7 +427,7 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
         raise ValueError("out: base address must be 8-byte aligned")
     if d.num_slots == 0:
         return out
-    _launch_gemm("mlp2", y, d, w, b2, weights, None, out, 0.0, 0.0, bm)
+    _launch_gemm("mlp2", y, d, w, b2, weights, None, out, 0.0, 0.0, _pick_variant("mlp2", d, w.format, bm))
     return out
 
 
