@@ -4,7 +4,8 @@
 //   mlp2: out[slot_r] = (y[r] . W2_e^T + b2_e) * route_w[slot_r]                                [S, H] f32
 //
 // On sm_90a (H100/H200) the MXFP4 variants run on wgmma instead (MOE_WG_KERNEL, issue_stage_wg): the
-// same tiles, loads and epilogues, warpgroups of 64 columns (docs/notes/moe.md, "wgmma kernels").
+// same tiles, loads and epilogues, warpgroups of 64 columns (docs/notes/moe.md, "wgmma kernels"); mlp2's
+// 128-row kernel takes its token rows by TMA (MoeCta::TMA_A).
 //
 // Tiles. A CTA computes BM consecutive sorted rows ("tokens", all of one expert e, from the tile
 // schedule made by moe_dispatch) x BN output columns of e. Grid = (ceil(N / BN), tile bound); the CTAs
