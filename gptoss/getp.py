@@ -128,12 +128,15 @@ class PartialResults:
 
 
 class RunningOutputs:
-    """The tokens of the prompts in flight, one row of a [rows, max_new] array each, so that a step's
-    tokens (one per running prompt) go in with one vector write instead of an append per token."""
+    """The tokens of the prompts in flight, one row of a [rows, width] array each, so that a step's
+    tokens (one per running prompt) go in with one vector write instead of an append per token. Rows
+    and width double as needed (the width up to max_new): host memory follows the longest answer so
+    far, not -n (2,048 prompts at -n 131072 would otherwise take 1 GiB up front)."""
 
-    def __init__(self, n_prompts: int, max_new: int, rows: int = 64):
+    def __init__(self, n_prompts: int, max_new: int, rows: int = 64, width: int = 256):
+        self.max_new = max_new
         self.row_of = np.full(n_prompts, -1, np.int64)  # prompt -> its row (-1: not running)
-        self.buf = np.zeros((rows, max_new), np.int32)
+        self.buf = np.zeros((rows, max(1, min(max_new, width))), np.int32)
         self.count = np.zeros(rows, np.int64)
         self.free = list(range(rows))[::-1]
 
@@ -148,6 +151,9 @@ class RunningOutputs:
             self.row_of[i] = self.free.pop()
         keep = token >= 0
         rows = self.row_of[index[keep]]
+        if len(rows) and self.count[rows].max() >= self.buf.shape[1]:  # twice the width
+            width = min(self.max_new, 2 * self.buf.shape[1])
+            self.buf = np.concatenate([self.buf, np.zeros((len(self.buf), width - self.buf.shape[1]), np.int32)], 1)
         self.buf[rows, self.count[rows]] = token[keep]
         self.count[rows] += 1
 

@@ -1,15 +1,18 @@
 """getp's RunningOutputs: the tokens of the prompts in flight, written a step at a time."""
 import numpy as np
+import pytest
 
 from gptoss.getp import RunningOutputs
 
 
-def test_running_outputs_match_per_token_appends():
+@pytest.mark.parametrize("max_new, width", [(40, 256), (40, 3)])
+def test_running_outputs_match_per_token_appends(max_new, width):
     """Random steps over 300 prompts (more in flight than the first 64 rows), tokens or none (-1),
-    prompts finishing at random: each finished prompt gets exactly its tokens in order."""
+    prompts finishing at random: each finished prompt gets exactly its tokens in order (width 3: the
+    rows widen several times on the way)."""
     rng = np.random.default_rng(0)
-    n, max_new = 300, 40
-    out = RunningOutputs(n, max_new)
+    n = 300
+    out = RunningOutputs(n, max_new, width=width)
     want = {i: [] for i in range(n)}
     made = np.zeros(n, np.int64)
     waiting, running, got = list(range(n)), [], {}
@@ -30,3 +33,13 @@ def test_running_outputs_match_per_token_appends():
             running.remove(i)
     assert got == want
     assert out.pop(5) == []  # not running: nothing
+
+
+def test_running_outputs_memory_follows_the_answers_not_max_new():
+    out = RunningOutputs(2048, 131072)
+    assert out.buf.nbytes <= 64 * 256 * 4  # not 64 x 131072
+    out.add(np.arange(4, dtype=np.int64), np.arange(4))
+    for step in range(1, 600):
+        out.add(np.asarray([1], np.int64), np.asarray([step]))
+    assert out.buf.shape[1] == 1024  # 256 -> 512 -> 1024 for 600 tokens
+    assert out.pop(1) == [1] + list(range(1, 600)) and out.pop(0) == [0]
