@@ -240,14 +240,6 @@ DEVICE void gemm_body(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w
 }
 
 #if GPTOSS_HAS_WGMMA
-// wgmma path (sm_90a builds; ops/gemm.py picks it for M > 64 on H100/H200). CTA = 128 rows of x x BN rows
-// of w, two warpgroups of 64 x rows each; both operands are read by the tensor cores from shared memory
-// (descriptors, mma.h): per stage x [128][64] and w [BN][64] bf16, rows of 128 B in 8-row atoms of 1 KB,
-// chunk c of row r at c ^ (r & 7) (the 128-byte swizzle; stages 1 KB-aligned). One wgmma per k16 step,
-// k increasing, from zero accumulators: the same per-element arithmetic as the mma.sync variants
-// (measured bit-identical on an H200), so every variant still gives a row the same bits.
-// Ring: STAGES slots; k-tile kt + STAGES - 2 is requested while kt is multiplied and kt - 1's wgmmas may
-// still run (wgmma_wait<1>), so a slot is refilled two k-tiles after it was read.
 // Epilogue of the wgmma variants: bias, then rows row0 + g and row0 + g + 8 of the accumulators (D layout
 // of mma.h: n8 chunk i holds (row g, cols 8i + 2t..) in acc[4i..4i+1], row g + 8 in acc[4i+2..]).
 template <int BN>
@@ -268,6 +260,14 @@ DEVICE void gemm_wg_epilogue(const float* acc, const bf16_t* __restrict__ bias, 
     }
 }
 
+// wgmma path (sm_90a builds; ops/gemm.py picks it for M > 64 on H100/H200). CTA = 128 rows of x x BN rows
+// of w, two warpgroups of 64 x rows each; both operands are read by the tensor cores from shared memory
+// (descriptors, mma.h): per stage x [128][64] and w [BN][64] bf16, rows of 128 B in 8-row atoms of 1 KB,
+// chunk c of row r at c ^ (r & 7) (the 128-byte swizzle; stages 1 KB-aligned). One wgmma per k16 step,
+// k increasing, from zero accumulators: the same per-element arithmetic as the mma.sync variants
+// (measured bit-identical on an H200), so every variant still gives a row the same bits.
+// Ring: STAGES slots; k-tile kt + STAGES - 2 is requested while kt is multiplied and kt - 1's wgmmas may
+// still run (wgmma_wait<1>), so a slot is refilled two k-tiles after it was read.
 template <int BN_, int STAGES_>
 struct GemmWgTile {
     static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, THREADS = 256;

@@ -78,7 +78,7 @@ struct MoeParams {
     int N, K, topk, S, E;
     long long scales_bytes;  // size of ws: the 16-byte scale copies never read past it
     float limit, alpha;
-    const TensorMap* amap;   // wgmma kernels on the mbarrier ring: the tensor map of a (TMA token loads)
+    const TensorMap* amap;   // wgmma kernels: the tensor map of a (read by mlp2's 128-row kernel, TMA_A)
 };
 
 #define MOE_ARGS                                                                                      \
@@ -201,10 +201,10 @@ struct MoeCfg {
 
 template <class C, bool MLP1>
 struct MoeCta {
-    // mlp2 on the mbarrier ring: a tile's token rows are rows row0 .. row0 + BM - 1 of y (sorted
-    // order), one TMA box of BM x 64 per k-tile in the 128-byte swizzle; rows past the tile's expert
-    // are read too (another expert's rows, or zeros past S): their outputs are never stored. mlp1's
-    // rows are gathered tokens, which a box cannot fetch: cp.async from every thread.
+    // mlp2 of the 128-row mbarrier-ring kernel: a tile's token rows are rows row0 .. row0 + BM - 1 of
+    // y (sorted order), one TMA box of BM x 64 per k-tile in the 128-byte swizzle; rows past the tile's
+    // expert are read too (another expert's rows, or zeros past S): their outputs are never stored.
+    // mlp1's rows are gathered tokens, which a box cannot fetch: cp.async from every thread.
     static constexpr bool TMA_A = C::TMA_Y && !MLP1;
     const MoeParams& p;
     unsigned char* smem;  // dynamic shared memory (generic pointer, for plain loads)
@@ -401,6 +401,7 @@ struct MoeCta {
                 if (kt - C::LAG + C::STAGES < KT) {
                     mbar_wait(empty + 8 * rb, ruse & 1);
                     if (MOE_ABLATE != 3) load_stage(rb, kt - C::LAG + C::STAGES);
+                    else if (TMA_A && tid == 0) mbar_arrive(full + 8 * rb);  // the arrival TMA would make
                     mbar_arrive_cp_async(full + 8 * rb);
                 }
                 if (++rb == C::STAGES) { rb = 0; ++ruse; }
