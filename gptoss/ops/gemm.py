@@ -98,9 +98,10 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
         return f"d{bm}x{bn}"
     if wgmma:  # one CTA of 128 x 256 per SM once there is a wave of them; else 128 x 128, two per SM
         # (the TMA kernel from half a wave on: 1.18x the 128 x 128 one at 96 tiles, M = 1,024, N = 2,880)
-        if tma and _cdiv(M, 128) * _cdiv(N, 256) >= sms // 2:
+        wide_tiles = _cdiv(M, 128) * _cdiv(N, 256)
+        if tma and wide_tiles >= sms // 2:
             return "wgt128x256"
-        if _cdiv(M, 128) * _cdiv(N, 256) >= sms:
+        if wide_tiles >= sms:
             return "wg128x256"
         if _cdiv(M, 128) * _cdiv(N, 128) >= sms:
             return "wg128x128"

@@ -349,7 +349,7 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
 
 # ---- expert GEMMs ------------------------------------------------------------------------------------
 
-def _launch_gemm(stage, a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, v: Variant):
+def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, v: Variant):
     import cupy
 
     S, E = d.num_slots, d.num_experts
@@ -383,7 +383,7 @@ def _pick_variant(stage: str, d: Dispatch, fmt: str, bm: int | None) -> Variant:
 def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None):
     """y [T*k, I] bf16: row r = swiglu(t[token of sorted_slots[r]] . W1_e^T + b1_e), e = the expert of
     row r; interleaved gate/linear columns, clamped SwiGLU, rounded to bf16. bm forces a tile height
-    (16 or 64; default by rows per expert): results are bit-identical either way."""
+    (one of tile_heights(); default by rows per expert): results are bit-identical either way."""
     import cupy
 
     d = dispatch
@@ -401,7 +401,7 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
     _aligned16(out, "out")
     if d.num_slots == 0:
         return out
-    _launch_gemm("mlp1", t, d, w, b1, None, out, None, limit, alpha, _pick_variant("mlp1", d, w.format, bm))
+    _launch_gemm(t, d, w, b1, None, out, None, limit, alpha, _pick_variant("mlp1", d, w.format, bm))
     return out
 
 
@@ -427,7 +427,7 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
         raise ValueError("out: base address must be 8-byte aligned")
     if d.num_slots == 0:
         return out
-    _launch_gemm("mlp2", y, d, w, b2, weights, None, out, 0.0, 0.0, _pick_variant("mlp2", d, w.format, bm))
+    _launch_gemm(y, d, w, b2, weights, None, out, 0.0, 0.0, _pick_variant("mlp2", d, w.format, bm))
     return out
 
 
