@@ -160,9 +160,9 @@ def open_backend(model_path: str | Path, device: str = "auto", memory_limit: int
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be auto, cpu or gpu (got {device!r})")
     if device == "auto":
-        from .kernels import gpu_available
+        from .device import probe_gpu
 
-        device = "gpu" if gpu_available() else "cpu"
+        device = "gpu" if probe_gpu().usable else "cpu"
     if str(model_path).startswith(SYNTHETIC_PREFIX):
         from .config import PRESETS
         from .synthetic import random_weights
