@@ -14,6 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gptoss.cli import INTERRUPTED, error, run_main  # noqa: E402
+
+PROG = "run.py"
 MODES = ("generate", "chat", "getp")
 
 
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that is free); lower it to share the GPU or to size a run for a smaller one")
     p.add_argument("-i", "--input", help="getp: input file, one prompt per line (UTF-8)")
     p.add_argument("-o", "--output", help="getp: output file, one line of generated token ids per "
-                   "prompt, in input order (written atomically at the end)")
+                   "prompt, in input order (written atomically at the end; an existing file needs "
+                   "--force)")
     p.add_argument("--input-format", choices=("chat", "text", "ids"), default="chat",
                    help="getp: chat = each line is a user message in the harmony chat format "
                         "(default); text = each line is tokenized as written; ids = each line holds "
@@ -71,28 +75,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-long", action="store_true",
                    help="getp: a prompt that does not fit in the context gets an empty output line "
                         "and a warning, instead of refusing the whole run")
+    p.add_argument("--skip-blank", action="store_true",
+                   help="getp: a blank prompt line gets an empty output line, instead of refusing "
+                        "the whole run; the count is reported at the end")
     p.add_argument("--resume", action="store_true",
                    help="getp: continue an interrupted run from OUTPUT.partial, without "
                         "recomputing finished prompts")
+    p.add_argument("--force", action="store_true",
+                   help="getp: replace an existing OUTPUT or --json file, and start over instead of "
+                        "refusing an OUTPUT.partial left by an interrupted run (files the run reads "
+                        "are never replaced)")
     p.add_argument("--json", dest="json_path", default=None,
                    help="getp: also write the run's figures (prompts, tokens, time, tokens/s, peak "
-                        "GPU memory) as JSON to this path")
+                        "GPU memory) as JSON to this path (an existing file needs --force)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="auto = the GPU when CuPy finds one, else the CPU reference (default auto)")
+                   help="auto = the GPU when CuPy can use one, else the CPU reference (default auto); "
+                        "one line on stderr says which runs, and why not the GPU")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.bin or o200k_base.tiktoken (default: found next to the model, in "
-                        "tiktoken's cache, or downloaded once)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+                   help="tokenizer.bin or o200k_base.tiktoken, or a folder holding one (default: "
+                        "found next to the model, in tiktoken's cache, or downloaded once)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (the device line, warnings and errors still print)")
     return p
 
 
-def fail(message: str, code: int = 2):
-    print(f"run.py: error: {message}", file=sys.stderr)
-    sys.exit(code)
+class Failure(Exception):
+    """A one-line error; main prints it as `run.py: error: ...` and exits 2."""
+
+
+def fail(message: str):
+    raise Failure(message)
 
 
 def main(argv=None) -> int:
+    from gptoss.getp import GetpError
+    from gptoss.outputs import OutputPathError
+    from gptoss.tokenizer import TokenizerError
+
+    try:
+        return _main(argv)
+    except (Failure, GetpError, OutputPathError, TokenizerError) as e:  # bad input, said in one line
+        return error(PROG, str(e))
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from gptoss.device import DeviceError, choose_device
     from gptoss.engine import resolve_model_path, open_backend
     from gptoss.sampling import SamplingParams
 
@@ -108,38 +136,53 @@ def main(argv=None) -> int:
         fail(f"-b must be at least 1 (got {args.batch})")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         fail(f"--gpu-memory must be positive (got {args.gpu_memory})")
-    if args.mode == "getp":
-        from gptoss.getp import check_getp_args
-        try:
-            check_getp_args(args)
-        except ValueError as e:
-            fail(str(e))
+    if args.mode != "getp":
+        for flag, given in (("-i", args.input), ("-o", args.output), ("--json", args.json_path),
+                            ("--resume", args.resume)):
+            if given:
+                fail(f"{flag} is for -m getp ({args.mode} writes to standard output)")
 
     try:
         model_path = resolve_model_path(args.model)
+    except FileNotFoundError as e:
+        fail(str(e))
+    if args.mode == "getp":  # every file checked before the model loads
+        from gptoss.getp import check_getp_args
+
+        check_getp_args(args, model_path)
+    if args.tokenizer is not None:
+        from gptoss.tokenizer import tokenizer_from_option
+
+        tokenizer_from_option(args.tokenizer)  # a file that is not a tokenizer is an error now, not later
+    try:
+        device, line = choose_device(args.device)
+    except DeviceError as e:
+        fail(str(e))
+    print(line, file=sys.stderr)
+
+    try:
         memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
-        backend = open_backend(model_path, args.device, memory_limit=memory)
-    except (FileNotFoundError, ValueError) as e:
+        backend = open_backend(model_path, device, memory_limit=memory)
+    except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
     except Exception as e:  # CheckpointError and GPU memory errors carry their own one-line message
         if type(e).__name__ in ("CheckpointError", "OutOfMemoryError", "ModelTooLargeError"):
             fail(str(e))
         raise
 
-    from gptoss.getp import run_getp
+    from gptoss.getp import partial_path, run_getp
     from gptoss.interactive import run_chat, run_generate
-    from gptoss.tokenizer import TokenizerError
 
-    mode = {"getp": run_getp, "generate": run_generate, "chat": run_chat}[args.mode]
-    try:
-        return mode(backend, args, sampling, model_path)
-    except TokenizerError as e:
-        fail(str(e))
+    if args.mode == "getp":
+        try:
+            return run_getp(backend, args, sampling, model_path)
+        except KeyboardInterrupt:
+            print(f"\n{PROG}: interrupted; the finished prompts are kept in {partial_path(args.output)}: "
+                  "continue with the same command and --resume", file=sys.stderr)
+            return INTERRUPTED
+    mode = {"generate": run_generate, "chat": run_chat}[args.mode]
+    return mode(backend, args, sampling, model_path)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_main(PROG, main))

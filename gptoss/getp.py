@@ -3,30 +3,66 @@
 Finished prompts are appended to OUTPUT.partial as they complete (one JSON object per line, after a
 header that fingerprints the run), so an interrupted run continues with --resume; at the end the
 output is written to a temp file and renamed over OUTPUT, and the partial file is removed.
+
+The files are checked before the model loads (check_getp_args): OUTPUT and the --json file may be
+none of the run's inputs, and replace an existing file only with --force; an OUTPUT.partial holding
+finished prompts is continued with --resume or discarded with --force, never silently. A blank prompt
+line is an error unless --skip-blank (its output line stays empty, like a --skip-long line's).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .engine import ContextError, Request, check_fits, step_tokens
+from .outputs import check_output_path, write_atomically, write_lines
 
 
-def check_getp_args(args) -> None:
+class GetpError(ValueError):
+    """Bad getp input (a prompt line, the partial file, ...); the message is one line."""
+
+
+def getp_inputs(args, model_path=None) -> list:
+    """The files a getp run reads, which no output may replace: the prompts, the model, the tokenizer
+    (named, or the one found beside the model)."""
+    inputs = [args.input]
+    if model_path is not None and not str(model_path).startswith("synthetic:"):
+        inputs.append(model_path)
+        if args.tokenizer is None:
+            from .tokenizer import find_vocabulary
+            try:
+                inputs.append(find_vocabulary(model_path))
+            except (OSError, ValueError):
+                pass  # no tokenizer beside it: nothing more to protect (loading it later says why)
+    if args.tokenizer is not None:
+        inputs.append(args.tokenizer)
+    return inputs
+
+
+def check_getp_args(args, model_path=None) -> None:
+    """Everything about getp's files that can be checked before the model loads (GetpError,
+    OutputPathError)."""
     if not args.input:
-        raise ValueError("getp needs an input file: -i prompts.txt")
+        raise GetpError("getp needs an input file: -i prompts.txt")
     if not args.output:
-        raise ValueError("getp needs an output file: -o out.txt")
+        raise GetpError("getp needs an output file: -o out.txt")
     if not Path(args.input).is_file():
-        raise ValueError(f"{args.input}: no such file")
-    if Path(args.input).resolve() == Path(args.output).resolve():
-        raise ValueError("the output file must differ from the input file")
+        raise GetpError(f"{args.input}: no such file")
+    inputs = getp_inputs(args, model_path)
+    check_output_path(args.output, inputs, force=args.force)
+    partial = partial_path(args.output)
+    check_output_path(partial, inputs, force=True)
+    existing_partial(partial, args.resume, args.force)
+    if args.json_path:
+        if Path(args.json_path).expanduser().resolve() == Path(args.output).expanduser().resolve():
+            raise GetpError("--json and -o name the same file")
+        check_output_path(args.json_path, inputs + [partial], force=args.force)
 
 
 def read_prompt_lines(path: str) -> list[str]:
@@ -35,11 +71,11 @@ def read_prompt_lines(path: str) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}); "
+        raise GetpError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}); "
                          "save the file as UTF-8") from None
     lines = text.splitlines()
     if not lines:
-        raise ValueError(f"{path}: the file is empty; write one prompt per line")
+        raise GetpError(f"{path}: the file is empty; write one prompt per line")
     return lines
 
 
@@ -47,29 +83,30 @@ def parse_id_line(line: str, number: int, vocab_size: int) -> list[int]:
     try:
         ids = [int(tok) for tok in line.split()]
     except ValueError:
-        raise ValueError(f"line {number}: not a list of space-separated token ids") from None
+        raise GetpError(f"line {number}: not a list of space-separated token ids") from None
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise ValueError(f"line {number}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        raise GetpError(f"line {number}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
     return ids
 
 
-def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path) -> list[list[int]]:
+def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path, skip=frozenset()) -> list[list[int]]:
+    """The prompt ids of each line ([] for the line numbers (0-based) in `skip`)."""
     if args.input_format == "ids":
-        return [parse_id_line(line, n + 1, vocab_size) for n, line in enumerate(lines)]
-    from .tokenizer import Message, encode_chat, get_tokenizer
+        return [[] if n in skip else parse_id_line(line, n + 1, vocab_size) for n, line in enumerate(lines)]
+    from .tokenizer import Message, encode_chat, tokenizer_from_option
 
-    tok = get_tokenizer(args.tokenizer or model_path)
+    tok = tokenizer_from_option(args.tokenizer, model_path)
     if args.input_format == "text":
-        prompts = [tok.encode(line) for line in lines]
+        prompts = [[] if n in skip else tok.encode(line) for n, line in enumerate(lines)]
     else:
-        messages_for = lambda line: [Message("user", line)]  # noqa: E731
-        prompts = [encode_chat(messages_for(line), reasoning_effort=args.reasoning,
-                               developer_instructions=args.system, tokenizer=tok) for line in lines]
+        prompts = [[] if n in skip else encode_chat([Message("user", line)], reasoning_effort=args.reasoning,
+                                                    developer_instructions=args.system, tokenizer=tok)
+                   for n, line in enumerate(lines)]
     too_big = [(n + 1, max(ids)) for n, ids in enumerate(prompts) if ids and max(ids) >= vocab_size]
     if too_big:
         line, token = too_big[0]
-        raise ValueError(f"line {line}: token id {token} does not exist in this model's vocabulary of "
+        raise GetpError(f"line {line}: token id {token} does not exist in this model's vocabulary of "
                          f"{vocab_size} (a synthetic model with a small vocabulary needs "
                          "--input-format ids)")
     return prompts
@@ -85,42 +122,113 @@ def run_fingerprint(args, model_path, prompts: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def partial_path(output) -> Path:
+    return Path(str(output) + ".partial")
+
+
+@dataclass
+class PartialFile:
+    """What OUTPUT.partial holds: the fingerprint of its run (None: the file is empty) and the finished
+    prompts, {line index: generated ids}."""
+    fingerprint: str | None
+    done: dict[int, list[int]]
+
+
+def read_partial(path: Path) -> PartialFile:
+    """Parse OUTPUT.partial: a header line {"fingerprint": ...}, then one {"i": line, "ids": [...]} per
+    finished prompt. A last line without its newline was cut by an interruption and is left out (that
+    prompt runs again); anything else that does not parse is a GetpError naming the file and the line."""
+    def damaged(why: str) -> GetpError:
+        return GetpError(f"{path}: not a getp partial file ({why}); delete it, or pass --force "
+                          "without --resume to start over")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise damaged("it is not UTF-8 text") from None
+    *lines, cut = text.split("\n")  # cut: what follows the last newline ("" when the file ends with one)
+    if not lines:  # no complete line: empty, or a header cut short when it was being written
+        if not cut.strip() or '{"fingerprint"'.startswith(cut[:14]):
+            return PartialFile(None, {})
+        lines = [cut]
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or not isinstance(header.get("fingerprint"), str):
+        raise damaged("its first line is not getp's header")
+    done = {}
+    for number, line in enumerate(lines[1:], 2):
+        try:
+            rec = json.loads(line)
+            index, ids = rec["i"], rec["ids"]
+            if type(index) is not int or not all(type(t) is int for t in ids):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise damaged(f"line {number} is not a finished prompt's record") from None
+        done[index] = ids
+    return PartialFile(header["fingerprint"], done)
+
+
+def prompts_text(n: int) -> str:
+    return f"{n} finished prompt{'s' * (n != 1)}"
+
+
+def existing_partial(path: Path, resume: bool, force: bool) -> tuple[PartialFile | None, str | None]:
+    """(the partial results to continue from or None to start over, a note for the user or None).
+    GetpError when the file holds finished prompts and neither --resume nor --force says what to do
+    with them, or when --resume meets a file that is not a getp partial file."""
+    if not path.exists():
+        return None, (f"no {path} to resume from; starting from the beginning" if resume else None)
+    if force and not resume:
+        try:
+            n = len(read_partial(path).done)
+        except ValueError:
+            return None, f"--force: replacing {path} (not a getp partial file)"
+        return None, f"--force: discarding {path} ({prompts_text(n)} of an earlier run)" if n else None
+    found = read_partial(path)
+    if not found.done:
+        return None, f"{path} holds no finished prompts; starting from the beginning"
+    if resume:
+        return found, None
+    raise GetpError(f"{path} holds {prompts_text(len(found.done))} of an interrupted run: continue it with "
+                     "--resume, or pass --force to start over")
+
+
 class PartialResults:
-    """OUTPUT.partial: a header line with the run's fingerprint, then {"i": line, "ids": [...]} lines."""
+    """OUTPUT.partial, written as prompts finish: a header line with the run's fingerprint, then
+    {"i": line, "ids": [...]} lines. --resume continues from it; --force starts over."""
 
-    def __init__(self, output: str, fingerprint: str, resume: bool):
-        self.path = Path(str(output) + ".partial")
+    def __init__(self, output: str, fingerprint: str, n_prompts: int, resume: bool, force: bool = False):
+        self.path = partial_path(output)
+        found, note = existing_partial(self.path, resume, force)
+        if note:
+            print(f"getp: note: {note}", file=sys.stderr)
         self.done: dict[int, list[int]] = {}
-        if self.path.exists():
-            if not resume:
-                raise ValueError(f"{self.path} exists from an interrupted run: continue it with "
-                                 "--resume, or delete it to start over")
-            self._load(fingerprint)
-        elif resume:
-            print(f"run.py: no {self.path} to resume from; starting from the beginning", file=sys.stderr)
-        mode = "a" if self.path.exists() else "w"
-        self.file = open(self.path, mode, encoding="utf-8")
-        if mode == "w":
-            self.file.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-            self.file.flush()
-
-    def _load(self, fingerprint: str) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        header = json.loads(lines[0]) if lines else {}
-        if header.get("fingerprint") != fingerprint:
-            raise ValueError(f"{self.path} belongs to a different run (other prompts, model or "
-                             "settings); delete it to start over")
-        for line in lines[1:]:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the interruption: that prompt runs again
-            self.done[int(rec["i"])] = [int(t) for t in rec["ids"]]
+        if found is not None:
+            if found.fingerprint != fingerprint:
+                raise GetpError(f"{self.path} belongs to a different run (other prompts, model or "
+                                 "settings): delete it, or run without --resume and with --force to "
+                                 "start over")
+            bad = [i for i in found.done if not 0 <= i < n_prompts]
+            if bad:
+                raise GetpError(f"{self.path}: a record for prompt {bad[0]}, and the run has "
+                                 f"{n_prompts}; delete it, or pass --force without --resume to start over")
+            self.done = found.done
+        # Rewritten whole (atomically) before appending, so that a line cut by an earlier interruption
+        # never has records glued to it.
+        records = [json.dumps({"fingerprint": fingerprint})]
+        records += [json.dumps({"i": i, "ids": ids}) for i, ids in sorted(self.done.items())]
+        write_lines(self.path, records)
+        self.file = open(self.path, "a", encoding="utf-8")
 
     def add(self, index: int, ids: list[int]) -> None:
         self.done[index] = ids
         self.file.write(json.dumps({"i": index, "ids": ids}) + "\n")
         self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
     def finish(self) -> None:
         self.file.close()
@@ -168,42 +276,36 @@ class RunningOutputs:
         return ids
 
 
-def write_atomically(path: str, lines: list[str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_getp(backend, args, sampling, model_path) -> int:
+    """Run every prompt line of args.input, write args.output (and args.json_path). GetpError for bad
+    input: blank or too long lines (unless --skip-blank / --skip-long), a partial file of another run."""
     from .tokenizer import STOP_IDS
 
     cfg = backend.config
-    try:
-        prompts = tokenize_prompts(read_prompt_lines(args.input), args, cfg.vocab_size, model_path)
-    except ValueError as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
-    skipped = set()
+    lines = read_prompt_lines(args.input)
+    blank = {n for n, line in enumerate(lines) if not line.strip()}
+    if blank and not args.skip_blank:
+        first = min(blank)
+        more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
+        raise GetpError(f"{args.input}: line {first + 1} is blank{more}; remove it, or pass --skip-blank "
+                         "to leave the output line of a blank line empty")
+    prompts = tokenize_prompts(lines, args, cfg.vocab_size, model_path, skip=blank)
+    too_long = set()
     for n, ids in enumerate(prompts):
+        if n in blank:
+            continue
         try:
             check_fits(len(ids), args.steps, cfg.max_context)
         except ContextError as e:
             if not args.skip_long:
-                print(f"run.py: error: line {n + 1}: {e}. Shorten it, or pass --skip-long to leave "
-                      "its output line empty and run the rest", file=sys.stderr)
-                return 2
-            print(f"run.py: warning: line {n + 1}: {e}; its output line stays empty", file=sys.stderr)
-            skipped.add(n)
+                raise GetpError(f"line {n + 1}: {e}. Shorten it, or pass --skip-long to leave its output "
+                                 "line empty and run the rest") from None
+            print(f"getp: warning: line {n + 1}: {e}; its output line stays empty", file=sys.stderr)
+            too_long.add(n)
+    skipped = blank | too_long
 
-    try:
-        partial = PartialResults(args.output, run_fingerprint(args, model_path, prompts), args.resume)
-    except ValueError as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
+    partial = PartialResults(args.output, run_fingerprint(args, model_path, prompts), len(prompts), args.resume,
+                             args.force)
     todo = [Request(n, ids, args.steps) for n, ids in enumerate(prompts)
             if n not in skipped and n not in partial.done]
     outputs: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
@@ -214,24 +316,28 @@ def run_getp(backend, args, sampling, model_path) -> int:
     start = time.perf_counter()
     from .progress import GetpProgress
 
-    with GetpProgress(total=len(prompts), done=len(prompts) - len(todo), quiet=args.quiet) as bar:
-        steps = step_tokens(backend, todo, sampling, stop_ids=STOP_IDS, ignore_eos=args.ignore_eos,
-                            max_batch=args.batch)
-        for step in steps:  # one engine step: a token (or a stop) for each running prompt
-            running.add(step.index, step.token)
-            made = int(np.count_nonzero(step.token >= 0))
-            generated += made
-            bar.tokens(made)
-            for index in step.index[step.done].tolist():
-                outputs[index] = running.pop(index)
-                partial.add(index, outputs[index])
-                bar.prompt_done()
+    try:
+        with GetpProgress(total=len(prompts), done=len(prompts) - len(todo), quiet=args.quiet) as bar:
+            steps = step_tokens(backend, todo, sampling, stop_ids=STOP_IDS, ignore_eos=args.ignore_eos,
+                                max_batch=args.batch)
+            for step in steps:  # one engine step: a token (or a stop) for each running prompt
+                running.add(step.index, step.token)
+                made = int(np.count_nonzero(step.token >= 0))
+                generated += made
+                bar.tokens(made)
+                for index in step.index[step.done].tolist():
+                    outputs[index] = running.pop(index)
+                    partial.add(index, outputs[index])
+                    bar.prompt_done()
+    finally:
+        partial.close()
     wall = time.perf_counter() - start
-    write_atomically(args.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])
+    write_lines(args.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])
     partial.finish()
 
     peak = getattr(backend, "peak_memory_bytes", lambda: None)()
     record = {"prompts": len(prompts), "prompts_run": len(todo), "skipped": len(skipped),
+              "skipped_blank": len(blank), "skipped_long": len(too_long),
               "generated_tokens": generated, "wall_seconds": round(wall, 3),
               "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0,
               "peak_gpu_memory_bytes": peak, "backend": backend.name, "model": str(model_path),
@@ -243,6 +349,10 @@ def run_getp(backend, args, sampling, model_path) -> int:
     print(f"getp: {len(prompts)} prompts ({len(todo)} run), {generated} generated tokens in "
           f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {args.output}",
           file=sys.stderr)
+    for count, why in ((len(blank), "blank"), (len(too_long), "too long for the context")):
+        if count:
+            print(f"getp: {count} line{'s' * (count > 1)} skipped as {why}: "
+                  f"{'their output lines are' if count > 1 else 'its output line is'} empty", file=sys.stderr)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically(args.json_path, json.dumps(record, indent=2) + "\n")
     return 0

@@ -35,12 +35,12 @@ def stream_generation(backend, prompt_ids, args, sampling, on_token, stop_ids, i
 
 
 def run_generate(backend, args, sampling, model_path) -> int:
-    from .tokenizer import STOP_IDS, get_tokenizer
+    from .tokenizer import STOP_IDS, tokenizer_from_option
 
     if args.prompt is None:
         print("run.py: error: generate needs a prompt: -p \"...\"", file=sys.stderr)
         return 2
-    tok = get_tokenizer(args.tokenizer or model_path)
+    tok = tokenizer_from_option(args.tokenizer, model_path)
     prompt_ids = tok.encode(args.prompt)
     if prompt_ids and max(prompt_ids) >= backend.config.vocab_size:
         print(f"run.py: error: this model's vocabulary has only {backend.config.vocab_size} tokens; "
@@ -111,43 +111,86 @@ class ChannelPrinter:
     def final(self) -> str:
         return "".join(self.final_text).strip()
 
+    def stop(self) -> None:
+        """A reply cut short (Ctrl-C): what is decoded so far, and plain text again on a terminal."""
+        self._write(self.stream.flush())
+        if self.interactive:
+            self.out.write("\x1b[0m")
+            self.out.flush()
 
-def run_chat(backend, args, sampling, model_path) -> int:
-    from .tokenizer import Message, encode_chat, get_tokenizer
 
-    tok = get_tokenizer(args.tokenizer or model_path)
+CHAT_HELP = ("harmony chat: Ctrl-C stops a reply; Ctrl-C at the prompt, an empty line or Ctrl-D "
+             "ends the chat.")
+
+
+def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
+    """Interactive harmony chat, as llama.cpp's: Ctrl-C during a reply stops the reply and returns to the
+    prompt (what the reply said so far stays in the chat); Ctrl-C at the prompt ends the chat with
+    status 130; an empty line or end of input ends it with 0. A chat that outgrows the model's context
+    says so and starts afresh from the last message."""
+    from .tokenizer import CALL, RETURN, Message, encode_chat, tokenizer_from_option
+
+    tok = tokenizer_from_option(args.tokenizer, model_path)
+    context = backend.config.max_context
     if backend.config.vocab_size < 201088:
         print(f"run.py: error: chat needs the real vocabulary of 201088 tokens; this model has "
               f"{backend.config.vocab_size} (try a model made with --preset tiny-chat)", file=sys.stderr)
         return 2
-    from .tokenizer import CALL, RETURN
+
+    def encode(messages) -> list[int]:
+        return encode_chat(messages, reasoning_effort=args.reasoning, developer_instructions=args.system,
+                           tokenizer=tok)
 
     history: list = []
     pending = args.prompt
-    print("harmony chat: an empty line or Ctrl-D ends it.", file=sys.stderr)
+    print(CHAT_HELP, file=sys.stderr)
     turn = 0
     while True:
         if pending is None:
             try:
-                pending = input("\n> ")
+                pending = read_line("\n> ")
             except EOFError:
                 print(file=sys.stderr)
                 return 0
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return 130
         user, pending = pending, None
         if not user.strip():
             return 0
-        history.append(Message("user", user))
-        prompt_ids = encode_chat(history, reasoning_effort=args.reasoning,
-                                 developer_instructions=args.system, tokenizer=tok)
+        message = Message("user", user)
+        prompt_ids = encode(history + [message])
+        if len(prompt_ids) + 1 > context and history:
+            print(f"run.py: the chat no longer fits the model's context ({len(prompt_ids)} tokens with "
+                  f"this message, {context} at most): starting a fresh chat with this message",
+                  file=sys.stderr)
+            history = []
+            prompt_ids = encode([message])
+        if len(prompt_ids) + 1 > context:
+            print(f"run.py: this message alone makes a prompt of {len(prompt_ids)} tokens and the model's "
+                  f"context is {context}: write a shorter one", file=sys.stderr)
+            continue
+        history.append(message)
         printer = ChannelPrinter(tok, sys.stdout)
         try:
             ids, reason, (prefill_s, decode_s) = stream_generation(
                 backend, prompt_ids, args, sampling, printer.push, stop_ids={RETURN, CALL}, index=turn)
-        except ContextError as e:
-            print(f"\nrun.py: error: {e}; start a new chat", file=sys.stderr)
-            return 2
-        printer.push(RETURN)  # flush what is left of the last message
-        print(file=sys.stdout)
-        print(_stats(len(prompt_ids), len(ids), prefill_s, decode_s), file=sys.stderr)
-        history.append(Message("assistant", printer.final(), channel="final"))
+        except KeyboardInterrupt:
+            printer.stop()
+            print("\n[reply stopped]", file=sys.stderr)
+            ids = None
+        except ContextError as e:  # a limit of the backend's beyond the context checked above
+            print(f"\nrun.py: {e}: starting a fresh chat", file=sys.stderr)
+            history = []
+            continue
+        if ids is not None:
+            printer.push(RETURN)  # flush what is left of the last message
+            print(file=sys.stdout)
+            print(_stats(len(prompt_ids), len(ids), prefill_s, decode_s), file=sys.stderr)
+        if printer.final():
+            history.append(Message("assistant", printer.final(), channel="final"))
         turn += 1
+        if ids is not None and len(prompt_ids) + len(ids) >= context:
+            print(f"run.py: the reply reached the end of the model's context ({context} tokens): the next "
+                  "message starts a fresh chat", file=sys.stderr)
+            history = []

@@ -372,6 +372,25 @@ def get_tokenizer(model_path=None, download: bool = True) -> Tokenizer:
     return _last_loaded
 
 
+def tokenizer_from_option(option=None, model_path=None) -> Tokenizer:
+    """The tokenizer a command's --tokenizer names: a tokenizer.bin or .tiktoken file, or a folder
+    holding one (TokenizerError for anything else, e.g. a prompt file); None: get_tokenizer(model_path)."""
+    if option is None:
+        return get_tokenizer(model_path)
+    path = Path(option).expanduser()
+    if path.is_dir():
+        found = [path / name for name in ("tokenizer.bin", VOCABULARY_NAME) if (path / name).is_file()]
+        if not found:
+            raise TokenizerError(f"{path}: holds no tokenizer.bin or {VOCABULARY_NAME}")
+        path = found[0]
+    elif not path.is_file():
+        raise TokenizerError(f"{path}: no such file or directory")
+    elif not looks_like_tokenizer_file(path):
+        raise TokenizerError(f"{path}: not a tokenizer (--tokenizer takes a tokenizer.bin or an "
+                             f"{VOCABULARY_NAME}, or a folder holding one)")
+    return get_tokenizer(path)
+
+
 def default_tokenizer() -> Tokenizer:
     """The tokenizer get_tokenizer returned last (any copy of o200k_harmony gives the same ids)."""
     return _last_loaded if _last_loaded is not None else get_tokenizer()

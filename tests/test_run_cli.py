@@ -100,13 +100,16 @@ def test_getp_refuses_a_stale_partial_without_resume(ids_model, tmp_path):
     inp = tmp_path / "prompts.txt"
     inp.write_text("1 2 3\n")
     out = tmp_path / "out.txt"
-    Path(str(out) + ".partial").write_text(json.dumps({"fingerprint": "other"}) + "\n")
+    partial = Path(str(out) + ".partial")
+    stale = json.dumps({"fingerprint": "other"}) + "\n" + json.dumps({"i": 0, "ids": [5]}) + "\n"
+    partial.write_text(stale)
     base = ("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "2", "--device", "cpu",
             "--input-format", "ids", "-q")
     proc = run(*base, check=False)
-    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert proc.returncode == 2 and "holds 1 finished prompt of" in proc.stderr and "--resume" in proc.stderr
     proc = run(*base, "--resume", check=False)
     assert proc.returncode == 2 and "different run" in proc.stderr
+    assert partial.read_text() == stale and not out.exists()  # both refusals kept it as it was
 
 
 def test_getp_bad_inputs(ids_model, tmp_path):
@@ -131,7 +134,7 @@ def test_getp_bad_inputs(ids_model, tmp_path):
     assert len(lines) == 2 and len(lines[0].split()) == 2 and lines[1] == ""
     outside = tmp_path / "outside.txt"
     outside.write_text(f"1 {TINY.vocab_size}\n")
-    proc = run(*base, "-i", str(outside), check=False)
+    proc = run(*base, "-i", str(outside), "--force", check=False)
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
     proc = run(*base, "-i", str(long), "--gpu-memory", "0", check=False)
     assert proc.returncode == 2 and "--gpu-memory must be positive" in proc.stderr
