@@ -17,7 +17,8 @@ metrics (means over prompts; all but the common prefix on a 0-1 scale, 1 = ident
   common_prefix  tokens the outputs share before they first differ
   prefix_ratio   common prefix / length of the longer output
 
-exit status: 0 every threshold met, 1 a score under its threshold, 2 bad input or usage.
+exit status: 0 every threshold met, 1 a score under its threshold, 2 bad input or usage (a bad --json
+path too, found before scoring), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -190,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file of per-model minimum scores (default: evaluation/threshold.json)")
     p.add_argument("--details", action="store_true", help="also print a table of per-prompt scores")
     p.add_argument("--json", dest="json_path", default=None,
-                   help="also write the means, per-prompt scores and threshold results as JSON here")
+                   help="also write the means, per-prompt scores and threshold results as JSON here "
+                        "(checked before scoring; an existing file needs --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--meteor", choices=("auto", "off", "require"), default="auto",
                    help="auto: compute METEOR when nltk and WordNet are installed (required when the "
                         "model's thresholds include METEOR), else skip it with a note (default); off: "
@@ -233,10 +236,10 @@ def choose_bertscore_model(args):
 
 def read_outputs(args) -> tuple[list, list, list[str], list[str]]:
     """(submission ids, reference ids, submission texts, reference texts), checked and decoded."""
-    from gptoss.tokenizer import get_tokenizer
+    from gptoss.tokenizer import tokenizer_from_option
 
     try:
-        tok = get_tokenizer(args.tokenizer)
+        tok = tokenizer_from_option(args.tokenizer)
     except (OSError, ValueError) as e:
         raise EvalError(f"tokenizer: {e}") from None
     sub_ids = read_id_lines(args.submission, tok.vocab_size)
@@ -273,13 +276,17 @@ def choose_text_metrics(args, thresholds: dict) -> tuple[dict, list[str]]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from gptoss.outputs import OutputPathError, check_output_path, write_atomically
 
     try:
+        if args.json_path:
+            check_output_path(args.json_path, [args.submission, args.reference, args.threshold,
+                                               args.tokenizer], force=args.force)
         thresholds = load_thresholds(args.threshold, args.model)
         bert = choose_bertscore_model(args)
         sub_ids, ref_ids, sub_texts, ref_texts = read_outputs(args)
         text_metrics, skipped = choose_text_metrics(args, thresholds)
-    except EvalError as e:
+    except (EvalError, OutputPathError) as e:
         return fail(str(e))
     for note in skipped:
         print(f"eval.py: note: {note}", file=sys.stderr)
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
         record = {"model": args.model, "prompts": len(rows), "means": means,
                   "bertscore_model": bert.describe() if bert else None, "thresholds": thresholds,
                   "failures": failures, "notes": notes, "per_prompt": rows}
-        Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically(args.json_path, json.dumps(record, indent=2) + "\n")
     if failures:
         print(f"FAIL ({args.model}): " + "; ".join(failures))
         return 1
@@ -316,4 +323,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gptoss.cli import run_main
+
+    sys.exit(run_main("eval.py", main))

@@ -34,6 +34,8 @@ def reference_command(args) -> list[str]:
         cmd += ["-r", args.reasoning]
     if args.tokenizer is not None:
         cmd += ["--tokenizer", args.tokenizer]
+    if getattr(args, "force", False):
+        cmd.append("--force")
     if args.quiet:
         cmd.append("-q")
     return cmd
@@ -44,7 +46,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model .bin file or Hugging Face checkpoint directory")
     p.add_argument("-i", "--input", required=True, help="prompt file, one prompt per line")
-    p.add_argument("-o", "--output", required=True, help="where to write the reference token ids")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the reference token ids (an existing file needs --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file (run.py --force)")
     p.add_argument("-n", "--steps", type=int, default=256,
                    help="most tokens to generate per prompt (default 256, as run.py)")
     p.add_argument("--input-format", choices=("chat", "text", "ids"), default="chat",
@@ -65,9 +69,13 @@ def main(argv=None) -> int:
     if not Path(args.input).is_file():
         print(f"make_reference.py: error: {args.input}: no such file", file=sys.stderr)
         return 2
-    # run.py reports its own errors in one line and exits non-zero; pass its status on.
+    # run.py checks -o before it loads the model and reports its own errors in one line; pass its
+    # status on (Ctrl-C reaches both processes: run.py keeps its partial file and exits 130).
     return subprocess.run(reference_command(args)).returncode
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(RUN_PY.parent))
+    from gptoss.cli import run_main
+
+    sys.exit(run_main("make_reference.py", main))

@@ -154,4 +154,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gptoss.cli import run_main
+
+    sys.exit(run_main("wordnet_setup.py", main))

@@ -19,15 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse  # noqa: E402
 import shutil  # noqa: E402
 
+from gptoss.cli import INTERRUPTED, error  # noqa: E402
+
+PROG = "export_model_bin.py"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="export_model_bin.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR",
                    help="the checkpoint to convert: a Hugging Face directory, its original/ folder, or a .bin")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="the .bin to write (written as FILE.tmp and renamed when complete)")
-    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists (never the source)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     return p
 
@@ -41,17 +45,14 @@ def main(argv=None) -> int:
     from gptoss.binfile import BinWeights, build_header, write_bin
     from gptoss.checkpoint import CheckpointError, open_weights
 
+    from gptoss.outputs import OutputPathError, check_output_path
+
     out = Path(args.output)
     try:
-        weights = open_weights(args.model)
         if out.is_dir():
             raise CheckpointError(f"{out} is a directory; give a file name, e.g. {out / 'model.bin'}")
-        if out.exists() and not args.force:
-            raise CheckpointError(f"{out} exists; pass --force to overwrite it")
-        if out.exists() and out.resolve() == Path(args.model).resolve():
-            raise CheckpointError(f"{out} is the source itself; write to another file")
-        if not out.parent.is_dir():
-            raise CheckpointError(f"{out.parent}: no such directory")
+        check_output_path(out, inputs=[args.model], force=args.force)
+        weights = open_weights(args.model)
         _, table = build_header(weights)
         size = table[-1]["offset"] + table[-1]["nbytes"]
         free = shutil.disk_usage(out.parent).free
@@ -59,12 +60,11 @@ def main(argv=None) -> int:
             raise CheckpointError(f"{out.parent}: {_gib(free)} free, the .bin needs {_gib(size)}")
         write_bin(out, weights, progress=not args.quiet and sys.stdout.isatty())
         BinWeights(out)  # read the header back: a full disk or a bad copy shows here, not at run time
-    except (CheckpointError, OSError) as e:
-        print(f"export_model_bin.py: error: {e}", file=sys.stderr)
-        return 1
+    except (CheckpointError, OutputPathError, OSError) as e:
+        return error(PROG, str(e))
     except KeyboardInterrupt:
-        print("export_model_bin.py: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED
     if not args.quiet:
         cfg = weights.config
         print(f"wrote {out} ({_gib(out.stat().st_size)}): {cfg.num_layers} layers, {cfg.num_experts} experts "

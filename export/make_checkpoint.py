@@ -21,7 +21,10 @@ import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 
+from gptoss.cli import INTERRUPTED, error  # noqa: E402
 from gptoss.config import PRESETS, ModelConfig  # noqa: E402
+
+PROG = "make_checkpoint.py"
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -59,7 +62,7 @@ def read_config_file(path: Path) -> ModelConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make_checkpoint.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS),
@@ -72,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about 4x larger) (default mxfp4)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same weights "
                                                        "(default 0)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write into")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="directory to write into (created, with its missing parents)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
                    help="most bytes per safetensors shard, e.g. 2GB or 500MiB; one file when the model fits "
                         "(default 5GB, as Hugging Face)")
-    p.add_argument("--force", action="store_true", help="write into DIR even if it already holds a checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="write into DIR even if it already holds a checkpoint (its config.json and "
+                        "model*.safetensors are replaced; other files stay)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     return p
 
@@ -94,6 +100,9 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.out} is a file, not a directory")
         if (args.out / "config.json").exists() and not args.force:
             raise ValueError(f"{args.out} already holds a checkpoint; pass --force to replace it")
+        source = args.config / "config.json" if args.config and args.config.is_dir() else args.config
+        if source and source.resolve() == (args.out / "config.json").resolve():
+            raise ValueError(f"{source} is the config.json this would replace; copy it elsewhere first")
         existing = args.out if args.out.exists() else next(p for p in args.out.parents if p.exists())
         free = shutil.disk_usage(existing).free
         if size > free:
@@ -101,11 +110,10 @@ def main(argv=None) -> int:
         write_hf_checkpoint(cfg, args.out, args.experts, args.seed, max_shard_bytes=args.shard_size,
                             progress=not args.quiet and sys.stdout.isatty())
     except (ValueError, CheckpointError, OSError) as e:
-        print(f"make_checkpoint.py: error: {e}", file=sys.stderr)
-        return 1
+        return error(PROG, str(e))
     except KeyboardInterrupt:
-        print("make_checkpoint.py: interrupted; the directory holds an incomplete checkpoint", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted; the directory holds an incomplete checkpoint", file=sys.stderr)
+        return INTERRUPTED
     if not args.quiet:
         files = sorted(p.name for p in args.out.glob("model*.safetensors"))
         print(f"wrote {args.out} ({size / 2**30:.2f} GiB in {len(files)} file{'s' * (len(files) > 1)}): "

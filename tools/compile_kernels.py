@@ -14,7 +14,8 @@ pasted in), with -std=c++17:
 One line per (family, target): ok or FAIL, then the compiler's messages on a failure (and its warnings
 with -v). --ptxas-report adds registers, shared memory, stack and spills per kernel for both targets.
 Line numbers in messages refer to the expanded source: --keep DIR writes it there.
-The exit status is 1 if any compile fails or a compiler is missing (unless --skip-missing).
+The exit status is 1 if any compile fails or a compiler is missing (unless --skip-missing), 2 for a bad
+option (README, "Exit status"), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gptoss.cli import run_main  # noqa: E402
 from gptoss.kernels import WGMMA_FAMILIES, expanded_source, families  # noqa: E402
 
 TARGETS = ("sm_90", "sm_90a", "gfx90a")
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
         return 2
     if not fams:
         print("no kernel families found in gptoss/kernels", file=sys.stderr)
-        return 1
+        return 2
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = sorted(set(targets) - set(TARGETS))
     if bad or not targets:
@@ -253,4 +255,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("compile_kernels.py", main))
