@@ -235,7 +235,7 @@ def test_export_cli_end_to_end(tmp_path):
     assert_bit_identical(open_weights(out), open_weights(hf))
 
     again = export("--model", hf, "--output", out)
-    assert again.returncode == 1 and again.stderr == (f"export_model_bin.py: error: {out} exists; pass --force "
+    assert again.returncode == 2 and again.stderr == (f"export_model_bin.py: error: {out} exists; pass --force "
                                                       "to overwrite it\n")
     copy = export("--model", out, "--output", out.with_name("copy.bin"), "--quiet")  # a .bin is a source too
     assert copy.returncode == 0 and copy.stdout == ""
@@ -244,20 +244,20 @@ def test_export_cli_end_to_end(tmp_path):
 
 def test_export_cli_bad_input_is_one_line(tmp_path):
     proc = export("--model", tmp_path / "missing", "--output", tmp_path / "m.bin")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr == f"export_model_bin.py: error: {tmp_path}/missing: no such file or directory\n"
 
     hf = write_hf_checkpoint(TINY, tmp_path / "hf", "mxfp4", seed=0)
     data = (hf / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[:-10])
     proc = export("--model", hf, "--output", tmp_path / "m.bin")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert "truncated" in proc.stderr
     assert not (tmp_path / "m.bin").exists()
 
     (hf / "model.safetensors").write_bytes(data)
     proc = export("--model", hf, "--output", tmp_path / "no" / "dir" / "m.bin")
-    assert proc.returncode == 1 and "no such directory" in proc.stderr
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
 
     proc = export("--model", hf)
     assert proc.returncode == 2 and "--output" in proc.stderr

@@ -217,7 +217,7 @@ def test_make_checkpoint_cli(tmp_path):
         np.testing.assert_array_equal(loaded.raw(name), expected.raw(name))
 
     again = run_cli("--preset", "tiny", "--out", out)
-    assert again.returncode == 1 and "already holds a checkpoint; pass --force" in again.stderr
+    assert again.returncode == 2 and "already holds a checkpoint; pass --force" in again.stderr
     assert "Traceback" not in again.stderr
 
     from_config = run_cli("--config", out / "config.json", "--out", tmp_path / "c", "--quiet")
@@ -231,7 +231,7 @@ def test_make_checkpoint_cli(tmp_path):
     not_object = tmp_path / "list.json"
     not_object.write_text("[1, 2]")
     proc = run_cli("--config", not_object, "--out", tmp_path / "l")
-    assert proc.returncode == 1 and "not a JSON object" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "not a JSON object" in proc.stderr and "Traceback" not in proc.stderr
 
     bad = run_cli("--preset", "tiny", "--out", tmp_path / "x", "--shard-size", "2XB")
     assert bad.returncode == 2 and "is not a size" in bad.stderr
