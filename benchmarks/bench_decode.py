@@ -11,7 +11,6 @@ as run.py does. Prints tokens/s and the time per step against the weight-streami
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks.common import H100_BF16_TFLOPS
+from benchmarks.common import H100_BF16_TFLOPS, add_json_option, json_path_error, write_json
 
 
 def active_params(cfg) -> int:
@@ -48,8 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from a captured CUDA graph (default on)")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
+    add_json_option(p, "the results")
     args = p.parse_args(argv)
+    if (code := json_path_error("bench_decode.py", args)) is not None:
+        return code
 
     import cupy
     from gptoss.config import PRESETS
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         results["profile"][b] = prof
         print_profile(prof, f"one decode step at batch {b}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results, indent=2)
     return 0
 
 

@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
+from benchmarks.common import add_json_option, json_path_error, write_json  # noqa: E402
+
 
 def write_prompts(path: Path, n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
@@ -47,8 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--promise", type=float, default=None,
                    help="share of each budget that admission promises in KV pages (default "
                         "gptoss.batching.PROMISE; below 1, sequences may be preempted and recomputed)")
-    p.add_argument("--json", default=None, help="copy getp's JSON record here")
+    add_json_option(p, "a copy of getp's record")
     args = p.parse_args(argv)
+    if (code := json_path_error("bench_getp.py", args)) is not None:
+        return code
 
     import run
     from gptoss import batching
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompt_tokens = write_prompts(prompts, args.prompts, args.min_len, args.max_len, vocab)
-        record = Path(args.json) if args.json else Path(tmp) / "record.json"
+        record = Path(tmp) / "record.json"
         model = args.model or f"synthetic:{args.preset}"
         argv = [model, "-m", "getp", "-i", str(prompts), "-o", str(Path(tmp) / "out.txt"),
                 "-n", str(args.steps), "--ignore-eos", "--input-format", "ids", "--json", str(record)]
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
         if code:
             return code
         rec = json.loads(record.read_text())
+        if args.json:
+            write_json(args.json, rec, indent=2)
     print(f"bench_getp: {model}: {args.prompts} prompts ({prompt_tokens} prompt tokens, lengths "
           f"{args.min_len}..{args.max_len}), {rec['generated_tokens']} generated in {rec['wall_seconds']} s: "
           f"{rec['tokens_per_second']:,.0f} generated tokens/s, peak GPU memory "

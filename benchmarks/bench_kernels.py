@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import H100_BF16_TFLOPS, H100_COPY_GBPS, time_ms  # noqa: E402
+from benchmarks.common import H100_BF16_TFLOPS, H100_COPY_GBPS, add_json_option, json_path_error, time_ms, \
+    write_json  # noqa: E402
 
 
 def copy_gbps() -> float:
@@ -94,11 +94,13 @@ def print_table(rows: list[dict], ceilings: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated substrings of module names (gemm, moe, small...)")
-    p.add_argument("--json", default=None, help="write ceilings, rows and failures as JSON here")
+    add_json_option(p, "ceilings, rows and failures")
     p.add_argument("--no-ceilings", action="store_true",
                    help=f"skip measuring; use the H100 figures ({H100_COPY_GBPS:.0f} GB/s, "
                         f"{H100_BF16_TFLOPS:.0f} TFLOP/s)")
     args = p.parse_args(argv)
+    if (code := json_path_error("bench_kernels.py", args)) is not None:
+        return code
 
     import cupy
 
@@ -142,8 +144,7 @@ def main(argv=None) -> int:
     if failures:
         print(f"\n{len(failures)} module(s) failed: {', '.join(f['module'] for f in failures)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "ceilings": ceilings, "rows": rows,
-                                               "failures": failures}, indent=1))
+        write_json(args.json, {"device": device, "ceilings": ceilings, "rows": rows, "failures": failures})
         print(f"wrote {args.json}")
     return 1 if failures else 0
 

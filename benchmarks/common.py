@@ -1,7 +1,12 @@
-"""Timing helpers shared by the benchmarks: CUDA events, warm-up, median of many repeats."""
+"""Helpers shared by the benchmarks: timing (CUDA events, warm-up, median of many repeats) and their
+--json output (checked before the run, like every output of the project: gptoss/outputs.py)."""
 from __future__ import annotations
 
+import json
 import statistics
+
+from gptoss.cli import error
+from gptoss.outputs import OutputPathError, check_output_path, write_atomically
 
 # Ceilings measured on the device's H100 (../shared/docs/peers.md); bench_kernels.py re-measures them.
 H100_COPY_GBPS = 3000.0
@@ -31,3 +36,23 @@ def row(name: str, shape: str, ms: float, flops: float = 0.0, bytes_moved: float
     return {"name": name, "shape": shape, "ms": ms,
             "tflops": flops / ms / 1e9 if flops else 0.0,
             "gbps": bytes_moved / ms / 1e6 if bytes_moved else 0.0}
+
+
+def add_json_option(parser, what: str) -> None:
+    parser.add_argument("--json", default=None,
+                        help=f"write {what} as JSON here (checked before the run; an existing file needs --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
+
+
+def json_path_error(prog: str, args) -> int | None:
+    """None when args.json is unset or can be written; else the exit status, after a one-line error."""
+    if args.json:
+        try:
+            check_output_path(args.json, force=args.force)
+        except OutputPathError as e:
+            return error(prog, str(e))
+    return None
+
+
+def write_json(path, record, indent: int = 1) -> None:
+    write_atomically(path, json.dumps(record, indent=indent) + "\n")

@@ -15,7 +15,6 @@ Cache contents are random bf16 (speed does not depend on them).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -167,11 +166,13 @@ def bench(time_ms=common.time_ms) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    common.add_json_option(p, "the rows")
     p.add_argument("--decode-sweep", default=None, metavar="B:KEYS,KEYS,...",
                    help="only time full-attention decode at batch B for these key counts (and ragged "
                         "contexts), e.g. 2048:1024,1025,1280,2049")
     args = p.parse_args(argv)
+    if (code := common.json_path_error("kernel_attention.py", args)) is not None:
+        return code
     import cupy as cp
 
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['name']:<16} {r['shape']:<36} {r['ms']:9.4f} {r['tflops']:8.1f} {r['gbps']:8.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+        common.write_json(args.json, {"device": name, "rows": rows})
     return 0
 
 

@@ -11,13 +11,13 @@ tensor-core rate on Hopper; CuPy has no bf16 dtype), without the bias. Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, time_ms as default_time_ms  # noqa: E402
+from benchmarks.common import add_json_option, json_path_error, row, time_ms as default_time_ms, \
+    write_json  # noqa: E402
 
 # 20b: (N, K) of the bf16 products per token
 SHAPES = {"qkv": (5120, 2880), "out": (2880, 4096), "unembedding": (201088, 2880), "router": (32, 2880)}
@@ -121,8 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M (tokens) values")
     p.add_argument("--sweep", action="store_true", help="also time every variant that fits each shape")
-    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    add_json_option(p, "the rows")
     args = p.parse_args(argv)
+    if (code := json_path_error("kernel_gemm.py", args)) is not None:
+        return code
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     rows = bench(default_time_ms, shapes, [int(m) for m in args.ms.split(",")], args.sweep)
     _print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 

@@ -13,13 +13,13 @@ checkpoints).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, time_ms as default_time_ms  # noqa: E402
+from benchmarks.common import add_json_option, json_path_error, row, time_ms as default_time_ms, \
+    write_json  # noqa: E402
 
 
 def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
@@ -105,8 +105,10 @@ def main(argv=None) -> int:
     p.add_argument("--ablate", type=int, default=0, choices=(0, 1, 2, 3),
                    help="measurement only, wgmma kernels: 1 = no dequantization arithmetic, 2 = no wgmma, "
                         "3 = no loads after the prologue (wrong results; see moe.hip MOE_ABLATE)")
-    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    add_json_option(p, "the rows")
     args = p.parse_args(argv)
+    if (code := json_path_error("kernel_moe.py", args)) is not None:
+        return code
     from gptoss.config import PRESETS
     from gptoss.kernels import wgmma_available
     from gptoss.ops import moe as M
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['name']:<24} {r['shape']:<48} {r['ms']:>9.4f} {r['tflops']:>9.1f} {r['gbps']:>8.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 

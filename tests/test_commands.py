@@ -217,3 +217,19 @@ def test_eval_below_threshold_is_the_only_1(ids, tmp_path, tok, capsys):
             "--bertscore", "off"]
     assert main(argv) == 1
     assert "FAIL (mine): exact match 0.500000 < 1.0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["bench_decode", "bench_getp", "bench_kernels", "kernel_attention", "kernel_gemm",
+                                  "kernel_moe"])
+def test_benchmark_json_is_checked_before_the_run(name, tmp_path, capsys):
+    """The benchmarks need a GPU to run; their --json is refused first, without one."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{name}").main
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    assert main(["--json", str(existing)]) == 2
+    assert one_error(capsys, f"{name}.py") == f"{existing} exists; pass --force to overwrite it"
+    assert main(["--json", str(tmp_path / "nope" / "r.json")]) == 2
+    assert one_error(capsys, f"{name}.py") == f"{tmp_path / 'nope'}: no such directory (create it first)"
+    assert existing.read_text() == "{}"
