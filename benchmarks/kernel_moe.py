@@ -129,4 +129,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from gptoss.cli import run_main
+
+    sys.exit(run_main("kernel_moe.py", main))

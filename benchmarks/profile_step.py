@@ -63,8 +63,9 @@ def summarize(path: str) -> None:
     rows = list(csv.reader(open(path)))
     header = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
     if header is None:
-        sys.exit(f"{path}: no kernel rows (run the step under ncu with --csv --page raw and the "
-                 "gpu__time_duration.sum metric, as in this script's help)")
+        print(f"profile_step.py: error: {path}: no kernel rows (run the step under ncu with --csv --page raw "
+              "and the gpu__time_duration.sum metric, as in this script's help)", file=sys.stderr)
+        sys.exit(2)
     names = rows[header]
     k, t = names.index("Kernel Name"), names.index("gpu__time_duration.sum")
     unit = rows[header + 1][t]
@@ -104,4 +105,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gptoss.cli import run_main
+
+    sys.exit(run_main("profile_step.py", main))

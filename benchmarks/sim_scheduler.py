@@ -102,4 +102,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gptoss.cli import run_main
+
+    sys.exit(run_main("sim_scheduler.py", main))
