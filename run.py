@@ -176,8 +176,11 @@ def _main(argv) -> int:
         try:
             return run_getp(backend, args, sampling, model_path)
         except KeyboardInterrupt:
-            print(f"\n{PROG}: interrupted; the finished prompts are kept in {partial_path(args.output)}: "
-                  "continue with the same command and --resume", file=sys.stderr)
+            kept = partial_path(args.output)
+            if not kept.exists():
+                raise
+            print(f"\n{PROG}: interrupted; the finished prompts are kept in {kept}: continue with the same "
+                  "command and --resume", file=sys.stderr)
             return INTERRUPTED
     mode = {"generate": run_generate, "chat": run_chat}[args.mode]
     return mode(backend, args, sampling, model_path)
