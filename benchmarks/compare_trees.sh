@@ -10,6 +10,9 @@ what=${3:-all}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base=$(cd "$base" && pwd)
 mkdir -p "$out"
+for f in getp_new getp_base decode_new decode_base; do  # the base tree's benchmarks may predate --force
+  if [ -e "$out/$f.json" ]; then echo "compare_trees.sh: error: $out/$f.json exists; use another OUT_DIR" >&2; exit 2; fi
+done
 export PYTHONUNBUFFERED=1
 for tree in "$here" "$base"; do
   name=$([ "$tree" = "$here" ] && echo new || echo base)
