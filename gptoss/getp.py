@@ -54,6 +54,7 @@ def check_getp_args(args, model_path=None) -> None:
         raise GetpError("getp needs an output file: -o out.txt")
     if not Path(args.input).is_file():
         raise GetpError(f"{args.input}: no such file")
+    blank_lines(args.input, read_prompt_lines(args.input), args.skip_blank)  # not UTF-8, empty, blank lines
     inputs = getp_inputs(args, model_path)
     check_output_path(args.output, inputs, force=args.force)
     partial = partial_path(args.output)
@@ -72,11 +73,21 @@ def read_prompt_lines(path: str) -> list[str]:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise GetpError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}); "
-                         "save the file as UTF-8") from None
+                        "save the file as UTF-8") from None
     lines = text.splitlines()
     if not lines:
         raise GetpError(f"{path}: the file is empty; write one prompt per line")
     return lines
+
+
+def blank_lines(path, lines: list[str], skip: bool) -> set[int]:
+    """The (0-based) numbers of the blank lines; GetpError naming the first unless `skip`."""
+    blank = {n for n, line in enumerate(lines) if not line.strip()}
+    if blank and not skip:
+        more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
+        raise GetpError(f"{path}: line {min(blank) + 1} is blank{more}; remove it, or pass --skip-blank "
+                        "to leave the output line of a blank line empty")
+    return blank
 
 
 def parse_id_line(line: str, number: int, vocab_size: int) -> list[int]:
@@ -107,8 +118,8 @@ def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path, skip=f
     if too_big:
         line, token = too_big[0]
         raise GetpError(f"line {line}: token id {token} does not exist in this model's vocabulary of "
-                         f"{vocab_size} (a synthetic model with a small vocabulary needs "
-                         "--input-format ids)")
+                        f"{vocab_size} (a synthetic model with a small vocabulary needs "
+                        "--input-format ids)")
     return prompts
 
 
@@ -140,7 +151,7 @@ def read_partial(path: Path) -> PartialFile:
     prompt runs again); anything else that does not parse is a GetpError naming the file and the line."""
     def damaged(why: str) -> GetpError:
         return GetpError(f"{path}: not a getp partial file ({why}); delete it, or pass --force "
-                          "without --resume to start over")
+                         "without --resume to start over")
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -192,7 +203,7 @@ def existing_partial(path: Path, resume: bool, force: bool) -> tuple[PartialFile
     if resume:
         return found, None
     raise GetpError(f"{path} holds {prompts_text(len(found.done))} of an interrupted run: continue it with "
-                     "--resume, or pass --force to start over")
+                    "--resume, or pass --force to start over")
 
 
 class PartialResults:
@@ -208,12 +219,12 @@ class PartialResults:
         if found is not None:
             if found.fingerprint != fingerprint:
                 raise GetpError(f"{self.path} belongs to a different run (other prompts, model or "
-                                 "settings): delete it, or run without --resume and with --force to "
-                                 "start over")
+                                "settings): delete it, or run without --resume and with --force to "
+                                "start over")
             bad = [i for i in found.done if not 0 <= i < n_prompts]
             if bad:
-                raise GetpError(f"{self.path}: a record for prompt {bad[0]}, and the run has "
-                                 f"{n_prompts}; delete it, or pass --force without --resume to start over")
+                raise GetpError(f"{self.path}: a record for prompt {bad[0]}, but the run has {n_prompts} "
+                                "prompts; delete it, or pass --force without --resume to start over")
             self.done = found.done
         # Rewritten whole (atomically) before appending, so that a line cut by an earlier interruption
         # never has records glued to it.
@@ -283,12 +294,7 @@ def run_getp(backend, args, sampling, model_path) -> int:
 
     cfg = backend.config
     lines = read_prompt_lines(args.input)
-    blank = {n for n, line in enumerate(lines) if not line.strip()}
-    if blank and not args.skip_blank:
-        first = min(blank)
-        more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
-        raise GetpError(f"{args.input}: line {first + 1} is blank{more}; remove it, or pass --skip-blank "
-                         "to leave the output line of a blank line empty")
+    blank = blank_lines(args.input, lines, args.skip_blank)
     prompts = tokenize_prompts(lines, args, cfg.vocab_size, model_path, skip=blank)
     too_long = set()
     for n, ids in enumerate(prompts):
@@ -299,7 +305,7 @@ def run_getp(backend, args, sampling, model_path) -> int:
         except ContextError as e:
             if not args.skip_long:
                 raise GetpError(f"line {n + 1}: {e}. Shorten it, or pass --skip-long to leave its output "
-                                 "line empty and run the rest") from None
+                                "line empty and run the rest") from None
             print(f"getp: warning: line {n + 1}: {e}; its output line stays empty", file=sys.stderr)
             too_long.add(n)
     skipped = blank | too_long

@@ -123,6 +123,11 @@ def test_blank_lines_are_errors_in_every_format_or_skipped(model, chat_model, tm
         blanks = sum(not line.strip() for line in lines)
         err = capsys.readouterr().err
         assert f"getp: {blanks} line{'s' * (blanks > 1)} skipped as blank" in err
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a model")
+    assert getp(junk, tmp_path / "ids.txt", tmp_path / "new.out") == 2  # found before the model loads
+    assert one_error(capsys).endswith("line 2 is blank; remove it, or pass --skip-blank to leave the output "
+                                      "line of a blank line empty")
 
 
 def test_a_tokenizer_option_that_is_not_a_tokenizer(chat_model, prompts, tmp_path, capsys):
