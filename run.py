@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  python run.py model.bin -m generate -p \"Why is the sky blue?\" -n 128\n"
                "  python run.py model.bin -m chat -y \"Answer in one sentence.\"\n"
                "  python run.py model.bin -m getp -i prompts.txt -o out.txt -n 512\n"
-               "  python decode.py -i out.txt -o out.txt.decoded")
+               "  python decode.py -i out.txt -o out.txt.decoded\n\n"
+               "exit status: 0 success, 2 bad usage or input (one line: run.py: error: ...), 130 "
+               "interrupted (chat: Ctrl-C stops a reply; Ctrl-C at the prompt ends the chat)")
     p.add_argument("model", nargs="?", help="model .bin file or Hugging Face checkpoint directory")
     p.add_argument("-m", "--mode", choices=MODES, default="generate",
                    help="generate: continue a prompt; chat: interactive harmony chat; "
