@@ -6,6 +6,24 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_INT = 2**31 - 1  # sizes reach the kernels as 32-bit ints
+MAX_LAYERS = 4096  # far above any real model (gpt-oss-120b has 36); a corrupt count cannot build huge tables
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def short_repr(value) -> str:
+    """A value for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     num_layers: int = 24
@@ -31,10 +49,17 @@ class ModelConfig:
     max_context: int = 131072
 
     def __post_init__(self):
+        # the scalars first: a corrupt num_layers must be refused before it sizes the default layer_types
+        problems = self._scalar_problems()
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+        for f in dataclasses.fields(self):
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
         if not self.layer_types:
             types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_layers))
             object.__setattr__(self, "layer_types", types)
-        else:
+        elif isinstance(self.layer_types, (list, tuple)):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
 
@@ -54,25 +79,54 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
 
-    def validate(self) -> None:
+    def _scalar_problems(self) -> list[str]:
+        """Every int field an int in 1..MAX_INT (kernels index with 32-bit ints), at most MAX_LAYERS layers;
+        every float field a finite number, in the range its formula needs."""
         problems = []
-        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_experts",
-                     "experts_per_token", "intermediate_size", "vocab_size", "sliding_window", "max_context"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be positive (got {getattr(self, name)})")
-        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
-            problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
-        if self.experts_per_token > self.num_experts:
-            problems.append(f"experts_per_token {self.experts_per_token} > num_experts {self.num_experts}")
-        if self.hidden_size % 32 or self.intermediate_size % 32:
-            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
-        if len(self.layer_types) != self.num_layers:
-            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
-        if bad:
-            problems.append(f"unknown layer types {bad}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not _is_int(value) or not 0 < value <= MAX_INT):
+                problems.append(f"{f.name} must be an integer in 1..{MAX_INT} (got {short_repr(value)})")
+            if f.type == "float" and not (_is_real(value) and math.isfinite(value)):
+                problems.append(f"{f.name} must be a finite number (got {short_repr(value)})")
+        if problems:
+            return problems
+        if self.num_layers > MAX_LAYERS:
+            problems.append(f"num_layers {self.num_layers} is more than {MAX_LAYERS}")
+        if self.rope_theta <= 1:  # the RoPE base: frequencies theta^(-2i/d) must fall, and YaRN takes log(theta)
+            problems.append(f"rope_theta must be above 1 (got {self.rope_theta})")
+        if self.rope_scaling_factor <= 0:
+            problems.append(f"rope_scaling_factor must be positive (got {self.rope_scaling_factor})")
+        # YaRN's ramp runs from beta_fast rotations (low dims) down to beta_slow (high dims)
+        if self.rope_scaling_factor > 1 and not self.rope_beta_fast > self.rope_beta_slow > 0:
+            problems.append(f"rope_beta_fast ({self.rope_beta_fast}) must exceed rope_beta_slow "
+                            f"({self.rope_beta_slow}), which must be positive")
+        if self.swiglu_limit <= 0 or self.swiglu_alpha <= 0:
+            problems.append(f"swiglu_limit and swiglu_alpha must be positive (got {self.swiglu_limit}, "
+                            f"{self.swiglu_alpha})")
+        if self.rms_norm_eps < 0:
+            problems.append(f"rms_norm_eps must not be negative (got {self.rms_norm_eps})")
+        return problems
+
+    def validate(self) -> None:
+        problems = self._scalar_problems()
+        if not problems:
+            if self.num_heads % self.num_kv_heads:
+                problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            if self.head_dim % 2:
+                problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+            if self.experts_per_token > self.num_experts:
+                problems.append(f"experts_per_token {self.experts_per_token} > num_experts {self.num_experts}")
+            if self.hidden_size % 32 or self.intermediate_size % 32:
+                problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
+            if not (isinstance(self.layer_types, tuple) and all(isinstance(t, str) for t in self.layer_types)):
+                problems.append(f"layer_types must be a list of names (got {short_repr(self.layer_types)})")
+            elif len(self.layer_types) != self.num_layers:
+                problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            else:
+                bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+                if bad:
+                    problems.append(f"unknown layer types {short_repr(bad)}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
@@ -84,6 +138,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object (got {short_repr(d)})")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -93,41 +149,62 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict) -> "ModelConfig":
         """Map a Hugging Face GptOss config.json (transformers 4.55+ or 5.x) onto our fields."""
-        def need(*keys, default=None):
-            for k in keys:
-                if k in hf and hf[k] is not None:
-                    return hf[k]
+        def integer(*keys, default=None):
+            """The first of `keys` that is set (or the default), which must be an integer."""
+            for key in keys:
+                if hf.get(key) is not None:
+                    if not _is_int(hf[key]):
+                        raise ValueError(f"{key} must be an integer (got {short_repr(hf[key])})")
+                    return hf[key]
             if default is None:
                 raise ValueError(f"config.json lacks {' / '.join(keys)}")
             return default
 
+        def real(key, value):
+            if not _is_real(value):
+                raise ValueError(f"{key} must be a number (got {short_repr(value)})")
+            try:
+                return float(value)
+            except OverflowError:
+                raise ValueError(f"{key} {short_repr(value)} is too large") from None
+
+        def table(key):
+            value = hf.get(key) or {}
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} must be an object (got {short_repr(value)})")
+            return value
+
         # transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters (holding rope_theta too)
-        rope = dict(hf.get("rope_scaling") or {})
-        rope.update(hf.get("rope_parameters") or {})
+        rope = dict(table("rope_scaling"))
+        rope.update(table("rope_parameters"))
         theta = rope.get("rope_theta", hf.get("rope_theta", 150000.0))
-        num_layers = int(need("num_hidden_layers"))
+        initial_context = rope.get("original_max_position_embeddings", hf.get("initial_context_length", 4096))
+        if not _is_int(initial_context):
+            raise ValueError("original_max_position_embeddings must be an integer (got "
+                             f"{short_repr(initial_context)})")
         layer_types = hf.get("layer_types") or ()
+        if not isinstance(layer_types, list | tuple):
+            raise ValueError(f"layer_types must be a list (got {short_repr(layer_types)})")
         return cls(
-            num_layers=num_layers,
-            hidden_size=int(need("hidden_size")),
-            num_heads=int(need("num_attention_heads")),
-            num_kv_heads=int(need("num_key_value_heads")),
-            head_dim=int(need("head_dim")),
-            num_experts=int(need("num_local_experts", "num_experts")),
-            experts_per_token=int(need("num_experts_per_tok", "experts_per_token")),
-            intermediate_size=int(need("intermediate_size")),
-            vocab_size=int(need("vocab_size")),
-            sliding_window=int(need("sliding_window", default=128)),
+            num_layers=integer("num_hidden_layers"),
+            hidden_size=integer("hidden_size"),
+            num_heads=integer("num_attention_heads"),
+            num_kv_heads=integer("num_key_value_heads"),
+            head_dim=integer("head_dim"),
+            num_experts=integer("num_local_experts", "num_experts"),
+            experts_per_token=integer("num_experts_per_tok", "experts_per_token"),
+            intermediate_size=integer("intermediate_size"),
+            vocab_size=integer("vocab_size"),
+            sliding_window=integer("sliding_window", default=128),
             layer_types=tuple(layer_types),
-            rope_theta=float(theta),
-            rope_scaling_factor=float(rope.get("factor", 32.0)),
-            rope_initial_context=int(rope.get("original_max_position_embeddings",
-                                              hf.get("initial_context_length", 4096))),
-            rope_beta_fast=float(rope.get("beta_fast", 32.0)),
-            rope_beta_slow=float(rope.get("beta_slow", 1.0)),
-            swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            max_context=int(need("max_position_embeddings", default=131072)),
+            rope_theta=real("rope_theta", theta),
+            rope_scaling_factor=real("factor", rope.get("factor", 32.0)),
+            rope_initial_context=initial_context,
+            rope_beta_fast=real("beta_fast", rope.get("beta_fast", 32.0)),
+            rope_beta_slow=real("beta_slow", rope.get("beta_slow", 1.0)),
+            swiglu_limit=real("swiglu_limit", hf.get("swiglu_limit", 7.0)),
+            rms_norm_eps=real("rms_norm_eps", hf.get("rms_norm_eps", 1e-5)),
+            max_context=integer("max_position_embeddings", default=131072),
         )
 
     def to_hf_dict(self, quantized_experts: bool = True) -> dict:
