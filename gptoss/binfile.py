@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import DTYPES, CheckpointError, TensorInfo, Weights, canonical_layout, check_tensors, nbytes_of
-from .config import ModelConfig
+from .checkpoint import (DTYPES, EXPERT_FORMATS, CheckpointError, TensorInfo, Weights, canonical_layout, check_tensors,
+                         is_count, nbytes_of, parse_json)
+from .config import ModelConfig, short_repr
 
 MAGIC = b"GPTOSSW\n"
 VERSION = 1
@@ -126,6 +127,22 @@ class BinWeights(Weights):
         return self.map[t["offset"]:t["offset"] + t["nbytes"]].view(DTYPES[t["dtype"]][0]).reshape(t["shape"])
 
 
+def _check_entry(t, i: int) -> None:
+    """One tensor table entry: a name, a dtype string, a shape of sizes, an offset and nbytes (ValueError)."""
+    if not isinstance(t, dict):
+        raise ValueError(f"tensors[{i}] is not an object: {short_repr(t)}")
+    for key in ("name", "dtype", "shape", "offset", "nbytes"):
+        if key not in t:
+            raise ValueError(f"tensors[{i}] has no {key}")
+    if not isinstance(t["name"], str) or not isinstance(t["dtype"], str):
+        raise ValueError(f"tensors[{i}] name and dtype must be strings")
+    if not (isinstance(t["shape"], list) and all(is_count(d) for d in t["shape"])):
+        raise ValueError(f"{t['name']} has shape {short_repr(t['shape'])}, not a list of sizes")
+    for key in ("offset", "nbytes"):
+        if not is_count(t[key]):
+            raise ValueError(f"{t['name']} has {key} {short_repr(t[key])}, not a byte count")
+
+
 def read_header(path: Path) -> dict:
     """Read and check the prelude, header and tensor table of a .bin; config becomes a ModelConfig."""
     try:
@@ -150,17 +167,23 @@ def read_header(path: Path) -> dict:
     if zlib.crc32(text) != crc:
         raise CheckpointError(f"{path}: corrupt header (checksum mismatch)")
     try:
-        header = json.loads(text)
+        header = parse_json(text)
+        if not isinstance(header, dict):
+            raise ValueError(f"not a JSON object: {short_repr(header)}")
         config = ModelConfig.from_dict(header["config"])
-        experts, table, file_size = header["experts_format"], header["tensors"], int(header["file_size"])
+        experts, table, file_size = header["experts_format"], header["tensors"], header["file_size"]
+        if experts not in EXPERT_FORMATS:
+            raise ValueError(f"experts_format {short_repr(experts)} is not one of {EXPERT_FORMATS}")
+        if not is_count(file_size):
+            raise ValueError(f"file_size {short_repr(file_size)} is not a size")
+        if not isinstance(table, list):
+            raise ValueError(f"tensors is not a list: {short_repr(table)}")
+        for i, t in enumerate(table):
+            _check_entry(t, i)
         layout = canonical_layout(config, experts)
-        entries = {}
-        for t in table:
-            t["shape"] = [int(s) for s in t["shape"]]
-            t["offset"], t["nbytes"] = int(t["offset"]), int(t["nbytes"])
-            entries[str(t["name"])] = t
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt header ({type(e).__name__}: {e})") from None
+    entries = {t["name"]: t for t in table}
     if size < file_size:
         raise CheckpointError(f"{path}: truncated: the header describes {file_size} bytes, the file has {size} "
                               "(the export was interrupted or the copy is incomplete)")

@@ -4,7 +4,10 @@ Sources: a Hugging Face checkpoint directory (config.json + model.safetensors or
 model.safetensors.index.json; experts packed MXFP4 or dequantized bf16), OpenAI's `original/` layout,
 or our single-file `.bin` (gptoss/binfile.py). Tensors are read lazily: the safetensors headers are
 parsed here and the data is np.memmap'ed, so a 65 GB checkpoint never passes through RAM at once.
-Every tensor's name, shape and dtype is checked against config.json before anything is returned.
+Every tensor's name, shape and dtype is checked against config.json before anything is returned, and
+every header value is type-checked and bounded by the file's size before it is used: a damaged file ends
+in a one-line CheckpointError, never in another exception, a read outside the checkpoint or an
+allocation sized by a corrupt number (tests/test_fuzz_loaders.py).
 """
 from __future__ import annotations
 
@@ -17,12 +20,29 @@ from pathlib import Path
 import numpy as np
 
 from .bf16 import from_bf16_bits
-from .config import ModelConfig
+from .config import ModelConfig, short_repr
 from .mxfp4 import dequantize
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem in one line."""
+
+    def __init__(self, message: str):
+        # names and values quoted from a damaged file may hold newlines or terminal escapes: show them escaped
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
+def parse_json(text):
+    """json.loads, with nesting too deep for the parser reported as the ValueError every other flaw is."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def is_count(value) -> bool:
+    """A JSON integer >= 0 (a size, a dimension or an offset); bools, floats and strings are not."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ---- dtypes ---------------------------------------------------------------------------------------
@@ -231,9 +251,26 @@ class StEntry:
     end: int
 
 
+def _entry_fields(meta) -> tuple[str, tuple[int, ...], int, int]:
+    """The dtype, shape and data_offsets of one safetensors header entry (ValueError saying what is wrong)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"not an object: {short_repr(meta)}")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in meta]
+    if missing:
+        raise ValueError(f"no {missing[0]}")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype {short_repr(dtype)} is not a string")
+    if not (isinstance(shape, list) and all(is_count(d) for d in shape)):
+        raise ValueError(f"shape {short_repr(shape)} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
+        raise ValueError(f"data_offsets {short_repr(offsets)} is not two byte offsets")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def read_safetensors_header(path: Path) -> dict[str, StEntry]:
     """Parse and check a safetensors header: 8-byte little-endian length, then JSON; offsets count from
-    the end of the header. Detects truncated files and offsets past the end."""
+    the end of the header. Detects truncated files, offsets past the end and overlapping tensors."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -248,7 +285,7 @@ def read_safetensors_header(path: Path) -> dict[str, StEntry]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(text)
+        header = parse_json(text)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
@@ -259,20 +296,26 @@ def read_safetensors_header(path: Path) -> dict[str, StEntry]:
         if name == "__metadata__":
             continue
         try:
-            st_dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+            st_dtype, shape, begin, end = _entry_fields(meta)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name} ({e})") from None
         if st_dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: {name} has unknown dtype {st_dtype}")
         dtype, itemsize = SAFETENSORS_DTYPES[st_dtype]
-        if end - begin != math.prod(shape) * itemsize or begin < 0:
+        if end - begin != math.prod(shape) * itemsize:
             raise CheckpointError(f"{path}: {name} spans {end - begin} bytes, but shape {list(shape)} of "
                                   f"{st_dtype} needs {math.prod(shape) * itemsize}")
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: {name} ends at byte {base + end}, the file has {size} "
                                   "bytes (download it again)")
         entries[name] = StEntry(path, dtype, shape, base + begin, base + end)
+    end_of_previous, previous = base, "the header"
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if e.end == e.start:  # an empty tensor occupies no bytes
+            continue
+        if e.start < end_of_previous:
+            raise CheckpointError(f"{path}: {name} at bytes [{e.start}, {e.end}) overlaps {previous}")
+        end_of_previous, previous = e.end, name
     return entries
 
 
@@ -309,9 +352,11 @@ def read_config(directory: Path) -> ModelConfig:
 def config_from_json(path: Path) -> ModelConfig:
     """A Hugging Face config.json or OpenAI's original/config.json -> ModelConfig (CheckpointError if bad)."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = parse_json(Path(path).read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs its config.json)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     return config_from_dict(raw, str(path))
@@ -335,11 +380,17 @@ def _safetensors_files(directory: Path) -> tuple[dict[str, Path], str]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = parse_json(index.read_bytes())["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+        for name, file in weight_map.items():
+            # a shard is a file of this directory: a path could make the index read any file on the machine
+            if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+                raise CheckpointError(f"{index}: {name} is in {short_repr(file)}, not a file name in {directory}")
         for file in sorted(set(weight_map.values())):
             if not (directory / file).is_file():
                 raise CheckpointError(f"{index}: lists shard {file}, which is not in {directory}")

@@ -219,6 +219,37 @@ def test_table_that_does_not_match_the_config(tiny_bin, tmp_path):
     assert error_of(bad) == f"{bad}: embedding.weight has dtype u8, expected bf16 or f32"
 
 
+def test_header_values_of_the_wrong_kind(tiny_bin, tmp_path):
+    """Every table and header value is type-checked before it is used as a number or a key."""
+    def entry(key, value):
+        return lambda h: h["tensors"][0].update({key: value})
+
+    cases = [
+        (lambda h: h["tensors"][0].pop("dtype"), "tensors[0] has no dtype"),
+        (lambda h: h.update(file_size=float("inf")), "file_size inf is not a size"),
+        (entry("offset", 1e300), "embedding.weight has offset 1e+300, not a byte count"),
+        (entry("nbytes", -2), "embedding.weight has nbytes -2, not a byte count"),
+        (entry("shape", ["512", 64]), "embedding.weight has shape ['512', 64], not a list of sizes"),
+        (entry("name", None), "tensors[0] name and dtype must be strings"),
+        (lambda h: h.update(tensors={}), "tensors is not a list: {}"),
+        (lambda h: h.update(experts_format="fp8"), "experts_format 'fp8' is not one of ('mxfp4', 'bf16')"),
+        (lambda h: h["config"].update(num_layers=10**9, layer_types=[]),
+         "invalid model config: num_layers 1000000000 is more than 4096"),
+        (lambda h: h["config"].update(rope_theta="150000"),
+         "invalid model config: rope_theta must be a finite number (got '150000')"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        bad = with_header(tiny_bin, tmp_path / f"{i}.bin", edit)
+        assert error_of(bad) == f"{bad}: corrupt header (ValueError: {message})"
+
+
+def test_header_that_is_not_a_json_object(tmp_path):
+    bad = tmp_path / "deep.bin"
+    for text, why in ((b"[" * 100_000, "JSON nested too deeply"), (b"[]", "not a JSON object: []")):
+        bad.write_bytes(PRELUDE.pack(MAGIC, VERSION, zlib.crc32(text), len(text)) + text)
+        assert error_of(bad) == f"{bad}: corrupt header (ValueError: {why})"
+
+
 # ---- the export CLI -------------------------------------------------------------------------------
 
 def export(*args):

@@ -266,3 +266,97 @@ def test_no_checkpoint_at_all(tmp_path):
 
 def test_a_single_safetensors_file_is_refused_with_a_hint(hf_mxfp4):
     assert "pass the checkpoint directory" in error_of(hf_mxfp4 / "model.safetensors")
+
+
+def edit_header(path, edit):
+    """Rewrite a safetensors file with its JSON header edited in place and the data untouched."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+def test_safetensors_entries_of_the_wrong_kind(tmp_path, hf_mxfp4):
+    d = copy_checkpoint(hf_mxfp4, tmp_path)
+    path = d / "model.safetensors"
+    original = path.read_bytes()
+    cases = [
+        ({"dtype": []}, "dtype [] is not a string"),
+        ({"shape": [1e300, 64]}, "shape [1e+300, 64] is not a list of sizes"),
+        ({"shape": [-512, -64]}, "shape [-512, -64] is not a list of sizes"),
+        ({"data_offsets": [0, float("inf")]}, "data_offsets [0, inf] is not two byte offsets"),
+        ({"data_offsets": [0, 1, 2]}, "data_offsets [0, 1, 2] is not two byte offsets"),
+    ]
+    for change, why in cases:
+        path.write_bytes(original)
+        edit_header(path, lambda h: h["lm_head.weight"].update(change))
+        assert error_of(d) == f"{path}: corrupt safetensors header entry for lm_head.weight ({why})"
+    edit_header(path, lambda h: h["lm_head.weight"].pop("dtype"))
+    assert error_of(d) == f"{path}: corrupt safetensors header entry for lm_head.weight (no dtype)"
+    path.write_bytes(struct.pack("<Q", 100_000) + b"[" * 100_000)
+    assert error_of(d) == f"{path}: corrupt safetensors header (JSON nested too deeply)"
+
+
+def test_tensors_sharing_bytes_are_refused(tmp_path, hf_mxfp4):
+    d = copy_checkpoint(hf_mxfp4, tmp_path)
+    path = d / "model.safetensors"
+    shared = {}
+
+    def alias(h):
+        shared.update(h["model.layers.0.input_layernorm.weight"])
+        h["model.norm.weight"]["data_offsets"] = shared["data_offsets"]
+
+    edit_header(path, alias)
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    start, end = (8 + n + o for o in shared["data_offsets"])
+    assert error_of(d) == (f"{path}: model.norm.weight at bytes [{start}, {end}) overlaps "
+                           "model.layers.0.input_layernorm.weight")
+
+
+def test_names_from_the_file_cannot_break_the_message_line(tmp_path, hf_mxfp4):
+    d = copy_checkpoint(hf_mxfp4, tmp_path)
+    rewrite(d / "model.safetensors", replace={"x\ny\x1b[2J": ("u8", np.zeros(4, np.uint8))})
+    assert error_of(d) == (f"{d}/model.safetensors: unexpected tensor x\\ny\\x1b[2J; config.json describes 2 "
+                           "layers, 4 experts")
+
+
+def test_index_shard_names_stay_in_the_checkpoint(tmp_path):
+    """A weight_map value is a file name in the checkpoint directory: a path, even to a valid shard, or a
+    value that is not a string is refused before any file is opened."""
+    d = write_hf_checkpoint(TINY, tmp_path / "s", "mxfp4", seed=0, max_shard_bytes=30_000)
+    index = d / "model.safetensors.index.json"
+    original = json.loads(index.read_text())
+    first = original["weight_map"]["model.embed_tokens.weight"]
+    shutil.copy(d / first, tmp_path / "outside.safetensors")  # a valid shard, outside
+    for value in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "..", None, ["a"]):
+        weight_map = {name: value if file == first else file for name, file in original["weight_map"].items()}
+        index.write_text(json.dumps(dict(original, weight_map=weight_map)))
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        assert error_of(d) == f"{index}: model.embed_tokens.weight is in {shown}, not a file name in {d}"
+    index.write_text("[" * 100_000)
+    assert error_of(d) == f"{index}: not a valid index (needs a 'weight_map' object)"
+
+
+def test_config_json_values_of_the_wrong_kind(tmp_path, hf_mxfp4):
+    d = copy_checkpoint(hf_mxfp4, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    path = d / "config.json"
+    cases = [
+        (dict(config, hidden_size=float("inf")), "hidden_size must be an integer (got inf)"),
+        ({k: v for k, v in config.items() if k != "layer_types"} | {"num_hidden_layers": 10**9},
+         "invalid model config: num_layers 1000000000 is more than 4096"),
+        (dict(config, rope_scaling=None, rope_parameters=None, rope_theta=1),
+         "invalid model config: rope_theta must be above 1 (got 1.0)"),
+        ([config], "not a JSON object"),
+    ]
+    for raw, why in cases:
+        path.write_text(json.dumps(raw))
+        assert error_of(d) == f"{path}: {why}"
+    path.write_text("[" * 100_000)
+    assert error_of(d) == f"{path}: not valid JSON (JSON nested too deeply)"
+    path.unlink()
+    path.mkdir()
+    assert error_of(d) == f"{path}: cannot read (Is a directory)"
