@@ -259,8 +259,12 @@ class Tokenizer:
                                  f"(expected {wrong}); rebuild it with export/export_tokenizer_bin.py")
         self.vocabulary = vocab
         self.source = source
-        self.encoding = tiktoken.Encoding(vocab.name, pat_str=vocab.pattern, mergeable_ranks=ranks,
-                                          special_tokens=vocab.specials)
+        try:
+            self.encoding = tiktoken.Encoding(vocab.name, pat_str=vocab.pattern, mergeable_ranks=ranks,
+                                              special_tokens=vocab.specials)
+        except ValueError as e:  # the split pattern does not compile
+            raise TokenizerError(f"{source}: not a usable vocabulary ({e}); rebuild it with "
+                                 "export/export_tokenizer_bin.py") from None
         self.vocab_size = self.encoding.n_vocab
 
     def __repr__(self) -> str:

@@ -333,3 +333,16 @@ def test_stream_decoder_equals_decode_on_random_ids(tok):
                for _ in range(rng.randint(1, 12))]
         stream = T.StreamDecoder(tok)
         assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids)
+
+
+def test_a_tokenizer_bin_whose_pattern_does_not_compile_is_refused(tmp_path):
+    """The split pattern comes from the file: one that is not a regex (its checksum intact) is a
+    TokenizerError naming the file, not tiktoken's ValueError."""
+    specials = {name: i for i, name in T.SPECIAL_NAMES.items()}
+    path = tmp_path / "tokenizer.bin"
+    T.write_tokenizer_bin(T.Vocabulary("o200k_harmony", r"[\w", [bytes([i]) for i in range(256)], specials), path)
+    with pytest.raises(TokenizerError) as err:
+        T.load_tokenizer(path)
+    message = str(err.value)  # the middle is tiktoken's own wording
+    assert message.startswith(f"{path}: not a usable vocabulary (") and "\n" not in message
+    assert message.endswith("); rebuild it with export/export_tokenizer_bin.py")
