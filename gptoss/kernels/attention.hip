@@ -42,6 +42,7 @@
 #define ATTN_TILE 64      // keys per tile (fast path)
 #define ATTN_SEG 256      // keys per segment: decode's split unit, fixed absolute cut points
 #define ATTN_BLOCK_Q 16   // queries per prefill CTA
+#define ATTN_PREFILL_STAGES 2  // K/V tile buffers of the prefill kernels' cp.async ring
 #define ATTN_LOG2E 1.4426950408889634f
 
 // Index of the first cache row of the block holding position pos of `slot` (see the top of this file):
@@ -583,16 +584,16 @@ DEVICE void attn_decode_body(
     q, kc, vc, cu_q, seq_slot, seq_start, dec_seqs, part_acc, part_ml, Hq, Hkv, L, window, nsplit, scale_log2, \
         page_table, table_w
 
-// Dynamic shared memory: prefill 2 stages x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running state); decode
-// STAGES x 16 KB of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)
+// Dynamic shared memory: prefill ATTN_PREFILL_STAGES x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running
+// state); decode STAGES x 16 KB of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)
 extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_g8(ATTN_PREFILL_ARGS) {
 #if GPTOSS_HAS_MMA
-    attn_prefill_body<8, 2>(ATTN_PREFILL_CALL);
+    attn_prefill_body<8, ATTN_PREFILL_STAGES>(ATTN_PREFILL_CALL);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(128, 4) attn_prefill_g4(ATTN_PREFILL_ARGS) {
 #if GPTOSS_HAS_MMA
-    attn_prefill_body<4, 2>(ATTN_PREFILL_CALL);
+    attn_prefill_body<4, ATTN_PREFILL_STAGES>(ATTN_PREFILL_CALL);
 #endif
 }
 #if GPTOSS_HAS_MMA

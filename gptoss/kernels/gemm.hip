@@ -3,7 +3,8 @@
 // operands are "K-contiguous" and the product is the classic TN GEMM.
 //
 // One templated body, instantiated as several tile shapes (variants) that gptoss/ops/gemm.py picks from
-// (M, N). Keep the list at the bottom of this file and VARIANTS in gemm.py in step.
+// (M, N). gemm.py reads the variants from the GEMM_*KERNEL lines at the bottom of this file (and the wgmma
+// tiles' fixed sizes from the GEMM_WG_* / GEMM_TMA_* defines below).
 //
 // Batch invariance: every variant accumulates an output element the same way: fp32 accumulators that
 // start at 0 and receive one mma.m16n8k16 per k16 step, k in increasing order, no split-K; the bias is
@@ -28,6 +29,12 @@
 #include "mma.h"
 
 #define GEMM_GROUP_N 8
+// The wgmma variants' tiles: 128 rows of x by BN, k-tiles of 64; two consumer warpgroups of 64 rows (the
+// TMA variant adds a producer warpgroup).
+#define GEMM_WG_BM 128
+#define GEMM_WG_BK 64
+#define GEMM_WG_THREADS 256
+#define GEMM_TMA_THREADS 384
 
 template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_>
 struct GemmTile {
@@ -270,7 +277,7 @@ DEVICE void gemm_wg_epilogue(const float* acc, const bf16_t* __restrict__ bias, 
 // still run (wgmma_wait<1>), so a slot is refilled two k-tiles after it was read.
 template <int BN_, int STAGES_>
 struct GemmWgTile {
-    static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, THREADS = 256;
+    static constexpr int BM = GEMM_WG_BM, BN = BN_, BK = GEMM_WG_BK, STAGES = STAGES_, THREADS = GEMM_WG_THREADS;
     static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
     static_assert(BN == 128 || BN == 256, "wgmma n128 or n256");
     static_assert(STAGES >= 3, "one slot read, one in a running wgmma, one or more in flight");
@@ -368,7 +375,7 @@ DEVICE void gemm_wg_body(const bf16_t* __restrict__ x, const bf16_t* __restrict_
 // the producer waits for before refilling it. No cp.async and no CTA barrier in the loop.
 template <int BN_, int STAGES_>
 struct GemmTmaTile {
-    static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, THREADS = 384;
+    static constexpr int BM = GEMM_WG_BM, BN = BN_, BK = GEMM_WG_BK, STAGES = STAGES_, THREADS = GEMM_TMA_THREADS;
     static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
     static_assert(BN == 128 || BN == 256, "wgmma n128 or n256; a TMA box has at most 256 rows");
     static_assert(STAGES >= 3, "one slot being read, one in a running wgmma group, one being filled");
@@ -548,7 +555,7 @@ GEMM_KERNEL(d64x64, 64, 64, 128, 2, 2, 3, 1)
 // 2 warpgroups, dynamic shared memory STAGES * (128 + BN) * 128 bytes + 1 KB of alignment slack.
 #if GPTOSS_HAS_WGMMA
 #define GEMM_WG_KERNEL(NAME, BN, STAGES, MIN_BLOCKS)                                                       \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                           \
+    extern "C" __global__ void __launch_bounds__(GEMM_WG_THREADS, MIN_BLOCKS)                               \
     gemm_##NAME(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, const bf16_t* __restrict__ bias, \
                 void* __restrict__ out, int M, int N, int K, int has_bias, int out_f32) {                    \
         gemm_wg_body<GemmWgTile<BN, STAGES>>(x, w, bias, out, M, N, K, has_bias, out_f32);                  \
@@ -559,7 +566,7 @@ GEMM_WG_KERNEL(wg128x128, 128, 3, 2)  // 96 KiB smem, 2 CTAs/SM
 // TMA variant: the tensor maps of x ([M, K], box 64 x 128) and w ([N, K], box 64 x BN) come by value
 // (gptoss/ops/tma.py builds them); 3 warpgroups (a producer and two consumers).
 #define GEMM_TMA_KERNEL(NAME, BN, STAGES)                                                                  \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMM_TMA_THREADS, 1)                                      \
     gemm_##NAME(const __grid_constant__ TensorMap tx, const __grid_constant__ TensorMap tw,                \
                 const bf16_t* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int has_bias, \
                 int out_f32) {                                                                             \

@@ -25,9 +25,13 @@ DEVICE u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 // wgmma operand tiles (layout at wgmma_desc_sw128 below): the byte offset of 16-byte chunk c (0..7) of
 // 128-byte row r in the 128-byte swizzle, and a dynamic shared-memory pointer moved up to the next 1 KB
-// boundary of the shared window (the swizzle atoms must be 1 KB-aligned; launches add 1 KB of slack).
+// boundary of the shared window (the swizzle atoms must be 1 KB-aligned; launches add WGMMA_SMEM_ALIGN
+// bytes of slack: gptoss.kernels.WGMMA_SMEM_SLACK reads it here).
+#define WGMMA_SMEM_ALIGN 1024u
 DEVICE u32 sw128_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
-DEVICE unsigned char* align_1k(unsigned char* p) { return p + ((1024u - (smem_u32(p) & 1023u)) & 1023u); }
+DEVICE unsigned char* align_1k(unsigned char* p) {
+    return p + ((WGMMA_SMEM_ALIGN - (smem_u32(p) & (WGMMA_SMEM_ALIGN - 1u))) & (WGMMA_SMEM_ALIGN - 1u));
+}
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i; r[i] is matrix i's fragment.
 DEVICE void ldmatrix_x4(u32 r[4], const void* smem_row) {
