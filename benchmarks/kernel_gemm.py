@@ -7,6 +7,7 @@ cuBLAS runs through cupy.matmul on float16 arrays of the same shapes (fp16 and b
 tensor-core rate on Hopper; CuPy has no bf16 dtype), without the bias. Reported: ms, TFLOP/s, GB/s
 (x + w + out bytes: the memory-bound figure at small M) and ours / cuBLAS throughput ("vs_cublas").
 --sweep also times every variant that fits each shape, for tuning gemm.py's pick_variant.
+GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200 (KernelOptions.from_env).
 """
 from __future__ import annotations
 
@@ -47,12 +48,13 @@ def _fits(M: int, N: int, K: int) -> bool:
     return need < 0.8 * free
 
 
-def bench(time_ms=default_time_ms, shapes=None, ms=MS, sweep: bool = False) -> list[dict]:
+def bench(time_ms=default_time_ms, shapes=None, ms=MS, sweep: bool = False, kernels=None) -> list[dict]:
+    """kernels: gptoss.kernels.KernelOptions (default: KernelOptions.from_env())."""
     import cupy
-    from gptoss.kernels import wgmma_available
-    from gptoss.ops.gemm import LARGE, available_variants, linear, pick_variant
+    from gptoss.kernels import KernelOptions
+    from gptoss.ops.gemm import LARGE, auto_variant, available_variants, linear
 
-    sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["multiProcessorCount"]
+    kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
     rows = []
     for name in shapes or SHAPES:
         N, K = SHAPES[name]
@@ -73,12 +75,12 @@ def bench(time_ms=default_time_ms, shapes=None, ms=MS, sweep: bool = False) -> l
 
             t_cublas = time_ms(lambda: cupy.matmul(x16, w16.T, out=out16))
             r_cublas = row(f"cublas fp16 {name}", shape, t_cublas, flops, nbytes)
-            picked = pick_variant(M, N, sms, wgmma_available())
+            picked = auto_variant(M, N, kernels.wgmma)
             variants = [picked]
             if sweep:
-                variants += [v for v in available_variants() if v != picked and (v in LARGE or M <= 64)]
+                variants += [v for v in available_variants(kernels.wgmma) if v != picked and (v in LARGE or M <= 64)]
             for v in variants:
-                t = time_ms(lambda: linear(x, w, b, out=out, variant=v))
+                t = time_ms(lambda: linear(x, w, b, out=out, variant=v, kernels=kernels))
                 r = row(f"gemm {name}" + ("" if v == picked else f" [{v}]"), shape, t, flops, nbytes)
                 r["variant"] = v
                 r["vs_cublas"] = t_cublas / t

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """The MoE block's kernels on one layer of the gpt-oss-20b shape (E = 32, H = I = 2880, k = 4).
 
-  python benchmarks/kernel_moe.py [--experts mxfp4|bf16] [--tokens 1,8,64,1024,4096] [--json OUT]
+  python benchmarks/kernel_moe.py [--experts mxfp4|bf16] [--tokens 1,8,64,1024,4096] [--ablate N] [--json OUT]
 
 Times route, dispatch, mlp1, mlp2 and combine (median of CUDA-event timings) at each T. TFLOP/s counts
 only real rows (2 * T*k * N * K per expert GEMM, no padding); GB/s counts the expert weight bytes a
 step needs (blocks + scales, or bf16, of the experts that got rows), the decode roofline. Where both
 tile heights are sensible (T = 64, 1024) the one not picked by default is timed too. Random weights
 are generated on the GPU (speed does not depend on the values; MXFP4 scales 118..125 as in real
-checkpoints).
+checkpoints). GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200
+(KernelOptions.from_env).
 """
 from __future__ import annotations
 
@@ -42,14 +43,18 @@ def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
 
 
 def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4096), cfg=None,
-          all_tiles: bool = False) -> list[dict]:
-    """Rows of benchmarks.common.row for the MoE kernels of one 20b-shaped layer at each T."""
+          all_tiles: bool = False, kernels=None) -> list[dict]:
+    """Rows of benchmarks.common.row for the MoE kernels of one 20b-shaped layer at each T (kernels:
+    gptoss.kernels.KernelOptions, default KernelOptions.from_env())."""
     import cupy
     import numpy as np
 
     from gptoss.config import GPT_OSS_20B
+    from gptoss.kernels import KernelOptions
     from gptoss.ops import moe as M
 
+    kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
+    wg = M.uses_wgmma(fmt, kernels)
     cfg = cfg or GPT_OSS_20B
     E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
     layer = _layer(fmt, E, H, I)
@@ -66,31 +71,33 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
         x = cupy.zeros((T, H), dtype=cupy.float32)
         experts, weights = M.route(t, layer["gate_w"], layer["gate_b"], k)
         d = M.dispatch(experts, E)
-        y = M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha)
-        out = M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights)
+        y = M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha, kernels=kernels)
+        out = M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, kernels=kernels)
         S = T * k
         active = int(np.count_nonzero(np.diff(cupy.asnumpy(d.offsets))))  # benchmark only: host copy
         shape = f"T={T} E={E} H={H} I={I} {fmt} active={active}"
-        bm_auto = M.pick_bm(S, E, fmt)
+        bm_auto = M.pick_bm(S, E, fmt, wg)
         rows.append(row("route", shape, time_ms(lambda: M.route(t, layer["gate_w"], layer["gate_b"], k,
                                                                  out=(experts, weights))),
                         flops=2.0 * T * E * H, bytes_moved=E * H * 2 + T * H * 2))
         rows.append(row("dispatch", shape, time_ms(lambda: M.dispatch(experts, E, out=d))))
-        others = [b for b in M.tile_heights(fmt) if b != bm_auto] if all_tiles or T in (64, 1024) else []
+        others = [b for b in M.tile_heights(fmt, wg) if b != bm_auto] if all_tiles or T in (64, 1024) else []
         for bm in [bm_auto] + others:
             tag = "" if bm == bm_auto else " (other tile)"
             ms1 = time_ms(lambda: M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit,
-                                                cfg.swiglu_alpha, out=y, bm=bm))
+                                                cfg.swiglu_alpha, out=y, bm=bm, kernels=kernels))
             bound = "memory" if bm == 16 else "compute"  # decode streams weights; getp is mma-bound
             rows.append(dict(row(f"mlp1 m{bm}{tag}", shape, ms1, flops=2.0 * S * 2 * I * H,
                                  bytes_moved=weight_bytes(w1, active)), bound=bound))
-            ms2 = time_ms(lambda: M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, out=out, bm=bm))
+            ms2 = time_ms(lambda: M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, out=out, bm=bm,
+                                                kernels=kernels))
             rows.append(dict(row(f"mlp2 m{bm}{tag}", shape, ms2, flops=2.0 * S * H * I,
                                  bytes_moved=weight_bytes(w2, active)), bound=bound))
         rows.append(dict(row("combine", shape, time_ms(lambda: M.combine_add(x, out)),
                              bytes_moved=(S * H + 2 * T * H) * 4), bound="memory"))
         ws = M.MoEWorkspace(T, E, k, H, I)
-        rows.append(row("moe (all five)", shape, time_ms(lambda: M.moe(x, t, layer, cfg, workspace=ws)),
+        rows.append(row("moe (all five)", shape, time_ms(lambda: M.moe(x, t, layer, cfg, workspace=ws,
+                                                                       kernels=kernels)),
                         flops=2.0 * S * 3 * I * H + 2.0 * T * E * H,
                         bytes_moved=weight_bytes(w1, active) + weight_bytes(w2, active)))
     return rows
@@ -109,17 +116,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (code := json_path_error("kernel_moe.py", args)) is not None:
         return code
+    from dataclasses import replace
+
     from gptoss.config import PRESETS
-    from gptoss.kernels import wgmma_available
+    from gptoss.kernels import KernelOptions
     from gptoss.ops import moe as M
 
+    kernels = KernelOptions.from_env().resolve()
     if args.ablate:
-        M.KERNEL_DEFINES = (f"MOE_ABLATE={args.ablate}",)
-    print(f"expert GEMMs: {'wgmma (sm_90a)' if wgmma_available() else 'mma.sync'} "
+        kernels = replace(kernels, moe_defines=(f"MOE_ABLATE={args.ablate}",))
+    print(f"expert GEMMs: {'wgmma (sm_90a)' if M.uses_wgmma(args.experts, kernels) else 'mma.sync'} "
           "(GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200)")
 
     rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")], cfg=PRESETS[args.preset],
-                 all_tiles=args.all_tiles)
+                 all_tiles=args.all_tiles, kernels=kernels)
     print(f"{'kernel':<24} {'shape':<48} {'ms':>9} {'TFLOP/s':>9} {'GB/s':>8}")
     for r in rows:
         print(f"{r['name']:<24} {r['shape']:<48} {r['ms']:>9.4f} {r['tflops']:>9.1f} {r['gbps']:>8.0f}")

@@ -12,6 +12,8 @@ import numpy as np
 
 from .bf16 import to_bf16_bits
 from .config import ModelConfig
+from .kernels import KernelOptions, is_amd
+from .ops.attention import TILE
 from .ops.moe import ROUTER_SPLITS
 
 
@@ -116,7 +118,7 @@ class DeviceWeights:
             self.unembedding = up("unembedding.weight")
 
 
-PAGE = 64  # positions per page of the full layers' cache: one attention tile (ops/attention.py TILE)
+PAGE = TILE  # positions per page of the full layers' cache: one attention tile, the kernels' smallest page
 
 
 class PageTable:
@@ -313,14 +315,18 @@ def decode_batch_bucket(b: int) -> int:
 class GPUModel:
     """The forward pass over a KV cache of `slots` sequences (plus one padding slot that captured
     decode steps use for their unused rows) of up to `capacity` positions. Without `pages` every slot
-    owns its whole capacity; with `pages` the caller hands out the full layers' pages (self.cache)."""
+    owns its whole capacity; with `pages` the caller hands out the full layers' pages (self.cache).
+    `kernels`: the kernel choices, resolved here once for this device (default KernelOptions.from_env():
+    GPTOSS_WGMMA=0 turns the wgmma kernels off)."""
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
-                 max_chunk: int, max_rows: int | None = None, pages: int | None = None):
+                 max_chunk: int, max_rows: int | None = None, pages: int | None = None,
+                 kernels: KernelOptions | None = None):
         import cupy
 
-        from .ops.attention import decode_splits, rope_table
+        from .ops.attention import decode_workspace_floats, rope_table
 
+        self.kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
         self.w = weights
         self.cfg = cfg = weights.config
         self.slots = slots
@@ -333,7 +339,7 @@ class GPUModel:
         self._graphs: dict = {}  # (padded batch, key bound, sampling) -> (graph, inputs, what it reads)
         # the attention decode partials of every step, eager or captured, sized for the largest (a
         # workspace per step would grow with the batch, and the pool would keep every old size)
-        self._decode_ws = cupy.empty(decode_batch_bucket(slots) * decode_splits(capacity, 0) * cfg.num_heads * 66,
+        self._decode_ws = cupy.empty(decode_workspace_floats(decode_batch_bucket(slots), capacity, cfg.num_heads),
                                      dtype=cupy.float32)
 
     @property
@@ -346,7 +352,7 @@ class GPUModel:
         the step buffers'); x holds the residual stream."""
         from .ops import attention as A, embed as E, gemm as G, moe as M, norm as N
 
-        cfg, w, b = self.cfg, self.w, self.buf
+        cfg, w, b, kernels = self.cfg, self.w, self.buf, self.kernels
         mark = prof.mark if prof is not None else (lambda name: None)
         eps = cfg.rms_norm_eps
         tokens, positions, slots = inputs or (b.tokens[:T], b.positions[:T], b.slots[:T])
@@ -355,7 +361,7 @@ class GPUModel:
         N.rmsnorm(x, w.layers[0].attn_norm, eps, out=t)
         mark("embed + norm")
         for i, layer in enumerate(w.layers):
-            G.linear(t, layer.qkv_w, layer.qkv_b, out=qkv)
+            G.linear(t, layer.qkv_w, layer.qkv_b, out=qkv, kernels=kernels)
             mark("qkv gemm")
             table = self.cache.layer_table(i, cfg)
             A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i], q_out=q,
@@ -364,14 +370,15 @@ class GPUModel:
             A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn,
                         page_table=table)
             mark("attention full" if layer.window == 0 else "attention sliding")
-            G.linear(attn, layer.out_w, layer.out_b, out=o)
+            G.linear(attn, layer.out_w, layer.out_b, out=o, kernels=kernels)
             mark("out gemm")
             N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t, out_f32=t32)  # x += o; t = norm(x)
             mark("add + norm")
             # x += sum_j weight_j * expert_j(t), fused with the next block's norm; the router reads t
             # unrounded (a bf16 router input flips near-tied expert choices)
             last = i + 1 == len(w.layers)
-            eo = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last, mark=mark)
+            eo = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last, mark=mark,
+                       kernels=kernels)
             if not last:
                 N.combine_rmsnorm(x, eo, cfg.experts_per_token, w.layers[i + 1].attn_norm, eps, out=t)
                 mark("moe combine + norm")
@@ -393,7 +400,7 @@ class GPUModel:
         b = self.buf
         src = E.gather_rows(b.rows[:R], b.x[:T], out=b.last[:R]) if gather else b.x[:R]
         N.rmsnorm(src, self.w.final_norm, self.cfg.rms_norm_eps, out=b.last_t[:R])
-        return G.linear(b.last_t[:R], self.w.unembedding, out=b.logits[:R], out_dtype="f32")
+        return G.linear(b.last_t[:R], self.w.unembedding, out=b.logits[:R], out_dtype="f32", kernels=self.kernels)
 
     def _sample(self, R: int, greedy: bool, seed: int, args=None):
         """Next token ids of the R logit rows into buf.ids; args = (temperature, top_p, sequences,
@@ -461,7 +468,7 @@ class GPUModel:
         greedy = sample.temperature <= 0
         T = len(step.tokens)
         decode_only = len(step.q_lens) == T and np.array_equal(step.logit_rows, np.arange(T))
-        if use_graph and decode_only and not cupy.cuda.runtime.is_hip:
+        if use_graph and decode_only and not is_amd():
             return self._decode_graph(step, sample, greedy)
         self.forward(step, sample)
         R = len(step.logit_rows)

@@ -1,13 +1,16 @@
-"""Kernel sources (*.hip, one file per family) and their run-time compilation through cupy.RawModule.
+"""Kernel sources (*.hip, one file per family), their run-time compilation through cupy.RawModule, and
+the one way gptoss/ops gets a kernel to launch: kernel(family, name, defines, sm90a=..., smem=...).
 
-Each family compiles once per process (and CuPy keeps the binary in its on-disk cache, keyed by the
-source text, so a second process starts without compiling). `common.h` is pasted into the source
-before compiling so that an edit to it changes the cache key too.
+A family compiles once per process for each (device, extra -D defines, sm_90a or not); CuPy keeps the
+binary in its on-disk cache, keyed by the source text and options, so a second process starts without
+compiling. Our headers (`common.h`, `mma.h`) are pasted into the source before compiling so that an
+edit to one changes the cache key too.
 """
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -37,6 +40,67 @@ def expanded_source(family: str) -> str:
     return expand(path.read_text())
 
 
+# ---- what the host reads from the kernel sources ----------------------------------------------------
+# Block sizes, tile sizes and variant lists are written once, in the .hip files; the launch wrappers read
+# them from there (define, macro_rows) instead of keeping copies.
+
+# `#define NAME number` with an optional f/u suffix and trailing // comment
+_DEFINE = re.compile(r"^[ \t]*#define[ \t]+([A-Za-z_]\w*)[ \t]+(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)([fFuU]?)"
+                     r"[ \t]*(?://.*)?$", re.M)
+
+
+def _source_text(source: str) -> str:
+    """The text of a kernel source: a family name ("attention" = attention.hip) or a header ("mma.h")."""
+    path = KERNEL_DIR / (source if source.endswith(".h") else f"{source}.hip")
+    if not path.is_file():
+        raise ValueError(f"no kernel source {path.name!r} in {KERNEL_DIR}")
+    return path.read_text()
+
+
+def parse_defines(text: str) -> dict[str, int | float]:
+    """The numeric object-like #defines of a source text (`#define NAME 256`, `#define NAME 1.5f`). A name
+    defined twice with different values (in #if branches) is left out: it has no single value."""
+    found: dict[str, int | float] = {}
+    clash: set[str] = set()
+    for name, number, suffix in _DEFINE.findall(text):
+        is_float = suffix in ("f", "F") or "." in number or "e" in number.lower()
+        value = float(number) if is_float else int(number)
+        if name in found and found[name] != value:
+            clash.add(name)
+        found[name] = value
+    return {k: v for k, v in found.items() if k not in clash}
+
+
+def parse_macro_rows(text: str, macro: str) -> list[tuple[str, ...]]:
+    """The arguments of every line that starts with `macro(`: the variant lists at the bottom of the
+    sources (`GEMM_KERNEL(d16x8, 16, 8, 128, 1, 1, 12, 1)` -> ("d16x8", "16", "8", ...)), in order."""
+    rows = re.findall(rf"^{re.escape(macro)}\(([^()]*)\)", text, re.M)
+    return [tuple(arg.strip() for arg in row.split(",")) for row in rows]
+
+
+@functools.lru_cache(maxsize=None)
+def defines(source: str) -> dict[str, int | float]:
+    """parse_defines of a kernel source (a family name or a header name)."""
+    return parse_defines(_source_text(source))
+
+
+def define(source: str, name: str) -> int | float:
+    """The value of `#define name` in a kernel source (a family name or a header name)."""
+    value = defines(source).get(name)
+    if value is None:
+        raise LookupError(f"{name} is not #defined to one number in {source}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def macro_rows(source: str, macro: str) -> tuple[tuple[str, ...], ...]:
+    """parse_macro_rows of a kernel source; raises LookupError when there is none."""
+    rows = tuple(parse_macro_rows(_source_text(source), macro))
+    if not rows:
+        raise LookupError(f"no {macro}(...) lines in {source}")
+    return rows
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one GPU."""
     try:
@@ -46,20 +110,33 @@ def gpu_available() -> bool:
         return False
 
 
-# Families with wgmma (sm_90a) kernels: compiled for sm_90a on compute capability 9.0 devices.
+@functools.lru_cache(maxsize=None)
+def is_amd() -> bool:
+    """True when CuPy runs on ROCm (HIP): the kernels compile for AMD and take their portable paths (no
+    tensor cores, no dynamic shared memory, 64-wide warps)."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return bool(getattr(cupy.cuda.runtime, "is_hip", False))
+
+
+def warp_size() -> int:
+    """WARP_SIZE of common.h on this vendor."""
+    return 64 if is_amd() else 32
+
+
+# Families with wgmma (sm_90a) kernels: compiled for sm_90a where KernelOptions.wgmma is on.
 WGMMA_FAMILIES = ("moe", "gemm")
-# Dynamic shared memory a wgmma kernel gets beyond its tiles: align_1k (mma.h) moves the start up to a
-# 1 KB boundary for the swizzle atoms.
-WGMMA_SMEM_SLACK = 1024
+# Dynamic shared memory a wgmma kernel gets beyond its tiles: align_1k (mma.h) moves the start up to the
+# next WGMMA_SMEM_ALIGN (1 KB) boundary for the swizzle atoms.
+WGMMA_SMEM_SLACK = define("mma.h", "WGMMA_SMEM_ALIGN")
 
 
 def wgmma_available() -> bool:
-    """True on an NVIDIA compute capability 9.0 GPU (H100/H200) unless GPTOSS_WGMMA=0: the families in
-    WGMMA_FAMILIES then compile for sm_90a and their wgmma kernels exist."""
-    import os
-
-    if os.environ.get("GPTOSS_WGMMA", "1") == "0":
-        return False
+    """True where the current device can run the wgmma kernels: an NVIDIA compute capability 9.0 GPU
+    (H100/H200) and a CuPy whose arch choice _compile_sm90a can swap. A device capability; whether they
+    run is KernelOptions.wgmma."""
     try:
         import cupy
         from cupy.cuda import compiler
@@ -75,9 +152,51 @@ def wgmma_available() -> bool:
 def _compute_capability_of(device_id: int) -> str:
     import cupy
 
-    if getattr(cupy.cuda.runtime, "is_hip", False):
+    if is_amd():
         return ""
     return cupy.cuda.Device(device_id).compute_capability
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Which kernel variants run. Decide once at start-up (resolve()) and pass the value down: the ops
+    that choose among variants take it as `kernels=`; nothing reads the environment per launch.
+
+    wgmma: the sm_90a wgmma kernels of WGMMA_FAMILIES (and those families compiled for sm_90a);
+      None = where the device has them (wgmma_available()).
+    moe_defines: extra -D defines of the MoE expert GEMMs (moe.hip), e.g. ("MOE_ABLATE=1",) for
+      benchmarks/kernel_moe.py --ablate.
+    """
+    wgmma: bool | None = None
+    moe_defines: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.wgmma is not None and not isinstance(self.wgmma, bool):
+            raise TypeError(f"KernelOptions.wgmma: expected True, False or None, got {self.wgmma!r}")
+        if isinstance(self.moe_defines, str) or not all(isinstance(d, str) and d for d in self.moe_defines):
+            raise TypeError(f"KernelOptions.moe_defines: expected a tuple of NAME or NAME=VALUE strings, "
+                            f"got {self.moe_defines!r}")
+        object.__setattr__(self, "moe_defines", tuple(self.moe_defines))
+
+    @classmethod
+    def from_env(cls, environ=None) -> "KernelOptions":
+        """The options the environment asks for: GPTOSS_WGMMA=0 turns the wgmma kernels off (anything
+        else leaves them to the device). For start-up code; `environ` defaults to os.environ."""
+        import os
+
+        env = os.environ if environ is None else environ
+        return cls(wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None)
+
+    def resolve(self) -> "KernelOptions":
+        """These options for the current device, wgmma decided (True or False). Raises ValueError when
+        wgmma=True and the device has no wgmma kernels."""
+        if self.wgmma is False:
+            return self
+        available = wgmma_available()
+        if self.wgmma and not available:
+            raise ValueError("KernelOptions(wgmma=True): the wgmma kernels need an NVIDIA compute capability "
+                             "9.0 GPU (H100/H200) and a CuPy whose NVRTC arch choice can be set")
+        return self if self.wgmma is not None else replace(self, wgmma=available)
 
 
 def _compile_sm90a(source: str, options: tuple):
@@ -107,22 +226,51 @@ def _module(family: str, device_id: int, defines: tuple, sm90a: bool):
     return cupy.RawModule(code=expanded_source(family), options=options)
 
 
-def module(family: str, defines: tuple = ()):
-    """The compiled RawModule of one family on the current device (compiled on first use)."""
+def _current_device() -> int:
     import cupy
 
-    sm90a = family in WGMMA_FAMILIES and wgmma_available()
-    return _module(family, cupy.cuda.runtime.getDevice(), tuple(defines), sm90a)
+    return cupy.cuda.runtime.getDevice()
 
 
-def kernel(family: str, name: str, defines: tuple = ()):
-    return module(family, defines).get_function(name)
+# Dynamic shared memory a kernel may use without raising its limit (cudaFuncAttributeMaxDynamicSharedMemorySize).
+_DEFAULT_SMEM_LIMIT = 48 * 1024
+_smem_limits: dict[tuple, int] = {}  # (family, name, defines, sm90a, device) -> the limit set on the function
 
 
-def compile_all() -> list[str]:
-    """Compile (or load from CuPy's disk cache) every family on the current device, so that no
-    compile happens in the middle of timed work. Returns the family names."""
+@functools.lru_cache(maxsize=None)
+def _function(family: str, name: str, defines: tuple, sm90a: bool, device_id: int):
+    return _module(family, device_id, defines, sm90a).get_function(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(family: str, name: str, defines: tuple, sm90a: bool, smem: int, device_id: int):
+    if sm90a and family not in WGMMA_FAMILIES:
+        raise ValueError(f"kernel family {family!r} has no sm_90a build (only {', '.join(WGMMA_FAMILIES)})")
+    fn = _function(family, name, defines, sm90a, device_id)
+    if is_amd():
+        smem = 0  # the portable paths use static shared memory only
+    key = (family, name, defines, sm90a, device_id)
+    if smem > _smem_limits.get(key, _DEFAULT_SMEM_LIMIT):
+        fn.max_dynamic_shared_size_bytes = smem  # an attribute of the function: set once, never lowered
+        _smem_limits[key] = smem
+    return functools.partial(fn, shared_mem=smem)
+
+
+def kernel(family: str, name: str, defines: tuple = (), *, sm90a: bool = False, smem: int = 0):
+    """Kernel `name` of `family` on the current device, ready to launch as k(grid, block, args) on the
+    current stream with `smem` bytes of dynamic shared memory (the NVIDIA tensor-core paths; AMD
+    launches get none). Compiled on first use with the extra -D `defines`, for sm_90a when `sm90a`
+    (WGMMA_FAMILIES only: pass KernelOptions.wgmma); cached per device, defines, arch and smem."""
+    return _launcher(family, name, tuple(defines), bool(sm90a), int(smem), _current_device())
+
+
+def compile_all(options: KernelOptions | None = None) -> list[str]:
+    """Compile (or load from CuPy's disk cache) every family on the current device as `options` (default
+    KernelOptions.from_env()) will run it, so that no compile happens in the middle of timed work.
+    Returns the family names."""
+    opts = (options if options is not None else KernelOptions.from_env()).resolve()
     names = families()
     for name in names:
-        module(name)
+        _module(name, _current_device(), opts.moe_defines if name == "moe" else (),
+                bool(opts.wgmma) and name in WGMMA_FAMILIES).compile()  # (a RawModule compiles lazily)
     return names

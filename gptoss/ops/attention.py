@@ -28,26 +28,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..kernels import define, is_amd, kernel, macro_rows
 from ._check import check, out_or_new
 
-SEG = 256  # keys per decode split (ATTN_SEG in attention.hip): fixed absolute cut points
-TILE = 64  # keys per tile (ATTN_TILE)
-BLOCK_Q = 16  # queries per prefill CTA (ATTN_BLOCK_Q)
-FAST_GROUPS = (4, 8)  # Hq / Hkv ratios with a tensor-core kernel (D = 64)
-
-_PREFILL_STAGES = 2
-_DECODE_TILES = SEG // TILE
+SEG = define("attention", "ATTN_SEG")  # keys per decode split: fixed absolute cut points
+TILE = define("attention", "ATTN_TILE")  # keys per tile
+BLOCK_Q = define("attention", "ATTN_BLOCK_Q")  # queries per prefill CTA
+PREFILL_STAGES = define("attention", "ATTN_PREFILL_STAGES")  # K/V tile buffers of attn_prefill_g{G}
+# K/V tile buffers of attn_decode_g{G}, from its ATTN_DECODE_KERNEL(name, G, STAGES) line
+DECODE_STAGES = {int(g): int(stages) for _, g, stages in macro_rows("attention", "ATTN_DECODE_KERNEL")}
+FAST_GROUPS = tuple(sorted(DECODE_STAGES))  # Hq / Hkv ratios with tensor-core kernels (prefill and decode)
+FAST_HEAD_DIM = 64  # the head dim the tensor-core kernels are written for (their 64-wide K/V/Q rows)
+# decode partials per (sequence, split, head): the unnormalised output [D], then (m, l)
+DECODE_PARTIAL_FLOATS = FAST_HEAD_DIM + 2
 
 
 def _prefill_smem(G: int) -> int:  # K/V stages + per warp: Q rows (2 KB) and running state (36 x 32 f32)
-    return _PREFILL_STAGES * 2 * TILE * 64 * 2 + G * (16 * 64 * 2 + 36 * 32 * 4)
+    return PREFILL_STAGES * 2 * TILE * FAST_HEAD_DIM * 2 + G * (16 * FAST_HEAD_DIM * 2 + 36 * 32 * 4)
 
 
-DECODE_STAGES = {8: 2, 4: 4}  # K/V tile buffers of attn_decode_g{G} (attention.hip ATTN_DECODE_KERNEL lines)
-
-
-def _decode_smem(stages: int) -> int:
-    return stages * 2 * TILE * 64 * 2 + 16 * 64 * 2
+def _decode_smem(stages: int) -> int:  # K/V stages + the Q rows of one warp (16 x D bf16)
+    return stages * 2 * TILE * FAST_HEAD_DIM * 2 + 16 * FAST_HEAD_DIM * 2
 
 
 def rope_table(cfg, max_positions: int):
@@ -86,8 +87,6 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, p
     (written into q_out when given). A position outside the table, a slot outside the cache (or the
     page table) or a page outside the cache gives that token NaN q and no cache write."""
     import cupy
-
-    from ..kernels import kernel
 
     check(k_cache, "k_cache", cupy.uint16, ndim=4)
     n_slots, L, Hkv, D = k_cache.shape
@@ -219,24 +218,10 @@ def decode_splits(max_kv: int, window: int) -> int:
     return max(n, 1)
 
 
-_kernels: dict = {}
-
-
-def _kernel(name: str, smem: int = 0):
-    """The attention family's kernel `name` on the current device, allowed `smem` bytes of dynamic
-    shared memory (set once: the attribute stays with the function)."""
-    import cupy
-
-    from ..kernels import kernel
-
-    key = (name, cupy.cuda.runtime.getDevice())
-    k = _kernels.get(key)
-    if k is None:
-        k = kernel("attention", name)
-        if smem > 48 * 1024:
-            k.max_dynamic_shared_size_bytes = smem
-        _kernels[key] = k
-    return k
+def decode_workspace_floats(num_decode: int, max_kv: int, num_heads: int, window: int = 0) -> int:
+    """Float32s of the decode partials of num_decode one-query sequences of up to max_kv keys
+    (AttentionBatch.workspace): DECODE_PARTIAL_FLOATS per (sequence, split, head)."""
+    return num_decode * decode_splits(max_kv, window) * num_heads * DECODE_PARTIAL_FLOATS
 
 
 def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, out=None, path: str = "auto",
@@ -279,9 +264,9 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         return out
     G = Hq // Hkv
     scale_log2 = np.float32(math.log2(math.e) / math.sqrt(D))
-    fast = path == "auto" and D == 64 and G in FAST_GROUPS and not cupy.cuda.runtime.is_hip
+    fast = path == "auto" and D == FAST_HEAD_DIM and G in FAST_GROUPS and not is_amd()
     if not fast:
-        _kernel("attn_simple")(
+        kernel("attention", "attn_simple")(
             (T, Hq), (128,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, out,
              np.int32(batch.num_seqs), np.int32(Hq), np.int32(Hkv), np.int32(D), np.int32(L),
@@ -292,25 +277,21 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         if SD > 65535:
             raise ValueError(f"{SD} one-query sequences exceed the decode grid's limit of 65535")
         nsplit = decode_splits(batch.max_kv, window)
-        rows = SD * nsplit * Hq
-        ws = batch.workspace(rows * 66)
-        part_acc, part_ml = ws[:rows * 64], ws[rows * 64:rows * 66]
-        smem = _decode_smem(DECODE_STAGES[G])
-        _kernel(f"attn_decode_g{G}", smem)(
+        rows = SD * nsplit * Hq  # part_acc [rows, D], then part_ml [rows, 2]
+        ws = batch.workspace(decode_workspace_floats(SD, batch.max_kv, Hq, window))
+        part_acc, part_ml = ws[:rows * D], ws[rows * D:rows * DECODE_PARTIAL_FLOATS]
+        kernel("attention", f"attn_decode_g{G}", smem=_decode_smem(DECODE_STAGES[G]))(
             (Hkv, SD, nsplit), (32,),
             (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
              part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2,
-             pt, pt_w),
-            shared_mem=smem)
-        _kernel("attn_decode_combine")(
+             pt, pt_w))
+        kernel("attention", "attn_decode_combine")(
             ((SD * Hq * 32 + 255) // 256,), (256,),
             (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
              np.int32(Hq), np.int32(window), np.int32(nsplit)))
     if batch.num_blocks:  # the longer sequences: flash-style prefill
-        smem = _prefill_smem(G)
-        _kernel(f"attn_prefill_g{G}", smem)(
+        kernel("attention", f"attn_prefill_g{G}", smem=_prefill_smem(G))(
             (batch.num_blocks, Hkv), (32 * G,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.blocks, out,
-             np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2, pt, pt_w),
-            shared_mem=smem)
+             np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2, pt, pt_w))
     return out

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import kernel
+from ..kernels import define, kernel
 from ._check import check, out_or_new
 
-THREADS = 256  # EMBED_THREADS in embed.hip
+THREADS = define("embed", "EMBED_THREADS")  # the kernels' block size
 
 
 def embed(tokens, table, out=None):

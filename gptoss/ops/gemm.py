@@ -7,7 +7,7 @@ Variants (tile shapes of one kernel body) and how one is picked from (M, N):
 - M <= 64 (decode): "d{BM}x{BN}": BM = 16/32/64 covers all rows in one row tile, BN is the widest of
   64/32/16 that still gives at least one CTA per SM (N = 2880 -> 16, 5120 -> 32, 201088 -> 64), 8 for the
   tiny N of the router; these stream W through a deep cp.async ring (memory bound).
-- M > 64 on H100/H200 (sm_90a, kernels.wgmma_available): "wg128x256" / "wg128x128", wgmma with both
+- M > 64 with the wgmma kernels (H100/H200; KernelOptions.wgmma): "wg128x256" / "wg128x128", wgmma with both
   operands in shared memory (see pick_variant for which); where the driver can make tensor maps
   (ops/tma.py), "wgt128x256" instead of "wg128x256": the same tiles, loaded by the tensor-memory
   accelerator from a producer warpgroup.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import WGMMA_SMEM_SLACK, kernel, wgmma_available
+from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, wgmma_available
 from . import tma as _tma
 from ._check import check, out_or_new
 
@@ -34,15 +34,10 @@ class Variant:
     bm: int
     bn: int
     bk: int
-    warps_m: int
-    warps_n: int
+    threads: int
     stages: int
     wgmma: bool = False  # sm_90a only (GEMM_WG_KERNEL in gemm.hip)
     tma: bool = False    # takes tensor maps of x and w (GEMM_TMA_KERNEL), not their addresses
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
 
     @property
     def smem(self) -> int:
@@ -51,32 +46,27 @@ class Variant:
         return self.stages * (self.bm + self.bn) * self.bk * 2 + (WGMMA_SMEM_SLACK if self.wgmma else 0)
 
 
-# Must match the GEMM_KERNEL / GEMM_WG_KERNEL / GEMM_TMA_KERNEL lists at the bottom of gemm.hip (name ->
-# BM, BN, BK, WM, WN, STAGES; the wgmma ones as 2 x 4 warps = 2 warpgroups of 64 rows, the TMA one as
-# 3 x 4: a producer warpgroup and two consumers).
-VARIANTS = {
-    "wgt128x256": Variant(128, 256, 64, 3, 4, 4, wgmma=True, tma=True),
-    "wg128x256": Variant(128, 256, 64, 2, 4, 4, wgmma=True),
-    "wg128x128": Variant(128, 128, 64, 2, 4, 3, wgmma=True),
-    "256x128": Variant(256, 128, 64, 4, 2, 4),
-    "128x128": Variant(128, 128, 64, 2, 2, 3),
-    "64x128": Variant(64, 128, 64, 2, 2, 4),
-    "64x64": Variant(64, 64, 64, 2, 2, 4),
-    "d16x8": Variant(16, 8, 128, 1, 1, 12),
-    "d16x16": Variant(16, 16, 128, 1, 2, 12),
-    "d16x32": Variant(16, 32, 128, 1, 4, 8),
-    "d16x64": Variant(16, 64, 128, 1, 4, 4),
-    "d32x8": Variant(32, 8, 128, 2, 1, 9),
-    "d32x16": Variant(32, 16, 128, 2, 2, 8),
-    "d32x32": Variant(32, 32, 128, 1, 4, 6),
-    "d32x64": Variant(32, 64, 128, 1, 4, 4),
-    "d64x8": Variant(64, 8, 128, 4, 1, 5),
-    "d64x16": Variant(64, 16, 128, 2, 2, 4),
-    "d64x32": Variant(64, 32, 128, 2, 2, 4),
-    "d64x64": Variant(64, 64, 128, 2, 2, 3),
-}
-LARGE = ("wgt128x256", "wg128x256", "wg128x128", "256x128", "128x128", "64x128", "64x64")
+def _variants() -> dict[str, Variant]:
+    """The variants listed at the bottom of gemm.hip: GEMM_KERNEL(name, BM, BN, BK, WM, WN, STAGES,
+    MIN_BLOCKS) with 32 * WM * WN threads; GEMM_WG_KERNEL(name, BN, STAGES, MIN_BLOCKS) and
+    GEMM_TMA_KERNEL(name, BN, STAGES) with the fixed GEMM_WG_BM x BN x GEMM_WG_BK tiles."""
+    out = {}
+    for name, bm, bn, bk, wm, wn, stages, _ in macro_rows("gemm", "GEMM_KERNEL"):
+        out[name] = Variant(int(bm), int(bn), int(bk), 32 * int(wm) * int(wn), int(stages))
+    bm, bk = define("gemm", "GEMM_WG_BM"), define("gemm", "GEMM_WG_BK")
+    for name, bn, stages, _ in macro_rows("gemm", "GEMM_WG_KERNEL"):
+        out[name] = Variant(bm, int(bn), bk, define("gemm", "GEMM_WG_THREADS"), int(stages), wgmma=True)
+    for name, bn, stages in macro_rows("gemm", "GEMM_TMA_KERNEL"):
+        out[name] = Variant(bm, int(bn), bk, define("gemm", "GEMM_TMA_THREADS"), int(stages), wgmma=True,
+                            tma=True)
+    return out
+
+
+VARIANTS = _variants()
+# the variants for M > 64 (the "d" ones stream W for decode)
+LARGE = tuple(name for name in VARIANTS if not name.startswith("d"))
 _OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
+_AUTO = KernelOptions()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -85,7 +75,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool = False) -> str:
     """The variant linear() runs for an [M, K] x [N, K]ᵀ product on a GPU of `sms` multiprocessors
-    (`wgmma`: the sm_90a variants exist, kernels.wgmma_available(); `tma`: tensor maps can be made,
+    (`wgmma`: the sm_90a variants run, KernelOptions.wgmma; `tma`: tensor maps can be made,
     ops.tma.available())."""
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
@@ -113,8 +103,8 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
 
 
 def available_variants(wgmma: bool | None = None, tma: bool | None = None) -> list[str]:
-    """The variants this device can run: the wgmma ones only where kernels.wgmma_available(), the TMA
-    one where tensor maps can be made too."""
+    """The variants that can run: the wgmma ones only with `wgmma` (default: where the device has them,
+    kernels.wgmma_available()), the TMA one where tensor maps can be made too."""
     wgmma = wgmma_available() if wgmma is None else wgmma
     tma = _tma.available() if tma is None else tma
     return [name for name, v in VARIANTS.items() if (wgmma or not v.wgmma) and (tma or not v.tma)]
@@ -127,24 +117,20 @@ def _sm_count(device_id: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
 
-@functools.lru_cache(maxsize=None)
-def _launcher(name: str, device_id: int):
-    """(kernel, dynamic smem bytes) of a variant; raises the kernel's shared-memory limit once."""
+def auto_variant(M: int, N: int, wgmma: bool) -> str:
+    """The variant linear() picks for an M x N product on the current device (its multiprocessors; the
+    TMA variant where tensor maps can be made) with the wgmma kernels on or off."""
     import cupy
 
-    k = kernel("gemm", f"gemm_{name}")
-    if cupy.cuda.runtime.is_hip:
-        return k, 0  # the portable path uses static shared memory only
-    smem = VARIANTS[name].smem
-    if smem > 48 * 1024:
-        k.max_dynamic_shared_size_bytes = smem
-    return k, smem
+    return pick_variant(M, N, _sm_count(cupy.cuda.runtime.getDevice()), wgmma, wgmma and _tma.available())
 
 
-def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str | None = None):
+def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str | None = None,
+           kernels: KernelOptions | None = None):
     """out [M, N] = x [M, K] · w [N, K]ᵀ (+ bias [N]); bf16 inputs (uint16 bits), fp32 accumulation,
     one rounding at the end (out_dtype "bf16") or fp32 output ("f32"). K % 32 == 0; x and w 16-byte
-    aligned. `variant` forces a tile shape (a key of VARIANTS; for tests and benchmarks)."""
+    aligned. `variant` forces a tile shape (a key of VARIANTS; for tests and benchmarks). `kernels`: the
+    kernel choices (default KernelOptions(): the wgmma variants where the device has them)."""
     import cupy
 
     check(x, "x", cupy.uint16, ndim=2)
@@ -169,19 +155,18 @@ def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str |
     if M == 0 or N == 0:
         return out
 
-    dev = cupy.cuda.runtime.getDevice()
-    wgmma = wgmma_available()
+    wgmma = (kernels or _AUTO).resolve().wgmma
     if variant is not None and VARIANTS[variant].wgmma and not wgmma:
-        raise ValueError(f"variant {variant}: a wgmma kernel, which needs an sm_90a device (H100/H200)")
+        raise ValueError(f"variant {variant}: a wgmma kernel, which needs an sm_90a device (H100/H200) "
+                         "and KernelOptions.wgmma not False")
     if variant is not None and VARIANTS[variant].tma and not _tma.available():
         raise ValueError(f"variant {variant}: needs cuTensorMapEncodeTiled from the CUDA driver")
-    name = variant or pick_variant(M, N, _sm_count(dev), wgmma, wgmma and _tma.available())
+    name = variant or auto_variant(M, N, wgmma)
     v = VARIANTS[name]
-    k, smem = _launcher(name, dev)
     grid = _cdiv(M, v.bm) * _cdiv(N, v.bn)
     operands = (_tma.matrix_map(x, v.bm), _tma.matrix_map(w, v.bn)) if v.tma else (x, w)
-    k((grid,), (v.threads,),
-      (*operands, bias if bias is not None else w, out, np.int32(M), np.int32(N), np.int32(K),
-       np.int32(bias is not None), np.int32(out_dtype == "f32")),
-      shared_mem=smem)
+    kernel("gemm", f"gemm_{name}", sm90a=wgmma, smem=v.smem)(
+        (grid,), (v.threads,),
+        (*operands, bias if bias is not None else w, out, np.int32(M), np.int32(N), np.int32(K),
+         np.int32(bias is not None), np.int32(out_dtype == "f32")))
     return out

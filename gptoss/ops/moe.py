@@ -15,27 +15,30 @@ for a matrix of R rows (outputs) by C columns (inputs) per expert: w1 is [E, 2I,
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import KERNEL_DIR, WGMMA_SMEM_SLACK, kernel, wgmma_available
+from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, warp_size
 from . import tma as _tma
 from ._check import check, out_or_new
 
-ROUTER_SPLITS = 32      # routing.hip: H is summed in 32 fixed slices (enough CTAs at T = 1; batch invariance needs a fixed order)
-ROUTER_TT = 32          # tokens per router CTA
-ROUTER_TE = 32          # experts per router CTA
-TOPK_MAX = 8            # routing.hip TOPK_MAX
-DISPATCH_THREADS = 1024
-MAX_EXPERTS = 256       # routing.hip DISPATCH_MAX_E
-TOPK_THREADS = 256
+# routing.hip's sizes: H is summed in ROUTER_SPLITS fixed slices (enough CTAs at T = 1; batch invariance
+# needs a fixed order) by CTAs of ROUTER_THREADS over ROUTER_TT tokens x ROUTER_TE experts
+ROUTER_SPLITS = define("routing", "ROUTER_SPLITS")
+ROUTER_TT = define("routing", "ROUTER_TT")
+ROUTER_TE = define("routing", "ROUTER_TE")
+ROUTER_THREADS = define("routing", "ROUTER_THREADS")
+TOPK_MAX = define("routing", "TOPK_MAX")
+DISPATCH_THREADS = define("routing", "DISPATCH_THREADS")
+MAX_EXPERTS = define("routing", "DISPATCH_MAX_E")
+TOPK_THREADS = 256      # router_topk and moe_combine_add take any block of whole warps: our choice
 COMBINE_THREADS = 256
 TILE_BMS = (16, 64, 128)  # tile heights the dispatch schedules (128: the MXFP4 wgmma kernels only)
+_AUTO = KernelOptions()  # the default kernel choices: wgmma where the device has it
 
 
-# ---- the GEMM variants, read from the MOE_KERNEL lines of moe.hip (one source of truth) ------------
+# ---- the GEMM variants, read from the MOE_KERNEL / MOE_WG_KERNEL lines of moe.hip --------------------
 
 @dataclass(frozen=True)
 class Variant:
@@ -77,40 +80,42 @@ class Variant:
         return max(smem, self.bm * self.bn) + (WGMMA_SMEM_SLACK if self.wgmma else 0)
 
 
-def _parse_variants() -> dict[str, Variant]:
-    src = (KERNEL_DIR / "moe.hip").read_text()
-    num = r"\s*(\d+),"
-    pat = re.compile(r"^MOE_KERNEL\((\w+)," + num * 5 + r"\s*(true|false),\s*(true|false),\s*\d+\)", re.M)
+def _variants() -> dict[str, Variant]:
+    """MOE_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MIN_BLOCKS) and MOE_WG_KERNEL(name, NT,
+    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS) lines (a wgmma kernel is MXFP4 with MW = 1: its macro's
+    MoeCfg<NT, 1, ..., true, true, LAG>)."""
     out = {}
-    for m in pat.finditer(src):
-        name, nt, mw, wn, ks, st, fp4, mlp1 = m.groups()
+    for name, nt, mw, wn, ks, st, fp4, mlp1, _ in macro_rows("moe", "MOE_KERNEL"):
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
-    wg = re.compile(r"^MOE_WG_KERNEL\((\w+)," + num * 5 + r"\s*(true|false),\s*\d+\)", re.M)
-    for m in wg.finditer(src):
-        name, nt, wn, ks, st, lag, mlp1 = m.groups()
+    for name, nt, wn, ks, st, lag, mlp1, _ in macro_rows("moe", "MOE_WG_KERNEL"):
         out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True,
                             lag=int(lag))
-    if not out:
-        raise RuntimeError("no MOE_KERNEL variants found in moe.hip")
     return out
 
 
-VARIANTS = _parse_variants()
+VARIANTS = _variants()
+
+
+def uses_wgmma(fmt: str, kernels: KernelOptions | None = None) -> bool:
+    """Whether the expert GEMMs of `fmt` weights run the wgmma kernels under `kernels` (default
+    KernelOptions()): MXFP4 experts, KernelOptions.wgmma on, and tensor maps from the driver (ops/tma.py)."""
+    return fmt == "mxfp4" and bool((kernels or _AUTO).resolve().wgmma) and _tma.available()
 
 
 def _uses_wgmma(fmt: str, wgmma: bool | None) -> bool:
-    """MXFP4 experts on sm_90a, where the driver makes tensor maps (ops/tma.py) too."""
-    return fmt == "mxfp4" and (wgmma_available() and _tma.available() if wgmma is None else wgmma)
+    """`wgmma`: the wgmma kernels run (uses_wgmma); None: uses_wgmma(fmt) on this device."""
+    return uses_wgmma(fmt) if wgmma is None else fmt == "mxfp4" and wgmma
 
 
 def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
-    """The tile heights with a kernel for weights `fmt` here: 16 and 64 everywhere, 128 with wgmma."""
+    """The tile heights with a kernel for weights `fmt`: 16 and 64 everywhere, 128 with wgmma (whether
+    the wgmma kernels run, uses_wgmma(); None: on this device by default)."""
     return TILE_BMS if _uses_wgmma(fmt, wgmma) else (16, 64)
 
 
 def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Variant:
-    """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: on
-    sm_90a devices (kernels.wgmma_available) the MXFP4 ones are the wgmma variants."""
+    """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: with
+    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants."""
     wg = _uses_wgmma(fmt, wgmma)
     heights = tile_heights(fmt, wg)
     if bm not in heights:
@@ -162,8 +167,6 @@ def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
 # ---- kernels ---------------------------------------------------------------------------------------
 
 _NO_MAP = np.zeros(1, dtype="V128")[0]  # the tensor-map argument of the wgmma kernels that read none
-_gemm_kernels: dict[tuple, list] = {}  # (device, name, defines) -> [kernel, dynamic shared memory allowed]
-KERNEL_DEFINES: tuple = ()  # extra -D of the expert GEMMs (benchmarks/kernel_moe.py --ablate)
 _dummies: dict[tuple, object] = {}
 
 
@@ -175,29 +178,6 @@ def _dummy(dtype):
     if key not in _dummies:
         _dummies[key] = cupy.zeros(16, dtype=dtype)
     return _dummies[key]
-
-
-def _is_hip() -> bool:
-    import cupy
-
-    return bool(getattr(cupy.cuda.runtime, "is_hip", False))
-
-
-def _gemm_kernel(v: Variant, smem: int):
-    """The compiled GEMM variant, allowed `smem` bytes of dynamic shared memory (a function attribute,
-    set once per process and device)."""
-    import cupy
-
-    if _is_hip():
-        return kernel("moe", v.name), 0  # the portable path uses no dynamic shared memory
-    key = (cupy.cuda.runtime.getDevice(), v.name, KERNEL_DEFINES)
-    entry = _gemm_kernels.get(key)
-    if entry is None:
-        entry = _gemm_kernels[key] = [kernel("moe", v.name, KERNEL_DEFINES), 48 * 1024]
-    if smem > entry[1]:
-        entry[0].max_dynamic_shared_size_bytes = smem
-        entry[1] = smem
-    return entry[0], smem
 
 
 def _aligned16(arr, name: str):
@@ -288,9 +268,8 @@ def route(t, router_w, router_b, k: int, out=None, scratch=None):
         raise ValueError(f"scratch: need a contiguous float32 array of at least {ROUTER_SPLITS * T * E}")
     grid = (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
     name = "router_logits_f32" if t.dtype == cupy.float32 else "router_logits"
-    kernel("routing", name)(grid, (256,), (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
-    warp = 64 if _is_hip() else 32
-    per_block = TOPK_THREADS // warp
+    kernel("routing", name)(grid, (ROUTER_THREADS,), (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
+    per_block = TOPK_THREADS // warp_size()
     kernel("routing", "router_topk")((-(-T // per_block),), (TOPK_THREADS,),
                                      (scratch, router_b, experts, weights, np.int32(T), np.int32(E), np.int32(k)))
     return experts, weights
@@ -349,13 +328,14 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
 
 # ---- expert GEMMs ------------------------------------------------------------------------------------
 
-def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, v: Variant):
+def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alpha, v: Variant,
+                 kernels: KernelOptions):
+    """Launch variant v (kernels: resolved options: its sm_90a build or not, its extra defines)."""
     import cupy
 
     S, E = d.num_slots, d.num_experts
     N, K = w.R, w.C
-    smem = v.shared_bytes(K)
-    kern, smem = _gemm_kernel(v, smem)
+    kern = kernel("moe", v.name, kernels.moe_defines, sm90a=kernels.wgmma, smem=v.shared_bytes(K))
     ntiles = d.tiles[v.bm].shape[0]
     if ntiles > 65535:
         raise ValueError(f"{S} slots need {ntiles} row tiles, more than a grid dimension holds")
@@ -371,19 +351,21 @@ def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alph
     kern(grid, (v.threads,), (
         *amap, a, wq, ws, wb, bias, d.offsets, d.sorted_slots, d.tiles[v.bm], rwv, yv, ov,
         np.int32(N), np.int32(K), np.int32(d.top_k), np.int32(S), np.int32(E),
-        np.int64(ws.nbytes), np.float32(limit), np.float32(alpha)), shared_mem=smem)
+        np.int64(ws.nbytes), np.float32(limit), np.float32(alpha)))
 
 
-def _pick_variant(stage: str, d: Dispatch, fmt: str, bm: int | None) -> Variant:
-    wg = _uses_wgmma(fmt, None)  # once per launch: it asks CuPy for the device
+def _pick_variant(stage: str, d: Dispatch, fmt: str, bm: int | None, kernels: KernelOptions) -> Variant:
+    wg = uses_wgmma(fmt, kernels)
     bm = pick_bm(d.num_slots, d.num_experts, fmt, wg) if bm is None else bm
     return variant_for(stage, fmt, bm, wg)
 
 
-def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None):
+def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None,
+                kernels: KernelOptions | None = None):
     """y [T*k, I] bf16: row r = swiglu(t[token of sorted_slots[r]] . W1_e^T + b1_e), e = the expert of
     row r; interleaved gate/linear columns, clamped SwiGLU, rounded to bf16. bm forces a tile height
-    (one of tile_heights(); default by rows per expert): results are bit-identical either way."""
+    (one of tile_heights(); default by rows per expert): results are bit-identical either way. kernels:
+    the kernel choices (default KernelOptions(): the wgmma kernels where the device has them)."""
     import cupy
 
     d = dispatch
@@ -401,13 +383,17 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
     _aligned16(out, "out")
     if d.num_slots == 0:
         return out
-    _launch_gemm(t, d, w, b1, None, out, None, limit, alpha, _pick_variant("mlp1", d, w.format, bm))
+    kernels = (kernels or _AUTO).resolve()
+    v = _pick_variant("mlp1", d, w.format, bm, kernels)
+    _launch_gemm(t, d, w, b1, None, out, None, limit, alpha, v, kernels)
     return out
 
 
-def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None = None):
+def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None = None,
+                kernels: KernelOptions | None = None):
     """out [T*k, H] float32: row slot = (y[r] . W2_e^T + b2_e) * weights[slot] for the sorted row r
-    holding that slot; y [T*k, I] bf16 in sorted order (expert_mlp1's output)."""
+    holding that slot; y [T*k, I] bf16 in sorted order (expert_mlp1's output). bm and kernels as in
+    expert_mlp1."""
     import cupy
 
     d = dispatch
@@ -427,7 +413,9 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
         raise ValueError("out: base address must be 8-byte aligned")
     if d.num_slots == 0:
         return out
-    _launch_gemm(y, d, w, b2, weights, None, out, 0.0, 0.0, _pick_variant("mlp2", d, w.format, bm))
+    kernels = (kernels or _AUTO).resolve()
+    v = _pick_variant("mlp2", d, w.format, bm, kernels)
+    _launch_gemm(y, d, w, b2, weights, None, out, 0.0, 0.0, v, kernels)
     return out
 
 
@@ -497,7 +485,7 @@ def _layer_attr(layer, *names):
 
 def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = None, alpha: float | None = None,
         workspace: MoEWorkspace | None = None, bm: int | None = None, router_input=None,
-        combine: bool = True, mark=None):
+        combine: bool = True, mark=None, kernels: KernelOptions | None = None):
     """x [T, H] float32 += sum_j weight_j * expert_j(t), t [T, H] bf16 (the normed input).
     router_input: the same normed input unrounded, float32 [T, H], for the router (default t).
     combine=False leaves x alone and returns the weighted expert outputs [T*k, H] float32 instead (for
@@ -507,7 +495,7 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
     GPU (attributes or dict keys; gptoss.model.LayerWeights works as is). k, limit and alpha come from
     cfg (a ModelConfig) unless given. mark(name), when given, is called after each stage's launches
-    (gptoss.model.Profile.mark). Returns x.
+    (gptoss.model.Profile.mark). bm and kernels as in expert_mlp1. Returns x.
     """
     mark = mark or (lambda name: None)
     router_w = _layer_attr(layer, "router_w", "gate_w")
@@ -526,9 +514,10 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     mark("router")
     d = dispatch(experts, E, out=d)
     mark("moe dispatch")
-    y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm)
+    kernels = (kernels or _AUTO).resolve()
+    y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm, kernels=kernels)
     mark("moe mlp1 (gate/up + swiglu)")
-    out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm)
+    out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm, kernels=kernels)
     mark("moe mlp2 (down)")
     if not combine:
         return out

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import kernel
+from ..kernels import define, kernel
 from ._check import check, out_or_new
 
-THREADS = 256  # NORM_THREADS in norm.hip
+THREADS = define("norm", "NORM_THREADS")  # the kernels' block size
 _NAMES = {np.dtype(np.uint16): "bf16", np.dtype(np.float32): "f32"}
 
 

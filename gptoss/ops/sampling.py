@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import kernel
+from ..kernels import define, kernel
 from ._check import check, out_or_new
 
-SAMPLE_THREADS = 1024  # = RADIX_BINS in sampling.hip: the kernel needs exactly this block size
-ARGMAX_THREADS = 1024  # ARGMAX_THREADS in sampling.hip
+SAMPLE_THREADS = define("sampling", "SAMPLE_THREADS")  # = RADIX_BINS: the kernel needs exactly this block size
+ARGMAX_THREADS = define("sampling", "ARGMAX_THREADS")
 
 
 def _logits(logits):

@@ -124,6 +124,29 @@ def test_batch_invariance(out_dtype):
         np.testing.assert_array_equal(cupy.asnumpy(got), full[:300], err_msg=f"variant {name}")
 
 
+def test_kernel_options_choose_the_variants():
+    """KernelOptions(wgmma=False) runs the mma.sync variants (the sm_90 build of the family) where the
+    default runs wgmma ones: rows bit-identical to the default's. wgmma=True where the device has no
+    wgmma kernels is refused."""
+    from gptoss.kernels import KernelOptions, wgmma_available
+    from gptoss.ops.gemm import auto_variant, linear
+
+    M, N, K = 2048, 2880, 4096
+    x, w, b = make(77, M, N, K, True)
+    x_d, w_d, b_d = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+    default = cupy.asnumpy(linear(x_d, w_d, b_d, out=poisoned(M, N, "bf16")))
+    off = KernelOptions(wgmma=False)
+    assert not auto_variant(M, N, False).startswith("wg")
+    got = linear(x_d, w_d, b_d, out=poisoned(M, N, "bf16"), kernels=off)
+    np.testing.assert_array_equal(cupy.asnumpy(got), default)
+    assert rel_err(from_bf16_bits(default), reference(x, w, b)) <= BF16_TOL
+    if not wgmma_available():
+        with pytest.raises(ValueError, match="wgmma"):
+            linear(x_d, w_d, b_d, kernels=KernelOptions(wgmma=True))
+    with pytest.raises(ValueError, match="wgmma"):
+        linear(x_d, w_d, b_d, variant="wg128x128", kernels=off)
+
+
 def test_allocates_output_and_handles_empty_batch():
     from gptoss.ops.gemm import linear
 

@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 
 from gptoss.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.kernels import KernelOptions, wgmma_available
 from gptoss.mxfp4 import dequantize
 from gptoss.ops import moe as M
+
+# the default kernels, and the mma.sync ones where the default is wgmma (H100/H200)
+KERNELS = [pytest.param(None, id="default"), pytest.param(KernelOptions(wgmma=False), id="no-wgmma")]
+
+
+def skip_if_same_as_default(kernels, fmt):
+    if kernels is not None and (fmt != "mxfp4" or not wgmma_available()):
+        pytest.skip("no wgmma kernels for these experts here: the same kernels as the default")
 
 LIMIT, ALPHA = 7.0, 1.702
 
@@ -195,11 +204,13 @@ def _cases():
 
 
 @gpu
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
 @pytest.mark.parametrize("H, I, E, T", list(_cases()))
-def test_mlp1(H, I, E, T, fmt):
+def test_mlp1(H, I, E, T, fmt, kernels):
     import cupy
 
+    skip_if_same_as_default(kernels, fmt)
     rng = np.random.default_rng(H + I * 3 + E * 5 + T * 7 + (fmt == "bf16"))
     k = 4
     W1 = experts_for(rng, fmt, E, 2 * I, H)
@@ -210,9 +221,10 @@ def test_mlp1(H, I, E, T, fmt):
     slots = cupy.asnumpy(d.sorted_slots)
     ref = _mlp1_ref(t, experts, W1, b1, slots, k)
     results = []
-    for bm in (None,) + M.tile_heights(fmt):
+    for bm in (None,) + M.tile_heights(fmt, M.uses_wgmma(fmt, kernels)):
         out = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
-        got = M.expert_mlp1(cupy.asarray(t), d, W1.dev, cupy.asarray(b1), LIMIT, ALPHA, out=out, bm=bm)
+        got = M.expert_mlp1(cupy.asarray(t), d, W1.dev, cupy.asarray(b1), LIMIT, ALPHA, out=out, bm=bm,
+                            kernels=kernels)
         assert got is out
         y = cupy.asnumpy(got)
         assert rel_err(from_bf16_bits(y), ref) <= 1e-2, bm
@@ -222,11 +234,13 @@ def test_mlp1(H, I, E, T, fmt):
 
 
 @gpu
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
 @pytest.mark.parametrize("H, I, E, T", list(_cases()))
-def test_mlp2(H, I, E, T, fmt):
+def test_mlp2(H, I, E, T, fmt, kernels):
     import cupy
 
+    skip_if_same_as_default(kernels, fmt)
     rng = np.random.default_rng(H * 3 + I + E * 11 + T * 5 + (fmt == "bf16"))
     k = 4
     W2 = experts_for(rng, fmt, E, H, I)
@@ -243,9 +257,10 @@ def test_mlp2(H, I, E, T, fmt):
         rows = np.nonzero(flat[slots] == e)[0]
         ref[slots[rows]] = (yf[rows] @ W2[e].T + b2f[e]) * weights.reshape(-1)[slots[rows], None]
     results = []
-    for bm in (None,) + M.tile_heights(fmt):
+    for bm in (None,) + M.tile_heights(fmt, M.uses_wgmma(fmt, kernels)):
         out = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
-        got = M.expert_mlp2(cupy.asarray(y), d, W2.dev, cupy.asarray(b2), cupy.asarray(weights), out=out, bm=bm)
+        got = M.expert_mlp2(cupy.asarray(y), d, W2.dev, cupy.asarray(b2), cupy.asarray(weights), out=out, bm=bm,
+                            kernels=kernels)
         assert got is out
         o = cupy.asnumpy(got)
         assert rel_err(o, ref) <= 1e-2, bm
