@@ -17,8 +17,3 @@ def to_bf16_bits(x) -> np.ndarray:
 def from_bf16_bits(b) -> np.ndarray:
     """bf16 bit patterns (uint16) -> float32, exact."""
     return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def round_to_bf16(x) -> np.ndarray:
-    """The float32 value nearest to x that bf16 can hold."""
-    return from_bf16_bits(to_bf16_bits(x))

@@ -344,6 +344,21 @@ def test_pick_bm_cpu():
     assert M.pick_bm(4 * 4096, 32, "bf16") == 64
 
 
+def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
+    """The [ntiles, 2] int32 table moe_dispatch writes (ops.moe.Dispatch.tiles): (expert, first sorted
+    row) per tile, experts in order, then (-1, 0) for the unused tail."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    table = np.zeros((ntiles, 2), dtype=np.int32)
+    table[:, 0] = -1
+    i = 0
+    for e in range(len(offsets) - 1):
+        for r in range(int(offsets[e]), int(offsets[e + 1]), bm):
+            table[i] = (e, r)
+            i += 1
+    assert i <= ntiles, "tile bound violated"
+    return table
+
+
 def simulate_dispatch(experts: np.ndarray, E: int, bms=M.TILE_BMS, nwarps: int = 32, warp: int = 32):
     """routing.hip moe_dispatch, step by step (per-warp spans, counts, scans, ranked placement, tile
     binary search)."""
@@ -399,7 +414,7 @@ def test_dispatch_model_cpu(T, E, used):
     np.testing.assert_array_equal(slots, np.argsort(experts.reshape(-1), kind="stable"))
     np.testing.assert_array_equal(off, np.searchsorted(np.sort(experts.reshape(-1)), np.arange(E + 1)))
     for bm, table in tiles.items():
-        np.testing.assert_array_equal(table, M.tile_schedule(off, bm, M.tile_bound(T * 4, E, bm)))
+        np.testing.assert_array_equal(table, tile_schedule(off, bm, M.tile_bound(T * 4, E, bm)))
 
 
 def test_tile_bound_cpu():
@@ -415,7 +430,7 @@ def test_tile_bound_cpu():
     assert M.tile_bound(32 * 17, 32, 16) == 34 + 32 and np.sum(-(-np.full(32, 17) // 16)) == 64
     assert M.tile_bound(5, 32, 64) == 1 + 5
     assert M.tile_bound(0, 8, 16) == 0
-    table = M.tile_schedule(np.array([0, 0, 17, 17, 20]), 16, M.tile_bound(20, 4, 16))
+    table = tile_schedule(np.array([0, 0, 17, 17, 20]), 16, M.tile_bound(20, 4, 16))
     np.testing.assert_array_equal(table, [[1, 0], [1, 16], [3, 17]] + [[-1, 0]] * 3)
 
 

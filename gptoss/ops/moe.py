@@ -141,27 +141,12 @@ def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | 
     return 64
 
 
-# ---- host-side index math (also what the tests check the device against) -------------------------
+# ---- host-side index math ---------------------------------------------------------------------------
 
 def tile_bound(num_slots: int, num_experts: int, bm: int) -> int:
     """Launch bound on the number of bm-row tiles: sum_e ceil(M_e / bm) <= ceil(S / bm) + min(E, S),
     since each expert with rows wastes less than one tile and at most min(E, S) experts have rows."""
     return -(-num_slots // bm) + min(num_experts, num_slots)
-
-
-def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
-    """The [ntiles, 2] int32 table moe_dispatch writes: (expert, first sorted row) per tile, experts in
-    order, then (-1, 0) for the unused tail. Host version, for tests and documentation."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    table = np.zeros((ntiles, 2), dtype=np.int32)
-    table[:, 0] = -1
-    i = 0
-    for e in range(len(offsets) - 1):
-        for r in range(int(offsets[e]), int(offsets[e + 1]), bm):
-            table[i] = (e, r)
-            i += 1
-    assert i <= ntiles, "tile bound violated"
-    return table
 
 
 # ---- kernels ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from gptoss.bf16 import from_bf16_bits, to_bf16_bits
 from gptoss.kernels import KernelOptions, wgmma_available
 from gptoss.mxfp4 import dequantize
 from gptoss.ops import moe as M
+from tests.test_moe_cpu import tile_schedule
 
 # the default kernels, and the mma.sync ones where the default is wgmma (H100/H200)
 KERNELS = [pytest.param(None, id="default"), pytest.param(KernelOptions(wgmma=False), id="no-wgmma")]
@@ -173,7 +174,7 @@ def test_dispatch(T, E, used):
     np.testing.assert_array_equal(cupy.asnumpy(d.offsets), offsets)
     np.testing.assert_array_equal(cupy.asnumpy(d.sorted_slots), np.argsort(flat, kind="stable"))
     for bm, n in bounds.items():
-        np.testing.assert_array_equal(cupy.asnumpy(d.tiles[bm]), M.tile_schedule(offsets, bm, n))
+        np.testing.assert_array_equal(cupy.asnumpy(d.tiles[bm]), tile_schedule(offsets, bm, n))
 
 
 def _mlp1_ref(t, experts_arr, W1: Experts, b1, sorted_slots, k):
