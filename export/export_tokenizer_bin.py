@@ -27,8 +27,8 @@ def main(argv=None) -> int:
                    help="where to write (default: tokenizer.bin); its folder must exist")
     p.add_argument("--force", action="store_true", help="replace an existing OUTPUT (never the --vocab file)")
     p.add_argument("--vocab", default=None,
-                   help="o200k_base.tiktoken or an existing tokenizer.bin to read (default: found as run.py "
-                        "finds it: $GPTOSS_TOKENIZER, tiktoken's cache, ../shared/tokenizer, else downloaded)")
+                   help="o200k_base.tiktoken or an existing tokenizer.bin to read (default: $GPTOSS_TOKENIZER, "
+                        "else the copy shipped in gptoss/data)")
     args = p.parse_args(argv)
 
     from gptoss.outputs import OutputPathError, check_output_path

@@ -1,6 +1,7 @@
 """The float32 NumPy forward pass of gpt-oss: the oracle every GPU kernel is tested against.
 
-Plain and readable on purpose; each step cites its formula (the spec: /work/shared/docs/gptoss_spec.md).
+Plain and readable on purpose; each step cites its formula. The public implementations it follows:
+OpenAI's gpt_oss/torch/model.py and Hugging Face transformers' models/gpt_oss/modeling_gpt_oss.py.
 Pure functions first, then ReferenceModel, which runs them layer by layer over a growing KV cache.
 """
 from __future__ import annotations

@@ -1,17 +1,14 @@
 """o200k_harmony, gpt-oss's tokenizer, through tiktoken and offline; harmony chat prompts and replies.
 
-Where the vocabulary comes from (get_tokenizer; the first found wins):
+Where the vocabulary comes from (get_tokenizer; the first found wins, nothing is ever downloaded):
   1. an explicit tokenizer path (run.py --tokenizer), else $GPTOSS_TOKENIZER: a tokenizer.bin or an
      o200k_base.tiktoken file;
   2. tokenizer.bin (or o200k_base.tiktoken) next to the model file, or inside the model directory;
-  3. tiktoken's cache: $TIKTOKEN_CACHE_DIR (else $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache), under
-     the sha1 of the download URL (fb374d419588a4632f3f557e76b4b70aebbca790);
-  4. the repository's ../shared/tokenizer/o200k_base.tiktoken;
-  5. only then a download by tiktoken (kept in its cache); if that fails, TokenizerError says how to
-     get the file by hand.
-The Encoding is built here from the merges, so no cache directory is needed. The pattern string, the
-special tokens, the URL and the sha256 come at run time from the installed tiktoken_ext.openai_public
-(its o200k_harmony constructor is run once with the merge loader swapped for a recorder). .tiktoken
+  3. the copy shipped in the package, gptoss/data/o200k_base.tiktoken (3.6 MB).
+Every .tiktoken file is checked against o200k_base's sha256 at load.
+The Encoding is built here from the merges, so no cache directory is needed. The pattern string and
+the special tokens come at run time from the installed tiktoken_ext.openai_public (its o200k_harmony
+constructor is run once with the merge loader swapped for a recorder, so it reads nothing). .tiktoken
 files are parsed here, not with tiktoken.load.load_tiktoken_bpe, which copies local files into the cache.
 
 tokenizer.bin (export/export_tokenizer_bin.py writes it once; all integers little-endian):
@@ -36,7 +33,6 @@ import hashlib
 import os
 import re
 import struct
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
@@ -45,11 +41,11 @@ from pathlib import Path
 
 import tiktoken
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_VOCABULARY = REPO_ROOT.parent / "shared" / "tokenizer" / "o200k_base.tiktoken"
 VOCABULARY_NAME = "o200k_base.tiktoken"
+SHIPPED_VOCABULARY = Path(__file__).resolve().parent / "data" / VOCABULARY_NAME  # package data
+O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
-# Special token ids of o200k_harmony (docs/gptoss_spec.md, "Tokens"); checked against tiktoken at load.
+# Special token ids of o200k_harmony; checked against the vocabulary at load.
 STARTOFTEXT = 199998
 ENDOFTEXT = 199999
 RETURN = 200002
@@ -80,8 +76,6 @@ class HarmonyRecipe:
     name: str
     pattern: str
     specials: dict  # name -> id, in tiktoken's order
-    url: str        # where o200k_base.tiktoken is downloaded from
-    sha256: str
 
 
 _recipe: HarmonyRecipe | None = None
@@ -90,7 +84,8 @@ _recipe_lock = threading.Lock()
 
 def harmony_recipe() -> HarmonyRecipe:
     """Run tiktoken_ext's o200k_harmony constructor with its merge loader replaced by a recorder,
-    so nothing is read or downloaded: we get the pattern, the specials, the URL and the hash."""
+    so nothing is read or downloaded: we get the pattern and the specials, and check that its merges
+    are o200k_base's (by their sha256), the ones shipped in gptoss/data."""
     global _recipe
     with _recipe_lock:
         if _recipe is None:
@@ -103,7 +98,7 @@ def harmony_recipe() -> HarmonyRecipe:
             seen = {}
 
             def record(url, expected_hash=None):
-                seen["url"], seen["sha256"] = url, expected_hash
+                seen["sha256"] = expected_hash
                 return {}
 
             loader = openai_public.load_tiktoken_bpe
@@ -112,8 +107,12 @@ def harmony_recipe() -> HarmonyRecipe:
                 spec = constructor()
             finally:
                 openai_public.load_tiktoken_bpe = loader
-            _recipe = HarmonyRecipe(spec["name"], spec["pat_str"], dict(spec["special_tokens"]),
-                                    seen["url"], seen["sha256"])
+            if seen["sha256"] != O200K_BASE_SHA256:
+                raise TokenizerError(f"tiktoken {tiktoken.__version__}'s o200k_harmony is built on "
+                                     f"merges with sha256 {seen['sha256']}, not on o200k_base's "
+                                     f"{O200K_BASE_SHA256}; install a tiktoken whose o200k_harmony "
+                                     "uses o200k_base")
+            _recipe = HarmonyRecipe(spec["name"], spec["pat_str"], dict(spec["special_tokens"]))
     return _recipe
 
 
@@ -129,11 +128,13 @@ class Vocabulary:
 
 
 def parse_tiktoken_bytes(data: bytes, source: str) -> Vocabulary:
-    """o200k_base.tiktoken: lines "base64(token) rank", ranks 0, 1, ...; checked by tiktoken's sha256."""
+    """o200k_base.tiktoken: lines "base64(token) rank", ranks 0, 1, ...; checked by its sha256."""
     recipe = harmony_recipe()
-    if hashlib.sha256(data).hexdigest() != recipe.sha256:
+    if hashlib.sha256(data).hexdigest() != O200K_BASE_SHA256:
+        fix = ("gptoss's own copy is damaged: restore it (git checkout or pip install --force-reinstall)"
+               if Path(source) == SHIPPED_VOCABULARY else "give another file, or none to use the copy gptoss ships")
         raise TokenizerError(f"{source}: this is not o200k_base.tiktoken (its sha256 differs from "
-                             f"{recipe.sha256}); download it again from {recipe.url}")
+                             f"{O200K_BASE_SHA256}); {fix}")
     tokens = []
     for number, line in enumerate(data.splitlines()):
         token_b64, rank = line.split()
@@ -293,21 +294,8 @@ def load_tokenizer(path) -> Tokenizer:
     return Tokenizer(read_vocabulary(path), str(path))
 
 
-def tiktoken_cache_file() -> Path | None:
-    """Where tiktoken keeps o200k_base.tiktoken (None when its cache is disabled)."""
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
-    elif "DATA_GYM_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
-    else:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    if not cache_dir:
-        return None
-    return Path(cache_dir) / hashlib.sha1(harmony_recipe().url.encode()).hexdigest()
-
-
-def find_vocabulary(model_path=None) -> Path | None:
-    """The vocabulary file to use (search order in the module docstring), or None to download.
+def find_vocabulary(model_path=None) -> Path:
+    """The vocabulary file to use (search order in the module docstring).
 
     model_path is a tokenizer file (used as is) or a model file/directory (searched next to)."""
     model_dir = None
@@ -326,52 +314,28 @@ def find_vocabulary(model_path=None) -> Path | None:
                                  f"or an {VOCABULARY_NAME}, or unset it")
         return path
     candidates = [model_dir / "tokenizer.bin", model_dir / VOCABULARY_NAME] if model_dir else []
-    cached = tiktoken_cache_file()
-    candidates += ([cached] if cached else []) + [SHARED_VOCABULARY]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def how_to_get_vocabulary(reason: str = "") -> str:
-    recipe = harmony_recipe()
-    cached = tiktoken_cache_file()
-    where = f"copy it to {cached}, " if cached else ""
-    return (f"the o200k_base vocabulary (o200k_harmony's merges) was not found{reason}. Get it once "
-            f"where there is internet: curl -L -o {VOCABULARY_NAME} {recipe.url} (sha256 "
-            f"{recipe.sha256}); then {where}pass --tokenizer {VOCABULARY_NAME} or set "
-            f"GPTOSS_TOKENIZER, or write tokenizer.bin next to the model with: python "
-            f"export/export_tokenizer_bin.py --vocab {VOCABULARY_NAME} -o MODEL_DIR/tokenizer.bin")
-
-
-def download_vocabulary() -> bytes:
-    """Let tiktoken download o200k_base.tiktoken (and keep it in its cache)."""
-    recipe = harmony_recipe()
-    try:
-        from tiktoken.load import read_file_cached
-        return read_file_cached(recipe.url, recipe.sha256)
-    except Exception as e:  # no network, no `requests`, a read-only cache, ...
-        raise TokenizerError(how_to_get_vocabulary(f" and downloading it failed ({type(e).__name__}: {e})")) \
-            from None
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None:
+        return found
+    if not SHIPPED_VOCABULARY.is_file():
+        raise TokenizerError(f"{SHIPPED_VOCABULARY} is missing: gptoss is installed without its package "
+                             "data; restore it (git checkout or pip install --force-reinstall)")
+    return SHIPPED_VOCABULARY
 
 
 _tokenizers: dict[str, Tokenizer] = {}
 _last_loaded: Tokenizer | None = None
 
 
-def get_tokenizer(model_path=None, download: bool = True) -> Tokenizer:
+def get_tokenizer(model_path=None) -> Tokenizer:
     """The o200k_harmony tokenizer, loaded once per vocabulary file.
 
     model_path: a tokenizer.bin / .tiktoken file, or the model file or directory to look next to."""
     global _last_loaded
     path = find_vocabulary(model_path)
-    key = str(path.resolve()) if path is not None else "download"
+    key = str(path.resolve())
     if key not in _tokenizers:
-        if path is not None:
-            _tokenizers[key] = load_tokenizer(path)
-        elif not download:
-            raise TokenizerError(how_to_get_vocabulary())
-        else:
-            url = harmony_recipe().url
-            _tokenizers[key] = Tokenizer(parse_tiktoken_bytes(download_vocabulary(), url), url)
+        _tokenizers[key] = load_tokenizer(path)
     _last_loaded = _tokenizers[key]
     return _last_loaded
 

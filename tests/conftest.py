@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -7,19 +8,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# tiktoken finds o200k_base in the shared copy (named by the sha1 of its download URL), never the network.
-_SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizer"
-if "TIKTOKEN_CACHE_DIR" not in os.environ:
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(ROOT / ".cache" / "tiktoken")
-    # Link the shared copy into that (git-ignored) cache so tiktoken.get_encoding("o200k_harmony"),
-    # the tests' reference, loads offline. Where neither exists the tests that need it skip.
-    _cached = ROOT / ".cache" / "tiktoken" / "fb374d419588a4632f3f557e76b4b70aebbca790"
-    if (_SHARED_TOKENIZER / "o200k_base.tiktoken").is_file() and not _cached.exists():
-        _cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _cached.symlink_to(_SHARED_TOKENIZER / "o200k_base.tiktoken")
-        except FileExistsError:  # another pytest process linked it first
-            pass
+# tiktoken's own o200k_harmony (the tests' reference) loads offline: its cache, a git-ignored folder of
+# the repository, holds the shipped vocabulary under tiktoken's name for it (the sha1 of its download URL).
+_TIKTOKEN_CACHE = ROOT / ".cache" / "tiktoken"
+os.environ["TIKTOKEN_CACHE_DIR"] = str(_TIKTOKEN_CACHE)
+_cached = _TIKTOKEN_CACHE / "fb374d419588a4632f3f557e76b4b70aebbca790"
+if not _cached.is_file():
+    _TIKTOKEN_CACHE.mkdir(parents=True, exist_ok=True)
+    _partial = _cached.with_name(f"{_cached.name}.{os.getpid()}.tmp")
+    shutil.copyfile(ROOT / "gptoss" / "data" / "o200k_base.tiktoken", _partial)
+    os.replace(_partial, _cached)  # atomic: a parallel pytest never reads half a file
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,3 +29,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+

@@ -32,7 +32,8 @@ def read_safetensors(path):
 
 
 def spec_table(cfg: ModelConfig, experts: str) -> dict:
-    """docs/gptoss_spec.md's Hugging Face table, written out independently of gptoss.checkpoint."""
+    """The Hugging Face checkpoint's tensor table (openai/gpt-oss-20b's model.safetensors.index.json and
+    transformers' modeling_gpt_oss.py), written out independently of gptoss.checkpoint."""
     H, E, I, V = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     t = {"model.embed_tokens.weight": ("BF16", (V, H)), "model.norm.weight": ("BF16", (H,)),

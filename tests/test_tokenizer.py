@@ -1,12 +1,15 @@
 """o200k_harmony offline (gptoss/tokenizer.py), tokenizer.bin, and the harmony chat format."""
+import hashlib
 import random
+import socket
+from pathlib import Path
 
 import pytest
 
 from gptoss import tokenizer as T
 from gptoss.tokenizer import Message, TokenizerError
 
-# docs/gptoss_spec.md, "Tokens".
+# gpt-oss's special tokens (OpenAI's harmony format docs).
 SPEC_SPECIALS = {
     "<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002, "<|constrain|>": 200003,
     "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012,
@@ -20,20 +23,18 @@ HARMONY_DOCS_REPLY = [200005, 35644, 200008, 1844, 31064, 25, 392, 4827, 382, 22
 
 @pytest.fixture(scope="module")
 def tok():
-    try:
-        return T.get_tokenizer(download=False)
-    except TokenizerError as e:
-        pytest.skip(f"no o200k_base vocabulary on this machine: {e}")
+    return T.get_tokenizer(T.SHIPPED_VOCABULARY)
 
 
 @pytest.fixture(scope="module")
 def reference(tok):
-    """tiktoken's own o200k_harmony, only from its cache (conftest links the shared copy there)."""
+    """tiktoken's own o200k_harmony, from its cache (conftest puts the shipped copy there)."""
+    import os
+
     import tiktoken
 
-    cached = T.tiktoken_cache_file()
-    if cached is None or not cached.is_file():
-        pytest.skip("tiktoken's cache has no o200k_base.tiktoken; tiktoken would download it")
+    cached = Path(os.environ["TIKTOKEN_CACHE_DIR"]) / "fb374d419588a4632f3f557e76b4b70aebbca790"
+    assert cached.is_file(), "conftest.py did not fill tiktoken's cache: tiktoken would download"
     return tiktoken.get_encoding("o200k_harmony")
 
 
@@ -169,8 +170,9 @@ def test_search_order(tok, tokenizer_bin, tmp_path, monkeypatch):
     model_dir.mkdir()
     model = model_dir / "model.bin"
     model.write_bytes(b"GPTOSS model weights, not a tokenizer" * 4)
-    # Nothing next to the model: the caches / shared copy.
-    assert T.find_vocabulary(model) not in (None, model_dir / "tokenizer.bin")
+    # Nothing next to the model: the copy shipped in the package.
+    assert T.find_vocabulary(model) == T.find_vocabulary() == T.SHIPPED_VOCABULARY
+    assert T.get_tokenizer(model) is tok
     # A tokenizer.bin next to the model file, or in the model directory.
     (model_dir / "tokenizer.bin").write_bytes(tokenizer_bin.read_bytes())
     assert T.find_vocabulary(model) == model_dir / "tokenizer.bin"
@@ -189,24 +191,51 @@ def test_search_order(tok, tokenizer_bin, tmp_path, monkeypatch):
         T.get_tokenizer(tmp_path / "no_model_here")
 
 
-def test_nothing_found_says_how_to_get_the_vocabulary(tmp_path, monkeypatch):
-    monkeypatch.delenv("GPTOSS_TOKENIZER", raising=False)
+def test_the_shipped_vocabulary_is_o200k_base():
+    assert T.SHIPPED_VOCABULARY.is_file()
+    data = T.SHIPPED_VOCABULARY.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == T.O200K_BASE_SHA256 == \
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+    assert len(data.splitlines()) == 199998
+
+
+def test_loads_without_the_network(tmp_path, monkeypatch):
+    """A fresh process state (no recipe, no loaded tokenizer, an empty tiktoken cache) with sockets
+    refused still builds the tokenizer: nothing is downloaded."""
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(T, "SHARED_VOCABULARY", tmp_path / "no-shared" / "o200k_base.tiktoken")
-    assert T.find_vocabulary() is None
-    with pytest.raises(TokenizerError) as err:
-        T.get_tokenizer(download=False)
-    message = str(err.value)
-    for hint in (T.harmony_recipe().url, "GPTOSS_TOKENIZER", "--tokenizer", "export_tokenizer_bin.py",
-                 "fb374d419588a4632f3f557e76b4b70aebbca790"):
-        assert hint in message
+    monkeypatch.delenv("GPTOSS_TOKENIZER", raising=False)
+    monkeypatch.setattr(T, "_recipe", None)
+    monkeypatch.setattr(T, "_tokenizers", {})
+    tok = T.get_tokenizer()
+    assert tok.source == str(T.SHIPPED_VOCABULARY)
+    assert tok.encode("Hello world") == [13225, 2375]
+    assert not (tmp_path / "empty-cache").exists()
 
-    def offline(url, expected_hash=None):
-        raise ConnectionError("network is unreachable")
 
-    import tiktoken.load
-    monkeypatch.setattr(tiktoken.load, "read_file_cached", offline)
-    with pytest.raises(TokenizerError, match="downloading it failed .*network is unreachable"):
+def test_a_damaged_or_missing_vocabulary_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPTOSS_TOKENIZER", raising=False)
+    data = bytearray(T.SHIPPED_VOCABULARY.read_bytes())
+    data[1000] ^= 0x01
+    damaged = tmp_path / "data" / "o200k_base.tiktoken"
+    damaged.parent.mkdir()
+    damaged.write_bytes(bytes(data))
+    # A user's own file that is not o200k_base.
+    with pytest.raises(TokenizerError, match="sha256 differs.*give another file") as err:
+        T.load_tokenizer(damaged)
+    assert "\n" not in str(err.value)
+    # The package's own copy, damaged or missing.
+    monkeypatch.setattr(T, "_tokenizers", {})
+    monkeypatch.setattr(T, "SHIPPED_VOCABULARY", damaged)
+    with pytest.raises(TokenizerError, match="sha256 differs.*gptoss's own copy is damaged") as err:
+        T.get_tokenizer()
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(T, "SHIPPED_VOCABULARY", tmp_path / "gone" / "o200k_base.tiktoken")
+    with pytest.raises(TokenizerError, match="is missing: gptoss is installed without its package data"):
         T.get_tokenizer()
 
 
