@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most bytes per safetensors shard, e.g. 2GB or 500MiB; one file when the model fits "
                         "(default 5GB, as Hugging Face)")
     p.add_argument("--force", action="store_true",
-                   help="write into DIR even if it already holds a checkpoint (its config.json and "
-                        "model*.safetensors are replaced; other files stay)")
+                   help="write into DIR even if it already holds a checkpoint (its config.json, "
+                        "model*.safetensors and synthetic.json are replaced; other files stay); without "
+                        "it, the same checkpoint already there is kept and another one is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     return p
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from gptoss.checkpoint import CheckpointError, hf_layout, nbytes_of
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.synthetic import holds_checkpoint, write_hf_checkpoint
 
     try:
         cfg = PRESETS[args.preset] if args.preset else read_config_file(args.config)
@@ -98,8 +99,13 @@ def main(argv=None) -> int:
         size = sum(nbytes_of(spec.dtypes[0], spec.shape) for spec in layout.values())
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"{args.out} is a file, not a directory")
+        if not args.force and holds_checkpoint(args.out, cfg, args.experts, args.seed, args.shard_size):
+            if not args.quiet:
+                print(f"{args.out} already holds this checkpoint (same shape, {args.experts} experts, seed "
+                      f"{args.seed}); left as it is (--force writes it again)")
+            return 0
         if (args.out / "config.json").exists() and not args.force:
-            raise ValueError(f"{args.out} already holds a checkpoint; pass --force to replace it")
+            raise ValueError(f"{args.out} already holds another checkpoint; pass --force to replace it")
         source = args.config / "config.json" if args.config and args.config.is_dir() else args.config
         if source and source.resolve() == (args.out / "config.json").resolve():
             raise ValueError(f"{source} is the config.json this would replace; copy it elsewhere first")

@@ -146,7 +146,7 @@ def resolve_model_path(model: str | None) -> Path | str:
     raise FileNotFoundError(
         "no model given and none found ($GPTOSS_MODEL, ./model.bin, the Hugging Face cache).\n"
         "Get one:\n"
-        "  huggingface-cli download openai/gpt-oss-20b --local-dir gpt-oss-20b\n"
+        "  hf download openai/gpt-oss-20b --local-dir gpt-oss-20b\n"
         "  python export/export_model_bin.py --model gpt-oss-20b --output model.bin\n"
         "or make a tiny random one to try things out:\n"
         "  python export/make_checkpoint.py --preset tiny-chat --out models/tiny-chat")

@@ -245,12 +245,36 @@ def write_safetensors(path, tensors, on_bytes=None) -> None:
             tmp.unlink()
 
 
+RECIPE_FILE = "synthetic.json"  # written last: what write_hf_checkpoint made, and the files it wrote
+
+
+def _recipe(cfg: ModelConfig, experts: str, seed: int, max_shard_bytes: int) -> dict:
+    """The arguments as they read back from JSON (tuples become lists)."""
+    return json.loads(json.dumps({"config": cfg.to_dict(), "experts": experts, "seed": seed,
+                                  "max_shard_bytes": max_shard_bytes}))
+
+
+def holds_checkpoint(out_dir, cfg: ModelConfig, experts: str = "mxfp4", seed: int = 0,
+                     max_shard_bytes: int = 5 * 10**9) -> bool:
+    """True when out_dir holds a finished write_hf_checkpoint of exactly these arguments: its recipe
+    file (written last) names them, and every file it lists is there with its size."""
+    out = Path(out_dir)
+    try:
+        written = json.loads((out / RECIPE_FILE).read_text())
+        files = written.pop("files")
+        return written == _recipe(cfg, experts, seed, max_shard_bytes) and all(
+            (out / name).is_file() and (out / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return False
+
+
 def write_hf_checkpoint(cfg: ModelConfig, out_dir, experts: str = "mxfp4", seed: int = 0,
                         max_shard_bytes: int = 5 * 10**9, progress: bool = False) -> Path:
     """Write random weights (the same values as random_weights(cfg, experts, seed)) as a Hugging Face
     checkpoint: config.json and model.safetensors, or shards model-0000k-of-0000n.safetensors of at most
-    max_shard_bytes each (a larger tensor gets a shard alone) + model.safetensors.index.json. Tensors are
-    streamed to disk chunk by chunk. Older model*.safetensors files in out_dir are removed."""
+    max_shard_bytes each (a larger tensor gets a shard alone) + model.safetensors.index.json, then
+    synthetic.json (the arguments and the files written; see holds_checkpoint). Tensors are streamed
+    to disk chunk by chunk. Older model*.safetensors files in out_dir are removed."""
     from .progress import ByteProgress
 
     weights = SyntheticWeights(cfg, experts, seed, cache_bytes=0)
@@ -262,7 +286,7 @@ def write_hf_checkpoint(cfg: ModelConfig, out_dir, experts: str = "mxfp4", seed:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+    for stale in [out / RECIPE_FILE, *out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         if stale.is_file():
             stale.unlink()
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(quantized_experts=experts == "mxfp4"), indent=2))
@@ -275,8 +299,13 @@ def write_hf_checkpoint(cfg: ModelConfig, out_dir, experts: str = "mxfp4", seed:
             tensors = [(name, dtypes[name], layout[name].shape,
                         _hf_chunks(weights, name, layout, recipes, owner, memo)) for name in names]
             write_safetensors(out / file, tensors, bar.advance)
+    written = ["config.json", *files]
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        written.append("model.safetensors.index.json")
+    record = _recipe(cfg, experts, seed, max_shard_bytes)
+    record["files"] = {name: (out / name).stat().st_size for name in written}
+    (out / RECIPE_FILE).write_text(json.dumps(record, indent=2))
     return out

@@ -201,6 +201,23 @@ def test_sharded_checkpoint_keeps_shards_under_the_limit(tmp_path):
     assert set(index["weight_map"]) == set(spec_table(TINY, "mxfp4"))
 
 
+def test_holds_checkpoint_only_when_finished_with_the_same_arguments(tmp_path):
+    write_hf_checkpoint(TINY, tmp_path, "mxfp4", seed=1, max_shard_bytes=100_000)
+    assert synthetic.holds_checkpoint(tmp_path, TINY, "mxfp4", seed=1, max_shard_bytes=100_000)
+    for other in ({"seed": 2}, {"experts": "bf16"}, {"max_shard_bytes": 200_000}):
+        args = {"experts": "mxfp4", "seed": 1, "max_shard_bytes": 100_000, **other}
+        assert not synthetic.holds_checkpoint(tmp_path, TINY, **args)
+    assert not synthetic.holds_checkpoint(tmp_path, TINY_REAL_HEADS, "mxfp4", 1, 100_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])  # a shard cut short (an interrupted write)
+    assert not synthetic.holds_checkpoint(tmp_path, TINY, "mxfp4", 1, 100_000)
+    shard.write_bytes(data)
+    (tmp_path / synthetic.RECIPE_FILE).write_text("{not json")
+    assert not synthetic.holds_checkpoint(tmp_path, TINY, "mxfp4", 1, 100_000)
+    assert not synthetic.holds_checkpoint(tmp_path / "nowhere", TINY, "mxfp4", 1, 100_000)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "export" / "make_checkpoint.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=120, cwd="/")
@@ -217,9 +234,13 @@ def test_make_checkpoint_cli(tmp_path):
     for name in expected.names():
         np.testing.assert_array_equal(loaded.raw(name), expected.raw(name))
 
-    again = run_cli("--preset", "tiny", "--out", out)
-    assert again.returncode == 2 and "already holds a checkpoint; pass --force" in again.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run_cli("--preset", "tiny", "--out", out)  # other arguments: refused, nothing touched
+    assert again.returncode == 2 and "already holds another checkpoint; pass --force" in again.stderr
     assert "Traceback" not in again.stderr
+    same = run_cli("--preset", "tiny", "--experts", "bf16", "--seed", "7", "--out", out, "--shard-size", "100KB")
+    assert same.returncode == 0 and "already holds this checkpoint" in same.stdout, same.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     from_config = run_cli("--config", out / "config.json", "--out", tmp_path / "c", "--quiet")
     assert from_config.returncode == 0, from_config.stderr
