@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one line on stderr says which runs, and why not the GPU")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.bin or o200k_base.tiktoken, or a folder holding one (default: "
-                        "found next to the model, in tiktoken's cache, or downloaded once)")
+                        "$GPTOSS_TOKENIZER, else one next to the model, else the copy shipped in gptoss/data)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the device line, warnings and errors still print)")
     return p

@@ -4,7 +4,8 @@
 # copies it into .cache/nltk_data and writes the lexnames table the package leaves out).
 # wordnet-sense-index adds index.sense, which nltk opens when it loads WordNet; without it the setup
 # writes an empty one (METEOR never reads sense keys).
-# Python packages: pip install -r requirements-eval.txt (nltk, sacrebleu) before running this.
+# Python packages: pip install -r requirements-eval.txt (nltk, sacrebleu) before running this;
+# $PYTHON (default python3) is the interpreter they are installed for (tools/setup-dev.sh sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,4 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-python3 evaluation/wordnet_setup.py
+"${PYTHON:-python3}" evaluation/wordnet_setup.py

@@ -8,7 +8,7 @@ import statistics
 from gptoss.cli import error
 from gptoss.outputs import OutputPathError, check_output_path, write_atomically
 
-# Ceilings measured on the device's H100 (../shared/docs/peers.md); bench_kernels.py re-measures them.
+# Ceilings measured on the device's H100; bench_kernels.py re-measures them.
 H100_COPY_GBPS = 3000.0
 H100_BF16_TFLOPS = 770.0
 
