@@ -299,7 +299,7 @@ def find_vocabulary(model_path=None) -> Path:
 
     model_path is a tokenizer file (used as is) or a model file/directory (searched next to)."""
     model_dir = None
-    if model_path is not None:
+    if model_path is not None and not str(model_path).startswith("synthetic:"):  # random weights: no folder
         path = Path(model_path).expanduser()
         if not path.exists():
             raise TokenizerError(f"{path}: no such file or directory")

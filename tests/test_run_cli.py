@@ -49,6 +49,19 @@ def test_generate_streams_text(chat_model):
     assert "generated" in proc.stderr
 
 
+def test_synthetic_model_runs_with_the_shipped_vocabulary(tmp_path):
+    """synthetic:PRESET (random weights made in memory; what the benchmarks run) has no folder to find a
+    tokenizer next to: text modes take the shipped vocabulary, getp's ids need none."""
+    proc = run("run.py", "synthetic:tiny-chat", "-m", "generate", "-p", "Hi", "-n", "3", "--device", "cpu",
+               "-t", "0")
+    assert proc.stdout.startswith("Hi") and len(proc.stdout) > len("Hi")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1 2 3\n4 5\n")
+    run("run.py", "synthetic:tiny", "-m", "getp", "-i", str(prompts), "-o", str(tmp_path / "o.txt"), "-n", "2",
+        "--input-format", "ids", "--ignore-eos", "--device", "cpu")
+    assert [len(line.split()) for line in (tmp_path / "o.txt").read_text().splitlines()] == [2, 2]
+
+
 def test_chat_one_turn_from_stdin(chat_model):
     proc = run("run.py", str(chat_model), "-m", "chat", "-n", "5", "--device", "cpu", stdin="Hi!\n")
     assert "generated" in proc.stderr
