@@ -22,14 +22,6 @@ import numpy as np
 from benchmarks.common import H100_BF16_TFLOPS, add_json_option, json_path_error, write_json
 
 
-def active_params(cfg) -> int:
-    """Weights one token multiplies: attention, router, k experts, unembedding (not the embedding)."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    attn = H * cfg.qkv_size + cfg.q_size * H
-    moe = cfg.num_experts * H + cfg.experts_per_token * (H * 2 * I + I * H)
-    return cfg.num_layers * (attn + moe) + cfg.vocab_size * H
-
-
 def print_profile(prof: dict, what: str) -> None:
     total = sum(prof.values())
     print(f"  {what}, per kernel family ({total:.2f} ms of GPU time, launches queued ahead):")
@@ -85,7 +77,7 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     prefill_s = min(times)
     results["prefill_tokens_per_s"] = args.prompt_len / prefill_s
-    flops = 2 * args.prompt_len * active_params(cfg)
+    flops = 2 * args.prompt_len * cfg.active_matmul_params_per_token()
     print(f"prefill {args.prompt_len} tokens: {prefill_s * 1e3:.1f} ms, {args.prompt_len / prefill_s:,.0f} tokens/s, "
           f"{flops / prefill_s / 1e12:.0f} TFLOP/s in matmuls (of ~{H100_BF16_TFLOPS:.0f})", flush=True)
 

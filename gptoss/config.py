@@ -240,15 +240,7 @@ class ModelConfig:
                                            "model.embed_tokens", "lm_head"]}
         return d
 
-    # ---- parameter counts (for rooflines and memory planning) ------------------------------------
-    def attention_params_per_layer(self) -> int:
-        H = self.hidden_size
-        return H * self.qkv_size + self.qkv_size + self.q_size * H + H
-
-    def expert_params(self) -> int:  # one expert, weights and biases
-        H, I = self.hidden_size, self.intermediate_size
-        return H * 2 * I + 2 * I + I * H + H
-
+    # ---- work per token (rooflines) --------------------------------------------------------------
     def active_matmul_params_per_token(self) -> int:
         """Multiply-adds per token in weight matrices (attention, active experts, router, unembedding)."""
         H = self.hidden_size
