@@ -105,14 +105,15 @@ def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path, skip=f
     """The prompt ids of each line ([] for the line numbers (0-based) in `skip`)."""
     if args.input_format == "ids":
         return [[] if n in skip else parse_id_line(line, n + 1, vocab_size) for n, line in enumerate(lines)]
-    from .tokenizer import Message, encode_chat, tokenizer_from_option
+    from .harmony import ChatOptions, Message, encode_chat
+    from .tokenizer import tokenizer_from_option
 
     tok = tokenizer_from_option(args.tokenizer, model_path)
     if args.input_format == "text":
         prompts = [[] if n in skip else tok.encode(line) for n, line in enumerate(lines)]
     else:
-        prompts = [[] if n in skip else encode_chat([Message("user", line)], reasoning_effort=args.reasoning,
-                                                    developer_instructions=args.system, tokenizer=tok)
+        options = ChatOptions(reasoning_effort=args.reasoning, instructions=args.system)
+        prompts = [[] if n in skip else encode_chat([Message("user", line)], options)
                    for n, line in enumerate(lines)]
     too_big = [(n + 1, max(ids)) for n, ids in enumerate(prompts) if ids and max(ids) >= vocab_size]
     if too_big:

@@ -5,7 +5,7 @@ import sys
 import time
 
 from .engine import ContextError, Request
-from .tokenizer import StreamDecoder
+from .tokenizer import END, StreamDecoder
 
 
 def _stats(n_prompt: int, n_new: int, prefill_s: float, decode_s: float) -> str:
@@ -69,51 +69,41 @@ def run_generate(backend, args, sampling, model_path) -> int:
 class ChannelPrinter:
     """Shows a harmony reply as it streams: analysis dimmed, final plain, headers hidden."""
 
-    def __init__(self, tokenizer, out):
-        from . import tokenizer as T
+    def __init__(self, out):
+        from .harmony import StreamParser
 
-        self.T, self.tok, self.out = T, tokenizer, out
-        self.state = "header"  # "header" (after <|start|>/<|channel|>), "channel", "message"
-        self.channel = ""
-        self.stream = StreamDecoder(tokenizer)
+        self.out = out
+        self.parser = StreamParser()
         self.final_text: list[str] = []
         self.interactive = out.isatty()
 
-    def _write(self, text: str) -> None:
-        if self.channel == "final":
+    def _write(self, text: str, channel: str | None) -> None:
+        if channel == "final":
             self.final_text.append(text)
-        if self.interactive and self.channel != "final":
+        if self.interactive and channel != "final":
             text = f"\x1b[2m{text}\x1b[0m"
         self.out.write(text)
         self.out.flush()
 
+    def _show(self, delta, token=None) -> None:
+        if delta is None:
+            return
+        if delta.started and delta.channel != "final":
+            self._write(f"[{delta.channel or 'message'}] ", delta.channel)
+        self._write(delta.text, delta.channel)
+        if delta.ended and token == END:
+            self._write("\n", delta.channel)
+
     def push(self, token: int) -> None:
-        T = self.T
-        if token == T.CHANNEL:
-            self.state, self.channel = "channel", ""
-        elif token == T.MESSAGE:
-            self.state = "message"
-            if self.channel != "final":
-                self._write(f"[{self.channel or 'message'}] ")
-        elif token in (T.END, T.RETURN, T.CALL):
-            self._write(self.stream.flush())
-            if token == T.END:
-                self._write("\n")
-            self.state = "header"
-        elif token == T.START:
-            self.state = "header"
-        elif self.state == "channel":
-            self.channel += self.tok.decode([token])
-            self.channel = self.channel.strip()
-        elif self.state == "message":
-            self._write(self.stream.push(token))
+        self._show(self.parser.push(token), token)
 
     def final(self) -> str:
         return "".join(self.final_text).strip()
 
     def stop(self) -> None:
-        """A reply cut short (Ctrl-C): what is decoded so far, and plain text again on a terminal."""
-        self._write(self.stream.flush())
+        """The end of a reply (its stop id, its length, or Ctrl-C): what is left of its last message,
+        and plain text again on a terminal."""
+        self._show(self.parser.finish())
         if self.interactive:
             self.out.write("\x1b[0m")
             self.out.flush()
@@ -128,18 +118,19 @@ def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
     prompt (what the reply said so far stays in the chat); Ctrl-C at the prompt ends the chat with
     status 130; an empty line or end of input ends it with 0. A chat that outgrows the model's context
     says so and starts afresh from the last message."""
-    from .tokenizer import CALL, RETURN, Message, encode_chat, tokenizer_from_option
+    from .harmony import ChatOptions, Message, encode_chat
+    from .tokenizer import CALL, RETURN
 
-    tok = tokenizer_from_option(args.tokenizer, model_path)
     context = backend.config.max_context
     if backend.config.vocab_size < 201088:
         print(f"run.py: error: chat needs the real vocabulary of 201088 tokens; this model has "
               f"{backend.config.vocab_size} (try a model made with --preset tiny-chat)", file=sys.stderr)
         return 2
 
+    options = ChatOptions(reasoning_effort=args.reasoning, instructions=args.system)
+
     def encode(messages) -> list[int]:
-        return encode_chat(messages, reasoning_effort=args.reasoning, developer_instructions=args.system,
-                           tokenizer=tok)
+        return encode_chat(messages, options)
 
     history: list = []
     pending = args.prompt
@@ -171,7 +162,7 @@ def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
                   f"context is {context}: write a shorter one", file=sys.stderr)
             continue
         history.append(message)
-        printer = ChannelPrinter(tok, sys.stdout)
+        printer = ChannelPrinter(sys.stdout)
         try:
             ids, reason, (prefill_s, decode_s) = stream_generation(
                 backend, prompt_ids, args, sampling, printer.push, stop_ids={RETURN, CALL}, index=turn)
@@ -184,7 +175,7 @@ def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
             history = []
             continue
         if ids is not None:
-            printer.push(RETURN)  # flush what is left of the last message
+            printer.stop()  # what is left of the last message
             print(file=sys.stdout)
             print(_stats(len(prompt_ids), len(ids), prefill_s, decode_s), file=sys.stderr)
         if printer.final():

@@ -1,4 +1,4 @@
-"""o200k_harmony, gpt-oss's tokenizer, through tiktoken and offline; harmony chat prompts and replies.
+"""o200k_harmony, gpt-oss's tokenizer, through tiktoken and offline: encode, decode, stream text.
 
 Where the vocabulary comes from (get_tokenizer; the first found wins, nothing is ever downloaded):
   1. an explicit tokenizer path (run.py --tokenizer), else $GPTOSS_TOKENIZER: a tokenizer.bin or an
@@ -22,8 +22,7 @@ tokenizer.bin (export/export_tokenizer_bin.py writes it once; all integers littl
   checksum           u32 zlib.crc32 of every byte before it
 Loading it gives an Encoding identical to tiktoken's o200k_harmony (tests/test_tokenizer.py checks).
 
-Harmony (openai/harmony's renderer is the reference): render_chat / encode_chat build the prompt,
-parse_assistant splits generated ids into channel messages, StreamDecoder streams text.
+The harmony chat format (prompts, replies) is gptoss/harmony.py's.
 """
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import tiktoken
@@ -365,193 +363,7 @@ def default_tokenizer() -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Harmony chat: prompts.
-
-REASONING_EFFORTS = ("low", "medium", "high")
-CHANNELS = ("analysis", "commentary", "final")
-DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
-
-
-@dataclass(frozen=True)
-class Message:
-    """A chat message. role: "developer" (instructions), "user" or "assistant"; an assistant message
-    without a channel is taken as its final answer."""
-
-    role: str
-    content: str
-    channel: str | None = None
-
-
-def system_text(reasoning_effort: str, identity: str | None, knowledge_cutoff: str | None,
-                current_date) -> str:
-    """The system message's content, sections separated by a blank line, as harmony writes it."""
-    if reasoning_effort not in REASONING_EFFORTS:
-        raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)} "
-                         f"(got {reasoning_effort!r})")
-    if isinstance(current_date, date):
-        current_date = current_date.isoformat()
-    top = [identity] if identity else []
-    top += [f"Knowledge cutoff: {knowledge_cutoff}"] if knowledge_cutoff else []
-    top += [f"Current date: {current_date}"] if current_date else []
-    sections = ["\n".join(top)] if top else []
-    sections.append(f"Reasoning: {reasoning_effort}")
-    sections.append(f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message.")
-    return "\n\n".join(sections)
-
-
-def message_pieces(role: str, content: str, channel: str | None = None) -> list:
-    """<|start|>role[<|channel|>channel]<|message|>content<|end|> as special ids and text strings."""
-    header = [START, role] + ([CHANNEL, channel] if channel else [])
-    return header + [MESSAGE, content, END]
-
-
-def chat_pieces(messages, reasoning_effort="medium", system_identity=DEFAULT_IDENTITY,
-                knowledge_cutoff="2024-06", current_date=None, developer_instructions=None) -> list:
-    """The whole prompt as a list of special ids (int) and text (str), ending with <|start|>assistant.
-
-    Assistant analysis messages followed by a later final answer are dropped (finished turns are fed
-    back by their final message only)."""
-    messages = list(messages)
-    pieces = message_pieces("system", system_text(reasoning_effort, system_identity, knowledge_cutoff,
-                                                  current_date))
-    if developer_instructions:
-        pieces += message_pieces("developer", f"# Instructions\n\n{developer_instructions}")
-    last_final = max((i for i, m in enumerate(messages)
-                      if m.role == "assistant" and m.channel in (None, "final")), default=-1)
-    for i, m in enumerate(messages):
-        if m.role == "developer":
-            pieces += message_pieces("developer", f"# Instructions\n\n{m.content}")
-        elif m.role == "user":
-            pieces += message_pieces("user", m.content, m.channel)
-        elif m.role == "assistant":
-            if m.channel == "analysis" and i < last_final:
-                continue
-            pieces += message_pieces("assistant", m.content, m.channel or "final")
-        else:
-            raise ValueError(f"message {i}: role must be developer, user or assistant (got {m.role!r}); "
-                             "the system message is built from render_chat's arguments, and "
-                             "instructions go in a developer message")
-    return pieces + [START, "assistant"]
-
-
-def render_chat(messages, reasoning_effort="medium", system_identity=DEFAULT_IDENTITY,
-                knowledge_cutoff="2024-06", current_date=None, developer_instructions=None) -> str:
-    """The harmony prompt as text (see chat_pieces)."""
-    pieces = chat_pieces(messages, reasoning_effort, system_identity, knowledge_cutoff, current_date,
-                         developer_instructions)
-    return "".join(SPECIAL_NAMES[p] if isinstance(p, int) else p for p in pieces)
-
-
-def encode_chat(messages, reasoning_effort="medium", system_identity=DEFAULT_IDENTITY,
-                knowledge_cutoff="2024-06", current_date=None, developer_instructions=None,
-                tokenizer: Tokenizer | None = None) -> list[int]:
-    """The harmony prompt as ids. Text is encoded without specials, like harmony's renderer: a message
-    that contains "<|end|>" cannot end its message early. Otherwise equal to encode(render_chat(...))."""
-    tokenizer = tokenizer or default_tokenizer()
-    ids: list[int] = []
-    for p in chat_pieces(messages, reasoning_effort, system_identity, knowledge_cutoff, current_date,
-                         developer_instructions):
-        if isinstance(p, int):
-            ids.append(p)
-        else:
-            ids += tokenizer.encode(p, allow_special=False)
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------------
-# Harmony chat: replies.
-
-STOP_REASONS = {RETURN: "return", CALL: "call", ENDOFTEXT: "endoftext"}
-
-
-@dataclass(frozen=True)
-class ChannelMessage:
-    channel: str | None
-    content: str
-    recipient: str | None = None     # "functions.get_weather" for a tool call
-    content_type: str | None = None  # "<|constrain|>json" for a constrained tool call
-
-
-@dataclass(frozen=True)
-class ParsedReply:
-    """stop: "return" (final answer done), "call" (a tool call), "endoftext", or "length" (ran out)."""
-
-    messages: tuple
-    stop: str
-
-    def channel_text(self, channel: str) -> str:
-        return "\n".join(m.content for m in self.messages if m.channel == channel)
-
-    @property
-    def final(self) -> str:
-        return self.channel_text("final")
-
-    @property
-    def analysis(self) -> str:
-        return self.channel_text("analysis")
-
-    @property
-    def commentary(self) -> str:
-        return self.channel_text("commentary")
-
-
-def parse_header(text: str) -> tuple[str | None, str | None, str | None]:
-    """'assistant to=functions.f<|channel|>commentary <|constrain|>json' -> (channel, recipient, type)."""
-    channel = None
-    marker = SPECIAL_NAMES[CHANNEL]
-    at = text.find(marker)
-    if at >= 0:
-        rest = text[at + len(marker):]
-        value = re.match(r"[^\s<]*", rest).group(0)
-        channel = value or None
-        text = text[:at] + " " + rest[len(value):]
-    parts = text.replace(SPECIAL_NAMES[CONSTRAIN], " " + SPECIAL_NAMES[CONSTRAIN]).split()
-    if parts and parts[0] == "assistant":
-        parts = parts[1:]
-    recipient = next((p[3:] for p in parts if p.startswith("to=")), None)
-    rest = [p for p in parts if not p.startswith("to=")]
-    return channel, recipient, " ".join(rest) or None
-
-
-def parse_assistant(ids, stop_token: int | None = None, tokenizer: Tokenizer | None = None) -> ParsedReply:
-    """Split generated ids (what follows the prompt's <|start|>assistant) into channel messages.
-
-    Generation ends at the first stop id found in ids, else at stop_token when the engine reports the
-    stop token separately, else the reply ran out ("length"); a message cut short keeps its text so far.
-    Lenient: a <|start|> inside a message ends it, stray ids between messages are ignored."""
-    tokenizer = tokenizer or default_tokenizer()
-    if stop_token is not None and stop_token not in STOP_REASONS:
-        raise ValueError(f"stop_token {stop_token} is not a stop id ({sorted(STOP_REASONS)})")
-    messages: list[ChannelMessage] = []
-    header: list[int] = []
-    content: list[int] | None = None  # None while reading a header
-
-    def finish():
-        channel, recipient, content_type = parse_header(tokenizer.decode(header))
-        messages.append(ChannelMessage(channel, tokenizer.decode(content), recipient, content_type))
-
-    stop = STOP_REASONS.get(stop_token, "length")
-    for token in ids:
-        token = int(token)
-        if token in STOP_REASONS:
-            stop = STOP_REASONS[token]
-            break
-        if content is None:
-            if token == MESSAGE:
-                content = []
-            elif token == START:
-                header = []
-            else:
-                header.append(token)
-        elif token in (END, START):
-            finish()
-            header, content = [], None
-        else:
-            content.append(token)
-    if content is not None:
-        finish()
-    return ParsedReply(tuple(messages), stop)
-
+# Streaming text.
 
 class StreamDecoder:
     """Token ids in, text deltas out, never splitting a multi-byte UTF-8 character between deltas:

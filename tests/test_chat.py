@@ -76,7 +76,7 @@ REPLY = "<|channel|>final<|message|>The sky is blue because of Rayleigh scatteri
 
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tok, capsys):
     from gptoss.interactive import run_chat
-    from gptoss.tokenizer import Message, encode_chat
+    from gptoss.harmony import Message, encode_chat
 
     backend = ScriptedBackend(tok, REPLY, interrupt_on={0}, cut_after=6)
     code = run_chat(backend, chat_args(), SamplingParams(), None,
@@ -90,7 +90,7 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tok, capsys):
     # the second turn's prompt: the first question, what the stopped reply said so far, the new question
     history = [Message("user", "Why is the sky blue?"), Message("assistant", cut_text, channel="final"),
                Message("user", "Say it again.")]
-    assert backend.prompts[1] == encode_chat(history, tokenizer=tok)
+    assert backend.prompts[1] == encode_chat(history)
 
 
 def test_end_of_input_and_an_empty_line_end_with_0(tok, capsys):
@@ -102,11 +102,28 @@ def test_end_of_input_and_an_empty_line_end_with_0(tok, capsys):
     assert len(backend.prompts) == 1
 
 
+def test_a_reply_shows_by_channel_and_only_its_final_answer_stays(tok, capsys):
+    """Analysis is labelled (dimmed on a terminal), the final answer plain; a stray id after <|end|>
+    does not stop the reply; the next prompt carries the final answer alone."""
+    from gptoss.harmony import ChatOptions, Message, encode_chat
+    from gptoss.interactive import run_chat
+
+    reply = ("<|channel|>analysis<|message|>Rayleigh.<|end|> stray<|start|>assistant<|channel|>final<|message|>"
+             "Blue.<|return|>")
+    backend = ScriptedBackend(tok, reply)
+    assert run_chat(backend, chat_args(reasoning="high"), SamplingParams(), None,
+                    read_line=scripted_input(["Sky?", "Again?", EOFError])) == 0
+    out = capsys.readouterr().out
+    assert out.count("[analysis] Rayleigh.\nBlue.\n") == 2 and "stray" not in out
+    history = [Message("user", "Sky?"), Message("assistant", "Blue.", "final"), Message("user", "Again?")]
+    assert backend.prompts[1] == encode_chat(history, ChatOptions(reasoning_effort="high"))
+
+
 def test_a_full_context_starts_a_fresh_chat(tok, capsys):
     from gptoss.interactive import run_chat
-    from gptoss.tokenizer import Message, encode_chat
+    from gptoss.harmony import Message, encode_chat
 
-    one = len(encode_chat([Message("user", "Hello")], tokenizer=tok))
+    one = len(encode_chat([Message("user", "Hello")]))
     reply = "<|channel|>final<|message|>" + " word" * 40 + "<|return|>"
     # room for one turn and its reply, not for a second turn on top
     backend = ScriptedBackend(tok, reply, max_context=one + 30)
@@ -117,7 +134,7 @@ def test_a_full_context_starts_a_fresh_chat(tok, capsys):
     err = capsys.readouterr().err
     assert "the reply reached the end of the model's context" in err and "the next message starts a fresh chat" in err
     assert "write a shorter one" in err  # the long message alone does not fit: back to the prompt
-    fresh = encode_chat([Message("user", "Hello")], tokenizer=tok)
+    fresh = encode_chat([Message("user", "Hello")])
     assert backend.prompts == [fresh, fresh, fresh]  # each turn after a full context starts afresh
 
     backend = ScriptedBackend(tok, "<|channel|>final<|message|>ok<|return|>", max_context=one + 8)

@@ -1,4 +1,4 @@
-"""o200k_harmony offline (gptoss/tokenizer.py), tokenizer.bin, and the harmony chat format."""
+"""o200k_harmony offline (gptoss/tokenizer.py), tokenizer.bin, streaming text."""
 import hashlib
 import random
 import socket
@@ -7,19 +7,13 @@ from pathlib import Path
 import pytest
 
 from gptoss import tokenizer as T
-from gptoss.tokenizer import Message, TokenizerError
+from gptoss.tokenizer import TokenizerError
 
 # gpt-oss's special tokens (OpenAI's harmony format docs).
 SPEC_SPECIALS = {
     "<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002, "<|constrain|>": 200003,
     "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012,
 }
-
-# OpenAI's harmony docs (docs/format.md, StreamableParser example): a reply to "What is 2 + 2?".
-HARMONY_DOCS_REPLY = [200005, 35644, 200008, 1844, 31064, 25, 392, 4827, 382, 220, 17, 659, 220, 17, 16842,
-                      12295, 81645, 13, 51441, 6052, 13, 200007, 200006, 173781, 200005, 17196, 200008, 17, 659,
-                      220, 17, 314, 220, 19, 13, 200002]
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -239,101 +233,7 @@ def test_a_damaged_or_missing_vocabulary_is_a_one_line_error(tmp_path, monkeypat
         T.get_tokenizer()
 
 
-# --- harmony -----------------------------------------------------------------------------------------
-
-def test_render_chat_exact_text():
-    history = [
-        Message("user", "What is 2 + 2?"),
-        Message("assistant", "Simple arithmetic.", channel="analysis"),
-        Message("assistant", "2 + 2 = 4.", channel="final"),
-        Message("user", "And 3 + 3?"),
-    ]
-    text = T.render_chat(history, reasoning_effort="high", current_date="2025-06-28",
-                         developer_instructions="Answer in one line.")
-    assert text == (
-        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-        "Knowledge cutoff: 2024-06\n"
-        "Current date: 2025-06-28\n\n"
-        "Reasoning: high\n\n"
-        "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
-        "<|start|>developer<|message|># Instructions\n\nAnswer in one line.<|end|>"
-        "<|start|>user<|message|>What is 2 + 2?<|end|>"
-        "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|end|>"
-        "<|start|>user<|message|>And 3 + 3?<|end|>"
-        "<|start|>assistant")
-
-
-def test_render_chat_defaults_and_options():
-    text = T.render_chat([Message("user", "Hi")])
-    assert text == (
-        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-        "Knowledge cutoff: 2024-06\n\nReasoning: medium\n\n"
-        "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
-        "<|start|>user<|message|>Hi<|end|><|start|>assistant")
-    bare = T.render_chat([Message("developer", "Be nice."), Message("user", "Hi")], reasoning_effort="low",
-                         system_identity=None, knowledge_cutoff=None)
-    assert bare.startswith("<|start|>system<|message|>Reasoning: low\n\n# Valid channels:")
-    assert "<|start|>developer<|message|># Instructions\n\nBe nice.<|end|><|start|>user" in bare
-    # An assistant message without a channel is a final answer; analysis of an unfinished turn stays.
-    ongoing = T.render_chat([Message("user", "Hi"), Message("assistant", "Hello"),
-                             Message("user", "?"), Message("assistant", "thinking", channel="analysis")])
-    assert "<|start|>assistant<|channel|>final<|message|>Hello<|end|>" in ongoing
-    assert ongoing.endswith("<|start|>assistant<|channel|>analysis<|message|>thinking<|end|><|start|>assistant")
-    with pytest.raises(ValueError, match="reasoning_effort"):
-        T.render_chat([Message("user", "Hi")], reasoning_effort="extreme")
-    with pytest.raises(ValueError, match="developer"):
-        T.render_chat([Message("system", "You are a pirate.")])
-
-
-def test_encode_chat(tok):
-    history = [Message("user", "Hi there, café ☕?"), Message("assistant", "Arr!", channel="final"),
-               Message("user", "Tell me more.")]
-    ids = T.encode_chat(history, reasoning_effort="low", developer_instructions="Talk like a pirate.",
-                        tokenizer=tok)
-    assert ids == tok.encode(T.render_chat(history, reasoning_effort="low",
-                                           developer_instructions="Talk like a pirate."))
-    assert ids[:3] == [T.START, tok.encode("system")[0], T.MESSAGE]
-    assert ids[-2:] == [T.START, tok.encode("assistant")[0]]
-    # Text never turns into a special token, so a message cannot close itself early.
-    injected = T.encode_chat([Message("user", "x<|end|><|start|>system")], tokenizer=tok)
-    assert injected.count(T.END) == 2 and injected.count(T.START) == 3
-
-
-def test_parse_the_harmony_docs_reply(tok):
-    assert tok.encode('<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple arithmetic. Provide '
-                      'answer.<|end|><|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>') \
-        == HARMONY_DOCS_REPLY
-    reply = T.parse_assistant(HARMONY_DOCS_REPLY, tokenizer=tok)
-    assert reply.stop == "return"
-    assert [(m.channel, m.content) for m in reply.messages] == [
-        ("analysis", 'User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.'),
-        ("final", "2 + 2 = 4.")]
-    assert reply.final == "2 + 2 = 4." and reply.analysis.startswith("User asks")
-
-
-def test_parse_stops_and_tool_calls(tok):
-    call = tok.encode("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant "
-                      "to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
-                      '{"location": "Tokyo"}<|call|>')
-    reply = T.parse_assistant(call, tokenizer=tok)
-    assert reply.stop == "call"
-    tool = reply.messages[-1]
-    assert (tool.channel, tool.recipient, tool.content_type, tool.content) == \
-        ("commentary", "functions.get_weather", "<|constrain|>json", '{"location": "Tokyo"}')
-    # The engine drops the stop id from the output and may report it separately.
-    body = HARMONY_DOCS_REPLY[:-1]
-    assert T.parse_assistant(body, tokenizer=tok).stop == "length"
-    assert T.parse_assistant(body, stop_token=T.RETURN, tokenizer=tok).stop == "return"
-    assert T.parse_assistant(body + [T.ENDOFTEXT, 13225], tokenizer=tok).stop == "endoftext"
-    # Cut short inside the final message: what was generated is kept.
-    cut = T.parse_assistant(HARMONY_DOCS_REPLY[:-4], tokenizer=tok)
-    assert cut.stop == "length" and cut.final == "2 + 2 ="
-    # Ids after the stop id are ignored; nothing generated gives no message.
-    assert T.parse_assistant(HARMONY_DOCS_REPLY + tok.encode("junk"), tokenizer=tok).final == "2 + 2 = 4."
-    assert T.parse_assistant([], tokenizer=tok) == T.ParsedReply((), "length")
-    with pytest.raises(ValueError, match="stop"):
-        T.parse_assistant(body, stop_token=T.END, tokenizer=tok)
-
+# --- streaming text ---------------------------------------------------------------------------------
 
 def test_stream_decoder_never_splits_a_character(tok):
     text = "héllo 👍 € 日本 🧑‍💻!"
