@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     import cupy
     from gptoss.config import PRESETS
     from gptoss.model import DeviceWeights, GPUModel, SampleArgs, StepBatch
-    from gptoss.synthetic import random_weights
+    from gptoss.weights import random_weights
 
     cfg = PRESETS[args.preset]
     batches = [int(b) for b in args.batches.split(",")]

@@ -31,7 +31,7 @@ def run(args) -> None:
     from benchmarks.kernel_attention import _rand_bf16
     from gptoss.config import PRESETS
     from gptoss.model import DeviceWeights, GPUModel, StepBatch
-    from gptoss.synthetic import random_weights
+    from gptoss.weights import random_weights
 
     cfg = PRESETS[args.preset]
     weights = DeviceWeights(random_weights(cfg, "mxfp4", seed=0), progress=False)

@@ -2,7 +2,7 @@
 """Convert a gpt-oss checkpoint into our single-file .bin (docs/BIN_FORMAT.md): every tensor
 4096-byte aligned for mmap and direct GPU upload, MXFP4 experts kept packed.
 
-The source is anything gptoss.checkpoint.open_weights reads: a Hugging Face checkpoint directory
+The source is anything gptoss.weights.open_weights reads: a Hugging Face checkpoint directory
 (config.json + model.safetensors or shards with model.safetensors.index.json, MXFP4 or bf16 experts),
 OpenAI's original/ folder, or another .bin. Every tensor is checked against config.json first.
 
@@ -42,10 +42,9 @@ def _gib(n: int) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gptoss.binfile import BinWeights, build_header, write_bin
-    from gptoss.checkpoint import CheckpointError, open_weights
-
     from gptoss.outputs import OutputPathError, check_output_path
+    from gptoss.weights import BinWeights, CheckpointError, open_weights, write_bin
+    from gptoss.weights.binfile import build_header
 
     out = Path(args.output)
     try:

@@ -46,7 +46,7 @@ def parse_size(text: str) -> int:
 
 def read_config_file(path: Path) -> ModelConfig:
     """A Hugging Face config.json, an original/config.json, or ModelConfig.to_dict() JSON."""
-    from gptoss.checkpoint import config_from_dict
+    from gptoss.weights import config_from_dict
 
     if path.is_dir():
         path = path / "config.json"
@@ -90,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gptoss.checkpoint import CheckpointError, hf_layout, nbytes_of
-    from gptoss.synthetic import holds_checkpoint, write_hf_checkpoint
+    from gptoss.weights import CheckpointError, hf_layout, holds_checkpoint, nbytes_of, write_hf_checkpoint
 
     try:
         cfg = PRESETS[args.preset] if args.preset else read_config_file(args.config)

@@ -1,4 +1,4 @@
-"""Model hyper-parameters: one dataclass (from a Hugging Face config dict: gptoss.checkpoint reads the file) and presets."""
+"""Model hyper-parameters: one dataclass (from a Hugging Face config dict: gptoss.weights reads the file) and presets."""
 from __future__ import annotations
 
 import dataclasses

@@ -155,7 +155,7 @@ def resolve_model_path(model: str | None) -> Path | str:
 def open_backend(model_path: str | Path, device: str = "auto", memory_limit: int | None = None):
     """The backend for a model (.bin file or HF checkpoint directory) on 'cpu', 'gpu' or 'auto';
     memory_limit: most GPU bytes the run may use, weights included (default: all that is free)."""
-    from .checkpoint import open_weights
+    from .weights import open_weights
 
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be auto, cpu or gpu (got {device!r})")
@@ -165,7 +165,7 @@ def open_backend(model_path: str | Path, device: str = "auto", memory_limit: int
         device = "gpu" if probe_gpu().usable else "cpu"
     if str(model_path).startswith(SYNTHETIC_PREFIX):
         from .config import PRESETS
-        from .synthetic import random_weights
+        from .weights import random_weights
 
         preset = str(model_path)[len(SYNTHETIC_PREFIX):]
         if preset not in PRESETS:

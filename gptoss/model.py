@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bf16 import to_bf16_bits
 from .config import ModelConfig
 from .kernels import KernelOptions, is_amd
 from .ops.attention import TILE
 from .ops.moe import ROUTER_SPLITS
+from .weights.bf16 import to_bf16_bits
 
 
 class ModelTooLargeError(RuntimeError):

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .bf16 import from_bf16_bits
 from .config import ModelConfig, yarn_inv_freq_and_scale
-from .mxfp4 import dequantize
+from .weights.bf16 import from_bf16_bits
+from .weights.mxfp4 import dequantize
 
 
 # ---- pure functions ---------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def moe(t: np.ndarray, layer: MoEWeights, cfg: ModelConfig) -> np.ndarray:
 def expert_matrix(weights, layer: int, which: str, expert: int) -> np.ndarray:
     """One expert's mlp1 ([2I, H]) or mlp2 ([H, I]) weight in float32, from MXFP4 or bf16/f32 storage."""
     name = f"block.{layer}.mlp.{which}_weight"
-    if weights.experts_format == "mxfp4":  # value = e2m1(nibble) * 2^(scale - 127), gptoss.mxfp4
+    if weights.experts_format == "mxfp4":  # value = e2m1(nibble) * 2^(scale - 127), gptoss.weights.mxfp4
         return dequantize(weights.raw(name + ".blocks")[expert], weights.raw(name + ".scales")[expert])
     raw = weights.raw(name)[expert]
     return from_bf16_bits(raw) if weights.info(name).dtype == "bf16" else np.asarray(raw, dtype=np.float32)

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptoss.binfile import ALIGN, MAGIC, PRELUDE, VERSION, BinWeights, write_bin
-from gptoss.checkpoint import CheckpointError, open_weights
 from gptoss.config import TINY, TINY_REAL_HEADS
-from gptoss.synthetic import random_weights, write_hf_checkpoint
+from gptoss.weights import BinWeights, CheckpointError, open_weights, random_weights, write_bin, write_hf_checkpoint
+from gptoss.weights.binfile import ALIGN, MAGIC, PRELUDE, VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from gptoss.checkpoint import CheckpointError, open_weights
 from gptoss.config import TINY
-from gptoss.mxfp4 import dequantize
-from gptoss.synthetic import random_weights, write_hf_checkpoint, write_safetensors
+from gptoss.weights import CheckpointError, open_weights, random_weights, write_hf_checkpoint, write_safetensors
+from gptoss.weights.mxfp4 import dequantize
 
 H, Q = TINY.hidden_size, TINY.q_size
 

@@ -19,8 +19,8 @@ INTERRUPTIBLE = [
     ("evaluation/make_reference.py", ["m", "-i", "{ids}", "-o", "{tmp}/r.txt"], "subprocess.run"),
     ("evaluation/wordnet_setup.py", ["--data-dir", "{tmp}/nltk"], "nltk.data.find"),
     ("export/export_tokenizer_bin.py", ["--vocab", "{ids}", "-o", "{tmp}/t.bin"], "gptoss.tokenizer.load_tokenizer"),
-    ("export/export_model_bin.py", ["--model", "{ids}", "--output", "{tmp}/m.bin"], "gptoss.checkpoint.open_weights"),
-    ("export/make_checkpoint.py", ["--preset", "tiny", "--out", "{tmp}/ck"], "gptoss.synthetic.write_hf_checkpoint"),
+    ("export/export_model_bin.py", ["--model", "{ids}", "--output", "{tmp}/m.bin"], "gptoss.weights.open_weights"),
+    ("export/make_checkpoint.py", ["--preset", "tiny", "--out", "{tmp}/ck"], "gptoss.weights.write_hf_checkpoint"),
     ("tools/compile_kernels.py", ["--targets", "sm_90"], "gptoss.kernels.expanded_source"),
 ]
 
@@ -177,9 +177,8 @@ def test_export_tokenizer_bin_output_rules(tmp_path, tok, capsys):
 
 def test_export_model_bin_never_replaces_its_source(tmp_path, capsys):
     from export.export_model_bin import main
-    from gptoss.binfile import write_bin
     from gptoss.config import TINY
-    from gptoss.synthetic import random_weights, write_hf_checkpoint
+    from gptoss.weights import random_weights, write_bin, write_hf_checkpoint
 
     model = tmp_path / "tiny.bin"
     write_bin(model, random_weights(TINY, "mxfp4", seed=0), progress=False)

@@ -115,7 +115,7 @@ def test_run_py_says_which_device_runs(broken_cupy, tmp_path):
                           f"(CUDARuntimeError: {INSUFFICIENT})\n"
 
     from gptoss.config import TINY_CHAT
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.weights import write_hf_checkpoint
 
     write_hf_checkpoint(TINY_CHAT, tmp_path / "m", "mxfp4", 0)
     proc = run_py(broken_cupy, str(tmp_path / "m"), "-p", "Hi", "-n", "2", "-q")

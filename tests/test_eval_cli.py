@@ -151,7 +151,7 @@ def test_make_reference_command():
 
 def test_make_reference_then_eval_on_a_tiny_model(tmp_path, tok):
     """The float32 reference is deterministic: scored against itself it is a perfect match."""
-    synthetic = pytest.importorskip("gptoss.synthetic")
+    synthetic = pytest.importorskip("gptoss.weights.synthetic")
     from evaluation.make_reference import main as make_reference
     from gptoss.config import TINY
 

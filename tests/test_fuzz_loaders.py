@@ -39,10 +39,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptoss import tokenizer as T
-from gptoss.binfile import ALIGN, MAGIC, PRELUDE, VERSION, write_bin
-from gptoss.checkpoint import DTYPES, CheckpointError, open_weights
 from gptoss.config import TINY, ModelConfig, yarn_inv_freq_and_scale
-from gptoss.synthetic import random_weights, write_hf_checkpoint
+from gptoss.weights import DTYPES, CheckpointError, open_weights, random_weights, write_bin, write_hf_checkpoint
+from gptoss.weights.binfile import ALIGN, MAGIC, PRELUDE, VERSION
 
 # Reproducible: a fixed seed, no database. The deadline is no speed test (a case takes milliseconds): it
 # turns a loader that loops on a corrupt count into a failure that names the input (generous,

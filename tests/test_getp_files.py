@@ -15,8 +15,7 @@ PROMPTS = "1 2 3\n4 5\n6\n"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """tiny (512-token vocabulary) as a .bin file."""
-    from gptoss.binfile import write_bin
-    from gptoss.synthetic import random_weights
+    from gptoss.weights import random_weights, write_bin
 
     path = tmp_path_factory.mktemp("getp_files") / "tiny.bin"
     write_bin(path, random_weights(TINY, "mxfp4", seed=1), progress=False)
@@ -26,8 +25,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """tiny-chat (the real vocabulary, for the chat and text input formats) as a .bin file."""
-    from gptoss.binfile import write_bin
-    from gptoss.synthetic import random_weights
+    from gptoss.weights import random_weights, write_bin
 
     path = tmp_path_factory.mktemp("getp_files_chat") / "tiny-chat.bin"
     write_bin(path, random_weights(TINY_CHAT, "mxfp4", seed=2), progress=False)

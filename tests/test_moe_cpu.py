@@ -13,8 +13,8 @@ import zlib
 import numpy as np
 import pytest
 
-from gptoss.bf16 import from_bf16_bits, to_bf16_bits
-from gptoss.mxfp4 import FP4_VALUES, dequantize
+from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.weights.mxfp4 import FP4_VALUES, dequantize
 from gptoss.ops import moe as M
 
 # =====================================================================================================

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from gptoss import reference as ref
-from gptoss.bf16 import to_bf16_bits
 from gptoss.config import GPT_OSS_20B, TINY, TINY_REAL_HEADS
-from gptoss.mxfp4 import dequantize, quantize
+from gptoss.weights.bf16 import to_bf16_bits
+from gptoss.weights.mxfp4 import dequantize, quantize
 
 
 def rel_err(got, want) -> float:
@@ -298,7 +298,7 @@ def test_expert_matrix_from_each_layout():
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return pytest.importorskip("gptoss.synthetic")  # gptoss/synthetic.py: random weights in the real layout
+    return pytest.importorskip("gptoss.weights.synthetic")  # gptoss/weights/synthetic.py: random weights in the real layout
 
 
 def max_rel(a, b) -> float:

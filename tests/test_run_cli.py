@@ -23,7 +23,7 @@ def run(*args, stdin=None, check=True):
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """tiny-chat (real vocabulary) exported to .bin."""
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.weights import write_hf_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_chat")
     write_hf_checkpoint(TINY_CHAT, d / "hf", experts="mxfp4", seed=3)
@@ -34,7 +34,7 @@ def chat_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ids_model(tmp_path_factory):
     """tiny (512-token vocabulary) as a Hugging Face directory with bf16 experts."""
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.weights import write_hf_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_ids")
     write_hf_checkpoint(TINY, d, experts="bf16", seed=4)
@@ -68,7 +68,7 @@ def test_chat_one_turn_from_stdin(chat_model):
 
 
 def test_getp_matches_the_reference_greedy(ids_model, tmp_path):
-    from gptoss.checkpoint import open_weights
+    from gptoss.weights import open_weights
     from gptoss.reference import ReferenceModel, greedy_generate
 
     rng = np.random.default_rng(0)

@@ -45,7 +45,7 @@ def test_every_prompt_tokenizes_and_round_trips():
 
 def test_getp_on_the_first_prompts(tmp_path):
     """README's getp example on the tiny-chat model and the CPU: one output line of ids per prompt."""
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.weights import write_hf_checkpoint
 
     model = write_hf_checkpoint(TINY_CHAT, tmp_path / "tiny-chat", seed=0)
     first = tmp_path / "first.txt"

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptoss import synthetic
-from gptoss.bf16 import from_bf16_bits
-from gptoss.checkpoint import canonical_layout, open_weights
 from gptoss.config import TINY, TINY_REAL_HEADS, ModelConfig
-from gptoss.synthetic import random_weights, write_hf_checkpoint
+from gptoss.weights import canonical_layout, open_weights, random_weights, synthetic, write_hf_checkpoint
+from gptoss.weights.bf16 import from_bf16_bits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +31,7 @@ def read_safetensors(path):
 
 def spec_table(cfg: ModelConfig, experts: str) -> dict:
     """The Hugging Face checkpoint's tensor table (openai/gpt-oss-20b's model.safetensors.index.json and
-    transformers' modeling_gpt_oss.py), written out independently of gptoss.checkpoint."""
+    transformers' modeling_gpt_oss.py), written out independently of gptoss.weights."""
     H, E, I, V = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     t = {"model.embed_tokens.weight": ("BF16", (V, H)), "model.norm.weight": ("BF16", (H,)),

@@ -1,6 +1,6 @@
 """The NumPy reference against Hugging Face transformers' GptOssForCausalLM, float32 on the CPU.
 
-Each case writes a random checkpoint with gptoss.synthetic.write_hf_checkpoint, runs ReferenceModel on
+Each case writes a random checkpoint with gptoss.weights.write_hf_checkpoint, runs ReferenceModel on
 open_weights(dir), and loads the same directory into transformers with
 `from_pretrained(dir, dtype=float32, attn_implementation="eager")`. For the MXFP4 checkpoints we pass
 `quantization_config=Mxfp4Config(dequantize=True)`: on a CPU without the `kernels` package transformers
@@ -15,10 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gptoss.checkpoint import open_weights  # noqa: E402
 from gptoss.config import TINY, TINY_REAL_HEADS, yarn_inv_freq_and_scale  # noqa: E402
 from gptoss.reference import ReferenceModel, greedy_generate  # noqa: E402
-from gptoss.synthetic import write_hf_checkpoint  # noqa: E402
+from gptoss.weights import open_weights, write_hf_checkpoint  # noqa: E402
 
 STEPS = 32
 

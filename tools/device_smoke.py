@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import cupy
-from gptoss.bf16 import to_bf16_bits, from_bf16_bits
+from gptoss.weights.bf16 import to_bf16_bits, from_bf16_bits
 
 SRC = r'''
 #include "common.h"

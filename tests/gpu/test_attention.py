@@ -8,7 +8,7 @@ prefill and split decode kernels; also forced onto the portable kernel).
 import numpy as np
 import pytest
 
-from gptoss.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
 from gptoss.config import TINY, TINY_REAL_HEADS
 
 pytestmark = pytest.mark.gpu

@@ -61,7 +61,7 @@ def tiny(tmp_path_factory):
     """A tiny-real-heads checkpoint (real head geometry, MXFP4 experts), prompts, its reference."""
     from evaluation.make_reference import main as make_reference
     from gptoss.config import TINY_REAL_HEADS
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.weights import write_hf_checkpoint
 
     d = tmp_path_factory.mktemp("eval_gpu")
     write_hf_checkpoint(TINY_REAL_HEADS, d / "model", "mxfp4", 0)
@@ -87,7 +87,7 @@ def test_gpu_getp_meets_the_synthetic_thresholds(tiny):
 
 def test_thresholds_catch_a_model_whose_logits_all_changed(tiny):
     d, cfg = tiny
-    from gptoss.synthetic import write_hf_checkpoint
+    from gptoss.weights import write_hf_checkpoint
 
     # Same shapes, other weights: stands in for a kernel bug that changes every logit. (On the CPU,
     # seed 1's greedy outputs share no first token with seed 0's: exact match 0, prefix ratio 0.)

@@ -13,7 +13,7 @@ Tolerances, as ||out - ref|| / ||ref|| against the float64 product of the bf16-r
 import numpy as np
 import pytest
 
-from gptoss.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
 
 cupy = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu

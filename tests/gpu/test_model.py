@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gptoss.config import TINY, TINY_REAL_HEADS
-from gptoss.synthetic import random_weights
+from gptoss.weights import random_weights
 
 pytestmark = pytest.mark.gpu
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptoss.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
 from gptoss.kernels import KernelOptions, wgmma_available
-from gptoss.mxfp4 import dequantize
+from gptoss.weights.mxfp4 import dequantize
 from gptoss.ops import moe as M
 from tests.test_moe_cpu import tile_schedule
 

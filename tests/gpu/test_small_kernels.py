@@ -3,7 +3,7 @@ poisoned outputs, over odd sizes and both the vectorised and the scalar (unalign
 import numpy as np
 import pytest
 
-from gptoss.bf16 import from_bf16_bits, to_bf16_bits
+from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
 
 cupy = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu

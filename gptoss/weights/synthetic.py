@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ModelConfig
+from .base import TO_SAFETENSORS, TensorInfo, TensorSpec, Weights, canonical_layout, hf_layout, nbytes_of
 from .bf16 import to_bf16_bits
-from .checkpoint import TO_SAFETENSORS, TensorInfo, TensorSpec, Weights, canonical_layout, hf_layout, nbytes_of
-from .config import ModelConfig
 from .mxfp4 import FP4_VALUES
 
 CHUNK_ELEMENTS = 1 << 22  # elements generated at once (16 MB of float32)
@@ -275,7 +275,7 @@ def write_hf_checkpoint(cfg: ModelConfig, out_dir, experts: str = "mxfp4", seed:
     max_shard_bytes each (a larger tensor gets a shard alone) + model.safetensors.index.json, then
     synthetic.json (the arguments and the files written; see holds_checkpoint). Tensors are streamed
     to disk chunk by chunk. Older model*.safetensors files in out_dir are removed."""
-    from .progress import ByteProgress
+    from ..progress import ByteProgress
 
     weights = SyntheticWeights(cfg, experts, seed, cache_bytes=0)
     layout, recipes = hf_layout(cfg, experts)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (DTYPES, EXPERT_FORMATS, CheckpointError, TensorInfo, Weights, canonical_layout, check_tensors,
-                         is_count, nbytes_of, parse_json)
-from .config import ModelConfig, short_repr
+from ..config import ModelConfig, short_repr
+from .base import (DTYPES, EXPERT_FORMATS, CheckpointError, TensorInfo, Weights, canonical_layout, check_tensors,
+                   is_count, nbytes_of, parse_json)
 
 MAGIC = b"GPTOSSW\n"
 VERSION = 1
@@ -72,7 +72,7 @@ def _byte_chunks(arr: np.ndarray):
 def write_bin(path, weights: Weights, progress: bool = True) -> Path:
     """Write `weights` as a .bin, tensor by tensor (never the whole model in memory), to PATH.tmp, then
     rename it to PATH. Shows a progress bar over bytes when `progress`."""
-    from .progress import ByteProgress
+    from ..progress import ByteProgress
 
     path = Path(path)
     text, table = build_header(weights)

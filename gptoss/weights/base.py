@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ModelConfig, short_repr
 from .bf16 import from_bf16_bits
-from .config import ModelConfig, short_repr
 from .mxfp4 import dequantize
 
 
