@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from .base import TO_SAFETENSORS, TensorInfo, TensorSpec, Weights, canonical_layout, hf_layout, nbytes_of
+from .base import TensorInfo, TensorSpec, Weights, canonical_layout, hf_layout, nbytes_of
 from .bf16 import to_bf16_bits
 from .mxfp4 import FP4_VALUES
+from .safetensors import write_safetensors
 
 CHUNK_ELEMENTS = 1 << 22  # elements generated at once (16 MB of float32)
 BIAS_STD = 0.02
@@ -211,38 +212,6 @@ def _plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]
         used += size
     shards.append(current)
     return shards
-
-
-def write_safetensors(path, tensors, on_bytes=None) -> None:
-    """Stream tensors into one safetensors file: `tensors` is a list of (name, dtype, shape, chunks), chunks
-    an iterable of arrays that together hold the tensor in C order. Written to PATH.tmp, then renamed.
-    on_bytes(n) is called after each chunk (for progress bars)."""
-    path = Path(path)
-    header, offset = {}, 0
-    for name, dtype, shape, _ in tensors:
-        size = nbytes_of(dtype, shape)
-        header[name] = {"dtype": TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(text).to_bytes(8, "little") + text)
-            for name, dtype, shape, chunks in tensors:
-                written = 0
-                for chunk in chunks:
-                    f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-                    written += chunk.nbytes
-                    if on_bytes:
-                        on_bytes(chunk.nbytes)
-                if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
-                    raise ValueError(f"{name}: chunks hold {written} bytes, {dtype} {list(shape)} needs "
-                                     f"{nbytes_of(dtype, shape)}")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 RECIPE_FILE = "synthetic.json"  # written last: what write_hf_checkpoint made, and the files it wrote
