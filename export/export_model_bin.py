@@ -43,6 +43,7 @@ def _gib(n: int) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from gptoss.outputs import OutputPathError, check_output_path
+    from gptoss.progress import ByteProgress
     from gptoss.weights import BinWeights, CheckpointError, open_weights, write_bin
     from gptoss.weights.binfile import build_header
 
@@ -57,7 +58,9 @@ def main(argv=None) -> int:
         free = shutil.disk_usage(out.parent).free
         if size > free:
             raise CheckpointError(f"{out.parent}: {_gib(free)} free, the .bin needs {_gib(size)}")
-        write_bin(out, weights, progress=not args.quiet and sys.stdout.isatty())
+        quiet = args.quiet or not sys.stdout.isatty()
+        with ByteProgress("export", sum(t["nbytes"] for t in table), quiet=quiet) as bar:
+            write_bin(out, weights, on_bytes=bar.advance)
         BinWeights(out)  # read the header back: a full disk or a bad copy shows here, not at run time
     except (CheckpointError, OutputPathError, OSError) as e:
         return error(PROG, str(e))

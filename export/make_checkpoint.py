@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from gptoss.progress import ByteProgress
     from gptoss.weights import CheckpointError, hf_layout, holds_checkpoint, nbytes_of, write_hf_checkpoint
 
     try:
@@ -112,8 +113,9 @@ def main(argv=None) -> int:
         free = shutil.disk_usage(existing).free
         if size > free:
             raise ValueError(f"{existing}: {free / 2**30:.1f} GiB free, the checkpoint needs {size / 2**30:.1f} GiB")
-        write_hf_checkpoint(cfg, args.out, args.experts, args.seed, max_shard_bytes=args.shard_size,
-                            progress=not args.quiet and sys.stdout.isatty())
+        with ByteProgress("write", size, quiet=args.quiet or not sys.stdout.isatty()) as bar:
+            write_hf_checkpoint(cfg, args.out, args.experts, args.seed, max_shard_bytes=args.shard_size,
+                                on_bytes=bar.advance)
     except (ValueError, CheckpointError, OSError) as e:
         return error(PROG, str(e))
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tiny_bin(tmp_path_factory):
     path = tmp_path_factory.mktemp("bin") / "tiny.bin"
-    write_bin(path, random_weights(TINY, "mxfp4", seed=9), progress=False)
+    write_bin(path, random_weights(TINY, "mxfp4", seed=9))
     return path
 
 
@@ -35,9 +35,16 @@ def assert_bit_identical(a, b):
 
 @pytest.mark.parametrize("experts", ["mxfp4", "bf16"])
 def test_round_trip_from_a_hf_checkpoint_is_bit_identical(tmp_path, experts):
-    hf = write_hf_checkpoint(TINY_REAL_HEADS, tmp_path / "hf", experts, seed=3, max_shard_bytes=200_000)
+    written = {"hf": 0, "bin": 0}  # what the writers report to a progress bar
+
+    def count(key):
+        return lambda n: written.__setitem__(key, written[key] + n)
+
+    hf = write_hf_checkpoint(TINY_REAL_HEADS, tmp_path / "hf", experts, seed=3, max_shard_bytes=200_000,
+                             on_bytes=count("hf"))
     source = open_weights(hf)
-    write_bin(tmp_path / "m.bin", source, progress=True)
+    write_bin(tmp_path / "m.bin", source, on_bytes=count("bin"))
+    assert written["hf"] == written["bin"] == source.total_bytes()
     loaded = open_weights(tmp_path / "m.bin")
     assert isinstance(loaded, BinWeights)
     assert_bit_identical(loaded, source)
@@ -76,7 +83,7 @@ def test_f32_tensors_survive_the_round_trip(tmp_path):
             return self.inner.f32(name) if name.endswith("sinks") else self.inner.raw(name)
 
     inner = random_weights(TINY, "mxfp4", seed=1)
-    write_bin(tmp_path / "f.bin", WithF32Sinks(inner), progress=False)
+    write_bin(tmp_path / "f.bin", WithF32Sinks(inner))
     w = open_weights(tmp_path / "f.bin")
     assert w.info("block.1.attn.sinks").dtype == "f32" and w.raw("block.1.attn.sinks").dtype == np.float32
     np.testing.assert_array_equal(w.f32("block.1.attn.sinks"), inner.f32("block.1.attn.sinks"))
@@ -94,7 +101,7 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
             return self.inner.raw(name)
 
     with pytest.raises(OSError, match="disk gone"):
-        write_bin(tmp_path / "x.bin", Failing(random_weights(TINY)), progress=False)
+        write_bin(tmp_path / "x.bin", Failing(random_weights(TINY)))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -181,7 +181,7 @@ def test_export_model_bin_never_replaces_its_source(tmp_path, capsys):
     from gptoss.weights import random_weights, write_bin, write_hf_checkpoint
 
     model = tmp_path / "tiny.bin"
-    write_bin(model, random_weights(TINY, "mxfp4", seed=0), progress=False)
+    write_bin(model, random_weights(TINY, "mxfp4", seed=0))
     before = model.read_bytes()
     assert main(["--model", str(model), "--output", str(model), "--force", "--quiet"]) == 2
     assert one_error(capsys, "export_model_bin.py") == f"{model} is also an input of this run; write to another file"

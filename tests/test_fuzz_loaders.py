@@ -298,7 +298,7 @@ def run(name, strategy, body):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    write_bin(root / "base.bin", random_weights(TINY, "mxfp4", seed=5), progress=False)
+    write_bin(root / "base.bin", random_weights(TINY, "mxfp4", seed=5))
     single = write_hf_checkpoint(TINY, root / "hf", "mxfp4", seed=5)
     sharded = write_hf_checkpoint(TINY, root / "sharded", "bf16", seed=5, max_shard_bytes=40_000)
     return root, single, sharded

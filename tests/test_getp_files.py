@@ -18,7 +18,7 @@ def model(tmp_path_factory):
     from gptoss.weights import random_weights, write_bin
 
     path = tmp_path_factory.mktemp("getp_files") / "tiny.bin"
-    write_bin(path, random_weights(TINY, "mxfp4", seed=1), progress=False)
+    write_bin(path, random_weights(TINY, "mxfp4", seed=1))
     return path
 
 
@@ -28,7 +28,7 @@ def chat_model(tmp_path_factory):
     from gptoss.weights import random_weights, write_bin
 
     path = tmp_path_factory.mktemp("getp_files_chat") / "tiny-chat.bin"
-    write_bin(path, random_weights(TINY_CHAT, "mxfp4", seed=2), progress=False)
+    write_bin(path, random_weights(TINY_CHAT, "mxfp4", seed=2))
     return path
 
 

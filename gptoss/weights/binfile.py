@@ -25,7 +25,7 @@ MAGIC = b"GPTOSSW\n"
 VERSION = 1
 ALIGN = 4096
 PRELUDE = struct.Struct("<8sIIQ")  # magic, version, header crc32, header length
-WRITE_CHUNK = 64 << 20  # bytes per write, so the progress bar moves and views stay small
+WRITE_CHUNK = 64 << 20  # bytes per write, so on_bytes reports progress often and views stay small
 
 
 def _align(n: int) -> int:
@@ -69,17 +69,14 @@ def _byte_chunks(arr: np.ndarray):
         yield np.ascontiguousarray(arr[start:start + rows])
 
 
-def write_bin(path, weights: Weights, progress: bool = True) -> Path:
+def write_bin(path, weights: Weights, on_bytes=None) -> Path:
     """Write `weights` as a .bin, tensor by tensor (never the whole model in memory), to PATH.tmp, then
-    rename it to PATH. Shows a progress bar over bytes when `progress`."""
-    from ..progress import ByteProgress
-
+    rename it to PATH. on_bytes(n) is called after each chunk of tensor data written (for progress bars)."""
     path = Path(path)
     text, table = build_header(weights)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f, ByteProgress("export", sum(t["nbytes"] for t in table),
-                                                quiet=not progress) as bar:
+        with open(tmp, "wb") as f:
             f.write(PRELUDE.pack(MAGIC, VERSION, zlib.crc32(text), len(text)))
             f.write(text)
             for entry in table:
@@ -91,7 +88,8 @@ def write_bin(path, weights: Weights, progress: bool = True) -> Path:
                                           f"its info says {entry['dtype']} {entry['shape']}")
                 for chunk in _byte_chunks(arr):
                     f.write(memoryview(chunk).cast("B"))
-                    bar.advance(chunk.nbytes)
+                    if on_bytes:
+                        on_bytes(chunk.nbytes)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -238,14 +238,13 @@ def holds_checkpoint(out_dir, cfg: ModelConfig, experts: str = "mxfp4", seed: in
 
 
 def write_hf_checkpoint(cfg: ModelConfig, out_dir, experts: str = "mxfp4", seed: int = 0,
-                        max_shard_bytes: int = 5 * 10**9, progress: bool = False) -> Path:
+                        max_shard_bytes: int = 5 * 10**9, on_bytes=None) -> Path:
     """Write random weights (the same values as random_weights(cfg, experts, seed)) as a Hugging Face
     checkpoint: config.json and model.safetensors, or shards model-0000k-of-0000n.safetensors of at most
     max_shard_bytes each (a larger tensor gets a shard alone) + model.safetensors.index.json, then
     synthetic.json (the arguments and the files written; see holds_checkpoint). Tensors are streamed
-    to disk chunk by chunk. Older model*.safetensors files in out_dir are removed."""
-    from ..progress import ByteProgress
-
+    to disk chunk by chunk; on_bytes(n) is called after each chunk (for progress bars). Older
+    model*.safetensors files in out_dir are removed."""
     weights = SyntheticWeights(cfg, experts, seed, cache_bytes=0)
     layout, recipes = hf_layout(cfg, experts)
     owner = {s: canonical for canonical, r in recipes.items() for s in r.sources}
@@ -262,12 +261,11 @@ def write_hf_checkpoint(cfg: ModelConfig, out_dir, experts: str = "mxfp4", seed:
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     memo: dict = {}  # the fused qkv of the current layer, cut into q, k and v
-    with ByteProgress("write", sum(sizes.values()), quiet=not progress) as bar:
-        for file, names in zip(files, shards):
-            # generators: each tensor is made only when the writer reaches it
-            tensors = [(name, dtypes[name], layout[name].shape,
-                        _hf_chunks(weights, name, layout, recipes, owner, memo)) for name in names]
-            write_safetensors(out / file, tensors, bar.advance)
+    for file, names in zip(files, shards):
+        # generators: each tensor is made only when the writer reaches it
+        tensors = [(name, dtypes[name], layout[name].shape,
+                    _hf_chunks(weights, name, layout, recipes, owner, memo)) for name in names]
+        write_safetensors(out / file, tensors, on_bytes)
     written = ["config.json", *files]
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
