@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .sampling import SamplingParams, sample
+from .weights import SYNTHETIC_PREFIX, open_weights
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,6 @@ class CPUBackend:
                     logits = self.model.forward([token], cache)[-1]
 
 
-SYNTHETIC_PREFIX = "synthetic:"
-
-
 def resolve_model_path(model: str | None) -> Path | str:
     """MODEL argument, else $GPTOSS_MODEL, else ./model.bin, else a local Hugging Face cache copy.
 
@@ -155,24 +153,13 @@ def resolve_model_path(model: str | None) -> Path | str:
 def open_backend(model_path: str | Path, device: str = "auto", memory_limit: int | None = None):
     """The backend for a model (.bin file or HF checkpoint directory) on 'cpu', 'gpu' or 'auto';
     memory_limit: most GPU bytes the run may use, weights included (default: all that is free)."""
-    from .weights import open_weights
-
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be auto, cpu or gpu (got {device!r})")
     if device == "auto":
         from .device import probe_gpu
 
         device = "gpu" if probe_gpu().usable else "cpu"
-    if str(model_path).startswith(SYNTHETIC_PREFIX):
-        from .config import PRESETS
-        from .weights import random_weights
-
-        preset = str(model_path)[len(SYNTHETIC_PREFIX):]
-        if preset not in PRESETS:
-            raise ValueError(f"unknown synthetic model {preset!r}; presets: {', '.join(PRESETS)}")
-        weights = random_weights(PRESETS[preset], "mxfp4", seed=0)
-    else:
-        weights = open_weights(model_path)
+    weights = open_weights(model_path)  # a file, a directory or synthetic:PRESET
     if device == "cpu":
         return CPUBackend(weights)
     from .batching import GPUBackend

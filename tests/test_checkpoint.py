@@ -267,6 +267,17 @@ def test_a_single_safetensors_file_is_refused_with_a_hint(hf_mxfp4):
     assert "pass the checkpoint directory" in error_of(hf_mxfp4 / "model.safetensors")
 
 
+def test_synthetic_preset_names_random_weights_of_its_shape():
+    weights = open_weights("synthetic:tiny")
+    assert weights.config == TINY and weights.experts_format == "mxfp4"
+    reference = random_weights(TINY, "mxfp4", seed=0)
+    for name in ("embedding.weight", "block.1.mlp.mlp2_weight.blocks"):
+        np.testing.assert_array_equal(weights.raw(name), reference.raw(name))
+    message = error_of("synthetic:no-such-preset")
+    assert message.startswith("synthetic:no-such-preset: unknown preset 'no-such-preset'; presets: ")
+    assert "tiny" in message and "gpt-oss-20b" in message
+
+
 def edit_header(path, edit):
     """Rewrite a safetensors file with its JSON header edited in place and the data untouched."""
     data = path.read_bytes()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (DTYPES, EXPERT_FORMATS, CheckpointError, TensorInfo, TensorSpec, Weights, canonical_layout, hf_layout,
-                   nbytes_of)
+from ..config import PRESETS
+from .base import (DTYPES, EXPERT_FORMATS, CheckpointError, TensorInfo, TensorSpec, Weights, canonical_layout,
+                   hf_layout, nbytes_of)
 from .binfile import BinWeights, write_bin
 from .safetensors import SafetensorsWeights, config_from_dict, config_from_json, write_safetensors
 from .synthetic import SyntheticWeights, holds_checkpoint, random_weights, write_hf_checkpoint
@@ -24,13 +25,22 @@ from .synthetic import SyntheticWeights, holds_checkpoint, random_weights, write
 __all__ = ["DTYPES", "EXPERT_FORMATS", "BinWeights", "CheckpointError", "SafetensorsWeights", "SyntheticWeights",
            "TensorInfo", "TensorSpec", "Weights", "canonical_layout", "config_from_dict", "config_from_json",
            "hf_layout", "holds_checkpoint", "nbytes_of", "open_weights", "random_weights", "write_bin",
-           "write_hf_checkpoint", "write_safetensors"]
+           "write_hf_checkpoint", "write_safetensors", "SYNTHETIC_PREFIX"]
+
+SYNTHETIC_PREFIX = "synthetic:"  # synthetic:PRESET names random weights of a preset's shape
 
 
 def open_weights(path) -> Weights:
-    """A .bin file, a Hugging Face checkpoint directory, or an original/ directory -> Weights.
+    """A .bin file, a Hugging Face checkpoint directory, an original/ directory, or `synthetic:PRESET`
+    (e.g. synthetic:gpt-oss-20b: random weights of that shape made in memory, seed 0, MXFP4 experts; for
+    benchmarks of shapes whose files would not fit on disk) -> Weights.
 
     Raises CheckpointError (one line naming the file and the problem) for anything unusable."""
+    if str(path).startswith(SYNTHETIC_PREFIX):
+        preset = str(path)[len(SYNTHETIC_PREFIX):]
+        if preset not in PRESETS:
+            raise CheckpointError(f"{path}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        return random_weights(PRESETS[preset], "mxfp4", seed=0)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
