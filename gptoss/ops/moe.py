@@ -436,17 +436,28 @@ class MoEWorkspace:
     def __init__(self, max_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int):
         import cupy
 
-        T, E, k = max_tokens, num_experts, top_k
-        S = T * k
-        self.max_tokens, self.num_experts, self.top_k = T, E, k
-        self.experts = cupy.empty(S, dtype=cupy.int32)
-        self.weights = cupy.empty(S, dtype=cupy.float32)
-        self.scratch = cupy.empty(ROUTER_SPLITS * T * E, dtype=cupy.float32)
-        self.offsets = cupy.empty(E + 1, dtype=cupy.int32)
-        self.sorted_slots = cupy.empty(S, dtype=cupy.int32)
-        self.tiles = {bm: cupy.empty(2 * tile_bound(S, E, bm), dtype=cupy.int32) for bm in TILE_BMS}
-        self.y = cupy.empty(S * intermediate, dtype=cupy.uint16)
-        self.out = cupy.empty(S * hidden, dtype=cupy.float32)
+        self.max_tokens, self.num_experts, self.top_k = max_tokens, num_experts, top_k
+        arrays = {name: cupy.empty(n, dtype=dtype)
+                  for name, (n, dtype) in self.sizes(max_tokens, num_experts, top_k, hidden, intermediate).items()}
+        self.tiles = {bm: arrays.pop(f"tiles{bm}") for bm in TILE_BMS}
+        for name, a in arrays.items():
+            setattr(self, name, a)
+
+    @staticmethod
+    def sizes(max_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int) -> dict:
+        """name -> (elements, NumPy dtype) of every buffer (what memory plans count)."""
+        T, E = max_tokens, num_experts
+        S = T * top_k
+        i32, f32, u16 = np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint16)
+        return {"experts": (S, i32), "weights": (S, f32), "scratch": (ROUTER_SPLITS * T * E, f32),
+                "offsets": (E + 1, i32), "sorted_slots": (S, i32),
+                **{f"tiles{bm}": (2 * tile_bound(S, E, bm), i32) for bm in TILE_BMS},
+                "y": (S * intermediate, u16), "out": (S * hidden, f32)}
+
+    @classmethod
+    def nbytes(cls, max_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int) -> int:
+        return sum(n * dtype.itemsize for n, dtype in cls.sizes(max_tokens, num_experts, top_k, hidden,
+                                                              intermediate).values())
 
     def views(self, T: int, H: int, I: int):
         if T > self.max_tokens:
