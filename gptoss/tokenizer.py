@@ -39,6 +39,8 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import GptossError
+
 VOCABULARY_NAME = "o200k_base.tiktoken"
 SHIPPED_VOCABULARY = Path(__file__).resolve().parent / "data" / VOCABULARY_NAME  # package data
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -62,7 +64,7 @@ SPECIAL_NAMES = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptossError, ValueError):
     """The vocabulary cannot be found or read; the message (one line) says what to do."""
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import GptossError
 from .bf16 import from_bf16_bits
 from .mxfp4 import dequantize
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptossError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem in one line."""
 
     def __init__(self, message: str):
