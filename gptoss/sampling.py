@@ -36,11 +36,19 @@ def sample_uniform(seed: int, sequence: int, step: int) -> float:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_p 1 = no nucleus cut; seed is a uint32 shared with the GPU kernel."""
+    """How one request generates (the fields vLLM's SamplingParams has under the same names).
+
+    temperature 0 = greedy; top_p 1 = no nucleus cut; seed is a uint32 shared with the GPU kernel.
+    max_tokens: most new tokens (generation also ends at the context's end).
+    stop_token_ids: ids that end the request (not emitted), beside the model's end-of-sequence ids.
+    ignore_eos: do not stop at the end-of-sequence ids (stop_token_ids still stop)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    max_tokens: int = 256
+    stop_token_ids: tuple = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
@@ -50,6 +58,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p}); use 1 to sample from all tokens")
         if not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed <= U32):
             raise ValueError(f"seed must be an integer in 0..{U32} (got {self.seed!r})")
+        if not (isinstance(self.max_tokens, (int, np.integer)) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
+        ids = tuple(self.stop_token_ids)
+        if not all(isinstance(i, (int, np.integer)) and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0 (got {self.stop_token_ids!r})")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+
+    def stop_ids(self, eos_ids=()) -> frozenset:
+        """The ids that end this request: stop_token_ids, and eos_ids unless ignore_eos."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
 
 
 def softmax_f32(logits: np.ndarray, temperature: float) -> np.ndarray:

@@ -67,9 +67,19 @@ def test_params_validation():
     SamplingParams(temperature=1.5, top_p=0.01, seed=2**32 - 1)
     for bad in (dict(temperature=-0.1), dict(temperature=math.nan), dict(temperature=math.inf),
                 dict(top_p=0.0), dict(top_p=1.01), dict(top_p=-0.5), dict(top_p=math.nan),
-                dict(seed=-1), dict(seed=2**32), dict(seed=1.5)):
+                dict(seed=-1), dict(seed=2**32), dict(seed=1.5), dict(max_tokens=0), dict(max_tokens=2.5),
+                dict(stop_token_ids=[-1]), dict(stop_token_ids=["x"])):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_params_stop_ids():
+    """A request stops at its stop_token_ids and at the engine's end-of-sequence ids unless ignore_eos."""
+    p = SamplingParams(max_tokens=3, stop_token_ids=[7, np.int64(9)])
+    assert p.stop_token_ids == (7, 9) and p == SamplingParams(max_tokens=3, stop_token_ids=(7, 9))
+    assert p.stop_ids((1, 2)) == {1, 2, 7, 9}
+    assert SamplingParams(stop_token_ids=[7], ignore_eos=True).stop_ids((1, 2)) == {7}
+    assert SamplingParams().max_tokens == 256 and SamplingParams().stop_ids() == frozenset()
 
 
 def test_greedy_takes_the_lowest_id_among_ties():
