@@ -254,6 +254,14 @@ class ReferenceModel:
 
     def forward(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run tokens (the next ones after what the cache holds) -> logits [T, V] float32; extends cache."""
+        return self.unembed(self.hidden(tokens, cache))
+
+    def unembed(self, t: np.ndarray) -> np.ndarray:
+        """Final normed states [T, H] -> logits [T, V] float32."""
+        return (t @ self.unembedding.T).astype(np.float32)  # logits = t Wunembed^T
+
+    def hidden(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
+        """forward() without the unembedding: the final normed states [T, H]; extends cache."""
         cfg = self.config
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if len(tokens) == 0:
@@ -271,14 +279,19 @@ class ReferenceModel:
             t = rmsnorm(x, self.mlp_norm[i], cfg.rms_norm_eps)  # t = rmsnorm(x) * w_mlp_norm
             x = x + moe(t, self.moe[i], cfg)  # x = x + sum_e weight_e out_e
         cache.positions = positions if cache.length == 0 else np.concatenate([cache.positions, positions])
-        t = rmsnorm(x, self.final_norm, cfg.rms_norm_eps)
-        return (t @ self.unembedding.T).astype(np.float32)  # logits = t Wunembed^T
+        return rmsnorm(x, self.final_norm, cfg.rms_norm_eps)
 
 
-def greedy_generate(model: ReferenceModel, prompt_ids: Sequence[int], steps: int) -> list[int]:
-    """`steps` new tokens by argmax (ties to the lowest id), prefill then decode through the cache."""
+def greedy_generate(model: ReferenceModel, prompt_ids: Sequence[int], steps: int,
+                    one_at_a_time: bool = False) -> list[int]:
+    """`steps` new tokens by argmax (ties to the lowest id), prefill then decode through the cache.
+    one_at_a_time: prefill token by token, as the engine's CPU runner does (a T-row matrix product may
+    round differently from T one-row products)."""
     cache = model.new_cache()
-    logits = model.forward(prompt_ids, cache)[-1]
+    if one_at_a_time:
+        logits = [model.forward([t], cache) for t in prompt_ids][-1][-1]
+    else:
+        logits = model.forward(prompt_ids, cache)[-1]
     out: list[int] = []
     for step in range(steps):
         out.append(int(np.argmax(logits)))  # np.argmax returns the first of equal maxima
