@@ -109,30 +109,30 @@ def fail(message: str):
 
 
 def main(argv=None) -> int:
-    from gptoss.getp import GetpError
-    from gptoss.outputs import OutputPathError
-    from gptoss.tokenizer import TokenizerError
+    from gptoss.errors import GptossError
 
     try:
         return _main(argv)
-    except (Failure, GetpError, OutputPathError, TokenizerError) as e:  # bad input, said in one line
+    except (Failure, GptossError) as e:  # bad input (or a GPU too small), said in one line
         return error(PROG, str(e))
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from gptoss.device import DeviceError, choose_device
-    from gptoss.engine import resolve_model_path, open_backend
+    from gptoss.device import choose_device
+    from gptoss.loader import resolve_model_path
     from gptoss.sampling import SamplingParams
 
-    if args.temperature is None:
-        args.temperature = 0.0 if args.mode == "getp" else 1.0
-    try:
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    except ValueError as e:
-        fail(str(e))
     if args.steps < 1:
         fail(f"-n must be at least 1 (got {args.steps})")
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 0.0 if args.mode == "getp" else 1.0
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.steps,
+                                  ignore_eos=args.ignore_eos)
+    except ValueError as e:
+        fail(str(e))
     if args.batch is not None and args.batch < 1:
         fail(f"-b must be at least 1 (got {args.batch})")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
@@ -155,28 +155,23 @@ def _main(argv) -> int:
         from gptoss.tokenizer import tokenizer_from_option
 
         tokenizer_from_option(args.tokenizer)  # a file that is not a tokenizer is an error now, not later
-    try:
-        device, line = choose_device(args.device)
-    except DeviceError as e:
-        fail(str(e))
+    device, line = choose_device(args.device)  # (DeviceError: --device gpu without a usable GPU)
     print(line, file=sys.stderr)
 
-    try:
-        memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
-        backend = open_backend(model_path, device, memory_limit=memory)
+    from gptoss.llm import LLM
+
+    memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
+    try:  # (CheckpointError, ModelTooLargeError: GptossErrors, said in one line by main)
+        llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory)
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
-    except Exception as e:  # CheckpointError and GPU memory errors carry their own one-line message
-        if type(e).__name__ in ("CheckpointError", "OutOfMemoryError", "ModelTooLargeError"):
-            fail(str(e))
-        raise
 
     from gptoss.getp import partial_path, run_getp
     from gptoss.interactive import run_chat, run_generate
 
     if args.mode == "getp":
         try:
-            return run_getp(backend, args, sampling, model_path)
+            return run_getp(llm, args, sampling)
         except KeyboardInterrupt:
             kept = partial_path(args.output)
             if not kept.exists():
@@ -185,7 +180,7 @@ def _main(argv) -> int:
                   "command and --resume", file=sys.stderr)
             return INTERRUPTED
     mode = {"generate": run_generate, "chat": run_chat}[args.mode]
-    return mode(backend, args, sampling, model_path)
+    return mode(llm, args, sampling)
 
 
 if __name__ == "__main__":

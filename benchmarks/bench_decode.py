@@ -46,7 +46,9 @@ def main(argv=None) -> int:
 
     import cupy
     from gptoss.config import PRESETS
-    from gptoss.model import DeviceWeights, GPUModel, SampleArgs, StepBatch
+    from gptoss.batch import StepBatch
+    from gptoss.gpu_weights import DeviceWeights
+    from gptoss.model import GPUModel
     from gptoss.weights import random_weights
 
     cfg = PRESETS[args.preset]
@@ -100,13 +102,12 @@ def main(argv=None) -> int:
         slots = np.arange(b, dtype=np.int32)
         tokens = rng.integers(0, cfg.vocab_size, b).astype(np.int32)
         positions = np.full(b, args.context, np.int32)
-        greedy = SampleArgs()
-        tokens = model.step(StepBatch.decode(tokens, positions, slots), greedy, use_graph=args.graphs)  # warm-up
+        tokens = model.step(StepBatch.decode(tokens, positions, slots), use_graph=args.graphs)  # warm-up (greedy)
         cupy.cuda.Device().synchronize()
         t = time.perf_counter()
         for i in range(args.steps):
             positions = positions + 1
-            tokens = model.step(StepBatch.decode(tokens, positions, slots), greedy, use_graph=args.graphs)
+            tokens = model.step(StepBatch.decode(tokens, positions, slots), use_graph=args.graphs)
         elapsed = time.perf_counter() - t
         step_ms = elapsed / args.steps * 1e3
         tps = b * args.steps / elapsed

@@ -42,40 +42,40 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--steps", type=int, default=256, help="generated tokens per prompt (--ignore-eos)")
     p.add_argument("-b", "--batch", type=int, default=None, help="cap on sequences in flight")
     p.add_argument("--prefill-tokens", type=int, default=None,
-                   help="most prompt tokens prefilled per step (default gptoss.batching.STEP_PREFILL_TOKENS)")
+                   help="most prompt tokens prefilled per step (default EngineConfig.prefill_tokens)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory the run may use, weights included (run.py --gpu-memory): e.g. 78 to "
                         "size the batch as on an 80 GB card")
     p.add_argument("--promise", type=float, default=None,
                    help="share of each budget that admission promises in KV pages (default "
-                        "gptoss.batching.PROMISE; below 1, sequences may be preempted and recomputed)")
+                        "EngineConfig.promise; below 1, sequences may be preempted and recomputed)")
     add_json_option(p, "a copy of getp's record")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_getp.py", args)) is not None:
         return code
 
-    import run
-    from gptoss import batching
-    from gptoss.config import PRESETS
+    import argparse as _argparse
 
-    if args.prefill_tokens:
-        batching.STEP_PREFILL_TOKENS = args.prefill_tokens
-    if args.promise is not None:
-        batching.PROMISE = args.promise
+    from gptoss.config import PRESETS
+    from gptoss.getp import run_getp
+    from gptoss.llm import LLM
+    from gptoss.sampling import SamplingParams
 
     vocab = PRESETS[args.preset].vocab_size
+    options = {"max_seqs": args.batch, "promise": args.promise, "prefill_tokens": args.prefill_tokens,
+               "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30)}
+    model = args.model or f"synthetic:{args.preset}"
+    llm = LLM(model, **{k: v for k, v in options.items() if v is not None})
+    print(llm.device, file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompt_tokens = write_prompts(prompts, args.prompts, args.min_len, args.max_len, vocab)
         record = Path(tmp) / "record.json"
-        model = args.model or f"synthetic:{args.preset}"
-        argv = [model, "-m", "getp", "-i", str(prompts), "-o", str(Path(tmp) / "out.txt"),
-                "-n", str(args.steps), "--ignore-eos", "--input-format", "ids", "--json", str(record)]
-        if args.batch:
-            argv += ["-b", str(args.batch)]
-        if args.gpu_memory:
-            argv += ["--gpu-memory", str(args.gpu_memory)]
-        code = run.main(argv)
+        getp_args = _argparse.Namespace(input=str(prompts), output=str(Path(tmp) / "out.txt"), input_format="ids",
+                                        json_path=str(record), skip_blank=False, skip_long=False, resume=False,
+                                        force=False, quiet=False, tokenizer=None, reasoning="medium", system=None,
+                                        steps=args.steps, batch=args.batch)
+        code = run_getp(llm, getp_args, SamplingParams(max_tokens=args.steps, ignore_eos=True))
         if code:
             return code
         rec = json.loads(record.read_text())

@@ -30,7 +30,9 @@ def run(args) -> None:
 
     from benchmarks.kernel_attention import _rand_bf16
     from gptoss.config import PRESETS
-    from gptoss.model import DeviceWeights, GPUModel, StepBatch
+    from gptoss.batch import StepBatch
+    from gptoss.gpu_weights import DeviceWeights
+    from gptoss.model import GPUModel
     from gptoss.weights import random_weights
 
     cfg = PRESETS[args.preset]

@@ -3,8 +3,8 @@
 
   python benchmarks/sim_scheduler.py [--prompts 2048] [-n 1024] [--free 65.5] [--stop-rate 0,0.003]
 
-Runs the real scheduler (gptoss.batching: plan_memory, admission, pages, preemption) over a stand-in
-model whose step takes a MODELED time, fitted to the H200 measurements of gpt-oss-20b (BENCHMARKS.md,
+Runs the real engine (gptoss.engine: the GPU runner's memory plan, admission, pages, preemption) over
+a stand-in runner whose step takes a MODELED time, fitted to the H200 measurements of gpt-oss-20b (BENCHMARKS.md,
 2026-11-30; docs/notes/attention.md): a decode step of B sequences with C cached keys in all takes
 FIXED + PER_SEQ * B + PER_KEY * C milliseconds, and a prompt token PER_PROMPT_TOKEN more. The figures are
 a model, not a measurement: use them to compare policies, then measure the one you keep on the device.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,51 +30,55 @@ FIXED, PER_SEQ, PER_KEY, PER_PROMPT_TOKEN = 8.1, 0.0168, 8.65e-6, 0.02
 STOP = 1  # the stand-in's stop token
 
 
-class ModeledModel:
-    """GPUModel's step() interface: a token per logit row (STOP with the stop rate, else 2), and the
-    modeled time of the step."""
+class ModeledRunner:
+    """A ModelRunner whose cache is sized by the GPU runner's memory plan for `free_gib` GiB, and whose
+    step gives a token per logit row (STOP with the stop rate, else 2) and adds the step's modeled time."""
 
-    def __init__(self, slots, capacity, chunk, max_step_tokens, pages, stop_rate, seed=0):
-        from gptoss.model import PAGE, PageTable
+    name = "modeled H200"
 
-        self.slots, self.capacity, self.max_step_tokens = slots, capacity, max_step_tokens
-        self.cache = SimpleNamespace(max_chunk=chunk, page_table=PageTable(slots + 1, -(-capacity // PAGE), pages))
+    def __init__(self, cfg, free_gib, config, stop_rate, paged=True, seed=0):
+        self.model_config, self.config, self.free, self.paged = cfg, config, int(free_gib * 2**30), paged
         self.stop_rate, self.rng, self.ms = stop_rate, np.random.default_rng(seed), 0.0
 
-    def step(self, step, args, use_graph=True):
-        decode = np.asarray(step.q_lens) == 1
-        keys = int(np.sum(np.asarray(step.seq_starts)[decode] + 1))
+    def allocate(self, capacity, slots, mean_positions):
+        from gptoss.engine.gpu_runner import plan_memory
+        from gptoss.engine.runner import Layout
+        from gptoss.model import GPUModel
+
+        # not paged: every slot sized for a whole capacity (the plan's default), as before paging
+        plan = plan_memory(self.model_config, self.free, capacity, slots, mean_positions if self.paged else None,
+                           self.config)
+        tokens, _ = GPUModel.step_sizes(plan.slots, plan.max_step_tokens)
+        return Layout(plan.slots, capacity, plan.pages, tokens, plan.max_chunk)
+
+    def step(self, batch):
+        decode = np.asarray(batch.q_lens) == 1
+        keys = int(np.sum(np.asarray(batch.seq_starts)[decode] + 1))
         self.ms += (FIXED + PER_SEQ * int(decode.sum()) + PER_KEY * keys
-                    + PER_PROMPT_TOKEN * (len(step.tokens) - int(decode.sum())))
-        R = len(step.logit_rows)
+                    + PER_PROMPT_TOKEN * (len(batch.tokens) - int(decode.sum())))
+        R = len(batch.logit_rows)
         return np.where(self.rng.random(R) < self.stop_rate, STOP, 2).astype(np.int32)
 
 
 def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True):
-    from gptoss.batching import PREFILL_CHUNK, GPUBackend, plan_memory
-    from gptoss.engine import Request
+    """One row: the engine over a ModeledRunner (`paged` False: the contiguous cache before paging,
+    every slot sized for a whole capacity, promise 1)."""
+    from gptoss.engine import Engine, EngineConfig
     from gptoss.sampling import SamplingParams
 
-    capacity = int(lengths.max()) + new
-    mean = int(np.mean(lengths + max(promise, 0.5) * new)) + 1 if paged else None
-    plan = plan_memory(cfg, int(free_gib * 2**30), capacity, len(lengths), mean)
-    model = ModeledModel(plan.slots, capacity, min(PREFILL_CHUNK, capacity), plan.max_step_tokens, plan.pages,
-                         stop_rate)
-    backend = object.__new__(GPUBackend)  # the scheduler alone, over the modeled model
-    backend.config = SimpleNamespace(max_context=cfg.max_context)
-    backend.use_graphs, backend.step_prefill_tokens, backend.stats = True, 4096, {}
-    backend.promise = promise if paged else 1.0
-    backend.model = model
-    backend._model_for = lambda *args: model
-    requests = [Request(i, [2] * int(n), new) for i, n in enumerate(lengths)]
+    runner = ModeledRunner(cfg, free_gib, EngineConfig(promise=promise if paged else 1.0), stop_rate, paged)
+    engine = Engine(runner, eos_token_ids=(STOP,))
+    params = SamplingParams(max_tokens=new)
+    for n in lengths:
+        engine.add_request([2] * int(n), params)
     generated = 0
-    for step in backend.generate_steps(requests, SamplingParams(), stop_ids=(STOP,)):
-        generated += int(np.count_nonzero(step.token >= 0))
-    s = backend.stats
+    while engine.has_unfinished():
+        generated += int(np.count_nonzero(engine.step().token >= 0))
+    s = engine.stats
     layout = f"paged, promise {promise:g}" if paged else "contiguous"
-    return (f"{layout:22s} stop {stop_rate:<6g} slots {plan.slots:5d} pages {plan.pages:6d} "
+    return (f"{layout:22s} stop {stop_rate:<6g} slots {s['slots']:5d} pages {s['pages']:6d} "
             f"most running {s['most_running']:5d} preemptions {s['preemptions']:5d}  "
-            f"modeled {generated / model.ms * 1000:9,.0f} generated tok/s")
+            f"modeled {generated / runner.ms * 1000:9,.0f} generated tok/s")
 
 
 def main(argv=None) -> int:

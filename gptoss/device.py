@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import GptossError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(GptossError, RuntimeError):
     """--device gpu where no GPU is usable."""
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import ContextError, Request, check_fits, step_tokens
+from .engine.request import check_fits
+from .errors import ContextError, GptossError
 from .outputs import check_output_path, write_atomically, write_lines
 
 
-class GetpError(ValueError):
+class GetpError(GptossError, ValueError):
     """Bad getp input (a prompt line, the partial file, ...); the message is one line."""
 
 
@@ -101,17 +102,17 @@ def parse_id_line(line: str, number: int, vocab_size: int) -> list[int]:
     return ids
 
 
-def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path, skip=frozenset()) -> list[list[int]]:
-    """The prompt ids of each line ([] for the line numbers (0-based) in `skip`)."""
+def tokenize_prompts(lines: list[str], args, vocab_size: int, tokenizer, skip=frozenset()) -> list[list[int]]:
+    """The prompt ids of each line ([] for the line numbers (0-based) in `skip`). tokenizer: a Tokenizer,
+    or a function that gives one (called only for text lines)."""
     if args.input_format == "ids":
         return [[] if n in skip else parse_id_line(line, n + 1, vocab_size) for n, line in enumerate(lines)]
-    from .harmony import ChatOptions, Message, encode_chat
-    from .tokenizer import tokenizer_from_option
-
-    tok = tokenizer_from_option(args.tokenizer, model_path)
     if args.input_format == "text":
+        tok = tokenizer() if callable(tokenizer) else tokenizer
         prompts = [[] if n in skip else tok.encode(line) for n, line in enumerate(lines)]
     else:
+        from .harmony import ChatOptions, Message, encode_chat
+
         options = ChatOptions(reasoning_effort=args.reasoning, instructions=args.system)
         prompts = [[] if n in skip else encode_chat([Message("user", line)], options)
                    for n, line in enumerate(lines)]
@@ -124,13 +125,13 @@ def tokenize_prompts(lines: list[str], args, vocab_size: int, model_path, skip=f
     return prompts
 
 
-def run_fingerprint(args, model_path, prompts: list[list[int]]) -> str:
+def run_fingerprint(sampling, model_path, prompts: list[list[int]]) -> str:
     h = hashlib.sha256()
     for ids in prompts:
         h.update(" ".join(map(str, ids)).encode() + b"\n")
-    key = {"model": str(Path(model_path).resolve()), "prompts": h.hexdigest(), "steps": args.steps,
-           "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-           "ignore_eos": args.ignore_eos}
+    key = {"model": str(Path(model_path).resolve()), "prompts": h.hexdigest(), "steps": sampling.max_tokens,
+           "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+           "ignore_eos": sampling.ignore_eos}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -288,21 +289,21 @@ class RunningOutputs:
         return ids
 
 
-def run_getp(backend, args, sampling, model_path) -> int:
-    """Run every prompt line of args.input, write args.output (and args.json_path). GetpError for bad
-    input: blank or too long lines (unless --skip-blank / --skip-long), a partial file of another run."""
-    from .tokenizer import STOP_IDS
-
-    cfg = backend.config
+def run_getp(llm, args, sampling) -> int:
+    """Run every prompt line of args.input through llm's engine (gptoss.llm.LLM), one request per line
+    with the line as the sampler's sequence id, and write args.output (and args.json_path). GetpError
+    for bad input: blank or too long lines (unless --skip-blank / --skip-long), a partial file of
+    another run."""
+    cfg, model_path, engine = llm.model_config, llm.model_path, llm.engine
     lines = read_prompt_lines(args.input)
     blank = blank_lines(args.input, lines, args.skip_blank)
-    prompts = tokenize_prompts(lines, args, cfg.vocab_size, model_path, skip=blank)
+    prompts = tokenize_prompts(lines, args, cfg.vocab_size, lambda: llm.tokenizer, skip=blank)
     too_long = set()
     for n, ids in enumerate(prompts):
         if n in blank:
             continue
         try:
-            check_fits(len(ids), args.steps, cfg.max_context)
+            check_fits(len(ids), cfg.max_context)
         except ContextError as e:
             if not args.skip_long:
                 raise GetpError(f"line {n + 1}: {e}. Shorten it, or pass --skip-long to leave its output "
@@ -311,13 +312,15 @@ def run_getp(backend, args, sampling, model_path) -> int:
             too_long.add(n)
     skipped = blank | too_long
 
-    partial = PartialResults(args.output, run_fingerprint(args, model_path, prompts), len(prompts), args.resume,
-                             args.force)
-    todo = [Request(n, ids, args.steps) for n, ids in enumerate(prompts)
-            if n not in skipped and n not in partial.done]
+    partial = PartialResults(args.output, run_fingerprint(sampling, model_path, prompts), len(prompts),
+                             args.resume, args.force)
+    todo = [n for n in range(len(prompts)) if n not in skipped and n not in partial.done]
     outputs: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
     outputs.update(partial.done)
-    running = RunningOutputs(len(prompts), args.steps)
+    running = RunningOutputs(len(prompts), sampling.max_tokens)
+    rids = [engine.add_request(prompts[n], sampling, sequence=n) for n in todo]
+    line_of = np.full(max(rids, default=-1) + 1, -1, np.int64)  # request id -> its input line
+    line_of[rids] = todo
 
     generated = 0
     start = time.perf_counter()
@@ -325,14 +328,14 @@ def run_getp(backend, args, sampling, model_path) -> int:
 
     try:
         with GetpProgress(total=len(prompts), done=len(prompts) - len(todo), quiet=args.quiet) as bar:
-            steps = step_tokens(backend, todo, sampling, stop_ids=STOP_IDS, ignore_eos=args.ignore_eos,
-                                max_batch=args.batch)
-            for step in steps:  # one engine step: a token (or a stop) for each running prompt
-                running.add(step.index, step.token)
+            while engine.has_unfinished():  # one engine step: a token (or a stop) for each running prompt
+                step = engine.step()
+                lines = line_of[step.request_id]
+                running.add(lines, step.token)
                 made = int(np.count_nonzero(step.token >= 0))
                 generated += made
                 bar.tokens(made)
-                for index in step.index[step.done].tolist():
+                for index in lines[step.done].tolist():
                     outputs[index] = running.pop(index)
                     partial.add(index, outputs[index])
                     bar.prompt_done()
@@ -342,16 +345,14 @@ def run_getp(backend, args, sampling, model_path) -> int:
     write_lines(args.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])
     partial.finish()
 
-    peak = getattr(backend, "peak_memory_bytes", lambda: None)()
+    peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
     record = {"prompts": len(prompts), "prompts_run": len(todo), "skipped": len(skipped),
               "skipped_blank": len(blank), "skipped_long": len(too_long),
               "generated_tokens": generated, "wall_seconds": round(wall, 3),
               "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0,
-              "peak_gpu_memory_bytes": peak, "backend": backend.name, "model": str(model_path),
+              "peak_gpu_memory_bytes": peak, "backend": llm.device, "model": str(model_path),
               "steps": args.steps, "batch": args.batch}
-    stats = getattr(backend, "stats", None)
-    if stats:
-        record["engine"] = dict(stats)  # where the time went: steps by kind, host vs GPU seconds
+    record["engine"] = dict(engine.stats)  # where the time went: steps by kind, host vs GPU seconds
     peak_text = f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""
     print(f"getp: {len(prompts)} prompts ({len(todo)} run), {generated} generated tokens in "
           f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {args.output}",

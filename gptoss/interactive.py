@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
-from .engine import ContextError, Request
+from .errors import ContextError
 from .tokenizer import END, StreamDecoder
 
 
@@ -14,36 +15,41 @@ def _stats(n_prompt: int, n_new: int, prefill_s: float, decode_s: float) -> str:
     return f"[{n_prompt} prompt tokens: {pre} tok/s; {n_new} generated: {dec} tok/s]"
 
 
-def stream_generation(backend, prompt_ids, args, sampling, on_token, stop_ids, index: int = 0):
-    """Run one request, calling on_token(id) per generated id; returns (ids, reason, timings)."""
+def stream_generation(engine, prompt_ids, sampling, on_token, sequence: int = 0):
+    """Run one request through the engine, calling on_token(id) per generated id; returns (ids, reason,
+    timings). Interrupted (Ctrl-C), the request is aborted: its slot and pages are free again."""
     start = time.perf_counter()
     first = None
     ids, reason = [], "length"
-    events = backend.generate([Request(index, prompt_ids, args.steps)], sampling, stop_ids=stop_ids,
-                              ignore_eos=args.ignore_eos)
-    for ev in events:
-        if ev.token is not None:
-            if first is None:
-                first = time.perf_counter()
-            ids.append(ev.token)
-            on_token(ev.token)
-        if ev.done:
-            reason = ev.reason or reason
+    rid = engine.add_request(prompt_ids, sampling, sequence=sequence)
+    done = False
+    try:
+        while not done:
+            for ev in engine.step():
+                if ev.request_id != rid:
+                    continue
+                if ev.token is not None:
+                    if first is None:
+                        first = time.perf_counter()
+                    ids.append(ev.token)
+                    on_token(ev.token)
+                if ev.done:
+                    reason, done = ev.reason or reason, True
+    finally:
+        engine.abort(rid)  # (a request that ended is no longer there)
     end = time.perf_counter()
     first = first or end
     return ids, reason, (first - start, end - first)
 
 
-def run_generate(backend, args, sampling, model_path) -> int:
-    from .tokenizer import STOP_IDS, tokenizer_from_option
-
+def run_generate(llm, args, sampling) -> int:
     if args.prompt is None:
         print("run.py: error: generate needs a prompt: -p \"...\"", file=sys.stderr)
         return 2
-    tok = tokenizer_from_option(args.tokenizer, model_path)
+    tok = llm.tokenizer
     prompt_ids = tok.encode(args.prompt)
-    if prompt_ids and max(prompt_ids) >= backend.config.vocab_size:
-        print(f"run.py: error: this model's vocabulary has only {backend.config.vocab_size} tokens; "
+    if prompt_ids and max(prompt_ids) >= llm.model_config.vocab_size:
+        print(f"run.py: error: this model's vocabulary has only {llm.model_config.vocab_size} tokens; "
               "text needs the real 201088 (try a model made with --preset tiny-chat)", file=sys.stderr)
         return 2
     stream = StreamDecoder(tok)
@@ -56,8 +62,7 @@ def run_generate(backend, args, sampling, model_path) -> int:
         out.flush()
 
     try:
-        ids, reason, (prefill_s, decode_s) = stream_generation(backend, prompt_ids, args, sampling, show,
-                                                               STOP_IDS)
+        ids, reason, (prefill_s, decode_s) = stream_generation(llm.engine, prompt_ids, sampling, show)
     except ContextError as e:
         print(f"\nrun.py: error: {e}", file=sys.stderr)
         return 2
@@ -113,7 +118,7 @@ CHAT_HELP = ("harmony chat: Ctrl-C stops a reply; Ctrl-C at the prompt, an empty
              "ends the chat.")
 
 
-def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
+def run_chat(llm, args, sampling, read_line=input) -> int:
     """Interactive harmony chat, as llama.cpp's: Ctrl-C during a reply stops the reply and returns to the
     prompt (what the reply said so far stays in the chat); Ctrl-C at the prompt ends the chat with
     status 130; an empty line or end of input ends it with 0. A chat that outgrows the model's context
@@ -121,11 +126,13 @@ def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
     from .harmony import ChatOptions, Message, encode_chat
     from .tokenizer import CALL, RETURN
 
-    context = backend.config.max_context
-    if backend.config.vocab_size < 201088:
+    context = llm.model_config.max_context
+    if llm.model_config.vocab_size < 201088:
         print(f"run.py: error: chat needs the real vocabulary of 201088 tokens; this model has "
-              f"{backend.config.vocab_size} (try a model made with --preset tiny-chat)", file=sys.stderr)
+              f"{llm.model_config.vocab_size} (try a model made with --preset tiny-chat)", file=sys.stderr)
         return 2
+    # a reply ends at <|return|> (its final answer) or <|call|> (a tool call), not at <|endoftext|>
+    sampling = replace(sampling, stop_token_ids=() if sampling.ignore_eos else (RETURN, CALL), ignore_eos=True)
 
     options = ChatOptions(reasoning_effort=args.reasoning, instructions=args.system)
 
@@ -164,13 +171,13 @@ def run_chat(backend, args, sampling, model_path, read_line=input) -> int:
         history.append(message)
         printer = ChannelPrinter(sys.stdout)
         try:
-            ids, reason, (prefill_s, decode_s) = stream_generation(
-                backend, prompt_ids, args, sampling, printer.push, stop_ids={RETURN, CALL}, index=turn)
+            ids, reason, (prefill_s, decode_s) = stream_generation(llm.engine, prompt_ids, sampling, printer.push,
+                                                                   sequence=turn)
         except KeyboardInterrupt:
             printer.stop()
             print("\n[reply stopped]", file=sys.stderr)
             ids = None
-        except ContextError as e:  # a limit of the backend's beyond the context checked above
+        except ContextError as e:  # a limit of the engine's beyond the context checked above
             print(f"\nrun.py: {e}: starting a fresh chat", file=sys.stderr)
             history = []
             continue

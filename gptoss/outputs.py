@@ -11,8 +11,10 @@ import stat
 import tempfile
 from pathlib import Path
 
+from .errors import GptossError
 
-class OutputPathError(ValueError):
+
+class OutputPathError(GptossError, ValueError):
     """An output path that cannot or may not be written; the message is one line."""
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (script, argv that reaches the patched function, the function to make raise KeyboardInterrupt)
 INTERRUPTIBLE = [
-    ("run.py", ["-p", "x"], "gptoss.engine.resolve_model_path"),
+    ("run.py", ["-p", "x"], "gptoss.loader.resolve_model_path"),
     ("decode.py", ["-i", "{ids}"], "gptoss.tokenizer.tokenizer_from_option"),
     ("evaluation/eval.py", ["-m", "synthetic", "-s", "{ids}", "-r", "{ids}", "--bertscore", "off"],
      "gptoss.tokenizer.tokenizer_from_option"),

@@ -172,15 +172,13 @@ def test_a_partial_without_finished_prompts_starts_over(model, prompts, tmp_path
 
 
 def test_resume_after_a_cut_line_and_force_discards(model, prompts, tmp_path, capsys):
-    import argparse
-
     from gptoss.getp import run_fingerprint
+    from gptoss.sampling import SamplingParams
 
     out = tmp_path / "out.txt"
     assert getp(model, prompts, tmp_path / "want.txt") == 0
     want = (tmp_path / "want.txt").read_text()
-    ns = argparse.Namespace(steps=2, temperature=0.0, top_p=1.0, seed=0, ignore_eos=True)
-    fp = run_fingerprint(ns, model, [[1, 2, 3], [4, 5], [6]])
+    fp = run_fingerprint(SamplingParams(max_tokens=2, ignore_eos=True), model, [[1, 2, 3], [4, 5], [6]])
     header = json.dumps({"fingerprint": fp}) + "\n"
     first = json.dumps({"i": 0, "ids": [int(t) for t in want.splitlines()[0].split()]}) + "\n"
     partial_of(out).write_text(header + first + '{"i": 1, "ids": [3')  # cut by the interruption
@@ -198,25 +196,27 @@ def test_resume_after_a_cut_line_and_force_discards(model, prompts, tmp_path, ca
 
 
 def test_ctrl_c_keeps_finished_prompts_and_resume_completes(model, prompts, tmp_path, capsys, monkeypatch):
-    import gptoss.getp as getp_module
+    from gptoss.engine import Engine
 
     out = tmp_path / "out.txt"
     assert getp(model, prompts, tmp_path / "want.txt") == 0
-    real = getp_module.step_tokens
+    real = Engine.step
+    finished = []
 
-    def interrupted_after_one_prompt(*args, **kwargs):
-        for step in real(*args, **kwargs):
-            yield step
-            if step.done.any():
-                raise KeyboardInterrupt
+    def interrupted_after_one_prompt(engine):
+        if finished:  # Ctrl-C in the step after the one that finished a prompt
+            raise KeyboardInterrupt
+        step = real(engine)
+        finished.extend(step.request_id[step.done].tolist())
+        return step
 
-    monkeypatch.setattr(getp_module, "step_tokens", interrupted_after_one_prompt)
-    assert getp(model, prompts, out) == 130
+    monkeypatch.setattr(Engine, "step", interrupted_after_one_prompt)
+    assert getp(model, prompts, out, "-b", 1) == 130  # one prompt at a time
     err = capsys.readouterr().err
     assert f"run.py: interrupted; the finished prompts are kept in {partial_of(out)}: continue with the same " \
            "command and --resume" in err
     assert not out.exists() and len(partial_of(out).read_text().splitlines()) == 2  # header + one prompt
-    monkeypatch.setattr(getp_module, "step_tokens", real)
+    monkeypatch.setattr(Engine, "step", real)
     assert getp(model, prompts, out, "--resume") == 0
     assert out.read_text() == (tmp_path / "want.txt").read_text()
 

@@ -132,9 +132,7 @@ def describe(circle: list[str], graph: Graph, package_dir: Path = PACKAGE) -> st
 
 # Circles known and being removed elsewhere, each with the work that removes it; the test fails when a
 # circle not listed appears, and when a listed one is gone (then delete its line).
-KNOWN_CIRCLES = [
-    {"gptoss.batching", "gptoss.engine"},  # issue 13: the engine rewrite (gptoss/engine/) replaces both files
-]
+KNOWN_CIRCLES: list = []
 
 
 def test_no_import_circle_in_gptoss():

@@ -80,7 +80,7 @@ READ_FROM_SOURCES = [
     ("gptoss.ops.attention", "TILE", "attention", "ATTN_TILE"),
     ("gptoss.ops.attention", "BLOCK_Q", "attention", "ATTN_BLOCK_Q"),
     ("gptoss.ops.attention", "PREFILL_STAGES", "attention", "ATTN_PREFILL_STAGES"),
-    ("gptoss.model", "PAGE", "attention", "ATTN_TILE"),
+    ("gptoss.kv_cache", "PAGE", "attention", "ATTN_TILE"),
     ("gptoss.ops.moe", "ROUTER_SPLITS", "routing", "ROUTER_SPLITS"),
     ("gptoss.ops.moe", "ROUTER_TT", "routing", "ROUTER_TT"),
     ("gptoss.ops.moe", "ROUTER_TE", "routing", "ROUTER_TE"),

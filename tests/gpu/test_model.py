@@ -23,7 +23,8 @@ def rel_err(a, b) -> float:
 
 
 def make(cfg, experts, seed=0, slots=4, capacity=None, chunk=256):
-    from gptoss.model import DeviceWeights, GPUModel
+    from gptoss.gpu_weights import DeviceWeights
+    from gptoss.model import GPUModel
 
     w = random_weights(cfg, experts, seed=seed)
     capacity = capacity or cfg.max_context
@@ -45,7 +46,7 @@ def poison(model):
 def test_prefill_logits_match_reference(cfg, experts, n):
     import cupy
 
-    from gptoss.model import StepBatch
+    from gptoss.batch import StepBatch
     from gptoss.reference import ReferenceModel
 
     w, model = make(cfg, experts)
@@ -82,7 +83,7 @@ def test_prefill_then_decode_equals_long_prefill(cfg, experts, n):
     against the whole prompt as one chunk (slot 0); also 3-way chunked prefill (slot 1)."""
     import cupy
 
-    from gptoss.model import SampleArgs, StepBatch
+    from gptoss.batch import StepBatch
 
     _, model = make(cfg, experts)
     rng = np.random.default_rng(n + 1)
@@ -101,7 +102,7 @@ def test_prefill_then_decode_equals_long_prefill(cfg, experts, n):
     model.forward(StepBatch.prefill([prompt[:half]], [2]))
     decoded = []
     for p in range(half, n):
-        model.step(StepBatch.decode([prompt[p]], [p], [2]), SampleArgs(), use_graph=True)
+        model.step(StepBatch.decode([prompt[p]], [p], [2]), use_graph=True)
         decoded.append(cupy.asnumpy(model.buf.logits[:1]).copy())
     decoded = np.concatenate(decoded)
     print(f"chunked vs long: max abs diff {np.abs(chunked - long).max():.3g}; "
@@ -116,7 +117,7 @@ def test_decode_graph_matches_eager_steps():
     """Several sequences decoding together: graph replay gives the eager forward's tokens and logits."""
     import cupy
 
-    from gptoss.model import SampleArgs, StepBatch
+    from gptoss.batch import StepBatch
 
     cfg = TINY_REAL_HEADS
     _, model = make(cfg, "mxfp4", slots=8)
@@ -131,37 +132,48 @@ def test_decode_graph_matches_eager_steps():
     for _ in range(6):
         step = StepBatch.decode(tokens, positions, slots)
         eager = cupy.asnumpy(model.forward(step)).copy()
-        ids = model.step(step, SampleArgs(), use_graph=True)  # rewrites the same K/V: idempotent
+        ids = model.step(step, use_graph=True)  # rewrites the same K/V: idempotent
         graph = cupy.asnumpy(model.buf.logits[:len(lens)])
         np.testing.assert_array_equal(graph, eager)
         np.testing.assert_array_equal(ids, eager.argmax(-1))
         tokens, positions = ids.astype(np.int32), positions + 1
 
 
+def engine_on(weights, **options):
+    from gptoss.engine import Engine, EngineConfig
+    from gptoss.engine.gpu_runner import GPUModelRunner
+
+    return Engine(GPUModelRunner(weights, EngineConfig(**options), progress=False))
+
+
+def generate(engine, prompts, params, indices=None):
+    """Each prompt (its index its sequence id) through the engine: {index: tokens}."""
+    indices = range(len(prompts)) if indices is None else indices
+    rids = {engine.add_request(prompts[i], params[i] if isinstance(params, list) else params, sequence=i): i
+            for i in indices}
+    out = {i: [] for i in indices}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            if ev.token is not None:
+                out[rids[ev.request_id]].append(ev.token)
+    return out
+
+
 def test_greedy_batch_invariance():
     """Each prompt's greedy tokens are the same whether it runs alone or among 40 others of mixed
     lengths (continuous batching, chunked prefill mixed with decode steps, slot reuse)."""
-    from gptoss.batching import GPUBackend
-    from gptoss.engine import Request
     from gptoss.sampling import SamplingParams
 
     cfg = TINY_REAL_HEADS
-    backend = GPUBackend(random_weights(cfg, "mxfp4", seed=3), progress=False)
+    weights = random_weights(cfg, "mxfp4", seed=3)
     rng = np.random.default_rng(9)
     prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in rng.integers(1, 200, 41)]
-
-    def run(indices, max_batch):
-        reqs = [Request(i, prompts[i], 12) for i in indices]
-        out = {i: [] for i in indices}
-        for ev in backend.generate(reqs, SamplingParams(), max_batch=max_batch):
-            if ev.token is not None:
-                out[ev.index].append(ev.token)
-        return out
-
-    crowd = run(range(len(prompts)), max_batch=16)
+    params = SamplingParams(max_tokens=12)
+    crowd = generate(engine_on(weights, max_seqs=16), prompts, params)
+    alone = engine_on(weights, max_seqs=1)
     for i in (0, 7, 23, 40):
-        alone = run([i], max_batch=1)
-        assert alone[i] == crowd[i], f"prompt {i}: alone {alone[i]} vs in a batch {crowd[i]}"
+        tokens = generate(alone, prompts, params, [i])[i]
+        assert tokens == crowd[i], f"prompt {i}: alone {tokens} vs in a batch {crowd[i]}"
     assert all(len(v) == 12 for v in crowd.values())
 
 
@@ -169,61 +181,79 @@ def test_preemption_and_prompt_only_steps_keep_greedy_tokens():
     """A KV cache of few pages: sequences are preempted, prefilled again (prompt + their tokens so far)
     and continued, and still get their greedy tokens alone; a prompt longer than the prefill chunk run
     alone makes steps with no logit row."""
-    from gptoss.batching import GPUBackend
-    from gptoss.engine import Request
-    from gptoss.model import GPUModel
     from gptoss.sampling import SamplingParams
 
     cfg = TINY_REAL_HEADS
-    backend = GPUBackend(random_weights(cfg, "mxfp4", seed=6), progress=False)
+    weights = random_weights(cfg, "mxfp4", seed=6)
     rng = np.random.default_rng(12)
     lengths = [300, *rng.integers(1, 200, 11)]  # the first is longer than the 256-token chunk
     prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in lengths]
-
-    def run(indices, max_batch=None):
-        out = {i: [] for i in indices}
-        for ev in backend.generate([Request(i, prompts[i], 40) for i in indices], SamplingParams(),
-                                   max_batch=max_batch):
-            if ev.token is not None:
-                out[ev.index].append(ev.token)
-        return out
-
-    alone = {i: run([i], max_batch=1)[i] for i in (0, 3, 8)}
-    capacity = 340
-    small = GPUModel(backend.weights, slots=8, capacity=capacity, max_step_tokens=512, max_chunk=256,
-                     pages=-(-capacity // 64) + 4)
-    backend.model, backend.promise = small, 0.0
-    backend._model_for = lambda *args: small
-    crowd = run(range(len(prompts)))
-    assert backend.stats["preemptions"] > 0
-    for i, tokens in alone.items():
+    params = SamplingParams(max_tokens=40)
+    alone = engine_on(weights, max_seqs=1)
+    want = {i: generate(alone, prompts, params, [i])[i] for i in (0, 3, 8)}
+    capacity = 340  # the longest prompt + 40
+    engine = engine_on(weights, max_seqs=8, num_pages=-(-capacity // 64) + 4, promise=0.0, prefill_tokens=504)
+    crowd = generate(engine, prompts, params)
+    assert engine.stats["preemptions"] > 0
+    for i, tokens in want.items():
         assert crowd[i] == tokens, f"prompt {i}: alone {tokens} vs among preemptions {crowd[i]}"
     assert all(len(v) == 40 for v in crowd.values())
 
 
 def test_sampling_reproducible_across_batches():
-    """Temperature sampling: a prompt's tokens depend on (seed, its index), not on its companions."""
-    from gptoss.batching import GPUBackend
-    from gptoss.engine import Request
+    """Temperature sampling: a prompt's tokens depend on (seed, its sequence id), not on its companions."""
     from gptoss.sampling import SamplingParams
 
     cfg = TINY_REAL_HEADS
-    backend = GPUBackend(random_weights(cfg, "mxfp4", seed=4), progress=False)
+    weights = random_weights(cfg, "mxfp4", seed=4)
     rng = np.random.default_rng(10)
     prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in rng.integers(1, 60, 9)]
-    params = SamplingParams(temperature=1.0, top_p=0.9, seed=77)
-
-    def run(indices, max_batch):
-        out = {i: [] for i in indices}
-        for ev in backend.generate([Request(i, prompts[i], 10) for i in indices], params, max_batch=max_batch):
-            if ev.token is not None:
-                out[ev.index].append(ev.token)
-        return out
-
-    crowd = run(range(9), max_batch=9)
-    assert run([4], max_batch=1)[4] == crowd[4]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=77, max_tokens=10)
+    crowd = generate(engine_on(weights, max_seqs=9), prompts, params)
+    assert generate(engine_on(weights, max_seqs=1), prompts, params, [4])[4] == crowd[4]
     assert len({tuple(v) for v in crowd.values()}) > 1
 
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_each_request_samples_with_its_own_params(graphs):
+    """Requests with their own temperature (0 = greedy among sampled rows), top_p and seed share decode
+    steps (captured graphs or eager): each gets its tokens alone, and the same as the CPU sampler's
+    draws on the GPU's logits would be (sampling.py), checked through greedy and sampled rows alike."""
+    from gptoss.sampling import SamplingParams
+
+    cfg = TINY_REAL_HEADS
+    weights = random_weights(cfg, "mxfp4", seed=8)
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in rng.integers(1, 90, 10)]
+    params = [SamplingParams(temperature=[0.0, 0.6, 1.0, 1.5][i % 4], top_p=[1.0, 0.8, 0.95][i % 3],
+                             seed=1000 + 7 * i, max_tokens=14) for i in range(len(prompts))]
+    crowd = generate(engine_on(weights, max_seqs=10, use_graphs=graphs), prompts, params)
+    alone = engine_on(weights, max_seqs=1, use_graphs=graphs)
+    for i in range(len(prompts)):
+        assert generate(alone, prompts, params, [i])[i] == crowd[i], f"prompt {i} ({params[i]})"
+    assert len({tuple(v) for v in crowd.values()}) == len(prompts)
+
+
+def test_buffers_hold_what_the_memory_plan_counts():
+    """GPUModel.nbytes (what the memory plan counts) is what the model's KV cache, step buffers and
+    decode partials hold, byte for byte."""
+    import cupy
+
+    from gptoss.gpu_weights import DeviceWeights
+    from gptoss.kv_cache import KVCache
+    from gptoss.model import GPUModel, StepBuffers
+
+    cfg = TINY_REAL_HEADS
+    model = GPUModel(DeviceWeights(random_weights(cfg, "mxfp4", seed=0), progress=False), slots=5, capacity=300,
+                     max_step_tokens=700, max_chunk=128, pages=9)
+    b = model.buf
+    held = sum(getattr(b, name).nbytes for name in StepBuffers.shapes(cfg, 1, 1))
+    held += sum(a.nbytes for a in vars(b.moe).values() if isinstance(a, cupy.ndarray))
+    held += sum(a.nbytes for a in b.moe.tiles.values())
+    assert held == StepBuffers.nbytes(cfg, b.max_tokens, b.max_rows)
+    cache = sum(a.nbytes for a in model.cache.k + model.cache.v) + model.cache.table.nbytes
+    assert cache == KVCache.nbytes(cfg, 6, 300, 128, 9)
+    assert held + cache + model._decode_ws.nbytes == GPUModel.nbytes(cfg, 5, 300, 700, 128, 9)
 
 
 def test_profile_runs_the_forward():
@@ -231,7 +261,7 @@ def test_profile_runs_the_forward():
     every kernel family gets a time."""
     import cupy
 
-    from gptoss.model import StepBatch
+    from gptoss.batch import StepBatch
 
     _, model = make(TINY, "mxfp4")
     n = 40

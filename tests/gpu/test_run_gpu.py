@@ -1,6 +1,5 @@
 """run.py's modes on the GPU path (tiny synthetic models): generate and chat stream, getp writes one line
 per prompt in order and resumes, decode.py reads its output back."""
-import argparse
 import json
 from pathlib import Path
 
@@ -39,11 +38,11 @@ def test_getp_text_on_gpu_then_decode(chat_model, tmp_path):  # noqa: F811
 
 def test_getp_resume_on_gpu(ids_model, tmp_path):  # noqa: F811
     from gptoss.getp import run_fingerprint
+    from gptoss.sampling import SamplingParams
 
     inp, out = tmp_path / "prompts.txt", tmp_path / "out.txt"
     inp.write_text("1 2 3\n4 5\n6\n")
-    ns = argparse.Namespace(steps=4, temperature=0.0, top_p=1.0, seed=0, ignore_eos=True)
-    fp = run_fingerprint(ns, ids_model, [[1, 2, 3], [4, 5], [6]])
+    fp = run_fingerprint(SamplingParams(max_tokens=4, ignore_eos=True), ids_model, [[1, 2, 3], [4, 5], [6]])
     Path(str(out) + ".partial").write_text(json.dumps({"fingerprint": fp}) + "\n" +
                                            json.dumps({"i": 1, "ids": [9, 9, 9, 9]}) + "\n")
     run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "4", "--device", "gpu",

@@ -1,0 +1,76 @@
+"""StepBatch: what one forward of the model computes, as host arrays. The scheduler (gptoss/engine) builds
+it; the GPU model (gptoss/model.py) and the CPU runner (gptoss/engine/cpu_runner.py) run it.
+
+A step's tokens come from several sequences at once, each at its own position: decode tokens (one per
+sequence) and prefill chunks (several consecutive tokens of one sequence) mixed freely. A sequence
+lives in a slot of the KV cache; its tokens are contiguous in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class RowSampling:
+    """How to pick each logit row's next token (gptoss/sampling.py's algorithm), one entry per row:
+    temperature 0 = greedy; the draw of row r is sample_uniform(seed[r], sequence[r], step[r])."""
+    temperature: np.ndarray  # [R] float32
+    top_p: np.ndarray  # [R] float32
+    seed: np.ndarray  # [R] uint32
+    sequence: np.ndarray  # [R] int32: the counter RNG's sequence id (getp: the prompt's input line)
+    step: np.ndarray  # [R] int32: tokens the row's request generated so far
+
+    @classmethod
+    def uniform(cls, params: SamplingParams, sequence, step) -> "RowSampling":
+        """The same params for every row."""
+        sequence = np.asarray(sequence, np.int32).reshape(-1)
+        n = len(sequence)
+        return cls(np.full(n, params.temperature, np.float32), np.full(n, params.top_p, np.float32),
+                   np.full(n, params.seed, np.uint32), sequence, np.asarray(step, np.int32).reshape(-1))
+
+    def params(self, row: int) -> SamplingParams:
+        return SamplingParams(temperature=float(self.temperature[row]), top_p=float(self.top_p[row]),
+                              seed=int(self.seed[row]))
+
+
+@dataclass
+class StepBatch:
+    """One forward's tokens; sequences are contiguous runs of tokens."""
+    tokens: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32
+    slots: np.ndarray  # [T] int32
+    q_lens: list  # tokens per sequence, in order
+    seq_slots: list  # slot per sequence
+    seq_starts: list  # position of each sequence's first token in this step
+    logit_rows: np.ndarray  # [R] int32: rows of T whose next-token logits are wanted
+    sampling: RowSampling | None = None  # None: every row greedy
+    page_table: np.ndarray | None = None  # [slots, pages per slot] int32 when it changed since the last step
+
+    @classmethod
+    def decode(cls, tokens, positions, slots) -> "StepBatch":
+        """One token per sequence (every row's logits wanted)."""
+        tokens, positions, slots = (np.asarray(a, np.int32).reshape(-1) for a in (tokens, positions, slots))
+        n = len(tokens)
+        return cls(tokens, positions, slots, [1] * n, slots.tolist(), positions.tolist(), np.arange(n, dtype=np.int32))
+
+    @classmethod
+    def prefill(cls, prompts, slots, starts=None) -> "StepBatch":
+        """Whole chunks: prompts[i] (token ids) at positions starts[i].. of slot slots[i]; logits of
+        each chunk's last token."""
+        starts = [0] * len(prompts) if starts is None else list(starts)
+        tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts])
+        positions = np.concatenate([np.arange(s, s + len(p), dtype=np.int32) for p, s in zip(prompts, starts)])
+        slot_ids = np.concatenate([np.full(len(p), s, np.int32) for p, s in zip(prompts, slots)])
+        lens = [len(p) for p in prompts]
+        return cls(tokens, positions, slot_ids, lens, list(slots), starts,
+                   (np.cumsum(lens) - 1).astype(np.int32))
+
+    @property
+    def decode_only(self) -> bool:
+        """One token per sequence, every row's logits wanted, in order (a captured decode graph's shape)."""
+        T = len(self.tokens)
+        return len(self.q_lens) == T and np.array_equal(self.logit_rows, np.arange(T))

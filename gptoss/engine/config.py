@@ -1,0 +1,42 @@
+"""EngineConfig: every setting of the engine, fixed when it starts (no module globals, no environment)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """max_seqs: most sequences in flight at once (run.py -b); None = as many as the KV cache holds
+        (on the CPU: every waiting request).
+    prefill_tokens: most prompt tokens one step prefills, over all sequences.
+    prefill_chunk: most prompt tokens of one sequence per step (the sliding layers keep a ring of
+        window + this many positions per slot).
+    promise: admission promises each sequence KV pages for its prompt and this share of its token
+        budget. 1: no sequence is ever preempted; below 1, more sequences run at once and one that needs
+        a page when none is free preempts the latest admitted, which is prefilled again later.
+    memory_limit: most GPU bytes the run may hold in all, weights included (run.py --gpu-memory);
+        None = all that is free.
+    num_pages: KV pages of 64 positions, instead of all that memory holds (tests of preemption).
+    use_graphs: replay decode-only steps from captured CUDA graphs.
+    kernels: the GPU kernels' options (gptoss.kernels), None = the defaults.
+    """
+
+    max_seqs: int | None = None
+    prefill_tokens: int = 4096
+    prefill_chunk: int = 256
+    promise: float = 1.0
+    memory_limit: int | None = None
+    num_pages: int | None = None
+    use_graphs: bool = True
+    kernels: object | None = None
+
+    def __post_init__(self):
+        for name in ("max_seqs", "num_pages", "memory_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (got {value})")
+        if self.prefill_tokens < 1 or self.prefill_chunk < 1:
+            raise ValueError(f"prefill_tokens and prefill_chunk must be at least 1 (got {self.prefill_tokens} "
+                             f"and {self.prefill_chunk})")
+        if not 0.0 <= self.promise <= 1.0:
+            raise ValueError(f"promise must be in [0, 1] (got {self.promise})")

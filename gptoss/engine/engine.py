@@ -1,0 +1,113 @@
+"""The engine: requests in, one step at a time, tokens out.
+
+    engine = Engine(runner, EngineConfig(...))
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64))
+    while engine.has_unfinished():
+        for event in engine.step():  # TokenEvent(request_id, token, done, reason)
+            ...
+
+Requests can be added and aborted between any two steps. When the engine is idle and its waiting
+requests need more than the KV cache holds, the cache is sized again (runner.allocate) and the
+scheduler starts afresh: getp adds every prompt before the first step, so the cache is planned for all
+of them at once. A step interrupted by an exception (Ctrl-C) leaves its requests in an unknown state:
+abort them (LLM and the run.py modes do); once idle, the scheduler then starts afresh on the same cache.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..sampling import SamplingParams
+from .config import EngineConfig
+from .request import Request, StepTokens, check_fits, clamp_new_tokens
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+_INT32_MAX = 2**31 - 1
+
+
+class Engine:
+    """runner: a ModelRunner built with this engine's config (default: the runner's config).
+    eos_token_ids: the ids that end every request unless its params say ignore_eos (the LLM passes
+    harmony's <|return|>, <|call|> and <|endoftext|>)."""
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig | None = None, eos_token_ids=()):
+        if config is not None and config != runner.config:
+            raise ValueError("the runner was built with another EngineConfig than the engine's; build both "
+                             "from one")
+        self.runner = runner
+        self.config = runner.config
+        self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+        self.scheduler = Scheduler(self.config)
+        self._next_id = 0
+        self._clock = time.perf_counter()  # the end of the last step (host time is counted from it)
+        self._interrupted = False  # a step raised (Ctrl-C) before it was through
+
+    @property
+    def stats(self) -> dict:
+        """Where the time went (steps by kind, host vs model seconds) and how the cache was shared."""
+        return self.scheduler.stats
+
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, sequence: int | None = None) -> int:
+        """Queue a request; returns its id. sequence: the counter RNG's sequence id of its draws
+        (default: the request id); getp passes the prompt's input line, so that a sampled answer does
+        not depend on which prompts run beside it. Raises ContextError when the prompt cannot fit."""
+        params = params or SamplingParams()
+        cfg = self.runner.model_config
+        ids = np.asarray(prompt_ids)
+        if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError("prompt_ids must be a flat list of token ids")
+        check_fits(len(ids), cfg.max_context)
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"token id {int(ids.max() if ids.max() >= cfg.vocab_size else ids.min())} is "
+                             f"outside this model's vocabulary (0..{cfg.vocab_size - 1})")
+        rid = self._next_id
+        sequence = rid if sequence is None else int(sequence)
+        if not 0 <= sequence <= _INT32_MAX:
+            raise ValueError(f"sequence must be in 0..{_INT32_MAX} (got {sequence})")
+        self._next_id += 1
+        budget = clamp_new_tokens(len(ids), params.max_tokens, cfg.max_context)
+        self.scheduler.add(Request(rid, ids.tolist(), params, sequence, budget, params.stop_ids(self.eos_token_ids)))
+        return rid
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request, waiting or running: its slot and pages are free at once and it gets no more
+        tokens. False when the engine does not hold it (unknown or finished)."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepTokens:
+        """Run one step: every running sequence's next token (iterate the result for TokenEvents, or
+        read its arrays). Empty when nothing is waiting or running."""
+        s = self.scheduler
+        if s.waiting and s.idle():
+            capacity, slots, mean = s.demand()
+            if not s.covers(capacity, slots):  # a cache sized again for what waits
+                s.bind(self.runner.allocate(capacity, slots, mean), slots)
+            elif self._interrupted:  # the same cache, every slot and page free again
+                s.bind(s.layout, s.asked_slots)
+            self._interrupted = False
+            self._clock = time.perf_counter()  # idle time is not the host's scheduling time
+        self._interrupted = True  # until the step is through
+        step = s.schedule()
+        if step is None:
+            if s.waiting:
+                raise RuntimeError("no sequence runs and the next one does not fit in the KV cache")
+            self._interrupted = False
+            return StepTokens.empty()
+        st = s.stats
+        t0 = time.perf_counter()
+        st["host_seconds"] += t0 - self._clock
+        ids = self.runner.step(step.batch)
+        self._clock = time.perf_counter()
+        kind = "decode" if step.n_decode == len(step.batch.tokens) else "mixed"
+        st[f"{kind}_steps"] += 1
+        st[f"{kind}_seconds"] += self._clock - t0
+        st["decode_tokens"] += step.n_decode
+        st["prompt_tokens"] += len(step.batch.tokens) - step.n_decode
+        out = s.update(step, ids)
+        self._interrupted = False
+        return out

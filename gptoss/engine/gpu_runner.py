@@ -1,0 +1,141 @@
+"""The GPU model as a model runner: the weights uploaded once, the kernels compiled, and a GPUModel
+(KV cache, step buffers, captured graphs) sized by the memory plan whenever the engine asks.
+
+The memory plan counts what GPUModel will allocate from the shapes it allocates (GPUModel.nbytes:
+the KV cache's rings and pages, the step buffers, the decode partials), so it cannot drift from them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..batch import StepBatch
+from ..config import ModelConfig
+from ..errors import ModelTooLargeError
+from ..gpu_weights import DeviceWeights, free_gpu_memory, gib, weight_bytes
+from ..kv_cache import KVCache, pages_per_slot
+from ..model import GPUModel
+from .config import EngineConfig
+from .pages import pages_for
+from .runner import Layout
+
+HEADROOM = 1 << 30  # GPU memory left unplanned: CuPy pool fragmentation, kernels' scratch, RoPE table, graphs
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    slots: int
+    pages: int
+    capacity: int
+    max_step_tokens: int
+    max_chunk: int
+    bytes: int  # what the GPUModel of this plan allocates beside the weights (GPUModel.nbytes)
+
+
+def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: int,
+                mean_positions: int | None = None, config: EngineConfig = EngineConfig()) -> MemoryPlan:
+    """Slots and KV pages that fit in free_bytes (less HEADROOM). The slot count is the largest for
+    which every slot can hold `mean_positions` positions (a running sequence's expected length;
+    default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
+    goes to pages (at most a whole capacity per slot)."""
+    chunk = min(config.prefill_chunk, capacity)
+    width = pages_per_slot(capacity)
+    mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
+
+    def step_tokens(slots: int) -> int:  # every decode token and the prefill budget
+        return slots + min(config.prefill_tokens, slots * chunk)
+
+    def nbytes(slots: int, pages: int) -> int:
+        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages)
+
+    budget = free_bytes - HEADROOM
+    lo, hi = 0, max(1, wanted_slots)
+    while lo < hi:  # largest slot count whose model fits with the pages its slots need
+        mid = (lo + hi + 1) // 2
+        if nbytes(mid, max(width, mid * mean_pages)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise ModelTooLargeError(
+            f"no room for even one sequence of {capacity} tokens: it needs "
+            f"{gib(nbytes(1, width))} of GPU memory beside the weights and {gib(max(budget, 0))} is left. "
+            "Lower -n or shorten the prompts.")
+    pages = min((budget - nbytes(lo, 0)) // KVCache.page_bytes(cfg), lo * width)
+    return MemoryPlan(lo, int(pages), capacity, step_tokens(lo), chunk, nbytes(lo, int(pages)))
+
+
+class GPUModelRunner:
+    def __init__(self, weights, config: EngineConfig | None = None, progress: bool = True):
+        import cupy
+
+        self.config = config = config or EngineConfig()
+        self.model_config: ModelConfig = weights.config
+        self.device_name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        self.name = f"gpu ({self.device_name})"
+        if config.memory_limit is not None and weight_bytes(weights) + HEADROOM >= config.memory_limit:
+            raise ModelTooLargeError(
+                f"a GPU memory limit of {gib(config.memory_limit)} leaves no room beside the weights "
+                f"({gib(weight_bytes(weights))}); raise --gpu-memory")
+        with _out_of_memory_as_error("the weights"):
+            self.weights = DeviceWeights(weights, progress=progress)
+        from ..kernels import compile_all
+
+        t0 = time.perf_counter()
+        compile_all()  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
+        if progress and time.perf_counter() - t0 > 2:
+            print(f"compiled the GPU kernels in {time.perf_counter() - t0:.0f} s (cached for later runs)",
+                  file=sys.stderr)
+        self.model: GPUModel | None = None
+
+    def peak_memory_bytes(self) -> int:
+        import cupy
+
+        return cupy.get_default_memory_pool().total_bytes()
+
+    def allocate(self, capacity: int, slots: int, mean_positions: int | None = None) -> Layout:
+        import cupy
+
+        self.model = None
+        pool = cupy.get_default_memory_pool()
+        pool.free_all_blocks()
+        free, _ = free_gpu_memory()
+        if self.config.memory_limit is not None:
+            free = min(free, self.config.memory_limit - pool.used_bytes())
+        plan = plan_memory(self.model_config, free, capacity, slots, mean_positions, self.config)
+        pages = plan.pages
+        if self.config.num_pages is not None:
+            if self.config.num_pages < pages_per_slot(capacity):
+                raise ValueError(f"num_pages={self.config.num_pages} cannot hold one sequence of {capacity} "
+                                 f"positions ({pages_per_slot(capacity)} pages)")
+            pages = min(pages, self.config.num_pages)
+        kernels = {} if self.config.kernels is None else {"kernels": self.config.kernels}
+        with _out_of_memory_as_error("the KV cache and step buffers"):
+            self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
+                                  pages=pages, **kernels)
+        return Layout(plan.slots, capacity, pages, self.model.max_step_tokens, plan.max_chunk)
+
+    def step(self, batch: StepBatch) -> np.ndarray:
+        return self.model.step(batch, use_graph=self.config.use_graphs)
+
+
+class _out_of_memory_as_error:
+    """CuPy's OutOfMemoryError (another process took the memory the plan counted on) as a
+    ModelTooLargeError with one line to show."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        import cupy
+
+        if kind is not None and issubclass(kind, cupy.cuda.memory.OutOfMemoryError):
+            raise ModelTooLargeError(f"the GPU ran out of memory for {self.what} ({error}); free the GPU "
+                                     "from other processes or lower --gpu-memory") from None
+        return False

@@ -1,0 +1,108 @@
+"""The weights on the GPU: every tensor uploaded once from a Weights source (a mmap'd file or synthetic
+weights) as the kernels read it, with a progress bar; and what GPU memory is free for the rest."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .weights.bf16 import to_bf16_bits
+from .config import ModelConfig
+from .errors import ModelTooLargeError
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's expert matrices: MXFP4 (blocks + scales) or bf16 [E, out, in]."""
+    format: str  # "mxfp4" or "bf16"
+    blocks: object = None  # cupy uint8 [E, R, C/32, 16]
+    scales: object = None  # cupy uint8 [E, R, C/32]
+    weight: object = None  # cupy uint16 (bf16) [E, R, C]
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: object  # f32 [H]
+    qkv_w: object  # bf16 [qkv, H]
+    qkv_b: object  # bf16 [qkv]
+    sinks: object  # f32 [Hq]
+    out_w: object  # bf16 [H, Hq*D]
+    out_b: object  # bf16 [H]
+    mlp_norm: object  # f32 [H]
+    gate_w: object  # bf16 [E, H]
+    gate_b: object  # bf16 [E]
+    w1: ExpertWeights  # [E, 2I, H]
+    b1: object  # bf16 [E, 2I]
+    w2: ExpertWeights  # [E, H, I]
+    b2: object  # bf16 [E, H]
+    window: int  # 0 = full attention
+
+
+def weight_bytes(weights) -> int:
+    return sum(int(np.prod(weights.info(n).shape)) * {"bf16": 2, "f32": 4, "u8": 1}[weights.info(n).dtype]
+               for n in weights.names())
+
+
+def free_gpu_memory() -> tuple[int, int]:
+    import cupy
+
+    free, total = cupy.cuda.runtime.memGetInfo()
+    # memory CuPy's pool holds but does not use counts as free for us
+    pool = cupy.get_default_memory_pool()
+    return free + pool.free_bytes(), total
+
+
+class DeviceWeights:
+    """All weights uploaded once from a Weights source (mmap'd file or synthetic), with a progress bar."""
+
+    def __init__(self, weights, progress: bool = True):
+        import cupy
+
+        self.config: ModelConfig = weights.config
+        self.experts_format = weights.experts_format
+        need = weight_bytes(weights)
+        free, total = free_gpu_memory()
+        if need > free:
+            raise ModelTooLargeError(
+                f"the model's weights need {gib(need)} of GPU memory; {gib(free)} of {gib(total)} is "
+                "free. Use a GPU with more memory (gpt-oss-120b needs about 61 GiB for weights alone), "
+                "or free the GPU from other processes.")
+        from .progress import ByteProgress
+
+        with ByteProgress("upload", need, quiet=not progress) as bar:
+            def up(name, as_f32=False):
+                # norms' scales and sinks in f32; every other tensor as the kernels read it (bf16 bits, u8)
+                if as_f32:
+                    host = weights.f32(name)
+                elif weights.info(name).dtype == "f32":
+                    host = to_bf16_bits(weights.f32(name))
+                else:
+                    host = weights.raw(name)
+                arr = cupy.asarray(np.ascontiguousarray(host))
+                bar.advance(host.nbytes)
+                return arr
+
+            def experts(prefix):
+                if self.experts_format == "mxfp4":
+                    return ExpertWeights("mxfp4", blocks=up(prefix + ".blocks"), scales=up(prefix + ".scales"))
+                return ExpertWeights("bf16", weight=up(prefix))
+
+            cfg = self.config
+            self.embedding = up("embedding.weight")
+            self.layers = []
+            for i in range(cfg.num_layers):
+                b = f"block.{i}."
+                self.layers.append(LayerWeights(
+                    attn_norm=up(b + "attn.norm.scale", True), qkv_w=up(b + "attn.qkv.weight"),
+                    qkv_b=up(b + "attn.qkv.bias"), sinks=up(b + "attn.sinks", True),
+                    out_w=up(b + "attn.out.weight"), out_b=up(b + "attn.out.bias"),
+                    mlp_norm=up(b + "mlp.norm.scale", True), gate_w=up(b + "mlp.gate.weight"),
+                    gate_b=up(b + "mlp.gate.bias"), w1=experts(b + "mlp.mlp1_weight"),
+                    b1=up(b + "mlp.mlp1_bias"), w2=experts(b + "mlp.mlp2_weight"), b2=up(b + "mlp.mlp2_bias"),
+                    window=cfg.sliding_window if cfg.is_sliding(i) else 0))
+            self.final_norm = up("norm.scale", True)
+            self.unembedding = up("unembedding.weight")

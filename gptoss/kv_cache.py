@@ -1,0 +1,78 @@
+"""The GPU KV cache: K and V per layer in bf16, and the kernels' copy of the page table.
+
+Sliding layers: [slots, ring, Hkv, D], a ring of window + max_chunk positions per slot (position p at
+row p % ring; a chunk's keys are written before its queries read, so the ring covers window - 1 older
+keys plus the chunk). Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page
+table [slots, ceil(capacity / PAGE)] int32: position p of slot s sits in page table[s, p // PAGE]. The
+last page is a spare: every entry not given to a sequence points there, so a stray write (a padding
+row of a captured decode step) lands there and nowhere else.
+
+Without `pages` each slot owns the pages of its whole capacity for good (tests and benchmarks of one
+step). With `pages` the table starts all spare and the engine's page pool (gptoss/engine/pages.py, the
+one owner of the table's host copy) hands pages out: set_page_table copies its table here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .ops.attention import TILE
+
+PAGE = TILE  # positions per page of the full layers' cache: one attention tile, the kernels' smallest page
+
+
+def pages_per_slot(capacity: int) -> int:
+    return -(-capacity // PAGE)
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int | None = None):
+        import cupy
+
+        if capacity <= 0 or slots <= 0:
+            raise ValueError(f"a KV cache needs slots and capacity > 0, got {slots} and {capacity}")
+        self.slots, self.capacity, self.max_chunk = slots, capacity, max_chunk
+        self.width = pages_per_slot(capacity)
+        self.pages = slots * self.width if pages is None else int(pages)
+        if self.pages <= 0:
+            raise ValueError(f"a paged KV cache needs at least one page, got {pages}")
+        self.spare = self.pages
+        if pages is None:
+            table = np.arange(self.pages, dtype=np.int32).reshape(slots, self.width)
+        else:
+            table = np.full((slots, self.width), self.spare, np.int32)
+        self.table = cupy.asarray(table)
+        self.k, self.v = [], []
+        for i in range(cfg.num_layers):
+            shape = self.layer_shape(cfg, i, slots, capacity, max_chunk, self.pages)
+            self.k.append(cupy.empty(shape, dtype=cupy.uint16))
+            self.v.append(cupy.empty(shape, dtype=cupy.uint16))
+
+    @staticmethod
+    def layer_shape(cfg: ModelConfig, layer: int, slots: int, capacity: int, max_chunk: int, pages: int) -> tuple:
+        """The shape of layer `layer`'s K (and V) array, bf16."""
+        if cfg.is_sliding(layer):
+            return (slots, min(capacity, cfg.sliding_window + max_chunk), cfg.num_kv_heads, cfg.head_dim)
+        return (pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
+
+    @classmethod
+    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int) -> int:
+        """GPU bytes of a cache of these dimensions: every layer's K and V and the page table."""
+        kv = sum(2 * 2 * int(np.prod(cls.layer_shape(cfg, i, slots, capacity, max_chunk, pages)))
+                 for i in range(cfg.num_layers))
+        return kv + slots * pages_per_slot(capacity) * 4
+
+    @classmethod
+    def page_bytes(cls, cfg: ModelConfig) -> int:
+        """GPU bytes of one more page (PAGE positions of every full layer)."""
+        return cls.nbytes(cfg, 1, PAGE, 1, 1) - cls.nbytes(cfg, 1, PAGE, 1, 0)
+
+    def layer_table(self, layer: int, cfg: ModelConfig):
+        """The page table for layer `layer`'s kernels: the device table on full layers, None on sliding."""
+        return None if cfg.is_sliding(layer) else self.table
+
+    def set_page_table(self, host: np.ndarray) -> None:
+        """Copy the page pool's table [slots, width] to the device (on the current stream, before a step)."""
+        if host.shape != tuple(self.table.shape):
+            raise ValueError(f"a page table of shape {host.shape} for a cache of {tuple(self.table.shape)}")
+        self.table.set(np.ascontiguousarray(host, np.int32))

@@ -1,0 +1,172 @@
+"""The Python API, in the shape vLLM users know:
+
+    from gptoss import LLM, SamplingParams
+
+    llm = LLM("model.bin")  # device="auto": the GPU when CuPy finds one, else the NumPy reference
+    for out in llm.generate(["Why is the sky blue?"], SamplingParams(max_tokens=64)):
+        print(out.text, out.finish_reason)
+    reply = llm.chat([{"role": "user", "content": "Hi!"}])
+    print(reply.reasoning, reply.text)
+
+An LLM holds the model's weights on its device, the tokenizer and one Engine; getp, generate and chat
+(run.py) run on it too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import Engine, EngineConfig
+from .loader import resolve_model_path
+from .sampling import SamplingParams
+from .weights import open_weights
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    index: int
+    text: str  # the generated ids decoded ("" without detokenize)
+    token_ids: list  # the generated ids (a stop id is not among them)
+    finish_reason: str  # "stop" (a stop id came) or "length" (max_tokens or the context's end)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One prompt's result, as vLLM's RequestOutput (one completion per prompt here)."""
+    request_id: int
+    prompt: str | None  # None when the prompt was given as token ids
+    prompt_token_ids: list
+    outputs: list  # [CompletionOutput]
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+
+@dataclass(frozen=True)
+class ChatOutput:
+    """A harmony chat reply: the final channel's text apart from the reasoning (analysis channel)."""
+    text: str
+    reasoning: str
+    token_ids: list
+    finish_reason: str  # "stop" or "length"
+    prompt_token_ids: list
+
+
+def make_runner(weights, device: str = "auto", config: EngineConfig | None = None, progress: bool = True):
+    """The engine's model runner for `weights` on 'cpu' (the NumPy reference), 'gpu' or 'auto' (the GPU
+    when CuPy finds one)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
+    config = config or EngineConfig()
+    if device == "auto":
+        from .device import probe_gpu
+
+        device = "gpu" if probe_gpu().usable else "cpu"
+    if device == "cpu":
+        from .engine.cpu_runner import CPUModelRunner
+
+        return CPUModelRunner(weights, config)
+    from .engine.gpu_runner import GPUModelRunner
+
+    return GPUModelRunner(weights, config, progress=progress)
+
+
+class LLM:
+    """model: a .bin file or Hugging Face checkpoint directory (None: $GPTOSS_MODEL, ./model.bin, the
+    Hugging Face cache), `synthetic:PRESET`, or a Weights object (gptoss.weights.open_weights,
+    gptoss.weights.random_weights). device: 'auto', 'cpu' or 'gpu'. tokenizer: a tokenizer.bin or
+    o200k_base.tiktoken file (default: found next to the model or in tiktoken's cache). progress: show
+    the upload bar. engine_options: EngineConfig's fields (max_seqs, memory_limit, promise, ...)."""
+
+    def __init__(self, model=None, device: str = "auto", tokenizer=None, progress: bool = True, **engine_options):
+        from .tokenizer import STOP_IDS
+
+        if model is not None and hasattr(model, "config") and hasattr(model, "names"):
+            self.model_path, weights = None, model
+        else:
+            self.model_path = resolve_model_path(None if model is None else str(model))
+            weights = open_weights(self.model_path)
+        self.config = EngineConfig(**engine_options)
+        self.runner = make_runner(weights, device, self.config, progress)
+        self.model_config = weights.config
+        self.engine = Engine(self.runner, self.config, eos_token_ids=STOP_IDS)
+        self._tokenizer_path = tokenizer
+        self._tokenizer = None
+
+    @property
+    def device(self) -> str:
+        """What runs the model: "gpu (NVIDIA H200)" or "cpu (NumPy reference, float32)"."""
+        return self.runner.name
+
+    @property
+    def tokenizer(self):
+        """o200k_harmony (loaded on first use)."""
+        if self._tokenizer is None:
+            from .tokenizer import tokenizer_from_option
+
+            local = self.model_path if isinstance(self.model_path, Path) else None
+            self._tokenizer = tokenizer_from_option(self._tokenizer_path, local)
+        return self._tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
+                 detokenize: bool = True) -> list[RequestOutput]:
+        """prompts: a text or a list of token ids, or a list of either; sampling_params: one for all or
+        one per prompt (default greedy, 256 tokens). The draws of prompt i use sequence id i, so a
+        sampled result does not depend on the other prompts (as getp's input lines)."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and not isinstance(prompts[0], (str, list, tuple))):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        tokens, reasons = self._run(encoded, [p or SamplingParams() for p in params])
+        return [RequestOutput(i, p if isinstance(p, str) else None, ids,
+                              [CompletionOutput(0, self.tokenizer.decode(out) if detokenize else "", out, reason)])
+                for i, (p, ids, out, reason) in enumerate(zip(prompts, encoded, tokens, reasons))]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, options=None) -> ChatOutput:
+        """One assistant turn after `messages` (dicts with role and content, and optionally channel; or
+        harmony.Message), rendered in the harmony format with `options` (harmony.ChatOptions: reasoning
+        effort, instructions, tools); the reply is parsed into its final text and its reasoning."""
+        from .harmony import Message, encode_chat, parse_assistant
+
+        msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"], m.get("channel"))
+                for m in messages]
+        prompt = encode_chat(msgs, options)
+        (ids,), (reason,) = self._run([prompt], [sampling_params or SamplingParams()])
+        reply = parse_assistant(ids)
+        return ChatOutput(reply.final, reply.analysis, ids, reason, prompt)
+
+    def _run(self, prompts: list, params: list) -> tuple[list, list]:
+        """Every prompt through the engine to its end: (generated ids, finish reason) per prompt."""
+        engine = self.engine
+        ids = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                ids.append(engine.add_request(p, sp, sequence=i))
+            index = {rid: i for i, rid in enumerate(ids)}
+            tokens, reasons = [[] for _ in prompts], [None] * len(prompts)
+            while engine.has_unfinished():
+                for ev in engine.step():
+                    i = index[ev.request_id]
+                    if ev.token is not None:
+                        tokens[i].append(ev.token)
+                    if ev.done:
+                        reasons[i] = ev.reason
+        finally:  # an exception or Ctrl-C: what is left of these requests frees its slot and pages
+            for rid in ids:
+                engine.abort(rid)
+        return tokens, reasons

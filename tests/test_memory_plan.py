@@ -1,0 +1,63 @@
+"""The GPU runner's memory plan sizes the batch from free GPU memory, counting what GPUModel allocates
+from the shapes it allocates (pure arithmetic: runs without a GPU)."""
+import numpy as np
+import pytest
+
+from gptoss.config import GPT_OSS_20B, TINY
+from gptoss.engine import EngineConfig
+from gptoss.engine.gpu_runner import HEADROOM, plan_memory
+from gptoss.errors import ModelTooLargeError
+from gptoss.kv_cache import PAGE, KVCache
+from gptoss.model import GPUModel, StepBuffers
+
+
+def test_too_little_memory_names_the_numbers():
+    with pytest.raises(ModelTooLargeError, match=r"needs [0-9.]+ GiB .* [0-9.]+ GiB is left"):
+        plan_memory(GPT_OSS_20B, free_bytes=2 << 30, capacity=131072, wanted_slots=8)
+
+
+def test_plan_fits_and_grows_with_memory():
+    small = plan_memory(GPT_OSS_20B, free_bytes=20 << 30, capacity=2048, wanted_slots=100000)
+    large = plan_memory(GPT_OSS_20B, free_bytes=60 << 30, capacity=2048, wanted_slots=100000)
+    assert 0 < small.slots < large.slots and small.pages < large.pages
+    for plan, free in ((small, 20 << 30), (large, 60 << 30)):
+        assert plan.bytes == GPUModel.nbytes(GPT_OSS_20B, plan.slots, 2048, plan.max_step_tokens, plan.max_chunk,
+                                             plan.pages)
+        assert plan.bytes <= free - HEADROOM
+        assert plan.pages >= plan.slots * (2048 // PAGE)  # no sharing assumed: every slot can fill up
+        # all that is left beside the slots went to pages: one more page would not fit
+        assert plan.bytes + KVCache.page_bytes(GPT_OSS_20B) > free - HEADROOM or plan.pages == plan.slots * 2048 // PAGE
+
+
+def test_sharing_pages_fits_more_slots():
+    """Sequences expected to hold 600 of their 2,048 positions: more slots than at full capacity, and
+    still the pages for one whole sequence."""
+    full = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=100000)
+    shared = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=100000, mean_positions=600)
+    assert shared.slots > 2 * full.slots
+    assert shared.pages >= shared.slots * -(-600 // PAGE) and shared.pages >= 2048 // PAGE
+    assert shared.bytes <= (40 << 30) - HEADROOM
+
+
+def test_plan_respects_the_cap_and_the_engine_config():
+    plan = plan_memory(TINY, free_bytes=8 << 30, capacity=64, wanted_slots=5)
+    assert plan.slots == 5 and plan.max_step_tokens >= 5
+    config = EngineConfig(prefill_tokens=100, prefill_chunk=16)
+    plan = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64, config=config)
+    assert plan.max_chunk == 16 and plan.max_step_tokens == 64 + 100
+
+
+def test_counts_are_the_allocated_shapes():
+    """The step buffers' count is their shapes' bytes, the MoE workspace's included; the KV cache's is
+    linear in pages with page_bytes a page; the model's is its parts."""
+    cfg = GPT_OSS_20B
+    own = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype, _ in StepBuffers.shapes(cfg, 300, 70).values())
+    assert own > 300 * cfg.hidden_size * (4 + 2 + 4 + 2) + 70 * cfg.vocab_size * 4
+    assert StepBuffers.nbytes(cfg, 300, 70) > own  # + the router partials and expert rows
+    assert StepBuffers.nbytes(cfg, 600, 70) - StepBuffers.nbytes(cfg, 300, 70) >= 300 * 32 * cfg.num_experts * 4
+    a, b = (KVCache.nbytes(cfg, 9, 2048, 256, pages) for pages in (10, 11))
+    assert b - a == KVCache.page_bytes(cfg) == 12 * PAGE * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    tokens, rows = GPUModel.step_sizes(8, 100)
+    assert (tokens, rows) == (100, 8)
+    assert GPUModel.nbytes(cfg, 8, 2048, 100, 256, 50) > KVCache.nbytes(cfg, 9, 2048, 256, 50) + \
+        StepBuffers.nbytes(cfg, 100, 8)
