@@ -148,9 +148,13 @@ def _main(argv) -> int:
     except FileNotFoundError as e:
         fail(str(e))
     if args.mode == "getp":  # every file checked before the model loads
-        from gptoss.getp import check_getp_args
+        from gptoss.getp import GetpOptions, check_getp_options
 
-        check_getp_args(args, model_path)
+        options = GetpOptions(input=args.input, output=args.output, input_format=args.input_format,
+                              reasoning=args.reasoning, system=args.system, tokenizer=args.tokenizer,
+                              skip_blank=args.skip_blank, skip_long=args.skip_long, resume=args.resume,
+                              force=args.force, json_path=args.json_path, quiet=args.quiet)
+        check_getp_options(options, model_path)
     if args.tokenizer is not None:
         from gptoss.tokenizer import tokenizer_from_option
 
@@ -166,21 +170,26 @@ def _main(argv) -> int:
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 
-    from gptoss.getp import partial_path, run_getp
-    from gptoss.interactive import run_chat, run_generate
-
     if args.mode == "getp":
+        from gptoss.getp import partial_path, run_getp
+
         try:
-            return run_getp(llm, args, sampling)
+            return run_getp(llm, options, sampling)
         except KeyboardInterrupt:
-            kept = partial_path(args.output)
+            kept = partial_path(options.output)
             if not kept.exists():
                 raise
             print(f"\n{PROG}: interrupted; the finished prompts are kept in {kept}: continue with the same "
                   "command and --resume", file=sys.stderr)
             return INTERRUPTED
-    mode = {"generate": run_generate, "chat": run_chat}[args.mode]
-    return mode(llm, args, sampling)
+    from gptoss.interactive import run_chat, run_generate
+
+    if args.mode == "generate":
+        return run_generate(llm, args.prompt, sampling)
+    from gptoss.harmony import ChatOptions
+
+    return run_chat(llm, ChatOptions(reasoning_effort=args.reasoning, instructions=args.system), sampling,
+                    first_message=args.prompt)
 
 
 if __name__ == "__main__":

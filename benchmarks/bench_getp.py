@@ -54,10 +54,8 @@ def main(argv=None) -> int:
     if (code := json_path_error("bench_getp.py", args)) is not None:
         return code
 
-    import argparse as _argparse
-
     from gptoss.config import PRESETS
-    from gptoss.getp import run_getp
+    from gptoss.getp import GetpOptions, run_getp
     from gptoss.llm import LLM
     from gptoss.sampling import SamplingParams
 
@@ -71,11 +69,9 @@ def main(argv=None) -> int:
         prompts = Path(tmp) / "prompts.txt"
         prompt_tokens = write_prompts(prompts, args.prompts, args.min_len, args.max_len, vocab)
         record = Path(tmp) / "record.json"
-        getp_args = _argparse.Namespace(input=str(prompts), output=str(Path(tmp) / "out.txt"), input_format="ids",
-                                        json_path=str(record), skip_blank=False, skip_long=False, resume=False,
-                                        force=False, quiet=False, tokenizer=None, reasoning="medium", system=None,
-                                        steps=args.steps, batch=args.batch)
-        code = run_getp(llm, getp_args, SamplingParams(max_tokens=args.steps, ignore_eos=True))
+        options = GetpOptions(input=str(prompts), output=str(Path(tmp) / "out.txt"), input_format="ids",
+                              json_path=str(record))
+        code = run_getp(llm, options, SamplingParams(max_tokens=args.steps, ignore_eos=True))
         if code:
             return code
         rec = json.loads(record.read_text())

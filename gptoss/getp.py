@@ -4,7 +4,7 @@ Finished prompts are appended to OUTPUT.partial as they complete (one JSON objec
 header that fingerprints the run), so an interrupted run continues with --resume; at the end the
 output is written to a temp file and renamed over OUTPUT, and the partial file is removed.
 
-The files are checked before the model loads (check_getp_args): OUTPUT and the --json file may be
+The files are checked before the model loads (check_getp_options): OUTPUT and the --json file may be
 none of the run's inputs, and replace an existing file only with --force; an OUTPUT.partial holding
 finished prompts is continued with --resume or discarded with --force, never silently. A blank prompt
 line is an error unless --skip-blank (its output line stays empty, like a --skip-long line's).
@@ -29,42 +29,60 @@ class GetpError(GptossError, ValueError):
     """Bad getp input (a prompt line, the partial file, ...); the message is one line."""
 
 
-def getp_inputs(args, model_path=None) -> list:
+@dataclass(frozen=True)
+class GetpOptions:
+    """A getp run's files and input handling (run.py -m getp's flags); how it generates is the
+    SamplingParams beside it, how it batches the LLM's EngineConfig."""
+    input: str | None = None  # one prompt per line (UTF-8)
+    output: str | None = None  # one line of generated token ids per prompt, in input order
+    input_format: str = "chat"  # chat: a user message in the harmony format; text: as written; ids: token ids
+    reasoning: str = "medium"  # chat: the reasoning effort of the system message
+    system: str | None = None  # chat: developer instructions
+    tokenizer: str | None = None  # the tokenizer file named (an input: no output may replace it)
+    skip_blank: bool = False  # a blank line gets an empty output line (else: an error)
+    skip_long: bool = False  # a line too long for the context gets an empty output line (else: an error)
+    resume: bool = False  # continue from OUTPUT.partial
+    force: bool = False  # replace existing outputs (never an input)
+    json_path: str | None = None  # the run's record as JSON
+    quiet: bool = False  # no progress bar
+
+
+def getp_inputs(options: GetpOptions, model_path=None) -> list:
     """The files a getp run reads, which no output may replace: the prompts, the model, the tokenizer
     (named, or the one found beside the model)."""
-    inputs = [args.input]
+    inputs = [options.input]
     if model_path is not None and not str(model_path).startswith("synthetic:"):
         inputs.append(model_path)
-        if args.tokenizer is None:
+        if options.tokenizer is None:
             from .tokenizer import find_vocabulary
             try:
                 inputs.append(find_vocabulary(model_path))
             except (OSError, ValueError):
                 pass  # no tokenizer beside it: nothing more to protect (loading it later says why)
-    if args.tokenizer is not None:
-        inputs.append(args.tokenizer)
+    if options.tokenizer is not None:
+        inputs.append(options.tokenizer)
     return inputs
 
 
-def check_getp_args(args, model_path=None) -> None:
+def check_getp_options(options: GetpOptions, model_path=None) -> None:
     """Everything about getp's files that can be checked before the model loads (GetpError,
     OutputPathError)."""
-    if not args.input:
+    if not options.input:
         raise GetpError("getp needs an input file: -i prompts.txt")
-    if not args.output:
+    if not options.output:
         raise GetpError("getp needs an output file: -o out.txt")
-    if not Path(args.input).is_file():
-        raise GetpError(f"{args.input}: no such file")
-    blank_lines(args.input, read_prompt_lines(args.input), args.skip_blank)  # not UTF-8, empty, blank lines
-    inputs = getp_inputs(args, model_path)
-    check_output_path(args.output, inputs, force=args.force)
-    partial = partial_path(args.output)
+    if not Path(options.input).is_file():
+        raise GetpError(f"{options.input}: no such file")
+    blank_lines(options.input, read_prompt_lines(options.input), options.skip_blank)  # not UTF-8, empty, blank lines
+    inputs = getp_inputs(options, model_path)
+    check_output_path(options.output, inputs, force=options.force)
+    partial = partial_path(options.output)
     check_output_path(partial, inputs, force=True)
-    existing_partial(partial, args.resume, args.force)
-    if args.json_path:
-        if Path(args.json_path).expanduser().resolve() == Path(args.output).expanduser().resolve():
+    existing_partial(partial, options.resume, options.force)
+    if options.json_path:
+        if Path(options.json_path).expanduser().resolve() == Path(options.output).expanduser().resolve():
             raise GetpError("--json and -o name the same file")
-        check_output_path(args.json_path, inputs + [partial], force=args.force)
+        check_output_path(options.json_path, inputs + [partial], force=options.force)
 
 
 def read_prompt_lines(path: str) -> list[str]:
@@ -102,18 +120,19 @@ def parse_id_line(line: str, number: int, vocab_size: int) -> list[int]:
     return ids
 
 
-def tokenize_prompts(lines: list[str], args, vocab_size: int, tokenizer, skip=frozenset()) -> list[list[int]]:
+def tokenize_prompts(lines: list[str], options: GetpOptions, vocab_size: int, tokenizer,
+                     skip=frozenset()) -> list[list[int]]:
     """The prompt ids of each line ([] for the line numbers (0-based) in `skip`). tokenizer: a Tokenizer,
     or a function that gives one (called only for text lines)."""
-    if args.input_format == "ids":
+    if options.input_format == "ids":
         return [[] if n in skip else parse_id_line(line, n + 1, vocab_size) for n, line in enumerate(lines)]
-    if args.input_format == "text":
+    if options.input_format == "text":
         tok = tokenizer() if callable(tokenizer) else tokenizer
         prompts = [[] if n in skip else tok.encode(line) for n, line in enumerate(lines)]
     else:
         from .harmony import ChatOptions, Message, encode_chat
 
-        options = ChatOptions(reasoning_effort=args.reasoning, instructions=args.system)
+        options = ChatOptions(reasoning_effort=options.reasoning, instructions=options.system)
         prompts = [[] if n in skip else encode_chat([Message("user", line)], options)
                    for n, line in enumerate(lines)]
     too_big = [(n + 1, max(ids)) for n, ids in enumerate(prompts) if ids and max(ids) >= vocab_size]
@@ -289,15 +308,15 @@ class RunningOutputs:
         return ids
 
 
-def run_getp(llm, args, sampling) -> int:
-    """Run every prompt line of args.input through llm's engine (gptoss.llm.LLM), one request per line
-    with the line as the sampler's sequence id, and write args.output (and args.json_path). GetpError
-    for bad input: blank or too long lines (unless --skip-blank / --skip-long), a partial file of
-    another run."""
+def run_getp(llm, options: GetpOptions, sampling) -> int:
+    """Run every prompt line of options.input through llm's engine (gptoss.llm.LLM), one request per line
+    with the line as the sampler's sequence id, each with `sampling` (its max_tokens is -n), and write
+    options.output (and options.json_path). GetpError for bad input: blank or too long lines (unless
+    skip_blank / skip_long), a partial file of another run."""
     cfg, model_path, engine = llm.model_config, llm.model_path, llm.engine
-    lines = read_prompt_lines(args.input)
-    blank = blank_lines(args.input, lines, args.skip_blank)
-    prompts = tokenize_prompts(lines, args, cfg.vocab_size, lambda: llm.tokenizer, skip=blank)
+    lines = read_prompt_lines(options.input)
+    blank = blank_lines(options.input, lines, options.skip_blank)
+    prompts = tokenize_prompts(lines, options, cfg.vocab_size, lambda: llm.tokenizer, skip=blank)
     too_long = set()
     for n, ids in enumerate(prompts):
         if n in blank:
@@ -305,15 +324,15 @@ def run_getp(llm, args, sampling) -> int:
         try:
             check_fits(len(ids), cfg.max_context)
         except ContextError as e:
-            if not args.skip_long:
+            if not options.skip_long:
                 raise GetpError(f"line {n + 1}: {e}. Shorten it, or pass --skip-long to leave its output "
                                 "line empty and run the rest") from None
             print(f"getp: warning: line {n + 1}: {e}; its output line stays empty", file=sys.stderr)
             too_long.add(n)
     skipped = blank | too_long
 
-    partial = PartialResults(args.output, run_fingerprint(sampling, model_path, prompts), len(prompts),
-                             args.resume, args.force)
+    partial = PartialResults(options.output, run_fingerprint(sampling, model_path, prompts), len(prompts),
+                             options.resume, options.force)
     todo = [n for n in range(len(prompts)) if n not in skipped and n not in partial.done]
     outputs: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
     outputs.update(partial.done)
@@ -327,7 +346,7 @@ def run_getp(llm, args, sampling) -> int:
     from .progress import GetpProgress
 
     try:
-        with GetpProgress(total=len(prompts), done=len(prompts) - len(todo), quiet=args.quiet) as bar:
+        with GetpProgress(total=len(prompts), done=len(prompts) - len(todo), quiet=options.quiet) as bar:
             while engine.has_unfinished():  # one engine step: a token (or a stop) for each running prompt
                 step = engine.step()
                 lines = line_of[step.request_id]
@@ -342,7 +361,7 @@ def run_getp(llm, args, sampling) -> int:
     finally:
         partial.close()
     wall = time.perf_counter() - start
-    write_lines(args.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])
+    write_lines(options.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])
     partial.finish()
 
     peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
@@ -351,16 +370,16 @@ def run_getp(llm, args, sampling) -> int:
               "generated_tokens": generated, "wall_seconds": round(wall, 3),
               "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0,
               "peak_gpu_memory_bytes": peak, "backend": llm.device, "model": str(model_path),
-              "steps": args.steps, "batch": args.batch}
+              "steps": sampling.max_tokens, "batch": llm.config.max_seqs}
     record["engine"] = dict(engine.stats)  # where the time went: steps by kind, host vs GPU seconds
     peak_text = f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""
     print(f"getp: {len(prompts)} prompts ({len(todo)} run), {generated} generated tokens in "
-          f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {args.output}",
+          f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {options.output}",
           file=sys.stderr)
     for count, why in ((len(blank), "blank"), (len(too_long), "too long for the context")):
         if count:
             print(f"getp: {count} line{'s' * (count > 1)} skipped as {why}: "
                   f"{'their output lines are' if count > 1 else 'its output line is'} empty", file=sys.stderr)
-    if args.json_path:
-        write_atomically(args.json_path, json.dumps(record, indent=2) + "\n")
+    if options.json_path:
+        write_atomically(options.json_path, json.dumps(record, indent=2) + "\n")
     return 0

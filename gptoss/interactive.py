@@ -42,19 +42,20 @@ def stream_generation(engine, prompt_ids, sampling, on_token, sequence: int = 0)
     return ids, reason, (first - start, end - first)
 
 
-def run_generate(llm, args, sampling) -> int:
-    if args.prompt is None:
+def run_generate(llm, prompt: str | None, sampling) -> int:
+    """Continue `prompt` (text, used as written), streaming the text to stdout."""
+    if prompt is None:
         print("run.py: error: generate needs a prompt: -p \"...\"", file=sys.stderr)
         return 2
     tok = llm.tokenizer
-    prompt_ids = tok.encode(args.prompt)
+    prompt_ids = tok.encode(prompt)
     if prompt_ids and max(prompt_ids) >= llm.model_config.vocab_size:
         print(f"run.py: error: this model's vocabulary has only {llm.model_config.vocab_size} tokens; "
               "text needs the real 201088 (try a model made with --preset tiny-chat)", file=sys.stderr)
         return 2
     stream = StreamDecoder(tok)
     out = sys.stdout
-    out.write(args.prompt)
+    out.write(prompt)
     out.flush()
 
     def show(token):
@@ -118,12 +119,13 @@ CHAT_HELP = ("harmony chat: Ctrl-C stops a reply; Ctrl-C at the prompt, an empty
              "ends the chat.")
 
 
-def run_chat(llm, args, sampling, read_line=input) -> int:
+def run_chat(llm, options, sampling, first_message: str | None = None, read_line=input) -> int:
     """Interactive harmony chat, as llama.cpp's: Ctrl-C during a reply stops the reply and returns to the
     prompt (what the reply said so far stays in the chat); Ctrl-C at the prompt ends the chat with
     status 130; an empty line or end of input ends it with 0. A chat that outgrows the model's context
-    says so and starts afresh from the last message."""
-    from .harmony import ChatOptions, Message, encode_chat
+    says so and starts afresh from the last message. options: harmony.ChatOptions (the system and
+    developer messages); first_message: sent before the first line is read."""
+    from .harmony import Message, encode_chat
     from .tokenizer import CALL, RETURN
 
     context = llm.model_config.max_context
@@ -134,13 +136,11 @@ def run_chat(llm, args, sampling, read_line=input) -> int:
     # a reply ends at <|return|> (its final answer) or <|call|> (a tool call), not at <|endoftext|>
     sampling = replace(sampling, stop_token_ids=() if sampling.ignore_eos else (RETURN, CALL), ignore_eos=True)
 
-    options = ChatOptions(reasoning_effort=args.reasoning, instructions=args.system)
-
     def encode(messages) -> list[int]:
         return encode_chat(messages, options)
 
     history: list = []
-    pending = args.prompt
+    pending = first_message
     print(CHAT_HELP, file=sys.stderr)
     turn = 0
     while True:

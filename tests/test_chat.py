@@ -2,7 +2,6 @@
 the chat (130); a chat that outgrows the context starts afresh instead of ending. The model runner is
 scripted (its replies are token ids of real harmony text); the engine, the tokenizer and the chat loop
 are real."""
-import argparse
 import dataclasses
 import os
 import signal
@@ -76,8 +75,9 @@ def scripted_llm(tok, reply, **kw):
 
 
 def chat_args(**kw):
-    base = dict(prompt=None, tokenizer=None, reasoning="medium", system=None, steps=64, ignore_eos=False)
-    return argparse.Namespace(**{**base, **kw})
+    from gptoss.harmony import ChatOptions
+
+    return ChatOptions(**kw)
 
 
 def scripted_input(lines):
@@ -135,7 +135,7 @@ def test_a_reply_shows_by_channel_and_only_its_final_answer_stays(tok, capsys):
     reply = ("<|channel|>analysis<|message|>Rayleigh.<|end|> stray<|start|>assistant<|channel|>final<|message|>"
              "Blue.<|return|>")
     llm = scripted_llm(tok, reply)
-    assert run_chat(llm, chat_args(reasoning="high"), SamplingParams(max_tokens=64),
+    assert run_chat(llm, chat_args(reasoning_effort="high"), SamplingParams(max_tokens=64),
                     read_line=scripted_input(["Sky?", "Again?", EOFError])) == 0
     out = capsys.readouterr().out
     assert out.count("[analysis] Rayleigh.\nBlue.\n") == 2 and "stray" not in out
