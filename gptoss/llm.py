@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .engine import Engine, EngineConfig
 from .loader import resolve_model_path
 from .sampling import SamplingParams
@@ -124,14 +126,13 @@ class LLM:
         """prompts: a text or a list of token ids, or a list of either; sampling_params: one for all or
         one per prompt (default greedy, 256 tokens). The draws of prompt i use sequence id i, so a
         sampled result does not depend on the other prompts (as getp's input lines)."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and not isinstance(prompts[0], (str, list, tuple))):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]  # one prompt
         prompts = list(prompts)
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else np.asarray(p).tolist() for p in prompts]
         tokens, reasons = self._run(encoded, [p or SamplingParams() for p in params])
         return [RequestOutput(i, p if isinstance(p, str) else None, ids,
                               [CompletionOutput(0, self.tokenizer.decode(out) if detokenize else "", out, reason)])
@@ -159,13 +160,17 @@ class LLM:
                 ids.append(engine.add_request(p, sp, sequence=i))
             index = {rid: i for i, rid in enumerate(ids)}
             tokens, reasons = [[] for _ in prompts], [None] * len(prompts)
-            while engine.has_unfinished():
+            left = len(ids)
+            while left:
                 for ev in engine.step():
-                    i = index[ev.request_id]
+                    i = index.get(ev.request_id)
+                    if i is None:
+                        continue  # another caller's request
                     if ev.token is not None:
                         tokens[i].append(ev.token)
                     if ev.done:
                         reasons[i] = ev.reason
+                        left -= 1
         finally:  # an exception or Ctrl-C: what is left of these requests frees its slot and pages
             for rid in ids:
                 engine.abort(rid)

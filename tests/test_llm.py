@@ -61,6 +61,8 @@ def test_generate_text_stops_and_lengths():
     stop = free.token_ids[2]  # a stop id ends the request there, unemitted
     cut = llm.generate(["Hello there"], SamplingParams(max_tokens=6, stop_token_ids=[stop]))[0]
     assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[:free.token_ids.index(stop)]
+    one = llm.generate(np.asarray(free.prompt_token_ids), SamplingParams(max_tokens=6), detokenize=False)
+    assert len(one) == 1 and one[0].token_ids == free.token_ids and one[0].text == ""
     with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
         llm.generate(["x"], [SamplingParams(), SamplingParams()])
 

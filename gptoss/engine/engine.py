@@ -86,6 +86,7 @@ class Engine:
         if s.waiting and s.idle():
             capacity, slots, mean = s.demand()
             if not s.covers(capacity, slots):  # a cache sized again for what waits
+                s.layout = None  # (the runner drops its cache first: nothing stays bound if allocate fails)
                 s.bind(self.runner.allocate(capacity, slots, mean), slots)
             elif self._interrupted:  # the same cache, every slot and page free again
                 s.bind(s.layout, s.asked_slots)
