@@ -8,7 +8,7 @@ graph.
 
 Expert weights (`w1`, `w2`) may be given as
   - an object with `.format` ("mxfp4" or "bf16") and `.blocks`/`.scales` or `.weight`
-    (gptoss.model.ExpertWeights),
+    (gptoss.gpu_weights.ExpertWeights),
   - a tuple `(blocks, scales)`: MXFP4, blocks uint8 [E, R, C/32, 16], scales uint8 [E, R, C/32],
   - a cupy uint16 array [E, R, C]: bf16 bit patterns,
 for a matrix of R rows (outputs) by C columns (inputs) per expert: w1 is [E, 2I, H], w2 is [E, H, I].
@@ -489,7 +489,7 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
 
     `layer` has router_w (or gate_w) [E, H], router_b (or gate_b) [E], w1 [E, 2I, H] and w2 [E, H, I]
     (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
-    GPU (attributes or dict keys; gptoss.model.LayerWeights works as is). k, limit and alpha come from
+    GPU (attributes or dict keys; gptoss.gpu_weights.LayerWeights works as is). k, limit and alpha come from
     cfg (a ModelConfig) unless given. mark(name), when given, is called after each stage's launches
     (gptoss.model.Profile.mark). bm and kernels as in expert_mlp1. Returns x.
     """

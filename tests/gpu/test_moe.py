@@ -289,7 +289,7 @@ def test_combine_add(T, H, k):
 
 
 class Layer:
-    """Device weights of one MoE layer in the attribute names gptoss.model.LayerWeights uses."""
+    """Device weights of one MoE layer in the attribute names gptoss.gpu_weights.LayerWeights uses."""
 
     def __init__(self, rng, fmt, E, H, I):
         self.W1 = experts_for(rng, fmt, E, 2 * I, H)
