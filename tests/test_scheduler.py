@@ -361,6 +361,7 @@ def test_bad_requests_are_refused_before_they_run():
     from gptoss.errors import ContextError
 
     engine = Engine(StandInRunner(2, 64, 8, 16, max_context=64))
+    assert len(engine.step()) == 0  # nothing added yet: an empty step
     with pytest.raises(ContextError, match="empty"):
         engine.add_request([])
     with pytest.raises(ContextError, match="context is 64"):

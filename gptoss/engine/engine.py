@@ -92,6 +92,8 @@ class Engine:
                 s.bind(s.layout, s.asked_slots)
             self._interrupted = False
             self._clock = time.perf_counter()  # idle time is not the host's scheduling time
+        if s.state is None:  # nothing was ever added
+            return StepTokens.empty()
         self._interrupted = True  # until the step is through
         step = s.schedule()
         if step is None:

@@ -82,10 +82,12 @@ class GPUModelRunner:
                 f"({gib(weight_bytes(weights))}); raise --gpu-memory")
         with _out_of_memory_as_error("the weights"):
             self.weights = DeviceWeights(weights, progress=progress)
-        from ..kernels import compile_all
+        from ..kernels import KernelOptions, compile_all
 
+        # the kernel choices, decided once here (GPTOSS_WGMMA read now, not per launch)
+        self.kernels = (config.kernels if config.kernels is not None else KernelOptions.from_env()).resolve()
         t0 = time.perf_counter()
-        compile_all()  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
+        compile_all(self.kernels)  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
         if progress and time.perf_counter() - t0 > 2:
             print(f"compiled the GPU kernels in {time.perf_counter() - t0:.0f} s (cached for later runs)",
                   file=sys.stderr)
@@ -112,10 +114,9 @@ class GPUModelRunner:
                 raise ValueError(f"num_pages={self.config.num_pages} cannot hold one sequence of {capacity} "
                                  f"positions ({pages_per_slot(capacity)} pages)")
             pages = min(pages, self.config.num_pages)
-        kernels = {} if self.config.kernels is None else {"kernels": self.config.kernels}
         with _out_of_memory_as_error("the KV cache and step buffers"):
             self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
-                                  pages=pages, **kernels)
+                                  pages=pages, kernels=self.kernels)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens, plan.max_chunk)
 
     def step(self, batch: StepBatch) -> np.ndarray:
