@@ -56,7 +56,7 @@ class Engine:
         params = params or SamplingParams()
         cfg = self.runner.model_config
         ids = np.asarray(prompt_ids)
-        if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
+        if ids.ndim != 1 or (len(ids) and ids.dtype.kind not in "iu"):
             raise ValueError("prompt_ids must be a flat list of token ids")
         check_fits(len(ids), cfg.max_context)
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
