@@ -1,4 +1,5 @@
-"""getp: one generation per line of a prompt file, written in input order, atomically, resumable.
+"""getp, the batch mode (the name of the original run.cpp's mode for it): one generation per line of a
+prompt file, written in input order, atomically, resumable.
 
 Finished prompts are appended to OUTPUT.partial as they complete (one JSON object per line, after a
 header that fingerprints the run), so an interrupted run continues with --resume; at the end the
