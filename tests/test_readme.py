@@ -1,5 +1,6 @@
 """README's two commands are what CI runs, and what they need is in the repository."""
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -11,8 +12,16 @@ def bash_blocks():
 
 
 def project_files():
+    """The project's own text files: what git tracks or would add (ignored files, e.g. a user's models or a
+    base tree for benchmarks/compare_trees.sh, are not the project's); every file where git is missing."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+        paths = [ROOT / rel for rel in listed if rel]
+    except (OSError, subprocess.CalledProcessError):
+        paths = ROOT.rglob("*")
     skip = {".git", ".cache", "__pycache__", "build", "dist", "models", ".pytest_cache"}
-    for path in ROOT.rglob("*"):
+    for path in paths:
         rel = path.relative_to(ROOT)
         if path.is_file() and not skip & set(rel.parts) and path.suffix in TEXT_SUFFIXES \
                 and path.stat().st_size < 1 << 20:
