@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", default=None,
                    help="getp: also write the run's figures (prompts, tokens, time, tokens/s, peak "
                         "GPU memory) as JSON to this path (an existing file needs --force)")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="N",
+                   help="getp: N engine replicas, each in its own process with its own weights and KV "
+                        "cache, fed longest prompt first from one queue; output identical to one "
+                        "replica (default: one per GPU of --gpus; 1 on the CPU)")
+    p.add_argument("--gpus", default=None, metavar="LIST",
+                   help="getp: the GPUs to run on, e.g. 0,2,3 or 0-3 (default: every visible GPU); "
+                        "replica r runs on the r-th GPU of the list, round robin")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto = the GPU when CuPy can use one, else the CPU reference (default auto); "
                         "one line on stderr says which runs, and why not the GPU")
@@ -98,6 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the device line, warnings and errors still print)")
     return p
+
+
+def getp_gpus(args, device: str) -> tuple:
+    """The GPUs of a getp run: --gpus, else every visible GPU; () on the CPU."""
+    from gptoss.parallel.data import parse_gpus, visible_gpus
+
+    if device != "gpu":
+        if args.gpus:
+            fail("--gpus needs the GPU (this run is on the CPU reference)")
+        return ()
+    visible = visible_gpus()
+    if args.gpus is None:
+        return visible
+    try:
+        gpus = parse_gpus(args.gpus)
+    except ValueError as e:
+        fail(str(e))
+    missing = [g for g in gpus if g not in visible]
+    if missing:
+        fail(f"--gpus {args.gpus}: there is no GPU {missing[0]} (GPUs visible: {len(visible)})")
+    return gpus
+
+
+def run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory) -> int:
+    from gptoss.getp import partial_path
+    from gptoss.parallel.data import DataParallelOptions, run_getp_parallel
+
+    dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tokenizer=args.tokenizer,
+                             max_seqs=args.batch, memory_limit=memory)
+    print(f"getp: {replicas} replicas ({', '.join(dp.name(r) for r in range(replicas))})", file=sys.stderr)
+    try:
+        return run_getp_parallel(model_path, options, dp, sampling)
+    except KeyboardInterrupt:
+        kept = partial_path(options.output)
+        if not kept.exists():
+            raise
+        print(f"\n{PROG}: interrupted; the finished prompts are kept in {kept}: continue with the same "
+              "command and --resume", file=sys.stderr)
+        return INTERRUPTED
 
 
 class Failure(Exception):
@@ -135,11 +181,14 @@ def _main(argv) -> int:
         fail(str(e))
     if args.batch is not None and args.batch < 1:
         fail(f"-b must be at least 1 (got {args.batch})")
+    if args.data_parallel is not None and args.data_parallel < 1:
+        fail(f"--data-parallel must be at least 1 (got {args.data_parallel})")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         fail(f"--gpu-memory must be positive (got {args.gpu_memory})")
     if args.mode != "getp":
         for flag, given in (("-i", args.input), ("-o", args.output), ("--json", args.json_path),
-                            ("--resume", args.resume)):
+                            ("--resume", args.resume), ("--data-parallel", args.data_parallel),
+                            ("--gpus", args.gpus)):
             if given:
                 fail(f"{flag} is for -m getp ({args.mode} writes to standard output)")
 
@@ -162,9 +211,18 @@ def _main(argv) -> int:
     device, line = choose_device(args.device)  # (DeviceError: --device gpu without a usable GPU)
     print(line, file=sys.stderr)
 
+    memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
+    if args.mode == "getp":
+        gpus = getp_gpus(args, device)
+        replicas = args.data_parallel or (len(gpus) if gpus else 1)
+        if replicas > 1:
+            return run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory)
+        if gpus and gpus[0] != 0:
+            import cupy
+
+            cupy.cuda.Device(gpus[0]).use()
     from gptoss.llm import LLM
 
-    memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
     try:  # (CheckpointError, ModelTooLargeError: GptossErrors, said in one line by main)
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory)
     except ValueError as e:  # an unknown synthetic:PRESET

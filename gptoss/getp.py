@@ -309,15 +309,31 @@ class RunningOutputs:
         return ids
 
 
-def run_getp(llm, options: GetpOptions, sampling) -> int:
-    """Run every prompt line of options.input through llm's engine (gptoss.llm.LLM), one request per line
-    with the line as the sampler's sequence id, each with `sampling` (its max_tokens is -n), and write
-    options.output (and options.json_path). GetpError for bad input: blank or too long lines (unless
-    skip_blank / skip_long), a partial file of another run."""
-    cfg, model_path, engine = llm.model_config, llm.model_path, llm.engine
+@dataclass
+class GetpPlan:
+    """A getp run, ready to generate: the prompts (ids per input line), the lines skipped (blank or too
+    long; their output lines stay empty), the partial file (its finished prompts kept), and the lines
+    still to run."""
+    prompts: list[list[int]]
+    blank: set[int]
+    too_long: set[int]
+    partial: PartialResults
+    todo: list[int]
+    outputs: dict[int, list[int]]  # line -> generated ids (finished, skipped: [])
+
+    @property
+    def skipped(self) -> set[int]:
+        return self.blank | self.too_long
+
+
+def plan_getp(cfg, model_path, tokenizer, options: GetpOptions, sampling) -> GetpPlan:
+    """Read and tokenize options.input for a model of config `cfg` (tokenizer: a Tokenizer or a function
+    that gives one), check each prompt fits the context, and open OUTPUT.partial (continuing it with
+    --resume). GetpError for blank or too long lines (unless skip_blank / skip_long), a partial file of
+    another run."""
     lines = read_prompt_lines(options.input)
     blank = blank_lines(options.input, lines, options.skip_blank)
-    prompts = tokenize_prompts(lines, options, cfg.vocab_size, lambda: llm.tokenizer, skip=blank)
+    prompts = tokenize_prompts(lines, options, cfg.vocab_size, tokenizer, skip=blank)
     too_long = set()
     for n, ids in enumerate(prompts):
         if n in blank:
@@ -331,12 +347,46 @@ def run_getp(llm, options: GetpOptions, sampling) -> int:
             print(f"getp: warning: line {n + 1}: {e}; its output line stays empty", file=sys.stderr)
             too_long.add(n)
     skipped = blank | too_long
-
     partial = PartialResults(options.output, run_fingerprint(sampling, model_path, prompts), len(prompts),
                              options.resume, options.force)
     todo = [n for n in range(len(prompts)) if n not in skipped and n not in partial.done]
     outputs: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
     outputs.update(partial.done)
+    return GetpPlan(prompts, blank, too_long, partial, todo, outputs)
+
+
+def finish_getp(plan: GetpPlan, options: GetpOptions, record: dict, peak=None) -> None:
+    """Write OUTPUT (atomically, in input order), remove the partial file, print the run's line and
+    write the --json record (`record`: the run's own figures: generated_tokens, wall_seconds (not
+    rounded), backend, ...)."""
+    n_prompts = len(plan.prompts)
+    write_lines(options.output, [" ".join(map(str, plan.outputs[n])) for n in range(n_prompts)])
+    plan.partial.finish()
+    generated, wall = record["generated_tokens"], record["wall_seconds"]
+    record = {"prompts": n_prompts, "prompts_run": len(plan.todo), "skipped": len(plan.skipped),
+              "skipped_blank": len(plan.blank), "skipped_long": len(plan.too_long),
+              "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0,
+              "peak_gpu_memory_bytes": peak, **record, "wall_seconds": round(wall, 3)}
+    peak_text = f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""
+    print(f"getp: {n_prompts} prompts ({len(plan.todo)} run), {generated} generated tokens in "
+          f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {options.output}",
+          file=sys.stderr)
+    for count, why in ((len(plan.blank), "blank"), (len(plan.too_long), "too long for the context")):
+        if count:
+            print(f"getp: {count} line{'s' * (count > 1)} skipped as {why}: "
+                  f"{'their output lines are' if count > 1 else 'its output line is'} empty", file=sys.stderr)
+    if options.json_path:
+        write_atomically(options.json_path, json.dumps(record, indent=2) + "\n")
+
+
+def run_getp(llm, options: GetpOptions, sampling) -> int:
+    """Run every prompt line of options.input through llm's engine (gptoss.llm.LLM), one request per line
+    with the line as the sampler's sequence id, each with `sampling` (its max_tokens is -n), and write
+    options.output (and options.json_path). GetpError for bad input: blank or too long lines (unless
+    skip_blank / skip_long), a partial file of another run."""
+    model_path, engine = llm.model_path, llm.engine
+    plan = plan_getp(llm.model_config, model_path, lambda: llm.tokenizer, options, sampling)
+    prompts, partial, todo, outputs = plan.prompts, plan.partial, plan.todo, plan.outputs
     running = RunningOutputs(len(prompts), sampling.max_tokens)
     rids = [engine.add_request(prompts[n], sampling, sequence=n) for n in todo]
     line_of = np.full(max(rids, default=-1) + 1, -1, np.int64)  # request id -> its input line
@@ -362,25 +412,9 @@ def run_getp(llm, options: GetpOptions, sampling) -> int:
     finally:
         partial.close()
     wall = time.perf_counter() - start
-    write_lines(options.output, [" ".join(map(str, outputs[n])) for n in range(len(prompts))])
-    partial.finish()
-
     peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
-    record = {"prompts": len(prompts), "prompts_run": len(todo), "skipped": len(skipped),
-              "skipped_blank": len(blank), "skipped_long": len(too_long),
-              "generated_tokens": generated, "wall_seconds": round(wall, 3),
-              "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0,
-              "peak_gpu_memory_bytes": peak, "backend": llm.device, "model": str(model_path),
-              "steps": sampling.max_tokens, "batch": llm.config.max_seqs}
-    record["engine"] = dict(engine.stats)  # where the time went: steps by kind, host vs GPU seconds
-    peak_text = f", peak GPU memory {peak / 2**30:.1f} GiB" if peak else ""
-    print(f"getp: {len(prompts)} prompts ({len(todo)} run), {generated} generated tokens in "
-          f"{wall:.2f} s: {record['tokens_per_second']:.1f} tokens/s{peak_text} -> {options.output}",
-          file=sys.stderr)
-    for count, why in ((len(blank), "blank"), (len(too_long), "too long for the context")):
-        if count:
-            print(f"getp: {count} line{'s' * (count > 1)} skipped as {why}: "
-                  f"{'their output lines are' if count > 1 else 'its output line is'} empty", file=sys.stderr)
-    if options.json_path:
-        write_atomically(options.json_path, json.dumps(record, indent=2) + "\n")
+    record = {"generated_tokens": generated, "wall_seconds": wall, "backend": llm.device,
+              "model": str(model_path), "steps": sampling.max_tokens, "batch": llm.config.max_seqs,
+              "engine": dict(engine.stats)}  # where the time went: steps by kind, host vs GPU seconds
+    finish_getp(plan, options, record, peak)
     return 0

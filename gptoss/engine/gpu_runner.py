@@ -74,7 +74,7 @@ class GPUModelRunner:
 
         self.config = config = config or EngineConfig()
         self.model_config: ModelConfig = weights.config
-        self.device_name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        self.device_name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"].decode()
         self.name = f"gpu ({self.device_name})"
         if config.memory_limit is not None and weight_bytes(weights) + HEADROOM >= config.memory_limit:
             raise ModelTooLargeError(

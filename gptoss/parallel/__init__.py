@@ -1,0 +1,1 @@
+"""Running one getp over several engines: data parallel replicas (data.py)."""

@@ -1,0 +1,258 @@
+"""Data parallel getp: N engine replicas, one worker process each, fed from one queue.
+
+    run.py MODEL -m getp -i prompts.txt -o out.txt --data-parallel 3 --device cpu   # 3 CPU workers
+    run.py MODEL -m getp -i prompts.txt -o out.txt --gpus 0,2,3                     # one replica per GPU
+
+The parent process reads and tokenizes the prompts, opens OUTPUT.partial (the single-process format
+and fingerprint, so either kind of run resumes the other), and puts the prompts still to run on one
+queue, longest first, so that the replicas finish together. Each worker (a `spawn`ed process) builds its
+own LLM (its weights copy and KV cache; on a GPU, after making its GPU CuPy's current device), takes
+prompts from the queue while it has free slots, and sends each finished prompt back. A prompt's draws
+use its input line as the sampler's sequence id, and a prompt's tokens never depend on its batch, so
+the output is byte-identical to one worker's, greedy or sampled.
+
+The parent appends finished prompts to OUTPUT.partial, drives the one progress bar, and writes OUTPUT
+atomically in input order. A worker that raises, or dies, stops the run with a ReplicaError naming the
+replica (and its GPU); what finished before stays in OUTPUT.partial for --resume.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import GptossError
+
+# Test hook: "L" makes the replica that finishes input line L (0-based) send it, then exit abruptly;
+# "L:raise" makes it raise instead.
+CRASH_ENV = "GPTOSS_TEST_REPLICA_EXIT"
+# Prompts a GPU worker holds at once when -b is not given (its engine batches as many as its cache holds).
+GPU_INFLIGHT = 256
+
+
+class ReplicaError(GptossError, RuntimeError):
+    """A replica failed (an exception, a killed process); the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class DataParallelOptions:
+    """replicas: engine replicas, one worker process each. device: "cpu" (the NumPy reference) or "gpu".
+    gpus: the GPUs (gpu only); replica r runs on gpus[r % len(gpus)]. The rest is each replica's
+    LLM: tokenizer file, max_seqs (run.py -b), memory_limit (--gpu-memory, per replica)."""
+    replicas: int = 1
+    device: str = "cpu"
+    gpus: tuple[int, ...] = ()
+    tokenizer: str | None = None
+    max_seqs: int | None = None
+    memory_limit: int | None = None
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise ValueError(f"the number of replicas must be at least 1 (got {self.replicas})")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be cpu or gpu (got {self.device!r})")
+        if self.device == "gpu" and not self.gpus:
+            raise ValueError("a GPU run needs at least one GPU")
+
+    def gpu_of(self, replica: int) -> int | None:
+        return self.gpus[replica % len(self.gpus)] if self.device == "gpu" else None
+
+    def name(self, replica: int) -> str:
+        gpu = self.gpu_of(replica)
+        return f"replica {replica} ({'CPU worker' if gpu is None else f'GPU {gpu}'})"
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """`0,2,3` or `0-3` (or a mix: `0-1,4`) -> the GPU ids, in order, each once; ValueError if bad."""
+    gpus: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            ids = range(int(lo), int(hi) + 1) if dash else [int(lo)]
+        except ValueError:
+            raise ValueError(f"--gpus {text}: expected GPU numbers such as 0,2,3 or 0-3") from None
+        for g in ids:
+            if g < 0:
+                raise ValueError(f"--gpus {text}: GPU numbers start at 0")
+            if g in gpus:
+                raise ValueError(f"--gpus {text}: GPU {g} is named twice")
+            gpus.append(g)
+    if not gpus:
+        raise ValueError(f"--gpus {text}: no GPU named")
+    return tuple(gpus)
+
+
+def visible_gpus() -> tuple[int, ...]:
+    """Every GPU CuPy sees (CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES apply)."""
+    import cupy
+
+    return tuple(range(cupy.cuda.runtime.getDeviceCount()))
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """What one worker process needs to build its replica (pickled to it)."""
+    replica: int
+    gpu: int | None
+    model_path: object
+    device: str
+    tokenizer: str | None
+    max_seqs: int | None
+    memory_limit: int | None
+    sampling: object  # SamplingParams
+
+
+def _work(w: _Worker, tasks, results) -> None:
+    """A worker process: build the replica, then take (line, prompt ids) tasks until a None, sending
+    ("done", replica, line, ids) per finished prompt and ("finished", replica, figures) at the end, or
+    ("failed", replica, one line) when anything raises."""
+    try:
+        if w.gpu is not None:
+            import cupy
+
+            cupy.cuda.Device(w.gpu).use()  # before the LLM: its weights, cache and kernels go there
+        from ..llm import LLM
+
+        llm = LLM(w.model_path, w.device, tokenizer=w.tokenizer, progress=False, max_seqs=w.max_seqs,
+                  memory_limit=w.memory_limit)
+        engine = llm.engine
+        want = w.max_seqs or (1 if w.device == "cpu" else GPU_INFLIGHT)
+        crash_line, _, crash_how = os.environ.get(CRASH_ENV, "-1").partition(":")
+        crash_line = int(crash_line)
+        line_of: dict[int, int] = {}  # request id -> input line
+        tokens: dict[int, list[int]] = {}
+        sent = generated = 0
+        busy = 0.0
+        no_more = False
+        while True:
+            while len(line_of) < want and not no_more:  # blocks only when this replica has nothing to do
+                try:
+                    task = tasks.get(block=not line_of)
+                except queue.Empty:
+                    break
+                if task is None:
+                    no_more = True
+                    break
+                line, ids = task
+                rid = engine.add_request(ids, w.sampling, sequence=line)
+                line_of[rid], tokens[rid] = line, []
+            if not line_of:
+                break
+            t0 = time.perf_counter()
+            step = engine.step()
+            busy += time.perf_counter() - t0
+            for rid, tok, done in zip(step.request_id.tolist(), step.token.tolist(), step.done.tolist()):
+                if tok >= 0:
+                    tokens[rid].append(tok)
+                    generated += 1
+                if done:
+                    line = line_of.pop(rid)
+                    results.put(("done", w.replica, line, tokens.pop(rid)))
+                    sent += 1
+                    if line == crash_line and crash_how == "raise":
+                        raise RuntimeError(f"{CRASH_ENV}: line {line}")
+                    if line == crash_line:
+                        results.close()
+                        results.join_thread()  # what was sent reaches the parent first
+                        os._exit(3)
+        peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
+        results.put(("finished", w.replica, {"backend": llm.device, "prompts": sent, "generated_tokens": generated,
+                                             "seconds": busy, "peak_gpu_memory_bytes": peak,
+                                             "engine": dict(engine.stats)}))
+    except BaseException as e:  # noqa: BLE001 (Ctrl-C too: the parent says what stopped)
+        text = str(e).strip().splitlines()
+        results.put(("failed", w.replica, f"{type(e).__name__}: {text[0]}" if text else type(e).__name__))
+
+
+def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) -> int:
+    """getp (gptoss.getp.run_getp's files, output and record) over dp.replicas engine replicas in worker
+    processes. GetpError for bad input, ReplicaError when a replica fails."""
+    from ..getp import finish_getp, plan_getp
+    from ..progress import GetpProgress
+    from ..tokenizer import tokenizer_from_option
+    from ..weights import open_weights
+
+    cfg = open_weights(model_path).config
+    local = model_path if isinstance(model_path, Path) else None
+    plan = plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options, sampling)
+    ctx = mp.get_context("spawn")  # a fresh interpreter each: no CUDA context or lock inherited by fork
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for line in sorted(plan.todo, key=lambda n: -len(plan.prompts[n])):  # longest first (stable)
+        tasks.put((line, plan.prompts[line]))
+    for _ in range(dp.replicas):
+        tasks.put(None)
+    workers = [ctx.Process(target=_work, daemon=True, name=f"gptoss-{dp.name(r)}",
+                           args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer, dp.max_seqs,
+                                         dp.memory_limit, sampling), tasks, results))
+               for r in range(dp.replicas)]
+    figures: dict[int, dict] = {}
+    start = time.perf_counter()
+    n = len(plan.prompts)
+    try:
+        with GetpProgress(total=n, done=n - len(plan.todo), quiet=options.quiet) as bar:
+            def take(message) -> None:
+                kind, replica, *rest = message
+                if kind == "done":
+                    line, ids = rest
+                    plan.outputs[line] = ids
+                    plan.partial.add(line, ids)
+                    bar.tokens(len(ids))
+                    bar.prompt_done()
+                elif kind == "finished":
+                    figures[replica] = rest[0]
+                else:
+                    drain()
+                    raise ReplicaError(f"{dp.name(replica)} failed: {rest[0]}")
+
+            def drain() -> None:  # what the others already finished goes to the partial file too
+                while True:
+                    try:
+                        message = results.get(timeout=0.05)
+                    except queue.Empty:
+                        return
+                    if message[0] == "done":
+                        take(message)
+
+            for w in workers:
+                w.start()
+            while len(figures) < len(workers):
+                try:
+                    take(results.get(timeout=0.2))
+                    continue
+                except queue.Empty:
+                    pass
+                dead = [r for r, w in enumerate(workers) if r not in figures and w.exitcode is not None]
+                if dead:
+                    try:  # its last words may still be in the pipe
+                        take(results.get(timeout=0.5))
+                        continue
+                    except queue.Empty:
+                        drain()
+                    raise ReplicaError(f"{dp.name(dead[0])} stopped (exit status {workers[dead[0]].exitcode}) "
+                                       "before finishing its prompts")
+    finally:
+        plan.partial.close()
+        tasks.cancel_join_thread()  # prompts no replica took are dropped, not flushed into a pipe at exit
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+        for w in workers:
+            w.join()
+    wall = time.perf_counter() - start
+    replicas = []
+    for r in range(dp.replicas):
+        f = figures[r]
+        replicas.append({"replica": r, "gpu": dp.gpu_of(r), "backend": f["backend"], "prompts": f["prompts"],
+                         "generated_tokens": f["generated_tokens"], "busy_seconds": round(f["seconds"], 3),
+                         "tokens_per_second": round(f["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
+                         "peak_gpu_memory_bytes": f["peak_gpu_memory_bytes"], "engine": f["engine"]})
+    peaks = [f["peak_gpu_memory_bytes"] for f in figures.values() if f["peak_gpu_memory_bytes"]]
+    record = {"generated_tokens": sum(r["generated_tokens"] for r in replicas), "wall_seconds": wall,
+              "backend": f"{figures[0]['backend']} x{dp.replicas}", "model": str(model_path),
+              "steps": sampling.max_tokens, "batch": dp.max_seqs, "data_parallel": dp.replicas,
+              "replicas": replicas}
+    finish_getp(plan, options, record, max(peaks) if peaks else None)
+    return 0
