@@ -122,3 +122,23 @@ def test_a_worker_that_raises_is_named_and_loses_nothing(model, prompts, tmp_pat
     assert "Traceback" not in err
     assert err.splitlines()[-1].endswith(f"(CPU worker) failed: RuntimeError: {CRASH_ENV}: line {last}")
     assert last in read_partial(partial_path(out)).done and not out.exists()
+
+
+def test_no_more_replicas_than_prompts_left(model, prompts, tmp_path):
+    """Resuming a run with one prompt left starts one worker; with none left, none."""
+    whole, out, record = tmp_path / "whole.txt", tmp_path / "out.txt", tmp_path / "r.json"
+    assert getp(model, prompts, whole, "--data-parallel", 3) == 0
+    from gptoss.getp import run_fingerprint
+    from gptoss.sampling import SamplingParams
+
+    ids = [[int(t) for t in line.split()] for line in prompts.read_text().splitlines()]
+    fp = run_fingerprint(SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), model, ids)
+    done = [[int(t) for t in line.split()] for line in whole.read_text().splitlines()]
+    for left in (1, 0):
+        partial_path(out).write_text("\n".join([json.dumps({"fingerprint": fp})] + [
+            json.dumps({"i": i, "ids": done[i]}) for i in range(left, len(done))]) + "\n")
+        assert getp(model, prompts, out, "--data-parallel", 3, "--resume", "--json", record, "--force") == 0
+        assert out.read_bytes() == whole.read_bytes()
+        rec = json.loads(record.read_text())
+        assert rec["prompts_run"] == left and rec["data_parallel"] == left and len(rec["replicas"]) == left
+        assert rec["generated_tokens"] == 4 * left

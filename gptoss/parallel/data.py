@@ -169,7 +169,7 @@ def _work(w: _Worker, tasks, results) -> None:
 
 def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) -> int:
     """getp (gptoss.getp.run_getp's files, output and record) over dp.replicas engine replicas in worker
-    processes. GetpError for bad input, ReplicaError when a replica fails."""
+    processes (fewer when fewer prompts are left to run). GetpError for bad input, ReplicaError when a replica fails."""
     from ..getp import finish_getp, plan_getp
     from ..progress import GetpProgress
     from ..tokenizer import tokenizer_from_option
@@ -182,12 +182,13 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
     tasks, results = ctx.Queue(), ctx.Queue()
     for line in sorted(plan.todo, key=lambda n: -len(plan.prompts[n])):  # longest first (stable)
         tasks.put((line, plan.prompts[line]))
-    for _ in range(dp.replicas):
+    started = min(dp.replicas, len(plan.todo))  # no more workers than prompts to run
+    for _ in range(started):
         tasks.put(None)
     workers = [ctx.Process(target=_work, daemon=True, name=f"gptoss-{dp.name(r)}",
                            args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer, dp.max_seqs,
                                          dp.memory_limit, sampling), tasks, results))
-               for r in range(dp.replicas)]
+               for r in range(started)]
     figures: dict[int, dict] = {}
     start = time.perf_counter()
     n = len(plan.prompts)
@@ -243,7 +244,7 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
             w.join()
     wall = time.perf_counter() - start
     replicas = []
-    for r in range(dp.replicas):
+    for r in range(started):
         f = figures[r]
         replicas.append({"replica": r, "gpu": dp.gpu_of(r), "backend": f["backend"], "prompts": f["prompts"],
                          "generated_tokens": f["generated_tokens"], "busy_seconds": round(f["seconds"], 3),
@@ -251,8 +252,8 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
                          "peak_gpu_memory_bytes": f["peak_gpu_memory_bytes"], "engine": f["engine"]})
     peaks = [f["peak_gpu_memory_bytes"] for f in figures.values() if f["peak_gpu_memory_bytes"]]
     record = {"generated_tokens": sum(r["generated_tokens"] for r in replicas), "wall_seconds": wall,
-              "backend": f"{figures[0]['backend']} x{dp.replicas}", "model": str(model_path),
-              "steps": sampling.max_tokens, "batch": dp.max_seqs, "data_parallel": dp.replicas,
+              "backend": f"{figures[0]['backend'] if figures else dp.device} x{started}", "model": str(model_path),
+              "steps": sampling.max_tokens, "batch": dp.max_seqs, "data_parallel": started,
               "replicas": replicas}
     finish_getp(plan, options, record, max(peaks) if peaks else None)
     return 0
