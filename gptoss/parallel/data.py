@@ -169,7 +169,8 @@ def _work(w: _Worker, tasks, results) -> None:
 
 def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) -> int:
     """getp (gptoss.getp.run_getp's files, output and record) over dp.replicas engine replicas in worker
-    processes (fewer when fewer prompts are left to run). GetpError for bad input, ReplicaError when a replica fails."""
+    processes (fewer when fewer prompts are left to run). GetpError for bad input, ReplicaError when a
+    replica fails."""
     from ..getp import finish_getp, plan_getp
     from ..progress import GetpProgress
     from ..tokenizer import tokenizer_from_option
