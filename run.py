@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds; 1 on the CPU)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory this run may use in all, weights included, in GiB (default: all "
-                        "that is free); lower it to share the GPU or to size a run for a smaller one (getp --data-parallel: per "
-                        "replica)")
+                        "that is free); lower it to share the GPU or to size a run for a smaller one "
+                        "(getp --data-parallel: per replica)")
     p.add_argument("-i", "--input", help="getp: input file, one prompt per line (UTF-8)")
     p.add_argument("-o", "--output", help="getp: output file, one line of generated token ids per "
                    "prompt, in input order (written atomically at the end; an existing file needs "
