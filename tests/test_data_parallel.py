@@ -142,3 +142,16 @@ def test_no_more_replicas_than_prompts_left(model, prompts, tmp_path):
         rec = json.loads(record.read_text())
         assert rec["prompts_run"] == left and rec["data_parallel"] == left and len(rec["replicas"]) == left
         assert rec["generated_tokens"] == 4 * left
+
+
+def test_the_host_cost_benchmark_runs_every_engine_to_its_end():
+    """benchmarks/sim_data_parallel.py: N engines stepped in turn from one process each finish all
+    their prompts (every prompt its -n tokens), every step counted once."""
+    from benchmarks.sim_data_parallel import one_process
+    from gptoss.config import PRESETS
+
+    lengths = np.array([5, 40, 12, 3, 9, 30])
+    for replicas in (1, 3):
+        host, modeled, steps, generated = one_process(PRESETS["gpt-oss-20b"], lengths, 3, 126.0, replicas)
+        assert generated == 3 * len(lengths)
+        assert steps >= 3 * replicas and modeled >= host > 0
