@@ -4,6 +4,7 @@
   python run.py model.bin -m generate -p "Once upon a time"
   python run.py model.bin -m chat
   python run.py model.bin -m getp -i prompts.txt -o out.txt
+  python run.py model.bin -m serve --port 8000
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptoss.cli import INTERRUPTED, error, run_main  # noqa: E402
 
 PROG = "run.py"
-MODES = ("generate", "chat", "getp")
+MODES = ("generate", "chat", "getp", "serve")
+SERVE_SLOTS = 64  # serve: sequences at once unless -b says
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
                "  python run.py model.bin -m generate -p \"Why is the sky blue?\" -n 128\n"
                "  python run.py model.bin -m chat -y \"Answer in one sentence.\"\n"
                "  python run.py model.bin -m getp -i prompts.txt -o out.txt -n 512\n"
+               "  python run.py model.bin -m serve --port 8000\n"
                "  python decode.py -i out.txt -o out.txt.decoded\n\n"
                "exit status: 0 success, 2 bad usage or input (one line: run.py: error: ...), 130 "
                "interrupted (chat: Ctrl-C stops a reply; Ctrl-C at the prompt ends the chat)")
     p.add_argument("model", nargs="?", help="model .bin file or Hugging Face checkpoint directory")
     p.add_argument("-m", "--mode", choices=MODES, default="generate",
                    help="generate: continue a prompt; chat: interactive harmony chat; "
-                        "getp: one generation per line of an input file (default: generate)")
+                        "getp: one generation per line of an input file; serve: an OpenAI-compatible "
+                        "HTTP server (default: generate)")
     p.add_argument("-p", "--prompt", default=None,
                    help="generate: the prompt, used as written (no chat template); "
                         "chat: a first user message (then the chat goes on interactively)")
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default medium)")
     p.add_argument("-b", "--batch", type=int, default=None,
                    help="getp: most sequences in flight at once (default: as many as GPU memory "
-                        "holds; 1 on the CPU)")
+                        "holds; 1 on the CPU); serve: sequences at once, each with the whole context "
+                        "(default 64)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory this run may use in all, weights included, in GiB (default: all "
                         "that is free); lower it to share the GPU or to size a run for a smaller one "
@@ -103,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.bin or o200k_base.tiktoken, or a folder holding one (default: "
                         "$GPTOSS_TOKENIZER, else one next to the model, else the copy shipped in gptoss/data)")
+    p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="serve: the port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="serve: require `Authorization: Bearer KEY` on /v1/ and /metrics (default: "
+                        "$GPTOSS_API_KEY; unset: no key)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the device line, warnings and errors still print)")
     return p
@@ -225,7 +235,8 @@ def _main(argv) -> int:
     from gptoss.llm import LLM
 
     try:  # (CheckpointError, ModelTooLargeError: GptossErrors, said in one line by main)
-        llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory)
+        batch = args.batch or (SERVE_SLOTS if args.mode == "serve" else None)
+        llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory)
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 
@@ -241,6 +252,8 @@ def _main(argv) -> int:
             print(f"\n{PROG}: interrupted; the finished prompts are kept in {kept}: continue with the same "
                   "command and --resume", file=sys.stderr)
             return INTERRUPTED
+    if args.mode == "serve":
+        return run_serve(llm, args, model_path)
     from gptoss.interactive import run_chat, run_generate
 
     if args.mode == "generate":
@@ -249,6 +262,26 @@ def _main(argv) -> int:
 
     return run_chat(llm, ChatOptions(reasoning_effort=args.reasoning, instructions=args.system), sampling,
                     first_message=args.prompt)
+
+
+def run_serve(llm, args, model_path) -> int:
+    """The OpenAI-compatible server until Ctrl-C or SIGTERM (uvicorn finishes, then the engine thread
+    aborts what is left)."""
+    import os
+
+    import uvicorn
+
+    from gptoss.serve import ServeOptions, build_app
+
+    if not 0 < args.port < 65536:
+        fail(f"--port must be in 1..65535 (got {args.port})")
+    name = Path(str(model_path)).name or str(model_path)
+    options = ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("GPTOSS_API_KEY") or None,
+                           reserve_slots=llm.config.max_seqs)
+    app = build_app(llm.engine, llm.tokenizer, options)
+    print(f"{PROG}: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
 
 
 if __name__ == "__main__":

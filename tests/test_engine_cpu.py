@@ -123,3 +123,26 @@ def test_each_request_samples_with_its_own_params(weights):
     for i, (prompt, params) in enumerate(reqs):
         assert crowd[i] == alone(weights, prompt, params, sequence=i)
     assert len({tuple(t) for t in crowd}) == len(crowd)
+
+
+def test_a_reserved_cache_lets_a_request_join_at_once(weights):
+    """Without reserve, a request that arrives while one runs waits for the engine to go idle (the cache
+    was sized for the first alone); after reserve(context, slots) it is admitted at the next step."""
+    params = SamplingParams(max_tokens=10)
+    a, b = prompts(4, 2)
+    for reserved in (False, True):
+        engine = Engine(CPUModelRunner(weights, EngineConfig(max_seqs=4)))
+        if reserved:
+            engine.reserve(TINY.max_context, 4)
+        first = engine.add_request(a, params)
+        engine.step()
+        second = engine.add_request(b, params)
+        seen = {ev.request_id for ev in engine.step()}
+        assert (second in seen) == reserved and first in seen
+        while engine.has_unfinished():
+            engine.step()
+        if reserved:
+            assert engine.scheduler.layout.slots == 4  # the demand of both (2 slots) did not resize it
+    with pytest.raises(RuntimeError, match="only be reserved while no request is held"):
+        engine.add_request(a, params)
+        engine.reserve(TINY.max_context, 4)

@@ -79,6 +79,19 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reserve(self, capacity: int, slots: int) -> None:
+        """Size the KV cache now for up to `slots` sequences of up to `capacity` positions (only while
+        idle), so that requests arriving while others run join them instead of waiting for the engine to
+        go idle and size it again (the server reserves the whole context for EngineConfig.max_seqs)."""
+        s = self.scheduler
+        if not s.idle() or s.waiting:
+            raise RuntimeError("the KV cache can only be reserved while no request is held")
+        if capacity < 1 or slots < 1:
+            raise ValueError(f"capacity and slots must be at least 1 (got {capacity} and {slots})")
+        s.layout = None
+        s.bind(self.runner.allocate(capacity, slots, capacity // 2 + 1), slots)
+        self._interrupted = False
+
     def step(self) -> StepTokens:
         """Run one step: every running sequence's next token (iterate the result for TokenEvents, or
         read its arrays). Empty when nothing is waiting or running."""

@@ -1,0 +1,10 @@
+"""An OpenAI-compatible HTTP server over one Engine (run.py -m serve):
+
+  protocol.py  the request and response bodies in OpenAI's wire format (pydantic models)
+  loop.py      EngineLoop: the thread that steps the Engine and hands each request its tokens
+  app.py       the FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics
+"""
+from .app import ServeOptions, build_app
+from .loop import EngineLoop
+
+__all__ = ["EngineLoop", "ServeOptions", "build_app"]

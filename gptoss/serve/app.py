@@ -1,0 +1,469 @@
+"""The FastAPI app: OpenAI's endpoints over one EngineLoop.
+
+  GET  /health                 200 while the engine thread runs
+  GET  /v1/models              the one model
+  POST /v1/chat/completions    messages rendered to harmony; the reply's analysis channel comes back as
+                               `reasoning_content`, its final channel as `content`, its calls to
+                               functions.NAME as `tool_calls`; streamed as server-sent events or whole
+  POST /v1/completions         a raw prompt (text or token ids) continued as written
+  GET  /metrics                Prometheus text: requests, tokens, slots, time to first token
+
+Every error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}. A client that
+goes away aborts its request, which frees its slot and pages before the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import harmony
+from ..engine import Engine
+from ..sampling import SamplingParams
+from ..tokenizer import StreamDecoder
+from .loop import EngineFailure, EngineLoop
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """model_name: the id /v1/models lists. api_key: required as `Authorization: Bearer KEY` on /v1/
+    and /metrics (None: open). max_body_bytes: larger request bodies answer 413. max_pending: requests
+    held at once (running or waiting); more answer 503 with Retry-After. reserve_slots: size the KV cache
+    for this many sequences of the whole context when the server starts (None: the engine sizes it as
+    requests come)."""
+
+    model_name: str = "gpt-oss"
+    api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+    max_pending: int = 1024
+    reserve_slots: int | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type_: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                   headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes answers 413 before it is read in full."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_response(413, f"the request body is larger than {self.limit} bytes",
+                                 code="request_too_large")
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooBig()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooBig:
+            await too_big(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chat messages to harmony, and the reply back.
+
+def chat_options(req: ChatCompletionRequest) -> harmony.ChatOptions:
+    """OpenAI's system and developer messages become the developer message's instructions; the tools
+    its function list; reasoning_effort goes into the system message."""
+    instructions = "\n\n".join(m.text() for m in req.messages if m.role in ("system", "developer") and m.text())
+    tools = () if req.tool_choice == "none" else tuple(
+        harmony.Tool(t.function.name, t.function.description, t.function.parameters) for t in req.tools or ())
+    return harmony.ChatOptions(reasoning_effort=req.reasoning_effort or "medium", instructions=instructions or None,
+                               tools=tools)
+
+
+def harmony_messages(messages: list[ChatMessage]) -> list[harmony.Message]:
+    out, tool_names = [], {}
+    for i, m in enumerate(messages):
+        if m.role in ("system", "developer"):
+            continue  # (chat_options)
+        if m.role == "user":
+            out.append(harmony.Message("user", m.text()))
+        elif m.role == "assistant":
+            if m.reasoning_content:
+                out.append(harmony.Message("assistant", m.reasoning_content, channel="analysis"))
+            if m.text():
+                out.append(harmony.Message("assistant", m.text(), channel="final" if not m.tool_calls else "commentary"))
+            for call in m.tool_calls or ():
+                tool_names[call.id] = call.function.name
+                out.append(harmony.Message("assistant", call.function.arguments, channel="commentary",
+                                           recipient=f"functions.{call.function.name}",
+                                           content_type="<|constrain|>json"))
+        else:  # a tool's result
+            name = tool_names.get(m.tool_call_id or "") or m.name
+            if not name:
+                raise ApiError(400, f"messages[{i}]: a tool message needs the tool_call_id of an earlier "
+                                    "assistant tool call (or the tool's name)", param=f"messages[{i}]")
+            out.append(harmony.Message("tool", m.text(), name=f"functions.{name}"))
+    return out
+
+
+def route(channel: str | None, recipient: str | None) -> str:
+    """Where a reply message goes: "reasoning" (analysis), "tool" (a call to functions.NAME), "content"
+    (the final answer, commentary for the user, text without a readable header) or "drop" (a call to a
+    tool that is not a function)."""
+    if recipient:
+        return "tool" if recipient.startswith("functions.") else "drop"
+    return "reasoning" if channel == "analysis" else "content"
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ChatStream:
+    """Generated ids in, OpenAI chat deltas out (dicts for choices[0].delta)."""
+
+    def __init__(self):
+        self.parser = harmony.StreamParser()
+        self.tools = 0  # tool calls started
+        self.in_tool = False
+
+    def push(self, token: int | None) -> list[dict]:
+        return self._deltas(self.parser.push(token) if token is not None else None)
+
+    def finish(self) -> list[dict]:
+        return self._deltas(self.parser.finish())
+
+    def _deltas(self, d) -> list[dict]:
+        if d is None:
+            return []
+        out = []
+        where = route(d.channel, d.recipient)
+        if where == "tool":
+            if d.started or not self.in_tool:
+                self.in_tool = True
+                self.tools += 1
+                out.append({"tool_calls": [{"index": self.tools - 1, "id": call_id(), "type": "function",
+                                            "function": {"name": d.recipient[len("functions."):],
+                                                         "arguments": ""}}]})
+            if d.text:
+                out.append({"tool_calls": [{"index": self.tools - 1, "function": {"arguments": d.text}}]})
+        elif d.text and where == "reasoning":
+            out.append({"reasoning_content": d.text})
+        elif d.text and where == "content":
+            out.append({"content": d.text})
+        if d.ended:
+            self.in_tool = False
+        return out
+
+
+def chat_reply(ids: list, reason: str) -> tuple[dict, str]:
+    """A whole reply's message (content, reasoning_content, tool_calls) and its finish reason."""
+    reply = harmony.parse_assistant(ids)
+    content, reasoning, calls = [], [], []
+    for m in reply.messages:
+        where = route(m.channel, m.recipient)
+        if where == "tool":
+            calls.append({"id": call_id(), "type": "function",
+                          "function": {"name": m.recipient[len("functions."):], "arguments": m.content}})
+        elif where == "reasoning":
+            reasoning.append(m.content)
+        elif where == "content":
+            content.append(m.content)
+    message = {"role": "assistant", "content": "\n".join(content) if content or not calls else None,
+               "reasoning_content": "\n".join(reasoning) or None}
+    if calls:
+        message["tool_calls"] = calls
+    return message, "tool_calls" if calls else reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# The app.
+
+def sampling_params(req: Sampling, max_tokens: int | None, room: int) -> SamplingParams:
+    """room: new tokens the context leaves after the prompt (the default and the cap of max_tokens)."""
+    return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=1.0 if req.top_p is None else req.top_p,
+                          seed=secrets.randbits(32) if req.seed is None else req.seed,
+                          max_tokens=max(1, min(max_tokens or room, room)), ignore_eos=req.ignore_eos)
+
+
+def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) -> FastAPI:
+    """The app over `engine` (its EngineLoop starts and stops with the app: app.state.loop)."""
+    options = options or ServeOptions()
+    cfg = engine.runner.model_config
+    loop = EngineLoop(engine)
+    pending = {"n": 0}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if options.reserve_slots:
+            engine.reserve(cfg.max_context, options.reserve_slots)
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()
+
+    app = FastAPI(title="gptoss", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.loop = loop
+    app.state.options = options
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
+                                  code="invalid_json")
+        where = ".".join(loc)
+        return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None,
+                              code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
+                              else "server_error")
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    async def check_key(request: Request):
+        if options.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not (header.startswith("Bearer ") and secrets.compare_digest(header[7:].encode(), options.api_key.encode())):
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                           "authentication_error", code="invalid_api_key")
+
+    api = APIRouter(dependencies=[Depends(check_key)])
+
+    @app.get("/health")
+    async def health():
+        alive = loop._thread is not None and loop._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
+                                            "owned_by": "gptoss", "max_model_len": cfg.max_context}]}
+
+    @api.get("/metrics")
+    async def metrics():
+        s, sched = loop.stats, engine.scheduler
+        ttft = s.first_token_seconds
+        lines = [
+            ("gptoss_requests_held", "gauge", "requests the engine holds (running or waiting)", loop.running),
+            ("gptoss_requests_waiting", "gauge", "requests waiting for a slot", len(sched.waiting)),
+            ("gptoss_slots_free", "gauge", "free sequence slots of the KV cache", len(sched.free)),
+            ("gptoss_requests_total", "counter", "requests added", s.requests),
+            ("gptoss_requests_finished_total", "counter", "requests ended by a stop id or their length", s.finished),
+            ("gptoss_requests_aborted_total", "counter", "requests aborted (client gone or shutdown)", s.aborted),
+            ("gptoss_requests_failed_total", "counter", "requests ended by an engine error", s.failed),
+            ("gptoss_prompt_tokens_total", "counter", "prompt tokens of the requests added", s.prompt_tokens),
+            ("gptoss_generation_tokens_total", "counter", "tokens generated", s.generated_tokens),
+            ("gptoss_steps_total", "counter", "engine steps", s.steps),
+            ("gptoss_step_seconds_total", "counter", "seconds spent in engine steps", s.step_seconds),
+            ("gptoss_time_to_first_token_seconds_mean", "gauge", "mean time to first token (latest 1000)",
+             sum(ttft) / len(ttft) if ttft else 0.0),
+        ]
+        text = "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    def check_prompt(ids: list) -> int:
+        """The room the context leaves for new tokens; 400 when the prompt does not fit."""
+        if not ids:
+            raise ApiError(400, "the prompt is empty (it has no tokens)", param="prompt")
+        if len(ids) + 1 > cfg.max_context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {cfg.max_context} "
+                                "(prompt and at least one new token)", param="messages", code="context_length_exceeded")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary (0..{cfg.vocab_size - 1})",
+                           param="prompt")
+        return cfg.max_context - len(ids)
+
+    def check_common(req: Sampling) -> None:
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
+    def admit() -> None:
+        if pending["n"] >= options.max_pending:
+            raise ApiError(503, f"the server holds {pending['n']} requests, its most; retry shortly", "server_error",
+                           code="overloaded", headers={"Retry-After": "1"})
+
+    async def generate(ids: list, params: SamplingParams, request: Request):
+        """Yields (token or None, done, reason) as the engine makes them; aborts the request if the
+        consumer stops early (a client gone) or the client disconnects while nothing comes."""
+        events: asyncio.Queue = asyncio.Queue()
+        pending["n"] += 1
+        handle = loop.add(ids, params, events)
+        done = False
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(ev, EngineFailure):
+                    done = True
+                    raise ApiError(500, ev.message, "server_error")
+                done = ev.done
+                yield ev
+                if done:
+                    return
+        finally:
+            pending["n"] -= 1
+            if not done:
+                loop.abort(handle)
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def stream_events(body, error_chunk):
+        """Server-sent events from an async iterator of chunks; an engine failure ends the stream with an
+        error event, then [DONE]."""
+        try:
+            async for chunk in body:
+                yield sse(chunk)
+        except ApiError as e:
+            yield sse(error_chunk(e))
+        yield "data: [DONE]\n\n"
+
+    def usage(prompt: int, completion: int) -> dict:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_common(req)
+        try:
+            options_ = chat_options(req)
+            ids = harmony.encode_chat(harmony_messages(req.messages), options_)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        room = check_prompt(ids)
+        params = sampling_params(req, req.max_completion_tokens or req.max_tokens, room)
+        admit()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": options.model_name}
+
+        if not req.stream:
+            out, reason = [], "length"
+            async for ev in generate(ids, params, request):
+                if ev.token is not None:
+                    out.append(ev.token)
+                reason = ev.reason or reason
+            message, finish = chat_reply(out, reason)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": options.model_name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                    "usage": usage(len(ids), len(out))}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def chunks():
+            parse, made, reason = ChatStream(), 0, "length"
+            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}]}
+            async for ev in generate(ids, params, request):
+                made += ev.token is not None
+                deltas = parse.push(ev.token)
+                if ev.done:
+                    deltas += parse.finish()
+                    reason = ev.reason
+                for d in deltas:
+                    yield {**head, "choices": [{"index": 0, "delta": d, "finish_reason": None, "logprobs": None}]}
+            finish = "tool_calls" if parse.tools else reason
+            yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None}]}
+            if include_usage:
+                yield {**head, "choices": [], "usage": usage(len(ids), made)}
+
+        return StreamingResponse(stream_events(chunks(), lambda e: error_body(e.message, e.type)),
+                                 media_type="text/event-stream")
+
+    @api.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_common(req)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ApiError(400, f"one prompt per request (got {len(prompt)})", param="prompt")
+            prompt = prompt[0]
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        room = check_prompt(ids)
+        params = sampling_params(req, req.max_tokens or 16, room)  # OpenAI's default max_tokens here: 16
+        admit()
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name}
+
+        if not req.stream:
+            out, reason = [], "length"
+            async for ev in generate(ids, params, request):
+                if ev.token is not None:
+                    out.append(ev.token)
+                reason = ev.reason or reason
+            return {**head, "choices": [{"index": 0, "text": tokenizer.decode(out), "finish_reason": reason,
+                                         "logprobs": None}], "usage": usage(len(ids), len(out))}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def chunks():
+            text, made = StreamDecoder(tokenizer), 0
+            async for ev in generate(ids, params, request):
+                piece = ""
+                if ev.token is not None:
+                    made += 1
+                    piece = text.push(ev.token)
+                if ev.done:
+                    piece += text.flush()
+                if piece or ev.done:
+                    yield {**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
+                                                "finish_reason": ev.reason if ev.done else None}]}
+            if include_usage:
+                yield {**head, "choices": [], "usage": usage(len(ids), made)}
+
+        return StreamingResponse(stream_events(chunks(), lambda e: error_body(e.message, e.type)),
+                                 media_type="text/event-stream")
+
+    app.include_router(api)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    return app

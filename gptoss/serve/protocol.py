@@ -1,0 +1,92 @@
+"""The bodies of the OpenAI API that the server reads and writes (the fields gptoss honours).
+
+Requests are validated here: a wrong type, a negative or absurd number, or an unknown value answers 400
+in OpenAI's error shape (app.py). Unknown fields are ignored, as OpenAI's server does; fields that
+OpenAI defines but gptoss cannot honour (n > 1, stop strings, logprobs) are refused by name.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+U32 = 0xFFFFFFFF
+MAX_TOKENS = 1 << 24  # more than any context; larger is refused as absurd
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The sampling fields both endpoints share."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: StrictInt | None = Field(None, ge=0, le=U32)
+    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: None = Field(None, description="stop strings are not supported")
+    logprobs: Literal[False, None] = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str = ""
+    parameters: dict | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    reasoning_content: str | None = None  # an assistant turn's reasoning, sent back while its tool calls run
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none"] | None = None
+
+
+class CompletionRequest(Sampling):
+    # a text, token ids, or a list of one of either (one prompt per request)
+    prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    echo: Literal[False, None] = None

@@ -1,0 +1,366 @@
+"""run.py -m serve: the official `openai` client against a live uvicorn server in a thread.
+
+The generation tests run the tiny synthetic model (real vocabulary) on the CPU reference; the
+reasoning and tool-call tests script the model's replies (ids of real harmony text) through a stand-in
+runner, since a random model never writes a tool call. The engine, the tokenizer, harmony and the HTTP
+stack are real."""
+import dataclasses
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the openai package's HTTP client
+uvicorn = pytest.importorskip("uvicorn")
+
+from gptoss.config import TINY_CHAT  # noqa: E402
+from gptoss.engine import Engine, EngineConfig, Layout  # noqa: E402
+from gptoss.llm import LLM  # noqa: E402
+from gptoss.sampling import SamplingParams  # noqa: E402
+from gptoss.serve import ServeOptions, build_app  # noqa: E402
+from gptoss.tokenizer import STOP_IDS, get_tokenizer  # noqa: E402
+
+SLOTS = 8
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free port of 127.0.0.1, in a daemon thread."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+
+    def client(self, **kw):
+        kw.setdefault("api_key", "none")
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=60, **kw)
+
+    def metrics(self, **headers) -> dict:
+        text = httpx.get(self.url + "/metrics", headers=headers).text
+        return {k: float(v) for k, v in (line.split() for line in text.splitlines() if not line.startswith("#"))}
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("synthetic:tiny-chat", device="cpu", progress=False, max_seqs=SLOTS)
+
+
+@pytest.fixture(scope="module")
+def live(llm):
+    server = LiveServer(build_app(llm.engine, llm.tokenizer, ServeOptions(model_name="tiny", reserve_slots=SLOTS)))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(llm):
+    """A second app with a key, a small body limit and room for one request: its own engine."""
+    other = LLM("synthetic:tiny-chat", device="cpu", progress=False, max_seqs=2)
+    server = LiveServer(build_app(other.engine, other.tokenizer,
+                                  ServeOptions(model_name="tiny", api_key="sesame", max_body_bytes=4000,
+                                               max_pending=1, reserve_slots=2)))
+    yield server
+    server.close()
+
+
+def wait_for(check, what, seconds=30):
+    """Polls until check() holds (the engine thread frees slots between steps)."""
+    end = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)
+
+
+# ---- the model's answers ----------------------------------------------------------------------------
+
+def test_models_and_health(live):
+    assert [m.id for m in live.client().models.list().data] == ["tiny"]
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+
+
+def test_completion_is_the_engines_greedy_output(live, llm):
+    prompt = "Once upon a time"
+    ids = llm.tokenizer.encode(prompt)
+    out = live.client().completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    by_ids = live.client().completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    # the same model through the Python API (its own engine: the server's belongs to its thread)
+    want = LLM("synthetic:tiny-chat", device="cpu", progress=False).generate(
+        prompt, SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert out.choices[0].text == by_ids.choices[0].text == want.text
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 6, len(ids) + 6)
+
+
+def test_streamed_completion_matches_the_whole_one_and_counts_usage(live):
+    c = live.client()
+    args = dict(model="tiny", prompt="The sky is", max_tokens=7, temperature=0.8, seed=42,
+                extra_body={"ignore_eos": True})
+    whole = c.completions.create(**args)
+    chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+
+
+def test_chat_counts_tokens_and_keeps_reasoning_apart(live):
+    reply = live.client().chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_completion_tokens=9, temperature=0, reasoning_effort="low")
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str)
+    assert reply.usage.completion_tokens <= 9 and reply.usage.prompt_tokens > 20
+
+
+def test_reasoning_effort_reaches_the_prompt(live):
+    c = live.client()
+    low = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                    reasoning_effort="low")
+    high = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                     reasoning_effort="high")
+    assert low.usage.prompt_tokens == high.usage.prompt_tokens  # "low" and "high" are one token each
+    from gptoss import harmony
+
+    prompts = [harmony.encode_chat([harmony.Message("user", "Hi")], harmony.ChatOptions(reasoning_effort=e))
+               for e in ("low", "high")]
+    assert prompts[0] != prompts[1] and len(prompts[0]) == low.usage.prompt_tokens
+
+
+def test_streamed_chat_ends_with_a_reason_and_usage(live):
+    chunks = list(live.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=8, temperature=1.0,
+        seed=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert reasons[-1] in ("stop", "length") and all(r is None for r in reasons[:-1])
+    assert chunks[-1].usage.completion_tokens <= 8
+
+
+def test_concurrent_streams_share_the_engine_and_match_solo_runs(live):
+    """8 clients at once: each stream is whole, and greedy answers do not depend on the batch."""
+    c = live.client()
+    prompts = [f"Number {i} is" for i in range(8)]
+    solo = [c.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0,
+                                 extra_body={"ignore_eos": True}).choices[0].text for p in prompts[:2]]
+    texts, errors = [None] * len(prompts), []
+
+    def client(i):
+        try:
+            stream = c.completions.create(model="tiny", prompt=prompts[i], max_tokens=5, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True})
+            texts[i] = "".join(ch.choices[0].text for ch in stream if ch.choices)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    before = live.metrics()["gptoss_steps_total"]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert texts[:2] == solo
+    assert all(isinstance(t, str) and t for t in texts)
+    # batched: 8 requests of a prompt and 5 tokens each took fewer steps than one after another
+    assert live.metrics()["gptoss_steps_total"] - before < 8 * 5
+
+
+def test_a_client_that_goes_away_frees_its_slot(live):
+    start = live.metrics()
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", live.url + "/v1/completions",
+                         json={"prompt": "Go on", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the first token came
+            assert live.metrics()["gptoss_requests_held"] == 1
+    wait_for(lambda: live.metrics()["gptoss_requests_held"] == 0, "the request was aborted")
+    end = live.metrics()
+    assert end["gptoss_slots_free"] == SLOTS
+    assert end["gptoss_requests_aborted_total"] == start["gptoss_requests_aborted_total"] + 1
+    assert end["gptoss_generation_tokens_total"] - start["gptoss_generation_tokens_total"] < 200
+
+
+# ---- bad requests: 400 in OpenAI's error shape --------------------------------------------------------
+
+BAD_CHAT = [
+    ({"n": 2}, "n"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 10**12}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"seed": -1}, "seed"),
+    ({"stop": ["\n"]}, "stop"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0"),
+    ({"messages": [{"role": "tool", "content": "20 C"}]}, "messages[0]"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+]
+
+
+@pytest.mark.parametrize("change,param", BAD_CHAT, ids=[p for _, p in BAD_CHAT])
+def test_bad_chat_requests_answer_400(live, change, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **change}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"].startswith(param), error
+
+
+def test_bad_requests_through_the_client_and_raw(live, llm):
+    c = live.client()
+    long = "word " * 300
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt=long, max_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+    assert f"the prompt has {len(llm.tokenizer.encode(long))} tokens; this model's context is 256" in e.value.message
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        c.completions.create(model="tiny", prompt=[5, 999_999], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
+        c.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2)
+    r = httpx.post(live.url + "/v1/completions", content=b'{"prompt": "x", ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(live.url + "/v1/completions", json=["not", "an", "object"])
+    assert r.status_code == 400 and "error" in r.json()
+    assert httpx.get(live.url + "/v1/nothing").json()["error"]["message"] == "Not Found"
+    assert httpx.get(live.url + "/health").status_code == 200  # and the server is still there
+
+
+def test_api_key_body_limit_and_a_full_server(guarded):
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client(api_key="wrong").models.list()
+    assert httpx.get(guarded.url + "/metrics").status_code == 401
+    assert httpx.get(guarded.url + "/health").status_code == 200  # health needs no key
+    c = guarded.client(api_key="sesame")
+    assert c.models.list().data[0].id == "tiny"
+    r = httpx.post(guarded.url + "/v1/completions", json={"prompt": "x" * 5000}, headers={"authorization": "Bearer sesame"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # one request held (max_pending=1): the next answers 503 with Retry-After, then is served once it ends
+    held = c.completions.create(model="tiny", prompt="Go", max_tokens=200, stream=True, extra_body={"ignore_eos": True})
+    next(iter(held))
+    r = httpx.post(guarded.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                   headers={"authorization": "Bearer sesame"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+    held.close()
+    wait_for(lambda: guarded.metrics(authorization="Bearer sesame")["gptoss_requests_held"] == 0, "aborted")
+    assert c.completions.create(model="tiny", prompt="x", max_tokens=1).usage.completion_tokens == 1
+
+
+# ---- reasoning and tool calls, scripted --------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = ('<|channel|>analysis<|message|>The user wants the weather; call the tool.<|end|>'
+        '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json'
+        '<|message|>{"city": "Paris"}<|call|>')
+ANSWER = ('<|channel|>analysis<|message|>20 C and sunny.<|end|>'
+          '<|start|>assistant<|channel|>final<|message|>It is 20 °C in Paris.<|return|>')
+
+
+class ScriptedRunner:
+    """A ModelRunner that answers its n-th request with replies[n] (harmony text), one id per step, and
+    keeps every prompt (one request at a time)."""
+
+    name = "scripted"
+
+    def __init__(self, tok, replies):
+        self.model_config = dataclasses.replace(TINY_CHAT, max_context=4096)
+        self.config = EngineConfig()
+        self.replies = [tok.encode(r) for r in replies]
+        self.prompts, self.turn, self.made = [], -1, 0
+
+    def allocate(self, capacity, slots, mean_positions):
+        return Layout(slots, capacity, slots * -(-capacity // 64), slots + 4096, 4096)
+
+    def step(self, batch):
+        if batch.seq_starts[0] == 0:
+            self.turn, self.made = self.turn + 1, 0
+            self.prompts.append(batch.tokens.tolist())
+        if not len(batch.logit_rows):
+            return np.zeros(0, np.int32)
+        ids = self.replies[self.turn % len(self.replies)]
+        self.made += 1
+        return np.asarray([ids[min(self.made - 1, len(ids) - 1)]], np.int32)
+
+
+@pytest.fixture()
+def scripted():
+    tok = get_tokenizer()
+    runner = ScriptedRunner(tok, [CALL, ANSWER])
+    server = LiveServer(build_app(Engine(runner, eos_token_ids=STOP_IDS), tok, ServeOptions(model_name="tiny")))
+    yield server, runner, tok
+    server.close()
+
+
+def test_tool_call_then_tool_result_then_answer(scripted):
+    server, runner, tok = scripted
+    c = server.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    first = c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=100)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.reasoning_content == "The user wants the weather; call the tool."
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    prompt = tok.decode(runner.prompts[0])
+    assert "get_weather" in prompt and "The weather in a city" in prompt  # declared in the developer message
+
+    messages += [{"role": "assistant", "content": None, "reasoning_content": choice.message.reasoning_content,
+                  "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 20}'}]
+    second = c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=100)
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == "It is 20 °C in Paris."
+    assert second.choices[0].message.reasoning_content == "20 C and sunny."
+    prompt = tok.decode(runner.prompts[1])
+    assert ('<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>'
+            '{"city": "Paris"}<|call|>') in prompt
+    assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>' in prompt
+    assert "The user wants the weather" in prompt  # the reasoning of the turn in progress is kept
+
+
+def test_streamed_tool_call_and_answer_by_channel(scripted):
+    server, runner, tok = scripted
+    c = server.client()
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                            tools=[WEATHER_TOOL], max_tokens=100, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert reasoning == "The user wants the weather; call the tool."
+    assert "".join(d.content or "" for d in deltas) == ""
+    calls = [tc for d in deltas for tc in d.tool_calls or ()]
+    assert calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    assert {tc.index for tc in calls} == {0}
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "And now?"}],
+                                            max_tokens=100, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks]
+    assert "".join(d.content or "" for d in deltas) == "It is 20 °C in Paris."
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "20 C and sunny."
+    assert chunks[-1].choices[0].finish_reason == "stop"
