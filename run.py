@@ -268,6 +268,7 @@ def run_serve(llm, args, model_path) -> int:
     """The OpenAI-compatible server until Ctrl-C or SIGTERM (uvicorn finishes, then the engine thread
     aborts what is left)."""
     import os
+    import signal
 
     import uvicorn
 
@@ -280,7 +281,12 @@ def run_serve(llm, args, model_path) -> int:
                            reserve_slots=llm.config.max_seqs)
     app = build_app(llm.engine, llm.tokenizer, options)
     print(f"{PROG}: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    # uvicorn raises the signal that stopped it again once it is through: SIGTERM then ends with status 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # SIGTERM or Ctrl-C: uvicorn stops taking connections and lets running requests finish for up to 30 s;
+    # the engine thread then aborts what is left
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                timeout_graceful_shutdown=30)
     return 0
 
 

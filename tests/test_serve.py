@@ -6,9 +6,13 @@ runner, since a random model never writes a tool call. The engine, the tokenizer
 stack are real."""
 import dataclasses
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +29,7 @@ from gptoss.serve import ServeOptions, build_app  # noqa: E402
 from gptoss.tokenizer import STOP_IDS, get_tokenizer  # noqa: E402
 
 SLOTS = 8
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class LiveServer:
@@ -197,6 +202,61 @@ def test_a_client_that_goes_away_frees_its_slot(live):
     assert end["gptoss_slots_free"] == SLOTS
     assert end["gptoss_requests_aborted_total"] == start["gptoss_requests_aborted_total"] + 1
     assert end["gptoss_generation_tokens_total"] - start["gptoss_generation_tokens_total"] < 200
+
+
+def test_a_whole_reply_is_aborted_when_its_client_gives_up(live):
+    """The engine thread is held (a call that waits) while the client of a whole (not streamed) reply
+    gives up: the handler sees the disconnect and sends abort, which the engine takes in order."""
+    start = live.metrics()
+    gate = threading.Event()
+    held = live.app.state.loop.call(lambda engine: gate.wait(60))
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", json={"prompt": "Go on", "max_tokens": 200, "ignore_eos": True},
+                       timeout=0.5)
+        wait_for(lambda: live.metrics()["gptoss_requests_open"] == 0, "the handler saw the client go")
+    finally:
+        gate.set()
+    held.result(10)
+    wait_for(lambda: live.metrics()["gptoss_requests_aborted_total"] == start["gptoss_requests_aborted_total"] + 1,
+             "the request was aborted")
+    end = live.metrics()
+    assert end["gptoss_requests_held"] == 0 and end["gptoss_slots_free"] == SLOTS
+    assert end["gptoss_generation_tokens_total"] == start["gptoss_generation_tokens_total"]
+
+
+def test_run_py_serves_and_stops_on_sigterm(tmp_path):
+    """The command itself: run.py -m serve answers the openai client and exits 0 on SIGTERM."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "synthetic:tiny-chat", "-m", "serve", "--device",
+                             "cpu", "--port", str(port), "-b", "2", "-q", "--api-key", "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, "the server answers", seconds=60)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+        reply = c.chat.completions.create(model="synthetic:tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3)
+        assert reply.usage.completion_tokens <= 3 and reply.model == "synthetic:tiny-chat"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert f"serving synthetic:tiny-chat on http://127.0.0.1:{port}/v1" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---- bad requests: 400 in OpenAI's error shape --------------------------------------------------------

@@ -49,6 +49,9 @@ class ServeOptions:
     reserve_slots: int | None = None
 
 
+DISCONNECT_POLL = 0.25  # seconds between looks at whether a whole reply's client is still there
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
@@ -291,6 +294,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         s, sched = loop.stats, engine.scheduler
         ttft = s.first_token_seconds
         lines = [
+            ("gptoss_requests_open", "gauge", "generation requests being answered", pending["n"]),
             ("gptoss_requests_held", "gauge", "requests the engine holds (running or waiting)", loop.running),
             ("gptoss_requests_waiting", "gauge", "requests waiting for a slot", len(sched.waiting)),
             ("gptoss_slots_free", "gauge", "free sequence slots of the KV cache", len(sched.free)),
@@ -330,20 +334,26 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
             raise ApiError(503, f"the server holds {pending['n']} requests, its most; retry shortly", "server_error",
                            code="overloaded", headers={"Retry-After": "1"})
 
-    async def generate(ids: list, params: SamplingParams, request: Request):
-        """Yields (token or None, done, reason) as the engine makes them; aborts the request if the
-        consumer stops early (a client gone) or the client disconnects while nothing comes."""
+    async def generate(ids: list, params: SamplingParams, request: Request | None):
+        """Yields the request's TokenEvents as the engine makes them. The request is aborted when the
+        consumer stops early (a streamed response's client gone: Starlette cancels the stream) or, given
+        `request` (a whole reply), when its client disconnects (looked at every DISCONNECT_POLL seconds)."""
         events: asyncio.Queue = asyncio.Queue()
         pending["n"] += 1
         handle = loop.add(ids, params, events)
         done = False
+        looked = time.monotonic()
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
                 except asyncio.TimeoutError:
+                    ev = None
+                if request is not None and (ev is None or time.monotonic() - looked > DISCONNECT_POLL):
+                    looked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 if isinstance(ev, EngineFailure):
                     done = True
@@ -404,7 +414,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
             parse, made, reason = ChatStream(), 0, "length"
             yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
-            async for ev in generate(ids, params, request):
+            async for ev in generate(ids, params, None):
                 made += ev.token is not None
                 deltas = parse.push(ev.token)
                 if ev.done:
@@ -448,7 +458,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
 
         async def chunks():
             text, made = StreamDecoder(tokenizer), 0
-            async for ev in generate(ids, params, request):
+            async for ev in generate(ids, params, None):
                 piece = ""
                 if ev.token is not None:
                     made += 1
