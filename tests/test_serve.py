@@ -291,6 +291,10 @@ def test_bad_chat_requests_answer_400(live, change, param):
 
 def test_bad_requests_through_the_client_and_raw(live, llm):
     c = live.client()
+    with pytest.raises(openai.BadRequestError, match="n must be 1 \\(got 3\\)"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3)
+    with pytest.raises(openai.BadRequestError, match="stop strings are not supported"):
+        c.completions.create(model="tiny", prompt="Hi", stop="\n")
     long = "word " * 300
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="tiny", prompt=long, max_tokens=2)
@@ -424,3 +428,32 @@ def test_streamed_tool_call_and_answer_by_channel(scripted):
     assert "".join(d.content or "" for d in deltas) == "It is 20 °C in Paris."
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "20 C and sunny."
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+class FailingRunner(ScriptedRunner):
+    """Raises in the step after its first `fail_after` steps, once."""
+
+    def __init__(self, tok, replies, fail_after):
+        super().__init__(tok, replies)
+        self.steps, self.fail_after = 0, fail_after
+
+    def step(self, batch):
+        self.steps += 1
+        if self.steps == self.fail_after:
+            raise RuntimeError("the device fell over")
+        return super().step(batch)
+
+
+def test_an_engine_failure_ends_its_requests_and_the_server_goes_on():
+    tok = get_tokenizer()
+    server = LiveServer(build_app(Engine(FailingRunner(tok, [ANSWER], fail_after=3), eos_token_ids=STOP_IDS), tok))
+    try:
+        c = server.client()
+        with pytest.raises(openai.InternalServerError, match="the device fell over"):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=50)
+        assert server.metrics()["gptoss_requests_failed_total"] == 1
+        reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=50)
+        assert reply.choices[0].message.content == "It is 20 °C in Paris."
+        assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    finally:
+        server.close()

@@ -256,8 +256,8 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         if first.get("type") == "json_invalid":
             return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                                   code="invalid_json")
-        where = ".".join(loc)
-        return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None,
+        where, msg = ".".join(loc), first["msg"].removeprefix("Value error, ")
+        return error_response(400, f"{where}: {msg}" if where else msg, param=where or None,
                               code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 U32 = 0xFFFFFFFF
 MAX_TOKENS = 1 << 24  # more than any context; larger is refused as absurd
@@ -27,12 +27,27 @@ class Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: StrictInt | None = Field(None, ge=0, le=U32)
-    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
+    n: StrictInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: None = Field(None, description="stop strings are not supported")
+    stop: Union[str, list[str], None] = None
     logprobs: Literal[False, None] = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n):
+        if n != 1:
+            raise ValueError(f"gptoss returns one choice per request: n must be 1 (got {n}); send {n} requests")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop_strings(cls, stop):
+        if stop:
+            raise ValueError("stop strings are not supported (generation stops at the model's stop tokens "
+                             "and max_tokens)")
+        return None
 
 
 class FunctionDef(BaseModel):
