@@ -126,6 +126,39 @@ def test_streamed_completion_matches_the_whole_one_and_counts_usage(live):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
 
 
+def test_stop_strings_end_a_completion_before_them(live):
+    c = live.client()
+    args = dict(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = c.completions.create(**args).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # three characters from the middle
+    assert len(stop) == 3
+    before = live.metrics()["gptoss_requests_aborted_total"]
+    cut = c.completions.create(stop=[stop, "no such text here"], **args)
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 12
+    streamed = list(c.completions.create(stop=stop, stream=True, **args))
+    assert "".join(ch.choices[0].text for ch in streamed) == full[:full.index(stop)]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    wait_for(lambda: live.metrics()["gptoss_requests_aborted_total"] == before + 2, "both requests ended early")
+
+
+@pytest.mark.parametrize("stops,deltas,want", [
+    (["END"], ["ab", "cE", "N", "Dxyz"], ["ab", "c", "", ""]),        # split over three deltas
+    (["END"], ["abE", "Nope"], ["ab", "ENope"]),                      # a false start is given back
+    (["x", "yz"], ["aay", "zb"], ["aa", ""]),
+    (["\n\n"], ["one\n", "two"], ["one", "\ntwo"]),
+])
+def test_stop_matcher(stops, deltas, want):
+    from gptoss.serve.stops import StopMatcher
+
+    m = StopMatcher(stops)
+    got = [m.push(d) for d in deltas]
+    assert got == want
+    whole = "".join(deltas)
+    cut = [whole.find(s) for s in stops if s in whole]
+    assert "".join(got) + m.flush() == (whole[:min(cut)] if cut else whole)
+
+
 def test_chat_counts_tokens_and_keeps_reasoning_apart(live):
     reply = live.client().chat.completions.create(
         model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -295,8 +328,8 @@ def test_bad_requests_through_the_client_and_raw(live, llm):
     c = live.client()
     with pytest.raises(openai.BadRequestError, match="n must be 1 \\(got 3\\)"):
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3)
-    with pytest.raises(openai.BadRequestError, match="stop strings are not supported"):
-        c.completions.create(model="tiny", prompt="Hi", stop="\n")
+    with pytest.raises(openai.BadRequestError, match="stop takes up to 4 non-empty strings"):
+        c.completions.create(model="tiny", prompt="Hi", stop=["a", "b", "c", "d", "e"])
     long = "word " * 300
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="tiny", prompt=long, max_tokens=2)

@@ -32,6 +32,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import StreamDecoder
 from .loop import EngineFailure, EngineLoop
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
+from .stops import StopMatcher
 
 
 @dataclass(frozen=True)
@@ -445,29 +446,39 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name}
 
-        if not req.stream:
-            out, reason = [], "length"
-            async for ev in generate(ids, params, request):
+        async def pieces(whole: bool):
+            """(text, finish reason or None, tokens made so far) as the tokens come; a stop string ends
+            the text before it, aborts the request and finishes with "stop"."""
+            text, stops, made = StreamDecoder(tokenizer), StopMatcher(req.stop or ()), 0
+            async for ev in generate(ids, params, request if whole else None):
+                piece = ""
                 if ev.token is not None:
-                    out.append(ev.token)
-                reason = ev.reason or reason
-            return {**head, "choices": [{"index": 0, "text": tokenizer.decode(out), "finish_reason": reason,
-                                         "logprobs": None}], "usage": usage(len(ids), len(out))}
+                    made += 1
+                    piece = stops.push(text.push(ev.token))
+                if stops.hit:
+                    yield piece, "stop", made
+                    return  # (generate's clean-up aborts the request)
+                if ev.done:
+                    piece += stops.push(text.flush()) + stops.flush()
+                    yield piece, "stop" if stops.hit else ev.reason, made
+                    return
+                if piece:
+                    yield piece, None, made
+
+        if not req.stream:
+            out, reason, made = [], "length", 0
+            async for piece, finish, made in pieces(whole=True):
+                out.append(piece)
+                reason = finish or reason
+            return {**head, "choices": [{"index": 0, "text": "".join(out), "finish_reason": reason,
+                                         "logprobs": None}], "usage": usage(len(ids), made)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def chunks():
-            text, made = StreamDecoder(tokenizer), 0
-            async for ev in generate(ids, params, None):
-                piece = ""
-                if ev.token is not None:
-                    made += 1
-                    piece = text.push(ev.token)
-                if ev.done:
-                    piece += text.flush()
-                if piece or ev.done:
-                    yield {**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
-                                                "finish_reason": ev.reason if ev.done else None}]}
+            made = 0
+            async for piece, finish, made in pieces(whole=False):
+                yield {**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}]}
             if include_usage:
                 yield {**head, "choices": [], "usage": usage(len(ids), made)}
 

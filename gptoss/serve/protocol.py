@@ -2,7 +2,7 @@
 
 Requests are validated here: a wrong type, a negative or absurd number, or an unknown value answers 400
 in OpenAI's error shape (app.py). Unknown fields are ignored, as OpenAI's server does; fields that
-OpenAI defines but gptoss cannot honour (n > 1, stop strings, logprobs) are refused by name.
+OpenAI defines but gptoss cannot honour (n > 1, a chat's stop strings, logprobs) are refused by name.
 """
 from __future__ import annotations
 
@@ -41,13 +41,6 @@ class Sampling(BaseModel):
             raise ValueError(f"gptoss returns one choice per request: n must be 1 (got {n}); send {n} requests")
         return n
 
-    @field_validator("stop")
-    @classmethod
-    def _no_stop_strings(cls, stop):
-        if stop:
-            raise ValueError("stop strings are not supported (generation stops at the model's stop tokens "
-                             "and max_tokens)")
-        return None
 
 
 class FunctionDef(BaseModel):
@@ -100,8 +93,24 @@ class ChatCompletionRequest(Sampling):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["auto", "none"] | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _no_stop_strings(cls, stop):
+        if stop:
+            raise ValueError("stop strings are supported by /v1/completions only (a chat reply stops at "
+                             "the model's stop tokens and max_tokens)")
+        return None
+
 
 class CompletionRequest(Sampling):
     # a text, token ids, or a list of one of either (one prompt per request)
     prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
     echo: Literal[False, None] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if len(stops) > 4 or not all(stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings (got {stops!r})")
+        return stops
