@@ -492,3 +492,39 @@ def test_an_engine_failure_ends_its_requests_and_the_server_goes_on():
         assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     finally:
         server.close()
+
+
+def test_responses_api_function_call_round_trip(scripted):
+    server, runner, tok = scripted
+    c = server.client()
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    first = c.responses.create(model="tiny", input="Weather in Paris?", instructions="Use the tools.",
+                               tools=[tool], reasoning={"effort": "high"})
+    kinds = [item.type for item in first.output]
+    assert kinds == ["reasoning", "function_call"] and first.status == "completed"
+    call = first.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    prompt = tok.decode(runner.prompts[0])
+    assert "Reasoning: high" in prompt and "Use the tools." in prompt and "get_weather" in prompt
+
+    second = c.responses.create(model="tiny", tools=[tool], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 20}'}])
+    assert second.output_text == "It is 20 °C in Paris."
+    assert second.usage.output_tokens == len(tok.encode(ANSWER)) - 1  # the stop id is not counted
+    assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}' in \
+        tok.decode(runner.prompts[1])
+    for bad, where in (([{"type": "image", "url": "x"}], "input[0]"),
+                       ([{"type": "function_call_output", "call_id": "nope", "output": "1"}], "input[0]")):
+        r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == where, r.text
+    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+def test_responses_api_text_on_the_tiny_model(live):
+    out = live.client().responses.create(model="tiny", input="Hi", max_output_tokens=4, temperature=0)
+    assert out.usage.output_tokens <= 4 and out.status in ("completed", "incomplete")
+    if out.status == "incomplete":
+        assert out.incomplete_details.reason == "max_output_tokens"

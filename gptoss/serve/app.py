@@ -6,6 +6,7 @@
                                `reasoning_content`, its final channel as `content`, its calls to
                                functions.NAME as `tool_calls`; streamed as server-sent events or whole
   POST /v1/completions         a raw prompt (text or token ids) continued as written
+  POST /v1/responses           the Responses API's text and function-call cases, whole (responses.py)
   GET  /metrics                Prometheus text: requests, tokens, slots, time to first token
 
 Every error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}. A client that
@@ -32,6 +33,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import StreamDecoder
 from .loop import EngineFailure, EngineLoop
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
+from .responses import InputError, ResponsesRequest, chat_inputs, response_body
 from .stops import StopMatcher
 
 
@@ -484,6 +486,27 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
 
         return StreamingResponse(stream_events(chunks(), lambda e: error_body(e.message, e.type)),
                                  media_type="text/event-stream")
+
+    @api.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        try:
+            messages, chat = chat_inputs(req)
+            ids = harmony.encode_chat(messages, chat)
+        except InputError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="input") from None
+        room = check_prompt(ids)
+        params = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                                top_p=1.0 if req.top_p is None else req.top_p, seed=secrets.randbits(32),
+                                max_tokens=max(1, min(req.max_output_tokens or room, room)))
+        admit()
+        out, reason = [], "length"
+        async for ev in generate(ids, params, request):
+            if ev.token is not None:
+                out.append(ev.token)
+            reason = ev.reason or reason
+        return response_body(req, options.model_name, out, reason, len(ids))
 
     app.include_router(api)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
