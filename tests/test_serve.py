@@ -388,7 +388,7 @@ class ScriptedRunner:
     def __init__(self, tok, replies):
         self.model_config = dataclasses.replace(TINY_CHAT, max_context=4096)
         self.config = EngineConfig()
-        self.replies = [tok.encode(r) for r in replies]
+        self.replies = [tok.encode(r) if isinstance(r, str) else list(r) for r in replies]
         self.prompts, self.turn, self.made = [], -1, 0
 
     def allocate(self, capacity, slots, mean_positions):
@@ -528,3 +528,46 @@ def test_responses_api_text_on_the_tiny_model(live):
     assert out.usage.output_tokens <= 4 and out.status in ("completed", "incomplete")
     if out.status == "incomplete":
         assert out.incomplete_details.reason == "max_output_tokens"
+
+
+def test_malformed_replies_answer_200_and_stream_as_they_parse_whole():
+    """Random mixes of whole messages, cut ones and stray special ids: never an HTTP error, and the
+    streamed deltas add up to the whole reply (content, reasoning, tool calls and their arguments)."""
+    from gptoss.tokenizer import CALL, RETURN
+
+    tok = get_tokenizer()
+    pieces = ["<|channel|>analysis<|message|>Think é.<|end|>",
+              "<|start|>assistant<|channel|>final<|message|>Hello world<|end|>",
+              '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"a": 1}',
+              "<|start|>assistant<|channel|>analysis<|message|>more thought",
+              "<|start|>assistant<|channel|>commentary<|message|>A preamble.<|end|>",
+              "<|start|>assistant<|channel|><|message|>empty channel<|end|>",
+              "<|end|>", "<|start|>", "<|channel|>", "<|message|>", "stray text", "<|constrain|>"]
+    rng = np.random.default_rng(7)
+    scripts = []
+    for _ in range(12):
+        text = "".join(rng.choice(pieces, size=int(rng.integers(2, 8))))
+        scripts += [tok.encode(text) + [int(rng.choice([RETURN, CALL]))]] * 2  # each twice: whole, streamed
+    runner = ScriptedRunner(tok, scripts)
+    server = LiveServer(build_app(Engine(runner, eos_token_ids=STOP_IDS), tok, ServeOptions(model_name="tiny")))
+    try:
+        c, seen = server.client(), set()
+        for _ in range(12):
+            msgs = [{"role": "user", "content": "Hi"}]
+            whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=60).choices[0]
+            chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=60, stream=True))
+            deltas = [ch.choices[0].delta for ch in chunks]
+            assert "".join(d.content or "" for d in deltas) == (whole.message.content or "")
+            assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == \
+                (whole.message.reasoning_content or "")
+            calls = [tc for d in deltas for tc in d.tool_calls or ()]
+            whole_calls = whole.message.tool_calls or ()
+            assert [tc.function.name for tc in calls if tc.id] == [tc.function.name for tc in whole_calls]
+            for i, call in enumerate(whole_calls):
+                assert "".join(tc.function.arguments for tc in calls if tc.index == i) == call.function.arguments
+            seen.update({"content": bool(whole.message.content), "tools": bool(whole_calls),
+                         "reasoning": bool(whole.message.reasoning_content)}.items())
+            assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+        assert seen >= {("content", True), ("tools", True), ("reasoning", True)}  # every route was taken
+    finally:
+        server.close()

@@ -166,6 +166,7 @@ class ChatStream:
         self.parser = harmony.StreamParser()
         self.tools = 0  # tool calls started
         self.in_tool = False
+        self.messages = {"content": 0, "reasoning": 0}  # messages started, by where they go
 
     def push(self, token: int | None) -> list[dict]:
         return self._deltas(self.parser.push(token) if token is not None else None)
@@ -187,10 +188,13 @@ class ChatStream:
                                                          "arguments": ""}}]})
             if d.text:
                 out.append({"tool_calls": [{"index": self.tools - 1, "function": {"arguments": d.text}}]})
-        elif d.text and where == "reasoning":
-            out.append({"reasoning_content": d.text})
-        elif d.text and where == "content":
-            out.append({"content": d.text})
+        elif where in self.messages:
+            text = d.text
+            if d.started:  # a message after another of its kind: "\n" between them, as in a whole reply
+                text = "\n" * (self.messages[where] > 0) + text
+                self.messages[where] += 1
+            if text:
+                out.append({"reasoning_content" if where == "reasoning" else "content": text})
         if d.ended:
             self.in_tool = False
         return out
