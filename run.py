@@ -196,6 +196,13 @@ def _main(argv) -> int:
         fail(f"--data-parallel must be at least 1 (got {args.data_parallel})")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         fail(f"--gpu-memory must be positive (got {args.gpu_memory})")
+    if args.mode == "serve" and not 0 < args.port < 65536:
+        fail(f"--port must be in 1..65535 (got {args.port})")
+    if args.mode != "serve":
+        for flag, given in (("--host", args.host != "127.0.0.1"), ("--port", args.port != 8000),
+                            ("--api-key", args.api_key)):
+            if given:
+                fail(f"{flag} is for -m serve")
     if args.mode != "getp":
         for flag, given in (("-i", args.input), ("-o", args.output), ("--json", args.json_path),
                             ("--resume", args.resume), ("--data-parallel", args.data_parallel),
@@ -274,8 +281,6 @@ def run_serve(llm, args, model_path) -> int:
 
     from gptoss.serve import ServeOptions, build_app
 
-    if not 0 < args.port < 65536:
-        fail(f"--port must be in 1..65535 (got {args.port})")
     name = Path(str(model_path)).name or str(model_path)
     options = ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("GPTOSS_API_KEY") or None,
                            reserve_slots=llm.config.max_seqs)

@@ -294,6 +294,17 @@ def test_run_py_serves_and_stops_on_sigterm(tmp_path):
             proc.wait()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["-m", "serve", "--port", "70000"], "--port must be in 1..65535 (got 70000)"),
+    (["-m", "generate", "--api-key", "k"], "--api-key is for -m serve"),
+    (["-m", "getp", "--port", "9000"], "--port is for -m serve"),
+])
+def test_run_py_serve_flags_are_checked_before_the_model_loads(args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "synthetic:tiny-chat", *args], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"run.py: error: {message}"
+
+
 # ---- bad requests: 400 in OpenAI's error shape --------------------------------------------------------
 
 BAD_CHAT = [
