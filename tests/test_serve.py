@@ -454,7 +454,7 @@ def test_tool_call_then_tool_result_then_answer(scripted):
 
 
 def test_streamed_tool_call_and_answer_by_channel(scripted):
-    server, runner, tok = scripted
+    server = scripted[0]
     c = server.client()
     chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
                                             tools=[WEATHER_TOOL], max_tokens=100, stream=True))
