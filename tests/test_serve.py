@@ -231,10 +231,13 @@ def test_a_client_that_goes_away_frees_its_slot(live):
                          json={"prompt": "Go on", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # the first token came
-            assert live.metrics()["gptoss_requests_held"] == 1
+            during = live.metrics()
+            assert during["gptoss_requests_held"] == 1
+            assert 0 < during["gptoss_kv_pages_in_use"] < during["gptoss_kv_pages"]
+            assert during["gptoss_generation_tokens_per_second"] > 0
     wait_for(lambda: live.metrics()["gptoss_requests_held"] == 0, "the request was aborted")
     end = live.metrics()
-    assert end["gptoss_slots_free"] == SLOTS
+    assert end["gptoss_slots_free"] == SLOTS and end["gptoss_kv_pages_in_use"] == 0
     assert end["gptoss_requests_aborted_total"] == start["gptoss_requests_aborted_total"] + 1
     assert end["gptoss_generation_tokens_total"] - start["gptoss_generation_tokens_total"] < 200
 
@@ -582,3 +585,14 @@ def test_malformed_replies_answer_200_and_stream_as_they_parse_whole():
         assert seen >= {("content", True), ("tools", True), ("reasoning", True)}  # every route was taken
     finally:
         server.close()
+
+
+def test_tokens_per_second_counts_the_steps_of_the_last_window():
+    from collections import deque
+
+    from gptoss.serve.loop import RATE_WINDOW, LoopStats
+
+    now = RATE_WINDOW + 4.0  # the step that ended at 0 is out of the window, the ones at 4.5 and after in
+    stats = LoopStats(recent_steps=deque([(0.0, 5), (4.5, 3), (RATE_WINDOW + 2.0, 2)]))
+    assert stats.tokens_per_second(now=now) == (3 + 2) / RATE_WINDOW
+    assert stats.tokens_per_second(now=now + 3 * RATE_WINDOW) == 0.0

@@ -7,7 +7,8 @@
                                functions.NAME as `tool_calls`; streamed as server-sent events or whole
   POST /v1/completions         a raw prompt (text or token ids) continued as written
   POST /v1/responses           the Responses API's text and function-call cases, whole (responses.py)
-  GET  /metrics                Prometheus text: requests, tokens, slots, time to first token
+  GET  /metrics                Prometheus text: requests, tokens, tokens/s, slots, KV pages, time to
+                               first token
 
 Every error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}. A client that
 goes away aborts its request, which frees its slot and pages before the next step.
@@ -31,7 +32,7 @@ from .. import harmony
 from ..engine import Engine
 from ..sampling import SamplingParams
 from ..tokenizer import StreamDecoder
-from .loop import EngineFailure, EngineLoop
+from .loop import RATE_WINDOW, EngineFailure, EngineLoop
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
 from .responses import InputError, ResponsesRequest, chat_inputs, response_body
 from .stops import StopMatcher
@@ -300,11 +301,17 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
     async def metrics():
         s, sched = loop.stats, engine.scheduler
         ttft = s.first_token_seconds
+        pool = sched.pool
+        pages = (pool.pages, pool.pages - len(pool.free)) if pool is not None else (0, 0)
         lines = [
             ("gptoss_requests_open", "gauge", "generation requests being answered", pending["n"]),
             ("gptoss_requests_held", "gauge", "requests the engine holds (running or waiting)", loop.running),
             ("gptoss_requests_waiting", "gauge", "requests waiting for a slot", len(sched.waiting)),
             ("gptoss_slots_free", "gauge", "free sequence slots of the KV cache", len(sched.free)),
+            ("gptoss_kv_pages", "gauge", "pages of the KV cache", pages[0]),
+            ("gptoss_kv_pages_in_use", "gauge", "pages of the KV cache held by sequences", pages[1]),
+            ("gptoss_generation_tokens_per_second", "gauge",
+             f"tokens generated in the last {RATE_WINDOW:g} s, per second", s.tokens_per_second()),
             ("gptoss_requests_total", "counter", "requests added", s.requests),
             ("gptoss_requests_finished_total", "counter", "requests ended by a stop id or their length", s.finished),
             ("gptoss_requests_aborted_total", "counter", "requests aborted (client gone or shutdown)", s.aborted),
