@@ -104,6 +104,7 @@ async def run_clients(url: str, model: str, prompts: list, output_len: int, conc
     requests of the first prompt go first, one at a time, and are not counted."""
     import httpx2
 
+    raise_open_files(concurrency + 256)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx2.AsyncClient(limits=limits, timeout=httpx2.Timeout(None)) as client:
@@ -121,6 +122,17 @@ async def run_clients(url: str, model: str, prompts: list, output_len: int, conc
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
         return results, time.perf_counter() - start
+
+
+def raise_open_files(wanted: int) -> None:
+    """One socket per client: lift the soft limit on open files (often 1024) toward `wanted`."""
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
 
 
 def summarize(results: list[RequestResult], wall: float) -> dict:
@@ -247,6 +259,7 @@ def main(argv=None) -> int:
         vocab = preset.vocab_size if preset else None
     prompts = make_prompts(args.prompts, args.input_len, vocab or TEXT_IDS, args.seed)
 
+    raise_open_files(args.concurrency + 256)  # (before the server starts: it inherits the limit)
     server = None
     if args.model:
         port = free_port()
