@@ -64,6 +64,20 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return rng.integers(0, min(vocab, TEXT_IDS), (n, length)).tolist()
 
 
+async def sse_lines(response):
+    """The stream's lines, split at \\n only (the event-stream's own line ends; the server never sends a
+    bare \\r). str.splitlines, which httpx's aiter_lines uses, would also split at U+2028 or U+0085 inside
+    a JSON string of generated text and cut the event in two."""
+    buf = b""
+    async for piece in response.aiter_bytes():
+        buf += piece
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if buf:
+        yield buf.rstrip(b"\r")
+
+
 async def one_request(client, url: str, model: str, prompt: list[int], output_len: int,
                       headers: dict) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
@@ -76,11 +90,11 @@ async def one_request(client, url: str, model: str, prompt: list[int], output_le
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 return RequestResult(False, error=f"HTTP {r.status_code}: {text[:200]}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+            async for line in sse_lines(r):
+                if not line.startswith(b"data: "):
                     continue
                 data = line[6:]
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:

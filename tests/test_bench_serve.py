@@ -52,3 +52,27 @@ def test_json_is_checked_before_the_run_and_a_dead_url_is_one_line(tmp_path, cap
     assert one_error(capsys).startswith("the warm-up request failed: ConnectError")
     assert main(["--url", url, "--concurrency", "0"]) == 2
     assert one_error(capsys) == "--concurrency must be at least 1 (got 0)"
+
+
+def test_event_lines_split_at_newlines_only():
+    """Generated text may hold U+2028 or U+0085 raw inside an event's JSON (a line end for str.splitlines,
+    not for the event stream): the benchmark's reader keeps such an event whole, across any chunking."""
+    import asyncio
+    import json
+
+    from benchmarks.bench_serve import sse_lines
+
+    events = [json.dumps({"choices": [{"text": t}]}, ensure_ascii=False) for t in ("a\u2028b", "c\x85d", "e")]
+    stream = "".join(f"data: {e}\r\n\r\n" for e in events).encode() + b"data: [DONE]\n\n"
+
+    class Chunked:  # the bytes in pieces of 7, cutting characters and lines anywhere
+        async def aiter_bytes(self):
+            for i in range(0, len(stream), 7):
+                yield stream[i:i + 7]
+
+    async def collect():
+        return [line async for line in sse_lines(Chunked())]
+
+    data = [line[6:] for line in asyncio.run(collect()) if line.startswith(b"data: ")]
+    assert data[-1] == b"[DONE]"
+    assert [json.loads(d)["choices"][0]["text"] for d in data[:-1]] == ["a\u2028b", "c\x85d", "e"]
