@@ -157,6 +157,22 @@ def run_parallel_getp(model_path, options, sampling, args, device, gpus, replica
         return INTERRUPTED
 
 
+def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> int:
+    """getp over the ranks of an MPI launch (gptoss/parallel/mpi.py): every rank runs this; rank 0 writes."""
+    from gptoss.parallel.data import ReplicaError
+    from gptoss.parallel.mpi import MpiOptions, run_getp_mpi
+
+    mo = MpiOptions(device=device, gpus=gpus, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory)
+    try:
+        return run_getp_mpi(model_path, options, mo, sampling)
+    except ReplicaError as e:  # what finished is in OUTPUT.partial; the other ranks may be mid-step
+        from mpi4py import MPI
+
+        error(PROG, str(e))
+        MPI.COMM_WORLD.Abort(2)
+        return 2
+
+
 class Failure(Exception):
     """A one-line error; main prints it as `run.py: error: ...` and exits 2."""
 
@@ -232,6 +248,12 @@ def _main(argv) -> int:
     memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
     if args.mode == "getp":
         gpus = getp_gpus(args, device)
+        from gptoss.parallel.mpi import mpi_world_size
+
+        if mpi_world_size() > 1:
+            if args.data_parallel is not None:
+                fail("--data-parallel is for one process; under MPI, launch one rank per engine")
+            return run_mpi_getp(model_path, options, sampling, args, device, gpus, memory)
         replicas = args.data_parallel or (len(gpus) if gpus else 1)
         if replicas > 1:
             return run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory)
