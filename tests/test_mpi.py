@@ -14,7 +14,8 @@ import pytest
 import run as run_py
 from gptoss.config import TINY
 from gptoss.getp import partial_path, run_fingerprint
-from gptoss.parallel.mpi import mpi_world_size
+from gptoss.getp import read_partial
+from gptoss.parallel.mpi import RAISE_ENV, mpi_world_size
 from gptoss.sampling import SamplingParams
 
 ROOT = Path(run_py.__file__).resolve().parent
@@ -42,8 +43,8 @@ def getp_args(d, out, *extra):
             "--device", "cpu", "--input-format", "ids", "--ignore-eos", "-q", *map(str, extra)]
 
 
-def mpiexec(ranks, args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def mpiexec(ranks, args, **extra_env):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra_env)
     return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(ROOT / "run.py"), *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -77,6 +78,25 @@ def test_resume_under_mpi_runs_only_what_is_left(files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == whole.read_bytes()
     assert json.loads(record.read_text())["prompts_run"] == len(LENGTHS) - len(kept)
+
+
+@needs_mpi
+def test_a_failed_rank_is_named_and_resume_loses_nothing(files, tmp_path):
+    d, whole = files
+    out = tmp_path / "out.txt"
+    failed = mpiexec(2, getp_args(d, out), **{RAISE_ENV: "1"})  # rank 1 raises after its first prompt
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert errors == [f"run.py: error: MPI rank 1 failed: RuntimeError: {RAISE_ENV}: after line "
+                      f"{errors[0].rsplit(' ', 1)[-1]}"]
+    assert not out.exists()
+    kept = read_partial(partial_path(out)).done
+    assert int(errors[0].rsplit(" ", 1)[-1]) in kept  # sent before it raised
+    expected = whole.read_text().splitlines()
+    assert all(" ".join(map(str, ids)) == expected[i] for i, ids in kept.items())
+    resumed = mpiexec(2, getp_args(d, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == whole.read_bytes()
 
 
 @needs_mpi

@@ -11,8 +11,8 @@ for as many prompts as it has free slots (and keeps stepping what it holds while
 and sends each finished prompt back. Rank 0 appends finished prompts to OUTPUT.partial, drives the one
 progress bar, and writes OUTPUT atomically in input order. A prompt's draws use its input line as the
 sampler's sequence id and its tokens do not depend on its batch, so the output is byte-identical to one
-engine's. A rank that fails sends a one-line reason; rank 0 keeps what finished, says which rank failed,
-and aborts the job (MPI_Abort), after which `--resume` continues.
+engine's. A rank that fails sends a one-line reason; rank 0 keeps what finished, says which rank failed
+(rank 0 itself included), and aborts the job (MPI_Abort), after which `--resume` continues.
 
 mpi4py is imported only when an MPI launcher started this process (see mpi_world_size).
 """
@@ -28,7 +28,9 @@ from .data import GPU_INFLIGHT, ReplicaError
 
 # What launchers set in each rank's environment: Open MPI; MPICH's Hydra, Intel MPI and Slurm's PMI.
 WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-TO_ROOT, TASKS = 1, 2  # message tags: a rank's messages to rank 0; rank 0's answers with prompts
+TO_ROOT, TASKS = 1, 2
+# Test hook: "R" makes rank R (not 0) raise right after sending its first finished prompt.
+RAISE_ENV = "GPTOSS_TEST_MPI_RANK_RAISE"  # message tags: a rank's messages to rank 0; rank 0's answers with prompts
 
 
 def mpi_world_size(environ=os.environ) -> int:
@@ -125,9 +127,13 @@ def _worker(comm, model_path, mo: MpiOptions, sampling, local_rank: int) -> None
             asked = False
             return comm.recv(source=0, tag=TASKS)
 
+        def give(line, ids):
+            comm.send(("done", line, ids), dest=0, tag=TO_ROOT)
+            if os.environ.get(RAISE_ENV) == str(comm.Get_rank()):
+                raise RuntimeError(f"{RAISE_ENV}: after line {line}")
+
         want = mo.max_seqs or (1 if mo.device == "cpu" else GPU_INFLIGHT)
-        figures = _drive(llm, sampling, want, take, lambda line, ids: comm.send(("done", line, ids), dest=0,
-                                                                              tag=TO_ROOT), lambda: None)
+        figures = _drive(llm, sampling, want, take, give, lambda: None)
         comm.send(("finished", dict(figures, gpu=gpu)), dest=0, tag=TO_ROOT)
     except BaseException as e:  # noqa: BLE001 (rank 0 says what stopped, then aborts the job)
         comm.send(("failed", _one_line(e)), dest=0, tag=TO_ROOT)
@@ -204,18 +210,17 @@ def _root(comm, size: int, plan, model_path, options, mo: MpiOptions, sampling) 
                     else:
                         raise ReplicaError(f"MPI rank {src} failed: {rest[0]}")
 
-            try:
-                llm, gpu = _build_llm(model_path, mo, 0)
-            except BaseException as e:  # noqa: BLE001
-                raise ReplicaError(f"MPI rank 0 failed: {_one_line(e)}") from None
+            llm, gpu = _build_llm(model_path, mo, 0)
 
             want = mo.max_seqs or (1 if mo.device == "cpu" else GPU_INFLIGHT)
             figures[0] = dict(_drive(llm, sampling, want, take, finished, lambda: serve(False)), gpu=gpu)
             while len(figures) < size:
                 serve(True)
-    except ReplicaError:
+    except BaseException as e:  # said in one line; the caller stops the other ranks (MPI_Abort)
         plan.partial.close()  # what finished is kept for --resume
-        raise
+        if isinstance(e, ReplicaError):
+            raise
+        raise ReplicaError(f"MPI rank 0 failed: {_one_line(e)}") from e
     wall = time.perf_counter() - start
     plan.partial.close()
     ranks = [{"rank": r, "gpu": f["gpu"], "backend": f["backend"], "prompts": f["prompts"],
