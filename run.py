@@ -139,22 +139,28 @@ def getp_gpus(args, device: str) -> tuple:
     return gpus
 
 
-def run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory) -> int:
+def keeping_partial(run, output) -> int:
+    """run() (a getp); on Ctrl-C with finished prompts in OUTPUT.partial, say how to continue (exit 130)."""
     from gptoss.getp import partial_path
-    from gptoss.parallel.data import DataParallelOptions, run_getp_parallel
 
-    dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tokenizer=args.tokenizer,
-                             max_seqs=args.batch, memory_limit=memory)
-    print(f"getp: {replicas} replicas ({', '.join(dp.name(r) for r in range(replicas))})", file=sys.stderr)
     try:
-        return run_getp_parallel(model_path, options, dp, sampling)
+        return run()
     except KeyboardInterrupt:
-        kept = partial_path(options.output)
+        kept = partial_path(output)
         if not kept.exists():
             raise
         print(f"\n{PROG}: interrupted; the finished prompts are kept in {kept}: continue with the same "
               "command and --resume", file=sys.stderr)
         return INTERRUPTED
+
+
+def run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory) -> int:
+    from gptoss.parallel.data import DataParallelOptions, run_getp_parallel
+
+    dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tokenizer=args.tokenizer,
+                             max_seqs=args.batch, memory_limit=memory)
+    print(f"getp: {replicas} replicas ({', '.join(dp.name(r) for r in range(replicas))})", file=sys.stderr)
+    return keeping_partial(lambda: run_getp_parallel(model_path, options, dp, sampling), options.output)
 
 
 def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> int:
@@ -270,17 +276,9 @@ def _main(argv) -> int:
         fail(str(e))
 
     if args.mode == "getp":
-        from gptoss.getp import partial_path, run_getp
+        from gptoss.getp import run_getp
 
-        try:
-            return run_getp(llm, options, sampling)
-        except KeyboardInterrupt:
-            kept = partial_path(options.output)
-            if not kept.exists():
-                raise
-            print(f"\n{PROG}: interrupted; the finished prompts are kept in {kept}: continue with the same "
-                  "command and --resume", file=sys.stderr)
-            return INTERRUPTED
+        return keeping_partial(lambda: run_getp(llm, options, sampling), options.output)
     if args.mode == "serve":
         return run_serve(llm, args, model_path)
     from gptoss.interactive import run_chat, run_generate

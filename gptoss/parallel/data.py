@@ -144,20 +144,17 @@ def _work(w: _Worker, tasks, results) -> None:
             t0 = time.perf_counter()
             step = engine.step()
             busy += time.perf_counter() - t0
-            for rid, tok, done in zip(step.request_id.tolist(), step.token.tolist(), step.done.tolist()):
-                if tok >= 0:
-                    tokens[rid].append(tok)
-                    generated += 1
-                if done:
-                    line = line_of.pop(rid)
-                    results.put(("done", w.replica, line, tokens.pop(rid)))
-                    sent += 1
-                    if line == crash_line and crash_how == "raise":
-                        raise RuntimeError(f"{CRASH_ENV}: line {line}")
-                    if line == crash_line:
-                        results.close()
-                        results.join_thread()  # what was sent reaches the parent first
-                        os._exit(3)
+            made, finished = collect_step(step, line_of, tokens)
+            generated += made
+            for line, ids in finished:
+                results.put(("done", w.replica, line, ids))
+                sent += 1
+                if line == crash_line and crash_how == "raise":
+                    raise RuntimeError(f"{CRASH_ENV}: line {line}")
+                if line == crash_line:
+                    results.close()
+                    results.join_thread()  # what was sent reaches the parent first
+                    os._exit(3)
         peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
         results.put(("finished", w.replica, {"backend": llm.device, "prompts": sent, "generated_tokens": generated,
                                              "seconds": busy, "peak_gpu_memory_bytes": peak,
@@ -165,6 +162,19 @@ def _work(w: _Worker, tasks, results) -> None:
     except BaseException as e:  # noqa: BLE001 (Ctrl-C too: the parent says what stopped)
         text = str(e).strip().splitlines()
         results.put(("failed", w.replica, f"{type(e).__name__}: {text[0]}" if text else type(e).__name__))
+
+
+def collect_step(step, line_of: dict, tokens: dict) -> tuple[int, list]:
+    """One engine step's tokens appended to their requests' lists (tokens[request id]); returns (tokens
+    made, [(input line, ids) of each request the step finished]), dropping those from line_of and tokens."""
+    made, finished = 0, []
+    for rid, tok, done in zip(step.request_id.tolist(), step.token.tolist(), step.done.tolist()):
+        if tok >= 0:
+            tokens[rid].append(tok)
+            made += 1
+        if done:
+            finished.append((line_of.pop(rid), tokens.pop(rid)))
+    return made, finished
 
 
 def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) -> int:

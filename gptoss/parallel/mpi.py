@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import GPU_INFLIGHT, ReplicaError
+from .data import GPU_INFLIGHT, ReplicaError, collect_step
 
 # What launchers set in each rank's environment: Open MPI; MPICH's Hydra, Intel MPI and Slurm's PMI.
 WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -98,13 +98,11 @@ def _drive(llm, sampling, want: int, take, give, between_steps) -> dict:
         t0 = time.perf_counter()
         step = engine.step()
         busy += time.perf_counter() - t0
-        for rid, tok, done in zip(step.request_id.tolist(), step.token.tolist(), step.done.tolist()):
-            if tok >= 0:
-                tokens[rid].append(tok)
-                generated += 1
-            if done:
-                give(line_of.pop(rid), tokens.pop(rid))
-                sent += 1
+        made, finished = collect_step(step, line_of, tokens)
+        generated += made
+        for line, ids in finished:
+            give(line, ids)
+            sent += 1
         between_steps()
     peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
     return {"backend": llm.device, "prompts": sent, "generated_tokens": generated, "seconds": busy,
