@@ -110,71 +110,88 @@ def _work(w: _Worker, tasks, results) -> None:
     ("done", replica, line, ids) per finished prompt and ("finished", replica, figures) at the end, or
     ("failed", replica, one line) when anything raises."""
     try:
-        if w.gpu is not None:
-            import cupy
-
-            cupy.cuda.Device(w.gpu).use()  # before the LLM: its weights, cache and kernels go there
-        from ..llm import LLM
-
-        llm = LLM(w.model_path, w.device, tokenizer=w.tokenizer, progress=False, max_seqs=w.max_seqs,
-                  memory_limit=w.memory_limit)
-        engine = llm.engine
+        runs = LineRuns(replica_llm(w.model_path, w.device, w.gpu, w.tokenizer, w.max_seqs, w.memory_limit),
+                        w.sampling)
         want = w.max_seqs or (1 if w.device == "cpu" else GPU_INFLIGHT)
         crash_line, _, crash_how = os.environ.get(CRASH_ENV, "-1").partition(":")
         crash_line = int(crash_line)
-        line_of: dict[int, int] = {}  # request id -> input line
-        tokens: dict[int, list[int]] = {}
-        sent = generated = 0
-        busy = 0.0
         no_more = False
         while True:
-            while len(line_of) < want and not no_more:  # blocks only when this replica has nothing to do
+            while len(runs) < want and not no_more:  # blocks only when this replica has nothing to do
                 try:
-                    task = tasks.get(block=not line_of)
+                    task = tasks.get(block=not len(runs))
                 except queue.Empty:
                     break
                 if task is None:
                     no_more = True
                     break
-                line, ids = task
-                rid = engine.add_request(ids, w.sampling, sequence=line)
-                line_of[rid], tokens[rid] = line, []
-            if not line_of:
+                runs.add(*task)
+            if not len(runs):
                 break
-            t0 = time.perf_counter()
-            step = engine.step()
-            busy += time.perf_counter() - t0
-            made, finished = collect_step(step, line_of, tokens)
-            generated += made
-            for line, ids in finished:
+            for line, ids in runs.step():
                 results.put(("done", w.replica, line, ids))
-                sent += 1
                 if line == crash_line and crash_how == "raise":
                     raise RuntimeError(f"{CRASH_ENV}: line {line}")
                 if line == crash_line:
                     results.close()
                     results.join_thread()  # what was sent reaches the parent first
                     os._exit(3)
-        peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
-        results.put(("finished", w.replica, {"backend": llm.device, "prompts": sent, "generated_tokens": generated,
-                                             "seconds": busy, "peak_gpu_memory_bytes": peak,
-                                             "engine": dict(engine.stats)}))
+        results.put(("finished", w.replica, runs.figures()))
     except BaseException as e:  # noqa: BLE001 (Ctrl-C too: the parent says what stopped)
         text = str(e).strip().splitlines()
         results.put(("failed", w.replica, f"{type(e).__name__}: {text[0]}" if text else type(e).__name__))
 
 
-def collect_step(step, line_of: dict, tokens: dict) -> tuple[int, list]:
-    """One engine step's tokens appended to their requests' lists (tokens[request id]); returns (tokens
-    made, [(input line, ids) of each request the step finished]), dropping those from line_of and tokens."""
-    made, finished = 0, []
-    for rid, tok, done in zip(step.request_id.tolist(), step.token.tolist(), step.done.tolist()):
-        if tok >= 0:
-            tokens[rid].append(tok)
-            made += 1
-        if done:
-            finished.append((line_of.pop(rid), tokens.pop(rid)))
-    return made, finished
+def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit):
+    """The LLM one replica or rank runs, on `gpu` (made current first: its weights, cache and kernels go
+    there) or on the CPU reference."""
+    if gpu is not None:
+        import cupy
+
+        cupy.cuda.Device(gpu).use()
+    from ..llm import LLM
+
+    return LLM(model_path, device, tokenizer=tokenizer, progress=False, max_seqs=max_seqs,
+               memory_limit=memory_limit)
+
+
+class LineRuns:
+    """The prompts one replica or rank has in flight, by input line (each its sampler's sequence, so the
+    tokens do not depend on which replica runs it), and the replica's figures."""
+
+    def __init__(self, llm, sampling):
+        self.llm, self.engine, self.sampling = llm, llm.engine, sampling
+        self.line_of: dict[int, int] = {}  # request id -> input line
+        self.tokens: dict[int, list[int]] = {}  # request id -> its tokens so far
+        self.sent = self.generated = 0
+        self.busy = 0.0  # seconds in engine steps
+
+    def __len__(self) -> int:
+        return len(self.line_of)
+
+    def add(self, line: int, ids) -> None:
+        rid = self.engine.add_request(ids, self.sampling, sequence=line)
+        self.line_of[rid], self.tokens[rid] = line, []
+
+    def step(self) -> list:
+        """One engine step; the (input line, ids) of each prompt it finished."""
+        t0 = time.perf_counter()
+        step = self.engine.step()
+        self.busy += time.perf_counter() - t0
+        finished = []
+        for rid, tok, done in zip(step.request_id.tolist(), step.token.tolist(), step.done.tolist()):
+            if tok >= 0:
+                self.tokens[rid].append(tok)
+                self.generated += 1
+            if done:
+                finished.append((self.line_of.pop(rid), self.tokens.pop(rid)))
+        self.sent += len(finished)
+        return finished
+
+    def figures(self) -> dict:
+        peak = getattr(self.llm.runner, "peak_memory_bytes", lambda: None)()
+        return {"backend": self.llm.device, "prompts": self.sent, "generated_tokens": self.generated,
+                "seconds": self.busy, "peak_gpu_memory_bytes": peak, "engine": dict(self.engine.stats)}
 
 
 def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) -> int:

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import GPU_INFLIGHT, ReplicaError, collect_step
+from .data import GPU_INFLIGHT, LineRuns, ReplicaError, replica_llm
 
 # What launchers set in each rank's environment: Open MPI; MPICH's Hydra, Intel MPI and Slurm's PMI.
 WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -60,15 +60,7 @@ def _one_line(e: BaseException) -> str:
 
 def _build_llm(model_path, mo: MpiOptions, local_rank: int):
     gpu = mo.gpus[local_rank % len(mo.gpus)] if mo.device == "gpu" else None
-    if gpu is not None:
-        import cupy
-
-        cupy.cuda.Device(gpu).use()  # before the LLM: its weights, cache and kernels go there
-    from ..llm import LLM
-
-    llm = LLM(model_path, mo.device, tokenizer=mo.tokenizer, progress=False, max_seqs=mo.max_seqs,
-              memory_limit=mo.memory_limit)
-    return llm, gpu
+    return replica_llm(model_path, mo.device, gpu, mo.tokenizer, mo.max_seqs, mo.memory_limit), gpu
 
 
 def _drive(llm, sampling, want: int, take, give, between_steps) -> dict:
@@ -77,36 +69,23 @@ def _drive(llm, sampling, want: int, take, give, between_steps) -> dict:
     take(n, block) -> up to n (line, ids) tasks, [] once there are no more, or None when none is ready
     yet (only when not block). give(line, ids) gets each finished prompt. between_steps() runs after
     every step. Returns the rank's figures."""
-    engine = llm.engine
-    line_of: dict[int, int] = {}
-    tokens: dict[int, list[int]] = {}
-    sent = generated = 0
-    busy = 0.0
+    runs = LineRuns(llm, sampling)
     no_more = False
     while True:
-        if not no_more and len(line_of) < want:
-            tasks = take(want - len(line_of), not line_of)  # blocks only when this rank has nothing to do
+        if not no_more and len(runs) < want:
+            tasks = take(want - len(runs), not len(runs))  # blocks only when this rank has nothing to do
             if tasks == []:
                 no_more = True
             for line, ids in tasks or ():
-                rid = engine.add_request(ids, sampling, sequence=line)
-                line_of[rid], tokens[rid] = line, []
-        if not line_of:
+                runs.add(line, ids)
+        if not len(runs):
             if no_more:
                 break
             continue
-        t0 = time.perf_counter()
-        step = engine.step()
-        busy += time.perf_counter() - t0
-        made, finished = collect_step(step, line_of, tokens)
-        generated += made
-        for line, ids in finished:
+        for line, ids in runs.step():
             give(line, ids)
-            sent += 1
         between_steps()
-    peak = getattr(llm.runner, "peak_memory_bytes", lambda: None)()
-    return {"backend": llm.device, "prompts": sent, "generated_tokens": generated, "seconds": busy,
-            "peak_gpu_memory_bytes": peak, "engine": dict(engine.stats)}
+    return runs.figures()
 
 
 def _worker(comm, model_path, mo: MpiOptions, sampling, local_rank: int) -> None:
