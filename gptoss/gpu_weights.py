@@ -64,6 +64,10 @@ class DeviceWeights:
 
         self.config: ModelConfig = weights.config
         self.experts_format = weights.experts_format
+        # a tensor-parallel rank's share (gptoss.parallel.shard_weights.ShardWeights) holds experts
+        # first_expert .. first_expert + local_experts - 1; whole weights hold them all
+        self.first_expert = int(getattr(weights, "first_expert", 0))
+        self.local_experts = int(getattr(weights, "local_experts", weights.config.num_experts))
         need = weight_bytes(weights)
         free, total = free_gpu_memory()
         if need > free:

@@ -65,9 +65,12 @@ class ChatOutput:
     prompt_token_ids: list
 
 
-def make_runner(weights, device: str = "auto", config: EngineConfig | None = None, progress: bool = True):
+def make_runner(weights, device: str = "auto", config: EngineConfig | None = None, progress: bool = True,
+                tensor_parallel: int = 1, gpus: tuple | None = None, model=None):
     """The engine's model runner for `weights` on 'cpu' (the NumPy reference), 'gpu' or 'auto' (the GPU
-    when CuPy finds one)."""
+    when CuPy finds one). tensor_parallel > 1: the model split over that many ranks, one process each
+    (gptoss/parallel/tp_runner.py), on `gpus` (default 0..N-1) on a GPU; `model` is what each rank
+    opens (default `weights` itself)."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
     config = config or EngineConfig()
@@ -75,6 +78,13 @@ def make_runner(weights, device: str = "auto", config: EngineConfig | None = Non
         from .device import probe_gpu
 
         device = "gpu" if probe_gpu().usable else "cpu"
+    if tensor_parallel > 1:
+        from .parallel.tp_runner import TensorParallelRunner
+
+        if device == "gpu" and gpus is None:
+            gpus = tuple(range(tensor_parallel))
+        return TensorParallelRunner(weights if model is None else model, device, tensor_parallel, config,
+                                    gpus if device == "gpu" else None, progress)
     if device == "cpu":
         from .engine.cpu_runner import CPUModelRunner
 
@@ -89,9 +99,11 @@ class LLM:
     Hugging Face cache), `synthetic:PRESET`, or a Weights object (gptoss.weights.open_weights,
     gptoss.weights.random_weights). device: 'auto', 'cpu' or 'gpu'. tokenizer: a tokenizer.bin or
     o200k_base.tiktoken file (default: found next to the model or in tiktoken's cache). progress: show
-    the upload bar. engine_options: EngineConfig's fields (max_seqs, memory_limit, promise, ...)."""
+    the upload bar. tensor_parallel: split the model over that many ranks (processes; on `gpus`, one
+    each). engine_options: EngineConfig's fields (max_seqs, memory_limit, promise, ...)."""
 
-    def __init__(self, model=None, device: str = "auto", tokenizer=None, progress: bool = True, **engine_options):
+    def __init__(self, model=None, device: str = "auto", tokenizer=None, progress: bool = True,
+                 tensor_parallel: int = 1, gpus: tuple | None = None, **engine_options):
         from .tokenizer import STOP_IDS
 
         if model is not None and hasattr(model, "config") and hasattr(model, "names"):
@@ -100,7 +112,8 @@ class LLM:
             self.model_path = resolve_model_path(None if model is None else str(model))
             weights = open_weights(self.model_path)
         self.config = EngineConfig(**engine_options)
-        self.runner = make_runner(weights, device, self.config, progress)
+        self.runner = make_runner(weights, device, self.config, progress, tensor_parallel, gpus,
+                                  model=self.model_path if self.model_path is not None else weights)
         self.model_config = weights.config
         self.engine = Engine(self.runner, self.config, eos_token_ids=STOP_IDS)
         self._tokenizer_path = tokenizer

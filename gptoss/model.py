@@ -18,23 +18,28 @@ class StepBuffers:
     """Every activation of one step, allocated once for up to `tokens` tokens and `rows` logit rows:
     a step uses leading views, so the forward allocates nothing and can be captured in a CUDA graph."""
 
-    def __init__(self, cfg: ModelConfig, tokens: int, rows: int):
+    def __init__(self, cfg: ModelConfig, tokens: int, rows: int, ranks: int | None = None):
         import cupy
 
         from .ops.moe import MoEWorkspace
 
         self.max_tokens, self.max_rows = tokens, rows
-        for name, (shape, dtype, fill) in self.shapes(cfg, tokens, rows).items():
+        for name, (shape, dtype, fill) in self.shapes(cfg, tokens, rows, ranks).items():
             setattr(self, name, cupy.empty(shape, dtype) if fill is None else cupy.full(shape, fill, dtype))
         self.moe = MoEWorkspace(tokens, cfg.num_experts, cfg.experts_per_token, cfg.hidden_size,
                                 cfg.intermediate_size)
 
     @staticmethod
-    def shapes(cfg: ModelConfig, tokens: int, rows: int) -> dict:
-        """name -> (shape, dtype, initial value or None) of every buffer but the MoE workspace."""
+    def shapes(cfg: ModelConfig, tokens: int, rows: int, ranks: int | None = None) -> dict:
+        """name -> (shape, dtype, initial value or None) of every buffer but the MoE workspace; `ranks`:
+        a tensor-parallel rank's buffers too (its partial sums, the gathered partials of `ranks` ranks,
+        their sum, its local expert indices)."""
         T, R, H = tokens, rows, cfg.hidden_size
         u16, u32, f32, i32 = (np.dtype(t) for t in (np.uint16, np.uint32, np.float32, np.int32))
-        return {
+        tp = {} if ranks is None else {
+            "part": ((T, H), f32, None), "gathered": ((ranks * T * H,), f32, None), "reduced": ((T, H), f32, None),
+            "local": ((T, cfg.experts_per_token), i32, None)}
+        return {**tp,
             "tokens": ((T,), i32, 0), "positions": ((T,), i32, 0), "slots": ((T,), i32, 0),
             "rows": ((R,), i32, 0),  # the logit rows' places in T
             "x": ((T, H), f32, None),  # residual stream
@@ -53,11 +58,12 @@ class StepBuffers:
         }
 
     @classmethod
-    def nbytes(cls, cfg: ModelConfig, tokens: int, rows: int) -> int:
+    def nbytes(cls, cfg: ModelConfig, tokens: int, rows: int, ranks: int | None = None) -> int:
         """GPU bytes of the buffers for `tokens` tokens and `rows` logit rows (the MoE workspace's included)."""
         from .ops.moe import MoEWorkspace
 
-        own = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype, _ in cls.shapes(cfg, tokens, rows).values())
+        own = sum(int(np.prod(shape)) * dtype.itemsize
+                  for shape, dtype, _ in cls.shapes(cfg, tokens, rows, ranks).values())
         return own + MoEWorkspace.nbytes(tokens, cfg.num_experts, cfg.experts_per_token, cfg.hidden_size,
                                          cfg.intermediate_size)
 
@@ -85,11 +91,16 @@ class GPUModel:
     decode steps use for their unused rows) of up to `capacity` positions. Without `pages` every slot
     owns its whole capacity; with `pages` the engine hands out the full layers' pages and sends its
     page table with the steps (StepBatch.page_table). `kernels`: the kernel choices, resolved here once
-    for this device (default KernelOptions.from_env(): GPTOSS_WGMMA=0 turns the wgmma kernels off)."""
+    for this device (default KernelOptions.from_env(): GPTOSS_WGMMA=0 turns the wgmma kernels off).
+
+    Tensor/expert parallel: with `collective` (gptoss.parallel.collective) the weights are one rank's
+    share (gptoss.parallel.shard_weights.ShardWeights: its heads, its experts) and each layer all-gathers
+    the ranks' partial out projections and MoE sums and adds them in rank order (_tp_out, _tp_moe); every
+    rank then holds the same residual stream and logits. Without it, the one-GPU forward, unchanged."""
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
                  max_chunk: int, max_rows: int | None = None, pages: int | None = None,
-                 kernels: KernelOptions | None = None):
+                 kernels: KernelOptions | None = None, collective=None):
         import cupy
 
         from .ops.attention import rope_table
@@ -97,12 +108,14 @@ class GPUModel:
         self.kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
         self.w = weights
         self.cfg = cfg = weights.config
+        self.collective = collective
+        ranks = None if collective is None else collective.size
         self.slots = slots
         self.pad_slot = slots
         self.max_step_tokens, rows = self.step_sizes(slots, max_step_tokens, max_rows)
         self.cache = KVCache(cfg, slots + 1, capacity, max_chunk, pages)
         self.rope = rope_table(cfg, capacity)
-        self.buf = StepBuffers(cfg, self.max_step_tokens, rows)
+        self.buf = StepBuffers(cfg, self.max_step_tokens, rows, ranks)
         self._graphs: dict = {}  # (padded batch, key bound, greedy) -> (graph, inputs, what it reads)
         # the attention decode partials of every step, eager or captured, sized for the largest (a
         # workspace per step would grow with the batch, and the pool would keep every old size)
@@ -123,12 +136,12 @@ class GPUModel:
 
     @classmethod
     def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_step_tokens: int, max_chunk: int,
-               pages: int, max_rows: int | None = None) -> int:
+               pages: int, max_rows: int | None = None, ranks: int | None = None) -> int:
         """GPU bytes a model of these dimensions allocates beside its weights, from the shapes its
         constructor allocates: the KV cache, the step buffers and the decode partials (the RoPE table,
         each step's attention layout and the captured graphs are small and not counted)."""
         tokens, rows = cls.step_sizes(slots, max_step_tokens, max_rows)
-        return (KVCache.nbytes(cfg, slots + 1, capacity, max_chunk, pages) + StepBuffers.nbytes(cfg, tokens, rows)
+        return (KVCache.nbytes(cfg, slots + 1, capacity, max_chunk, pages) + StepBuffers.nbytes(cfg, tokens, rows, ranks)
                 + 4 * cls._decode_floats(cfg, slots, capacity))
 
     @property
@@ -159,18 +172,59 @@ class GPUModel:
             A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn,
                         page_table=table)
             mark("attention full" if layer.window == 0 else "attention sliding")
-            G.linear(attn, layer.out_w, layer.out_b, out=o, kernels=kernels)
+            if self.collective is None:
+                G.linear(attn, layer.out_w, layer.out_b, out=o, kernels=kernels)
+            else:
+                self._tp_out(T, attn, layer, mark)
             mark("out gemm")
             N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t, out_f32=t32)  # x += o; t = norm(x)
             mark("add + norm")
             # x += sum_j weight_j * expert_j(t), fused with the next block's norm; the router reads t
             # unrounded (a bf16 router input flips near-tied expert choices)
             last = i + 1 == len(w.layers)
-            eo = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last, mark=mark,
-                       kernels=kernels)
+            if self.collective is None:
+                eo, k = M.moe(x, t, layer, cfg, workspace=b.moe, router_input=t32, combine=last, mark=mark,
+                              kernels=kernels), cfg.experts_per_token
+            else:  # the ranks' summed MoE outputs, as one "slot" per token
+                eo, k = self._tp_moe(T, t, t32, layer, mark), 1
+                if last:
+                    M.combine_add(x, eo)
             if not last:
-                N.combine_rmsnorm(x, eo, cfg.experts_per_token, w.layers[i + 1].attn_norm, eps, out=t)
+                N.combine_rmsnorm(x, eo, k, w.layers[i + 1].attn_norm, eps, out=t)
                 mark("moe combine + norm")
+
+    # ---- tensor parallel: a rank's partial sums, gathered and added in rank order ----------------------
+    def _gather_reduce(self, T: int, part, bias=None, out=None):
+        """All ranks' `part` [T, H] float32 gathered, then summed in rank order (+ bias, bf16 out)."""
+        from .ops import tensor_parallel as P
+
+        R, H = self.collective.size, self.cfg.hidden_size
+        gathered = self.buf.gathered[:R * T * H].reshape(R, T, H)
+        self.collective.all_gather(part, gathered)
+        return P.reduce_ranks(gathered, out=out, bias=bias)
+
+    def _tp_out(self, T: int, attn, layer, mark) -> None:
+        """buf.o = bf16(sum over ranks of attn_r Wo_r^T + bias): this rank's heads' partial out projection
+        in float32, the ranks' partials added in rank order, the bias once, one rounding (R = 1: the same
+        bits as the one-GPU GEMM's epilogue)."""
+        from .ops import gemm as G
+
+        b = self.buf
+        part = G.linear(attn, layer.out_w, None, out=b.part[:T], out_dtype="f32", kernels=self.kernels)
+        mark("out gemm (rank)")
+        self._gather_reduce(T, part, bias=layer.out_b, out=b.o[:T])
+        mark("all-gather + reduce")
+
+    def _tp_moe(self, T: int, t, t32, layer, mark):
+        """The MoE outputs of every rank's experts, summed in rank order: [T, H] float32."""
+        from .ops import tensor_parallel as P
+
+        b = self.buf
+        part = P.moe_partial(t, layer, self.cfg, self.w.first_expert, b.moe, b.local[:T], b.part[:T],
+                             router_input=t32, kernels=self.kernels, mark=mark)
+        out = self._gather_reduce(T, part, out=b.reduced[:T])
+        mark("all-gather + reduce")
+        return out
 
     def profile(self, step: StepBatch) -> dict:
         """Milliseconds per kernel family of one eager step (CUDA events between launches)."""
@@ -260,7 +314,8 @@ class GPUModel:
         import cupy
 
         greedy = step.sampling is None
-        if use_graph and step.decode_only and not is_amd():
+        graph_safe = self.collective is None or self.collective.graph_safe
+        if use_graph and graph_safe and step.decode_only and not is_amd():
             return self._decode_graph(step, greedy)
         self.forward(step)
         R = len(step.logit_rows)

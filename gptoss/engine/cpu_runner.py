@@ -22,15 +22,21 @@ from .runner import Layout
 class CPUModelRunner:
     name = "cpu (NumPy reference, float32)"
 
-    def __init__(self, weights, config: EngineConfig | None = None):
+    def __init__(self, weights, config: EngineConfig | None = None, model=None):
+        """model: what runs the forward (new_cache, hidden, unembed), default ReferenceModel(weights); a
+        tensor-parallel rank passes its share (gptoss.parallel.tp_runner)."""
         from ..reference import ReferenceModel
 
         self.model_config = weights.config
         self.config = config or EngineConfig()
-        self.model = ReferenceModel(weights)
+        self.model = model if model is not None else ReferenceModel(weights)
         self.caches: list = []  # the reference KV cache of each slot
 
-    def allocate(self, capacity: int, slots: int, mean_positions: int | None = None) -> Layout:
+    def free_bytes(self) -> None:
+        """Memory is not planned on the CPU."""
+        return None
+
+    def allocate(self, capacity: int, slots: int, mean_positions: int | None = None, free_bytes=None) -> Layout:
         """`slots` slots (the engine asks for one per waiting request, EngineConfig.max_seqs at most) of
         `capacity` positions; pages for all of them, or EngineConfig.num_pages."""
         width = pages_per_slot(capacity)

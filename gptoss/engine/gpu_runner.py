@@ -36,11 +36,13 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: int,
-                mean_positions: int | None = None, config: EngineConfig = EngineConfig()) -> MemoryPlan:
+                mean_positions: int | None = None, config: EngineConfig = EngineConfig(),
+                ranks: int | None = None) -> MemoryPlan:
     """Slots and KV pages that fit in free_bytes (less HEADROOM). The slot count is the largest for
     which every slot can hold `mean_positions` positions (a running sequence's expected length;
     default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
-    goes to pages (at most a whole capacity per slot)."""
+    goes to pages (at most a whole capacity per slot). ranks: a tensor-parallel rank of that many
+    (cfg is then its shard's config; its collective buffers are counted too)."""
     chunk = min(config.prefill_chunk, capacity)
     width = pages_per_slot(capacity)
     mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
@@ -49,7 +51,7 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
         return slots + min(config.prefill_tokens, slots * chunk)
 
     def nbytes(slots: int, pages: int) -> int:
-        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages)
+        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages, ranks=ranks)
 
     budget = free_bytes - HEADROOM
     lo, hi = 0, max(1, wanted_slots)
@@ -64,16 +66,20 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
             f"no room for even one sequence of {capacity} tokens: it needs "
             f"{gib(nbytes(1, width))} of GPU memory beside the weights and {gib(max(budget, 0))} is left. "
             "Lower -n or shorten the prompts.")
-    pages = min((budget - nbytes(lo, 0)) // KVCache.page_bytes(cfg), lo * width)
+    pages = min((budget - nbytes(lo, 0)) // KVCache.page_bytes(cfg), lo * width)  # (ranks: page bytes alike)
     return MemoryPlan(lo, int(pages), capacity, step_tokens(lo), chunk, nbytes(lo, int(pages)))
 
 
 class GPUModelRunner:
-    def __init__(self, weights, config: EngineConfig | None = None, progress: bool = True):
+    """collective: a tensor-parallel rank's (gptoss.parallel.collective; `weights` is then its share,
+    gptoss.parallel.shard_weights.ShardWeights); None on one GPU."""
+
+    def __init__(self, weights, config: EngineConfig | None = None, progress: bool = True, collective=None):
         import cupy
 
         self.config = config = config or EngineConfig()
         self.model_config: ModelConfig = weights.config
+        self.collective = collective
         self.device_name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"].decode()
         self.name = f"gpu ({self.device_name})"
         if config.memory_limit is not None and weight_bytes(weights) + HEADROOM >= config.memory_limit:
@@ -98,7 +104,8 @@ class GPUModelRunner:
 
         return cupy.get_default_memory_pool().total_bytes()
 
-    def allocate(self, capacity: int, slots: int, mean_positions: int | None = None) -> Layout:
+    def free_bytes(self) -> int:
+        """GPU bytes this runner may plan with once its model is dropped (--gpu-memory applied)."""
         import cupy
 
         self.model = None
@@ -107,7 +114,16 @@ class GPUModelRunner:
         free, _ = free_gpu_memory()
         if self.config.memory_limit is not None:
             free = min(free, self.config.memory_limit - pool.used_bytes())
-        plan = plan_memory(self.model_config, free, capacity, slots, mean_positions, self.config)
+        return free
+
+    def allocate(self, capacity: int, slots: int, mean_positions: int | None = None,
+                 free_bytes: int | None = None) -> Layout:
+        """free_bytes: plan with this many (tensor parallel: the least any rank has, so that every rank
+        builds the same plan); default what this GPU has (free_bytes())."""
+        free = self.free_bytes()  # (drops the last model first)
+        free = free if free_bytes is None else free_bytes  # every rank the same plan, from the same bytes
+        ranks = None if self.collective is None else self.collective.size
+        plan = plan_memory(self.model_config, free, capacity, slots, mean_positions, self.config, ranks)
         pages = plan.pages
         if self.config.num_pages is not None:
             if self.config.num_pages < pages_per_slot(capacity):
@@ -116,7 +132,7 @@ class GPUModelRunner:
             pages = min(pages, self.config.num_pages)
         with _out_of_memory_as_error("the KV cache and step buffers"):
             self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
-                                  pages=pages, kernels=self.kernels)
+                                  pages=pages, kernels=self.kernels, collective=self.collective)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens, plan.max_chunk)
 
     def step(self, batch: StepBatch) -> np.ndarray:

@@ -459,12 +459,18 @@ class MoEWorkspace:
         return sum(n * dtype.itemsize for n, dtype in cls.sizes(max_tokens, num_experts, top_k, hidden,
                                                               intermediate).values())
 
-    def views(self, T: int, H: int, I: int):
+    def views(self, T: int, H: int, I: int, dispatch_experts: int | None = None):
+        """(routed (experts, weights), router scratch, Dispatch, y, out) for T tokens. dispatch_experts:
+        the experts the dispatch groups by, when fewer than the router's (a tensor-parallel rank's own)."""
         if T > self.max_tokens:
             raise ValueError(f"{T} tokens exceed the workspace's {self.max_tokens}")
         k, E = self.top_k, self.num_experts
+        if dispatch_experts is not None:
+            if not 1 <= dispatch_experts <= E:
+                raise ValueError(f"dispatch_experts {dispatch_experts}: expected 1..{E}")
+            E = dispatch_experts
         S = T * k
-        d = Dispatch(self.offsets, self.sorted_slots[:S],
+        d = Dispatch(self.offsets[:E + 1], self.sorted_slots[:S],
                      {bm: a[: 2 * tile_bound(S, E, bm)].reshape(-1, 2) for bm, a in self.tiles.items()})
         return ((self.experts[:S].reshape(T, k), self.weights[:S].reshape(T, k)), self.scratch, d,
                 self.y[: S * I].reshape(S, I), self.out[: S * H].reshape(S, H))

@@ -1,7 +1,8 @@
 """Expert and attention tensor parallel on paper: the reference forward split over R simulated ranks.
 
-The plan for `--tensor-parallel R` (not built on the GPU yet), checked here in NumPy against the
-unsharded gptoss.reference forward:
+The plan of `--tensor-parallel R` (the GPU model follows it: gptoss/model.py with
+gptoss/parallel/shard_weights.py), checked here in NumPy against the unsharded gptoss.reference forward;
+`--device cpu --tensor-parallel R` runs it over R processes (rank_hidden, gptoss/parallel/tp_runner.py):
 
 - Attention: rank r owns query heads [r Hq/R, (r+1) Hq/R) and kv heads [r Hkv/R, (r+1) Hkv/R), with
   their rows of the qkv projection, their sinks and their columns of the out projection. Query head h
@@ -123,22 +124,30 @@ class ShardedReference:
 
     def hidden(self, tokens, caches: list[KVCache]) -> np.ndarray:
         """ReferenceModel.hidden over the ranks: the final normed states [T, H]; extends every cache."""
-        cfg, model, R = self.config, self.model, self.plan.ranks
+        return self._hidden(tokens, dict(enumerate(caches)), reduce_in_rank_order)
+
+    def rank_hidden(self, tokens, cache: KVCache, rank: int, gather) -> np.ndarray:
+        """hidden() as rank `rank` alone runs it, in a process of its own: its cache, its partial sums;
+        gather(partial) returns every rank's partial, in rank order (the all-gather), which it reduces."""
+        return self._hidden(tokens, {rank: cache}, lambda parts: reduce_in_rank_order(gather(parts[0])))
+
+    def _hidden(self, tokens, caches: dict, reduce) -> np.ndarray:
+        """The forward of the ranks in `caches` (rank -> its KVCache); reduce(their partials) -> the sum."""
+        cfg, model = self.config, self.model
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        start = caches[0].length
+        start = next(iter(caches.values())).length
         positions = start + np.arange(len(tokens), dtype=np.int64)
         cos, sin = rope_cos_sin(cfg, positions)
         x = model.embed(tokens)
         for i in range(cfg.num_layers):
             t = rmsnorm(x, model.attn[i].norm, cfg.rms_norm_eps)  # replicated on every rank
-            attn = reduce_in_rank_order([self.attention_partial(r, i, t, positions, cos, sin, caches[r])
-                                         for r in range(R)])
+            attn = reduce([self.attention_partial(r, i, t, positions, cos, sin, c) for r, c in caches.items()])
             x = x + (attn + model.attn[i].out_bias)  # the bias once, after the reduce
             t = rmsnorm(x, model.mlp_norm[i], cfg.rms_norm_eps)
             logits = t @ model.moe[i].router_weight.T + model.moe[i].router_bias  # replicated router
             experts, weights = router_topk(logits, cfg.experts_per_token)
-            x = x + reduce_in_rank_order([self.moe_partial(r, i, t, experts, weights) for r in range(R)])
-        for cache in caches:
+            x = x + reduce([self.moe_partial(r, i, t, experts, weights) for r in caches])
+        for cache in caches.values():
             cache.positions = np.concatenate([cache.positions, positions])
         return rmsnorm(x, model.final_norm, cfg.rms_norm_eps)
 
