@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="getp: N engine replicas, each in its own process with its own weights and KV "
                         "cache, fed longest prompt first from one queue; output identical to one "
                         "replica (default: one per GPU of --gpus; 1 on the CPU)")
+    p.add_argument("--tensor-parallel", "--expert-parallel", dest="tensor_parallel", type=int, default=1,
+                   metavar="N",
+                   help="split one model over N GPUs (query/kv heads and experts; one process each, "
+                        "NCCL between them); with more GPUs, data parallel over groups of N: --gpus 0-7 "
+                        "--tensor-parallel 2 = 4 replicas of 2 GPUs. N must divide the GPUs, the heads, "
+                        "the kv heads and the experts. On the CPU: N processes of the sharded reference "
+                        "(default 1)")
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="getp: the GPUs to run on, e.g. 0,2,3 or 0-3 (default: every visible GPU); "
                         "replica r runs on the r-th GPU of the list, round robin")
@@ -154,11 +161,24 @@ def keeping_partial(run, output) -> int:
         return INTERRUPTED
 
 
+def tensor_parallel_gpus(args, gpus: tuple) -> int:
+    """The data-parallel replicas of a GPU getp run with --tensor-parallel N: one per N GPUs (Failure
+    when N does not divide the GPUs, or --data-parallel asks for more groups than there are)."""
+    n = args.tensor_parallel
+    if len(gpus) % n:
+        fail(f"--tensor-parallel {n} must divide the number of GPUs ({len(gpus)}: "
+             f"{','.join(map(str, gpus))}); pick them with --gpus")
+    if args.data_parallel is not None and args.data_parallel * n > len(gpus):
+        fail(f"--data-parallel {args.data_parallel} x --tensor-parallel {n} needs {args.data_parallel * n} "
+             f"GPUs; {len(gpus)} are chosen")
+    return args.data_parallel or len(gpus) // n
+
+
 def run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory) -> int:
     from gptoss.parallel.data import DataParallelOptions, run_getp_parallel
 
     dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tokenizer=args.tokenizer,
-                             max_seqs=args.batch, memory_limit=memory)
+                             max_seqs=args.batch, memory_limit=memory, tensor_parallel=args.tensor_parallel)
     print(f"getp: {replicas} replicas ({', '.join(dp.name(r) for r in range(replicas))})", file=sys.stderr)
     return keeping_partial(lambda: run_getp_parallel(model_path, options, dp, sampling), options.output)
 
@@ -168,7 +188,8 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
     from gptoss.parallel.data import ReplicaError
     from gptoss.parallel.mpi import MpiOptions, run_getp_mpi
 
-    mo = MpiOptions(device=device, gpus=gpus, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory)
+    mo = MpiOptions(device=device, gpus=gpus, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
+                    tensor_parallel=args.tensor_parallel)
     try:
         return run_getp_mpi(model_path, options, mo, sampling)
     except ReplicaError as e:  # what finished is in OUTPUT.partial; the other ranks may be mid-step
@@ -216,6 +237,8 @@ def _main(argv) -> int:
         fail(f"-b must be at least 1 (got {args.batch})")
     if args.data_parallel is not None and args.data_parallel < 1:
         fail(f"--data-parallel must be at least 1 (got {args.data_parallel})")
+    if args.tensor_parallel < 1:
+        fail(f"--tensor-parallel must be at least 1 (got {args.tensor_parallel})")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         fail(f"--gpu-memory must be positive (got {args.gpu_memory})")
     if args.mode == "serve" and not 0 < args.port < 65536:
@@ -236,6 +259,14 @@ def _main(argv) -> int:
         model_path = resolve_model_path(args.model)
     except FileNotFoundError as e:
         fail(str(e))
+    if args.tensor_parallel > 1:  # the split must fit the model: checked before anything loads
+        from gptoss.parallel.tensor import ShardPlan
+        from gptoss.weights import open_weights
+
+        try:
+            ShardPlan(open_weights(model_path).config, args.tensor_parallel)
+        except ValueError as e:
+            fail(f"--tensor-parallel {args.tensor_parallel}: {e}")
     if args.mode == "getp":  # every file checked before the model loads
         from gptoss.getp import GetpOptions, check_getp_options
 
@@ -260,18 +291,32 @@ def _main(argv) -> int:
             if args.data_parallel is not None:
                 fail("--data-parallel is for one process; under MPI, launch one rank per engine")
             return run_mpi_getp(model_path, options, sampling, args, device, gpus, memory)
-        replicas = args.data_parallel or (len(gpus) if gpus else 1)
+        if gpus and args.tensor_parallel > 1:
+            replicas = tensor_parallel_gpus(args, gpus)
+        else:
+            replicas = args.data_parallel or (len(gpus) if gpus else 1)
         if replicas > 1:
             return run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory)
         if gpus and gpus[0] != 0:
             import cupy
 
             cupy.cuda.Device(gpus[0]).use()
+    else:
+        gpus = None
+        if device == "gpu" and args.tensor_parallel > 1:
+            from gptoss.parallel.data import visible_gpus
+
+            gpus = visible_gpus()
+            if len(gpus) < args.tensor_parallel:
+                fail(f"--tensor-parallel {args.tensor_parallel} needs {args.tensor_parallel} GPUs; "
+                     f"{len(gpus)} visible")
     from gptoss.llm import LLM
 
     try:  # (CheckpointError, ModelTooLargeError: GptossErrors, said in one line by main)
         batch = args.batch or (SERVE_SLOTS if args.mode == "serve" else None)
-        llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory)
+        llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
+                  tensor_parallel=args.tensor_parallel,
+                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None)
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 

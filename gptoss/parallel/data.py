@@ -40,14 +40,17 @@ class ReplicaError(GptossError, RuntimeError):
 @dataclass(frozen=True)
 class DataParallelOptions:
     """replicas: engine replicas, one worker process each. device: "cpu" (the NumPy reference) or "gpu".
-    gpus: the GPUs (gpu only); replica r runs on gpus[r % len(gpus)]. The rest is each replica's
-    LLM: tokenizer file, max_seqs (run.py -b), memory_limit (--gpu-memory, per replica)."""
+    gpus: the GPUs (gpu only); replica r runs on gpus[r % len(gpus)], or with tensor_parallel N > 1 on
+    gpus[r N .. r N + N - 1] (its ranks; the replicas then need N x replicas GPUs). The rest is each
+    replica's LLM: tokenizer file, max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and
+    rank)."""
     replicas: int = 1
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
     tokenizer: str | None = None
     max_seqs: int | None = None
     memory_limit: int | None = None
+    tensor_parallel: int = 1
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -56,13 +59,32 @@ class DataParallelOptions:
             raise ValueError(f"device must be cpu or gpu (got {self.device!r})")
         if self.device == "gpu" and not self.gpus:
             raise ValueError("a GPU run needs at least one GPU")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be at least 1 (got {self.tensor_parallel})")
+        if self.device == "gpu" and self.tensor_parallel > 1 and self.replicas * self.tensor_parallel > len(self.gpus):
+            raise ValueError(f"{self.replicas} replicas of {self.tensor_parallel} tensor-parallel ranks need "
+                             f"{self.replicas * self.tensor_parallel} GPUs; {len(self.gpus)} given")
+
+    def gpus_of(self, replica: int) -> tuple[int, ...] | None:
+        """The GPUs of a replica's ranks (one without tensor parallel); None on the CPU."""
+        if self.device != "gpu":
+            return None
+        n = self.tensor_parallel
+        if n == 1:
+            return (self.gpus[replica % len(self.gpus)],)
+        return self.gpus[replica * n:(replica + 1) * n]
 
     def gpu_of(self, replica: int) -> int | None:
-        return self.gpus[replica % len(self.gpus)] if self.device == "gpu" else None
+        gpus = self.gpus_of(replica)
+        return gpus[0] if gpus else None
 
     def name(self, replica: int) -> str:
-        gpu = self.gpu_of(replica)
-        return f"replica {replica} ({'CPU worker' if gpu is None else f'GPU {gpu}'})"
+        gpus = self.gpus_of(replica)
+        if gpus is None:
+            where = "CPU worker" if self.tensor_parallel == 1 else f"{self.tensor_parallel} CPU ranks"
+        else:
+            where = f"GPU{'s' if len(gpus) > 1 else ''} {','.join(map(str, gpus))}"
+        return f"replica {replica} ({where})"
 
 
 def parse_gpus(text: str) -> tuple[int, ...]:
@@ -103,6 +125,8 @@ class _Worker:
     max_seqs: int | None
     memory_limit: int | None
     sampling: object  # SamplingParams
+    gpus: tuple | None = None  # the replica's ranks' GPUs (tensor parallel)
+    tensor_parallel: int = 1
 
 
 def _work(w: _Worker, tasks, results) -> None:
@@ -110,8 +134,8 @@ def _work(w: _Worker, tasks, results) -> None:
     ("done", replica, line, ids) per finished prompt and ("finished", replica, figures) at the end, or
     ("failed", replica, one line) when anything raises."""
     try:
-        runs = LineRuns(replica_llm(w.model_path, w.device, w.gpu, w.tokenizer, w.max_seqs, w.memory_limit),
-                        w.sampling)
+        runs = LineRuns(replica_llm(w.model_path, w.device, w.gpu, w.tokenizer, w.max_seqs, w.memory_limit,
+                                    w.tensor_parallel, w.gpus), w.sampling)
         want = w.max_seqs or (1 if w.device == "cpu" else GPU_INFLIGHT)
         crash_line, _, crash_how = os.environ.get(CRASH_ENV, "-1").partition(":")
         crash_line = int(crash_line)
@@ -142,9 +166,11 @@ def _work(w: _Worker, tasks, results) -> None:
         results.put(("failed", w.replica, f"{type(e).__name__}: {text[0]}" if text else type(e).__name__))
 
 
-def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit):
+def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit,
+                tensor_parallel: int = 1, gpus: tuple | None = None):
     """The LLM one replica or rank runs, on `gpu` (made current first: its weights, cache and kernels go
-    there) or on the CPU reference."""
+    there) or on the CPU reference; with tensor_parallel > 1 split over that many ranks (processes),
+    on `gpus` on a GPU (gpus[0] == gpu)."""
     if gpu is not None:
         import cupy
 
@@ -152,7 +178,7 @@ def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, m
     from ..llm import LLM
 
     return LLM(model_path, device, tokenizer=tokenizer, progress=False, max_seqs=max_seqs,
-               memory_limit=memory_limit)
+               memory_limit=memory_limit, tensor_parallel=tensor_parallel, gpus=gpus)
 
 
 class LineRuns:
@@ -213,9 +239,11 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
     started = min(dp.replicas, len(plan.todo))  # no more workers than prompts to run
     for _ in range(started):
         tasks.put(None)
-    workers = [ctx.Process(target=_work, daemon=True, name=f"gptoss-{dp.name(r)}",
+    # a replica split over ranks starts their processes: only a non-daemonic process may have children
+    workers = [ctx.Process(target=_work, daemon=dp.tensor_parallel == 1, name=f"gptoss-{dp.name(r)}",
                            args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer, dp.max_seqs,
-                                         dp.memory_limit, sampling), tasks, results))
+                                         dp.memory_limit, sampling, dp.gpus_of(r), dp.tensor_parallel),
+                                 tasks, results))
                for r in range(started)]
     figures: dict[int, dict] = {}
     start = time.perf_counter()
@@ -274,7 +302,7 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
     replicas = []
     for r in range(started):
         f = figures[r]
-        replicas.append({"replica": r, "gpu": dp.gpu_of(r), "backend": f["backend"], "prompts": f["prompts"],
+        replicas.append({"replica": r, "gpu": dp.gpu_of(r), "gpus": dp.gpus_of(r), "backend": f["backend"], "prompts": f["prompts"],
                          "generated_tokens": f["generated_tokens"], "busy_seconds": round(f["seconds"], 3),
                          "tokens_per_second": round(f["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
                          "peak_gpu_memory_bytes": f["peak_gpu_memory_bytes"], "engine": f["engine"]})
@@ -282,6 +310,7 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
     record = {"generated_tokens": sum(r["generated_tokens"] for r in replicas), "wall_seconds": wall,
               "backend": f"{figures[0]['backend'] if figures else dp.device} x{started}", "model": str(model_path),
               "steps": sampling.max_tokens, "batch": dp.max_seqs, "data_parallel": started,
+              "tensor_parallel": dp.tensor_parallel,
               "replicas": replicas}
     finish_getp(plan, options, record, max(peaks) if peaks else None)
     return 0

@@ -45,12 +45,15 @@ def mpi_world_size(environ=os.environ) -> int:
 @dataclass(frozen=True)
 class MpiOptions:
     """device: "cpu" or "gpu"; gpus: the node's GPUs a rank picks from by its rank within the node. The
-    rest is each rank's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory)."""
+    rest is each rank's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory).
+    tensor_parallel N > 1: each MPI rank runs one engine split over N ranks of its own (processes it
+    starts, gptoss/parallel/tp_runner.py), on GPUs gpus[i N .. i N + N - 1] for its rank i in the node."""
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
     tokenizer: str | None = None
     max_seqs: int | None = None
     memory_limit: int | None = None
+    tensor_parallel: int = 1
 
 
 def _one_line(e: BaseException) -> str:
@@ -59,8 +62,19 @@ def _one_line(e: BaseException) -> str:
 
 
 def _build_llm(model_path, mo: MpiOptions, local_rank: int):
-    gpu = mo.gpus[local_rank % len(mo.gpus)] if mo.device == "gpu" else None
-    return replica_llm(model_path, mo.device, gpu, mo.tokenizer, mo.max_seqs, mo.memory_limit), gpu
+    n = mo.tensor_parallel
+    if mo.device != "gpu":
+        gpu, gpus = None, None
+    elif n == 1:
+        gpu = mo.gpus[local_rank % len(mo.gpus)]
+        gpus = (gpu,)
+    else:
+        gpus = mo.gpus[local_rank * n:(local_rank + 1) * n]
+        if len(gpus) < n:
+            raise ValueError(f"node rank {local_rank} needs GPUs {local_rank * n}..{local_rank * n + n - 1} for "
+                             f"--tensor-parallel {n}; the node has {len(mo.gpus)}")
+        gpu = gpus[0]
+    return replica_llm(model_path, mo.device, gpu, mo.tokenizer, mo.max_seqs, mo.memory_limit, n, gpus), gpu
 
 
 def _drive(llm, sampling, want: int, take, give, between_steps) -> dict:

@@ -28,6 +28,7 @@ then does not return from its step, and the run has to be stopped (Ctrl-C).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ from ..batch import StepBatch
 from ..errors import GptossError
 from .shard_weights import ShardWeights
 from .tensor import ShardedReference, ShardPlan
+
+
+# Test hook: "R" makes rank R (not 0) raise when its first step comes.
+RAISE_ENV = "GPTOSS_TEST_TP_RANK_RAISE"
 
 
 class TensorParallelError(GptossError, RuntimeError):
@@ -149,9 +154,12 @@ def follow(spec: RankSpec, conn) -> None:
             collective = HostFollowerCollective(spec.ranks, spec.rank, conn)
         runner = rank_runner(spec, collective)
         conn.send(("ready", None))
+        fail_at = os.environ.get(RAISE_ENV, "")
         while True:
             kind, *args = conn.recv()
             if kind == "step":
+                if fail_at == str(spec.rank):
+                    raise RuntimeError(f"{RAISE_ENV}: rank {spec.rank}")
                 runner.step(args[0])
             elif kind == "free":
                 conn.send(("free", runner.free_bytes()))
