@@ -65,6 +65,17 @@ def test_ranks_give_the_output_of_one_engine(files, tmp_path, ranks):
 
 
 @needs_mpi
+def test_each_rank_runs_a_tensor_parallel_engine(files, tmp_path):
+    """mpiexec -n 2 with --tensor-parallel 2: each MPI rank splits its engine over 2 processes of the
+    sharded reference; the greedy tokens are one engine's (see tests/test_tp_cpu.py)."""
+    d, whole = files
+    out = tmp_path / "out.txt"
+    done = mpiexec(2, getp_args(d, out, "--tensor-parallel", 2))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == whole.read_bytes()
+
+
+@needs_mpi
 def test_resume_under_mpi_runs_only_what_is_left(files, tmp_path):
     d, whole = files
     out, record = tmp_path / "out.txt", tmp_path / "out.json"

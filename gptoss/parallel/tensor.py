@@ -20,10 +20,9 @@ addition is not associative, so splitting one K-long dot product (the out projec
 expert sum over k slots) into R partial sums and adding those changes the rounding of the result, by a
 few float32 ulps per reduction (relative ~1e-7), and these differences pass through later layers. A
 greedy token can therefore differ from the one-GPU run where two logits are within that rounding of
-each other; this is the same kind of difference as between two GEMM tilings. An NCCL all-reduce adds in
-an order fixed by its algorithm and topology (ring or tree), not necessarily 0..R-1: it is deterministic
-for a fixed configuration, so a GPU run is reproducible and batch invariant for a given R and machine,
-but its bits need not equal this reference's order either, only agree within the same rounding.
+each other; this is the same kind of difference as between two GEMM tilings. The GPU ranks keep this
+order too: they all-gather their partials through NCCL and each adds them in rank order
+(gptoss/parallel/collective.py), rather than an NCCL all-reduce, whose order is its algorithm's.
 """
 from __future__ import annotations
 
