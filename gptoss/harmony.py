@@ -81,10 +81,12 @@ class Message:
 @dataclass(frozen=True)
 class ParsedReply:
     """An assistant reply: its messages in order and why it stopped: "return" (final answer done),
-    "call" (a tool call), "endoftext", or "length" (it ran out)."""
+    "call" (a tool call), "endoftext", or "length" (it ran out). broken: how the reply broke the
+    harmony format, the first time it did (StreamParser lists the ways); None for a well-formed reply."""
 
     messages: tuple = ()
     stop: str = "length"
+    broken: str | None = None
 
     def channel_text(self, channel: str) -> str:
         return "\n".join(m.content for m in self.messages if m.channel == channel)
@@ -265,11 +267,15 @@ class StreamParser:
         text after it is kept, as a message without a channel;
       - the reply stops at the first stop id (<|return|>, <|call|>, <|endoftext|>); ids after it are
         ignored; a reply cut short keeps what its last message said so far (finish()).
+    Each of these but the last breaks the format, as does a reply that stops inside a header (a stop id
+    before <|message|>: the header's text becomes the message, as openai-harmony reads it): `broken`
+    says how, the first time (the server ends such a reply with finish reason "error").
     Concatenated, the deltas of a message are its content; UTF-8 characters are never split."""
 
     def __init__(self):
         self.messages: list[Message] = []  # the finished messages
         self.stop: str | None = None       # why the reply stopped; None while it goes on
+        self.broken: str | None = None     # how the reply broke the harmony format first; None: it did not
         self._new_parser(assistant=True)
 
     def _new_parser(self, assistant: bool) -> None:
@@ -310,9 +316,11 @@ class StreamParser:
             p.process(token)
         except oh.HarmonyError:
             if before is oh.StreamState.HEADER and token == MESSAGE:  # an unreadable header
+                self._break("a message header that cannot be read")
                 self._new_parser(assistant=True)
                 return self._process(MESSAGE)
-            return None  # a stray id between messages
+            self._break(f"id {token} where harmony allows none (a stray id between messages)")
+            return None
         if not changes_state:
             delta = p.last_content_delta if before is oh.StreamState.CONTENT else None
             if not delta:
@@ -336,37 +344,52 @@ class StreamParser:
             return None
         ended = None
         if token == START and self._state is oh.StreamState.CONTENT:
+            self._break("<|start|> inside a message")
             ended = self._process(END)
         elif token == START and self._state is oh.StreamState.HEADER:
+            self._break("<|start|> inside a message header")
             self._new_parser(assistant=False)  # the header starts again
         if token == ENDOFTEXT:
             self.stop = STOP_REASONS[token]
             return self.finish()
+        if token in (RETURN, CALL) and self._state is oh.StreamState.HEADER:
+            self._break("the reply stopped inside a message header")
         delta = self._process(token)
         if token in STOP_REASONS:
             self.stop = STOP_REASONS[token]
         return ended or delta
 
-    def finish(self) -> Delta | None:
+    def _break(self, how: str) -> None:
+        if self.broken is None:
+            self.broken = how
+
+    def finish(self, stopped: bool = False) -> Delta | None:
         """The end of the reply (a stop id or none: it ran out): a message cut short is kept as far as it
-        went, an unfinished header is dropped. Returns the cut message's last Delta, if there is one."""
+        went, an unfinished header is dropped. stopped: the reply ended on a stop id that was not pushed
+        (an engine that drops it), so an unfinished header breaks the format, as one cut by length does
+        not. Returns the cut message's last Delta, if there is one."""
         oh = openai_harmony()
 
         before = self._state
         if before is oh.StreamState.EXPECT_START:
             return None
         if before is oh.StreamState.HEADER:
-            self._new_parser(assistant=False)  # nothing to keep: a header without its message
-            return None
+            if not (stopped or self.stop is not None):  # cut by its length: nothing to keep
+                self._new_parser(assistant=False)
+                return None
+            # a stop id inside a header: harmony reads the header's text as the message (text without a
+            # header becomes a message without a channel), as it does when it is given the stop id
+            self._break("the reply stopped inside a message header")
+            return self._process(RETURN)
         self._parser.process_eos()
         return self._ended(before)
 
     def reply(self, stop_token: int | None = None) -> ParsedReply:
         """The reply as a whole (finished first, if it was not); stop_token: the stop id, when the engine
         reports it apart from the ids."""
-        self.finish()
+        self.finish(stopped=stop_token is not None)
         stop = self.stop or STOP_REASONS.get(stop_token, "length")
-        return ParsedReply(tuple(self.messages), stop)
+        return ParsedReply(tuple(self.messages), stop, self.broken)
 
 
 def parse_assistant(ids, stop_token: int | None = None) -> ParsedReply:

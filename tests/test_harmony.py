@@ -262,32 +262,53 @@ def test_streaming_never_splits_a_character(tok):
 
 
 MALFORMED = {
-    # what the model wrote: the messages a reader gets ((channel, text), ...)
-    "<|channel|>final<|message|>Answer<|end|><|return|>": [("final", "Answer")],
+    # what the model wrote: (the messages a reader gets ((channel, text), ...), whether it broke the format)
+    "<|channel|>final<|message|>Answer<|end|><|return|>": ([("final", "Answer")], True),
     "<|channel|>final<|message|>A<|end|> 364<|start|>assistant<|channel|>final<|message|>B<|return|>":
-        [("final", "A"), ("final", "B")],
+        ([("final", "A"), ("final", "B")], True),
     "<|channel|>analysis<|message|>hm<|end|><|start|><|start|>assistant<|channel|>final<|message|>B<|return|>":
-        [("analysis", "hm"), ("final", "B")],
+        ([("analysis", "hm"), ("final", "B")], True),
     "<|channel|><|message|>x<|end|><|start|>assistant<|channel|>final<|message|>y<|return|>":
-        [(None, "x"), ("final", "y")],
+        ([(None, "x"), ("final", "y")], True),
     "<|channel|>analysis<|message|>think<|start|>assistant<|channel|>final<|message|>y<|return|>":
-        [("analysis", "think"), ("final", "y")],
-    "<|channel|>commentary to=functions.f a b <|constrain|>json<|message|>{}<|call|>": [(None, "{}")],
-    "<|start|>assistant<|channel|>final<|message|>x<|message|>y<|endoftext|>z": [("final", "x<|message|>y")],
-    "no header at all": [],
-    "<|channel|>final": [],
+        ([("analysis", "think"), ("final", "y")], True),
+    "<|channel|>commentary to=functions.f a b <|constrain|>json<|message|>{}<|call|>": ([(None, "{}")], True),
+    "<|start|>assistant<|channel|>final<|message|>x<|message|>y<|endoftext|>z": ([("final", "x<|message|>y")], True),
+    "<|channel|>final<|return|>": ([("final", "")], True),  # stopped inside the header
+    "words, no header<|return|>": ([(None, "words, no header")], True),
+    "<|channel|>final<|endoftext|>": ([("final", "")], True),
+    "no header at all": ([], False),  # cut by length inside the header: not broken, only cut
+    "<|channel|>final": ([], False),
 }
 
 
 @pytest.mark.parametrize("text", MALFORMED)
 def test_malformed_replies_do_not_break_the_parser(tok, text):
     """openai-harmony's StreamableParser raises on these (a stray id after <|end|>, <|start|> twice, an
-    empty channel, extra header words); the stream goes on and keeps every message's text."""
+    empty channel, extra header words); the stream goes on, keeps every message's text and says that
+    the reply broke the format."""
     ids = tok.encode(text)
     texts, reply = stream(ids)
-    assert [(m.channel, m.content) for m in reply.messages] == MALFORMED[text]
+    messages, broken = MALFORMED[text]
+    assert [(m.channel, m.content) for m in reply.messages] == messages
     assert texts == [m.content for m in reply.messages]
     assert H.parse_assistant(ids) == reply
+    assert (reply.broken is not None) == broken, reply.broken
+
+
+def test_well_formed_replies_are_not_broken(tok):
+    assert H.parse_assistant(HARMONY_DOCS_REPLY).broken is None
+    assert H.parse_assistant(HARMONY_DOCS_REPLY[:-1], stop_token=T.RETURN).broken is None
+    header = tok.encode("<|channel|>final")
+    assert H.parse_assistant(header).broken is None  # cut by length: not broken
+    # the engine drops the stop id: the same reading as with it
+    assert H.parse_assistant(header, stop_token=T.RETURN) == H.parse_assistant(header + [T.RETURN])
+    assert H.parse_assistant(header + [T.RETURN]).broken == "the reply stopped inside a message header"
+    parser = H.StreamParser()
+    for t in tok.encode("raw text"):
+        parser.push(t)
+    assert parser.finish(stopped=True) == H.Delta("raw text", None, started=True, ended=True)
+    assert parser.broken == "the reply stopped inside a message header"
 
 
 def test_random_streams_never_raise(tok):

@@ -319,7 +319,7 @@ BAD_CHAT = [
     ({"temperature": "hot"}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"seed": -1}, "seed"),
-    ({"stop": ["\n"]}, "stop"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0"),
@@ -495,7 +495,8 @@ class FailingRunner(ScriptedRunner):
 
 def test_an_engine_failure_ends_its_requests_and_the_server_goes_on():
     tok = get_tokenizer()
-    server = LiveServer(build_app(Engine(FailingRunner(tok, [ANSWER], fail_after=3), eos_token_ids=STOP_IDS), tok))
+    server = LiveServer(build_app(Engine(FailingRunner(tok, [ANSWER], fail_after=3), eos_token_ids=STOP_IDS), tok,
+                                  ServeOptions(model_name="tiny")))
     try:
         c = server.client()
         with pytest.raises(openai.InternalServerError, match="the device fell over"):
@@ -533,8 +534,9 @@ def test_responses_api_function_call_round_trip(scripted):
                        ([{"type": "function_call_output", "call_id": "nope", "output": "1"}], "input[0]")):
         r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == where, r.text
-    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", "stream": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", "previous_response_id": "r"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    assert "the server keeps no responses" in r.json()["error"]["message"]
 
 
 def test_responses_api_text_on_the_tiny_model(live):
@@ -544,10 +546,27 @@ def test_responses_api_text_on_the_tiny_model(live):
         assert out.incomplete_details.reason == "max_output_tokens"
 
 
-def test_malformed_replies_answer_200_and_stream_as_they_parse_whole():
-    """Random mixes of whole messages, cut ones and stray special ids: never an HTTP error, and the
-    streamed deltas add up to the whole reply (content, reasoning, tool calls and their arguments)."""
-    from gptoss.tokenizer import CALL, RETURN
+def expected_chat(ids):
+    """What a chat reply of `ids` (ending with its stop id) should say, read by harmony.parse_assistant:
+    (content, reasoning_content, [(function, arguments)], finish_reason)."""
+    from gptoss import harmony
+
+    reply = harmony.parse_assistant(ids)
+    said = [m for m in reply.messages if not m.recipient]
+    content = [m.content for m in said if m.channel != "analysis"]
+    reasoning = [m.content for m in said if m.channel == "analysis"]
+    calls = [(m.recipient[len("functions."):], m.content) for m in reply.messages
+             if m.recipient and m.recipient.startswith("functions.")]
+    finish = "error" if reply.broken else "tool_calls" if calls else "stop"
+    return "\n".join(content) if content or not calls else None, "\n".join(reasoning) or None, calls, finish
+
+
+def test_malformed_replies_answer_200_with_finish_reason_error():
+    """Random mixes of whole messages, cut ones and stray special ids: never an HTTP error; a reply that
+    breaks the harmony format ends with finish_reason "error" and keeps its text; whole and streamed
+    replies say what harmony.parse_assistant reads (content, reasoning, tool calls and their arguments)."""
+    from gptoss.tokenizer import CALL as CALL_ID
+    from gptoss.tokenizer import RETURN
 
     tok = get_tokenizer()
     pieces = ["<|channel|>analysis<|message|>Think é.<|end|>",
@@ -558,31 +577,34 @@ def test_malformed_replies_answer_200_and_stream_as_they_parse_whole():
               "<|start|>assistant<|channel|><|message|>empty channel<|end|>",
               "<|end|>", "<|start|>", "<|channel|>", "<|message|>", "stray text", "<|constrain|>"]
     rng = np.random.default_rng(7)
-    scripts = []
+    scripts = [tok.encode(ANSWER), tok.encode(CALL)]  # well-formed (the scripts above)
     for _ in range(12):
         text = "".join(rng.choice(pieces, size=int(rng.integers(2, 8))))
-        scripts += [tok.encode(text) + [int(rng.choice([RETURN, CALL]))]] * 2  # each twice: whole, streamed
-    runner = ScriptedRunner(tok, scripts)
+        scripts.append(tok.encode(text) + [int(rng.choice([RETURN, CALL_ID]))])
+    runner = ScriptedRunner(tok, [s for s in scripts for _ in range(2)])  # each twice: whole, streamed
     server = LiveServer(build_app(Engine(runner, eos_token_ids=STOP_IDS), tok, ServeOptions(model_name="tiny")))
     try:
         c, seen = server.client(), set()
-        for _ in range(12):
+        for script in scripts:
+            content, reasoning, calls, finish = expected_chat(script)
             msgs = [{"role": "user", "content": "Hi"}]
             whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=60).choices[0]
+            assert (whole.message.content, whole.message.reasoning_content, whole.finish_reason) == \
+                (content, reasoning, finish)
+            assert [(tc.function.name, tc.function.arguments) for tc in whole.message.tool_calls or ()] == calls
             chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=60, stream=True))
             deltas = [ch.choices[0].delta for ch in chunks]
-            assert "".join(d.content or "" for d in deltas) == (whole.message.content or "")
-            assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == \
-                (whole.message.reasoning_content or "")
-            calls = [tc for d in deltas for tc in d.tool_calls or ()]
-            whole_calls = whole.message.tool_calls or ()
-            assert [tc.function.name for tc in calls if tc.id] == [tc.function.name for tc in whole_calls]
-            for i, call in enumerate(whole_calls):
-                assert "".join(tc.function.arguments for tc in calls if tc.index == i) == call.function.arguments
-            seen.update({"content": bool(whole.message.content), "tools": bool(whole_calls),
-                         "reasoning": bool(whole.message.reasoning_content)}.items())
-            assert chunks[-1].choices[0].finish_reason == whole.finish_reason
-        assert seen >= {("content", True), ("tools", True), ("reasoning", True)}  # every route was taken
+            assert "".join(d.content or "" for d in deltas) == (content or "")
+            assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == (reasoning or "")
+            streamed = [tc for d in deltas for tc in d.tool_calls or ()]
+            assert [(tc.function.name, "".join(t.function.arguments for t in streamed if t.index == tc.index))
+                    for tc in streamed if tc.id] == calls
+            assert chunks[-1].choices[0].finish_reason == finish
+            seen.update({"content": bool(content), "tools": bool(calls), "reasoning": bool(reasoning),
+                         "finish": finish}.items())
+        # every route was taken, and both broken and well-formed replies came
+        assert seen >= {("content", True), ("tools", True), ("reasoning", True), ("finish", "error"),
+                        ("finish", "stop"), ("finish", "tool_calls")}
     finally:
         server.close()
 

@@ -6,7 +6,8 @@
                                `reasoning_content`, its final channel as `content`, its calls to
                                functions.NAME as `tool_calls`; streamed as server-sent events or whole
   POST /v1/completions         a raw prompt (text or token ids) continued as written
-  POST /v1/responses           the Responses API's text and function-call cases, whole (responses.py)
+  POST /v1/responses           the Responses API's text and function-call cases, whole or streamed
+                               (responses.py)
   GET  /metrics                Prometheus text: requests, tokens, tokens/s, slots, KV pages, time to
                                first token
 
@@ -20,7 +21,7 @@ import json
 import secrets
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -34,19 +35,21 @@ from ..sampling import SamplingParams
 from ..tokenizer import StreamDecoder
 from .loop import RATE_WINDOW, EngineFailure, EngineLoop
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
-from .responses import InputError, ResponsesRequest, chat_inputs, response_body
+from .responses import InputError, ResponseBuilder, ResponsesRequest, chat_inputs, response_body
 from .stops import StopMatcher
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """model_name: the id /v1/models lists. api_key: required as `Authorization: Bearer KEY` on /v1/
+    """model_name: the id /v1/models lists; a request's `model` must be it or one of model_aliases
+    (else 404 model_not_found; a request without `model` gets this one). api_key: required as `Authorization: Bearer KEY` on /v1/
     and /metrics (None: open). max_body_bytes: larger request bodies answer 413. max_pending: requests
     held at once (running or waiting); more answer 503 with Retry-After. reserve_slots: size the KV cache
     for this many sequences of the whole context when the server starts (None: the engine sizes it as
     requests come)."""
 
     model_name: str = "gpt-oss"
+    model_aliases: tuple = ()
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
     max_pending: int = 1024
@@ -147,12 +150,12 @@ def harmony_messages(messages: list[ChatMessage]) -> list[harmony.Message]:
     return out
 
 
-def route(channel: str | None, recipient: str | None) -> str:
+def route(channel: str | None, recipient: str | None, functions: bool = True) -> str:
     """Where a reply message goes: "reasoning" (analysis), "tool" (a call to functions.NAME), "content"
     (the final answer, commentary for the user, text without a readable header) or "drop" (a call to a
-    tool that is not a function)."""
+    tool that is not a function, or to any tool when `functions` is off: tool_choice "none")."""
     if recipient:
-        return "tool" if recipient.startswith("functions.") else "drop"
+        return "tool" if functions and recipient.startswith("functions.") else "drop"
     return "reasoning" if channel == "analysis" else "content"
 
 
@@ -161,64 +164,86 @@ def call_id() -> str:
 
 
 class ChatStream:
-    """Generated ids in, OpenAI chat deltas out (dicts for choices[0].delta)."""
+    """Generated ids in, OpenAI chat deltas out (dicts for choices[0].delta); a whole reply is the sum of
+    its deltas (message()).
 
-    def __init__(self):
+    stop: stop strings, matched on `content` only (the text the user reads: never the reasoning or a
+    call's arguments); the first one ends the content before it (.stopped: the caller ends the request).
+    functions: tool calls are parsed into `tool_calls` (False: tool_choice "none", they are dropped)."""
+
+    def __init__(self, stop=(), functions: bool = True):
         self.parser = harmony.StreamParser()
-        self.tools = 0  # tool calls started
+        self.stops = StopMatcher(stop)
+        self.functions = functions
+        self.calls: list[dict] = []  # the tool calls as streamed: id, type, function {name, arguments}
         self.in_tool = False
         self.messages = {"content": 0, "reasoning": 0}  # messages started, by where they go
+        self.text = {"content": [], "reasoning": []}     # what went out, by where
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.hit
 
     def push(self, token: int | None) -> list[dict]:
         return self._deltas(self.parser.push(token) if token is not None else None)
 
-    def finish(self) -> list[dict]:
-        return self._deltas(self.parser.finish())
+    def finish(self, engine_reason: str | None) -> list[dict]:
+        """The last deltas: the cut message's end and the content held back for a stop string.
+        engine_reason: "stop" when the reply ended on a stop id (which the engine does not hand over)."""
+        out = self._deltas(self.parser.finish(stopped=engine_reason == "stop"))
+        held = self.stops.flush()
+        if held:
+            self.text["content"].append(held)
+            out.append({"content": held})
+        return out
+
+    def finish_reason(self, engine_reason: str) -> str:
+        """"error" when the reply broke the harmony format, "tool_calls" when it called a function, "stop"
+        on a stop string, else the engine's ("stop" at a stop id, "length")."""
+        if self.parser.broken is not None:
+            return "error"
+        return "tool_calls" if self.calls else "stop" if self.stopped else engine_reason
+
+    def message(self) -> dict:
+        """The whole reply's message: content (None for a reply of tool calls only), reasoning_content,
+        tool_calls."""
+        content = "".join(self.text["content"])
+        message = {"role": "assistant",
+                   "content": content if content or self.messages["content"] or not self.calls else None,
+                   "reasoning_content": "".join(self.text["reasoning"]) or None}
+        if self.calls:
+            message["tool_calls"] = self.calls
+        return message
 
     def _deltas(self, d) -> list[dict]:
-        if d is None:
+        if d is None or self.stopped:
             return []
         out = []
-        where = route(d.channel, d.recipient)
+        where = route(d.channel, d.recipient, self.functions)
         if where == "tool":
             if d.started or not self.in_tool:
                 self.in_tool = True
-                self.tools += 1
-                out.append({"tool_calls": [{"index": self.tools - 1, "id": call_id(), "type": "function",
-                                            "function": {"name": d.recipient[len("functions."):],
-                                                         "arguments": ""}}]})
+                call = {"id": call_id(), "type": "function",
+                        "function": {"name": d.recipient[len("functions."):], "arguments": ""}}
+                self.calls.append(call)
+                out.append({"tool_calls": [{"index": len(self.calls) - 1, **call,
+                                            "function": dict(call["function"])}]})
             if d.text:
-                out.append({"tool_calls": [{"index": self.tools - 1, "function": {"arguments": d.text}}]})
+                self.calls[-1]["function"]["arguments"] += d.text
+                out.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": d.text}}]})
         elif where in self.messages:
             text = d.text
-            if d.started:  # a message after another of its kind: "\n" between them, as in a whole reply
+            if d.started:  # a message after another of its kind: "\n" between them
                 text = "\n" * (self.messages[where] > 0) + text
                 self.messages[where] += 1
+            if where == "content":
+                text = self.stops.push(text)
             if text:
+                self.text[where].append(text)
                 out.append({"reasoning_content" if where == "reasoning" else "content": text})
         if d.ended:
             self.in_tool = False
         return out
-
-
-def chat_reply(ids: list, reason: str) -> tuple[dict, str]:
-    """A whole reply's message (content, reasoning_content, tool_calls) and its finish reason."""
-    reply = harmony.parse_assistant(ids)
-    content, reasoning, calls = [], [], []
-    for m in reply.messages:
-        where = route(m.channel, m.recipient)
-        if where == "tool":
-            calls.append({"id": call_id(), "type": "function",
-                          "function": {"name": m.recipient[len("functions."):], "arguments": m.content}})
-        elif where == "reasoning":
-            reasoning.append(m.content)
-        elif where == "content":
-            content.append(m.content)
-    message = {"role": "assistant", "content": "\n".join(content) if content or not calls else None,
-               "reasoning_content": "\n".join(reasoning) or None}
-    if calls:
-        message["tool_calls"] = calls
-    return message, "tool_calls" if calls else reason
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,6 +364,13 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
                            param="prompt")
         return cfg.max_context - len(ids)
 
+    served_names = (options.model_name, *options.model_aliases)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in served_names:
+            raise ApiError(404, f"the model {model!r} does not exist: this server serves {options.model_name!r}",
+                           param="model", code="model_not_found")
+
     def check_common(req: Sampling) -> None:
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
@@ -399,6 +431,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
 
     @api.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
         check_common(req)
         try:
             options_ = chat_options(req)
@@ -411,32 +444,41 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": options.model_name}
 
+        async def replied(parse: ChatStream, whole: bool):
+            """(deltas, tokens made so far, the finish reason once it ends) as the tokens come; a stop
+            string in the content ends the reply (and aborts the request: aclosing)."""
+            made = 0
+            async with aclosing(generate(ids, params, request if whole else None)) as events:
+                async for ev in events:
+                    made += ev.token is not None
+                    deltas = parse.push(ev.token)
+                    if ev.done or parse.stopped:
+                        reason = ev.reason if ev.done else "stop"
+                        yield deltas + parse.finish(reason), made, parse.finish_reason(reason)
+                        return
+                    yield deltas, made, None
+
+        new_reply = lambda: ChatStream(req.stop or (), functions=req.tool_choice != "none")  # noqa: E731
         if not req.stream:
-            out, reason = [], "length"
-            async for ev in generate(ids, params, request):
-                if ev.token is not None:
-                    out.append(ev.token)
-                reason = ev.reason or reason
-            message, finish = chat_reply(out, reason)
+            parse, made = new_reply(), 0
+            finish = "length"
+            async for _, made, end in replied(parse, whole=True):
+                finish = end or finish
             return {"id": rid, "object": "chat.completion", "created": created, "model": options.model_name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                    "usage": usage(len(ids), len(out))}
+                    "choices": [{"index": 0, "message": parse.message(), "finish_reason": finish,
+                                 "logprobs": None}],
+                    "usage": usage(len(ids), made)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def chunks():
-            parse, made, reason = ChatStream(), 0, "length"
+            made, finish = 0, "length"
             yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
-            async for ev in generate(ids, params, None):
-                made += ev.token is not None
-                deltas = parse.push(ev.token)
-                if ev.done:
-                    deltas += parse.finish()
-                    reason = ev.reason
+            async for deltas, made, end in replied(new_reply(), whole=False):
+                finish = end or finish
                 for d in deltas:
                     yield {**head, "choices": [{"index": 0, "delta": d, "finish_reason": None, "logprobs": None}]}
-            finish = "tool_calls" if parse.tools else reason
             yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None}]}
             if include_usage:
                 yield {**head, "choices": [], "usage": usage(len(ids), made)}
@@ -446,6 +488,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
 
     @api.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
         check_common(req)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -500,6 +543,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
 
     @api.post("/v1/responses")
     async def responses(req: ResponsesRequest, request: Request):
+        check_model(req.model)
         try:
             messages, chat = chat_inputs(req)
             ids = harmony.encode_chat(messages, chat)
@@ -512,12 +556,31 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
                                 top_p=1.0 if req.top_p is None else req.top_p, seed=secrets.randbits(32),
                                 max_tokens=max(1, min(req.max_output_tokens or room, room)))
         admit()
-        out, reason = [], "length"
-        async for ev in generate(ids, params, request):
-            if ev.token is not None:
-                out.append(ev.token)
-            reason = ev.reason or reason
-        return response_body(req, options.model_name, out, reason, len(ids))
+        if not req.stream:
+            out, reason = [], "length"
+            async for ev in generate(ids, params, request):
+                if ev.token is not None:
+                    out.append(ev.token)
+                reason = ev.reason or reason
+            return response_body(req, options.model_name, out, reason, len(ids))
+
+        async def events():
+            """The Responses API's events, each as `event: TYPE` and its data; an engine failure ends the
+            stream with an `error` event."""
+            build = ResponseBuilder(req, options.model_name, len(ids))
+            body = build.start()
+            try:
+                async for ev in generate(ids, params, None):
+                    body += build.push(ev.token)
+                    if ev.done:
+                        body += build.finish(ev.reason)
+                    for event in body:
+                        yield f"event: {event['type']}\n{sse(event)}"
+                    body = []
+            except ApiError as e:
+                yield f"event: error\n{sse(build.error(e.message))}"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     app.include_router(api)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
