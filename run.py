@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="serve: require `Authorization: Bearer KEY` on /v1/ and /metrics (default: "
                         "$GPTOSS_API_KEY; unset: no key)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="serve: the model's name in /v1/models and the names a request's `model` may give "
+                        "(default: the model's file or folder name, also accepted as given on the command line)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the device line, warnings and errors still print)")
     return p
@@ -243,9 +246,11 @@ def _main(argv) -> int:
         fail(f"--gpu-memory must be positive (got {args.gpu_memory})")
     if args.mode == "serve" and not 0 < args.port < 65536:
         fail(f"--port must be in 1..65535 (got {args.port})")
+    if args.served_model_name is not None and not all(n.strip() for n in args.served_model_name):
+        fail(f"--served-model-name takes non-empty names (got {args.served_model_name!r})")
     if args.mode != "serve":
         for flag, given in (("--host", args.host != "127.0.0.1"), ("--port", args.port != 8000),
-                            ("--api-key", args.api_key)):
+                            ("--api-key", args.api_key), ("--served-model-name", args.served_model_name)):
             if given:
                 fail(f"{flag} is for -m serve")
     if args.mode != "getp":
@@ -346,8 +351,13 @@ def run_serve(llm, args, model_path) -> int:
 
     from gptoss.serve import ServeOptions, build_app
 
-    name = Path(str(model_path)).name or str(model_path)
-    options = ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("GPTOSS_API_KEY") or None,
+    if args.served_model_name:
+        name, *aliases = args.served_model_name
+    else:  # the file or folder name, and the model as the command line gave it
+        name = Path(str(model_path)).name or str(model_path)
+        aliases = sorted({args.model, str(model_path)} - {name})
+    options = ServeOptions(model_name=name, model_aliases=tuple(aliases),
+                           api_key=args.api_key or os.environ.get("GPTOSS_API_KEY") or None,
                            reserve_slots=llm.config.max_seqs)
     app = build_app(llm.engine, llm.tokenizer, options)
     print(f"{PROG}: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
