@@ -11,6 +11,10 @@
   GET  /metrics                Prometheus text: requests, tokens, tokens/s, slots, KV pages, time to
                                first token
 
+A request's `model` must name the served model (ServeOptions.model_name or an alias; 404
+model_not_found otherwise). A chat reply that breaks the harmony format keeps its text and ends with
+finish reason "error"; a chat's stop strings end its content (ChatStream).
+
 Every error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}. A client that
 goes away aborts its request, which frees its slot and pages before the next step.
 """
