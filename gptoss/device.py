@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import GptossError
+from .errors import GptossError, one_line
 
 
 class DeviceError(GptossError, RuntimeError):
@@ -22,11 +22,6 @@ class GPUProbe:
     description: str  # "GPU 0: NAME, N GiB free" when usable, else why not
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def probe_gpu() -> GPUProbe:
     """Whether CuPy can run on a GPU here, and which one (or why not). Never raises."""
     try:
@@ -34,9 +29,9 @@ def probe_gpu() -> GPUProbe:
     except ModuleNotFoundError as e:
         if e.name == "cupy":
             return GPUProbe(False, "CuPy is not installed")
-        return GPUProbe(False, f"CuPy does not import ({_first_line(e)})")
+        return GPUProbe(False, f"CuPy does not import ({one_line(e)})")
     except Exception as e:  # a CUDA library of CuPy's that is missing or of the wrong version
-        return GPUProbe(False, f"CuPy does not import ({_first_line(e)})")
+        return GPUProbe(False, f"CuPy does not import ({one_line(e)})")
     try:
         runtime = cupy.cuda.runtime
         count = runtime.getDeviceCount()
@@ -47,7 +42,7 @@ def probe_gpu() -> GPUProbe:
         name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
         free, _ = runtime.memGetInfo()
     except Exception as e:  # e.g. cudaErrorInsufficientDriver, cudaErrorNoDevice, a GPU in a bad state
-        return GPUProbe(False, f"CuPy cannot use the GPU ({_first_line(e)})")
+        return GPUProbe(False, f"CuPy cannot use the GPU ({one_line(e)})")
     return GPUProbe(True, f"GPU {index}: {name}, {free / 2**30:.0f} GiB free")
 
 

@@ -14,3 +14,10 @@ class ContextError(GptossError, ValueError):
 
 class ModelTooLargeError(GptossError, RuntimeError):
     """The weights (or weights + the smallest KV cache) do not fit in the GPU memory this run may use."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line, `Type: first line of its message`: how a worker process or rank reports
+    what stopped it."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

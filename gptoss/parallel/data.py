@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import GptossError
+from ..errors import GptossError, one_line
 
 # Test hook: "L" makes the replica that finishes input line L (0-based) send it, then exit abruptly;
 # "L:raise" makes it raise instead.
@@ -34,7 +34,12 @@ GPU_INFLIGHT = 256
 
 
 class ReplicaError(GptossError, RuntimeError):
-    """A replica failed (an exception, a killed process); the message is one line naming it."""
+    """A replica failed (an exception, a killed process); the message is one line naming it: `who`
+    (e.g. "replica 1 (GPU 2)") then `what` (e.g. "failed: RuntimeError: ...")."""
+
+    def __init__(self, message: str, who: str = "", what: str = ""):
+        super().__init__(message)
+        self.who, self.what = who, what
 
 
 @dataclass(frozen=True)
@@ -141,11 +146,15 @@ def _work(w: _Worker, tasks, results) -> None:
         crash_line = int(crash_line)
         no_more = False
         while True:
-            while len(runs) < want and not no_more:  # blocks only when this replica has nothing to do
+            while len(runs) < want and not no_more:  # waits only when this replica has nothing to do
                 try:
-                    task = tasks.get(block=not len(runs))
+                    task = tasks.get(block=not len(runs), timeout=1.0 if not len(runs) else None)
                 except queue.Empty:
-                    break
+                    if not len(runs) and not mp.parent_process().is_alive():
+                        return  # the parent is gone (killed, or its MPI job aborted): nobody to feed us
+                    if len(runs):
+                        break
+                    continue
                 if task is None:
                     no_more = True
                     break
@@ -162,8 +171,7 @@ def _work(w: _Worker, tasks, results) -> None:
                     os._exit(3)
         results.put(("finished", w.replica, runs.figures()))
     except BaseException as e:  # noqa: BLE001 (Ctrl-C too: the parent says what stopped)
-        text = str(e).strip().splitlines()
-        results.put(("failed", w.replica, f"{type(e).__name__}: {text[0]}" if text else type(e).__name__))
+        results.put(("failed", w.replica, one_line(e)))
 
 
 def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit,
@@ -220,6 +228,148 @@ class LineRuns:
                 "seconds": self.busy, "peak_gpu_memory_bytes": peak, "engine": dict(self.engine.stats)}
 
 
+class LocalEngine:
+    """One replica in this process, as a unit a driver feeds: free() slots, add(tasks), advance(give)
+    (one engine step; give(line, ids) per finished prompt), end(), done, figures()."""
+
+    def __init__(self, llm, sampling, want: int, gpus: tuple | None = None):
+        self.runs, self.want, self.gpus = LineRuns(llm, sampling), want, gpus
+
+    def free(self) -> int:
+        return self.want - len(self.runs)
+
+    def in_flight(self) -> int:
+        return len(self.runs)
+
+    def add(self, tasks) -> None:
+        for line, ids in tasks:
+            self.runs.add(line, ids)
+
+    def advance(self, give) -> None:
+        if len(self.runs):
+            for line, ids in self.runs.step():
+                give(line, ids)
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def done(self) -> bool:
+        return not len(self.runs)
+
+    def figures(self) -> list[dict]:
+        return [dict(self.runs.figures(), replica=0, gpus=self.gpus)]
+
+    def close(self) -> None:
+        close = getattr(self.runs.llm.runner, "close", None)
+        if close is not None:  # a tensor-parallel runner: stop its other ranks
+            close()
+
+
+class ReplicaPool:
+    """`count` replicas (dp's, default dp.replicas) in worker processes fed through one task queue, as a
+    unit a driver feeds (LocalEngine's methods): add() puts (line, ids) tasks on the queue (each worker
+    takes one while it has a free slot), end() tells the workers no more will come, advance(give) takes
+    what the workers sent for up to `wait` seconds and raises ReplicaError for a worker that failed or
+    died (after giving every finished prompt still in the pipe)."""
+
+    def __init__(self, model_path, dp: DataParallelOptions, sampling, count: int | None = None,
+                 wait: float = 0.2):
+        self.dp, self.wait = dp, wait
+        count = dp.replicas if count is None else count
+        ctx = mp.get_context("spawn")  # a fresh interpreter each: no CUDA context or lock inherited by fork
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        # a replica split over ranks starts their processes: only a non-daemonic process may have children
+        self.workers = [ctx.Process(target=_work, daemon=dp.tensor_parallel == 1, name=f"gptoss-{dp.name(r)}",
+                                    args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer,
+                                                  dp.max_seqs, dp.memory_limit, sampling, dp.gpus_of(r),
+                                                  dp.tensor_parallel), self.tasks, self.results))
+                        for r in range(count)]
+        want = dp.max_seqs or (1 if dp.device == "cpu" else GPU_INFLIGHT)
+        self.capacity, self.queued = want * count, 0  # queued: tasks given and not finished yet
+        self.finished: dict[int, dict] = {}
+        for w in self.workers:
+            w.start()
+
+    def free(self) -> int:
+        return self.capacity - self.queued
+
+    def in_flight(self) -> int:
+        return self.queued
+
+    def add(self, tasks) -> None:
+        for task in tasks:
+            self.tasks.put(task)
+            self.queued += 1
+
+    def end(self) -> None:
+        for _ in self.workers:
+            self.tasks.put(None)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == len(self.workers)
+
+    def advance(self, give) -> None:
+        try:
+            self._take(self.results.get(timeout=self.wait), give)
+            return
+        except queue.Empty:
+            pass
+        dead = [r for r, w in enumerate(self.workers) if r not in self.finished and w.exitcode is not None]
+        if dead:
+            try:  # its last words may still be in the pipe
+                self._take(self.results.get(timeout=0.5), give)
+                return
+            except queue.Empty:
+                self._drain(give)
+            who = self.dp.name(dead[0])
+            what = f"stopped (exit status {self.workers[dead[0]].exitcode}) before finishing its prompts"
+            raise ReplicaError(f"{who} {what}", who, what)
+
+    def _take(self, message, give) -> None:
+        kind, replica, *rest = message
+        if kind == "done":
+            self.queued -= 1
+            give(*rest)
+        elif kind == "finished":
+            self.finished[replica] = rest[0]
+        else:
+            self._drain(give)
+            who, what = self.dp.name(replica), f"failed: {rest[0]}"
+            raise ReplicaError(f"{who} {what}", who, what)
+
+    def _drain(self, give) -> None:  # what the others already finished is given too
+        while True:
+            try:
+                message = self.results.get(timeout=0.05)
+            except queue.Empty:
+                return
+            if message[0] == "done":
+                self._take(message, give)
+
+    def figures(self) -> list[dict]:
+        return [dict(self.finished[r], replica=r, gpus=self.dp.gpus_of(r)) for r in range(len(self.workers))]
+
+    def close(self) -> None:
+        self.tasks.cancel_join_thread()  # prompts no replica took are dropped, not flushed into a pipe at exit
+        for w in self.workers:
+            if w.is_alive():
+                w.terminate()
+        for w in self.workers:
+            w.join()
+
+
+def replica_record(f: dict, wall: float) -> dict:
+    """One replica's entry of the --json record, from its figures (LocalEngine/ReplicaPool.figures)."""
+    gpus = f["gpus"]
+    return {"replica": f["replica"], "gpu": gpus[0] if gpus else None, "gpus": gpus, "backend": f["backend"],
+            "prompts": f["prompts"], "generated_tokens": f["generated_tokens"],
+            "busy_seconds": round(f["seconds"], 3),
+            "tokens_per_second": round(f["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
+            "peak_gpu_memory_bytes": f["peak_gpu_memory_bytes"], "engine": f["engine"]}
+
+
 def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) -> int:
     """getp (gptoss.getp.run_getp's files, output and record) over dp.replicas engine replicas in worker
     processes (fewer when fewer prompts are left to run). GetpError for bad input, ReplicaError when a
@@ -232,83 +382,33 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
     cfg = open_weights(model_path).config
     local = model_path if isinstance(model_path, Path) else None
     plan = plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options, sampling)
-    ctx = mp.get_context("spawn")  # a fresh interpreter each: no CUDA context or lock inherited by fork
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for line in sorted(plan.todo, key=lambda n: -len(plan.prompts[n])):  # longest first (stable)
-        tasks.put((line, plan.prompts[line]))
     started = min(dp.replicas, len(plan.todo))  # no more workers than prompts to run
-    for _ in range(started):
-        tasks.put(None)
-    # a replica split over ranks starts their processes: only a non-daemonic process may have children
-    workers = [ctx.Process(target=_work, daemon=dp.tensor_parallel == 1, name=f"gptoss-{dp.name(r)}",
-                           args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer, dp.max_seqs,
-                                         dp.memory_limit, sampling, dp.gpus_of(r), dp.tensor_parallel),
-                                 tasks, results))
-               for r in range(started)]
-    figures: dict[int, dict] = {}
     start = time.perf_counter()
     n = len(plan.prompts)
+    pool = None
     try:
         with GetpProgress(total=n, done=n - len(plan.todo), quiet=options.quiet) as bar:
-            def take(message) -> None:
-                kind, replica, *rest = message
-                if kind == "done":
-                    line, ids = rest
-                    plan.outputs[line] = ids
-                    plan.partial.add(line, ids)
-                    bar.tokens(len(ids))
-                    bar.prompt_done()
-                elif kind == "finished":
-                    figures[replica] = rest[0]
-                else:
-                    drain()
-                    raise ReplicaError(f"{dp.name(replica)} failed: {rest[0]}")
+            def finished(line, ids) -> None:
+                plan.outputs[line] = ids
+                plan.partial.add(line, ids)
+                bar.tokens(len(ids))
+                bar.prompt_done()
 
-            def drain() -> None:  # what the others already finished goes to the partial file too
-                while True:
-                    try:
-                        message = results.get(timeout=0.05)
-                    except queue.Empty:
-                        return
-                    if message[0] == "done":
-                        take(message)
-
-            for w in workers:
-                w.start()
-            while len(figures) < len(workers):
-                try:
-                    take(results.get(timeout=0.2))
-                    continue
-                except queue.Empty:
-                    pass
-                dead = [r for r, w in enumerate(workers) if r not in figures and w.exitcode is not None]
-                if dead:
-                    try:  # its last words may still be in the pipe
-                        take(results.get(timeout=0.5))
-                        continue
-                    except queue.Empty:
-                        drain()
-                    raise ReplicaError(f"{dp.name(dead[0])} stopped (exit status {workers[dead[0]].exitcode}) "
-                                       "before finishing its prompts")
+            pool = ReplicaPool(model_path, dp, sampling, started)
+            pool.add((line, plan.prompts[line])
+                     for line in sorted(plan.todo, key=lambda n: -len(plan.prompts[n])))  # longest first
+            pool.end()
+            while not pool.done:
+                pool.advance(finished)
     finally:
         plan.partial.close()
-        tasks.cancel_join_thread()  # prompts no replica took are dropped, not flushed into a pipe at exit
-        for w in workers:
-            if w.is_alive():
-                w.terminate()
-        for w in workers:
-            w.join()
+        if pool is not None:
+            pool.close()
     wall = time.perf_counter() - start
-    replicas = []
-    for r in range(started):
-        f = figures[r]
-        replicas.append({"replica": r, "gpu": dp.gpu_of(r), "gpus": dp.gpus_of(r), "backend": f["backend"], "prompts": f["prompts"],
-                         "generated_tokens": f["generated_tokens"], "busy_seconds": round(f["seconds"], 3),
-                         "tokens_per_second": round(f["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
-                         "peak_gpu_memory_bytes": f["peak_gpu_memory_bytes"], "engine": f["engine"]})
-    peaks = [f["peak_gpu_memory_bytes"] for f in figures.values() if f["peak_gpu_memory_bytes"]]
+    replicas = [replica_record(f, wall) for f in pool.figures()]
+    peaks = [r["peak_gpu_memory_bytes"] for r in replicas if r["peak_gpu_memory_bytes"]]
     record = {"generated_tokens": sum(r["generated_tokens"] for r in replicas), "wall_seconds": wall,
-              "backend": f"{figures[0]['backend'] if figures else dp.device} x{started}", "model": str(model_path),
+              "backend": f"{replicas[0]['backend'] if replicas else dp.device} x{started}", "model": str(model_path),
               "steps": sampling.max_tokens, "batch": dp.max_seqs, "data_parallel": started,
               "tensor_parallel": dp.tensor_parallel,
               "replicas": replicas}

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..batch import StepBatch
-from ..errors import GptossError
+from ..errors import GptossError, one_line
 from .shard_weights import ShardWeights
 from .tensor import ShardedReference, ShardPlan
 
@@ -133,11 +133,6 @@ class HostFollowerCollective:
 
 
 # ---- ranks 1..R-1 --------------------------------------------------------------------------------------
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
 
 def follow(spec: RankSpec, conn) -> None:
     """A rank's process: build its share, then serve rank 0's messages until "stop" or the pipe closes."""
