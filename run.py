@@ -192,7 +192,7 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
     from gptoss.parallel.mpi import MpiOptions, run_getp_mpi
 
     mo = MpiOptions(device=device, gpus=gpus, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
-                    tensor_parallel=args.tensor_parallel)
+                    tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
     try:
         return run_getp_mpi(model_path, options, mo, sampling)
     except ReplicaError as e:  # what finished is in OUTPUT.partial; the other ranks may be mid-step
@@ -292,9 +292,7 @@ def _main(argv) -> int:
         gpus = getp_gpus(args, device)
         from gptoss.parallel.mpi import mpi_world_size
 
-        if mpi_world_size() > 1:
-            if args.data_parallel is not None:
-                fail("--data-parallel is for one process; under MPI, launch one rank per engine")
+        if mpi_world_size() > 1:  # what each rank runs: gptoss/parallel/mpi_layout.py
             return run_mpi_getp(model_path, options, sampling, args, device, gpus, memory)
         if gpus and args.tensor_parallel > 1:
             replicas = tensor_parallel_gpus(args, gpus)

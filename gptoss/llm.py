@@ -66,11 +66,12 @@ class ChatOutput:
 
 
 def make_runner(weights, device: str = "auto", config: EngineConfig | None = None, progress: bool = True,
-                tensor_parallel: int = 1, gpus: tuple | None = None, model=None):
+                tensor_parallel: int = 1, gpus: tuple | None = None, model=None, tp_peers=None):
     """The engine's model runner for `weights` on 'cpu' (the NumPy reference), 'gpu' or 'auto' (the GPU
     when CuPy finds one). tensor_parallel > 1: the model split over that many ranks, one process each
     (gptoss/parallel/tp_runner.py), on `gpus` (default 0..N-1) on a GPU; `model` is what each rank
-    opens (default `weights` itself)."""
+    opens (default `weights` itself). tp_peers: ranks 1..N-1 already running elsewhere (an MPI group,
+    gptoss/parallel/mpi_group.py) instead of child processes started here."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
     config = config or EngineConfig()
@@ -84,7 +85,7 @@ def make_runner(weights, device: str = "auto", config: EngineConfig | None = Non
         if device == "gpu" and gpus is None:
             gpus = tuple(range(tensor_parallel))
         return TensorParallelRunner(weights if model is None else model, device, tensor_parallel, config,
-                                    gpus if device == "gpu" else None, progress)
+                                    gpus if device == "gpu" else None, progress, peers=tp_peers)
     if device == "cpu":
         from .engine.cpu_runner import CPUModelRunner
 
@@ -100,10 +101,11 @@ class LLM:
     gptoss.weights.random_weights). device: 'auto', 'cpu' or 'gpu'. tokenizer: a tokenizer.bin or
     o200k_base.tiktoken file (default: found next to the model or in tiktoken's cache). progress: show
     the upload bar. tensor_parallel: split the model over that many ranks (processes; on `gpus`, one
-    each). engine_options: EngineConfig's fields (max_seqs, memory_limit, promise, ...)."""
+    each; tp_peers: those ranks already running, an MPI group). engine_options: EngineConfig's fields
+    (max_seqs, memory_limit, promise, ...)."""
 
     def __init__(self, model=None, device: str = "auto", tokenizer=None, progress: bool = True,
-                 tensor_parallel: int = 1, gpus: tuple | None = None, **engine_options):
+                 tensor_parallel: int = 1, gpus: tuple | None = None, tp_peers=None, **engine_options):
         from .tokenizer import STOP_IDS
 
         if model is not None and hasattr(model, "config") and hasattr(model, "names"):
@@ -113,7 +115,8 @@ class LLM:
             weights = open_weights(self.model_path)
         self.config = EngineConfig(**engine_options)
         self.runner = make_runner(weights, device, self.config, progress, tensor_parallel, gpus,
-                                  model=self.model_path if self.model_path is not None else weights)
+                                  model=self.model_path if self.model_path is not None else weights,
+                                  tp_peers=tp_peers)
         self.model_config = weights.config
         self.engine = Engine(self.runner, self.config, eos_token_ids=STOP_IDS)
         self._tokenizer_path = tokenizer

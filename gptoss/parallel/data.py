@@ -175,10 +175,10 @@ def _work(w: _Worker, tasks, results) -> None:
 
 
 def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit,
-                tensor_parallel: int = 1, gpus: tuple | None = None):
+                tensor_parallel: int = 1, gpus: tuple | None = None, tp_peers=None):
     """The LLM one replica or rank runs, on `gpu` (made current first: its weights, cache and kernels go
     there) or on the CPU reference; with tensor_parallel > 1 split over that many ranks (processes),
-    on `gpus` on a GPU (gpus[0] == gpu)."""
+    on `gpus` on a GPU (gpus[0] == gpu); tp_peers: ranks 1.. already running (an MPI group)."""
     if gpu is not None:
         import cupy
 
@@ -186,7 +186,7 @@ def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, m
     from ..llm import LLM
 
     return LLM(model_path, device, tokenizer=tokenizer, progress=False, max_seqs=max_seqs,
-               memory_limit=memory_limit, tensor_parallel=tensor_parallel, gpus=gpus)
+               memory_limit=memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers)
 
 
 class LineRuns:

@@ -1,36 +1,55 @@
-"""getp over MPI ranks, for more than one node: one engine per rank, prompts from rank 0's queue.
+"""getp over MPI ranks, for more than one node: prompts from rank 0's queue, output written by rank 0.
 
-    mpirun -n 16 python run.py MODEL -m getp -i prompts.txt -o out.txt          # e.g. 2 nodes x 8 GPUs
-    mpiexec -n 2 python run.py MODEL -m getp -i prompts.txt -o out.txt --device cpu
+    mpirun -n 2 --map-by ppr:1:node python run.py MODEL -m getp -i p.txt -o out.txt   # a rank per node
+    mpirun -n 16 python run.py MODEL -m getp -i p.txt -o out.txt                      # a rank per GPU
+    mpirun -n 16 python run.py MODEL -m getp -i p.txt -o out.txt --tensor-parallel 2  # 8 groups of 2 ranks
+    mpiexec -n 2 python run.py MODEL -m getp -i p.txt -o out.txt --device cpu --data-parallel 2
 
-Launch one rank per GPU. A rank on a GPU uses the GPU of its rank within its node (MPI's shared-memory
-split), among --gpus or the visible GPUs. Rank 0 reads and tokenizes the prompts, opens OUTPUT.partial
-(the single-process format and fingerprint: a run started any way resumes any other way) and keeps the
-queue of prompts to run, longest first. Every rank, rank 0 included, runs an engine; a rank asks rank 0
-for as many prompts as it has free slots (and keeps stepping what it holds while the answer comes),
-and sends each finished prompt back. Rank 0 appends finished prompts to OUTPUT.partial, drives the one
-progress bar, and writes OUTPUT atomically in input order. A prompt's draws use its input line as the
-sampler's sequence id and its tokens do not depend on its batch, so the output is byte-identical to one
-engine's. A rank that fails sends a one-line reason; rank 0 keeps what finished, says which rank failed
-(rank 0 itself included), and aborts the job (MPI_Abort), after which `--resume` continues.
+What each rank runs (gptoss/parallel/mpi_layout.py): in the node shape, its share of its node's GPUs
+(all of them with one rank per node, one with one rank per GPU) as on one node: one engine in its own
+process, or --data-parallel replicas in worker processes (gptoss/parallel/data.py's ReplicaPool). In the
+group shape, N ranks are one tensor-parallel engine (gptoss/parallel/mpi_group.py): the group's first
+rank runs it, the others run its forward.
+
+Rank 0 reads and tokenizes the prompts, opens OUTPUT.partial (the single-process format and
+fingerprint: a run started any way resumes any other way) and keeps the queue of prompts to run, longest
+first. Every engine-running rank, rank 0 included, asks rank 0 for as many prompts as its engines have
+free slots (and keeps stepping what it holds while the answer comes), and sends each finished prompt
+back. Rank 0 appends finished prompts to OUTPUT.partial, drives the one progress bar, and writes OUTPUT
+atomically in input order. A prompt's draws use its input line as the sampler's sequence id and its
+tokens do not depend on its batch, so the output is byte-identical to one engine's. A rank that fails
+sends one line naming itself (rank, node, replica, GPU); rank 0 keeps what finished, says it, and aborts
+the job (MPI_Abort), after which `--resume` continues.
 
 mpi4py is imported only when an MPI launcher started this process (see mpi_world_size).
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import GPU_INFLIGHT, LineRuns, ReplicaError, replica_llm
+from ..errors import GptossError, one_line
+from .data import GPU_INFLIGHT, DataParallelOptions, LocalEngine, ReplicaError, ReplicaPool, replica_record, \
+    replica_llm
+from .mpi_layout import GROUP, RankLayout, describe, rank_layout
 
 # What launchers set in each rank's environment: Open MPI; MPICH's Hydra, Intel MPI and Slurm's PMI.
 WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-TO_ROOT, TASKS = 1, 2
+TO_ROOT, TASKS = 1, 2  # message tags: a rank's messages to rank 0; rank 0's answers with prompts
 # Test hook: "R" makes rank R (not 0) raise right after sending its first finished prompt.
-RAISE_ENV = "GPTOSS_TEST_MPI_RANK_RAISE"  # message tags: a rank's messages to rank 0; rank 0's answers with prompts
+RAISE_ENV = "GPTOSS_TEST_MPI_RANK_RAISE"
+
+
+class MpiLaunchError(GptossError, ValueError):
+    """The launch cannot work (ranks against GPUs, --tensor-parallel against ranks); one line."""
+
+
+class RankFailed(ReplicaError):
+    """Another rank failed; its one line (naming it) is the message."""
 
 
 def mpi_world_size(environ=os.environ) -> int:
@@ -44,68 +63,139 @@ def mpi_world_size(environ=os.environ) -> int:
 
 @dataclass(frozen=True)
 class MpiOptions:
-    """device: "cpu" or "gpu"; gpus: the node's GPUs a rank picks from by its rank within the node. The
-    rest is each rank's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory).
-    tensor_parallel N > 1: each MPI rank runs one engine split over N ranks of its own (processes it
-    starts, gptoss/parallel/tp_runner.py), on GPUs gpus[i N .. i N + N - 1] for its rank i in the node."""
+    """device: "cpu" or "gpu"; gpus: the node's GPUs (--gpus, else every visible one), shared out over the
+    node's ranks; tensor_parallel, data_parallel: run.py's flags (see mpi_layout). The rest is each
+    engine's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory)."""
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
     tokenizer: str | None = None
     max_seqs: int | None = None
     memory_limit: int | None = None
     tensor_parallel: int = 1
+    data_parallel: int | None = None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+def _where(rank: int, host: str, layout: RankLayout) -> str:
+    """How a rank is named in errors: its MPI rank, node and, when it runs one engine, its GPUs."""
+    gpus = layout.gpus[:layout.tensor_parallel] if layout.replicas == 1 else ()
+    return f"MPI rank {rank} on {host}" + (f" (GPU{'s' if len(gpus) > 1 else ''} {','.join(map(str, gpus))})"
+                                           if gpus else "")
 
 
-def _build_llm(model_path, mo: MpiOptions, local_rank: int):
-    n = mo.tensor_parallel
-    if mo.device != "gpu":
-        gpu, gpus = None, None
-    elif n == 1:
-        gpu = mo.gpus[local_rank % len(mo.gpus)]
-        gpus = (gpu,)
-    else:
-        gpus = mo.gpus[local_rank * n:(local_rank + 1) * n]
-        if len(gpus) < n:
-            raise ValueError(f"node rank {local_rank} needs GPUs {local_rank * n}..{local_rank * n + n - 1} for "
-                             f"--tensor-parallel {n}; the node has {len(mo.gpus)}")
-        gpu = gpus[0]
-    return replica_llm(model_path, mo.device, gpu, mo.tokenizer, mo.max_seqs, mo.memory_limit, n, gpus), gpu
+def _failure(e: BaseException, where: str) -> str:
+    """One line: the rank, then (when a worker process failed) the replica and its GPUs, then what."""
+    if isinstance(e, ReplicaError) and e.who:
+        return f"{where}, {e.who} {e.what}"
+    return f"{where} failed: {one_line(e)}"
 
 
-def _drive(llm, sampling, want: int, take, give, between_steps) -> dict:
-    """Step llm's engine until `take` has no more prompts and nothing is in flight.
+def _unit(model_path, mo: MpiOptions, layout: RankLayout, sampling, peers):
+    """What a rank drives: one engine in its process (LocalEngine) or its replicas' workers (ReplicaPool)."""
+    want = mo.max_seqs or (1 if mo.device == "cpu" else GPU_INFLIGHT)
+    n = layout.tensor_parallel
+    if layout.replicas > 1:
+        dp = DataParallelOptions(replicas=layout.replicas, device=mo.device, gpus=layout.gpus, tokenizer=mo.tokenizer,
+                                 max_seqs=mo.max_seqs, memory_limit=mo.memory_limit, tensor_parallel=n)
+        return ReplicaPool(model_path, dp, sampling, wait=0.02)
+    gpus = (peers.gpus if peers is not None else layout.gpus[:n]) or None
+    llm = replica_llm(model_path, mo.device, gpus[0] if gpus else None, mo.tokenizer, mo.max_seqs, mo.memory_limit,
+                      n, gpus, tp_peers=peers)
+    return LocalEngine(llm, sampling, want, gpus)
+
+
+def _drive(unit, take, give, between) -> None:
+    """Feed `unit` (LocalEngine or ReplicaPool) until `take` has no more prompts and it has finished.
 
     take(n, block) -> up to n (line, ids) tasks, [] once there are no more, or None when none is ready
-    yet (only when not block). give(line, ids) gets each finished prompt. between_steps() runs after
-    every step. Returns the rank's figures."""
-    runs = LineRuns(llm, sampling)
+    yet (only when not block). give(line, ids) gets each finished prompt. between() runs after every
+    advance (an engine step, or a wait on the workers)."""
     no_more = False
-    while True:
-        if not no_more and len(runs) < want:
-            tasks = take(want - len(runs), not len(runs))  # blocks only when this rank has nothing to do
+    while not (no_more and unit.done):
+        free = unit.free()
+        if not no_more and free > 0:
+            tasks = take(free, not unit.in_flight())  # blocks only when this rank has nothing to do
             if tasks == []:
                 no_more = True
-            for line, ids in tasks or ():
-                runs.add(line, ids)
-        if not len(runs):
-            if no_more:
-                break
-            continue
-        for line, ids in runs.step():
-            give(line, ids)
-        between_steps()
-    return runs.figures()
+                unit.end()
+            elif tasks:
+                unit.add(tasks)
+        unit.advance(give)
+        between()
 
 
-def _worker(comm, model_path, mo: MpiOptions, sampling, local_rank: int) -> None:
-    """A rank other than 0: ask rank 0 for prompts, run them, send them back, then its figures."""
+def run_getp_mpi(model_path, options, mo: MpiOptions, sampling) -> int:
+    """getp (gptoss.getp.run_getp's files, output and record) over the ranks of MPI.COMM_WORLD. Every
+    rank calls it; rank 0 writes the output. On rank 0: GetpError for bad input, MpiLaunchError for a
+    launch that cannot work (the other ranks return 2), ReplicaError when a rank fails (after which the
+    caller aborts the job)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this rank's node
+    host = MPI.Get_processor_name()
     try:
-        llm, gpu = _build_llm(model_path, mo, local_rank)
+        layout, problem = rank_layout(rank, size, node.Get_rank(), node.Get_size(), mo.device, mo.gpus,
+                                      mo.tensor_parallel, mo.data_parallel), None
+    except ValueError as e:
+        layout, problem = None, f"MPI rank {rank} on {host}: {e}"
+    everyone = comm.gather((layout, problem, host), root=0)
+    plan, error = None, None
+    if rank == 0:
+        layouts = [lay for lay, _, _ in everyone]
+        problems = [p for _, p, _ in everyone if p]
+        if problems:
+            error = MpiLaunchError(problems[0])
+        elif len({lay.shape for lay in layouts}) > 1:
+            error = MpiLaunchError(f"the nodes differ: --tensor-parallel {mo.tensor_parallel} spans ranks on some "
+                                   "and not on others; give every node the same GPUs")
+        else:
+            error, plan = _plan(model_path, options, sampling)
+    if comm.bcast(error is not None, root=0):
+        if rank == 0:
+            raise error
+        return 2
+    peers = None
+    if layout.shape == GROUP:
+        from .mpi_group import MpiPeers, follow_over_mpi, join_group
+
+        gpu = layout.gpus[0] if layout.gpus else None
+        group, nccl_id, members = join_group(comm, layout.group, mo.device, gpu, host)
+        if not layout.leader:
+            follow_over_mpi(group, nccl_id, gpu)
+            return 0
+        peers = MpiPeers(group, nccl_id, members)
+    where = _where(rank, host, layout)
+    make_unit = lambda: _unit(model_path, mo, layout, sampling, peers)  # noqa: E731
+    if rank != 0:
+        _serve_root(comm, make_unit, where)
+        return 0
+    hosts = [h for _, _, h in everyone]
+    print(describe(layouts, len(set(hosts))), file=sys.stderr)  # which launch shape this command got
+    return _root(comm, plan, layouts, hosts, make_unit, where, model_path, options, mo, sampling)
+
+
+def _plan(model_path, options, sampling):
+    """(error, plan): rank 0 reads and tokenizes the prompts, opens OUTPUT.partial."""
+    from ..getp import plan_getp
+    from ..tokenizer import tokenizer_from_option
+    from ..weights import open_weights
+
+    try:
+        cfg = open_weights(model_path).config
+        local = model_path if isinstance(model_path, Path) else None
+        return None, plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options,
+                               sampling)
+    except BaseException as e:  # noqa: BLE001 (told to every rank, raised on rank 0)
+        return e, None
+
+
+def _serve_root(comm, make_unit, where: str) -> None:
+    """An engine-running rank other than 0: ask rank 0 for prompts, run them, send them back, then its
+    figures; or one line saying what failed."""
+    unit = None
+    try:
+        unit = make_unit()
         asked = False
 
         def take(n, block):
@@ -123,56 +213,30 @@ def _worker(comm, model_path, mo: MpiOptions, sampling, local_rank: int) -> None
             if os.environ.get(RAISE_ENV) == str(comm.Get_rank()):
                 raise RuntimeError(f"{RAISE_ENV}: after line {line}")
 
-        want = mo.max_seqs or (1 if mo.device == "cpu" else GPU_INFLIGHT)
-        figures = _drive(llm, sampling, want, take, give, lambda: None)
-        comm.send(("finished", dict(figures, gpu=gpu)), dest=0, tag=TO_ROOT)
+        _drive(unit, take, give, lambda: None)
+        comm.send(("finished", unit.figures()), dest=0, tag=TO_ROOT)
     except BaseException as e:  # noqa: BLE001 (rank 0 says what stopped, then aborts the job)
-        comm.send(("failed", _one_line(e)), dest=0, tag=TO_ROOT)
+        comm.send(("failed", _failure(e, where)), dest=0, tag=TO_ROOT)
+    finally:
+        if unit is not None:
+            unit.close()
 
 
-def run_getp_mpi(model_path, options, mo: MpiOptions, sampling) -> int:
-    """getp (gptoss.getp.run_getp's files, output and record) over the ranks of MPI.COMM_WORLD. Every
-    rank calls it; rank 0 writes the output. GetpError for bad input (rank 0 raises it, the other ranks
-    return 2), ReplicaError when a rank fails (after which rank 0 aborts the job)."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()  # this rank's place on its node
-    plan, problem = None, None
-    if rank == 0:
-        from ..getp import plan_getp
-        from ..tokenizer import tokenizer_from_option
-        from ..weights import open_weights
-
-        try:
-            cfg = open_weights(model_path).config
-            local = model_path if isinstance(model_path, Path) else None
-            plan = plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options,
-                             sampling)
-        except BaseException as e:  # noqa: BLE001 (told to every rank, raised on rank 0)
-            problem = e
-    if comm.bcast(problem is not None, root=0):
-        if rank == 0:
-            raise problem
-        return 2
-    if rank != 0:
-        _worker(comm, model_path, mo, sampling, local_rank)
-        return 0
-    return _root(comm, size, plan, model_path, options, mo, sampling)
-
-
-def _root(comm, size: int, plan, model_path, options, mo: MpiOptions, sampling) -> int:
-    """Rank 0: serve the queue to the other ranks between its own engine's steps; write the output."""
+def _root(comm, plan, layouts, hosts, make_unit, where, model_path, options, mo: MpiOptions, sampling) -> int:
+    """Rank 0: serve the queue to the other engine-running ranks between its own unit's advances; write
+    the output."""
     from mpi4py import MPI
 
     from ..getp import finish_getp
     from ..progress import GetpProgress
 
     pending = deque(sorted(plan.todo, key=lambda n: -len(plan.prompts[n])))  # longest first (stable)
-    figures: dict[int, dict] = {}
+    engines = [r for r, lay in enumerate(layouts) if lay.leader]
+    figures: dict[int, list] = {}
+    answers = []  # rank 0 answers without blocking: a rank may be sending it a finished prompt meanwhile
     n = len(plan.prompts)
     start = time.perf_counter()
+    unit = None
     try:
         with GetpProgress(total=n, done=n - len(plan.todo), quiet=options.quiet) as bar:
             def finished(line, ids):
@@ -193,35 +257,45 @@ def _root(comm, size: int, plan, model_path, options, mo: MpiOptions, sampling) 
                     kind, *rest = message
                     src = status.Get_source()
                     if kind == "want":
-                        comm.send(take(rest[0]), dest=src, tag=TASKS)
+                        answers.append(comm.isend(take(rest[0]), dest=src, tag=TASKS))
                     elif kind == "done":
                         finished(*rest)
                     elif kind == "finished":
                         figures[src] = rest[0]
                     else:
-                        raise ReplicaError(f"MPI rank {src} failed: {rest[0]}")
+                        raise RankFailed(rest[0])
 
-            llm, gpu = _build_llm(model_path, mo, 0)
-
-            want = mo.max_seqs or (1 if mo.device == "cpu" else GPU_INFLIGHT)
-            figures[0] = dict(_drive(llm, sampling, want, take, finished, lambda: serve(False)), gpu=gpu)
-            while len(figures) < size:
+            unit = make_unit()
+            _drive(unit, take, finished, lambda: serve(False))
+            figures[0] = unit.figures()
+            while len(figures) < len(engines):
                 serve(True)
+            MPI.Request.Waitall(answers)
     except BaseException as e:  # said in one line; the caller stops the other ranks (MPI_Abort)
         plan.partial.close()  # what finished is kept for --resume
-        if isinstance(e, ReplicaError):
+        if isinstance(e, RankFailed):
             raise
-        raise ReplicaError(f"MPI rank 0 failed: {_one_line(e)}") from e
+        raise ReplicaError(_failure(e, where)) from e
+    finally:
+        if unit is not None:
+            unit.close()
     wall = time.perf_counter() - start
     plan.partial.close()
-    ranks = [{"rank": r, "gpu": f["gpu"], "backend": f["backend"], "prompts": f["prompts"],
-              "generated_tokens": f["generated_tokens"], "busy_seconds": round(f["seconds"], 3),
-              "tokens_per_second": round(f["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
-              "peak_gpu_memory_bytes": f["peak_gpu_memory_bytes"], "engine": f["engine"]}
-             for r, f in sorted(figures.items())]
-    peaks = [f["peak_gpu_memory_bytes"] for f in figures.values() if f["peak_gpu_memory_bytes"]]
+    ranks = []
+    for r in sorted(figures):
+        replicas = [replica_record(f, wall) for f in figures[r]]
+        generated = sum(x["generated_tokens"] for x in replicas)
+        ranks.append({"rank": r, "node": hosts[r], "gpus": list(layouts[r].gpus) or None,
+                      "group_ranks": list(range(r, r + layouts[r].tensor_parallel)) if layouts[r].shape == GROUP
+                      else None,
+                      "backend": replicas[0]["backend"], "prompts": sum(x["prompts"] for x in replicas),
+                      "generated_tokens": generated, "busy_seconds": max(x["busy_seconds"] for x in replicas),
+                      "tokens_per_second": round(generated / wall, 2) if wall > 0 else 0.0, "replicas": replicas})
+    peaks = [x["peak_gpu_memory_bytes"] for r in ranks for x in r["replicas"] if x["peak_gpu_memory_bytes"]]
     record = {"generated_tokens": sum(r["generated_tokens"] for r in ranks), "wall_seconds": wall,
-              "backend": f"{figures[0]['backend']} x{size} MPI ranks", "model": str(model_path),
-              "steps": sampling.max_tokens, "batch": mo.max_seqs, "mpi_ranks": size, "ranks": ranks}
+              "backend": f"{ranks[0]['backend']} x{len(engines)} MPI engine ranks", "model": str(model_path),
+              "steps": sampling.max_tokens, "batch": mo.max_seqs, "mpi_ranks": len(layouts),
+              "mpi_shape": layouts[0].shape, "tensor_parallel": mo.tensor_parallel,
+              "nodes": len(set(hosts)), "ranks": ranks}
     finish_getp(plan, options, record, max(peaks) if peaks else None)
     return 0

@@ -91,8 +91,9 @@ def describe(layouts: list[RankLayout], nodes: int) -> str:
     n = first.tensor_parallel
     if first.shape == GROUP:
         where = "one GPU each" if first.gpus else "the CPU reference"
-        return (f"{head}: {len(layouts) // n} tensor-parallel groups of {n} ranks ({where}); each group's first "
-                "rank runs its engine")
+        groups = len(layouts) // n
+        return (f"{head}: {groups} tensor-parallel group{'s' if groups > 1 else ''} of {n} ranks ({where}); "
+                "each group's first rank runs its engine")
     unit = f"{n} GPUs" if first.gpus and n > 1 else ("1 GPU" if first.gpus else
                                                     (f"{n} CPU ranks" if n > 1 else "the CPU reference"))
     counts = sorted({lay.replicas for lay in layouts})

@@ -173,8 +173,9 @@ def follow(spec: RankSpec, conn) -> None:
 
 
 @dataclass
-class _Link:
-    """Rank 0's end of one rank's pipe, and the rank's process."""
+class RankLink:
+    """Rank 0's end of one rank's pipe (or an MPI stand-in with send, recv, poll), and the rank's process
+    (or a stand-in with exitcode, join, is_alive, terminate)."""
     rank: int
     name: str
     conn: object
@@ -205,31 +206,20 @@ class TensorParallelRunner:
     the CPU. model: what each rank opens (a path, synthetic:PRESET, or a Weights object)."""
 
     def __init__(self, model, device: str, ranks: int, config, gpus: tuple | None = None,
-                 progress: bool = True):
+                 progress: bool = True, peers=None):
         weights = _open(model)
         check_tensor_parallel(weights.config, ranks)
         if device == "gpu" and (gpus is None or len(gpus) != ranks):
             raise ValueError(f"a GPU run of {ranks} tensor-parallel ranks needs {ranks} GPUs (got {gpus})")
         self.config, self.model_config, self.ranks = config, weights.config, ranks
         self.device = device
-        nccl_id = None
-        if device == "gpu":
-            import cupy
-
-            from .collective import nccl_unique_id
-
-            cupy.cuda.Device(gpus[0]).use()
-            nccl_id = nccl_unique_id()
-        ctx = mp.get_context("spawn")
-        self.links: list[_Link] = []
+        self.links: list[RankLink] = []
         try:
-            for r in range(1, ranks):
-                ours, theirs = ctx.Pipe()
-                spec = RankSpec(model, device, ranks, r, gpus[r] if gpus else None, config, nccl_id)
-                p = ctx.Process(target=follow, args=(spec, theirs), daemon=True, name=f"gptoss-tp-rank-{r}")
-                p.start()
-                theirs.close()
-                self.links.append(_Link(r, f"rank {r}" + (f" (GPU {gpus[r]})" if gpus else ""), ours, p))
+            if peers is None:
+                nccl_id = self._start_children(model, device, ranks, config, gpus)
+            else:  # ranks 1..N-1 already run (MPI ranks): they get their RankSpec, the NCCL id they have
+                nccl_id = peers.nccl_id
+                self.links = peers.start(RankSpec(model, device, ranks, 0, None, config, nccl_id))
             spec = RankSpec(model, device, ranks, 0, gpus[0] if gpus else None, config, nccl_id)
             if device == "gpu":
                 from .collective import NcclCollective
@@ -245,6 +235,26 @@ class TensorParallelRunner:
             raise
         name = getattr(self.rank0, "name", device)
         self.name = f"{name} x{ranks} tensor parallel"
+
+    def _start_children(self, model, device, ranks, config, gpus):
+        """Ranks 1..N-1 as child processes, a pipe each; the NCCL id (GPU) made here, in their RankSpec."""
+        nccl_id = None
+        if device == "gpu":
+            import cupy
+
+            from .collective import nccl_unique_id
+
+            cupy.cuda.Device(gpus[0]).use()
+            nccl_id = nccl_unique_id()
+        ctx = mp.get_context("spawn")
+        for r in range(1, ranks):
+            ours, theirs = ctx.Pipe()
+            spec = RankSpec(model, device, ranks, r, gpus[r] if gpus else None, config, nccl_id)
+            p = ctx.Process(target=follow, args=(spec, theirs), daemon=True, name=f"gptoss-tp-rank-{r}")
+            p.start()
+            theirs.close()
+            self.links.append(RankLink(r, f"rank {r}" + (f" (GPU {gpus[r]})" if gpus else ""), ours, p))
+        return nccl_id
 
     def peak_memory_bytes(self):
         return getattr(self.rank0, "peak_memory_bytes", lambda: None)()
