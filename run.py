@@ -199,6 +199,7 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
         from mpi4py import MPI
 
         error(PROG, str(e))
+        sys.stderr.flush()  # the launcher forwards it before the abort ends the job
         MPI.COMM_WORLD.Abort(2)
         return 2
 

@@ -1,8 +1,13 @@
-"""getp across MPI ranks on the CPU reference (gptoss/parallel/mpi.py): `mpiexec -n 2` and `-n 3` give
-output byte-identical to one engine, rank 0 writes it with a record per rank, --resume continues a
-partial file under MPI, and without a launcher mpi4py is never imported."""
+"""getp across MPI ranks on the CPU reference (gptoss/parallel/mpi.py), in both launch shapes
+(gptoss/parallel/mpi_layout.py): ranks each running an engine (`mpiexec -n 2` and `-n 3`), ranks each
+driving 2 data-parallel workers, a tensor-parallel group spanning 2 MPI ranks (and 2 groups of 2), ranks
+each running a group of their own processes. Each output is byte-identical to one engine, rank 0 writes
+it with a record per rank; --resume continues a partial file across launch shapes; a failing rank,
+replica or group rank is one line naming it; the NCCL id reaches every member of a group through MPI's
+bcast; without a launcher mpi4py is never imported."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +20,10 @@ import run as run_py
 from gptoss.config import TINY
 from gptoss.getp import partial_path, run_fingerprint
 from gptoss.getp import read_partial
+from gptoss.parallel.data import CRASH_ENV
 from gptoss.parallel.mpi import RAISE_ENV, mpi_world_size
+from gptoss.parallel.mpi_layout import GROUP, NODE, RankLayout, rank_layout
+from gptoss.parallel.tp_runner import RAISE_ENV as TP_RAISE_ENV
 from gptoss.sampling import SamplingParams
 
 ROOT = Path(run_py.__file__).resolve().parent
@@ -43,10 +51,15 @@ def getp_args(d, out, *extra):
             "--device", "cpu", "--input-format", "ids", "--ignore-eos", "-q", *map(str, extra)]
 
 
-def mpiexec(ranks, args, **extra_env):
+def mpiexec(ranks, args, script=None, **extra_env):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **extra_env)
-    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(ROOT / "run.py"), *args], env=env,
+    command = ["-c", script] if script else [str(ROOT / "run.py"), *args]
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *command], env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
 
 
 @needs_mpi
@@ -65,14 +78,57 @@ def test_ranks_give_the_output_of_one_engine(files, tmp_path, ranks):
 
 
 @needs_mpi
-def test_each_rank_runs_a_tensor_parallel_engine(files, tmp_path):
-    """mpiexec -n 2 with --tensor-parallel 2: each MPI rank splits its engine over 2 processes of the
-    sharded reference; the greedy tokens are one engine's (see tests/test_tp_cpu.py)."""
+def test_each_rank_drives_two_data_parallel_workers(files, tmp_path):
+    """The node shape with replicas: each of 2 ranks feeds 2 worker processes (data.py's ReplicaPool)."""
     d, whole = files
-    out = tmp_path / "out.txt"
-    done = mpiexec(2, getp_args(d, out, "--tensor-parallel", 2))
+    out, record = tmp_path / "out.txt", tmp_path / "out.json"
+    done = mpiexec(2, getp_args(d, out, "--data-parallel", 2, "--json", record))
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == whole.read_bytes()
+    assert "each rank drives 2 replicas" in done.stderr
+    rec = json.loads(record.read_text())
+    assert rec["mpi_shape"] == NODE and [r["rank"] for r in rec["ranks"]] == [0, 1]
+    assert [[x["replica"] for x in r["replicas"]] for r in rec["ranks"]] == [[0, 1], [0, 1]]
+    assert sum(x["prompts"] for r in rec["ranks"] for x in r["replicas"]) == len(LENGTHS)
+    assert sum(r["generated_tokens"] for r in rec["ranks"]) == rec["generated_tokens"] == 4 * len(LENGTHS)
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_a_tensor_parallel_group_spans_mpi_ranks(files, tmp_path, ranks):
+    """mpiexec -n R --tensor-parallel 2: R/2 groups of 2 MPI ranks, each group's rank 0 runs the engine and
+    the schedule; the greedy tokens are one engine's (the sharded sums decide no argmax on this model,
+    see tests/test_tp_cpu.py)."""
+    d, whole = files
+    out, record = tmp_path / "out.txt", tmp_path / "out.json"
+    done = mpiexec(ranks, getp_args(d, out, "--tensor-parallel", 2, "--json", record))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == whole.read_bytes()
+    rec = json.loads(record.read_text())
+    assert rec["mpi_shape"] == GROUP and rec["mpi_ranks"] == ranks
+    assert [r["group_ranks"] for r in rec["ranks"]] == [[g, g + 1] for g in range(0, ranks, 2)]
+    assert sum(r["prompts"] for r in rec["ranks"]) == len(LENGTHS)
+
+
+@needs_mpi
+def test_each_rank_runs_a_group_of_its_own(files, tmp_path):
+    """--data-parallel 1 keeps the group inside each rank: 2 ranks x (1 replica of 2 processes)."""
+    d, whole = files
+    out, record = tmp_path / "out.txt", tmp_path / "out.json"
+    done = mpiexec(2, getp_args(d, out, "--tensor-parallel", 2, "--data-parallel", 1, "--json", record))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == whole.read_bytes()
+    assert json.loads(record.read_text())["mpi_shape"] == NODE
+
+
+@needs_mpi
+def test_a_failing_group_rank_is_one_line(files, tmp_path):
+    d, _ = files
+    failed = mpiexec(2, getp_args(d, tmp_path / "out.txt", "--tensor-parallel", 2), **{TP_RAISE_ENV: "1"})
+    assert failed.returncode != 0
+    assert len(error_lines(failed)) == 1
+    assert re.fullmatch(r"run\.py: error: MPI rank 0 on \S+ failed: TensorParallelError: tensor-parallel rank 1 "
+                        rf"\(MPI rank 1 on \S+\) failed: RuntimeError: {TP_RAISE_ENV}: rank 1", error_lines(failed)[0])
 
 
 @needs_mpi
@@ -98,8 +154,9 @@ def test_a_failed_rank_is_named_and_resume_loses_nothing(files, tmp_path):
     failed = mpiexec(2, getp_args(d, out), **{RAISE_ENV: "1"})  # rank 1 raises after its first prompt
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("run.py: error:")]
-    assert errors == [f"run.py: error: MPI rank 1 failed: RuntimeError: {RAISE_ENV}: after line "
-                      f"{errors[0].rsplit(' ', 1)[-1]}"]
+    assert len(errors) == 1
+    assert re.fullmatch(rf"run\.py: error: MPI rank 1 on \S+ failed: RuntimeError: {RAISE_ENV}: after line \d+",
+                        errors[0])
     assert not out.exists()
     kept = read_partial(partial_path(out)).done
     assert int(errors[0].rsplit(" ", 1)[-1]) in kept  # sent before it raised
@@ -121,6 +178,102 @@ def test_bad_input_under_mpi_is_one_line_from_rank_0(files, tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
     assert len(errors) == 1 and "line 2" in errors[0]
+    assert not (tmp_path / "o.txt").exists()
+
+
+@needs_mpi
+def test_a_failing_replica_names_rank_and_replica_and_resume_across_shapes(files, tmp_path):
+    """A worker of a rank's pool raises after sending line 3: one line naming the rank, the replica and
+    where it runs; line 3 is kept; --resume in the group shape, then nothing is run twice."""
+    d, whole = files
+    out, record = tmp_path / "out.txt", tmp_path / "out.json"
+    failed = mpiexec(2, getp_args(d, out, "--data-parallel", 2), **{CRASH_ENV: "3:raise"})
+    assert failed.returncode != 0
+    errors = error_lines(failed)
+    assert len(errors) == 1
+    assert re.fullmatch(rf"run\.py: error: MPI rank [01] on \S+, replica [01] \(CPU worker\) failed: "
+                        rf"RuntimeError: {CRASH_ENV}: line 3", errors[0])
+    kept = read_partial(partial_path(out)).done
+    assert 3 in kept
+    expected = whole.read_text().splitlines()
+    assert all(" ".join(map(str, ids)) == expected[i] for i, ids in kept.items())
+    resumed = mpiexec(2, getp_args(d, out, "--resume", "--tensor-parallel", 2, "--json", record))
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == whole.read_bytes()
+    assert json.loads(record.read_text())["prompts_run"] == len(LENGTHS) - len(kept)
+
+
+NCCL_ID_CHECK = """
+import os
+from mpi4py import MPI
+from gptoss.parallel.mpi_group import share_nccl_id
+world = MPI.COMM_WORLD
+group = world.Split(color=world.Get_rank() // 2, key=world.Get_rank())
+made = []
+def fake_id():  # a new id each call, as ncclGetUniqueId's are (128 bytes)
+    made.append(os.urandom(128))
+    return made[-1]
+got = share_nccl_id(group, fake_id)
+assert len(made) == (1 if group.Get_rank() == 0 else 0), made
+assert len(got) == 128
+assert len(set(group.allgather(got))) == 1, "the members of a group hold different ids"
+ids = world.gather(got, root=0)
+if world.Get_rank() == 0:
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2], "groups share ids"
+    print("ids ok")
+"""
+
+
+@needs_mpi
+def test_the_nccl_id_reaches_every_member_of_its_group_through_mpi():
+    """Two groups of 2 ranks: rank 0 of each makes an id (a fake when no libnccl is here), MPI's bcast
+    gives its members the same bytes, and the two groups have their own."""
+    result = mpiexec(4, None, script=NCCL_ID_CHECK)
+    assert result.returncode == 0, result.stderr
+    assert "ids ok" in result.stdout
+
+
+@pytest.mark.parametrize("gpus, local, flags, expected", [
+    # one rank per node drives all 8 GPUs: 8 replicas, or 4 replicas of 2 with --tensor-parallel 2
+    ((0, 1, 2, 3, 4, 5, 6, 7), (0, 1), (1, None), RankLayout(NODE, (0, 1, 2, 3, 4, 5, 6, 7), 8, 1, 5, 0)),
+    ((0, 1, 2, 3, 4, 5, 6, 7), (0, 1), (2, None), RankLayout(NODE, (0, 1, 2, 3, 4, 5, 6, 7), 4, 2, 5, 0)),
+    ((0, 1, 2, 3, 4, 5, 6, 7), (0, 1), (2, 1), RankLayout(NODE, (0, 1, 2, 3, 4, 5, 6, 7), 1, 2, 5, 0)),
+    # one rank per GPU: one engine each (the rank's GPU), or groups of 2 ranks spanning MPI ranks
+    ((0, 1, 2, 3, 4, 5, 6, 7), (3, 8), (1, None), RankLayout(NODE, (3,), 1, 1, 5, 0)),
+    ((0, 1, 2, 3, 4, 5, 6, 7), (3, 8), (2, None), RankLayout(GROUP, (3,), 1, 2, 2, 1)),
+    # two ranks per node: half the GPUs each
+    ((0, 1, 2, 3), (1, 2), (1, None), RankLayout(NODE, (2, 3), 2, 1, 5, 0)),
+    # more ranks than GPUs share them round robin (e.g. 2 engines on the one H200)
+    ((0,), (1, 2), (1, None), RankLayout(NODE, (0,), 1, 1, 5, 0)),
+])
+def test_rank_layouts_on_gpus(gpus, local, flags, expected):
+    assert rank_layout(5, 6, local[0], local[1], "gpu", gpus, *flags) == expected
+
+
+def test_rank_layouts_on_the_cpu_and_bad_launches():
+    assert rank_layout(1, 2, 1, 2, "cpu", (), 1, None) == RankLayout(NODE, (), 1, 1, 1, 0)
+    assert rank_layout(1, 2, 1, 2, "cpu", (), 1, 2) == RankLayout(NODE, (), 2, 1, 1, 0)
+    assert rank_layout(3, 4, 3, 4, "cpu", (), 2, None) == RankLayout(GROUP, (), 1, 2, 1, 1)
+    assert rank_layout(1, 2, 1, 2, "cpu", (), 2, 1) == RankLayout(NODE, (), 1, 2, 1, 0)
+    with pytest.raises(ValueError, match="3 MPI ranks on a node must divide its 8 GPUs"):
+        rank_layout(0, 3, 0, 3, "gpu", tuple(range(8)), 1, None)
+    with pytest.raises(ValueError, match="multiple of 2 ranks"):
+        rank_layout(0, 3, 0, 3, "cpu", (), 2, None)
+    with pytest.raises(ValueError, match="needs one rank per GPU"):
+        rank_layout(0, 4, 0, 4, "gpu", tuple(range(8)), 4, None)
+    with pytest.raises(ValueError, match="--data-parallel is per rank"):
+        rank_layout(0, 8, 0, 8, "gpu", tuple(range(8)), 2, 1)
+    with pytest.raises(ValueError, match="needs 6 GPUs; a rank has 4"):
+        rank_layout(0, 2, 0, 2, "gpu", tuple(range(8)), 2, 3)
+
+
+@needs_mpi
+def test_a_launch_that_cannot_work_is_one_line(files, tmp_path):
+    d, _ = files
+    result = mpiexec(3, getp_args(d, tmp_path / "o.txt", "--tensor-parallel", 2))
+    assert result.returncode != 0
+    assert error_lines(result) == ["run.py: error: MPI rank 0 on " + error_lines(result)[0].split(" on ", 1)[1]]
+    assert "needs a multiple of 2 ranks (got 3)" in error_lines(result)[0]
     assert not (tmp_path / "o.txt").exists()
 
 
