@@ -16,7 +16,9 @@ they fail. Every rank ends the step with the same logits bit for bit (the same g
 the same order), so rank 0's tokens are everyone's. Sizing the KV cache: rank 0 asks every rank for its
 free memory and plans once with the least (every rank must build the same slots and pages).
 
-The NCCL unique id is made by rank 0 and passed to each rank in its start-up arguments (a pipe). On the
+The NCCL unique id is made by rank 0 and passed to each rank in its start-up arguments (a pipe). The
+other ranks can instead be MPI ranks already running (peers=, gptoss/parallel/mpi_group.py): then MPI's
+bcast gave every rank the id, and the messages go over MPI with a pipe's send/recv/poll. On the
 CPU (`--device cpu`) the ranks run gptoss.parallel.tensor.ShardedReference.rank_hidden and the
 all-gather goes through the same pipes (rank 0 collects every partial and sends all of them back): slow,
 but it runs the orchestration of a GPU run in CI.
