@@ -112,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
     const int* __restrict__ seq_start, bf16_t* __restrict__ out, int S, int Hq, int Hkv, int D, int L,
     int window, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
-    __shared__ float qs[128], ps[128], scratch[1024 / WARP_SIZE];
+    __shared__ float qs[128], ps[128], scratch[BLOCK_SCRATCH];
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     int a = 0, b = S - 1;  // the sequence holding this token: the last s with cu_q[s] <= tok
     while (a < b) {

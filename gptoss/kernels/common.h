@@ -6,28 +6,51 @@
 // (low half = element 0), which is also the operand format of the NVIDIA mma.sync bf16 instructions.
 #pragma once
 
+// Vendor paths. GPTOSS_AMD / GPTOSS_CUDA say which compiler this is (and so how a shuffle is spelled);
+// GPTOSS_NVIDIA, GPTOSS_HAS_MMA and GPTOSS_HAS_WGMMA turn on the NVIDIA-only code (intrinsics such as
+// __match_any_sync and __syncwarp, mma.sync/ldmatrix/cp.async, wgmma/TMA). Without them every kernel takes
+// its portable path, the code an AMD GPU runs. -DGPTOSS_PORTABLE=1 (KernelOptions(portable=True),
+// GPTOSS_KERNELS=portable) keeps them off on NVIDIA too, so that the portable path runs on an H100/H200.
+//
+// WARP_SIZE is the width of the hardware warp the portable code is written against: 64 on AMD CDNA
+// (gfx90a, gfx94x: wave64), 32 on NVIDIA. No kernel outside an NVIDIA-only block may assume 32 lanes:
+// lane masks, shuffle ranges, per-warp shared-memory arrays and reductions all derive from WARP_SIZE
+// (tests/test_warp_size.py scans the sources for that).
 #if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC_RTC__)
   #define GPTOSS_AMD 1
   #if !defined(__HIPCC_RTC__)
     #include <hip/hip_runtime.h>
   #endif
   #define WARP_SIZE 64
+  // RDNA GPUs (gfx10xx/gfx11xx) run wave32 by default: the host (gptoss.kernels.warp_size) and these
+  // kernels assume wave64, so refuse to build for them rather than run with the wrong width.
+  #if defined(__AMDGCN_WAVEFRONT_SIZE) && __AMDGCN_WAVEFRONT_SIZE != 64
+    #error "gptoss kernels need a wave64 AMD GPU (CDNA: gfx90a, gfx94x)"
+  #endif
   #define WARP_SHFL_XOR(v, m) __shfl_xor((v), (m))
   #define WARP_SHFL(v, src) __shfl((v), (src))
 #else
-  #define GPTOSS_NVIDIA 1
+  #define GPTOSS_CUDA 1
   #define WARP_SIZE 32
+  // Full-warp shuffles: the same operation as AMD's __shfl_xor / __shfl over all WARP_SIZE lanes (CUDA
+  // spells it with the _sync form and the mask of every lane, which is what makes it NVIDIA-specific).
   #define WARP_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
   #define WARP_SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src))
-  // NVIDIA tensor-core paths (mma.sync, ldmatrix, cp.async) need sm_80 or newer.
-  #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    #define GPTOSS_HAS_MMA 1
-  #endif
-  // wgmma (warpgroup tensor-core ops) needs the sm_90a target (NVRTC -arch=sm_90a; see kernels/__init__.py).
-  #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    #define GPTOSS_HAS_WGMMA 1
+  #if !defined(GPTOSS_PORTABLE) || !GPTOSS_PORTABLE
+    #define GPTOSS_NVIDIA 1
+    // NVIDIA tensor-core paths (mma.sync, ldmatrix, cp.async) need sm_80 or newer.
+    #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      #define GPTOSS_HAS_MMA 1
+    #endif
+    // wgmma (warpgroup tensor-core ops) needs the sm_90a target (NVRTC -arch=sm_90a; see kernels/__init__.py).
+    #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+      #define GPTOSS_HAS_WGMMA 1
+    #endif
   #endif
 #endif
+
+// Floats of shared memory block_sum / block_max need: one per warp of the largest (1024-thread) block.
+#define BLOCK_SCRATCH (1024 / WARP_SIZE)
 
 #define DEVICE __device__ __forceinline__
 #define NEG_INF_F (__uint_as_float(0xff800000u))
@@ -65,7 +88,7 @@ DEVICE float warp_max(float v) {
 }
 
 // Sum over a block of blockDim.x threads (a multiple of WARP_SIZE, at most 1024). Every thread gets
-// the total. `scratch` holds at least 1024 / WARP_SIZE floats of shared memory.
+// the total. `scratch` holds at least BLOCK_SCRATCH floats of shared memory.
 DEVICE float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     const int nwarps = blockDim.x / WARP_SIZE;

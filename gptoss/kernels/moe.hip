@@ -659,52 +659,120 @@ DEVICE void moe_gemm(const MoeParams& p) {
     }
 #endif
 
-#else  // portable path (AMD): one thread per output, k in increasing order, no tiles
+#else  // portable path (AMD, and GPTOSS_PORTABLE on NVIDIA): FMA tiles in static shared memory
 
-DEVICE float moe_weight(const MoeParams& p, bool fp4, int e, int n, int k) {
-    const size_t row = (size_t)e * p.N + n;
-    if (!fp4) return bf16_to_float(p.wb[row * p.K + k]);
-    const size_t blk = row * (p.K / 32) + k / 32;
-    const u32 byte = p.wq[blk * 16 + (k % 32) / 2];
-    return fp4_e2m1_to_float(k % 2 ? byte >> 4 : byte & 15u) * e8m0_to_float(p.ws[blk]);
-}
+// The same tiles and grid as the tensor-core kernels: CTA (blockIdx.x, blockIdx.y) = weight rows
+// [BN * blockIdx.x, + BN) of the expert of row tile blockIdx.y (the dispatch's schedule). K goes in
+// chunks of MOE_PORTABLE_BK = one MXFP4 block: the chunk's token rows and its dequantized weights (each
+// weight decoded once per CTA, not once per token) go to shared memory as fp32; each thread keeps a
+// TM x (2 TP) register tile: token rows ty + i*TY by the column pairs 2(tx + j*TX), +1 (an mlp1 pair is
+// a unit's (gate, linear): SwiGLU in the epilogue). One fmaf per k in increasing order from 0, then the
+// bias: the same arithmetic for any tile, any T (batch invariance). Only __syncthreads, no warp-level
+// primitives: correct for any warp width and any block size THREADS (a multiple of MOE_PORTABLE_TY).
+#define MOE_PORTABLE_BK 32
+#define MOE_PORTABLE_TY 8
 
-DEVICE float moe_dot(const MoeParams& p, bool fp4, const bf16_t* a, int e, int n) {
-    float s = 0.0f;
-    for (int k = 0; k < p.K; ++k) s = fmaf(bf16_to_float(a[k]), moe_weight(p, fp4, e, n, k), s);
-    return s;
-}
-
-template <bool FP4, bool MLP1>
+template <int BM, int BN, int THREADS, bool FP4, bool MLP1>
 DEVICE void moe_gemm_portable(const MoeParams& p) {
-    const int NO = MLP1 ? p.N / 2 : p.N;  // outputs per row
-    const size_t total = (size_t)p.S * NO;
-    const size_t stride = (size_t)gridDim.x * gridDim.y * blockDim.x;
-    for (size_t idx = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-         idx += stride) {
-        const int r = (int)(idx / NO), c = (int)(idx % NO);
-        int lo = 0, hi = p.E;  // the expert of sorted row r: offsets[lo] <= r < offsets[hi]
-        while (hi - lo > 1) {
-            const int mid = (lo + hi) / 2;
-            if (p.offsets[mid] <= r) lo = mid; else hi = mid;
+    constexpr int BK = MOE_PORTABLE_BK, TY = MOE_PORTABLE_TY, TX = THREADS / TY;
+    constexpr int TM = BM / TY, TP = BN / 2 / TX;
+    static_assert(TX * TY == THREADS && TY * TM == BM && TX * TP * 2 == BN, "portable MoE register tiling");
+    __shared__ float As[BK][BM];  // [k][token row]
+    __shared__ float Ws[BK][BN];  // [k][weight row]
+    __shared__ int s_row[BM];     // the row of a holding each tile row; -1 past the expert's rows
+
+    const int e = p.tiles[2 * blockIdx.y];
+    if (e < 0) return;  // past the last tile (a uniform exit: the whole CTA)
+    const int r0 = p.tiles[2 * blockIdx.y + 1], r_end = p.offsets[e + 1];
+    const int n0 = blockIdx.x * BN;
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    for (int i = tid; i < BM; i += THREADS) {
+        const int r = r0 + i;
+        s_row[i] = r < r_end ? (MLP1 ? p.slots[r] / p.topk : r) : -1;
+    }
+    __syncthreads();
+
+    float acc[TM][2 * TP];
+    #pragma unroll
+    for (int i = 0; i < TM; ++i)
+        #pragma unroll
+        for (int j = 0; j < 2 * TP; ++j) acc[i][j] = 0.0f;
+
+    const int KB = p.K / 32;  // MXFP4 blocks per weight row
+    for (int k0 = 0; k0 < p.K; k0 += BK) {  // K % 32 == 0 (checked by ops/moe.py)
+        for (int idx = tid; idx < BM * BK; idx += THREADS) {
+            const int m = idx / BK, kk = idx % BK, row = s_row[m];
+            As[kk][m] = row >= 0 ? bf16_to_float(p.a[(size_t)row * p.K + k0 + kk]) : 0.0f;
         }
-        const int slot = p.slots[r];
-        if (MLP1) {
-            const bf16_t* a = p.a + (size_t)(slot / p.topk) * p.K;
-            const float gate = moe_dot(p, FP4, a, lo, 2 * c) + bf16_to_float(p.bias[(size_t)lo * p.N + 2 * c]);
-            const float lin = moe_dot(p, FP4, a, lo, 2 * c + 1) + bf16_to_float(p.bias[(size_t)lo * p.N + 2 * c + 1]);
-            p.y[(size_t)r * NO + c] = float_to_bf16(moe_swiglu(gate, lin, p.limit, p.alpha));
+        if (FP4) {  // one byte = k pair (2b, 2b + 1), low nibble first; the block's scale on both
+            for (int idx = tid; idx < BN * 16; idx += THREADS) {
+                const int n = idx / 16, b = idx % 16;
+                float lo = 0.0f, hi = 0.0f;
+                if (n0 + n < p.N) {
+                    const size_t blk = ((size_t)e * p.N + n0 + n) * KB + k0 / 32;
+                    const u32 byte = p.wq[blk * 16 + b];
+                    const float scale = e8m0_to_float(p.ws[blk]);
+                    lo = fp4_e2m1_to_float(byte & 15u) * scale;
+                    hi = fp4_e2m1_to_float(byte >> 4) * scale;
+                }
+                Ws[2 * b][n] = lo;
+                Ws[2 * b + 1][n] = hi;
+            }
         } else {
-            const float v = moe_dot(p, FP4, p.a + (size_t)r * p.K, lo, c) + bf16_to_float(p.bias[(size_t)lo * p.N + c]);
-            p.out[(size_t)slot * p.N + c] = v * p.rw[slot];
+            for (int idx = tid; idx < BN * BK; idx += THREADS) {
+                const int n = idx / BK, kk = idx % BK;
+                Ws[kk][n] = n0 + n < p.N ? bf16_to_float(p.wb[((size_t)e * p.N + n0 + n) * p.K + k0 + kk]) : 0.0f;
+            }
+        }
+        __syncthreads();
+        #pragma unroll 4
+        for (int kk = 0; kk < BK; ++kk) {
+            float a[TM], w[2 * TP];
+            #pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + i * TY];
+            #pragma unroll
+            for (int j = 0; j < TP; ++j) {
+                w[2 * j] = Ws[kk][2 * (tx + j * TX)];
+                w[2 * j + 1] = Ws[kk][2 * (tx + j * TX) + 1];
+            }
+            #pragma unroll
+            for (int i = 0; i < TM; ++i)
+                #pragma unroll
+                for (int j = 0; j < 2 * TP; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+    #pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int m = ty + i * TY;
+        if (s_row[m] < 0) continue;
+        const int r = r0 + m;
+        #pragma unroll
+        for (int j = 0; j < TP; ++j) {
+            const int c = n0 + 2 * (tx + j * TX);  // an even weight row (mlp1: N is even)
+            if (c >= p.N) continue;
+            const bf16_t* b = p.bias + (size_t)e * p.N + c;
+            if (MLP1) {
+                const float gate = acc[i][2 * j] + bf16_to_float(b[0]);
+                const float lin = acc[i][2 * j + 1] + bf16_to_float(b[1]);
+                p.y[(size_t)r * (p.N / 2) + c / 2] = float_to_bf16(moe_swiglu(gate, lin, p.limit, p.alpha));
+            } else {
+                const int slot = p.slots[r];
+                const float rw = p.rw[slot];
+                p.out[(size_t)slot * p.N + c] = (acc[i][2 * j] + bf16_to_float(b[0])) * rw;
+                if (c + 1 < p.N) p.out[(size_t)slot * p.N + c + 1] = (acc[i][2 * j + 1] + bf16_to_float(b[1])) * rw;
+            }
         }
     }
 }
 
+// The block size is the tensor-core variant's (32 * WARPS_N threads, which ops/moe.py launches on both
+// paths); the portable body only needs it to be a multiple of MOE_PORTABLE_TY.
 #define MOE_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB)                             \
     extern "C" __global__ void __launch_bounds__(32 * WARPS_N) NAME(MOE_ARGS) {                      \
         const MoeParams p = MOE_PARAMS;                                                              \
-        moe_gemm_portable<FP4, MLP1>(p);                                                             \
+        moe_gemm_portable<8 * (NT), 16 * (MW) * (WARPS_N), 32 * (WARPS_N), FP4, MLP1>(p);            \
     }
 
 #endif  // GPTOSS_HAS_MMA

@@ -18,12 +18,13 @@
 #define TOPK_MAX 8        // largest k router_topk supports
 #define DISPATCH_THREADS 1024
 #define DISPATCH_MAX_E 256
-#define DISPATCH_CACHE 32 // 32-slot steps per warp whose expert ids stay in registers
+#define DISPATCH_CACHE 32 // WARP_SIZE-slot steps per warp whose expert ids stay in registers
 
 // ---- router logits ------------------------------------------------------------------------------
-// grid (ceil(T / 32), ceil(E / 32), ROUTER_SPLITS), 256 threads. Thread (q = tid / 32, e = tid % 32)
-// owns tokens 4q..4q+3 of the tile and expert e: per h it reads one float4 of t (the same for the 32
-// threads of a group: a broadcast) and one w value, for four FMAs.
+// grid (ceil(T / ROUTER_TT), ceil(E / ROUTER_TE), ROUTER_SPLITS), ROUTER_THREADS threads. Thread
+// (q = tid / ROUTER_TE, e = tid % ROUTER_TE) owns tokens 4q..4q+3 of the tile and expert e: per h it reads
+// one float4 of t (the same for the ROUTER_TE threads of a group: a broadcast) and one w value, for four
+// FMAs. (Tile sizes, not warp widths: no warp-level primitive here.)
 // partial: [ROUTER_SPLITS, T, E] float32.
 // t is bf16 (router_logits) or fp32 (router_logits_f32: the unrounded normed activations).
 DEVICE float4 router_load4(const bf16_t* p) {
@@ -39,7 +40,7 @@ DEVICE void router_logits_tile(const TIn* __restrict__ t, const bf16_t* __restri
     __shared__ float sw[ROUTER_HC][ROUTER_TE + 1];            // [h][expert]
     const int tid = threadIdx.x;
     const int t0 = blockIdx.x * ROUTER_TT, e0 = blockIdx.y * ROUTER_TE;
-    const int q = tid / 32, el = tid % 32;
+    const int q = tid / ROUTER_TE, el = tid % ROUTER_TE;
     const int chunks = H / ROUTER_HC;                           // H % 32 == 0 (checked by the launcher)
     const int c_begin = (int)((long long)blockIdx.z * chunks / ROUTER_SPLITS);
     const int c_end = (int)((long long)(blockIdx.z + 1) * chunks / ROUTER_SPLITS);
@@ -101,7 +102,7 @@ router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, 
     const int lane = threadIdx.x % WARP_SIZE;
     const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     if (tok >= T) return;  // whole warps leave together
-    constexpr int EJ = DISPATCH_MAX_E / 32;  // values per lane (E <= 256; fewer are used on AMD's 64 lanes)
+    constexpr int EJ = DISPATCH_MAX_E / WARP_SIZE;  // values per lane (E <= DISPATCH_MAX_E)
     float v[EJ];
     #pragma unroll
     for (int j = 0; j < EJ; ++j) {
@@ -152,7 +153,7 @@ router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, 
 // Warp w owns the contiguous slots [w*span, (w+1)*span). Pass 1 counts per (warp, expert); an
 // exclusive scan over warps (per expert) and over experts gives each warp its first position per
 // expert; pass 2 walks the span again in order and places each slot at base + its rank among the
-// lanes of the same expert in this 32-slot step (lower lanes first), so the order is the slot order.
+// lanes of the same expert in this WARP_SIZE-slot step (lower lanes first), so the order is the slot order.
 //
 // Then the tile schedules of the expert GEMMs, for three tile heights bm_a, bm_b, bm_c: tile i of
 // tiles_x ([ntiles_x, 2] int32) = (expert, first sorted row) of the i-th bm-row tile, experts in
@@ -171,7 +172,7 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     const int bm[NH] = {bm_a, bm_b, bm_c}, ntiles[NH] = {ntiles_a, ntiles_b, ntiles_c};
     int* const tiles[NH] = {tiles_a, tiles_b, tiles_c};
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
-    const int steps = (S + NW * WARP_SIZE - 1) / (NW * WARP_SIZE);  // 32-slot steps per warp
+    const int steps = (S + NW * WARP_SIZE - 1) / (NW * WARP_SIZE);  // WARP_SIZE-slot steps per warp
     const int span = steps * WARP_SIZE;
     const int begin = warp * span, end = min(begin + span, S);
 

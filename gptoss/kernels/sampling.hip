@@ -58,7 +58,7 @@ DEVICE double shfl_xor_f64(double v, int m) {
 }
 
 // Inclusive prefix sum over the block in thread order; *total gets the block's sum. Needs
-// blockDim.x / WARP_SIZE <= WARP_SIZE and `scratch` of WARP_SIZE u64 in shared memory. Starts with a
+// blockDim.x / WARP_SIZE <= WARP_SIZE and `scratch` of BLOCK_SCRATCH u64 in shared memory. Starts with a
 // barrier, so consecutive calls may reuse the scratch.
 DEVICE u64 block_scan_u64(u64 v, u64* scratch, u64* total) {
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
@@ -170,8 +170,8 @@ DEVICE int block_argmax(const float* row, int V, int vec, float* fscratch, int* 
 // ids[b] = argmax(logits[b, :]), ties to the lowest id. grid = B, block = ARGMAX_THREADS.
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_rows(const float* __restrict__ logits, int* __restrict__ ids, int V, int vec) {
-    __shared__ float fscratch[32];
-    __shared__ int iscratch[32];
+    __shared__ float fscratch[BLOCK_SCRATCH];
+    __shared__ int iscratch[BLOCK_SCRATCH];
     const int id = block_argmax(logits + (size_t)blockIdx.x * V, V, vec, fscratch, iscratch);
     if (threadIdx.x == 0) ids[blockIdx.x] = id;
 }
@@ -190,9 +190,9 @@ sample_rows(const float* __restrict__ logits, const float* __restrict__ temperat
             const int* __restrict__ sequence, const int* __restrict__ step, int* __restrict__ ids,
             int V, int vec) {
     __shared__ u64 hist[RADIX_BINS];
-    __shared__ u64 scratch[32];
-    __shared__ float fscratch[32];
-    __shared__ int iscratch[32];
+    __shared__ u64 scratch[BLOCK_SCRATCH];
+    __shared__ float fscratch[BLOCK_SCRATCH];
+    __shared__ int iscratch[BLOCK_SCRATCH];
     __shared__ u32 pick_bin;
     __shared__ u64 pick_above, pick_mass;
     __shared__ int found;
