@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gptoss.cli import INTERRUPTED, error, run_main  # noqa: E402
+from gptoss.kernels import KERNEL_MODES  # noqa: E402
 
 PROG = "run.py"
 MODES = ("generate", "chat", "getp", "serve")
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--tensor-parallel 2 = 4 replicas of 2 GPUs. N must divide the GPUs, the heads, "
                         "the kv heads and the experts. On the CPU: N processes of the sharded reference "
                         "(default 1)")
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
+                   help="GPU kernels: auto = the fastest paths this GPU has (tensor cores: mma.sync, wgmma, "
+                        "TMA on H100/H200); portable = every kernel's portable path, the code an AMD GPU "
+                        "runs, on any GPU (slower; for checking it and measuring its speed). Default: "
+                        "$GPTOSS_KERNELS, else auto. An AMD GPU always runs the portable paths")
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="getp: the GPUs to run on, e.g. 0,2,3 or 0-3 (default: every visible GPU); "
                         "replica r runs on the r-th GPU of the list, round robin")
@@ -181,7 +187,8 @@ def run_parallel_getp(model_path, options, sampling, args, device, gpus, replica
     from gptoss.parallel.data import DataParallelOptions, run_getp_parallel
 
     dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tokenizer=args.tokenizer,
-                             max_seqs=args.batch, memory_limit=memory, tensor_parallel=args.tensor_parallel)
+                             max_seqs=args.batch, memory_limit=memory, tensor_parallel=args.tensor_parallel,
+                             kernels=kernel_options(args))
     print(f"getp: {replicas} replicas ({', '.join(dp.name(r) for r in range(replicas))})", file=sys.stderr)
     return keeping_partial(lambda: run_getp_parallel(model_path, options, dp, sampling), options.output)
 
@@ -192,7 +199,8 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
     from gptoss.parallel.mpi import MpiOptions, run_getp_mpi
 
     mo = MpiOptions(device=device, gpus=gpus, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
-                    tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
+                    tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
+                    kernels=kernel_options(args))
     try:
         return run_getp_mpi(model_path, options, mo, sampling)
     except ReplicaError as e:  # what finished is in OUTPUT.partial; the other ranks may be mid-step
@@ -206,6 +214,16 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
 
 class Failure(Exception):
     """A one-line error; main prints it as `run.py: error: ...` and exits 2."""
+
+
+def kernel_options(args):
+    """The KernelOptions of --kernels (GPTOSS_WGMMA still read), or None without the flag: the engine then
+    reads GPTOSS_KERNELS / GPTOSS_WGMMA itself (KernelOptions.from_env)."""
+    if args.kernels is None:
+        return None
+    from gptoss.kernels import KernelOptions
+
+    return KernelOptions.from_env(mode=args.kernels)
 
 
 def fail(message: str):
@@ -320,7 +338,7 @@ def _main(argv) -> int:
         batch = args.batch or (SERVE_SLOTS if args.mode == "serve" else None)
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
                   tensor_parallel=args.tensor_parallel,
-                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None)
+                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args))
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 

@@ -91,7 +91,8 @@ class GPUModel:
     decode steps use for their unused rows) of up to `capacity` positions. Without `pages` every slot
     owns its whole capacity; with `pages` the engine hands out the full layers' pages and sends its
     page table with the steps (StepBatch.page_table). `kernels`: the kernel choices, resolved here once
-    for this device (default KernelOptions.from_env(): GPTOSS_WGMMA=0 turns the wgmma kernels off).
+    for this device and passed to every launch (default KernelOptions.from_env(): GPTOSS_KERNELS=portable
+    runs the portable kernels, GPTOSS_WGMMA=0 turns the wgmma kernels off).
 
     Tensor/expert parallel: with `collective` (gptoss.parallel.collective) the weights are one rank's
     share (gptoss.parallel.shard_weights.ShardWeights: its heads, its experts) and each layer all-gathers
@@ -159,25 +160,25 @@ class GPUModel:
         eps = cfg.rms_norm_eps
         tokens, positions, slots = inputs or (b.tokens[:T], b.positions[:T], b.slots[:T])
         x, t, t32, qkv, q, attn, o = b.x[:T], b.t[:T], b.t32[:T], b.qkv[:T], b.q[:T], b.attn[:T], b.o[:T]
-        E.embed(tokens, w.embedding, out=x)
-        N.rmsnorm(x, w.layers[0].attn_norm, eps, out=t)
+        E.embed(tokens, w.embedding, out=x, kernels=kernels)
+        N.rmsnorm(x, w.layers[0].attn_norm, eps, out=t, kernels=kernels)
         mark("embed + norm")
         for i, layer in enumerate(w.layers):
             G.linear(t, layer.qkv_w, layer.qkv_b, out=qkv, kernels=kernels)
             mark("qkv gemm")
             table = self.cache.layer_table(i, cfg)
             A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i], q_out=q,
-                             page_table=table)
+                             page_table=table, kernels=kernels)
             mark("rope + kv write")
             A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn,
-                        page_table=table)
+                        page_table=table, kernels=kernels)
             mark("attention full" if layer.window == 0 else "attention sliding")
             if self.collective is None:
                 G.linear(attn, layer.out_w, layer.out_b, out=o, kernels=kernels)
             else:
                 self._tp_out(T, attn, layer, mark)
             mark("out gemm")
-            N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t, out_f32=t32)  # x += o; t = norm(x)
+            N.add_rmsnorm(x, o, layer.mlp_norm, eps, out=t, out_f32=t32, kernels=kernels)  # x += o; t = norm(x)
             mark("add + norm")
             # x += sum_j weight_j * expert_j(t), fused with the next block's norm; the router reads t
             # unrounded (a bf16 router input flips near-tied expert choices)
@@ -190,7 +191,7 @@ class GPUModel:
                 if last:
                     M.combine_add(x, eo)
             if not last:
-                N.combine_rmsnorm(x, eo, k, w.layers[i + 1].attn_norm, eps, out=t)
+                N.combine_rmsnorm(x, eo, k, w.layers[i + 1].attn_norm, eps, out=t, kernels=kernels)
                 mark("moe combine + norm")
 
     # ---- tensor parallel: a rank's partial sums, gathered and added in rank order ----------------------
@@ -240,10 +241,10 @@ class GPUModel:
         """Final norm and unembedding of R rows (gathered from x by self.buf.rows when `gather`)."""
         from .ops import embed as E, gemm as G, norm as N
 
-        b = self.buf
-        src = E.gather_rows(b.rows[:R], b.x[:T], out=b.last[:R]) if gather else b.x[:R]
-        N.rmsnorm(src, self.w.final_norm, self.cfg.rms_norm_eps, out=b.last_t[:R])
-        return G.linear(b.last_t[:R], self.w.unembedding, out=b.logits[:R], out_dtype="f32", kernels=self.kernels)
+        b, kernels = self.buf, self.kernels
+        src = E.gather_rows(b.rows[:R], b.x[:T], out=b.last[:R], kernels=kernels) if gather else b.x[:R]
+        N.rmsnorm(src, self.w.final_norm, self.cfg.rms_norm_eps, out=b.last_t[:R], kernels=kernels)
+        return G.linear(b.last_t[:R], self.w.unembedding, out=b.logits[:R], out_dtype="f32", kernels=kernels)
 
     def _sample(self, R: int, greedy: bool, args=None):
         """Next token ids of the R logit rows into buf.ids; args = (temperature, top_p, seed, sequence,
@@ -252,10 +253,10 @@ class GPUModel:
 
         b = self.buf
         if greedy:
-            return S.argmax(b.logits[:R], out=b.ids[:R])
+            return S.argmax(b.logits[:R], out=b.ids[:R], kernels=self.kernels)
         temp, top_p, seed, seqs, steps = args or (b.temperature[:R], b.top_p[:R], b.seeds[:R], b.sequences[:R],
                                                   b.steps[:R])
-        return S.sample(b.logits[:R], temp, top_p, seed, seqs, steps, out=b.ids[:R])
+        return S.sample(b.logits[:R], temp, top_p, seed, seqs, steps, out=b.ids[:R], kernels=self.kernels)
 
     def _load_inputs(self, step: StepBatch) -> None:
         b = self.buf

@@ -18,8 +18,9 @@ class EngineConfig:
         None = all that is free.
     num_pages: KV pages of 64 positions, instead of all that memory holds (tests of preemption).
     use_graphs: replay decode-only steps from captured CUDA graphs.
-    kernels: the GPU kernels' choices (gptoss.kernels.KernelOptions); None = KernelOptions.from_env(),
-        read once when the model is built.
+    kernels: the GPU kernels' choices (gptoss.kernels.KernelOptions: the mode "auto" or "portable" --
+        run.py --kernels --, wgmma); None = KernelOptions.from_env() (GPTOSS_KERNELS, GPTOSS_WGMMA), read
+        once when the model is built.
     """
 
     max_seqs: int | None = None

@@ -1,10 +1,13 @@
 """Kernel sources (*.hip, one file per family), their run-time compilation through cupy.RawModule, and
-the one way gptoss/ops gets a kernel to launch: kernel(family, name, defines, sm90a=..., smem=...).
+the one way gptoss/ops gets a kernel to launch: kernel(family, name, defines, sm90a=..., smem=...,
+kernels=...), and the options that choose among kernel paths (KernelOptions: the mode "auto" or
+"portable", wgmma).
 
 A family compiles once per process for each (device, extra -D defines, sm_90a or not); CuPy keeps the
 binary in its on-disk cache, keyed by the source text and options, so a second process starts without
-compiling. Our headers (`common.h`, `mma.h`) are pasted into the source before compiling so that an
-edit to one changes the cache key too.
+compiling. The portable mode is one of those defines (PORTABLE_DEFINE), so its binaries are cached
+apart. Our headers (`common.h`, `mma.h`) are pasted into the source before compiling so that an edit to
+one changes the cache key too.
 """
 from __future__ import annotations
 
@@ -157,18 +160,29 @@ def _compute_capability_of(device_id: int) -> str:
     return cupy.cuda.Device(device_id).compute_capability
 
 
+# The kernel modes (GPTOSS_KERNELS, run.py --kernels, KernelOptions.mode): "auto" runs the fastest paths
+# the device has; "portable" compiles every family with PORTABLE_DEFINE, so the NVIDIA-only code (mma.sync,
+# wgmma, cp.async, TMA, NVIDIA-only intrinsics) is left out and the portable #else paths -- the code an
+# AMD GPU compiles -- run on an NVIDIA GPU too. On AMD every mode resolves to "portable".
+KERNEL_MODES = ("auto", "portable")
+PORTABLE_DEFINE = "GPTOSS_PORTABLE=1"
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Which kernel variants run. Decide once at start-up (resolve()) and pass the value down: the ops
-    that choose among variants take it as `kernels=`; nothing reads the environment per launch.
+    take it as `kernels=`; nothing reads the environment per launch.
 
     wgmma: the sm_90a wgmma kernels of WGMMA_FAMILIES (and those families compiled for sm_90a);
-      None = where the device has them (wgmma_available()).
+      None = where the device has them (wgmma_available()); always False when portable.
     moe_defines: extra -D defines of the MoE expert GEMMs (moe.hip), e.g. ("MOE_ABLATE=1",) for
       benchmarks/kernel_moe.py --ablate.
+    portable: every family compiled with -DGPTOSS_PORTABLE=1 (the portable paths only; see KERNEL_MODES),
+      no dynamic shared memory, and the ops pick only kernels that exist in that build.
     """
     wgmma: bool | None = None
     moe_defines: tuple[str, ...] = ()
+    portable: bool = False
 
     def __post_init__(self):
         if self.wgmma is not None and not isinstance(self.wgmma, bool):
@@ -176,20 +190,50 @@ class KernelOptions:
         if isinstance(self.moe_defines, str) or not all(isinstance(d, str) and d for d in self.moe_defines):
             raise TypeError(f"KernelOptions.moe_defines: expected a tuple of NAME or NAME=VALUE strings, "
                             f"got {self.moe_defines!r}")
+        if not isinstance(self.portable, bool):
+            raise TypeError(f"KernelOptions.portable: expected True or False, got {self.portable!r}")
+        if self.portable and self.wgmma:
+            raise ValueError("KernelOptions(portable=True, wgmma=True): the portable build has no wgmma kernels")
         object.__setattr__(self, "moe_defines", tuple(self.moe_defines))
 
+    @property
+    def mode(self) -> str:
+        """"portable" or "auto" (KERNEL_MODES)."""
+        return "portable" if self.portable else "auto"
+
     @classmethod
-    def from_env(cls, environ=None) -> "KernelOptions":
-        """The options the environment asks for: GPTOSS_WGMMA=0 turns the wgmma kernels off (anything
-        else leaves them to the device). For start-up code; `environ` defaults to os.environ."""
+    def for_mode(cls, mode: str, **fields) -> "KernelOptions":
+        """The options of a KERNEL_MODES name (run.py --kernels); raises ValueError for another name."""
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"kernel mode: expected one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+        return cls(portable=mode == "portable", **fields)
+
+    @classmethod
+    def from_env(cls, environ=None, mode: str | None = None) -> "KernelOptions":
+        """The options the environment asks for: GPTOSS_KERNELS=portable (or auto, the default) picks the
+        mode unless `mode` (run.py --kernels) is given; GPTOSS_WGMMA=0 turns the wgmma kernels off
+        (anything else leaves them to the device). For start-up code; `environ` defaults to os.environ.
+        Raises ValueError for an unknown mode."""
         import os
 
         env = os.environ if environ is None else environ
-        return cls(wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None)
+        if mode is None:
+            mode = env.get("GPTOSS_KERNELS", "").strip().lower() or "auto"
+            if mode not in KERNEL_MODES:
+                raise ValueError(f"GPTOSS_KERNELS={env.get('GPTOSS_KERNELS')!r}: expected one of "
+                                 f"{', '.join(KERNEL_MODES)}")
+        if mode == "portable":
+            return cls.for_mode(mode)
+        return cls.for_mode(mode, wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None)
 
     def resolve(self) -> "KernelOptions":
-        """These options for the current device, wgmma decided (True or False). Raises ValueError when
-        wgmma=True and the device has no wgmma kernels."""
+        """These options for the current device, wgmma decided (True or False) and portable set on AMD
+        (where only the portable paths exist). Raises ValueError when wgmma=True and the device has no
+        wgmma kernels."""
+        if self.portable or is_amd():
+            if self.wgmma:
+                raise ValueError("KernelOptions(wgmma=True): an AMD GPU has no wgmma kernels")
+            return replace(self, wgmma=False, portable=True)
         if self.wgmma is False:
             return self
         available = wgmma_available()
@@ -197,6 +241,28 @@ class KernelOptions:
             raise ValueError("KernelOptions(wgmma=True): the wgmma kernels need an NVIDIA compute capability "
                              "9.0 GPU (H100/H200) and a CuPy whose NVRTC arch choice can be set")
         return self if self.wgmma is not None else replace(self, wgmma=available)
+
+    def defines(self, family: str) -> tuple[str, ...]:
+        """The extra -D defines `family` compiles with under these options: PORTABLE_DEFINE when
+        portable, then moe_defines for "moe"."""
+        return (PORTABLE_DEFINE,) * self.portable + (self.moe_defines if family == "moe" else ())
+
+    def sm90a(self, family: str) -> bool:
+        """Whether `family` compiles for sm_90a (its wgmma kernels) under these (resolved) options."""
+        return bool(self.wgmma) and family in WGMMA_FAMILIES
+
+
+@functools.lru_cache(maxsize=None)
+def default_kernels() -> KernelOptions:
+    """KernelOptions.from_env() resolved for the current device, once per process: what an op runs when
+    its call gives no `kernels=` (tests, benchmarks, direct use of gptoss.ops). Engines and models take
+    their options from their config instead (EngineConfig.kernels)."""
+    return KernelOptions.from_env().resolve()
+
+
+def resolved(kernels: KernelOptions | None) -> KernelOptions:
+    """`kernels` resolved for the current device; None = default_kernels()."""
+    return default_kernels() if kernels is None else kernels.resolve()
 
 
 def _compile_sm90a(source: str, options: tuple):
@@ -246,8 +312,10 @@ def _function(family: str, name: str, defines: tuple, sm90a: bool, device_id: in
 def _launcher(family: str, name: str, defines: tuple, sm90a: bool, smem: int, device_id: int):
     if sm90a and family not in WGMMA_FAMILIES:
         raise ValueError(f"kernel family {family!r} has no sm_90a build (only {', '.join(WGMMA_FAMILIES)})")
+    if sm90a and PORTABLE_DEFINE in defines:
+        raise ValueError(f"kernel family {family!r}: the portable build has no sm_90a (wgmma) kernels")
     fn = _function(family, name, defines, sm90a, device_id)
-    if is_amd():
+    if is_amd() or PORTABLE_DEFINE in defines:
         smem = 0  # the portable paths use static shared memory only
     key = (family, name, defines, sm90a, device_id)
     if smem > _smem_limits.get(key, _DEFAULT_SMEM_LIMIT):
@@ -256,11 +324,17 @@ def _launcher(family: str, name: str, defines: tuple, sm90a: bool, smem: int, de
     return functools.partial(fn, shared_mem=smem)
 
 
-def kernel(family: str, name: str, defines: tuple = (), *, sm90a: bool = False, smem: int = 0):
+def kernel(family: str, name: str, defines: tuple = (), *, sm90a: bool = False, smem: int = 0,
+           kernels: KernelOptions | None = None):
     """Kernel `name` of `family` on the current device, ready to launch as k(grid, block, args) on the
-    current stream with `smem` bytes of dynamic shared memory (the NVIDIA tensor-core paths; AMD
-    launches get none). Compiled on first use with the extra -D `defines`, for sm_90a when `sm90a`
-    (WGMMA_FAMILIES only: pass KernelOptions.wgmma); cached per device, defines, arch and smem."""
+    current stream with `smem` bytes of dynamic shared memory (the NVIDIA tensor-core paths; AMD and
+    portable launches get none). Compiled on first use with the extra -D `defines`, for sm_90a when
+    `sm90a` (WGMMA_FAMILIES only); cached per device, defines, arch and smem. `kernels` (resolved
+    KernelOptions) adds its defines for the family (KernelOptions.defines: the portable build, the MoE
+    defines) and its sm_90a choice (KernelOptions.sm90a)."""
+    if kernels is not None:
+        defines = kernels.defines(family) + tuple(defines)
+        sm90a = sm90a or kernels.sm90a(family)
     return _launcher(family, name, tuple(defines), bool(sm90a), int(smem), _current_device())
 
 
@@ -270,7 +344,6 @@ def compile_all(options: KernelOptions | None = None) -> list[str]:
     Returns the family names."""
     opts = (options if options is not None else KernelOptions.from_env()).resolve()
     names = families()
-    for name in names:
-        _module(name, _current_device(), opts.moe_defines if name == "moe" else (),
-                bool(opts.wgmma) and name in WGMMA_FAMILIES).compile()  # (a RawModule compiles lazily)
+    for name in names:  # (a RawModule compiles lazily)
+        _module(name, _current_device(), opts.defines(name), opts.sm90a(name)).compile()
     return names

@@ -16,10 +16,11 @@ Kernels (D = 64 and Hq / Hkv in {4, 8} on NVIDIA; a launch may use both):
   the batch, then a combine kernel;
 - prefill, for the sequences with more queries: one CTA per (16 queries of one sequence, kv head),
   flash style on tensor cores.
-Other shapes (any even D <= 128, any GQA ratio) and AMD take the portable kernel: one CTA per
-(query, head), slow. The decode and prefill kernels give a query bit-identical outputs (see the
-comment at the top of attention.hip), so a query's result never depends on the batch it runs in, on
-how its prompt was cut into chunks, or on whether it ran as a decode token or inside a chunk.
+Other shapes (any even D <= 128, any GQA ratio), AMD and the portable mode (KernelOptions.portable) take
+the portable kernel: one CTA per (query, head), slow. The decode and prefill kernels give a query
+bit-identical outputs (see the comment at the top of attention.hip), so a query's result never depends
+on the batch it runs in, on how its prompt was cut into chunks, or on whether it ran as a decode token or
+inside a chunk.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import define, is_amd, kernel, macro_rows
+from ..kernels import KernelOptions, define, kernel, macro_rows, resolved
 from ._check import check, out_or_new
 
 SEG = define("attention", "ATTN_SEG")  # keys per decode split: fixed absolute cut points
@@ -81,11 +82,13 @@ def _check_page_table(page_table, L: int) -> tuple:
     return page_table, np.int32(rows), np.int32(width)
 
 
-def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, page_table=None):
+def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, page_table=None,
+                   kernels: KernelOptions | None = None):
     """RoPE on q and k of qkv [T, (Hq + 2 Hkv) D] bf16; k and v go to the caches [blocks, L, Hkv, D]
     at the row of (slots[t], positions[t]) (see the module's docstring); returns q [T, Hq, D] bf16
     (written into q_out when given). A position outside the table, a slot outside the cache (or the
-    page table) or a page outside the cache gives that token NaN q and no cache write."""
+    page table) or a page outside the cache gives that token NaN q and no cache write. kernels: the
+    kernel choices (default kernels.default_kernels()): which build of the family runs."""
     import cupy
 
     check(k_cache, "k_cache", cupy.uint16, ndim=4)
@@ -107,7 +110,7 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, p
         return q
     pairs = (Hq + 2 * Hkv) * D // 2
     per_token = max(1, min(-(-pairs // 256), 1024 // T))  # CTAs per token: spread small steps
-    kernel("attention", "rope_and_cache")(
+    kernel("attention", "rope_and_cache", kernels=resolved(kernels))(
         (T, per_token), (256,),
         (qkv, positions, slots, table, q, k_cache, v_cache, np.int32(Hq), np.int32(Hkv), np.int32(D),
          np.int32(L), np.int32(table.shape[0]), np.int32(n_slots), pt, pt_rows, pt_w))
@@ -225,13 +228,15 @@ def decode_workspace_floats(num_decode: int, max_kv: int, num_heads: int, window
 
 
 def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, out=None, path: str = "auto",
-              page_table=None):
+              page_table=None, kernels: KernelOptions | None = None):
     """out [T, Hq*D] bf16: softmax(q k^T / sqrt(D) over the visible keys and the head's sink) v.
 
     q [T, Hq, D] bf16 (after RoPE); caches [blocks, L, Hkv, D] bf16 with an optional page table (see the
     module's docstring); sinks [Hq] f32; window 0 = full attention, else a query at p sees keys
     p - window + 1 .. p.
-    path: "auto" (fastest kernel for the shapes), or "simple" to force the portable kernel."""
+    path: "auto" (fastest kernel for the shapes), or "simple" to force the portable kernel.
+    kernels: the kernel choices (default kernels.default_kernels()); the portable mode always runs the
+    portable kernel."""
     import cupy
 
     check(q, "q", cupy.uint16, ndim=3)
@@ -264,9 +269,10 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         return out
     G = Hq // Hkv
     scale_log2 = np.float32(math.log2(math.e) / math.sqrt(D))
-    fast = path == "auto" and D == FAST_HEAD_DIM and G in FAST_GROUPS and not is_amd()
+    opts = resolved(kernels)
+    fast = path == "auto" and D == FAST_HEAD_DIM and G in FAST_GROUPS and not opts.portable
     if not fast:
-        kernel("attention", "attn_simple")(
+        kernel("attention", "attn_simple", kernels=opts)(
             (T, Hq), (128,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, out,
              np.int32(batch.num_seqs), np.int32(Hq), np.int32(Hkv), np.int32(D), np.int32(L),
@@ -280,17 +286,17 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         rows = SD * nsplit * Hq  # part_acc [rows, D], then part_ml [rows, 2]
         ws = batch.workspace(decode_workspace_floats(SD, batch.max_kv, Hq, window))
         part_acc, part_ml = ws[:rows * D], ws[rows * D:rows * DECODE_PARTIAL_FLOATS]
-        kernel("attention", f"attn_decode_g{G}", smem=_decode_smem(DECODE_STAGES[G]))(
+        kernel("attention", f"attn_decode_g{G}", smem=_decode_smem(DECODE_STAGES[G]), kernels=opts)(
             (Hkv, SD, nsplit), (32,),
             (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
              part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2,
              pt, pt_w))
-        kernel("attention", "attn_decode_combine")(
+        kernel("attention", "attn_decode_combine", kernels=opts)(
             ((SD * Hq * 32 + 255) // 256,), (256,),
             (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
              np.int32(Hq), np.int32(window), np.int32(nsplit)))
     if batch.num_blocks:  # the longer sequences: flash-style prefill
-        kernel("attention", f"attn_prefill_g{G}", smem=_prefill_smem(G))(
+        kernel("attention", f"attn_prefill_g{G}", smem=_prefill_smem(G), kernels=opts)(
             (batch.num_blocks, Hkv), (32 * G,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.blocks, out,
              np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2, pt, pt_w))

@@ -13,6 +13,8 @@ Variants (tile shapes of one kernel body) and how one is picked from (M, N):
   accelerator from a producer warpgroup.
 - M > 64 elsewhere: "128x128" when it makes at least two waves of tiles, else "64x64" (measured on H100
   with benchmarks/kernel_gemm.py --sweep; "256x128" and "64x128" stay available for the sweep).
+- The portable mode (KernelOptions.portable, and every AMD GPU) has the same variants but the wgmma
+  ones, each running the portable FMA body over the same tiles; the same choice of names applies.
 Every variant accumulates an element in the same order (one k16 step at a time in increasing k, mma.sync
 or wgmma: bit-identical), so a row's result is the same whatever M is and whichever variant runs (batch
 invariance; docs/DESIGN.md).
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, wgmma_available
+from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, resolved
 from . import tma as _tma
 from ._check import check, out_or_new
 
@@ -66,7 +68,6 @@ VARIANTS = _variants()
 # the variants for M > 64 (the "d" ones stream W for decode)
 LARGE = tuple(name for name in VARIANTS if not name.startswith("d"))
 _OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
-_AUTO = KernelOptions()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -103,9 +104,10 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
 
 
 def available_variants(wgmma: bool | None = None, tma: bool | None = None) -> list[str]:
-    """The variants that can run: the wgmma ones only with `wgmma` (default: where the device has them,
-    kernels.wgmma_available()), the TMA one where tensor maps can be made too."""
-    wgmma = wgmma_available() if wgmma is None else wgmma
+    """The variants that can run: the wgmma ones only with `wgmma` (default: the default kernel options',
+    kernels.default_kernels(): off in the portable mode), the TMA one where tensor maps can be made too.
+    The portable build has every variant but the wgmma ones (each with the portable body)."""
+    wgmma = resolved(None).wgmma if wgmma is None else wgmma
     tma = _tma.available() if tma is None else tma
     return [name for name, v in VARIANTS.items() if (wgmma or not v.wgmma) and (tma or not v.tma)]
 
@@ -130,7 +132,8 @@ def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str |
     """out [M, N] = x [M, K] · w [N, K]ᵀ (+ bias [N]); bf16 inputs (uint16 bits), fp32 accumulation,
     one rounding at the end (out_dtype "bf16") or fp32 output ("f32"). K % 32 == 0; x and w 16-byte
     aligned. `variant` forces a tile shape (a key of VARIANTS; for tests and benchmarks). `kernels`: the
-    kernel choices (default KernelOptions(): the wgmma variants where the device has them)."""
+    kernel choices (default kernels.default_kernels(): GPTOSS_KERNELS / GPTOSS_WGMMA, else the wgmma
+    variants where the device has them)."""
     import cupy
 
     check(x, "x", cupy.uint16, ndim=2)
@@ -155,17 +158,18 @@ def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str |
     if M == 0 or N == 0:
         return out
 
-    wgmma = (kernels or _AUTO).resolve().wgmma
+    opts = resolved(kernels)
+    wgmma = opts.wgmma
     if variant is not None and VARIANTS[variant].wgmma and not wgmma:
-        raise ValueError(f"variant {variant}: a wgmma kernel, which needs an sm_90a device (H100/H200) "
-                         "and KernelOptions.wgmma not False")
+        raise ValueError(f"variant {variant}: a wgmma kernel, which needs an sm_90a device (H100/H200), "
+                         "KernelOptions.wgmma not False and the kernel mode not portable")
     if variant is not None and VARIANTS[variant].tma and not _tma.available():
         raise ValueError(f"variant {variant}: needs cuTensorMapEncodeTiled from the CUDA driver")
     name = variant or auto_variant(M, N, wgmma)
     v = VARIANTS[name]
     grid = _cdiv(M, v.bm) * _cdiv(N, v.bn)
     operands = (_tma.matrix_map(x, v.bm), _tma.matrix_map(w, v.bn)) if v.tma else (x, w)
-    kernel("gemm", f"gemm_{name}", sm90a=wgmma, smem=v.smem)(
+    kernel("gemm", f"gemm_{name}", smem=v.smem, kernels=opts)(
         (grid,), (v.threads,),
         (*operands, bias if bias is not None else w, out, np.int32(M), np.int32(N), np.int32(K),
          np.int32(bias is not None), np.int32(out_dtype == "f32")))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, warp_size
+from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, resolved, warp_size
 from . import tma as _tma
 from ._check import check, out_or_new
 
@@ -35,7 +35,6 @@ MAX_EXPERTS = define("routing", "DISPATCH_MAX_E")
 TOPK_THREADS = 256      # router_topk and moe_combine_add take any block of whole warps: our choice
 COMBINE_THREADS = 256
 TILE_BMS = (16, 64, 128)  # tile heights the dispatch schedules (128: the MXFP4 wgmma kernels only)
-_AUTO = KernelOptions()  # the default kernel choices: wgmma where the device has it
 
 
 # ---- the GEMM variants, read from the MOE_KERNEL / MOE_WG_KERNEL lines of moe.hip --------------------
@@ -98,8 +97,9 @@ VARIANTS = _variants()
 
 def uses_wgmma(fmt: str, kernels: KernelOptions | None = None) -> bool:
     """Whether the expert GEMMs of `fmt` weights run the wgmma kernels under `kernels` (default
-    KernelOptions()): MXFP4 experts, KernelOptions.wgmma on, and tensor maps from the driver (ops/tma.py)."""
-    return fmt == "mxfp4" and bool((kernels or _AUTO).resolve().wgmma) and _tma.available()
+    kernels.default_kernels()): MXFP4 experts, KernelOptions.wgmma on (never in the portable mode), and
+    tensor maps from the driver (ops/tma.py)."""
+    return fmt == "mxfp4" and bool(resolved(kernels).wgmma) and _tma.available()
 
 
 def _uses_wgmma(fmt: str, wgmma: bool | None) -> bool:
@@ -218,11 +218,12 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
 
 # ---- route -------------------------------------------------------------------------------------------
 
-def route(t, router_w, router_b, k: int, out=None, scratch=None):
+def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: KernelOptions | None = None):
     """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16 or float32, router_w [E, H] bf16,
     router_b [E] bf16: logits in fp32 (summed in a fixed order), top k by decreasing logit (ties to the
     lower expert index), softmax over the k. `out` = (experts, weights) to fill; `scratch` float32
-    [ROUTER_SPLITS * T * E] for the partial sums (allocated when None)."""
+    [ROUTER_SPLITS * T * E] for the partial sums (allocated when None). kernels: as in expert_mlp1 (the
+    routing family's build: portable or not)."""
     import cupy
 
     if t.dtype != cupy.float32:
@@ -253,9 +254,11 @@ def route(t, router_w, router_b, k: int, out=None, scratch=None):
         raise ValueError(f"scratch: need a contiguous float32 array of at least {ROUTER_SPLITS * T * E}")
     grid = (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
     name = "router_logits_f32" if t.dtype == cupy.float32 else "router_logits"
-    kernel("routing", name)(grid, (ROUTER_THREADS,), (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
-    per_block = TOPK_THREADS // warp_size()
-    kernel("routing", "router_topk")((-(-T // per_block),), (TOPK_THREADS,),
+    kernels = resolved(kernels)
+    kernel("routing", name, kernels=kernels)(grid, (ROUTER_THREADS,),
+                                             (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
+    per_block = TOPK_THREADS // warp_size()  # one warp per token
+    kernel("routing", "router_topk", kernels=kernels)((-(-T // per_block),), (TOPK_THREADS,),
                                      (scratch, router_b, experts, weights, np.int32(T), np.int32(E), np.int32(k)))
     return experts, weights
 
@@ -283,8 +286,9 @@ class Dispatch:
         return self.num_tokens * self.top_k
 
 
-def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch:
-    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA)."""
+def dispatch(experts, num_experts: int, out: Dispatch | None = None, kernels: KernelOptions | None = None) -> Dispatch:
+    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA). kernels: as
+    in expert_mlp1 (the portable build ranks a warp's slots by shuffles instead of __match_any_sync)."""
     import cupy
 
     check(experts, "experts", cupy.int32, ndim=2)
@@ -304,7 +308,7 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None) -> Dispatch
             check(out.tiles.get(bm), f"out.tiles[{bm}]", cupy.int32, (n, 2))
     out.num_tokens, out.top_k, out.num_experts = T, k, E
     a, b, c = TILE_BMS
-    kernel("routing", "moe_dispatch")((1,), (DISPATCH_THREADS,), (
+    kernel("routing", "moe_dispatch", kernels=resolved(kernels))((1,), (DISPATCH_THREADS,), (
         experts, np.int32(S), np.int32(E), out.offsets, out.sorted_slots,
         np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b]),
         np.int32(c), out.tiles[c], np.int32(bounds[c])))
@@ -320,7 +324,7 @@ def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alph
 
     S, E = d.num_slots, d.num_experts
     N, K = w.R, w.C
-    kern = kernel("moe", v.name, kernels.moe_defines, sm90a=kernels.wgmma, smem=v.shared_bytes(K))
+    kern = kernel("moe", v.name, smem=v.shared_bytes(K), kernels=kernels)
     ntiles = d.tiles[v.bm].shape[0]
     if ntiles > 65535:
         raise ValueError(f"{S} slots need {ntiles} row tiles, more than a grid dimension holds")
@@ -350,7 +354,8 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
     """y [T*k, I] bf16: row r = swiglu(t[token of sorted_slots[r]] . W1_e^T + b1_e), e = the expert of
     row r; interleaved gate/linear columns, clamped SwiGLU, rounded to bf16. bm forces a tile height
     (one of tile_heights(); default by rows per expert): results are bit-identical either way. kernels:
-    the kernel choices (default KernelOptions(): the wgmma kernels where the device has them)."""
+    the kernel choices (default kernels.default_kernels(): GPTOSS_KERNELS / GPTOSS_WGMMA, else the wgmma
+    kernels where the device has them; the portable mode runs the portable body of the same variants)."""
     import cupy
 
     d = dispatch
@@ -368,7 +373,7 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
     _aligned16(out, "out")
     if d.num_slots == 0:
         return out
-    kernels = (kernels or _AUTO).resolve()
+    kernels = resolved(kernels)
     v = _pick_variant("mlp1", d, w.format, bm, kernels)
     _launch_gemm(t, d, w, b1, None, out, None, limit, alpha, v, kernels)
     return out
@@ -398,7 +403,7 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
         raise ValueError("out: base address must be 8-byte aligned")
     if d.num_slots == 0:
         return out
-    kernels = (kernels or _AUTO).resolve()
+    kernels = resolved(kernels)
     v = _pick_variant("mlp2", d, w.format, bm, kernels)
     _launch_gemm(y, d, w, b2, weights, None, out, 0.0, 0.0, v, kernels)
     return out
@@ -406,8 +411,9 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
 
 # ---- combine -----------------------------------------------------------------------------------------
 
-def combine_add(x, expert_out):
-    """x [T, H] float32 += sum over j (in increasing j) of expert_out [T*k, H] rows t*k + j; in place."""
+def combine_add(x, expert_out, kernels: KernelOptions | None = None):
+    """x [T, H] float32 += sum over j (in increasing j) of expert_out [T*k, H] rows t*k + j; in place.
+    kernels: as in expert_mlp1."""
     import cupy
 
     check(x, "x", cupy.float32, ndim=2)
@@ -422,8 +428,8 @@ def combine_add(x, expert_out):
         raise ValueError("combine_add needs H % 4 == 0 and 16-byte aligned arrays")
     n4 = T * H // 4
     blocks = min(-(-n4 // COMBINE_THREADS), 65535)
-    kernel("routing", "moe_combine_add")((blocks,), (COMBINE_THREADS,),
-                                         (x, expert_out, np.int32(T), np.int32(H), np.int32(k)))
+    kernel("routing", "moe_combine_add", kernels=resolved(kernels))(
+        (blocks,), (COMBINE_THREADS,), (x, expert_out, np.int32(T), np.int32(H), np.int32(k)))
     return x
 
 
@@ -511,18 +517,18 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     E = router_w.shape[0]
     I = expert_matrix(w2, "w2").C
     routed, scratch, d, y, out = workspace.views(T, H, I) if workspace is not None else (None,) * 5
+    kernels = resolved(kernels)
     experts, weights = route(t if router_input is None else router_input, router_w, router_b, k,
-                             out=routed, scratch=scratch)
+                             out=routed, scratch=scratch, kernels=kernels)
     mark("router")
-    d = dispatch(experts, E, out=d)
+    d = dispatch(experts, E, out=d, kernels=kernels)
     mark("moe dispatch")
-    kernels = (kernels or _AUTO).resolve()
     y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm, kernels=kernels)
     mark("moe mlp1 (gate/up + swiglu)")
     out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm, kernels=kernels)
     mark("moe mlp2 (down)")
     if not combine:
         return out
-    combine_add(x, out)
+    combine_add(x, out, kernels)
     mark("moe combine + norm")
     return x

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import define, kernel
+from ..kernels import KernelOptions, define, kernel, resolved
 from ._check import check, out_or_new
 
 THREADS = define("norm", "NORM_THREADS")  # the kernels' block size
@@ -41,7 +41,7 @@ def _out32(out_f32, T: int, H: int):
     return out_f32, _aligned(out_f32, 16)
 
 
-def rmsnorm(x, scale, eps: float, out=None, out_f32=None):
+def rmsnorm(x, scale, eps: float, out=None, out_f32=None, kernels: KernelOptions | None = None):
     """t [T, H] bf16 = rmsnorm(x [T, H] float32) * scale [H] (bf16 or float32); the same values
     unrounded into out_f32 [T, H] float32 when given."""
     import cupy
@@ -54,11 +54,12 @@ def rmsnorm(x, scale, eps: float, out=None, out_f32=None):
     if T == 0 or H == 0:
         return out
     vec = _vec4(H, x, out, scale) and ok32
-    kernel("norm", f"rmsnorm_{sname}")((T,), (THREADS,), (x, scale, out, o32, np.int32(H), np.float32(eps), np.int32(vec)))
+    kernel("norm", f"rmsnorm_{sname}", kernels=resolved(kernels))(
+        (T,), (THREADS,), (x, scale, out, o32, np.int32(H), np.float32(eps), np.int32(vec)))
     return out
 
 
-def add_rmsnorm(x, delta, scale, eps: float, out=None, out_f32=None):
+def add_rmsnorm(x, delta, scale, eps: float, out=None, out_f32=None, kernels: KernelOptions | None = None):
     """x += delta (in place; delta [T, H] bf16 or float32), then t [T, H] bf16 = rmsnorm(x) * scale
     (unrounded into out_f32 too when given)."""
     import cupy
@@ -72,12 +73,12 @@ def add_rmsnorm(x, delta, scale, eps: float, out=None, out_f32=None):
     if T == 0 or H == 0:
         return out
     vec = _vec4(H, x, out, delta, scale) and ok32
-    kernel("norm", f"add_rmsnorm_{dname}_{sname}")(
+    kernel("norm", f"add_rmsnorm_{dname}_{sname}", kernels=resolved(kernels))(
         (T,), (THREADS,), (x, delta, scale, out, o32, np.int32(H), np.float32(eps), np.int32(vec)))
     return out
 
 
-def combine_rmsnorm(x, expert_out, k: int, scale, eps: float, out=None):
+def combine_rmsnorm(x, expert_out, k: int, scale, eps: float, out=None, kernels: KernelOptions | None = None):
     """The MoE combine and the next norm in one pass: x [T, H] float32 += sum over j (increasing) of
     expert_out [T*k, H] float32 rows t*k + j, then t [T, H] bf16 = rmsnorm(x) * scale. The same bits as
     ops.moe.combine_add followed by rmsnorm (which it falls back to when the 4-wide path does not apply)."""
@@ -95,6 +96,6 @@ def combine_rmsnorm(x, expert_out, k: int, scale, eps: float, out=None):
 
         combine_add(x, expert_out)
         return rmsnorm(x, scale, eps, out=out)
-    kernel("norm", f"combine_rmsnorm_{sname}")(
+    kernel("norm", f"combine_rmsnorm_{sname}", kernels=resolved(kernels))(
         (T,), (THREADS,), (x, expert_out, np.int32(k), scale, out, np.int32(H), np.float32(eps)))
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import define, kernel
+from ..kernels import KernelOptions, define, kernel, resolved
 from ._check import check, out_or_new
 
 SAMPLE_THREADS = define("sampling", "SAMPLE_THREADS")  # = RADIX_BINS: the kernel needs exactly this block size
@@ -28,18 +28,19 @@ def _logits(logits):
     return B, V, np.int32(vec)
 
 
-def argmax(logits, out=None):
+def argmax(logits, out=None, kernels: KernelOptions | None = None):
     """ids [B] int32 = argmax over each row of logits [B, V] float32, ties to the lowest id."""
     import cupy
 
     B, V, vec = _logits(logits)
     out = out_or_new(out, "out", (B,), cupy.int32)
     if B:
-        kernel("sampling", "argmax_rows")((B,), (ARGMAX_THREADS,), (logits, out, np.int32(V), vec))
+        kernel("sampling", "argmax_rows", kernels=resolved(kernels))(
+            (B,), (ARGMAX_THREADS,), (logits, out, np.int32(V), vec))
     return out
 
 
-def sample(logits, temperature, top_p, seed, sequence, step, out=None):
+def sample(logits, temperature, top_p, seed, sequence, step, out=None, kernels: KernelOptions | None = None):
     """One token id per row of logits [B, V] float32 -> ids [B] int32.
 
     temperature, top_p: [B] float32 (temperature 0 = greedy, top_p 1 = no nucleus cut);
@@ -62,7 +63,7 @@ def sample(logits, temperature, top_p, seed, sequence, step, out=None):
         seeds, scalar, per_row = temperature, np.uint32(int(seed) & 0xFFFFFFFF), np.int32(0)
     out = out_or_new(out, "out", (B,), cupy.int32)
     if B:
-        kernel("sampling", "sample_rows")(
+        kernel("sampling", "sample_rows", kernels=resolved(kernels))(
             (B,), (SAMPLE_THREADS,),
             (logits, temperature, top_p, seeds, scalar, per_row, sequence, step, out, np.int32(V), vec))
     return out

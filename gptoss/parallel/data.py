@@ -48,7 +48,7 @@ class DataParallelOptions:
     gpus: the GPUs (gpu only); replica r runs on gpus[r % len(gpus)], or with tensor_parallel N > 1 on
     gpus[r N .. r N + N - 1] (its ranks; the replicas then need N x replicas GPUs). The rest is each
     replica's LLM: tokenizer file, max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and
-    rank)."""
+    rank), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment)."""
     replicas: int = 1
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
@@ -56,6 +56,7 @@ class DataParallelOptions:
     max_seqs: int | None = None
     memory_limit: int | None = None
     tensor_parallel: int = 1
+    kernels: object | None = None
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -132,6 +133,7 @@ class _Worker:
     sampling: object  # SamplingParams
     gpus: tuple | None = None  # the replica's ranks' GPUs (tensor parallel)
     tensor_parallel: int = 1
+    kernels: object | None = None  # KernelOptions
 
 
 def _work(w: _Worker, tasks, results) -> None:
@@ -140,7 +142,7 @@ def _work(w: _Worker, tasks, results) -> None:
     ("failed", replica, one line) when anything raises."""
     try:
         runs = LineRuns(replica_llm(w.model_path, w.device, w.gpu, w.tokenizer, w.max_seqs, w.memory_limit,
-                                    w.tensor_parallel, w.gpus), w.sampling)
+                                    w.tensor_parallel, w.gpus, kernels=w.kernels), w.sampling)
         want = w.max_seqs or (1 if w.device == "cpu" else GPU_INFLIGHT)
         crash_line, _, crash_how = os.environ.get(CRASH_ENV, "-1").partition(":")
         crash_line = int(crash_line)
@@ -175,7 +177,7 @@ def _work(w: _Worker, tasks, results) -> None:
 
 
 def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit,
-                tensor_parallel: int = 1, gpus: tuple | None = None, tp_peers=None):
+                tensor_parallel: int = 1, gpus: tuple | None = None, tp_peers=None, kernels=None):
     """The LLM one replica or rank runs, on `gpu` (made current first: its weights, cache and kernels go
     there) or on the CPU reference; with tensor_parallel > 1 split over that many ranks (processes),
     on `gpus` on a GPU (gpus[0] == gpu); tp_peers: ranks 1.. already running (an MPI group)."""
@@ -186,7 +188,8 @@ def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, m
     from ..llm import LLM
 
     return LLM(model_path, device, tokenizer=tokenizer, progress=False, max_seqs=max_seqs,
-               memory_limit=memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers)
+               memory_limit=memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers,
+               kernels=kernels)
 
 
 class LineRuns:
@@ -283,7 +286,7 @@ class ReplicaPool:
         self.workers = [ctx.Process(target=_work, daemon=dp.tensor_parallel == 1, name=f"gptoss-{dp.name(r)}",
                                     args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer,
                                                   dp.max_seqs, dp.memory_limit, sampling, dp.gpus_of(r),
-                                                  dp.tensor_parallel), self.tasks, self.results))
+                                                  dp.tensor_parallel, dp.kernels), self.tasks, self.results))
                         for r in range(count)]
         want = dp.max_seqs or (1 if dp.device == "cpu" else GPU_INFLIGHT)
         self.capacity, self.queued = want * count, 0  # queued: tasks given and not finished yet

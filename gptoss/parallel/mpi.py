@@ -65,7 +65,8 @@ def mpi_world_size(environ=os.environ) -> int:
 class MpiOptions:
     """device: "cpu" or "gpu"; gpus: the node's GPUs (--gpus, else every visible one), shared out over the
     node's ranks; tensor_parallel, data_parallel: run.py's flags (see mpi_layout). The rest is each
-    engine's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory)."""
+    engine's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory, kernels = --kernels: a
+    KernelOptions, None = from the environment)."""
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
     tokenizer: str | None = None
@@ -73,6 +74,7 @@ class MpiOptions:
     memory_limit: int | None = None
     tensor_parallel: int = 1
     data_parallel: int | None = None
+    kernels: object | None = None
 
 
 def _where(rank: int, host: str, layout: RankLayout) -> str:
@@ -95,11 +97,12 @@ def _unit(model_path, mo: MpiOptions, layout: RankLayout, sampling, peers):
     n = layout.tensor_parallel
     if layout.replicas > 1:
         dp = DataParallelOptions(replicas=layout.replicas, device=mo.device, gpus=layout.gpus, tokenizer=mo.tokenizer,
-                                 max_seqs=mo.max_seqs, memory_limit=mo.memory_limit, tensor_parallel=n)
+                                 max_seqs=mo.max_seqs, memory_limit=mo.memory_limit, tensor_parallel=n,
+                                 kernels=mo.kernels)
         return ReplicaPool(model_path, dp, sampling, wait=0.02)
     gpus = (peers.gpus if peers is not None else layout.gpus[:n]) or None
     llm = replica_llm(model_path, mo.device, gpus[0] if gpus else None, mo.tokenizer, mo.max_seqs, mo.memory_limit,
-                      n, gpus, tp_peers=peers)
+                      n, gpus, tp_peers=peers, kernels=mo.kernels)
     return LocalEngine(llm, sampling, want, gpus)
 
 
