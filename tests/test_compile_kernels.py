@@ -1,9 +1,11 @@
-"""tools/compile_kernels.py: every kernel family compiles for NVIDIA sm_90 (nvcc) and AMD gfx90a (hipcc).
+"""tools/compile_kernels.py: every kernel family compiles for NVIDIA sm_90 (nvcc), its portable build for
+sm_90 (-DGPTOSS_PORTABLE=1), and AMD gfx90a (hipcc); the portable build holds no NVIDIA-only instruction.
 
 Where a compiler is missing the compile tests skip, except under CI (the environment variable CI set),
 where they fail: CI must never pass without having compiled the kernels.
 """
 import importlib.util
+import re
 import os
 import shutil
 import subprocess
@@ -42,9 +44,10 @@ def test_every_family_compiles_for_both_targets():
     status = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[1] in ("sm_90", "sm_90a", "gfx90a"):
+        if len(parts) == 3 and parts[1] in ("sm_90", "sm_90a", "sm_90-portable", "gfx90a"):
             status[parts[0], parts[1]] = parts[2]
-    expected = {(f, t) for f in families() for t in ("sm_90", "gfx90a")} | {(f, "sm_90a") for f in WGMMA_FAMILIES}
+    expected = ({(f, t) for f in families() for t in ("sm_90", "sm_90-portable", "gfx90a")}
+                | {(f, "sm_90a") for f in WGMMA_FAMILIES})
     assert families(), "no kernel families found"
     assert set(status) == expected
     assert all(s == "ok" for s in status.values()), status
@@ -165,3 +168,72 @@ def test_report_parsers():
                                   "occupancy": 8}
     # the report lines are parsed, not echoed as compiler messages
     assert tool.clean_output(PTXAS + AMD).strip() == ""
+
+
+# ---- the portable build (KernelOptions.portable: -DGPTOSS_PORTABLE=1) -------------------------------
+
+# PTX of NVIDIA-only code: tensor cores, async copies, TMA, mbarriers, warp-synchronous intrinsics (the
+# portable paths may use full-warp shuffles only, shfl.sync with every lane: AMD's __shfl / __shfl_xor)
+NVIDIA_ONLY_PTX = ("mma.sync", "wgmma", "ldmatrix", "cp.async", "mbarrier", "match.any", "match.all",
+                   "vote.", "bar.warp.sync", "redux.sync", "activemask")
+
+FAST_PATH_SOURCE = """
+#if GPTOSS_NVIDIA || GPTOSS_HAS_MMA || GPTOSS_HAS_WGMMA
+#error "an NVIDIA fast path is on"
+#endif
+#if WARP_SIZE != 32
+#error "NVIDIA's warp is 32 wide"
+#endif
+extern "C" __global__ void probe(float* out) { out[threadIdx.x] = WARP_SIZE; }
+"""
+
+
+def ptx(family: str, portable: bool, tmp_path) -> str:
+    from gptoss.kernels import PORTABLE_DEFINE, expanded_source
+
+    tool = load_tool()
+    src = tmp_path / f"{family}.cu"
+    src.write_text(tool.prepare_source(expanded_source(family)))
+    out = tmp_path / f"{family}{'.portable' if portable else ''}.ptx"
+    cmd = ["nvcc", "-x", "cu", "-arch=sm_90", "-std=c++17", "-ptx", str(src), "-o", str(out)]
+    proc = subprocess.run(cmd + ([f"-D{PORTABLE_DEFINE}"] if portable else []), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out.read_text()
+
+
+@pytest.mark.parametrize("arch", ["-arch=sm_90", "-gencode=arch=compute_90a,code=sm_90a"])
+def test_the_portable_define_turns_every_nvidia_fast_path_off(tmp_path, arch):
+    """With -DGPTOSS_PORTABLE=1 common.h defines none of GPTOSS_NVIDIA, GPTOSS_HAS_MMA, GPTOSS_HAS_WGMMA
+    even for sm_90a (where all three are on without it), and WARP_SIZE stays the hardware's 32."""
+    need_compilers("nvcc")
+    from gptoss.kernels import KERNEL_DIR, PORTABLE_DEFINE
+
+    src = tmp_path / "probe.cu"
+    src.write_text((KERNEL_DIR / "common.h").read_text() + FAST_PATH_SOURCE)
+    cmd = ["nvcc", "-x", "cu", arch, "-std=c++17", "-c", str(src), "-o", str(tmp_path / "probe.o")]
+    on = subprocess.run(cmd + [f"-D{PORTABLE_DEFINE}"], capture_output=True, text=True, timeout=300)
+    assert on.returncode == 0, on.stdout + on.stderr
+    off = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert off.returncode != 0 and "an NVIDIA fast path is on" in off.stdout + off.stderr
+
+
+@pytest.mark.parametrize("family", ["gemm", "moe", "attention", "routing"])
+def test_portable_build_has_no_nvidia_only_instruction_and_every_kernel_the_ops_launch(family, tmp_path):
+    """The portable build of each family with NVIDIA fast paths assembles to PTX without tensor-core,
+    async-copy, TMA or warp-synchronous instructions (its fast build has them: the check can see them),
+    and it defines every kernel the ops launch in the portable mode: every variant but the wgmma ones."""
+    need_compilers("nvcc")
+    from gptoss.ops import gemm, moe
+
+    fast, portable = ptx(family, False, tmp_path), ptx(family, True, tmp_path)
+    found = [op for op in NVIDIA_ONLY_PTX if op in portable]
+    assert not found, f"{family}: NVIDIA-only PTX in the portable build: {found}"
+    assert any(op in fast for op in NVIDIA_ONLY_PTX)
+    entries = set(re.findall(r"\.entry\s+(\w+)", portable))
+    launched = {"gemm": {f"gemm_{n}" for n, v in gemm.VARIANTS.items() if not v.wgmma},
+                "moe": {n for n, v in moe.VARIANTS.items() if not v.wgmma},
+                "attention": {"rope_and_cache", "attn_simple"},
+                "routing": {"router_logits", "router_logits_f32", "router_topk", "moe_dispatch",
+                            "moe_combine_add"}}[family]
+    assert launched <= entries, sorted(launched - entries)

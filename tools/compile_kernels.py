@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Compile every kernel family in gptoss/kernels for NVIDIA sm_90 (nvcc) and AMD gfx90a (hipcc), and the
+"""Compile every kernel family in gptoss/kernels for NVIDIA sm_90 (nvcc) and AMD gfx90a (hipcc), every
+family's portable build (-DGPTOSS_PORTABLE=1, the code `--kernels portable` runs) for sm_90, and the
 families with wgmma kernels (gptoss.kernels.WGMMA_FAMILIES) for sm_90a too, without a GPU.
 
-  python tools/compile_kernels.py [--ptxas-report] [--families a,b] [--targets sm_90,sm_90a,gfx90a]
+  python tools/compile_kernels.py [--ptxas-report] [--families a,b]
+                                  [--targets sm_90,sm_90a,sm_90-portable,gfx90a]
                                   [--skip-missing] [--keep DIR] [-j N] [-v]
 
 Each family's source is compiled as cupy.RawModule sees it (gptoss.kernels.expanded_source: our headers
@@ -10,7 +12,10 @@ pasted in), with -std=c++17:
   sm_90:  nvcc -x cu -arch=sm_90 -c
   sm_90a: nvcc -x cu -gencode=arch=compute_90a,code=sm_90a -cubin (device code only: the wgmma kernels
           exist only in the sm_90a pass, so a host stub pass would not find them)
+  sm_90-portable: nvcc -x cu -arch=sm_90 -DGPTOSS_PORTABLE=1 -c (NVIDIA-only code off: what NVRTC builds
+          for the portable mode on an H100/H200)
   gfx90a: HIP_PLATFORM=amd hipcc --offload-arch=gfx90a --cuda-device-only -x hip -c
+(MI300's gfx942 is not a target: Debian's hipcc runs clang 15, which does not know gfx942.)
 One line per (family, target): ok or FAIL, then the compiler's messages on a failure (and its warnings
 with -v). --ptxas-report adds registers, shared memory, stack and spills per kernel for both targets.
 Line numbers in messages refer to the expanded source: --keep DIR writes it there.
@@ -34,10 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gptoss.cli import run_main  # noqa: E402
-from gptoss.kernels import WGMMA_FAMILIES, expanded_source, families  # noqa: E402
+from gptoss.kernels import PORTABLE_DEFINE, WGMMA_FAMILIES, expanded_source, families  # noqa: E402
 
-TARGETS = ("sm_90", "sm_90a", "gfx90a")
-COMPILER = {"sm_90": "nvcc", "sm_90a": "nvcc", "gfx90a": "hipcc"}
+TARGETS = ("sm_90", "sm_90a", "sm_90-portable", "gfx90a")
+COMPILER = {"sm_90": "nvcc", "sm_90a": "nvcc", "sm_90-portable": "nvcc", "gfx90a": "hipcc"}
+PORTABLE_TARGET = "sm_90-portable"
 
 
 @dataclass
@@ -52,8 +58,10 @@ class Result:
 
 def compile_command(target: str, compiler: str, src: Path, obj: Path, report: bool) -> tuple[list[str], dict]:
     env = dict(os.environ)
-    if target in ("sm_90", "sm_90a"):
-        arch = ["-arch=sm_90", "-c"] if target == "sm_90" else ["-gencode=arch=compute_90a,code=sm_90a", "-cubin"]
+    if target.startswith("sm_"):
+        arch = ["-gencode=arch=compute_90a,code=sm_90a", "-cubin"] if target == "sm_90a" else ["-arch=sm_90", "-c"]
+        if target == PORTABLE_TARGET:
+            arch.append(f"-D{PORTABLE_DEFINE}")
         cmd = [compiler, "-x", "cu", *arch, "-std=c++17", str(src), "-o", str(obj)]
         if report:
             cmd += ["-Xptxas", "-v"]
@@ -189,7 +197,7 @@ def format_report(result: Result) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=None, help="comma-separated subset (default: every *.hip)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of sm_90,sm_90a,gfx90a")
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--ptxas-report", action="store_true", help="registers, smem, stack and spills per kernel")
     p.add_argument("--skip-missing", action="store_true", help="a missing compiler is not an error")
     p.add_argument("--nvcc", default=None, help="nvcc to use (default: from PATH)")
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
         print(f"unknown targets {bad}; known: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
     nvcc = args.nvcc or shutil.which("nvcc")
-    compilers = {"sm_90": nvcc, "sm_90a": nvcc, "gfx90a": args.hipcc or shutil.which("hipcc")}
+    compilers = {"sm_90": nvcc, "sm_90a": nvcc, PORTABLE_TARGET: nvcc, "gfx90a": args.hipcc or shutil.which("hipcc")}
 
     sources = {f: expanded_source(f) for f in fams}
     keep = Path(args.keep) if args.keep else None
@@ -240,10 +248,10 @@ def main(argv=None) -> int:
     for t in targets:
         if not compilers[t]:
             status = "SKIP" if args.skip_missing else "FAIL"
-            print(f"{'*':12s} {t:7s} {status}  {COMPILER[t]} not found on PATH")
+            print(f"{'*':12s} {t:14s} {status}  {COMPILER[t]} not found on PATH")
             failed += 0 if args.skip_missing else 1
     for r in results:
-        print(f"{r.family:12s} {r.target:7s} {'ok' if r.ok else 'FAIL'}", flush=True)
+        print(f"{r.family:12s} {r.target:14s} {'ok' if r.ok else 'FAIL'}", flush=True)
         if (not r.ok or args.verbose) and r.output:
             print("\n".join("    " + line for line in r.output.splitlines()))
         if r.ok and args.ptxas_report:
