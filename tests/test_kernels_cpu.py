@@ -323,3 +323,102 @@ def test_compile_all_compiles_each_family_as_the_options_run_it(fake_modules):
     assert names == K.families()
     assert set(modules) == {(f, 0, ("MOE_ABLATE=2",) if f == "moe" else (), False) for f in names}
     assert all(m.compiled == 1 for m in modules.values())
+
+
+# ---- the portable mode (GPTOSS_KERNELS=portable, run.py --kernels portable) -------------------------
+
+def test_portable_mode_from_the_environment_and_by_name():
+    portable = KernelOptions(portable=True)
+    assert KernelOptions.from_env({"GPTOSS_KERNELS": "portable"}) == portable
+    assert KernelOptions.from_env({"GPTOSS_KERNELS": " Portable "}) == portable
+    assert KernelOptions.from_env({"GPTOSS_KERNELS": "portable", "GPTOSS_WGMMA": "1"}) == portable
+    assert KernelOptions.from_env({"GPTOSS_KERNELS": "auto", "GPTOSS_WGMMA": "0"}) == KernelOptions(wgmma=False)
+    assert KernelOptions.from_env({"GPTOSS_KERNELS": ""}) == KernelOptions()
+    # an explicit mode (run.py --kernels) wins over GPTOSS_KERNELS; GPTOSS_WGMMA still counts
+    assert KernelOptions.from_env({"GPTOSS_KERNELS": "portable"}, mode="auto") == KernelOptions()
+    assert KernelOptions.from_env({"GPTOSS_WGMMA": "0"}, mode="auto") == KernelOptions(wgmma=False)
+    assert KernelOptions.from_env({}, mode="portable") == portable
+    with pytest.raises(ValueError, match="GPTOSS_KERNELS='fast': expected one of auto, portable"):
+        KernelOptions.from_env({"GPTOSS_KERNELS": "fast"})
+    assert KernelOptions.for_mode("portable").mode == "portable" and KernelOptions().mode == "auto"
+    with pytest.raises(ValueError, match="kernel mode"):
+        KernelOptions.for_mode("fast")
+    assert K.KERNEL_MODES == ("auto", "portable")
+
+
+@pytest.mark.parametrize("available", [False, True])
+def test_portable_resolves_without_wgmma_and_amd_is_always_portable(monkeypatch, available):
+    monkeypatch.setattr(K, "wgmma_available", lambda: available)
+    monkeypatch.setattr(K, "is_amd", lambda: False)
+    assert KernelOptions(portable=True).resolve() == KernelOptions(wgmma=False, portable=True)
+    assert KernelOptions().resolve().portable is False
+    with pytest.raises(ValueError, match="portable build has no wgmma"):
+        KernelOptions(wgmma=True, portable=True)
+    with pytest.raises(TypeError, match="portable"):
+        KernelOptions(portable="yes")
+    monkeypatch.setattr(K, "is_amd", lambda: True)  # only the portable paths exist there
+    assert KernelOptions().resolve() == KernelOptions(wgmma=False, portable=True)
+
+
+def test_portable_defines_and_arch_per_family():
+    """The portable mode adds -DGPTOSS_PORTABLE=1 to every family (the MoE defines after it) and builds
+    nothing for sm_90a; the auto mode adds only the MoE defines and builds the wgmma families for sm_90a
+    when wgmma is on."""
+    portable = KernelOptions(wgmma=False, moe_defines=("MOE_ABLATE=1",), portable=True)
+    assert K.PORTABLE_DEFINE == "GPTOSS_PORTABLE=1"
+    for family in K.families():
+        assert portable.defines(family) == (("GPTOSS_PORTABLE=1", "MOE_ABLATE=1") if family == "moe"
+                                            else ("GPTOSS_PORTABLE=1",))
+        assert portable.sm90a(family) is False
+        auto = KernelOptions(wgmma=True, moe_defines=("MOE_ABLATE=1",))
+        assert auto.defines(family) == (("MOE_ABLATE=1",) if family == "moe" else ())
+        assert auto.sm90a(family) is (family in K.WGMMA_FAMILIES)
+
+
+def test_portable_kernels_are_cached_apart_and_get_no_dynamic_shared_memory(fake_modules):
+    modules, _ = fake_modules
+    portable = KernelOptions(wgmma=False, portable=True)
+    K.kernel("gemm", "gemm_64x64", smem=64 * 1024)((1,), (128,), ())
+    K.kernel("gemm", "gemm_64x64", smem=64 * 1024, kernels=portable)((1,), (128,), ())
+    fast = modules[("gemm", 0, (), False)].functions["gemm_64x64"]
+    slow = modules[("gemm", 0, ("GPTOSS_PORTABLE=1",), False)].functions["gemm_64x64"]
+    assert fast.launches[0][3] == 64 * 1024 and fast.limits == [64 * 1024]
+    assert slow.launches[0][3] == 0 and slow.limits == []
+    K.kernel("moe", "moe_mlp1_fp4_m64", kernels=KernelOptions(wgmma=True, moe_defines=("X=1",)))
+    assert ("moe", 0, ("X=1",), True) in modules
+    with pytest.raises(ValueError, match="portable build has no sm_90a"):
+        K.kernel("gemm", "gemm_64x64", sm90a=True, kernels=portable)
+
+
+def test_compile_all_portable_builds_every_family_with_the_define(fake_modules):
+    modules, _ = fake_modules
+    names = K.compile_all(KernelOptions(portable=True))
+    assert set(modules) == {(f, 0, ("GPTOSS_PORTABLE=1",), False) for f in names}
+
+
+def test_the_define_reaches_the_compiler_options(monkeypatch):
+    """_module hands NVRTC/hiprtc -DGPTOSS_PORTABLE=1 (so CuPy's disk cache keys the portable binary
+    apart too: the options are part of its key)."""
+    import cupy
+
+    seen = []
+    monkeypatch.setattr(cupy, "RawModule", lambda code, options: seen.append(options) or object())
+    K._module.cache_clear()
+    try:
+        K._module("norm", 0, KernelOptions(portable=True).defines("norm"), False)
+        K._module("norm", 0, (), False)
+    finally:
+        K._module.cache_clear()
+    assert seen == [("-std=c++17", "-DGPTOSS_PORTABLE=1"), ("-std=c++17",)]
+
+
+def test_run_py_kernels_flag(monkeypatch):
+    import run
+
+    monkeypatch.setenv("GPTOSS_KERNELS", "portable")
+    parse = run.build_parser().parse_args
+    assert run.kernel_options(parse([])) is None  # the engine reads the environment itself
+    assert run.kernel_options(parse(["--kernels", "auto"])) == KernelOptions()
+    assert run.kernel_options(parse(["--kernels", "portable"])) == KernelOptions(portable=True)
+    with pytest.raises(SystemExit):
+        parse(["--kernels", "fast"])
