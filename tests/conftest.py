@@ -21,6 +21,22 @@ if not _cached.is_file():
     os.replace(_partial, _cached)  # atomic: a parallel pytest never reads half a file
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernels", choices=("auto", "portable"), default=None,
+                     help="GPU kernel mode the GPU tests run (sets GPTOSS_KERNELS; default: the environment's)")
+
+
+def pytest_configure(config):
+    # before any test (and any xdist worker, which inherits the environment) resolves the ops' default
+    mode = config.getoption("--kernels")
+    if mode is not None:
+        os.environ["GPTOSS_KERNELS"] = mode
+
+
+def pytest_report_header(config):
+    return f"GPU kernel mode: {os.environ.get('GPTOSS_KERNELS') or 'auto'} (GPTOSS_KERNELS / --kernels)"
+
+
 def pytest_collection_modifyitems(config, items):
     from gptoss.kernels import gpu_available
 

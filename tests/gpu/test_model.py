@@ -10,6 +10,7 @@ import pytest
 
 from gptoss.config import TINY, TINY_REAL_HEADS
 from gptoss.weights import random_weights
+from tests.gpu.kernel_modes import PORTABLE, default_is_portable, skip_if_portable_is_the_default
 
 pytestmark = pytest.mark.gpu
 
@@ -22,14 +23,14 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-def make(cfg, experts, seed=0, slots=4, capacity=None, chunk=256):
+def make(cfg, experts, seed=0, slots=4, capacity=None, chunk=256, kernels=None):
     from gptoss.gpu_weights import DeviceWeights
     from gptoss.model import GPUModel
 
     w = random_weights(cfg, experts, seed=seed)
     capacity = capacity or cfg.max_context
     model = GPUModel(DeviceWeights(w, progress=False), slots=slots, capacity=capacity,
-                     max_step_tokens=chunk * 2, max_chunk=chunk, max_rows=chunk * 2)
+                     max_step_tokens=chunk * 2, max_chunk=chunk, max_rows=chunk * 2, kernels=kernels)
     return w, model
 
 
@@ -42,14 +43,17 @@ def poison(model):
         a.fill(0x7FC0)  # bf16 NaN
 
 
+@pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
 @pytest.mark.parametrize("cfg,experts,n", CASES, ids=IDS)
-def test_prefill_logits_match_reference(cfg, experts, n):
+def test_prefill_logits_match_reference(cfg, experts, n, kernels):
     import cupy
 
     from gptoss.batch import StepBatch
     from gptoss.reference import ReferenceModel
 
-    w, model = make(cfg, experts)
+    skip_if_portable_is_the_default(kernels)
+    w, model = make(cfg, experts, kernels=kernels)
+    assert model.kernels.portable == (kernels is not None or default_is_portable())
     rng = np.random.default_rng(n)
     prompt = rng.integers(0, cfg.vocab_size, n).astype(np.int32)
     ref = ReferenceModel(w).forward(prompt, ReferenceModel(w).new_cache())
@@ -159,18 +163,20 @@ def generate(engine, prompts, params, indices=None):
     return out
 
 
-def test_greedy_batch_invariance():
+@pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
+def test_greedy_batch_invariance(kernels):
     """Each prompt's greedy tokens are the same whether it runs alone or among 40 others of mixed
     lengths (continuous batching, chunked prefill mixed with decode steps, slot reuse)."""
     from gptoss.sampling import SamplingParams
 
+    skip_if_portable_is_the_default(kernels)
     cfg = TINY_REAL_HEADS
     weights = random_weights(cfg, "mxfp4", seed=3)
     rng = np.random.default_rng(9)
     prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in rng.integers(1, 200, 41)]
     params = SamplingParams(max_tokens=12)
-    crowd = generate(engine_on(weights, max_seqs=16), prompts, params)
-    alone = engine_on(weights, max_seqs=1)
+    crowd = generate(engine_on(weights, max_seqs=16, kernels=kernels), prompts, params)
+    alone = engine_on(weights, max_seqs=1, kernels=kernels)
     for i in (0, 7, 23, 40):
         tokens = generate(alone, prompts, params, [i])[i]
         assert tokens == crowd[i], f"prompt {i}: alone {tokens} vs in a batch {crowd[i]}"

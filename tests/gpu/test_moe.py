@@ -14,15 +14,20 @@ from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
 from gptoss.kernels import KernelOptions, wgmma_available
 from gptoss.weights.mxfp4 import dequantize
 from gptoss.ops import moe as M
+from tests.gpu.kernel_modes import PORTABLE, skip_fast_path_test, skip_if_portable_is_the_default
 from tests.test_moe_cpu import tile_schedule
 
-# the default kernels, and the mma.sync ones where the default is wgmma (H100/H200)
-KERNELS = [pytest.param(None, id="default"), pytest.param(KernelOptions(wgmma=False), id="no-wgmma")]
+# the default kernels, the mma.sync ones where the default is wgmma (H100/H200), and the portable build
+KERNELS = [pytest.param(None, id="default"), pytest.param(KernelOptions(wgmma=False), id="no-wgmma"),
+           pytest.param(PORTABLE, id="portable")]
 
 
 def skip_if_same_as_default(kernels, fmt):
-    if kernels is not None and (fmt != "mxfp4" or not wgmma_available()):
-        pytest.skip("no wgmma kernels for these experts here: the same kernels as the default")
+    skip_if_portable_is_the_default(kernels)
+    if kernels is not None and not kernels.portable:
+        skip_fast_path_test()
+        if fmt != "mxfp4" or not wgmma_available():
+            pytest.skip("no wgmma kernels for these experts here: the same kernels as the default")
 
 LIMIT, ALPHA = 7.0, 1.702
 

@@ -51,3 +51,16 @@ def test_getp_resume_on_gpu(ids_model, tmp_path):  # noqa: F811
     assert lines[1] == "9 9 9 9"  # kept from the partial file
     assert len(lines[0].split()) == 4 and len(lines[2].split()) == 4
     assert not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.parametrize("mode", ["portable", "auto"])
+def test_getp_kernels_flag(chat_model, tmp_path, mode, monkeypatch):  # noqa: F811
+    """run.py --kernels picks the kernel mode whatever GPTOSS_KERNELS says; the JSON record names it."""
+    inp, out = tmp_path / "prompts.txt", tmp_path / "out.txt"
+    inp.write_text("What is 2 + 2?\nName a colour.\n")
+    monkeypatch.setenv("GPTOSS_KERNELS", "auto" if mode == "portable" else "portable")
+    run("run.py", str(chat_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "5", "--device", "gpu",
+        "--ignore-eos", "-q", "--kernels", mode, "--json", str(tmp_path / "rec.json"))
+    assert [len(line.split()) for line in out.read_text().splitlines()] == [5, 5]
+    backend = json.loads((tmp_path / "rec.json").read_text())["backend"]
+    assert backend.startswith("gpu") and ("portable kernels" in backend) == (mode == "portable")
