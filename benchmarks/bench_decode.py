@@ -2,6 +2,7 @@
 """Prefill and decode speed of the GPU model on a random checkpoint of a real shape (default 20b).
 
   python benchmarks/bench_decode.py [--preset gpt-oss-20b] [--batches 1,8,64] [--context 1024]
+                                   [--kernels auto|portable]
 
 Random weights in the exact layout (speed does not depend on the values), generated in memory: no
 file. Prefill: one prompt of --prompt-len tokens. Decode: B sequences whose caches already hold
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from a captured CUDA graph (default on)")
+    p.add_argument("--kernels", choices=("auto", "portable"), default=None,
+                   help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
+                        "GPU runs (default: $GPTOSS_KERNELS, else auto)")
     add_json_option(p, "the results")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_decode.py", args)) is not None:
@@ -48,6 +52,7 @@ def main(argv=None) -> int:
     from gptoss.config import PRESETS
     from gptoss.batch import StepBatch
     from gptoss.gpu_weights import DeviceWeights
+    from gptoss.kernels import KernelOptions
     from gptoss.model import GPUModel
     from gptoss.weights import random_weights
 
@@ -61,10 +66,12 @@ def main(argv=None) -> int:
     capacity = max(args.prompt_len, args.context) + args.steps + 16
     max_b = max(batches)
     model = GPUModel(weights, slots=max_b, capacity=capacity,
-                     max_step_tokens=max(args.prompt_len, max_b), max_chunk=args.prompt_len)
+                     max_step_tokens=max(args.prompt_len, max_b), max_chunk=args.prompt_len,
+                     kernels=KernelOptions.from_env(mode=args.kernels))
     rng = np.random.default_rng(0)
-    results = {"preset": args.preset, "experts": args.experts,
+    results = {"preset": args.preset, "experts": args.experts, "kernels": model.kernels.mode,
                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+    print(f"kernels: {model.kernels.mode}", flush=True)
 
     # prefill: one sequence, one chunk
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)

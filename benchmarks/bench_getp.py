@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """getp throughput: N prompts of realistic lengths through run.py's getp, exactly -n tokens each.
 
-  python benchmarks/bench_getp.py --preset gpt-oss-20b --prompts 4096 -n 512
+  python benchmarks/bench_getp.py --preset gpt-oss-20b --prompts 4096 -n 512 [--kernels portable]
 
 The model is random weights of the real shape made in memory (run.py's `synthetic:PRESET`; speed does
 not depend on the values), or --model PATH. Prompts are random token ids (--input-format ids) with
@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--promise", type=float, default=None,
                    help="share of each budget that admission promises in KV pages (default "
                         "EngineConfig.promise; below 1, sequences may be preempted and recomputed)")
+    p.add_argument("--kernels", choices=("auto", "portable"), default=None,
+                   help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
+                        "GPU runs (default: $GPTOSS_KERNELS, else auto)")
     add_json_option(p, "a copy of getp's record")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_getp.py", args)) is not None:
@@ -60,8 +63,11 @@ def main(argv=None) -> int:
     from gptoss.sampling import SamplingParams
 
     vocab = PRESETS[args.preset].vocab_size
+    from gptoss.kernels import KernelOptions
+
     options = {"max_seqs": args.batch, "promise": args.promise, "prefill_tokens": args.prefill_tokens,
-               "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30)}
+               "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30),
+               "kernels": KernelOptions.from_env(mode=args.kernels)}
     model = args.model or f"synthetic:{args.preset}"
     llm = LLM(model, **{k: v for k, v in options.items() if v is not None})
     print(llm.device, file=sys.stderr)
