@@ -189,7 +189,7 @@ class GPUModel:
             else:  # the ranks' summed MoE outputs, as one "slot" per token
                 eo, k = self._tp_moe(T, t, t32, layer, mark), 1
                 if last:
-                    M.combine_add(x, eo)
+                    M.combine_add(x, eo, kernels)
             if not last:
                 N.combine_rmsnorm(x, eo, k, w.layers[i + 1].attn_norm, eps, out=t, kernels=kernels)
                 mark("moe combine + norm")
@@ -202,7 +202,7 @@ class GPUModel:
         R, H = self.collective.size, self.cfg.hidden_size
         gathered = self.buf.gathered[:R * T * H].reshape(R, T, H)
         self.collective.all_gather(part, gathered)
-        return P.reduce_ranks(gathered, out=out, bias=bias)
+        return P.reduce_ranks(gathered, out=out, bias=bias, kernels=self.kernels)
 
     def _tp_out(self, T: int, attn, layer, mark) -> None:
         """buf.o = bf16(sum over ranks of attn_r Wo_r^T + bias): this rank's heads' partial out projection

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import KernelOptions, kernel
+from ..kernels import KernelOptions, kernel, resolved
 from . import moe as M
 from ._check import check, out_or_new
 
@@ -26,19 +26,19 @@ def _grid(n: int) -> tuple:
     return (max(1, min(-(-n // THREADS), MAX_BLOCKS)),)
 
 
-def local_experts(experts, first: int, out=None):
+def local_experts(experts, first: int, out=None, kernels: KernelOptions | None = None):
     """experts [T, k] int32 (global ids) -> the rank's indices, id - first (int32, same shape)."""
     import cupy
 
     check(experts, "experts", cupy.int32, ndim=2)
     out = out_or_new(out, "out", tuple(experts.shape), cupy.int32)
     if experts.size:
-        kernel("tensor_parallel", "tp_local_experts")(_grid(experts.size), (THREADS,),
+        kernel("tensor_parallel", "tp_local_experts", kernels=resolved(kernels))(_grid(experts.size), (THREADS,),
                                                        (experts, out, np.int32(experts.size), np.int32(first)))
     return out
 
 
-def combine_owned(expert_out, local, num_local: int, out=None):
+def combine_owned(expert_out, local, num_local: int, out=None, kernels: KernelOptions | None = None):
     """out [T, H] float32 = sum over j (increasing) of expert_out [T*k, H] rows t*k + j whose local
     expert local[t, j] is in 0..num_local-1; 0 where a token has none."""
     import cupy
@@ -49,12 +49,12 @@ def combine_owned(expert_out, local, num_local: int, out=None):
     H = expert_out.shape[1]
     out = out_or_new(out, "out", (T, H), cupy.float32)
     if T:
-        kernel("tensor_parallel", "tp_combine_owned")(_grid(T * H), (THREADS,), (
+        kernel("tensor_parallel", "tp_combine_owned", kernels=resolved(kernels))(_grid(T * H), (THREADS,), (
             expert_out, local, out, np.int32(T), np.int32(H), np.int32(k), np.int32(num_local)))
     return out
 
 
-def reduce_ranks(parts, out=None, bias=None):
+def reduce_ranks(parts, out=None, bias=None, kernels: KernelOptions | None = None):
     """parts [R, T, H] float32 (all-gathered partials, rank-major) -> ((p0 + p1) + ...) + p[R-1]: [T, H]
     float32; with bias [H] bf16, bf16(sum + bias) as uint16 bits (one rounding, as a GEMM's epilogue)."""
     import cupy
@@ -65,13 +65,13 @@ def reduce_ranks(parts, out=None, bias=None):
     if bias is None:
         out = out_or_new(out, "out", (T, H), cupy.float32)
         if n:
-            kernel("tensor_parallel", "tp_reduce_ranks_f32")(_grid(n), (THREADS,),
+            kernel("tensor_parallel", "tp_reduce_ranks_f32", kernels=resolved(kernels))(_grid(n), (THREADS,),
                                                             (parts, out, np.int32(R), np.int64(n)))
         return out
     check(bias, "bias", cupy.uint16, (H,))
     out = out_or_new(out, "out", (T, H), cupy.uint16)
     if n:
-        kernel("tensor_parallel", "tp_reduce_ranks_bias_bf16")(_grid(n), (THREADS,),
+        kernel("tensor_parallel", "tp_reduce_ranks_bias_bf16", kernels=resolved(kernels))(_grid(n), (THREADS,),
                                                               (parts, bias, out, np.int32(R), np.int64(n), np.int32(H)))
     return out
 
@@ -89,13 +89,13 @@ def moe_partial(t, layer, cfg, first_expert: int, workspace, local, out, router_
     w1, w2 = M.expert_matrix(layer.w1, "w1"), M.expert_matrix(layer.w2, "w2")
     E_local = w1.E
     routed, scratch, d, y, eo = workspace.views(T, H, w2.C, dispatch_experts=E_local)
+    kernels = resolved(kernels)
     experts, weights = M.route(t if router_input is None else router_input, layer.gate_w, layer.gate_b, k,
-                               out=routed, scratch=scratch)
+                               out=routed, scratch=scratch, kernels=kernels)
     mark("router")
-    local = local_experts(experts, first_expert, out=local)
-    d = M.dispatch(local, E_local, out=d)
+    local = local_experts(experts, first_expert, out=local, kernels=kernels)
+    d = M.dispatch(local, E_local, out=d, kernels=kernels)
     mark("moe dispatch")
-    kernels = (kernels or M._AUTO).resolve()
     # the tile height the unsharded model picks: rows per expert are the same on a rank (results do not
     # depend on it)
     bm = M.pick_bm(T * k, E, w1.format, M.uses_wgmma(w1.format, kernels))
@@ -103,6 +103,6 @@ def moe_partial(t, layer, cfg, first_expert: int, workspace, local, out, router_
     mark("moe mlp1 (gate/up + swiglu)")
     eo = M.expert_mlp2(y, d, layer.w2, layer.b2, weights, out=eo, bm=bm, kernels=kernels)
     mark("moe mlp2 (down)")
-    out = combine_owned(eo, local, E_local, out=out)
+    out = combine_owned(eo, local, E_local, out=out, kernels=kernels)
     mark("moe combine (rank)")
     return out
