@@ -52,7 +52,7 @@ def getp_args(d, out, *extra):
 
 
 def mpiexec(ranks, args, script=None, **extra_env):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra_env)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra_env)
     command = ["-c", script] if script else [str(ROOT / "run.py"), *args]
     return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *command], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -292,3 +292,18 @@ def test_without_a_launcher_mpi4py_is_not_imported(files, tmp_path):
     result = subprocess.run([sys.executable, "-c", code, *getp_args(d, tmp_path / "o.txt")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@needs_mpi
+def test_a_launcher_mpi4py_does_not_belong_to_is_one_line(files, tmp_path):
+    """The launcher's environment says 2 ranks but mpi4py's MPI sees a world of 1 (another MPI's mpiexec):
+    one error line, instead of every rank running the whole job."""
+    d, _ = files
+    out = tmp_path / "out.txt"
+    env = dict(os.environ, PMI_SIZE="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *getp_args(d, out)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert error_lines(result) and "the launcher started 2 ranks but MPI.COMM_WORLD has 1" in error_lines(result)[0]
+    assert not out.exists()

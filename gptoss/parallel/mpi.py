@@ -135,6 +135,11 @@ def run_getp_mpi(model_path, options, mo: MpiOptions, sampling) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    launched = mpi_world_size()
+    if size != launched:  # every rank is a world of its own: each would run the whole job
+        raise MpiLaunchError(f"the launcher started {launched} ranks but MPI.COMM_WORLD has {size}: mpi4py is "
+                             f"built for another MPI than this mpiexec ({' '.join(MPI.Get_library_version().split()[:3])}); "
+                             "launch with the mpiexec of that MPI, or pip install mpi4py mpich and use its mpiexec")
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this rank's node
     host = MPI.Get_processor_name()
     try:

@@ -43,7 +43,7 @@ print("nccl via mpi ok", len(nccl_id))
 
 
 def mpiexec(ranks, *command):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *command], env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -70,5 +70,5 @@ def test_mpi_getp_on_one_gpu_equals_one_engine(ids_model, tmp_path, flags):  # n
     assert one.returncode == 0, one.stderr
     ranks = mpiexec(2, str(ROOT / "run.py"), *args(tmp_path / "mpi.txt"), *flags)
     assert ranks.returncode == 0, ranks.stderr
-    assert "getp: MPI, 2 ranks on 1 node" in ranks.stderr
+    assert "getp: MPI, 2 ranks on 1 node" in ranks.stderr, ranks.stderr
     assert (tmp_path / "mpi.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
