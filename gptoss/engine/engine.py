@@ -79,17 +79,20 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def reserve(self, capacity: int, slots: int) -> None:
+    def reserve(self, capacity: int, slots: int, mean_positions: int | None = None) -> None:
         """Size the KV cache now for up to `slots` sequences of up to `capacity` positions (only while
         idle), so that requests arriving while others run join them instead of waiting for the engine to
-        go idle and size it again (the server reserves the whole context for EngineConfig.max_seqs)."""
+        go idle and size it again (the server: its context for EngineConfig.max_seqs). mean_positions:
+        what a sequence is planned to hold on average (default half the capacity); the slots share the
+        KV pages, so one sequence can still grow to the whole capacity."""
         s = self.scheduler
         if not s.idle() or s.waiting:
             raise RuntimeError("the KV cache can only be reserved while no request is held")
         if capacity < 1 or slots < 1:
             raise ValueError(f"capacity and slots must be at least 1 (got {capacity} and {slots})")
         s.layout = None
-        s.bind(self.runner.allocate(capacity, slots, capacity // 2 + 1), slots)
+        mean = capacity // 2 + 1 if mean_positions is None else max(1, min(mean_positions, capacity))
+        s.bind(self.runner.allocate(capacity, slots, mean), slots)
         self._interrupted = False
 
     def step(self) -> StepTokens:

@@ -20,7 +20,6 @@ goes away aborts its request, which frees its slot and pages before the next ste
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -37,7 +36,7 @@ from .. import harmony
 from ..engine import Engine
 from ..sampling import SamplingParams
 from ..tokenizer import StreamDecoder
-from .loop import RATE_WINDOW, EngineFailure, EngineLoop
+from .loop import RATE_WINDOW, EngineFailure, EngineLoop, Mailbox
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
 from .responses import InputError, ResponseBuilder, ResponsesRequest, chat_inputs, response_body
 from .stops import StopMatcher
@@ -49,8 +48,10 @@ class ServeOptions:
     (else 404 model_not_found; a request without `model` gets this one). api_key: required as `Authorization: Bearer KEY` on /v1/
     and /metrics (None: open). max_body_bytes: larger request bodies answer 413. max_pending: requests
     held at once (running or waiting); more answer 503 with Retry-After. reserve_slots: size the KV cache
-    for this many sequences of the whole context when the server starts (None: the engine sizes it as
-    requests come)."""
+    for this many sequences when the server starts (None: the engine sizes it as requests come).
+    max_model_len: the longest sequence (prompt and new tokens) served (None: the model's context).
+    slot_positions: positions the reserved cache plans per sequence on average: the sequences share
+    its pages (any one may grow to max_model_len), and every byte beyond the slots goes to pages."""
 
     model_name: str = "gpt-oss"
     model_aliases: tuple = ()
@@ -58,6 +59,8 @@ class ServeOptions:
     max_body_bytes: int = 8 << 20
     max_pending: int = 1024
     reserve_slots: int | None = None
+    max_model_len: int | None = None
+    slot_positions: int = 2048
 
 
 DISCONNECT_POLL = 0.25  # seconds between looks at whether a whole reply's client is still there
@@ -265,13 +268,14 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
     """The app over `engine` (its EngineLoop starts and stops with the app: app.state.loop)."""
     options = options or ServeOptions()
     cfg = engine.runner.model_config
+    context = min(options.max_model_len or cfg.max_context, cfg.max_context)
     loop = EngineLoop(engine)
     pending = {"n": 0}
 
     @asynccontextmanager
     async def lifespan(app):
         if options.reserve_slots:
-            engine.reserve(cfg.max_context, options.reserve_slots)
+            engine.reserve(context, options.reserve_slots, options.slot_positions)
         loop.start()
         try:
             yield
@@ -324,7 +328,7 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
     @api.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
-                                            "owned_by": "gptoss", "max_model_len": cfg.max_context}]}
+                                            "owned_by": "gptoss", "max_model_len": context}]}
 
     @api.get("/metrics")
     async def metrics():
@@ -359,14 +363,14 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         """The room the context leaves for new tokens; 400 when the prompt does not fit."""
         if not ids:
             raise ApiError(400, "the prompt is empty (it has no tokens)", param="prompt")
-        if len(ids) + 1 > cfg.max_context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {cfg.max_context} "
+        if len(ids) + 1 > context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {context} "
                                 "(prompt and at least one new token)", param="messages", code="context_length_exceeded")
         bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary (0..{cfg.vocab_size - 1})",
                            param="prompt")
-        return cfg.max_context - len(ids)
+        return context - len(ids)
 
     served_names = (options.model_name, *options.model_aliases)
 
@@ -384,32 +388,31 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
             raise ApiError(503, f"the server holds {pending['n']} requests, its most; retry shortly", "server_error",
                            code="overloaded", headers={"Retry-After": "1"})
 
-    async def generate(ids: list, params: SamplingParams, request: Request | None):
-        """Yields the request's TokenEvents as the engine makes them. The request is aborted when the
-        consumer stops early (a streamed response's client gone: Starlette cancels the stream) or, given
-        `request` (a whole reply), when its client disconnects (looked at every DISCONNECT_POLL seconds)."""
-        events: asyncio.Queue = asyncio.Queue()
+    async def generate_batches(ids: list, params: SamplingParams, request: Request | None):
+        """Yields the request's TokenEvents as the engine makes them, in lists: every event that came
+        since the consumer last asked (one per step while it keeps up; more when it lags, so that it
+        writes them at once). The request is aborted when the consumer stops early (a streamed
+        response's client gone: Starlette cancels the stream) or, given `request` (a whole reply), when
+        its client disconnects (looked at every DISCONNECT_POLL seconds)."""
+        mailbox = Mailbox()
         pending["n"] += 1
-        handle = loop.add(ids, params, events)
+        handle = loop.add(ids, params, mailbox)
         done = False
         looked = time.monotonic()
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
-                except asyncio.TimeoutError:
-                    ev = None
-                if request is not None and (ev is None or time.monotonic() - looked > DISCONNECT_POLL):
+                events = await mailbox.get(DISCONNECT_POLL if request is not None else None)
+                if request is not None and (not events or time.monotonic() - looked > DISCONNECT_POLL):
                     looked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                if ev is None:
+                if not events:
                     continue
-                if isinstance(ev, EngineFailure):
+                if isinstance(events[-1], EngineFailure):
                     done = True
-                    raise ApiError(500, ev.message, "server_error")
-                done = ev.done
-                yield ev
+                    raise ApiError(500, events[-1].message, "server_error")
+                done = events[-1].done
+                yield events
                 if done:
                     return
         finally:
@@ -417,15 +420,26 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
             if not done:
                 loop.abort(handle)
 
+    async def generate(ids: list, params: SamplingParams, request: Request | None):
+        """generate_batches' events one at a time."""
+        async with aclosing(generate_batches(ids, params, request)) as batches:
+            async for events in batches:
+                for ev in events:
+                    yield ev
+
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def stream_events(body, error_chunk):
-        """Server-sent events from an async iterator of chunks; an engine failure ends the stream with an
-        error event, then [DONE]."""
+        """Server-sent events from an async iterator of chunks or lists of chunks (a list is written at
+        once; a str is an event already encoded); an engine failure ends the stream with an error event,
+        then [DONE]."""
         try:
-            async for chunk in body:
-                yield sse(chunk)
+            async for chunks in body:
+                if isinstance(chunks, list):
+                    yield "".join(c if isinstance(c, str) else sse(c) for c in chunks)
+                else:
+                    yield sse(chunks)
         except ApiError as e:
             yield sse(error_chunk(e))
         yield "data: [DONE]\n\n"
@@ -507,21 +521,23 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         head = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name}
 
         async def pieces(whole: bool):
-            """(text, finish reason or None, tokens made so far) as the tokens come; a stop string ends
-            the text before it, aborts the request and finishes with "stop"."""
+            """(text, finish reason or None, tokens made so far) as the tokens come (the text of every
+            token that came since the last piece); a stop string ends the text before it, aborts the
+            request and finishes with "stop"."""
             text, stops, made = StreamDecoder(tokenizer), StopMatcher(req.stop or ()), 0
-            async for ev in generate(ids, params, request if whole else None):
+            async for events in generate_batches(ids, params, request if whole else None):
                 piece = ""
-                if ev.token is not None:
-                    made += 1
-                    piece = stops.push(text.push(ev.token))
-                if stops.hit:
-                    yield piece, "stop", made
-                    return  # (generate's clean-up aborts the request)
-                if ev.done:
-                    piece += stops.push(text.flush()) + stops.flush()
-                    yield piece, "stop" if stops.hit else ev.reason, made
-                    return
+                for ev in events:
+                    if ev.token is not None:
+                        made += 1
+                        piece += stops.push(text.push(ev.token))
+                    if stops.hit:
+                        yield piece, "stop", made
+                        return  # (generate's clean-up aborts the request)
+                    if ev.done:
+                        piece += stops.push(text.flush()) + stops.flush()
+                        yield piece, "stop" if stops.hit else ev.reason, made
+                        return
                 if piece:
                     yield piece, None, made
 
@@ -536,11 +552,17 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def chunks():
+            # each chunk's JSON is built around its text: the fixed fields are encoded once
+            before = sse({**head, "choices": [{"index": 0, "text": ""}]}).rsplit('""', 1)[0]
+            after = ', "logprobs": null, "finish_reason": null}]}\n\n'
             made = 0
             async for piece, finish, made in pieces(whole=False):
-                yield {**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}]}
+                if finish is None:
+                    yield [before + json.dumps(piece, ensure_ascii=False) + after]
+                else:
+                    yield [{**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}]}]
             if include_usage:
-                yield {**head, "choices": [], "usage": usage(len(ids), made)}
+                yield [{**head, "choices": [], "usage": usage(len(ids), made)}]
 
         return StreamingResponse(stream_events(chunks(), lambda e: error_body(e.message, e.type)),
                                  media_type="text/event-stream")

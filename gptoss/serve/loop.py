@@ -2,7 +2,9 @@
 
 The asyncio handlers never touch the engine: they send commands (add, abort) through a thread-safe
 queue, which the loop drains between steps, and each request's TokenEvents come back to its own
-asyncio.Queue through loop.call_soon_threadsafe. Requests that arrive while others run join the next
+Mailbox. A step's events for every request are handed to the event loop in ONE call_soon_threadsafe
+(a call per token costs a wake-up of the event loop and a GIL hand-over each: at 1,024 sequences that
+was most of the host's time, docs/notes/serve.md). Requests that arrive while others run join the next
 step (continuous batching). While nothing runs, the thread sleeps on the command queue.
 """
 from __future__ import annotations
@@ -29,17 +31,63 @@ class EngineFailure:
         self.message = message
 
 
+class Mailbox:
+    """One request's TokenEvents (or an EngineFailure), filled on its event loop by the engine thread's
+    hand-overs and emptied by the request's handler, all its events at once."""
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.get_running_loop()
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def deliver(self, items) -> None:
+        """(on the event loop) Add items and wake the handler."""
+        self.items.extend(items)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float | None = None) -> list:
+        """Every item delivered since the last get, waiting for one if there are none; [] once
+        `timeout` seconds pass without any."""
+        if not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                if timeout is None:
+                    await self.waiter
+                else:
+                    await asyncio.wait_for(self.waiter, timeout)  # (a future: no task is made)
+            except asyncio.TimeoutError:
+                return []
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def _deliver_all(batch) -> None:
+    for mailbox, items in batch:
+        mailbox.deliver(items)
+
+
+def hand_over(batch: list) -> None:
+    """Deliver [(mailbox, items)] on their event loops: one call_soon_threadsafe per loop."""
+    by_loop: dict = {}
+    for mailbox, items in batch:
+        by_loop.setdefault(mailbox.loop, []).append((mailbox, items))
+    for loop, part in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, part)
+        except RuntimeError:  # the event loop closed (shutdown): nobody is listening any more
+            pass
+
+
 @dataclass
 class _Stream:
     handle: int
-    queue: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop closed (shutdown): nobody is listening any more
-            pass
+    mailbox: Mailbox
 
 
 @dataclass
@@ -64,7 +112,7 @@ class LoopStats:
 
 class EngineLoop:
     """Steps `engine` in a daemon thread (start() / stop()). add() queues a request and returns its
-    handle; its TokenEvents (or an EngineFailure) arrive on `events`; abort(handle) drops it."""
+    handle; its TokenEvents (or an EngineFailure) arrive in `mailbox`; abort(handle) drops it."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -78,10 +126,9 @@ class EngineLoop:
         self._stopping = False
 
     # ---- called from the event loop ------------------------------------------------------------------
-    def add(self, prompt_ids: list, params: SamplingParams, events: asyncio.Queue, sequence: int = 0) -> int:
+    def add(self, prompt_ids: list, params: SamplingParams, mailbox: Mailbox, sequence: int = 0) -> int:
         handle = next(self._handles)
-        self._commands.put(("add", handle, prompt_ids, params, sequence, _Stream(handle, events,
-                                                                                   asyncio.get_running_loop())))
+        self._commands.put(("add", handle, prompt_ids, params, sequence, _Stream(handle, mailbox)))
         return handle
 
     def abort(self, handle: int) -> None:
@@ -139,7 +186,7 @@ class EngineLoop:
             try:
                 rid = self.engine.add_request(prompt_ids, params, sequence=sequence)
             except Exception as e:  # noqa: BLE001 (the handler checked the prompt; this is a last guard)
-                stream.put(EngineFailure(str(e)))
+                hand_over([(stream.mailbox, [EngineFailure(str(e))])])
                 return
             self._streams[rid] = stream
             self._rid_of[handle] = rid
@@ -165,44 +212,48 @@ class EngineLoop:
             events = self.engine.step()
         except Exception as e:  # noqa: BLE001: a failed step ends the requests it held, not the server
             message = f"the engine failed: {type(e).__name__}: {e}"
-            for rid, stream in list(self._streams.items()):
-                stream.put(EngineFailure(message))
+            failure = [EngineFailure(message)]
+            for rid in self._streams:
                 self.engine.abort(rid)
                 self.stats.failed += 1
+            hand_over([(stream.mailbox, failure) for stream in self._streams.values()])
             self._forget_all()
             return
         t1 = time.perf_counter()
         self.stats.steps += 1
         self.stats.step_seconds += t1 - t0
-        made = 0
+        made, batch = 0, []
+        streams, started_at = self._streams, self._started_at
         for ev in events:
-            stream = self._streams.get(ev.request_id)
+            stream = streams.get(ev.request_id)
             if stream is None:
                 continue  # aborted meanwhile
             if ev.token is not None:
                 made += 1
-                self.stats.generated_tokens += 1
-                started = self._started_at.pop(ev.request_id, None)
+                started = started_at.pop(ev.request_id, None)
                 if started is not None:
                     ttft = self.stats.first_token_seconds
                     ttft.append(t1 - started)
                     del ttft[:-1000]
-            stream.put(ev)
+            batch.append((stream.mailbox, (ev,)))
             if ev.done:
-                del self._streams[ev.request_id]
+                del streams[ev.request_id]
                 self._rid_of.pop(stream.handle, None)
-                self._started_at.pop(ev.request_id, None)
+                started_at.pop(ev.request_id, None)
                 self.stats.finished += 1
+        hand_over(batch)
+        self.stats.generated_tokens += made
         recent = self.stats.recent_steps
         recent.append((t1, made))
         while recent and t1 - recent[0][0] > RATE_WINDOW:
             recent.popleft()
 
     def _abort_all(self) -> None:
-        for rid, stream in list(self._streams.items()):
+        failure = [EngineFailure("the server is shutting down")]
+        for rid in self._streams:
             self.engine.abort(rid)
             self.stats.aborted += 1
-            stream.put(EngineFailure("the server is shutting down"))
+        hand_over([(stream.mailbox, failure) for stream in self._streams.values()])
         self._forget_all()
 
     def _forget_all(self) -> None:
@@ -211,4 +262,4 @@ class EngineLoop:
         self._started_at.clear()
 
 
-__all__ = ["RATE_WINDOW", "EngineFailure", "EngineLoop", "LoopStats", "TokenEvent"]
+__all__ = ["RATE_WINDOW", "EngineFailure", "EngineLoop", "LoopStats", "Mailbox", "TokenEvent", "hand_over"]
