@@ -19,7 +19,7 @@ from gptoss.kernels import KERNEL_MODES  # noqa: E402
 
 PROG = "run.py"
 MODES = ("generate", "chat", "getp", "serve")
-SERVE_SLOTS = 64  # serve: sequences at once unless -b says
+SERVE_SLOTS = 1024  # serve: sequences at once unless -b says (vLLM's max_num_seqs on a GPU of 70 GiB or more)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default medium)")
     p.add_argument("-b", "--batch", type=int, default=None,
                    help="getp: most sequences in flight at once (default: as many as GPU memory "
-                        "holds; 1 on the CPU); serve: sequences at once, each with the whole context "
-                        "(default 64)")
+                        "holds; 1 on the CPU); serve: sequences at once, sharing the KV pages (default "
+                        f"{SERVE_SLOTS}, fewer when GPU memory cannot hold that many of 2,048 positions)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory this run may use in all, weights included, in GiB (default: all "
                         "that is free); lower it to share the GPU or to size a run for a smaller one "
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$GPTOSS_TOKENIZER, else one next to the model, else the copy shipped in gptoss/data)")
     p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="serve: the port (default 8000)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="serve: the longest sequence served, prompt and new tokens (default: the model's "
+                        "context)")
     p.add_argument("--api-key", default=None,
                    help="serve: require `Authorization: Bearer KEY` on /v1/ and /metrics (default: "
                         "$GPTOSS_API_KEY; unset: no key)")
@@ -267,9 +270,12 @@ def _main(argv) -> int:
         fail(f"--port must be in 1..65535 (got {args.port})")
     if args.served_model_name is not None and not all(n.strip() for n in args.served_model_name):
         fail(f"--served-model-name takes non-empty names (got {args.served_model_name!r})")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        fail(f"--max-model-len must be at least 2 (got {args.max_model_len})")
     if args.mode != "serve":
         for flag, given in (("--host", args.host != "127.0.0.1"), ("--port", args.port != 8000),
-                            ("--api-key", args.api_key), ("--served-model-name", args.served_model_name)):
+                            ("--api-key", args.api_key), ("--served-model-name", args.served_model_name),
+                            ("--max-model-len", args.max_model_len is not None)):
             if given:
                 fail(f"{flag} is for -m serve")
     if args.mode != "getp":
@@ -336,9 +342,12 @@ def _main(argv) -> int:
 
     try:  # (CheckpointError, ModelTooLargeError: GptossErrors, said in one line by main)
         batch = args.batch or (SERVE_SLOTS if args.mode == "serve" else None)
+        # serve admits a request on its prompt's pages (vLLM's way): a chat without max_tokens may run to
+        # the context's end, and promising every request that much would leave most slots empty
+        extra = {"promise": 0.0} if args.mode == "serve" else {}
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
                   tensor_parallel=args.tensor_parallel,
-                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args))
+                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args), **extra)
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 
@@ -375,7 +384,10 @@ def run_serve(llm, args, model_path) -> int:
         aliases = sorted({args.model, str(model_path)} - {name})
     options = ServeOptions(model_name=name, model_aliases=tuple(aliases),
                            api_key=args.api_key or os.environ.get("GPTOSS_API_KEY") or None,
-                           reserve_slots=llm.config.max_seqs)
+                           reserve_slots=llm.config.max_seqs, max_model_len=args.max_model_len)
+    context = llm.model_config.max_context
+    if (args.max_model_len or 0) > context:
+        return error(PROG, f"--max-model-len {args.max_model_len} is longer than the model's context ({context})")
     app = build_app(llm.engine, llm.tokenizer, options)
     print(f"{PROG}: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     # uvicorn raises the signal that stopped it again once it is through: SIGTERM then ends with status 0

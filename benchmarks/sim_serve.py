@@ -95,12 +95,15 @@ def run_server(args) -> int:
     from gptoss.serve import ServeOptions, build_app
     from gptoss.tokenizer import get_tokenizer
 
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval / 1000)
     engine, runner = make_engine(args)
     extra = {} if args.max_model_len is None else {"max_model_len": args.max_model_len}
     options = ServeOptions(model_name="sim", reserve_slots=args.batch, **extra)
     app = build_app(engine, get_tokenizer(), options)
     print(f"sim_serve: http://127.0.0.1:{args.port}/v1 ({runner.name}, -b {args.batch})", file=sys.stderr)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                loop=args.loop, http=args.http)
     s = engine.stats
     print(f"sim_serve: {runner.steps} steps, modeled GPU {runner.ms / 1000:.2f} s, slept {runner.slept:.2f} s, "
           f"engine host {s['host_seconds']:.2f} s, most running {s['most_running']}", file=sys.stderr)
@@ -116,6 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=None, help="the server's context (default: the model's)")
     p.add_argument("--free", type=float, default=126.0, help="GiB beside the weights (default 126: an H200)")
     p.add_argument("--step-ms", default="modeled", help="'modeled' (default), or fixed ms per step (0: none)")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="MS",
+                   help="the interpreter's GIL switch interval (default: Python's, 5 ms)")
+    p.add_argument("--loop", default="auto", help="uvicorn's --loop: auto (uvloop when installed), asyncio, uvloop")
+    p.add_argument("--http", default="auto", help="uvicorn's --http: auto (httptools when installed), h11, httptools")
     p.add_argument("--direct", action="store_true", help="run the prompts through the engine without HTTP")
     p.add_argument("--prompts", type=int, default=1024, help="--direct: prompts (default 1024)")
     p.add_argument("--input-len", type=int, default=1000, help="--direct: prompt tokens (default 1000)")

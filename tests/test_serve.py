@@ -618,3 +618,56 @@ def test_tokens_per_second_counts_the_steps_of_the_last_window():
     stats = LoopStats(recent_steps=deque([(0.0, 5), (4.5, 3), (RATE_WINDOW + 2.0, 2)]))
     assert stats.tokens_per_second(now=now) == (3 + 2) / RATE_WINDOW
     assert stats.tokens_per_second(now=now + 3 * RATE_WINDOW) == 0.0
+
+
+def test_max_model_len_bounds_prompts_and_new_tokens():
+    """--max-model-len: the served context is shorter than the model's; /v1/models says so, a longer prompt
+    answers 400 with the served length, and generation stops at its end (finish_reason length)."""
+    other = LLM("synthetic:tiny-chat", device="cpu", progress=False, max_seqs=2, promise=0.0)
+    server = LiveServer(build_app(other.engine, other.tokenizer,
+                                  ServeOptions(model_name="tiny", reserve_slots=2, max_model_len=40)))
+    try:
+        c = server.client()
+        assert httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"] == 40
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt=list(range(1, 41)), max_tokens=2)
+        assert e.value.code == "context_length_exceeded" and "this model's context is 40" in e.value.message
+        out = c.completions.create(model="tiny", prompt=list(range(1, 31)), max_tokens=100, temperature=0,
+                                   extra_body={"ignore_eos": True})
+        assert (out.usage.completion_tokens, out.choices[0].finish_reason) == (10, "length")
+        assert other.engine.scheduler.layout.capacity == 40
+    finally:
+        server.close()
+
+
+def test_one_step_hands_every_requests_events_to_the_event_loop_at_once():
+    """The engine thread wakes the event loop once per step, not once per token (docs/notes/serve.md)."""
+    import asyncio
+
+    from gptoss.serve.loop import Mailbox, hand_over
+
+    class CountingLoop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    loop = CountingLoop()
+    boxes = [Mailbox(loop) for _ in range(5)]
+    hand_over([(box, (f"event {i}",)) for i, box in enumerate(boxes)])
+    assert len(loop.calls) == 1
+    fn, args = loop.calls[0]
+    fn(*args)  # (what the event loop runs)
+    assert [box.items for box in boxes] == [[f"event {i}"] for i in range(5)]
+
+    async def drain():
+        box = Mailbox()
+        hand_over([(box, ("a", "b"))])
+        hand_over([(box, ("c",))])
+        first = await box.get()
+        empty = await box.get(timeout=0.01)
+        return first, empty
+
+    # events that came in two hand-overs before the handler looked are read at once; then none comes
+    assert asyncio.run(drain()) == (["a", "b", "c"], [])
