@@ -18,25 +18,40 @@ def one_error(capsys) -> str:
 
 
 def test_the_report_counts_what_was_asked_and_its_times_are_consistent(tmp_path, capsys):
+    """Two concurrencies in one invocation, the second with its clients in two processes; then getp on
+    the prompts of the larger run: its ids file is those prompts, and the record has the ratio."""
     path = tmp_path / "serve.json"
-    n, input_len, output_len = 5, 9, 4
-    code = main(["--model", "synthetic:tiny-chat", "--device", "cpu", "--concurrency", "3", "--prompts", str(n),
-                 "--input-len", str(input_len), "--output-len", str(output_len), "--json", str(path)])
+    counts, input_len, output_len = (3, 5), 9, 4
+    code = main(["--model", "synthetic:tiny-chat", "--device", "cpu", "--concurrency", "1,3", "--num-prompts",
+                 ",".join(map(str, counts)), "--client-procs", "2", "--input-len", str(input_len), "--output-len",
+                 str(output_len), "--getp", "--ids-out", str(tmp_path / "getp"), "--json", str(path)])
     assert code == 0, capsys.readouterr().err
-    assert "Output token throughput (tok/s):" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("Output token throughput (tok/s):") == 2 and "getp on the 5 prompts of concurrency 3" in out
     rec = json.loads(path.read_text())
-    reqs = rec["per_request"]
-    assert (rec["requests"], rec["completed"], rec["failed"], rec["concurrency"]) == (n, n, 0, 3)
-    assert all(r["ok"] and r["prompt_tokens"] == input_len and r["output_tokens"] == output_len for r in reqs)
-    assert (rec["input_tokens"], rec["output_tokens"]) == (n * input_len, n * output_len)
-    assert all(0 < r["ttft"] <= r["latency"] <= rec["wall_seconds"] for r in reqs)
-    assert rec["output_tokens_per_second"] == pytest.approx(n * output_len / rec["wall_seconds"])
-    assert rec["request_throughput"] == pytest.approx(n / rec["wall_seconds"])
-    for key in ("ttft_ms", "tpot_ms", "latency_ms"):
-        assert 0 < rec[key]["median"] <= rec[key]["p99"]
-    assert rec["ttft_ms"]["p99"] <= rec["latency_ms"]["p99"]
-    tpots = sorted((r["latency"] - r["ttft"]) / (output_len - 1) * 1000 for r in reqs)
-    assert rec["tpot_ms"]["median"] == pytest.approx(tpots[n // 2])
+    assert [(r["concurrency"], r["prompts"]) for r in rec["runs"]] == [(1, 3), (3, 5)]
+    assert [r["client_processes"] for r in rec["runs"]] == [1, 2]
+    for run, n in zip(rec["runs"], counts):
+        reqs = run["per_request"]
+        assert (run["requests"], run["completed"], run["failed"]) == (n, n, 0)
+        assert all(r["ok"] and r["prompt_tokens"] == input_len and r["output_tokens"] == output_len for r in reqs)
+        assert (run["input_tokens"], run["output_tokens"]) == (n * input_len, n * output_len)
+        assert all(0 < r["ttft"] <= r["latency"] <= run["wall_seconds"] for r in reqs)
+        assert run["output_tokens_per_second"] == pytest.approx(n * output_len / run["wall_seconds"])
+        assert run["request_throughput"] == pytest.approx(n / run["wall_seconds"])
+        for key in ("ttft_ms", "tpot_ms", "latency_ms"):
+            assert 0 < run[key]["median"] <= run[key]["p99"]
+        assert run["ttft_ms"]["p99"] <= run["latency_ms"]["p99"]
+        tpots = sorted((r["latency"] - r["ttft"]) / (output_len - 1) * 1000 for r in reqs)
+        assert run["tpot_ms"]["median"] == pytest.approx(tpots[n // 2])
+        # the server's counters over the run: every token it generated was one the clients got
+        assert run["server"]["generation_tokens"] == n * output_len and run["server"]["steps"] >= output_len
+    ids = [list(map(int, line.split())) for line in (tmp_path / "getp" / "prompts.ids").read_text().splitlines()]
+    assert len(ids) == 5 and all(len(p) == input_len for p in ids)
+    getp = rec["getp"]
+    assert getp["record"]["generated_tokens"] == 5 * output_len
+    assert getp["served_over_getp"] == pytest.approx(rec["runs"][1]["output_tokens_per_second"]
+                                                     / getp["tokens_per_second"])
 
 
 def test_json_is_checked_before_the_run_and_a_dead_url_is_one_line(tmp_path, capsys):
@@ -52,6 +67,10 @@ def test_json_is_checked_before_the_run_and_a_dead_url_is_one_line(tmp_path, cap
     assert one_error(capsys).startswith("the warm-up request failed: ConnectError")
     assert main(["--url", url, "--concurrency", "0"]) == 2
     assert one_error(capsys) == "--concurrency must be at least 1 (got 0)"
+    assert main(["--url", url, "--concurrency", "1,2", "--num-prompts", "1,2,3"]) == 2
+    assert one_error(capsys) == "--num-prompts has 3 values for 2 concurrencies"
+    assert main(["--url", url, "--getp"]) == 2
+    assert one_error(capsys) == "--getp needs --model (it runs run.py's getp on that model)"
 
 
 def test_event_lines_split_at_newlines_only():

@@ -353,6 +353,8 @@ def build_app(engine: Engine, tokenizer, options: ServeOptions | None = None) ->
             ("gptoss_generation_tokens_total", "counter", "tokens generated", s.generated_tokens),
             ("gptoss_steps_total", "counter", "engine steps", s.steps),
             ("gptoss_step_seconds_total", "counter", "seconds spent in engine steps", s.step_seconds),
+            ("gptoss_engine_host_seconds_total", "counter", "the engine's host seconds between model steps",
+             engine.stats["host_seconds"]),
             ("gptoss_time_to_first_token_seconds_mean", "gauge", "mean time to first token (latest 1000)",
              sum(ttft) / len(ttft) if ttft else 0.0),
         ]
