@@ -21,6 +21,35 @@ if not _cached.is_file():
     os.replace(_partial, _cached)  # atomic: a parallel pytest never reads half a file
 
 
+@pytest.fixture(scope="session")
+def tiny_bin(tmp_path_factory):
+    """The TINY config's random MXFP4 weights (seed 5) as a .bin file: the getp tests' model."""
+    from gptoss.weights import random_weights, write_bin
+
+    path = tmp_path_factory.mktemp("tiny_bin") / "tiny.bin"
+    write_bin(path, random_weights(_tiny(), "mxfp4", seed=5))
+    return path
+
+
+def _tiny():
+    from gptoss.config import TINY
+
+    return TINY
+
+
+@pytest.fixture
+def id_prompts(tmp_path):
+    """write(lengths) -> a prompts file in tmp_path of random TINY token ids (seed 1), one line per length."""
+    import numpy as np
+
+    def write(lengths):
+        rng = np.random.default_rng(1)
+        path = tmp_path / "prompts.txt"
+        path.write_text("".join(" ".join(map(str, rng.integers(0, _tiny().vocab_size, n))) + "\n" for n in lengths))
+        return path
+    return write
+
+
 def pytest_addoption(parser):
     parser.addoption("--kernels", choices=("auto", "portable"), default=None,
                      help="GPU kernel mode the GPU tests run (sets GPTOSS_KERNELS; default: the environment's)")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import run as run_py
-from gptoss.config import TINY
 from gptoss.getp import partial_path, read_partial
 from gptoss.parallel.data import CRASH_ENV, DataParallelOptions, parse_gpus
 
@@ -15,21 +14,14 @@ from gptoss.parallel.data import CRASH_ENV, DataParallelOptions, parse_gpus
 LENGTHS = (3, 11, 1, 6, 9, 2, 7, 4)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from gptoss.weights import random_weights, write_bin
-
-    path = tmp_path_factory.mktemp("data_parallel") / "tiny.bin"
-    write_bin(path, random_weights(TINY, "mxfp4", seed=5))
-    return path
+@pytest.fixture
+def model(tiny_bin):
+    return tiny_bin
 
 
 @pytest.fixture
-def prompts(tmp_path):
-    rng = np.random.default_rng(1)
-    path = tmp_path / "prompts.txt"
-    path.write_text("".join(" ".join(map(str, rng.integers(0, TINY.vocab_size, n))) + "\n" for n in LENGTHS))
-    return path
+def prompts(id_prompts):
+    return id_prompts(LENGTHS)
 
 
 def getp(model, inp, out, *extra):

@@ -4,6 +4,7 @@ The generation tests run the tiny synthetic model (real vocabulary) on the CPU r
 reasoning and tool-call tests script the model's replies (ids of real harmony text) through a stand-in
 runner, since a random model never writes a tool call. The engine, the tokenizer, harmony and the HTTP
 stack are real."""
+import contextlib
 import dataclasses
 import json
 import signal
@@ -263,14 +264,16 @@ def test_a_whole_reply_is_aborted_when_its_client_gives_up(live):
     assert end["gptoss_generation_tokens_total"] == start["gptoss_generation_tokens_total"]
 
 
-def test_run_py_serves_and_stops_on_sigterm(tmp_path):
-    """The command itself: run.py -m serve answers the openai client and exits 0 on SIGTERM."""
+@contextlib.contextmanager
+def run_py_server(*args):
+    """`run.py synthetic:tiny-chat -m serve --device cpu -b 2 -q ARGS` on a free port: (process, base url) once
+    /health answers; killed at the end if still running (its stdout and stderr are one pipe)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "synthetic:tiny-chat", "-m", "serve", "--device",
-                             "cpu", "--port", str(port), "-b", "2", "-q", "--api-key", "k"],
+                             "cpu", "--port", str(port), "-b", "2", "-q", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -284,17 +287,23 @@ def test_run_py_serves_and_stops_on_sigterm(tmp_path):
                 return False
 
         wait_for(up, "the server answers", seconds=60)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_run_py_serves_and_stops_on_sigterm():
+    """The command itself: run.py -m serve answers the openai client and exits 0 on SIGTERM."""
+    with run_py_server("--api-key", "k") as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
         reply = c.chat.completions.create(model="synthetic:tiny-chat", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=3)
         assert reply.usage.completion_tokens <= 3 and reply.model == "synthetic:tiny-chat"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert f"serving synthetic:tiny-chat on http://127.0.0.1:{port}/v1" in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert f"serving synthetic:tiny-chat on {url}/v1" in proc.stdout.read()
 
 
 @pytest.mark.parametrize("args,message", [

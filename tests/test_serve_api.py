@@ -5,13 +5,12 @@ parameter's good and bad values. Scripted replies go through a stand-in runner (
 ScriptedRunner); the live tests run the tiny synthetic model on the CPU."""
 import json
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.test_serve import ANSWER, CALL, ROOT, WEATHER_TOOL, LiveServer, ScriptedRunner, wait_for
+from tests.test_serve import ANSWER, CALL, ROOT, WEATHER_TOOL, LiveServer, ScriptedRunner, run_py_server, wait_for
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
@@ -82,25 +81,7 @@ def test_the_model_field_names_the_served_model(live):
 def test_run_py_served_model_name_and_sigterm_with_a_stream_in_flight():
     """--served-model-name: the first name is listed and answered, each name is accepted, others 404.
     SIGTERM while a stream runs: the stream finishes whole, then the server exits 0."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "synthetic:tiny-chat", "-m", "serve", "--device",
-                             "cpu", "--port", str(port), "-b", "2", "-q", "--served-model-name", "oss-tiny", "local"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up():
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read())
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, "the server answers", seconds=60)
+    with run_py_server("--served-model-name", "oss-tiny", "local") as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list().data] == ["oss-tiny"]
         assert c.completions.create(model="local", prompt="Hi", max_tokens=1).model == "oss-tiny"
@@ -114,10 +95,6 @@ def test_run_py_served_model_name_and_sigterm_with_a_stream_in_flight():
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
         assert chunks[-1].usage.completion_tokens == 40
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("args,message", [

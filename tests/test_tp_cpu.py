@@ -90,21 +90,14 @@ def test_a_rank_alone_computes_its_share_of_the_sharded_forward(weights):
     assert all(np.array_equal(o, expected) for o in out)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from gptoss.weights import write_bin
-
-    path = tmp_path_factory.mktemp("tensor_parallel") / "tiny.bin"
-    write_bin(path, random_weights(TINY, "mxfp4", seed=5))
-    return path
+@pytest.fixture
+def model(tiny_bin):
+    return tiny_bin
 
 
 @pytest.fixture
-def prompts(tmp_path):
-    rng = np.random.default_rng(1)
-    path = tmp_path / "prompts.txt"
-    path.write_text("".join(" ".join(map(str, rng.integers(0, TINY.vocab_size, n))) + "\n" for n in (3, 9, 1, 6)))
-    return path
+def prompts(id_prompts):
+    return id_prompts((3, 9, 1, 6))
 
 
 def getp(model, inp, out, *extra):
