@@ -36,6 +36,8 @@ class SleepingRunner(ModeledRunner):
     """ModeledRunner whose step sleeps for its modeled time (or step_ms) and gives random text ids."""
 
     name = "modeled H200 (sleeping)"
+    overlaps = True  # like the GPU runner: while_running runs while the "device" computes
+
 
     def __init__(self, cfg, free_gib, config, step_ms: float | None, seed: int = 0):
         super().__init__(cfg, free_gib, config, stop_rate=0.0, paged=True, seed=seed)
@@ -43,7 +45,7 @@ class SleepingRunner(ModeledRunner):
         self.steps = 0
         self.slept = 0.0
 
-    def step(self, batch):
+    def step(self, batch, while_running=None):
         q = np.asarray(batch.q_lens)
         decode = q == 1
         keys = int(np.sum(np.asarray(batch.seq_starts)[decode] + 1))
@@ -51,10 +53,15 @@ class SleepingRunner(ModeledRunner):
             FIXED + PER_SEQ * int(decode.sum()) + PER_KEY * keys + PER_PROMPT_TOKEN * int(q[~decode].sum()))
         self.steps += 1
         self.ms += ms
-        if ms > 0:
-            t0 = time.perf_counter()
-            time.sleep(ms / 1000)
-            self.slept += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if while_running is not None:
+            while_running()
+        if ms > 0:  # what is left of the modeled time after while_running (a GPU computes meanwhile)
+            left = ms / 1000 - (time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+            self.slept += time.perf_counter() - t1
         return self.rng.integers(0, min(TEXT_IDS, self.model_config.vocab_size), len(batch.logit_rows)).astype(np.int32)
 
 

@@ -308,22 +308,32 @@ class GPUModel:
         chunks none of which ends its prompt). Eager launches."""
         return self._prepare(step)()
 
-    def step(self, step: StepBatch, use_graph: bool = True) -> np.ndarray:
+    def step(self, step: StepBatch, use_graph: bool = True, while_running=None) -> np.ndarray:
         """Run one step and pick the next token of each logit row (step.sampling; None = greedy): host
         int32 [R]. A step of decode tokens only replays a captured CUDA graph (when use_graph, and not
-        on AMD)."""
-        import cupy
-
+        on AMD). while_running: called once the step is queued, before waiting for it (the wait
+        releases the GIL, so other Python threads run while the GPU computes)."""
         greedy = step.sampling is None
         graph_safe = self.collective is None or self.collective.graph_safe
         if use_graph and graph_safe and step.decode_only and not is_amd():
-            return self._decode_graph(step, greedy)
+            return self._decode_graph(step, greedy, while_running)
         self.forward(step)
         R = len(step.logit_rows)
-        return cupy.asnumpy(self._sample(R, greedy)) if R else np.zeros(0, np.int32)
+        ids = self._sample(R, greedy) if R else None
+        return self._fetch(ids, while_running)
+
+    @staticmethod
+    def _fetch(ids, while_running):
+        """The queued step's ids on the host (None: no rows), after while_running ran."""
+        import cupy
+
+        if while_running is not None:
+            while_running()
+            cupy.cuda.get_current_stream().synchronize()  # (CuPy waits with the GIL released)
+        return cupy.asnumpy(ids) if ids is not None else np.zeros(0, np.int32)
 
     # ---- captured decode steps ----------------------------------------------------------------------
-    def _decode_graph(self, step: StepBatch, greedy: bool) -> np.ndarray:
+    def _decode_graph(self, step: StepBatch, greedy: bool, while_running=None) -> np.ndarray:
         """Replay the graph of this (padded batch, key bound, greedy or sampled): one host-to-device copy
         of the step's ids, positions and slots (+ the sampler's inputs), one graph launch."""
         import cupy
@@ -353,7 +363,7 @@ class GPUModel:
         if step.page_table is not None:
             self.cache.set_page_table(step.page_table)
         graph.launch(cupy.cuda.get_current_stream())
-        return cupy.asnumpy(self.buf.ids[:B])
+        return self._fetch(self.buf.ids[:B], while_running)
 
     def _capture(self, Bp: int, kv: int, greedy: bool):
         """A decode step of Bp rows as a CUDA graph reading its inputs from its own int32 array

@@ -95,9 +95,11 @@ class Engine:
         s.bind(self.runner.allocate(capacity, slots, mean), slots)
         self._interrupted = False
 
-    def step(self) -> StepTokens:
+    def step(self, while_running=None) -> StepTokens:
         """Run one step: every running sequence's next token (iterate the result for TokenEvents, or
-        read its arrays). Empty when nothing is waiting or running."""
+        read its arrays). Empty when nothing is waiting or running. while_running: called (no
+        arguments) at most once, while the runner's device computes the step when the runner overlaps
+        (ModelRunner.overlaps), else just before the step; not called when no step runs."""
         s = self.scheduler
         if s.waiting and s.idle():
             capacity, slots, mean = s.demand()
@@ -120,7 +122,13 @@ class Engine:
         st = s.stats
         t0 = time.perf_counter()
         st["host_seconds"] += t0 - self._clock
-        ids = self.runner.step(step.batch)
+        if while_running is None:
+            ids = self.runner.step(step.batch)
+        elif getattr(self.runner, "overlaps", False):
+            ids = self.runner.step(step.batch, while_running=while_running)
+        else:
+            while_running()
+            ids = self.runner.step(step.batch)
         self._clock = time.perf_counter()
         kind = "decode" if step.n_decode == len(step.batch.tokens) else "mixed"
         st[f"{kind}_steps"] += 1

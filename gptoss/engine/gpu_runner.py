@@ -137,8 +137,10 @@ class GPUModelRunner:
                                   pages=pages, kernels=self.kernels, collective=self.collective)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens, plan.max_chunk)
 
-    def step(self, batch: StepBatch) -> np.ndarray:
-        return self.model.step(batch, use_graph=self.config.use_graphs)
+    overlaps = True  # step() calls while_running between queueing the step and waiting for it
+
+    def step(self, batch: StepBatch, while_running=None) -> np.ndarray:
+        return self.model.step(batch, use_graph=self.config.use_graphs, while_running=while_running)
 
 
 class _out_of_memory_as_error:

@@ -32,6 +32,11 @@ class ModelRunner(Protocol):
     name: str  # for messages and records: "gpu (NVIDIA H200)", "cpu (NumPy reference, float32)"
     model_config: ModelConfig
     config: EngineConfig  # the engine's settings it was built with (chunk, step budget, pages, ...)
+    # (optional) True when step(batch, while_running=fn) calls fn once the step's work is queued on the
+    # device and before it waits for the results, so that the host's other work (the server handing the
+    # last step's tokens to its clients) runs while the device computes; the engine calls fn itself,
+    # before the step, for a runner without it
+    overlaps: bool
 
     def allocate(self, capacity: int, slots: int, mean_positions: int) -> Layout:
         """Size the KV cache for up to `slots` sequences of up to `capacity` positions, expected to

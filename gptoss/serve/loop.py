@@ -4,8 +4,12 @@ The asyncio handlers never touch the engine: they send commands (add, abort) thr
 queue, which the loop drains between steps, and each request's TokenEvents come back to its own
 Mailbox. A step's events for every request are handed to the event loop in ONE call_soon_threadsafe
 (a call per token costs a wake-up of the event loop and a GIL hand-over each: at 1,024 sequences that
-was most of the host's time, docs/notes/serve.md). Requests that arrive while others run join the next
-step (continuous batching). While nothing runs, the thread sleeps on the command queue.
+was most of the host's time, docs/notes/serve.md), and that hand-over happens while the NEXT step runs
+on the device (Engine.step's while_running): the event loop then streams the tokens while this thread
+waits for the GPU with the GIL released, instead of taking the GIL from it between steps, when the
+scheduling and the launches of the next step are on the GPU's critical path. Requests that arrive while
+others run join the next step (continuous batching). While nothing runs, the thread sleeps on the
+command queue.
 """
 from __future__ import annotations
 
@@ -124,6 +128,7 @@ class EngineLoop:
         self._started_at: dict[int, float] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._undelivered: tuple | None = None  # (events, end time) of the last step, not handed over yet
 
     # ---- called from the event loop ------------------------------------------------------------------
     def add(self, prompt_ids: list, params: SamplingParams, mailbox: Mailbox, sequence: int = 0) -> int:
@@ -163,12 +168,15 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             busy = self.engine.has_unfinished()
+            if not busy:
+                self._deliver()
             try:
                 command = self._commands.get(block=not busy)
             except queue.Empty:
                 command = None
             while command is not None:
                 if command[0] == "stop":
+                    self._deliver()
                     self._abort_all()
                     return
                 self._do(command)
@@ -209,8 +217,9 @@ class EngineLoop:
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
-            events = self.engine.step()
+            events = self.engine.step(while_running=self._deliver)
         except Exception as e:  # noqa: BLE001: a failed step ends the requests it held, not the server
+            self._deliver()
             message = f"the engine failed: {type(e).__name__}: {e}"
             failure = [EngineFailure(message)]
             for rid in self._streams:
@@ -222,6 +231,14 @@ class EngineLoop:
         t1 = time.perf_counter()
         self.stats.steps += 1
         self.stats.step_seconds += t1 - t0
+        self._deliver()  # (when no step ran)
+        self._undelivered = (events, t1)
+
+    def _deliver(self) -> None:
+        """Hand the last step's events to their requests (once; a no-op when they were)."""
+        if self._undelivered is None:
+            return
+        (events, t1), self._undelivered = self._undelivered, None
         made, batch = 0, []
         streams, started_at = self._streams, self._started_at
         for ev in events:
