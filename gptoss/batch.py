@@ -49,6 +49,8 @@ class StepBatch:
     logit_rows: np.ndarray  # [R] int32: rows of T whose next-token logits are wanted
     sampling: RowSampling | None = None  # None: every row greedy
     page_table: np.ndarray | None = None  # [slots, pages per slot] int32 when it changed since the last step
+    # or only these entries of it changed: [2, n] int32, flat indices into the table and their new values
+    page_updates: np.ndarray | None = None
 
     @classmethod
     def decode(cls, tokens, positions, slots) -> "StepBatch":

@@ -9,7 +9,8 @@ row of a captured decode step) lands there and nowhere else.
 
 Without `pages` each slot owns the pages of its whole capacity for good (tests and benchmarks of one
 step). With `pages` the table starts all spare and the engine's page pool (gptoss/engine/pages.py, the
-one owner of the table's host copy) hands pages out: set_page_table copies its table here.
+one owner of the table's host copy) hands pages out: set_page_table copies its table here, and
+update_page_table the entries that changed.
 """
 from __future__ import annotations
 
@@ -76,3 +77,25 @@ class KVCache:
         if host.shape != tuple(self.table.shape):
             raise ValueError(f"a page table of shape {host.shape} for a cache of {tuple(self.table.shape)}")
         self.table.set(np.ascontiguousarray(host, np.int32))
+
+    def apply_page_changes(self, table: np.ndarray | None, updates: np.ndarray | None) -> None:
+        """A step's page-table change (StepBatch.page_table / page_updates): the whole table, or entries."""
+        if table is not None:
+            self.set_page_table(table)
+        elif updates is not None:
+            self.update_page_table(updates)
+
+    def update_page_table(self, updates: np.ndarray) -> None:
+        """Set some entries of the device table: updates [2, n] int32, flat indices into the table
+        [slots, width] (each at most once) and their values (one copy to the device, one scatter)."""
+        import cupy
+
+        updates = np.ascontiguousarray(updates, np.int32)
+        if updates.ndim != 2 or updates.shape[0] != 2:
+            raise ValueError(f"page-table updates must be [2, n] (indices, values), got {updates.shape}")
+        if not updates.shape[1]:
+            return
+        if updates[0].min() < 0 or updates[0].max() >= self.table.size:
+            raise ValueError(f"a page-table index outside the table's {self.table.size} entries")
+        dev = cupy.asarray(updates)
+        self.table.reshape(-1)[dev[0]] = dev[1]

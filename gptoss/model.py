@@ -90,8 +90,8 @@ class GPUModel:
     """The forward pass over a KV cache of `slots` sequences (plus one padding slot that captured
     decode steps use for their unused rows) of up to `capacity` positions. Without `pages` every slot
     owns its whole capacity; with `pages` the engine hands out the full layers' pages and sends its
-    page table with the steps (StepBatch.page_table). `kernels`: the kernel choices, resolved here once
-    for this device and passed to every launch (default KernelOptions.from_env(): GPTOSS_KERNELS=portable
+    page table's changes with the steps (StepBatch.page_table or page_updates). `kernels`: the kernel
+    choices, resolved here once for this device and passed to every launch (default KernelOptions.from_env(): GPTOSS_KERNELS=portable
     runs the portable kernels, GPTOSS_WGMMA=0 turns the wgmma kernels off).
 
     Tensor/expert parallel: with `collective` (gptoss.parallel.collective) the weights are one rank's
@@ -272,8 +272,7 @@ class GPUModel:
             b.seeds[:R].set(np.asarray(s.seed, np.uint32))
             b.sequences[:R].set(np.asarray(s.sequence, np.int32))
             b.steps[:R].set(np.asarray(s.step, np.int32))
-        if step.page_table is not None:
-            self.cache.set_page_table(step.page_table)
+        self.cache.apply_page_changes(step.page_table, step.page_updates)
 
     def _check(self, step: StepBatch) -> None:
         T, R = len(step.tokens), len(step.logit_rows)
@@ -360,8 +359,7 @@ class GPUModel:
             host[7, :B] = np.asarray(s.top_p, np.float32).view(np.int32)
             host[7, B:] = _ONE_F32_BITS
         inputs.set(host)
-        if step.page_table is not None:
-            self.cache.set_page_table(step.page_table)
+        self.cache.apply_page_changes(step.page_table, step.page_updates)
         graph.launch(cupy.cuda.get_current_stream())
         return self._fetch(self.buf.ids[:B], while_running)
 

@@ -56,6 +56,10 @@ class StandInRunner:
     def step(self, batch):
         if batch.page_table is not None:
             self.table = batch.page_table.copy()
+        elif batch.page_updates is not None:  # (the GPU's KVCache.update_page_table, on the host)
+            index, values = batch.page_updates
+            assert len(np.unique(index)) == len(index), "an entry updated twice in one step"
+            self.table.reshape(-1)[index] = values
         table, spare = self.table, self.layout.pages
         held = table[table != spare]
         assert len(np.unique(held)) == len(held), "a page in two places of the table"
@@ -345,10 +349,24 @@ def test_page_pool_hands_out_each_page_once():
     held = np.concatenate([table[s, :n] for s, n in enumerate(pool.held)])
     assert sorted(held.tolist()) == list(range(6))
     assert (table[2] == pool.spare).all() and (table[0, 1:] == pool.spare).all()
-    assert pool.take_table() is table and pool.take_table() is None  # sent once per change
+    whole, updates = pool.take_changes()
+    assert whole is table and updates is None  # the first time: the whole table
+    assert pool.take_changes() == (None, None)  # nothing changed since
+    before = table.copy()
+    pool.release(0)
+    assert (table[0] == pool.spare).all() and pool.available == 12 - 5
+    whole, updates = pool.take_changes()  # only the entries that changed, each once, their values now
+    assert whole is None and updates.dtype == np.int32 and updates.tolist() == [[0], [pool.spare]]
+    before.reshape(-1)[updates[0]] = updates[1]
+    assert (before == table).all()
+    pool.grow([4], [1])
+    pool.release(4)  # granted and freed again between two steps: the entry is sent once, as it is now
+    assert pool.take_changes()[1].tolist() == [[16], [pool.spare]]
     pool.release(3)
-    assert (table[3] == pool.spare).all() and pool.available == 12 - 3
-    assert pool.take_table() is table
+    assert (table[3] == pool.spare).all() and pool.available == 12 - 2
+    whole, updates = pool.take_changes()  # 3 entries of 20: over an eighth, the whole table
+    assert whole is table and updates is None
+    pool.grow([0], [1])
     pool.grow([2], [4 * PAGE])
     assert len(set(table[2].tolist()) | set(table[0, :1].tolist()) | set(table[1, :2].tolist())) == 7
     pool.grow([0], [4 * PAGE])  # 3 more: 2 left

@@ -321,5 +321,5 @@ class Scheduler:
                                    state.sequence[rows].astype(np.int32), state.made[rows].astype(np.int32))
         batch = StepBatch(np.concatenate(tokens).astype(np.int32), np.concatenate(pos).astype(np.int32),
                           np.concatenate(slots).astype(np.int32), q_lens, seq_slots, seq_starts,
-                          logit_rows.astype(np.int32), sampling, self.pool.take_table())
+                          logit_rows.astype(np.int32), sampling, *self.pool.take_changes())
         return Scheduled(batch, rows, n, prefilled, np.asarray([seq.slot for seq in resumed], np.int64))

@@ -206,6 +206,67 @@ def test_preemption_and_prompt_only_steps_keep_greedy_tokens():
     assert all(len(v) == 40 for v in crowd.values())
 
 
+def test_page_table_updates_keep_the_device_table_equal_to_the_pool():
+    """The entries a step carries (StepBatch.page_updates) leave the device's table equal to the pool's,
+    as the whole table copied each time would."""
+    import cupy
+
+    from gptoss.engine.pages import PagePool
+    from gptoss.kv_cache import PAGE, KVCache
+
+    slots, capacity, pages = 6, PAGE * 40, 150
+    cache = KVCache(TINY, slots + 1, capacity, PAGE, pages)
+    pool = PagePool(slots + 1, cache.width, pages)
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for _ in range(60):
+        for slot in rng.choice(slots, 2, replace=False).tolist():
+            if rng.random() < 0.3:
+                pool.release(slot)
+            elif pool.available >= 3:
+                pool.grow([slot], [min(int(pool.held[slot] + rng.integers(1, 3)), cache.width) * PAGE])
+        whole, updates = pool.take_changes()
+        kinds.add("whole" if whole is not None else "updates" if updates is not None else "none")
+        cache.apply_page_changes(whole, updates)
+        assert (cupy.asnumpy(cache.table) == pool.table).all()
+    assert {"whole", "updates"} <= kinds
+
+
+def test_page_updates_give_the_tokens_of_whole_table_copies(monkeypatch):
+    """Greedy tokens of a paged engine (pages freed and handed out again as sequences end, graphs and
+    eager steps) are the same when every change sends the whole table (the upload before updates)."""
+    from gptoss.engine.pages import PagePool
+    from gptoss.sampling import SamplingParams
+
+    cfg = TINY_REAL_HEADS
+    weights = random_weights(cfg, "mxfp4", seed=8)
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in rng.integers(1, 150, 12)]
+    params = [SamplingParams(max_tokens=int(n)) for n in rng.integers(5, 60, 12)]
+    sent = {"updates": 0}
+    take = PagePool.take_changes
+
+    def counting(pool):
+        whole, updates = take(pool)
+        sent["updates"] += updates is not None
+        return whole, updates
+
+    def whole_every_time(pool):
+        take(pool)  # (forgets what changed)
+        return pool.table, None
+
+    def run():
+        engine = engine_on(weights, max_seqs=4, promise=0.0)
+        engine.reserve(min(cfg.max_context, 4096), 4, 256)  # a wide table: a step's changes are a few entries
+        return generate(engine, prompts, params)
+
+    monkeypatch.setattr(PagePool, "take_changes", counting)
+    new = run()
+    assert sent["updates"] > 0
+    monkeypatch.setattr(PagePool, "take_changes", whole_every_time)
+    assert run() == new
+
+
 def test_sampling_reproducible_across_batches():
     """Temperature sampling: a prompt's tokens depend on (seed, its sequence id), not on its companions."""
     from gptoss.sampling import SamplingParams
