@@ -409,3 +409,18 @@ def test_modeled_runs_promise_one_never_preempts():
     assert numbers["p1"]["preemptions"] == "0" and numbers["flat"]["preemptions"] == "0"
     assert int(numbers["p0"]["preemptions"]) > 0
     assert int(numbers["p1"]["most running"]) > int(numbers["flat"]["most running"])
+
+
+def test_slots_keep_room_for_generated_tokens_as_sequences_grow():
+    from gptoss.engine.scheduler import Slots
+
+    state = Slots(3, history=1000)
+    assert state.generated.shape == (3, 256)  # not the whole history up front
+    state.generated[1, :256] = np.arange(256)
+    state.keep_room(200)
+    assert state.generated.shape == (3, 256)
+    state.keep_room(300)  # doubled, what was kept stays
+    assert state.generated.shape == (3, 512) and state.generated[1, :256].tolist() == list(range(256))
+    state.keep_room(5000)  # never past the history
+    assert state.generated.shape == (3, 1000) and state.generated[1, 255] == 255
+    assert Slots(2, history=0).generated.shape == (2, 1)  # no preemption possible: one column

@@ -55,9 +55,20 @@ class Slots:
         self.top_p = np.ones(n, np.float32)
         self.seed = np.zeros(n, np.uint32)
         self.stops = np.zeros(n, np.int64)  # its set of stop ids (an index into Scheduler.stop_sets)
-        # its new tokens, kept for a preemption (`history` columns: 1 where none can happen)
-        self.generated = np.zeros((n, max(history, 1)), np.int32)
+        # its new tokens, kept for a preemption: up to `history` columns (1 where none can happen),
+        # widened as sequences grow (`history` columns of every slot at once would be 512 MiB at 1,024
+        # slots of 131,072 positions, its pages first touched by the steps' writes)
+        self.history = max(history, 1)
+        self.generated = np.zeros((n, min(self.history, 256)), np.int32)
         self.job: list = [None] * n  # the Job it runs
+
+    def keep_room(self, made: int) -> None:
+        """Columns in `generated` for `made` tokens (up to `history`): doubled when short."""
+        width = self.generated.shape[1]
+        if made > width and width < self.history:
+            wider = np.zeros((len(self.generated), min(self.history, max(made, 2 * width))), np.int32)
+            wider[:, :width] = self.generated
+            self.generated = wider
 
 
 @dataclass
@@ -201,6 +212,7 @@ class Scheduler:
         # every row's slot: its new token (none on a stop id), then who is done
         ids = np.asarray(ids, np.int64)
         stopped = self._stopped(rows, ids)
+        state.keep_room(int(state.made[rows].max()) + 1)
         keep = np.minimum(state.made[rows], state.generated.shape[1] - 1)  # (column 0 when none is kept)
         state.generated[rows, keep] = ids
         state.made[rows] += ~stopped
@@ -228,6 +240,7 @@ class Scheduler:
         self.pool.grow([slot], [len(job.tokens)])
         state.request[slot], state.sequence[slot], state.budget[slot] = req.id, req.sequence, req.budget
         state.made[slot] = job.made
+        state.keep_room(job.made)
         state.generated[slot, :job.made] = job.generated
         state.job[slot], state.admitted[slot], state.promised[slot] = job, self.admitted, promise
         p = req.params
