@@ -9,7 +9,9 @@ whose steps take a MODELED GPU time: what the host side of serving costs, withou
 The stand-in's step sleeps for the H200 model of benchmarks/sim_scheduler.py (FIXED + PER_SEQ * B +
 PER_KEY * keys + PER_PROMPT_TOKEN * prompt tokens, in ms; `--step-ms 0`: no sleep, so the host side
 alone binds; a number: that many ms per step) and returns random ids of ordinary text tokens (never a
-stop id). The sleep releases the GIL, as a GPU step's wait does. Its KV cache is sized by the GPU
+stop id). The sleep releases the GIL, as a GPU step's wait does; like the GPU runner it calls the
+engine's while_running (the server's hand-over of the last step's tokens) first, and sleeps what is
+left of the modeled time. Its KV cache is sized by the GPU
 runner's memory plan for gpt-oss-20b with --free GiB beside the weights (126: an H200).
 
 --direct runs the same engine over the same prompts without HTTP (what getp does): the served figure

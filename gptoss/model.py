@@ -91,8 +91,9 @@ class GPUModel:
     decode steps use for their unused rows) of up to `capacity` positions. Without `pages` every slot
     owns its whole capacity; with `pages` the engine hands out the full layers' pages and sends its
     page table's changes with the steps (StepBatch.page_table or page_updates). `kernels`: the kernel
-    choices, resolved here once for this device and passed to every launch (default KernelOptions.from_env(): GPTOSS_KERNELS=portable
-    runs the portable kernels, GPTOSS_WGMMA=0 turns the wgmma kernels off).
+    choices, resolved here once for this device and passed to every launch (default
+    KernelOptions.from_env(): GPTOSS_KERNELS=portable runs the portable kernels, GPTOSS_WGMMA=0 turns the
+    wgmma kernels off).
 
     Tensor/expert parallel: with `collective` (gptoss.parallel.collective) the weights are one rank's
     share (gptoss.parallel.shard_weights.ShardWeights: its heads, its experts) and each layer all-gathers
