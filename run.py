@@ -283,7 +283,8 @@ def _main(argv) -> int:
                             ("--resume", args.resume), ("--data-parallel", args.data_parallel),
                             ("--gpus", args.gpus)):
             if given:
-                fail(f"{flag} is for -m getp ({args.mode} writes to standard output)")
+                fail(f"{flag} is for -m getp" + ("" if args.mode == "serve" else
+                                                 f" ({args.mode} writes to standard output)"))
 
     try:
         model_path = resolve_model_path(args.model)

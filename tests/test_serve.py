@@ -310,6 +310,12 @@ def test_run_py_serves_and_stops_on_sigterm():
     (["-m", "serve", "--port", "70000"], "--port must be in 1..65535 (got 70000)"),
     (["-m", "generate", "--api-key", "k"], "--api-key is for -m serve"),
     (["-m", "getp", "--port", "9000"], "--port is for -m serve"),
+    (["-m", "generate", "--served-model-name", "x"], "--served-model-name is for -m serve"),
+    (["-m", "serve", "--served-model-name", ""], "--served-model-name takes non-empty names (got [''])"),
+    (["-m", "serve", "--max-model-len", "1"], "--max-model-len must be at least 2 (got 1)"),
+    (["-m", "chat", "--max-model-len", "64"], "--max-model-len is for -m serve"),
+    (["-m", "serve", "--data-parallel", "2"], "--data-parallel is for -m getp"),
+    (["-m", "serve", "--tensor-parallel", "0"], "--tensor-parallel must be at least 1 (got 0)"),
 ])
 def test_run_py_serve_flags_are_checked_before_the_model_loads(args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "synthetic:tiny-chat", *args], capture_output=True,

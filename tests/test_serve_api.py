@@ -5,12 +5,10 @@ parameter's good and bad values. Scripted replies go through a stand-in runner (
 ScriptedRunner); the live tests run the tiny synthetic model on the CPU."""
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.test_serve import ANSWER, CALL, ROOT, WEATHER_TOOL, LiveServer, ScriptedRunner, run_py_server, wait_for
+from tests.test_serve import ANSWER, CALL, WEATHER_TOOL, LiveServer, ScriptedRunner, run_py_server, wait_for
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
@@ -95,16 +93,6 @@ def test_run_py_served_model_name_and_sigterm_with_a_stream_in_flight():
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
         assert chunks[-1].usage.completion_tokens == 40
         assert proc.wait(30) == 0
-
-
-@pytest.mark.parametrize("args,message", [
-    (["-m", "generate", "--served-model-name", "x"], "--served-model-name is for -m serve"),
-    (["-m", "serve", "--served-model-name", ""], "--served-model-name takes non-empty names (got [''])"),
-])
-def test_run_py_served_model_name_is_checked_before_the_model_loads(args, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "synthetic:tiny-chat", *args], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"run.py: error: {message}"
 
 
 # ---- stop strings in chat -----------------------------------------------------------------------------
