@@ -176,14 +176,12 @@ def keeping_partial(run, output) -> int:
 def tensor_parallel_gpus(args, gpus: tuple) -> int:
     """The data-parallel replicas of a GPU getp run with --tensor-parallel N: one per N GPUs (Failure
     when N does not divide the GPUs, or --data-parallel asks for more groups than there are)."""
-    n = args.tensor_parallel
-    if len(gpus) % n:
-        fail(f"--tensor-parallel {n} must divide the number of GPUs ({len(gpus)}: "
-             f"{','.join(map(str, gpus))}); pick them with --gpus")
-    if args.data_parallel is not None and args.data_parallel * n > len(gpus):
-        fail(f"--data-parallel {args.data_parallel} x --tensor-parallel {n} needs {args.data_parallel * n} "
-             f"GPUs; {len(gpus)} are chosen")
-    return args.data_parallel or len(gpus) // n
+    from gptoss.parallel.mpi_layout import replicas_over
+
+    try:
+        return replicas_over(gpus, args.tensor_parallel, args.data_parallel, "the chosen")
+    except ValueError as e:
+        fail(f"{e}; pick them with --gpus")
 
 
 def run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory) -> int:

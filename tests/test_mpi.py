@@ -266,7 +266,7 @@ def test_rank_layouts_on_the_cpu_and_bad_launches():
         rank_layout(0, 4, 0, 4, "gpu", tuple(range(8)), 4, None)
     with pytest.raises(ValueError, match="--data-parallel is per rank"):
         rank_layout(0, 8, 0, 8, "gpu", tuple(range(8)), 2, 1)
-    with pytest.raises(ValueError, match="needs 6 GPUs; a rank has 4"):
+    with pytest.raises(ValueError, match="needs 6 GPUs; a rank's are 4"):
         rank_layout(0, 2, 0, 2, "gpu", tuple(range(8)), 2, 3)
 
 

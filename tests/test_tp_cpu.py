@@ -159,7 +159,7 @@ def test_gpu_groups_are_checked_against_the_gpus():
     gpus = tuple(range(8))
     assert run_py.tensor_parallel_gpus(args(2), gpus) == 4
     assert run_py.tensor_parallel_gpus(args(2, 3), gpus) == 3
-    with pytest.raises(run_py.Failure, match="--tensor-parallel 3 must divide the number of GPUs"):
+    with pytest.raises(run_py.Failure, match=r"--tensor-parallel 3 must divide the chosen 8 GPUs \(0,1,2,3,4,5,6,7\); pick them with --gpus"):
         run_py.tensor_parallel_gpus(args(3), gpus)
     with pytest.raises(run_py.Failure, match="--data-parallel 5 x --tensor-parallel 2 needs 10 GPUs"):
         run_py.tensor_parallel_gpus(args(2, 5), gpus)

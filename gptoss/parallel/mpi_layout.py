@@ -54,6 +54,18 @@ def node_share(gpus: tuple[int, ...], local_rank: int, local_size: int) -> tuple
     return gpus[local_rank * share:(local_rank + 1) * share]
 
 
+def replicas_over(gpus: tuple[int, ...], tensor_parallel: int, data_parallel: int | None, holder: str) -> int:
+    """The data-parallel replicas of N = tensor_parallel GPUs each over `gpus`: --data-parallel D, else as
+    many as fit. ValueError, one line, when N does not divide the GPUs or D x N exceed them (at N = 1
+    replicas may share a GPU); `holder` names whose GPUs they are ("the chosen", "a rank's")."""
+    n, d = tensor_parallel, data_parallel
+    if len(gpus) % n:
+        raise ValueError(f"--tensor-parallel {n} must divide {holder} {len(gpus)} GPUs ({','.join(map(str, gpus))})")
+    if n > 1 and d is not None and d * n > len(gpus):
+        raise ValueError(f"--data-parallel {d} x --tensor-parallel {n} needs {d * n} GPUs; {holder} are {len(gpus)}")
+    return d or len(gpus) // n
+
+
 def rank_layout(world_rank: int, world_size: int, local_rank: int, local_size: int, device: str,
                 gpus: tuple[int, ...], tensor_parallel: int = 1, data_parallel: int | None = None) -> RankLayout:
     """This rank's layout (see the module's doc); ValueError, one line, for a launch that cannot work."""
@@ -68,13 +80,7 @@ def rank_layout(world_rank: int, world_size: int, local_rank: int, local_size: i
         share = ()
         spans = n > 1 and d is None
     if not spans:
-        if share and n > 1 and len(share) % n:
-            raise ValueError(f"--tensor-parallel {n} must divide a rank's {len(share)} GPUs "
-                             f"({','.join(map(str, share))})")
-        if share and n > 1 and d is not None and d * n > len(share):
-            raise ValueError(f"--data-parallel {d} x --tensor-parallel {n} needs {d * n} GPUs; a rank has "
-                             f"{len(share)}")
-        replicas = d or (len(share) // n if share else 1)
+        replicas = replicas_over(share, n, d, "a rank's") if share else (d or 1)
         return RankLayout(NODE, share, replicas, n, world_rank, 0)
     if d is not None:
         raise ValueError(f"--data-parallel is per rank; with --tensor-parallel {n} spanning MPI ranks each rank "
