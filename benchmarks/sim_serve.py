@@ -11,8 +11,8 @@ PER_KEY * keys + PER_PROMPT_TOKEN * prompt tokens, in ms; `--step-ms 0`: no slee
 alone binds; a number: that many ms per step) and returns random ids of ordinary text tokens (never a
 stop id). The sleep releases the GIL, as a GPU step's wait does; like the GPU runner it calls the
 engine's while_running (the server's hand-over of the last step's tokens) first, and sleeps what is
-left of the modeled time. Its KV cache is sized by the GPU
-runner's memory plan for gpt-oss-20b with --free GiB beside the weights (126: an H200).
+left of the modeled time. Its KV cache is sized by the GPU runner's memory plan for gpt-oss-20b with
+--free GiB beside the weights (126: an H200).
 
 --direct runs the same engine over the same prompts without HTTP (what getp does): the served figure
 at a concurrency of all the prompts should come close to it. The figures are a model of the GPU and a
@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+
+from gptoss.config import PRESETS  # noqa: E402
 
 from benchmarks.sim_scheduler import FIXED, PER_KEY, PER_PROMPT_TOKEN, PER_SEQ, ModeledRunner  # noqa: E402
 
@@ -68,7 +70,6 @@ class SleepingRunner(ModeledRunner):
 
 
 def make_engine(args):
-    from gptoss.config import PRESETS
     from gptoss.engine import Engine, EngineConfig
     from gptoss.tokenizer import STOP_IDS
 
@@ -121,8 +122,9 @@ def run_server(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=8123)
-    p.add_argument("--preset", default="gpt-oss-20b")
+    p.add_argument("--port", type=int, default=8123, help="the port to serve on, at 127.0.0.1 (default 8123)")
+    p.add_argument("--preset", default="gpt-oss-20b", choices=sorted(PRESETS),
+                   help="the model shape the step time and the memory plan are for (default gpt-oss-20b)")
     p.add_argument("-b", "--batch", type=int, default=1024, help="sequences at once (default 1024)")
     p.add_argument("--promise", type=float, default=0.0, help="EngineConfig.promise (default 0, serve's)")
     p.add_argument("--max-model-len", type=int, default=None, help="the server's context (default: the model's)")
@@ -137,6 +139,16 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=1000, help="--direct: prompt tokens (default 1000)")
     p.add_argument("--output-len", type=int, default=256, help="--direct: new tokens (default 256)")
     args = p.parse_args(argv)
+    if args.step_ms != "modeled":
+        try:
+            if float(args.step_ms) < 0:
+                raise ValueError
+        except ValueError:
+            p.error(f"--step-ms: 'modeled' or milliseconds >= 0 (got {args.step_ms!r})")
+    for flag, value in (("-b", args.batch), ("--prompts", args.prompts), ("--input-len", args.input_len),
+                        ("--output-len", args.output_len)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1 (got {value})")
     return run_direct(args) if args.direct else run_server(args)
 
 

@@ -1,5 +1,6 @@
 """benchmarks/bench_serve.py on the CPU: the one command that starts `run.py -m serve` on the tiny
-synthetic model, drives it with concurrent streamed clients and stops it; its report adds up."""
+synthetic model, drives it with concurrent streamed clients and stops it; its report adds up. And benchmarks/sim_serve.py's
+direct mode (its stand-in runner under the real engine)."""
 import json
 import socket
 
@@ -95,3 +96,18 @@ def test_event_lines_split_at_newlines_only():
     data = [line[6:] for line in asyncio.run(collect()) if line.startswith(b"data: ")]
     assert data[-1] == b"[DONE]"
     assert [json.loads(d)["choices"][0]["text"] for d in data[:-1]] == ["a\u2028b", "c\x85d", "e"]
+
+
+def test_sim_serve_direct_runs_every_prompt_through_the_engine(capsys):
+    """benchmarks/sim_serve.py --direct: the stand-in runner under the real engine makes exactly prompts x
+    output-len tokens, and sleeps the fixed step time it is given (calling while_running each step)."""
+    from benchmarks.sim_serve import main as sim_main
+
+    assert sim_main(["--direct", "--prompts", "3", "--input-len", "10", "--output-len", "4", "--step-ms", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("direct: 3 prompts, 12 tokens in "), line
+    steps = int(line.split(" steps,")[0].rsplit(" ", 1)[1])
+    assert steps >= 4 and f"modeled GPU {steps * 0.002:.2f} s" in line
+    with pytest.raises(SystemExit):
+        sim_main(["--direct", "--step-ms", "-1"])
+    assert "--step-ms: 'modeled' or milliseconds >= 0 (got '-1')" in capsys.readouterr().err
