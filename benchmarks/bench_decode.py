@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks.common import H100_BF16_TFLOPS, add_json_option, json_path_error, write_json
+from gptoss.kernels import KERNEL_MODES
 
 
 def print_profile(prof: dict, what: str) -> None:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from a captured CUDA graph (default on)")
-    p.add_argument("--kernels", choices=("auto", "portable"), default=None,
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
     add_json_option(p, "the results")

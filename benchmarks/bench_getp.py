@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from benchmarks.common import add_json_option, json_path_error, write_json  # noqa: E402
+from gptoss.kernels import KERNEL_MODES  # noqa: E402
 
 
 def write_prompts(path: Path, n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> int:
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--promise", type=float, default=None,
                    help="share of each budget that admission promises in KV pages (default "
                         "EngineConfig.promise; below 1, sequences may be preempted and recomputed)")
-    p.add_argument("--kernels", choices=("auto", "portable"), default=None,
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
     add_json_option(p, "a copy of getp's record")
