@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", type=int, default=None, metavar="N",
                    help="getp: N engine replicas, each in its own process with its own weights and KV "
                         "cache, fed longest prompt first from one queue; output identical to one "
-                        "replica (default: one per GPU of --gpus; 1 on the CPU)")
+                        "replica (default: one per GPU of --gpus; 1 on the CPU); under MPI, per rank (docs/notes/parallel.md)")
     p.add_argument("--tensor-parallel", "--expert-parallel", dest="tensor_parallel", type=int, default=1,
                    metavar="N",
                    help="split one model over N GPUs (query/kv heads and experts; one process each, "
