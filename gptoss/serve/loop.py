@@ -4,7 +4,7 @@ The asyncio handlers never touch the engine: they send commands (add, abort) thr
 queue, which the loop drains between steps, and each request's TokenEvents come back to its own
 Mailbox. A step's events for every request are handed to the event loop in ONE call_soon_threadsafe
 (a call per token costs a wake-up of the event loop and a GIL hand-over each: at 1,024 sequences that
-was most of the host's time, docs/notes/serve.md), and that hand-over happens while the NEXT step runs
+would be most of the host's time, docs/notes/serve.md), and that hand-over happens while the NEXT step runs
 on the device (Engine.step's while_running): the event loop then streams the tokens while this thread
 waits for the GPU with the GIL released, instead of taking the GIL from it between steps, when the
 scheduling and the launches of the next step are on the GPU's critical path. Requests that arrive while
