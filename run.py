@@ -288,14 +288,19 @@ def _main(argv) -> int:
         model_path = resolve_model_path(args.model)
     except FileNotFoundError as e:
         fail(str(e))
-    if args.tensor_parallel > 1:  # the split must fit the model: checked before anything loads
+    if args.tensor_parallel > 1 or args.max_model_len is not None:  # checked against the model before it loads
         from gptoss.parallel.tensor import ShardPlan
         from gptoss.weights import open_weights
 
-        try:
-            ShardPlan(open_weights(model_path).config, args.tensor_parallel)
-        except ValueError as e:
-            fail(f"--tensor-parallel {args.tensor_parallel}: {e}")
+        model_config = open_weights(model_path).config
+        if args.tensor_parallel > 1:
+            try:
+                ShardPlan(model_config, args.tensor_parallel)
+            except ValueError as e:
+                fail(f"--tensor-parallel {args.tensor_parallel}: {e}")
+        if (args.max_model_len or 0) > model_config.max_context:
+            fail(f"--max-model-len {args.max_model_len} is longer than the model's context "
+                 f"({model_config.max_context})")
     if args.mode == "getp":  # every file checked before the model loads
         from gptoss.getp import GetpOptions, check_getp_options
 
@@ -384,9 +389,6 @@ def run_serve(llm, args, model_path) -> int:
     options = ServeOptions(model_name=name, model_aliases=tuple(aliases),
                            api_key=args.api_key or os.environ.get("GPTOSS_API_KEY") or None,
                            reserve_slots=llm.config.max_seqs, max_model_len=args.max_model_len)
-    context = llm.model_config.max_context
-    if (args.max_model_len or 0) > context:
-        return error(PROG, f"--max-model-len {args.max_model_len} is longer than the model's context ({context})")
     app = build_app(llm.engine, llm.tokenizer, options)
     print(f"{PROG}: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     # uvicorn raises the signal that stopped it again once it is through: SIGTERM then ends with status 0

@@ -313,6 +313,7 @@ def test_run_py_serves_and_stops_on_sigterm():
     (["-m", "generate", "--served-model-name", "x"], "--served-model-name is for -m serve"),
     (["-m", "serve", "--served-model-name", ""], "--served-model-name takes non-empty names (got [''])"),
     (["-m", "serve", "--max-model-len", "1"], "--max-model-len must be at least 2 (got 1)"),
+    (["-m", "serve", "--max-model-len", "99999"], "--max-model-len 99999 is longer than the model's context (256)"),
     (["-m", "chat", "--max-model-len", "64"], "--max-model-len is for -m serve"),
     (["-m", "serve", "--data-parallel", "2"], "--data-parallel is for -m getp"),
     (["-m", "serve", "--tensor-parallel", "0"], "--tensor-parallel must be at least 1 (got 0)"),
