@@ -268,6 +268,8 @@ def _main(argv) -> int:
         fail(f"--port must be in 1..65535 (got {args.port})")
     if args.served_model_name is not None and not all(n.strip() for n in args.served_model_name):
         fail(f"--served-model-name takes non-empty names (got {args.served_model_name!r})")
+    if args.served_model_name is not None and len(set(args.served_model_name)) != len(args.served_model_name):
+        fail(f"--served-model-name names a model once each (got {args.served_model_name!r})")
     if args.max_model_len is not None and args.max_model_len < 2:
         fail(f"--max-model-len must be at least 2 (got {args.max_model_len})")
     if args.mode != "serve":
@@ -315,6 +317,8 @@ def _main(argv) -> int:
         tokenizer_from_option(args.tokenizer)  # a file that is not a tokenizer is an error now, not later
     device, line = choose_device(args.device)  # (DeviceError: --device gpu without a usable GPU)
     print(line, file=sys.stderr)
+    if device == "cpu" and args.kernels == "portable":
+        fail("--kernels portable picks the GPU kernels; this run is on the CPU reference, which has none")
 
     memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
     if args.mode == "getp":

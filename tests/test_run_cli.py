@@ -159,6 +159,14 @@ def test_corrupt_model_is_one_line_error(tmp_path):
     assert "model.bin" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_portable_kernels_on_the_cpu_reference_is_one_line_error():
+    proc = run("run.py", "synthetic:tiny-chat", "-m", "generate", "-p", "x", "--device", "cpu", "--kernels",
+               "portable", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == ("run.py: error: --kernels portable picks the GPU kernels; this run is on "
+                                            "the CPU reference, which has none")
+
+
 def test_decode_roundtrip(chat_model, tmp_path):
     from gptoss.tokenizer import get_tokenizer
 

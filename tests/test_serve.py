@@ -312,6 +312,7 @@ def test_run_py_serves_and_stops_on_sigterm():
     (["-m", "getp", "--port", "9000"], "--port is for -m serve"),
     (["-m", "generate", "--served-model-name", "x"], "--served-model-name is for -m serve"),
     (["-m", "serve", "--served-model-name", ""], "--served-model-name takes non-empty names (got [''])"),
+    (["-m", "serve", "--served-model-name", "a", "a"], "--served-model-name names a model once each (got ['a', 'a'])"),
     (["-m", "serve", "--max-model-len", "1"], "--max-model-len must be at least 2 (got 1)"),
     (["-m", "serve", "--max-model-len", "99999"], "--max-model-len 99999 is longer than the model's context (256)"),
     (["-m", "chat", "--max-model-len", "64"], "--max-model-len is for -m serve"),
