@@ -187,9 +187,8 @@ def tensor_parallel_gpus(args, gpus: tuple) -> int:
 def run_parallel_getp(model_path, options, sampling, args, device, gpus, replicas, memory) -> int:
     from gptoss.parallel.data import DataParallelOptions, run_getp_parallel
 
-    dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tokenizer=args.tokenizer,
-                             max_seqs=args.batch, memory_limit=memory, tensor_parallel=args.tensor_parallel,
-                             kernels=kernel_options(args))
+    dp = DataParallelOptions(replicas=replicas, device=device, gpus=gpus, tensor_parallel=args.tensor_parallel,
+                             settings=replica_settings(args, memory))
     print(f"getp: {replicas} replicas ({', '.join(dp.name(r) for r in range(replicas))})", file=sys.stderr)
     return keeping_partial(lambda: run_getp_parallel(model_path, options, dp, sampling), options.output)
 
@@ -199,9 +198,8 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
     from gptoss.parallel.data import ReplicaError
     from gptoss.parallel.mpi import MpiOptions, run_getp_mpi
 
-    mo = MpiOptions(device=device, gpus=gpus, tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
-                    tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
-                    kernels=kernel_options(args))
+    mo = MpiOptions(device=device, gpus=gpus, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
+                    settings=replica_settings(args, memory))
     try:
         return run_getp_mpi(model_path, options, mo, sampling)
     except ReplicaError as e:  # what finished is in OUTPUT.partial; the other ranks may be mid-step
@@ -215,6 +213,15 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
 
 class Failure(Exception):
     """A one-line error; main prints it as `run.py: error: ...` and exits 2."""
+
+
+def replica_settings(args, memory):
+    """What each engine replica's LLM is built with (data parallel, MPI): --tokenizer, -b, --gpu-memory
+    (`memory`, bytes), --kernels."""
+    from gptoss.parallel.data import ReplicaSettings
+
+    return ReplicaSettings(tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
+                           kernels=kernel_options(args))
 
 
 def kernel_options(args):

@@ -33,6 +33,21 @@ CRASH_ENV = "GPTOSS_TEST_REPLICA_EXIT"
 GPU_INFLIGHT = 256
 
 
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What every engine replica's LLM is built with, however the replicas are laid out: tokenizer (a
+    file, run.py --tokenizer), max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and rank, in
+    bytes), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment)."""
+    tokenizer: str | None = None
+    max_seqs: int | None = None
+    memory_limit: int | None = None
+    kernels: object | None = None
+
+    def inflight(self, device: str) -> int:
+        """Prompts a replica holds at once: -b, else one on the CPU and GPU_INFLIGHT on a GPU."""
+        return self.max_seqs or (1 if device == "cpu" else GPU_INFLIGHT)
+
+
 class ReplicaError(GptossError, RuntimeError):
     """A replica failed (an exception, a killed process); the message is one line naming it: `who`
     (e.g. "replica 1 (GPU 2)") then `what` (e.g. "failed: RuntimeError: ...")."""
@@ -46,17 +61,13 @@ class ReplicaError(GptossError, RuntimeError):
 class DataParallelOptions:
     """replicas: engine replicas, one worker process each. device: "cpu" (the NumPy reference) or "gpu".
     gpus: the GPUs (gpu only); replica r runs on gpus[r % len(gpus)], or with tensor_parallel N > 1 on
-    gpus[r N .. r N + N - 1] (its ranks; the replicas then need N x replicas GPUs). The rest is each
-    replica's LLM: tokenizer file, max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and
-    rank), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment)."""
+    gpus[r N .. r N + N - 1] (its ranks; the replicas then need N x replicas GPUs). settings: what each
+    replica's LLM is built with."""
     replicas: int = 1
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
-    tokenizer: str | None = None
-    max_seqs: int | None = None
-    memory_limit: int | None = None
     tensor_parallel: int = 1
-    kernels: object | None = None
+    settings: ReplicaSettings = ReplicaSettings()
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -127,13 +138,10 @@ class _Worker:
     gpu: int | None
     model_path: object
     device: str
-    tokenizer: str | None
-    max_seqs: int | None
-    memory_limit: int | None
+    settings: ReplicaSettings
     sampling: object  # SamplingParams
     gpus: tuple | None = None  # the replica's ranks' GPUs (tensor parallel)
     tensor_parallel: int = 1
-    kernels: object | None = None  # KernelOptions
 
 
 def _work(w: _Worker, tasks, results) -> None:
@@ -141,9 +149,9 @@ def _work(w: _Worker, tasks, results) -> None:
     ("done", replica, line, ids) per finished prompt and ("finished", replica, figures) at the end, or
     ("failed", replica, one line) when anything raises."""
     try:
-        runs = LineRuns(replica_llm(w.model_path, w.device, w.gpu, w.tokenizer, w.max_seqs, w.memory_limit,
-                                    w.tensor_parallel, w.gpus, kernels=w.kernels), w.sampling)
-        want = w.max_seqs or (1 if w.device == "cpu" else GPU_INFLIGHT)
+        runs = LineRuns(replica_llm(w.model_path, w.device, w.gpu, w.settings, w.tensor_parallel, w.gpus),
+                        w.sampling)
+        want = w.settings.inflight(w.device)
         crash_line, _, crash_how = os.environ.get(CRASH_ENV, "-1").partition(":")
         crash_line = int(crash_line)
         no_more = False
@@ -176,8 +184,8 @@ def _work(w: _Worker, tasks, results) -> None:
         results.put(("failed", w.replica, one_line(e)))
 
 
-def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, memory_limit,
-                tensor_parallel: int = 1, gpus: tuple | None = None, tp_peers=None, kernels=None):
+def replica_llm(model_path, device: str, gpu: int | None, settings: ReplicaSettings, tensor_parallel: int = 1,
+                gpus: tuple | None = None, tp_peers=None):
     """The LLM one replica or rank runs, on `gpu` (made current first: its weights, cache and kernels go
     there) or on the CPU reference; with tensor_parallel > 1 split over that many ranks (processes),
     on `gpus` on a GPU (gpus[0] == gpu); tp_peers: ranks 1.. already running (an MPI group)."""
@@ -187,9 +195,10 @@ def replica_llm(model_path, device: str, gpu: int | None, tokenizer, max_seqs, m
         cupy.cuda.Device(gpu).use()
     from ..llm import LLM
 
-    return LLM(model_path, device, tokenizer=tokenizer, progress=False, max_seqs=max_seqs,
-               memory_limit=memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers,
-               kernels=kernels)
+    s = settings
+    return LLM(model_path, device, tokenizer=s.tokenizer, progress=False, max_seqs=s.max_seqs,
+               memory_limit=s.memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers,
+               kernels=s.kernels)
 
 
 class LineRuns:
@@ -284,11 +293,10 @@ class ReplicaPool:
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         # a replica split over ranks starts their processes: only a non-daemonic process may have children
         self.workers = [ctx.Process(target=_work, daemon=dp.tensor_parallel == 1, name=f"gptoss-{dp.name(r)}",
-                                    args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.tokenizer,
-                                                  dp.max_seqs, dp.memory_limit, sampling, dp.gpus_of(r),
-                                                  dp.tensor_parallel, dp.kernels), self.tasks, self.results))
+                                    args=(_Worker(r, dp.gpu_of(r), model_path, dp.device, dp.settings, sampling,
+                                                  dp.gpus_of(r), dp.tensor_parallel), self.tasks, self.results))
                         for r in range(count)]
-        want = dp.max_seqs or (1 if dp.device == "cpu" else GPU_INFLIGHT)
+        want = dp.settings.inflight(dp.device)
         self.capacity, self.queued = want * count, 0  # queued: tasks given and not finished yet
         self.finished: dict[int, dict] = {}
         for w in self.workers:
@@ -412,7 +420,7 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
     peaks = [r["peak_gpu_memory_bytes"] for r in replicas if r["peak_gpu_memory_bytes"]]
     record = {"generated_tokens": sum(r["generated_tokens"] for r in replicas), "wall_seconds": wall,
               "backend": f"{replicas[0]['backend'] if replicas else dp.device} x{started}", "model": str(model_path),
-              "steps": sampling.max_tokens, "batch": dp.max_seqs, "data_parallel": started,
+              "steps": sampling.max_tokens, "batch": dp.settings.max_seqs, "data_parallel": started,
               "tensor_parallel": dp.tensor_parallel,
               "replicas": replicas}
     finish_getp(plan, options, record, max(peaks) if peaks else None)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GptossError, one_line
-from .data import GPU_INFLIGHT, DataParallelOptions, LocalEngine, ReplicaError, ReplicaPool, replica_record, \
-    replica_llm
+from .data import DataParallelOptions, LocalEngine, ReplicaError, ReplicaPool, ReplicaSettings, replica_llm, \
+    replica_record
 from .mpi_layout import GROUP, RankLayout, describe, rank_layout
 
 # What launchers set in each rank's environment: Open MPI; MPICH's Hydra, Intel MPI and Slurm's PMI.
@@ -64,17 +64,13 @@ def mpi_world_size(environ=os.environ) -> int:
 @dataclass(frozen=True)
 class MpiOptions:
     """device: "cpu" or "gpu"; gpus: the node's GPUs (--gpus, else every visible one), shared out over the
-    node's ranks; tensor_parallel, data_parallel: run.py's flags (see mpi_layout). The rest is each
-    engine's LLM (tokenizer file, max_seqs = run.py -b, memory_limit = --gpu-memory, kernels = --kernels: a
-    KernelOptions, None = from the environment)."""
+    node's ranks; tensor_parallel, data_parallel: run.py's flags (see mpi_layout); settings: what each
+    engine's LLM is built with."""
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
-    tokenizer: str | None = None
-    max_seqs: int | None = None
-    memory_limit: int | None = None
     tensor_parallel: int = 1
     data_parallel: int | None = None
-    kernels: object | None = None
+    settings: ReplicaSettings = ReplicaSettings()
 
 
 def _where(rank: int, host: str, layout: RankLayout) -> str:
@@ -93,17 +89,14 @@ def _failure(e: BaseException, where: str) -> str:
 
 def _unit(model_path, mo: MpiOptions, layout: RankLayout, sampling, peers):
     """What a rank drives: one engine in its process (LocalEngine) or its replicas' workers (ReplicaPool)."""
-    want = mo.max_seqs or (1 if mo.device == "cpu" else GPU_INFLIGHT)
     n = layout.tensor_parallel
     if layout.replicas > 1:
-        dp = DataParallelOptions(replicas=layout.replicas, device=mo.device, gpus=layout.gpus, tokenizer=mo.tokenizer,
-                                 max_seqs=mo.max_seqs, memory_limit=mo.memory_limit, tensor_parallel=n,
-                                 kernels=mo.kernels)
+        dp = DataParallelOptions(replicas=layout.replicas, device=mo.device, gpus=layout.gpus, tensor_parallel=n,
+                                 settings=mo.settings)
         return ReplicaPool(model_path, dp, sampling, wait=0.02)
     gpus = (peers.gpus if peers is not None else layout.gpus[:n]) or None
-    llm = replica_llm(model_path, mo.device, gpus[0] if gpus else None, mo.tokenizer, mo.max_seqs, mo.memory_limit,
-                      n, gpus, tp_peers=peers, kernels=mo.kernels)
-    return LocalEngine(llm, sampling, want, gpus)
+    llm = replica_llm(model_path, mo.device, gpus[0] if gpus else None, mo.settings, n, gpus, tp_peers=peers)
+    return LocalEngine(llm, sampling, mo.settings.inflight(mo.device), gpus)
 
 
 def _drive(unit, take, give, between) -> None:
@@ -302,7 +295,7 @@ def _root(comm, plan, layouts, hosts, make_unit, where, model_path, options, mo:
     peaks = [x["peak_gpu_memory_bytes"] for r in ranks for x in r["replicas"] if x["peak_gpu_memory_bytes"]]
     record = {"generated_tokens": sum(r["generated_tokens"] for r in ranks), "wall_seconds": wall,
               "backend": f"{ranks[0]['backend']} x{len(engines)} MPI engine ranks", "model": str(model_path),
-              "steps": sampling.max_tokens, "batch": mo.max_seqs, "mpi_ranks": len(layouts),
+              "steps": sampling.max_tokens, "batch": mo.settings.max_seqs, "mpi_ranks": len(layouts),
               "mpi_shape": layouts[0].shape, "tensor_parallel": mo.tensor_parallel,
               "nodes": len(set(hosts)), "ranks": ranks}
     finish_getp(plan, options, record, max(peaks) if peaks else None)
