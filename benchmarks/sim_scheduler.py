@@ -49,7 +49,7 @@ class ModeledRunner:
         plan = plan_memory(self.model_config, self.free, capacity, slots, mean_positions if self.paged else None,
                            self.config)
         tokens, _ = GPUModel.step_sizes(plan.slots, plan.max_step_tokens)
-        return Layout(plan.slots, capacity, plan.pages, tokens, plan.max_chunk)
+        return Layout(plan.slots, capacity, plan.pages, tokens, self.config.step_tokens(plan.slots, capacity)[1])
 
     def step(self, batch):
         decode = np.asarray(batch.q_lens) == 1

@@ -76,3 +76,47 @@ class StepBatch:
         """One token per sequence, every row's logits wanted, in order (a captured decode graph's shape)."""
         T = len(self.tokens)
         return len(self.q_lens) == T and np.array_equal(self.logit_rows, np.arange(T))
+
+
+@dataclass
+class RunOrder:
+    """A step's tokens reordered for caches that take at most `run` positions of one sequence per
+    launch (the sliding layers' rings: window + run positions per slot). Every sequence's tokens are cut
+    into runs of `run` (the last one shorter); the runs are listed run-major (every sequence's first
+    run, then every second run, ...), so piece k -- the k-th runs of all sequences -- is one contiguous
+    range of the reordered tokens and holds at most `run` tokens of any sequence. A sliding layer
+    writes and attends piece by piece; every other operation treats a token alone and runs once over
+    all of them. A run of a prompt chunk is attended exactly as the same tokens would be as a chunk of
+    their own (docs/notes/attention.md, batch invariance), so the order changes no bits."""
+    order: np.ndarray  # [T] int64: the original index of each reordered token
+    q_lens: list  # tokens per run, run-major
+    seq_slots: list  # slot per run
+    seq_starts: list  # position of each run's first token
+    pieces: list  # (first token, end token, first run, end run) of each piece, in order
+
+    @classmethod
+    def split(cls, q_lens, seq_slots, seq_starts, run: int) -> "RunOrder | None":
+        """The run order of sequences with these token counts (contiguous, in order), slots and start
+        positions; None when no sequence has more than `run` tokens (one piece, the original order)."""
+        if run < 1:
+            raise ValueError(f"a run needs at least one position, got {run}")
+        lens = np.asarray(q_lens, np.int64).reshape(-1)
+        if not len(lens) or lens.max() <= run:
+            return None
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        count = -(-lens // run)  # runs per sequence
+        # runs as (k, sequence), ordered by k then sequence
+        seq = np.concatenate([np.flatnonzero(count > k) for k in range(int(count.max()))])
+        k = np.repeat(np.arange(int(count.max())), [int((count > j).sum()) for j in range(int(count.max()))])
+        first = k * run
+        n = np.minimum(lens[seq] - first, run)
+        order = np.concatenate([np.arange(o, o + m) for o, m in zip(offsets[seq] + first, n)])
+        ends = np.cumsum(n)
+        bounds = np.flatnonzero(np.diff(k)) + 1  # the first run of each piece after the first
+        run_edges = np.concatenate([[0], bounds, [len(seq)]])
+        token_edges = np.concatenate([[0], ends])[run_edges]
+        pieces = [(int(token_edges[i]), int(token_edges[i + 1]), int(run_edges[i]), int(run_edges[i + 1]))
+                  for i in range(len(run_edges) - 1)]
+        slots = np.asarray(seq_slots, np.int64)[seq]
+        starts = np.asarray(seq_starts, np.int64)[seq] + first
+        return cls(order, n.tolist(), slots.tolist(), starts.tolist(), pieces)

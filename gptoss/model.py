@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import StepBatch
+from .batch import RunOrder, StepBatch
 from .config import ModelConfig
 from .gpu_weights import DeviceWeights
 from .kernels import KernelOptions, is_amd
@@ -98,7 +98,12 @@ class GPUModel:
     Tensor/expert parallel: with `collective` (gptoss.parallel.collective) the weights are one rank's
     share (gptoss.parallel.shard_weights.ShardWeights: its heads, its experts) and each layer all-gathers
     the ranks' partial out projections and MoE sums and adds them in rank order (_tp_out, _tp_moe); every
-    rank then holds the same residual stream and logits. Without it, the one-GPU forward, unchanged."""
+    rank then holds the same residual stream and logits. Without it, the one-GPU forward, unchanged.
+
+    max_chunk: positions of one sequence that a sliding layer's ring takes per launch (the ring holds
+    window + max_chunk positions per slot). A step may carry longer prompt chunks (up to max_step_tokens):
+    the sliding layers then write and attend them in runs of max_chunk (gptoss.batch.RunOrder), every other
+    operation runs once over the whole step."""
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
                  max_chunk: int, max_rows: int | None = None, pages: int | None = None,
@@ -116,6 +121,7 @@ class GPUModel:
         self.pad_slot = slots
         self.max_step_tokens, rows = self.step_sizes(slots, max_step_tokens, max_rows)
         self.cache = KVCache(cfg, slots + 1, capacity, max_chunk, pages)
+        self.sliding_run = self.ring_run(cfg, capacity, max_chunk)
         self.rope = rope_table(cfg, capacity)
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows, ranks)
         self._graphs: dict = {}  # (padded batch, key bound, greedy) -> (graph, inputs, what it reads)
@@ -129,6 +135,14 @@ class GPUModel:
         must fit."""
         bucket = decode_batch_bucket(slots)
         return max(max_step_tokens, bucket), max(bucket, max_rows or 0)
+
+    @staticmethod
+    def ring_run(cfg: ModelConfig, capacity: int, max_chunk: int) -> int | None:
+        """Most positions of one sequence a sliding layer writes and attends per launch: its ring holds
+        window + max_chunk positions per slot, and a launch's keys must not overwrite the window its own
+        queries read. None when the rings hold whole sequences (or no layer slides): no limit."""
+        sliding = any(cfg.is_sliding(i) for i in range(cfg.num_layers))
+        return max_chunk if sliding and cfg.sliding_window + max_chunk < capacity else None
 
     @staticmethod
     def _decode_floats(cfg: ModelConfig, slots: int, capacity: int) -> int:
@@ -151,9 +165,10 @@ class GPUModel:
         return self.cache.capacity
 
     # ---- the forward, on preallocated buffers -------------------------------------------------------
-    def _layers(self, T: int, batch, prof: "Profile | None" = None, inputs=None) -> None:
+    def _layers(self, T: int, batch, prof: "Profile | None" = None, inputs=None, pieces=None) -> None:
         """Embedding through the last block for the T tokens (ids, positions, slots: `inputs`, default
-        the step buffers'); x holds the residual stream."""
+        the step buffers'); x holds the residual stream. pieces: (first token, end token, AttentionBatch)
+        of each piece the sliding layers write and attend in turn (RunOrder); None = all T at once."""
         from .ops import attention as A, embed as E, gemm as G, moe as M, norm as N
 
         cfg, w, b, kernels = self.cfg, self.w, self.buf, self.kernels
@@ -168,12 +183,14 @@ class GPUModel:
             G.linear(t, layer.qkv_w, layer.qkv_b, out=qkv, kernels=kernels)
             mark("qkv gemm")
             table = self.cache.layer_table(i, cfg)
-            A.rope_and_cache(qkv, positions, slots, self.rope, self.cache.k[i], self.cache.v[i], q_out=q,
-                             page_table=table, kernels=kernels)
-            mark("rope + kv write")
-            A.attention(q, self.cache.k[i], self.cache.v[i], batch, layer.sinks, layer.window, out=attn,
-                        page_table=table, kernels=kernels)
-            mark("attention full" if layer.window == 0 else "attention sliding")
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            for a, e, piece in (pieces if pieces is not None and layer.window else ((0, T, batch),)):
+                A.rope_and_cache(qkv[a:e], positions[a:e], slots[a:e], self.rope, k_cache, v_cache, q_out=q[a:e],
+                                 page_table=table, kernels=kernels)
+                mark("rope + kv write")
+                A.attention(q[a:e], k_cache, v_cache, piece, layer.sinks, layer.window, out=attn[a:e],
+                            page_table=table, kernels=kernels)
+                mark("attention full" if layer.window == 0 else "attention sliding")
             if self.collective is None:
                 G.linear(attn, layer.out_w, layer.out_b, out=o, kernels=kernels)
             else:
@@ -292,15 +309,36 @@ class GPUModel:
 
         self._check(step)
         T, R = len(step.tokens), len(step.logit_rows)
+        pieces = None
+        runs = RunOrder.split(step.q_lens, step.seq_slots, step.seq_starts, self.sliding_run) \
+            if self.sliding_run is not None else None
+        if runs is not None:  # a chunk longer than the rings take: the sliding layers go piece by piece
+            step = self._reordered(step, runs)
+            pieces = []
+            for a, e, r0, r1 in runs.pieces:
+                piece = AttentionBatch.build(runs.q_lens[r0:r1], runs.seq_slots[r0:r1], runs.seq_starts[r0:r1],
+                                             self.capacity)
+                piece._workspace = self._decode_ws
+                pieces.append((a, e, piece))
         self._load_inputs(step)
         batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
         batch._workspace = self._decode_ws
         identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
 
         def run(prof: "Profile | None" = None):
-            self._layers(T, batch, prof)
+            self._layers(T, batch, prof, pieces=pieces)
             return self._head(T, R, gather=not identity) if R else self.buf.logits[:0]
         return run
+
+    @staticmethod
+    def _reordered(step: StepBatch, runs: RunOrder) -> StepBatch:
+        """The step with its tokens in run order: the runs as its sequences, each logit row moved with
+        its token (the logits come out in the step's row order all the same)."""
+        where = np.empty(len(runs.order), np.int64)
+        where[runs.order] = np.arange(len(runs.order))
+        return StepBatch(step.tokens[runs.order], step.positions[runs.order], step.slots[runs.order], runs.q_lens,
+                         runs.seq_slots, runs.seq_starts, where[np.asarray(step.logit_rows, np.int64)].astype(np.int32),
+                         step.sampling, step.page_table, step.page_updates)
 
     def forward(self, step: StepBatch):
         """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 class EngineConfig:
     """max_seqs: most sequences in flight at once (run.py -b); None = as many as the KV cache holds
         (on the CPU: every waiting request).
-    prefill_tokens: most prompt tokens one step prefills, over all sequences.
-    prefill_chunk: most prompt tokens of one sequence per step (the sliding layers keep a ring of
-        window + this many positions per slot).
+    prefill_tokens: most prompt tokens one step prefills, over all sequences; one sequence may take all
+        of them (a lone long prompt is prefilled prefill_tokens at a time).
+    prefill_chunk: positions of one sequence the sliding layers write and attend per launch (their KV
+        rings hold window + this many positions per slot); a longer prompt chunk goes through them in
+        runs of this many, in the same step.
     promise: admission promises each sequence KV pages for its prompt and this share of its token
         budget. 1: no sequence is ever preempted; below 1, more sequences run at once and one that needs
         a page when none is free preempts the latest admitted, which is prefilled again later.
@@ -31,6 +33,13 @@ class EngineConfig:
     num_pages: int | None = None
     use_graphs: bool = True
     kernels: object | None = None
+
+    def step_tokens(self, slots: int, capacity: int) -> tuple[int, int]:
+        """(tokens one step may carry, prompt tokens of one sequence one step may carry) for `slots`
+        sequences of up to `capacity` positions: a decode token for every slot beside the prefill budget,
+        which one sequence may take whole."""
+        chunk = min(self.prefill_tokens, capacity)
+        return slots + min(self.prefill_tokens, slots * chunk), chunk
 
     def __post_init__(self):
         for name in ("max_seqs", "num_pages", "memory_limit"):

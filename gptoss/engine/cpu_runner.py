@@ -44,9 +44,8 @@ class CPUModelRunner:
         if pages < width:
             raise ValueError(f"num_pages={pages} cannot hold one sequence of {capacity} positions "
                              f"({width} pages)")
-        chunk = min(self.config.prefill_chunk, capacity)
         self.caches = [None] * slots
-        return Layout(slots, capacity, pages, slots + min(self.config.prefill_tokens, slots * chunk), chunk)
+        return Layout(slots, capacity, pages, *self.config.step_tokens(slots, capacity))
 
     def step(self, batch: StepBatch) -> np.ndarray:
         row_of = {int(t): r for r, t in enumerate(batch.logit_rows.tolist())}  # token index -> logit row

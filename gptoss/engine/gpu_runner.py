@@ -31,7 +31,7 @@ class MemoryPlan:
     pages: int
     capacity: int
     max_step_tokens: int
-    max_chunk: int
+    max_chunk: int  # positions of one sequence per sliding-layer launch (their rings: window + this)
     bytes: int  # what the GPUModel of this plan allocates beside the weights (GPUModel.nbytes)
 
 
@@ -43,12 +43,12 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
     goes to pages (at most a whole capacity per slot). ranks: a tensor-parallel rank of that many
     (cfg is then its shard's config; its collective buffers are counted too)."""
-    chunk = min(config.prefill_chunk, capacity)
+    chunk = min(config.prefill_chunk, capacity)  # the sliding layers' rings: window + chunk positions per slot
     width = pages_per_slot(capacity)
     mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
 
     def step_tokens(slots: int) -> int:  # every decode token and the prefill budget
-        return slots + min(config.prefill_tokens, slots * chunk)
+        return config.step_tokens(slots, capacity)[0]
 
     def nbytes(slots: int, pages: int) -> int:
         return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages, ranks=ranks)
@@ -135,7 +135,8 @@ class GPUModelRunner:
         with _out_of_memory_as_error("the KV cache and step buffers"):
             self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
                                   pages=pages, kernels=self.kernels, collective=self.collective)
-        return Layout(plan.slots, capacity, pages, self.model.max_step_tokens, plan.max_chunk)
+        return Layout(plan.slots, capacity, pages, self.model.max_step_tokens,
+                      self.config.step_tokens(plan.slots, capacity)[1])
 
     overlaps = True  # step() calls while_running between queueing the step and waiting for it
 

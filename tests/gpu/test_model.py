@@ -183,6 +183,64 @@ def test_greedy_batch_invariance(kernels):
     assert all(len(v) == 12 for v in crowd.values())
 
 
+@pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
+def test_long_chunks_through_the_rings_give_the_chunked_bits(kernels):
+    """A step of prompt chunks longer than the sliding rings take (runs of max_chunk through the sliding
+    layers, gptoss.batch.RunOrder) beside a decode token gives the logits of the same step on rings
+    that hold the whole chunks, bit for bit, and then the same decode steps (captured graphs)."""
+    import cupy
+
+    from gptoss.batch import StepBatch
+    from gptoss.gpu_weights import DeviceWeights
+    from gptoss.model import GPUModel
+
+    skip_if_portable_is_the_default(kernels)
+    cfg = TINY_REAL_HEADS  # window 16, capacity 512
+    weights = DeviceWeights(random_weights(cfg, "mxfp4", seed=4), progress=False)
+    rng = np.random.default_rng(12)
+    lead = rng.integers(0, cfg.vocab_size, 20).astype(np.int32)
+    prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (150, 37)]
+    results = []
+    for ring_chunk in (16, 256):  # runs of 16 (ring 32 < 512), or whole chunks
+        model = GPUModel(weights, slots=4, capacity=cfg.max_context, max_step_tokens=512, max_chunk=ring_chunk,
+                         max_rows=64, kernels=kernels)
+        assert (model.sliding_run == 16) == (ring_chunk == 16)
+        poison(model)
+        model.forward(StepBatch.prefill([lead], [2]))
+        step = StepBatch.prefill([lead[-1:], *prompts], [2, 0, 1], [20, 0, 0])
+        step.logit_rows = np.asarray([0, 1, 80, 150, 151, 187], np.int32)  # the decode row, mid-chunk rows, last rows
+        logits = [cupy.asnumpy(model.forward(step)).copy()]
+        tokens, positions = logits[0][[0, 3, 5]].argmax(-1).astype(np.int32), np.asarray([21, 150, 37], np.int32)
+        for _ in range(3):
+            ids = model.step(StepBatch.decode(tokens, positions, [2, 0, 1]), use_graph=True)
+            logits.append(cupy.asnumpy(model.buf.logits[:3]).copy())
+            tokens, positions = ids.astype(np.int32), positions + 1
+        results.append(logits)
+    for runs, whole in zip(*results):
+        assert np.isfinite(runs).all()
+        np.testing.assert_array_equal(runs, whole)
+
+
+@pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
+def test_a_whole_budget_chunk_gives_the_greedy_tokens_of_small_chunks(kernels):
+    """The engine prefilling each prompt a whole step budget at a time (runs of 16 through the rings)
+    and prefilling 16 tokens per step give every prompt the same greedy tokens."""
+    from gptoss.sampling import SamplingParams
+
+    skip_if_portable_is_the_default(kernels)
+    cfg = TINY_REAL_HEADS
+    weights = random_weights(cfg, "mxfp4", seed=6)
+    rng = np.random.default_rng(10)
+    prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in (300, 17, 90, 1, 250, 64)]
+    params = SamplingParams(max_tokens=8)
+    big = generate(engine_on(weights, max_seqs=4, prefill_chunk=16, prefill_tokens=400, kernels=kernels), prompts,
+                   params)
+    small = generate(engine_on(weights, max_seqs=4, prefill_chunk=16, prefill_tokens=16, kernels=kernels), prompts,
+                     params)
+    assert big == small
+    assert all(len(v) == 8 for v in big.values())
+
+
 def test_preemption_and_prompt_only_steps_keep_greedy_tokens():
     """A KV cache of few pages: sequences are preempted, prefilled again (prompt + their tokens so far)
     and continued, and still get their greedy tokens alone; a prompt longer than the prefill chunk run
