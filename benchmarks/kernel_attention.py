@@ -136,6 +136,45 @@ def decode_sweep(time_ms, sinks, B: int, keys_list) -> list[dict]:
     return rows
 
 
+def prefill_kernels(time_ms, sinks, T: int, starts) -> list[dict]:
+    """A chunk of T queries of one sequence at each start position (keys 0.. its last query, full
+    attention), through every G = 8 prefill kernel this device runs: the mma.sync kernel, and on sm_90a the
+    wgmma ones (ops.attention.PREFILL_WGMMA_KERNEL's choices). Also says whether their outputs agree bit
+    for bit."""
+    import cupy as cp
+    import numpy as np
+
+    from gptoss.kernels import default_kernels
+    from gptoss.ops import attention as A
+
+    variants = [("mma_sync", None)]
+    if default_kernels().sm90a("attention"):
+        variants += [("auto", "attn_prefill_wgs_g8"), ("auto", "attn_prefill_wg_g8")]
+    chosen, rows = A.PREFILL_WGMMA_KERNEL, []
+    try:
+        for start in starts:
+            L = -(-(start + T) // 64) * 64
+            kc, vc = _caches(1, L)
+            q = _rand_bf16((T, HQ, D))
+            batch = A.AttentionBatch.build([T], [0], [start], L)
+            flops = 4.0 * D * HQ * _visible(np.arange(start, start + T), 0)
+            outs = []
+            for path, name in variants:
+                A.PREFILL_WGMMA_KERNEL = name or chosen
+                out = cp.empty((T, HQ * D), dtype=cp.uint16)
+                ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, 0, out=out, path=path))
+                outs.append(out)
+                label = name or "attn_prefill_g8"
+                rows.append(dict(common.row(label, f"T={T} at {start}", ms, flops=flops), bound="compute"))
+            same = all(bool(cp.array_equal(outs[0], o)) for o in outs[1:])
+            rows[-1]["shape"] += " (bits equal)" if same else " (BITS DIFFER)"
+            del kc, vc
+            _free()
+    finally:
+        A.PREFILL_WGMMA_KERNEL = chosen
+    return rows
+
+
 def bench(time_ms=common.time_ms) -> list[dict]:
     import cupy as cp
 
@@ -170,13 +209,20 @@ def main(argv=None) -> int:
     p.add_argument("--decode-sweep", default=None, metavar="B:KEYS,KEYS,...",
                    help="only time full-attention decode at batch B for these key counts (and ragged "
                         "contexts), e.g. 2048:1024,1025,1280,2049")
+    p.add_argument("--prefill-kernels", default=None, metavar="T:START,START,...",
+                   help="only time a T-query prefill chunk at each start position through every prefill "
+                        "kernel of the device (mma.sync, wgmma), e.g. 4096:0,28672,114688")
     args = p.parse_args(argv)
     if (code := common.json_path_error("kernel_attention.py", args)) is not None:
         return code
     import cupy as cp
 
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
-    if args.decode_sweep:
+    if args.prefill_kernels:
+        T, _, starts = args.prefill_kernels.partition(":")
+        sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
+        rows = prefill_kernels(common.time_ms, sinks, int(T), [int(a) for a in starts.split(",") if a])
+    elif args.decode_sweep:
         batch, _, keys = args.decode_sweep.partition(":")
         sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
         rows = decode_sweep(common.time_ms, sinks, int(batch), [int(k) for k in keys.split(",") if k])

@@ -130,7 +130,7 @@ def warp_size() -> int:
 
 
 # Families with wgmma (sm_90a) kernels: compiled for sm_90a where KernelOptions.wgmma is on.
-WGMMA_FAMILIES = ("moe", "gemm")
+WGMMA_FAMILIES = ("moe", "gemm", "attention")
 # Dynamic shared memory a wgmma kernel gets beyond its tiles: align_1k (mma.h) moves the start up to the
 # next WGMMA_SMEM_ALIGN (1 KB) boundary for the swizzle atoms.
 WGMMA_SMEM_SLACK = define("mma.h", "WGMMA_SMEM_ALIGN")

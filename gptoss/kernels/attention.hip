@@ -232,6 +232,16 @@ DEVICE float merge_value(float X, float x, float a, float b) { return __fmaf_rn(
 // sQ: the warp's 16 Q rows, [16][64] swizzled. State: m[r] (row max, quad-uniform), l[r] (this
 // thread's partial row sum: its 16 columns only; quad_sum at the end of the segment), o: the 16x64
 // output as 8 C fragments (dims 8nt..8nt+7). qpos_a / qpos_b: positions of rows g and g + 8.
+// MODE (ATTN_MMA_SYNC, ATTN_WG_S, ATTN_WG_SPV): which products run on wgmma (sm_90a; the whole warpgroup
+// must call with the same tile): S = Q K^T with the warp's Q fragments from registers and K by descriptor
+// (the 64-key tile is a K-major B operand in the 128-byte swizzle as stored), and with ATTN_WG_SPV also
+// O += P V with P from registers and V by descriptor (N-major). Each wgmma runs the same k16 steps in the
+// same order on the same values as the mma.sync code, which gives the same bits (tests:
+// tests/gpu/test_attention.py::test_batch_invariance, prefill against the mma.sync decode kernel).
+#define ATTN_MMA_SYNC 0
+#define ATTN_WG_S 1
+#define ATTN_WG_SPV 2
+template <int MODE>
 DEVICE void attend_tile(const bf16_t* sQ, const bf16_t* sK, const bf16_t* sV, int key0, int qpos_a,
                         int qpos_b, int window, bool need_mask, float scale_log2, float m[2], float l[2],
                         float o[8][4], int lane)
@@ -246,18 +256,38 @@ DEVICE void attend_tile(const bf16_t* sQ, const bf16_t* sK, const bf16_t* sV, in
     float s[8][4];
     #pragma unroll
     for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        u32 qa[4], qb[4];
-        ldmatrix_x4(qa, sQ + swz(lane & 15, 4 * h + (lane >> 4)));
-        ldmatrix_x4(qb, sQ + swz(lane & 15, 4 * h + 2 + (lane >> 4)));
+    if constexpr (MODE == ATTN_MMA_SYNC) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            u32 qa[4], qb[4];
+            ldmatrix_x4(qa, sQ + swz(lane & 15, 4 * h + (lane >> 4)));
+            ldmatrix_x4(qb, sQ + swz(lane & 15, 4 * h + 2 + (lane >> 4)));
+            #pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                u32 kb[4];
+                ldmatrix_x4(kb, sK + swz(nt * 8 + (lane & 7), 4 * h + (lane >> 3)));
+                mma_bf16_16816(s[nt], qa, kb);
+                mma_bf16_16816(s[nt], qb, kb + 2);
+            }
+        }
+    } else {
+#if GPTOSS_HAS_WGMMA
+        // k-step kk: A = Q dims 16kk..16kk+15 (the mma.sync A fragment), B = K's 64 rows from byte 32 kk on
+        u32 qf[4][4];
+        #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(qf[kk], sQ + swz(lane & 15, 2 * kk + (lane >> 4)));
+        const u32 k_addr = smem_u32(sK);
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_bf16_rs<64>(&s[0][0], qf[kk], wgmma_desc_sw128(k_addr + 32 * kk));
+        wgmma_commit();
+        wgmma_wait<0>();
         #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
-            u32 kb[4];
-            ldmatrix_x4(kb, sK + swz(nt * 8 + (lane & 7), 4 * h + (lane >> 3)));
-            mma_bf16_16816(s[nt], qa, kb);
-            mma_bf16_16816(s[nt], qb, kb + 2);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) reg_fence(s[nt][e]);
         }
+#endif
     }
     // s[nt][e] is the score of row (e < 2 ? g : g + 8) and key key0 + 8nt + 2t + (e & 1).
     if (need_mask) {
@@ -310,20 +340,45 @@ DEVICE void attend_tile(const bf16_t* sQ, const bf16_t* sK, const bf16_t* sV, in
     // a[2] = P[g][16kk+8+2t..] = s[2kk+1][0..1], a[3] = s[2kk+1][2..3].
     // B = V[key][dim] stored key-major: ldmatrix.trans. Matrices of one x4: keys 16kk+0..7 / 16kk+8..15
     // of dim chunk 2np, then the same of chunk 2np + 1 -> b of dim n-tiles 2np and 2np + 1.
-    #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        u32 pa[4];
-        pa[0] = pack_bf16x2_rn(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = pack_bf16x2_rn(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = pack_bf16x2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = pack_bf16x2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    if constexpr (MODE != ATTN_WG_SPV) {
         #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-            u32 vb[4];
-            ldmatrix_x4_trans(vb, sV + swz(16 * kk + (lane & 15), 2 * np + (lane >> 4)));
-            mma_bf16_16816(o[2 * np], pa, vb);
-            mma_bf16_16816(o[2 * np + 1], pa, vb + 2);
+        for (int kk = 0; kk < 4; ++kk) {
+            u32 pa[4];
+            pa[0] = pack_bf16x2_rn(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_bf16x2_rn(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_bf16x2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_bf16x2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            #pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 vb[4];
+                ldmatrix_x4_trans(vb, sV + swz(16 * kk + (lane & 15), 2 * np + (lane >> 4)));
+                mma_bf16_16816(o[2 * np], pa, vb);
+                mma_bf16_16816(o[2 * np + 1], pa, vb + 2);
+            }
         }
+    } else {
+#if GPTOSS_HAS_WGMMA
+        // k-step kk: A = P keys 16kk..16kk+15 (as above), B = V rows 16kk.. (two 1 KB atoms from byte 2048 kk)
+        u32 pa[4][4];
+        #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            pa[kk][0] = pack_bf16x2_rn(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = pack_bf16x2_rn(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = pack_bf16x2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16x2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        const u32 v_addr = smem_u32(sV);
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_bf16_rs_n64_tb(&o[0][0], pa[kk], wgmma_desc_sw128(v_addr + 2048 * kk));
+        wgmma_commit();
+        wgmma_wait<0>();
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) reg_fence(o[nt][e]);
+        }
+#endif
     }
 }
 
@@ -373,7 +428,7 @@ DEVICE void fold_segment(float* run, float m[2], float l[2], float o[8][4]) {
 // head r % G). K/V tiles flow through a STAGES-deep cp.async ring shared by all warps; a warp skips the
 // tiles its rows cannot see. The running state (M, L, ACC) of the rows lives in shared memory
 // (see fold_segment); the segment state in registers.
-template <int G, int STAGES>
+template <int G, int STAGES, int MODE>
 DEVICE void attn_prefill_body(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
@@ -381,8 +436,15 @@ DEVICE void attn_prefill_body(
     int Hq, int Hkv, int L, int window, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
     constexpr int QPW = 16 / G;  // queries per warp
+    // the rows that decide together whether a tile is computed: a warp, or (wgmma) its warpgroup of 4
+    constexpr int QPG = MODE == ATTN_MMA_SYNC ? QPW : 4 * QPW;
     extern __shared__ __align__(16) unsigned char smem_raw[];
+#if GPTOSS_HAS_WGMMA
+    // wgmma reads the K/V tiles through descriptors: 1 KB-aligned swizzle atoms (the launch adds the slack)
+    bf16_t* sKV = (bf16_t*)(MODE == ATTN_MMA_SYNC ? smem_raw : align_1k(smem_raw));  // [STAGES][K|V][64*64]
+#else
     bf16_t* sKV = (bf16_t*)smem_raw;                                // [STAGES][K|V][64*64]
+#endif
     bf16_t* sQ = sKV + STAGES * 2 * ATTN_TILE * 64;                 // [G warps][16*64]
     float* sRun = (float*)(sQ + G * 16 * 64);                       // [G warps][36][32]: running state
 
@@ -403,7 +465,12 @@ DEVICE void attn_prefill_body(
     const bool va = qa < nq, vb = qb < nq;
     const int wfirst = warp * QPW, wlast = min(wfirst + QPW, nq) - 1;
     const bool active = wfirst < nq;
-    const int w_hi = p0 + wlast, w_lo = window > 0 ? max(0, p0 + wfirst - window + 1) : 0;
+    const int w_hi = p0 + wlast;
+    // the tiles computed: those some row of the warp (wgmma: of the warpgroup) can see; a row computing a
+    // tile it cannot see masks all of it, which leaves its state bit-identical
+    const int gfirst = (warp * QPW / QPG) * QPG, glast = min(gfirst + QPG, nq) - 1;
+    const bool g_active = gfirst < nq;
+    const int g_hi = p0 + glast, g_lo = window > 0 ? max(0, p0 + gfirst - window + 1) : 0;
 
     bf16_t* wQ = sQ + warp * 16 * 64;
     load_q_rows(wQ, q, Hq, lane, [&](int r, long long& tok, int& head) {
@@ -449,16 +516,18 @@ DEVICE void attn_prefill_body(
             }
             cp_async_commit();
         }
-        if (!active) continue;
+        if (!g_active) continue;
         const int key0 = (tile_lo + i) * ATTN_TILE;
         // a new segment starts: fold the finished one (the identity if this warp's rows saw none of it)
         if (i > 0 && key0 % ATTN_SEG == 0) fold_segment(run, m, l, o);
-        if (key0 <= w_hi && key0 + ATTN_TILE - 1 >= w_lo) {
-            const bool need_mask = key0 + ATTN_TILE - 1 > p0 + wfirst ||
+        if (key0 <= g_hi && key0 + ATTN_TILE - 1 >= g_lo) {
+            // some row of this warp cannot see some key of the tile (all of them when the warp has no row
+            // that sees the tile, or no valid row at all)
+            const bool need_mask = !active || key0 + ATTN_TILE - 1 > p0 + wfirst ||
                                    (window > 0 && key0 < w_hi - window + 1);
             const bf16_t* buf = sKV + (i % STAGES) * 2 * ATTN_TILE * 64;
-            attend_tile(wQ, buf, buf + ATTN_TILE * 64, key0, p0 + qa, p0 + qb, window, need_mask,
-                        scale_log2, m, l, o, lane);
+            attend_tile<MODE>(wQ, buf, buf + ATTN_TILE * 64, key0, p0 + qa, p0 + qb, window, need_mask,
+                              scale_log2, m, l, o, lane);
         }
     }
     cp_async_wait<0>();
@@ -536,7 +605,8 @@ DEVICE void attn_decode_body(
             const int key0 = (tile0 + i) * ATTN_TILE;
             const bool need_mask = key0 + ATTN_TILE - 1 > p || (window > 0 && key0 < p - window + 1);
             bf16_t* buf = sKV + (i % STAGES) * 2 * ATTN_TILE * 64;
-            attend_tile(sQ, buf, buf + ATTN_TILE * 64, key0, p, p, window, need_mask, scale_log2, m, l, o, lane);
+            attend_tile<ATTN_MMA_SYNC>(sQ, buf, buf + ATTN_TILE * 64, key0, p, p, window, need_mask, scale_log2, m, l, o,
+                                       lane);
             if (STAGES < NT) {
                 __syncthreads();  // every lane is done with the buffer before it is refilled
                 if (i + STAGES < ntiles)
@@ -588,12 +658,24 @@ DEVICE void attn_decode_body(
 // state); decode STAGES x 16 KB of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)
 extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_g8(ATTN_PREFILL_ARGS) {
 #if GPTOSS_HAS_MMA
-    attn_prefill_body<8, ATTN_PREFILL_STAGES>(ATTN_PREFILL_CALL);
+    attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_MMA_SYNC>(ATTN_PREFILL_CALL);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(128, 4) attn_prefill_g4(ATTN_PREFILL_ARGS) {
 #if GPTOSS_HAS_MMA
-    attn_prefill_body<4, ATTN_PREFILL_STAGES>(ATTN_PREFILL_CALL);
+    attn_prefill_body<4, ATTN_PREFILL_STAGES, ATTN_MMA_SYNC>(ATTN_PREFILL_CALL);
+#endif
+}
+// sm_90a (H100/H200): the same CTA with its products on wgmma (two warpgroups of 64 rows): S only, or S
+// and P V. Launched with WGMMA_SMEM_ALIGN more bytes of shared memory than attn_prefill_g8.
+extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wgs_g8(ATTN_PREFILL_ARGS) {
+#if GPTOSS_HAS_WGMMA
+    attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_WG_S>(ATTN_PREFILL_CALL);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wg_g8(ATTN_PREFILL_ARGS) {
+#if GPTOSS_HAS_WGMMA
+    attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_WG_SPV>(ATTN_PREFILL_CALL);
 #endif
 }
 #if GPTOSS_HAS_MMA

@@ -186,6 +186,20 @@ DEVICE void wgmma_bf16_rs<128>(float* d, const u32 a[4], unsigned long long desc
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
+// As wgmma_bf16_rs<64>, with B stored N-major (imm-trans-b = 1): row k of B (one k of the 16) is N = 64
+// consecutive bf16 (128 B) in the 128-byte swizzle, rows in 8-row atoms of 1 KB. The descriptor has the
+// same fields as wgmma_desc_sw128: in the N-major canonical layout ((8 x 16 B, n), (8 rows, k)) the
+// stride byte offset is the 1 KB between the two 8-row atoms of a k16 step, and the leading byte offset
+// (between 128-byte column groups along N) is unused at N = 64.
+DEVICE void wgmma_bf16_rs_n64_tb(float* d, const u32 a[4], unsigned long long desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
 // Both operands from shared memory (K-major, 128-byte swizzle, descriptors as above): D[64 x N] +=
 // A[64 x 16] . B[16 x N], A's 64 rows and B's N rows each in 8-row atoms of 1 KB. D in the layout above.
 template <int N>

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import KernelOptions, define, kernel, macro_rows, resolved
+from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, resolved
 from ._check import check, out_or_new
 
 SEG = define("attention", "ATTN_SEG")  # keys per decode split: fixed absolute cut points
@@ -46,6 +46,19 @@ DECODE_PARTIAL_FLOATS = FAST_HEAD_DIM + 2
 
 def _prefill_smem(G: int) -> int:  # K/V stages + per warp: Q rows (2 KB) and running state (36 x 32 f32)
     return PREFILL_STAGES * 2 * TILE * FAST_HEAD_DIM * 2 + G * (16 * FAST_HEAD_DIM * 2 + 36 * 32 * 4)
+
+
+# The prefill kernel on sm_90a (KernelOptions.sm90a("attention")) for G = 8: the same CTA with Q K^T and P V
+# on wgmma ("attn_prefill_wgs_g8": Q K^T only); bit-identical to attn_prefill_g8.
+PREFILL_WGMMA_KERNEL = "attn_prefill_wg_g8"
+
+
+def prefill_kernel(G: int, kernels: KernelOptions, path: str = "auto") -> tuple[str, int]:
+    """(name, dynamic shared memory) of the prefill kernel for G q heads per kv head; path "mma_sync"
+    keeps the mma.sync kernel where the wgmma one would run."""
+    if G == 8 and path == "auto" and kernels.sm90a("attention"):
+        return PREFILL_WGMMA_KERNEL, _prefill_smem(G) + WGMMA_SMEM_SLACK
+    return f"attn_prefill_g{G}", _prefill_smem(G)
 
 
 def _decode_smem(stages: int) -> int:  # K/V stages + the Q rows of one warp (16 x D bf16)
@@ -234,7 +247,8 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
     q [T, Hq, D] bf16 (after RoPE); caches [blocks, L, Hkv, D] bf16 with an optional page table (see the
     module's docstring); sinks [Hq] f32; window 0 = full attention, else a query at p sees keys
     p - window + 1 .. p.
-    path: "auto" (fastest kernel for the shapes), or "simple" to force the portable kernel.
+    path: "auto" (fastest kernel for the shapes), "simple" to force the portable kernel, or "mma_sync" for
+    the tensor-core kernels without wgmma (the same bits as "auto").
     kernels: the kernel choices (default kernels.default_kernels()); the portable mode always runs the
     portable kernel."""
     import cupy
@@ -262,15 +276,15 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         raise ValueError(f"caches of {reach} positions cannot hold the {batch.max_kv} keys of this batch"
                          + (f" (a ring needs window + max queries - 1 = {window + batch.max_q - 1})"
                             if window > 0 else ""))
-    if path not in ("auto", "simple"):
-        raise ValueError(f"path must be 'auto' or 'simple', got {path!r}")
+    if path not in ("auto", "simple", "mma_sync"):
+        raise ValueError(f"path must be 'auto', 'simple' or 'mma_sync', got {path!r}")
     out = out_or_new(out, "out", (T, Hq * D), cupy.uint16)
     if T == 0:
         return out
     G = Hq // Hkv
     scale_log2 = np.float32(math.log2(math.e) / math.sqrt(D))
     opts = resolved(kernels)
-    fast = path == "auto" and D == FAST_HEAD_DIM and G in FAST_GROUPS and not opts.portable
+    fast = path != "simple" and D == FAST_HEAD_DIM and G in FAST_GROUPS and not opts.portable
     if not fast:
         kernel("attention", "attn_simple", kernels=opts)(
             (T, Hq), (128,),
@@ -296,7 +310,8 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
             (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
              np.int32(Hq), np.int32(window), np.int32(nsplit)))
     if batch.num_blocks:  # the longer sequences: flash-style prefill
-        kernel("attention", f"attn_prefill_g{G}", smem=_prefill_smem(G), kernels=opts)(
+        name, smem = prefill_kernel(G, opts, path)
+        kernel("attention", name, smem=smem, kernels=opts)(
             (batch.num_blocks, Hkv), (32 * G,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.blocks, out,
              np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), scale_log2, pt, pt_w))

@@ -298,6 +298,32 @@ def test_batch_invariance(geometry, window):
     assert np.array_equal(whole[P:], np.concatenate([dec[p] for p in range(P, N)]))
 
 
+@pytest.mark.parametrize("window", [0, 128])
+@pytest.mark.parametrize("kernel_name", ["attn_prefill_wg_g8", "attn_prefill_wgs_g8"])
+def test_wgmma_prefill_gives_the_mma_sync_bits(window, kernel_name, monkeypatch):
+    """On sm_90a the G = 8 prefill runs its products on wgmma (ops.attention.PREFILL_WGMMA_KERNEL; both
+    variants here): the same bits as the mma.sync kernel, for whole and partial 16-query blocks, short and
+    long sequences, neighbours in the launch, and the reference's values."""
+    from gptoss.kernels import default_kernels
+    from gptoss.ops import attention as A
+
+    if not default_kernels().sm90a("attention"):
+        pytest.skip("no sm_90a wgmma kernels on this device")
+    monkeypatch.setattr(A, "PREFILL_WGMMA_KERNEL", kernel_name)
+    cfg = TINY_REAL_HEADS
+    rng = np.random.default_rng(21)
+    lengths = [3000, 333, 50, 17, 900]
+    s = Seqs(cfg, lengths, L=4096, rng=rng, slots=[2, 0, 4, 1, 3])
+    for i, n in enumerate(lengths):
+        s.write(i, 0, n)
+    parts = [(0, 0, 1000), (1, 100, 233), (0, 1000, 2000), (2, 0, 50), (3, 0, 17), (4, 37, 863)]
+    fast = s.run(parts, window)
+    slow = s.run(parts, window, path="mma_sync")
+    for (i, a, n), f, m in zip(parts, fast, slow):
+        assert np.array_equal(f, m), f"sequence {i} positions {a}..{a + n - 1}: wgmma and mma.sync bits differ"
+    s.check(parts, fast, window)
+
+
 @pytest.mark.parametrize("geometry,path", [("tiny", "auto"), ("real", "auto"), ("real", "simple")])
 @pytest.mark.parametrize("window", [0, 128])
 def test_paged_cache_gives_the_contiguous_bits(geometry, path, window):
