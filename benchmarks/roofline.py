@@ -214,13 +214,18 @@ def format_table(profile_ms: dict[str, float], work: dict[str, Work], ceilings: 
     lines = [title] if title else []
     lines += ["| family | ms | of step | GB | GFLOP | TB/s | TFLOP/s | bound by | roofline ms | share of roofline |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    def tera_per_s(amount: float, ms: float) -> float | None:  # bytes or flops in ms -> TB/s or TFLOP/s
+        return amount / ms / 1e9 if ms > 0 else None
+
     for r in rows + [step]:
-        w = r.work
-        per_ms = (lambda x: None) if w is None or r.ms <= 0 else (lambda x: x / r.ms / 1e9)  # per ms -> per s, 1e12
-        cells = [f"**{r.name}**" if r is step else r.name, f"{r.ms:.3f}", percent(r.ms, step.ms),
-                 _cell(None if w is None else w.bytes / 1e9, ".3f"), _cell(None if w is None else w.flops / 1e9, ".2f"),
-                 _cell(per_ms(None if w is None else w.bytes), ".2f"), _cell(per_ms(None if w is None else w.flops), ".1f"),
-                 r.limit or "-", _cell(r.bound_ms, ".3f"), percent(r.bound_ms, r.ms)]
+        name = f"**{r.name}**" if r is step else r.name
+        if r.work is None:
+            moved = ["-"] * 4
+        else:
+            b, f = r.work.bytes, r.work.flops
+            moved = [f"{b / 1e9:.3f}", f"{f / 1e9:.2f}", _cell(tera_per_s(b, r.ms), ".2f"), _cell(tera_per_s(f, r.ms), ".1f")]
+        cells = [name, f"{r.ms:.3f}", percent(r.ms, step.ms), *moved, r.limit or "-", _cell(r.bound_ms, ".3f"),
+                 percent(r.bound_ms, r.ms)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"ceilings: {ceilings.copy_tbps:g} TB/s copy, {ceilings.bf16_tflops:g} TFLOP/s bf16; the families' "
                  f"roofline times add up to {bounds:.3f} ms, {percent(bounds, step.ms)} of the step's time")
