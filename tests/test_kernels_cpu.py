@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -206,9 +207,10 @@ def test_options_from_the_environment():
 @pytest.mark.parametrize("available", [False, True])
 def test_resolve_decides_wgmma_for_the_device_and_never_reads_the_environment(monkeypatch, available):
     monkeypatch.setattr(K, "wgmma_available", lambda: available)
+    monkeypatch.setattr(K, "pdl_available", lambda: False)  # (tests/test_launch_cpu.py resolves pdl)
     monkeypatch.setenv("GPTOSS_WGMMA", "0")  # only from_env reads it
-    assert KernelOptions().resolve() == KernelOptions(wgmma=available)
-    assert KernelOptions(wgmma=False, moe_defines=("X=1",)).resolve() == KernelOptions(False, ("X=1",))
+    assert KernelOptions().resolve() == KernelOptions(wgmma=available, pdl=False)
+    assert KernelOptions(wgmma=False, moe_defines=("X=1",)).resolve() == KernelOptions(False, ("X=1",), pdl=False)
     if available:
         assert KernelOptions(wgmma=True).resolve().wgmma is True
     else:
@@ -230,10 +232,12 @@ def test_options_are_checked_frozen_values():
 # ---- kernel(): one cache, one shared-memory rule ------------------------------------------------------
 
 class FakeKernel:
-    """What kernel() uses of a cupy RawKernel: the dynamic shared memory attribute and a launch."""
+    """What kernel() uses of a cupy RawKernel: the dynamic shared memory attribute, a launch, and the
+    CUfunction a programmatic launch (kernels/launch.py) goes through (kernel.ptr)."""
 
     def __init__(self, name):
         self.name, self.limits, self.launches = name, [], []
+        self.kernel = SimpleNamespace(ptr=id(self))
 
     @property
     def max_dynamic_shared_size_bytes(self):
@@ -349,15 +353,16 @@ def test_portable_mode_from_the_environment_and_by_name():
 @pytest.mark.parametrize("available", [False, True])
 def test_portable_resolves_without_wgmma_and_amd_is_always_portable(monkeypatch, available):
     monkeypatch.setattr(K, "wgmma_available", lambda: available)
+    monkeypatch.setattr(K, "pdl_available", lambda: available)
     monkeypatch.setattr(K, "is_amd", lambda: False)
-    assert KernelOptions(portable=True).resolve() == KernelOptions(wgmma=False, portable=True)
+    assert KernelOptions(portable=True).resolve() == KernelOptions(wgmma=False, portable=True, pdl=False)
     assert KernelOptions().resolve().portable is False
     with pytest.raises(ValueError, match="portable build has no wgmma"):
         KernelOptions(wgmma=True, portable=True)
     with pytest.raises(TypeError, match="portable"):
         KernelOptions(portable="yes")
     monkeypatch.setattr(K, "is_amd", lambda: True)  # only the portable paths exist there
-    assert KernelOptions().resolve() == KernelOptions(wgmma=False, portable=True)
+    assert KernelOptions().resolve() == KernelOptions(wgmma=False, portable=True, pdl=False)
 
 
 def test_portable_defines_and_arch_per_family():

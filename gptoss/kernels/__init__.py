@@ -1,7 +1,7 @@
 """Kernel sources (*.hip, one file per family), their run-time compilation through cupy.RawModule, and
 the one way gptoss/ops gets a kernel to launch: kernel(family, name, defines, sm90a=..., smem=...,
 kernels=...), and the options that choose among kernel paths (KernelOptions: the mode "auto" or
-"portable", wgmma).
+"portable", wgmma, pdl: programmatic dependent launch through launch.py).
 
 A family compiles once per process for each (device, extra -D defines, sm_90a or not); CuPy keeps the
 binary in its on-disk cache, keyed by the source text and options, so a second process starts without
@@ -151,6 +151,23 @@ def wgmma_available() -> bool:
     return _compute_capability_of(device_id) == "90"
 
 
+def pdl_available() -> bool:
+    """True where kernels can be launched with programmatic dependent launch (launch.py): an NVIDIA GPU
+    of compute capability 9.0 or newer and a driver with cuLaunchKernelEx. A device capability; whether
+    launches use it is KernelOptions.pdl."""
+    from . import launch
+
+    try:
+        import cupy
+        device_id = cupy.cuda.runtime.getDevice()
+    except Exception:  # no CuPy or no GPU
+        return False
+    if is_amd():
+        return False
+    cc = _compute_capability_of(device_id)
+    return cc.isdigit() and int(cc) >= 90 and launch.available()
+
+
 @functools.lru_cache(maxsize=None)
 def _compute_capability_of(device_id: int) -> str:
     import cupy
@@ -179,10 +196,14 @@ class KernelOptions:
       benchmarks/kernel_moe.py --ablate.
     portable: every family compiled with -DGPTOSS_PORTABLE=1 (the portable paths only; see KERNEL_MODES),
       no dynamic shared memory, and the ops pick only kernels that exist in that build.
+    pdl: every launch with programmatic dependent launch (launch.py: a kernel may start while the one
+      before it still runs, and waits in GPTOSS_WAIT_PRIOR_GRID); None = where the device has it
+      (pdl_available()); always False when portable (that build has no waits).
     """
     wgmma: bool | None = None
     moe_defines: tuple[str, ...] = ()
     portable: bool = False
+    pdl: bool | None = None
 
     def __post_init__(self):
         if self.wgmma is not None and not isinstance(self.wgmma, bool):
@@ -194,6 +215,11 @@ class KernelOptions:
             raise TypeError(f"KernelOptions.portable: expected True or False, got {self.portable!r}")
         if self.portable and self.wgmma:
             raise ValueError("KernelOptions(portable=True, wgmma=True): the portable build has no wgmma kernels")
+        if self.pdl is not None and not isinstance(self.pdl, bool):
+            raise TypeError(f"KernelOptions.pdl: expected True, False or None, got {self.pdl!r}")
+        if self.portable and self.pdl:
+            raise ValueError("KernelOptions(portable=True, pdl=True): the portable build's kernels do not wait "
+                             "for the previous kernel, so they cannot be launched early")
         object.__setattr__(self, "moe_defines", tuple(self.moe_defines))
 
     @property
@@ -211,9 +237,9 @@ class KernelOptions:
     @classmethod
     def from_env(cls, environ=None, mode: str | None = None) -> "KernelOptions":
         """The options the environment asks for: GPTOSS_KERNELS=portable (or auto, the default) picks the
-        mode unless `mode` (run.py --kernels) is given; GPTOSS_WGMMA=0 turns the wgmma kernels off
-        (anything else leaves them to the device). For start-up code; `environ` defaults to os.environ.
-        Raises ValueError for an unknown mode."""
+        mode unless `mode` (run.py --kernels) is given; GPTOSS_WGMMA=0 turns the wgmma kernels off and
+        GPTOSS_PDL=0 programmatic dependent launch (anything else leaves them to the device). For start-up
+        code; `environ` defaults to os.environ. Raises ValueError for an unknown mode."""
         import os
 
         env = os.environ if environ is None else environ
@@ -224,23 +250,32 @@ class KernelOptions:
                                  f"{', '.join(KERNEL_MODES)}")
         if mode == "portable":
             return cls.for_mode(mode)
-        return cls.for_mode(mode, wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None)
+        return cls.for_mode(mode, wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None,
+                            pdl=False if env.get("GPTOSS_PDL", "1") == "0" else None)
 
     def resolve(self) -> "KernelOptions":
-        """These options for the current device, wgmma decided (True or False) and portable set on AMD
-        (where only the portable paths exist). Raises ValueError when wgmma=True and the device has no
-        wgmma kernels."""
+        """These options for the current device, wgmma and pdl decided (True or False) and portable set on
+        AMD (where only the portable paths exist). Raises ValueError when wgmma=True or pdl=True and the
+        device lacks it."""
         if self.portable or is_amd():
-            if self.wgmma:
-                raise ValueError("KernelOptions(wgmma=True): an AMD GPU has no wgmma kernels")
-            return replace(self, wgmma=False, portable=True)
-        if self.wgmma is False:
-            return self
-        available = wgmma_available()
-        if self.wgmma and not available:
-            raise ValueError("KernelOptions(wgmma=True): the wgmma kernels need an NVIDIA compute capability "
-                             "9.0 GPU (H100/H200) and a CuPy whose NVRTC arch choice can be set")
-        return self if self.wgmma is not None else replace(self, wgmma=available)
+            for field, value in (("wgmma", self.wgmma), ("pdl", self.pdl)):
+                if value:
+                    raise ValueError(f"KernelOptions({field}=True): an AMD GPU has no {field}")
+            return replace(self, wgmma=False, portable=True, pdl=False)
+        wgmma, pdl = self.wgmma, self.pdl
+        if wgmma is not False:
+            available = wgmma_available()
+            if wgmma and not available:
+                raise ValueError("KernelOptions(wgmma=True): the wgmma kernels need an NVIDIA compute capability "
+                                 "9.0 GPU (H100/H200) and a CuPy whose NVRTC arch choice can be set")
+            wgmma = available
+        if pdl is not False:
+            available = pdl_available()
+            if pdl and not available:
+                raise ValueError("KernelOptions(pdl=True): programmatic dependent launch needs an NVIDIA compute "
+                                 "capability 9.0+ GPU and a CUDA driver with cuLaunchKernelEx")
+            pdl = available
+        return replace(self, wgmma=wgmma, pdl=pdl)
 
     def defines(self, family: str) -> tuple[str, ...]:
         """The extra -D defines `family` compiles with under these options: PORTABLE_DEFINE when
@@ -309,7 +344,7 @@ def _function(family: str, name: str, defines: tuple, sm90a: bool, device_id: in
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(family: str, name: str, defines: tuple, sm90a: bool, smem: int, device_id: int):
+def _launcher(family: str, name: str, defines: tuple, sm90a: bool, smem: int, device_id: int, pdl: bool = False):
     if sm90a and family not in WGMMA_FAMILIES:
         raise ValueError(f"kernel family {family!r} has no sm_90a build (only {', '.join(WGMMA_FAMILIES)})")
     if sm90a and PORTABLE_DEFINE in defines:
@@ -321,6 +356,10 @@ def _launcher(family: str, name: str, defines: tuple, sm90a: bool, smem: int, de
     if smem > _smem_limits.get(key, _DEFAULT_SMEM_LIMIT):
         fn.max_dynamic_shared_size_bytes = smem  # an attribute of the function: set once, never lowered
         _smem_limits[key] = smem
+    if pdl and not is_amd() and PORTABLE_DEFINE not in defines:
+        from .launch import ProgrammaticLaunch
+
+        return ProgrammaticLaunch(fn, smem, device_id)  # the same function, its smem limit set above
     return functools.partial(fn, shared_mem=smem)
 
 
@@ -329,13 +368,16 @@ def kernel(family: str, name: str, defines: tuple = (), *, sm90a: bool = False, 
     """Kernel `name` of `family` on the current device, ready to launch as k(grid, block, args) on the
     current stream with `smem` bytes of dynamic shared memory (the NVIDIA tensor-core paths; AMD and
     portable launches get none). Compiled on first use with the extra -D `defines`, for sm_90a when
-    `sm90a` (WGMMA_FAMILIES only); cached per device, defines, arch and smem. `kernels` (resolved
-    KernelOptions) adds its defines for the family (KernelOptions.defines: the portable build, the MoE
-    defines) and its sm_90a choice (KernelOptions.sm90a)."""
+    `sm90a` (WGMMA_FAMILIES only); cached per device, defines, arch, smem and launch kind. `kernels`
+    (resolved KernelOptions) adds its defines for the family (KernelOptions.defines: the portable build,
+    the MoE defines), its sm_90a choice (KernelOptions.sm90a) and whether the launch is a programmatic
+    dependent one (KernelOptions.pdl, launch.py; without `kernels`, a plain CuPy launch)."""
+    pdl = False
     if kernels is not None:
         defines = kernels.defines(family) + tuple(defines)
         sm90a = sm90a or kernels.sm90a(family)
-    return _launcher(family, name, tuple(defines), bool(sm90a), int(smem), _current_device())
+        pdl = bool(kernels.pdl)
+    return _launcher(family, name, tuple(defines), bool(sm90a), int(smem), _current_device(), pdl)
 
 
 def compile_all(options: KernelOptions | None = None) -> list[str]:

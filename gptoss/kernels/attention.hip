@@ -65,6 +65,8 @@ extern "C" __global__ void __launch_bounds__(256) rope_and_cache(
     bf16_t* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_blocks,
     const int* __restrict__ page_table, int table_rows, int table_w)
 {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const int tok = blockIdx.x, half = D / 2;
     const int pos = positions[tok], slot = slots[tok];
     int block = -1;  // the cache block this token's K/V go to
@@ -112,6 +114,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
     const int* __restrict__ seq_start, bf16_t* __restrict__ out, int S, int Hq, int Hkv, int D, int L,
     int window, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     __shared__ float qs[128], ps[128], scratch[BLOCK_SCRATCH];
     const int tok = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     int a = 0, b = S - 1;  // the sequence holding this token: the last s with cu_q[s] <= tok
@@ -657,11 +661,15 @@ DEVICE void attn_decode_body(
 // Dynamic shared memory: prefill ATTN_PREFILL_STAGES x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running
 // state); decode STAGES x 16 KB of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)
 extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_g8(ATTN_PREFILL_ARGS) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
 #if GPTOSS_HAS_MMA
     attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_MMA_SYNC>(ATTN_PREFILL_CALL);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(128, 4) attn_prefill_g4(ATTN_PREFILL_ARGS) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
 #if GPTOSS_HAS_MMA
     attn_prefill_body<4, ATTN_PREFILL_STAGES, ATTN_MMA_SYNC>(ATTN_PREFILL_CALL);
 #endif
@@ -681,10 +689,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wg_g8(ATTN_PRE
 #if GPTOSS_HAS_MMA
 #define ATTN_DECODE_KERNEL(NAME, G, STAGES)                                                              \
     extern "C" __global__ void __launch_bounds__(32) NAME(ATTN_DECODE_ARGS) {                           \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
         attn_decode_body<G, STAGES>(ATTN_DECODE_CALL);                                                  \
     }
 #else
-#define ATTN_DECODE_KERNEL(NAME, G, STAGES) extern "C" __global__ void NAME(ATTN_DECODE_ARGS) {}
+#define ATTN_DECODE_KERNEL(NAME, G, STAGES)                                                              \
+    extern "C" __global__ void NAME(ATTN_DECODE_ARGS) { GPTOSS_WAIT_PRIOR_GRID(); GPTOSS_LAUNCH_DEPENDENTS(); }
 #endif
 // G = 8 (gpt-oss) with a 2-tile ring: 34 KB of shared memory, 6 CTAs (warps) per SM instead of 3 with
 // the whole segment in flight; the kernel is latency-bound (one warp per CTA), so more warps won: 1.7x
@@ -699,6 +710,8 @@ extern "C" __global__ void __launch_bounds__(256) attn_decode_combine(
     const int* __restrict__ cu_q, const int* __restrict__ seq_start, const int* __restrict__ dec_seqs,
     bf16_t* __restrict__ out, int SD, int Hq, int window, int nsplit)
 {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
 #if GPTOSS_HAS_MMA
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= SD * Hq * 32) return;

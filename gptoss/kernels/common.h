@@ -49,6 +49,23 @@
   #endif
 #endif
 
+// Programmatic dependent launch (PDL, sm_90): the host (gptoss/kernels/launch.py) may launch a kernel
+// while the kernel before it on the stream still runs. Every __global__ kernel therefore starts with
+//   GPTOSS_WAIT_PRIOR_GRID();    // griddepcontrol.wait: block until the previous grid has completed and
+//                                // its memory is visible -- before any global read or write
+//   GPTOSS_LAUNCH_DEPENDENTS();  // griddepcontrol.launch_dependents: the next kernel may launch now (it
+//                                // does once every CTA of this grid has said so or exited)
+// (tests/test_pdl_sources.py checks the first). Both are empty on AMD, in the portable build and below
+// sm_90; without a PDL launch the wait returns at once (the stream already serialized the kernels).
+#if defined(GPTOSS_NVIDIA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  #define GPTOSS_HAS_PDL 1
+  #define GPTOSS_WAIT_PRIOR_GRID() asm volatile("griddepcontrol.wait;" ::: "memory")
+  #define GPTOSS_LAUNCH_DEPENDENTS() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+  #define GPTOSS_WAIT_PRIOR_GRID() ((void)0)
+  #define GPTOSS_LAUNCH_DEPENDENTS() ((void)0)
+#endif
+
 // Floats of shared memory block_sum / block_max need: one per warp of the largest (1024-thread) block.
 #define BLOCK_SCRATCH (1024 / WARP_SIZE)
 

@@ -12,6 +12,8 @@
 extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
 embed_bf16(const int* __restrict__ tokens, const bf16_t* __restrict__ table, float* __restrict__ out,
            int H, int V, int vec8) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const int t = blockIdx.x;
     const int tok = tokens[t];
     float* o = out + (size_t)t * H;
@@ -37,6 +39,8 @@ embed_bf16(const int* __restrict__ tokens, const bf16_t* __restrict__ table, flo
 extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
 gather_rows_f32(const int* __restrict__ rows, const float* __restrict__ src, float* __restrict__ out,
                 int H, int T) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const int r = blockIdx.x;
     const int s = rows[r];
     float* o = out + (size_t)r * H;

@@ -527,6 +527,8 @@ DEVICE void gemm_body(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w
     extern "C" __global__ void __launch_bounds__(32 * (WM) * (WN), MIN_BLOCKS)                              \
     gemm_##NAME(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, const bf16_t* __restrict__ bias, \
                 void* __restrict__ out, int M, int N, int K, int has_bias, int out_f32) {                    \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                          \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                        \
         gemm_body<GemmTile<BM, BN, BK, WM, WN, STAGES>>(x, w, bias, out, M, N, K, has_bias, out_f32);      \
     }
 
@@ -558,6 +560,8 @@ GEMM_KERNEL(d64x64, 64, 64, 128, 2, 2, 3, 1)
     extern "C" __global__ void __launch_bounds__(GEMM_WG_THREADS, MIN_BLOCKS)                               \
     gemm_##NAME(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, const bf16_t* __restrict__ bias, \
                 void* __restrict__ out, int M, int N, int K, int has_bias, int out_f32) {                    \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                           \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                         \
         gemm_wg_body<GemmWgTile<BN, STAGES>>(x, w, bias, out, M, N, K, has_bias, out_f32);                  \
     }
 GEMM_WG_KERNEL(wg128x256, 256, 4, 1)  // 192 KiB smem, 1 CTA/SM, 128 accumulators per thread
@@ -570,6 +574,8 @@ GEMM_WG_KERNEL(wg128x128, 128, 3, 2)  // 96 KiB smem, 2 CTAs/SM
     gemm_##NAME(const __grid_constant__ TensorMap tx, const __grid_constant__ TensorMap tw,                \
                 const bf16_t* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int has_bias, \
                 int out_f32) {                                                                             \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                         \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                       \
         gemm_tma_body<GemmTmaTile<BN, STAGES>>(&tx, &tw, bias, out, M, N, K, has_bias, out_f32);          \
     }
 GEMM_TMA_KERNEL(wgt128x256, 256, 4)  // 192 KiB smem, 1 CTA/SM

@@ -645,6 +645,8 @@ DEVICE void moe_gemm(const MoeParams& p) {
 
 #define MOE_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB)                             \
     extern "C" __global__ void __launch_bounds__(32 * WARPS_N, MINB) NAME(MOE_ARGS) {                \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                    \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                  \
         const MoeParams p = MOE_PARAMS;                                                              \
         moe_gemm<MoeCfg<NT, MW, WARPS_N, KSUB, STAGES, FP4>, MLP1>(p);                               \
     }
@@ -653,6 +655,8 @@ DEVICE void moe_gemm(const MoeParams& p) {
 #define MOE_WG_KERNEL(NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB)                              \
     extern "C" __global__ void __launch_bounds__(32 * WARPS_N, MINB)                                  \
     NAME(const __grid_constant__ TensorMap amap, MOE_ARGS) {                                          \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                    \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                  \
         MoeParams p = MOE_PARAMS;                                                                    \
         p.amap = &amap;                                                                              \
         moe_gemm<MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true, LAG>, MLP1>(p);                     \
@@ -771,6 +775,8 @@ DEVICE void moe_gemm_portable(const MoeParams& p) {
 // paths); the portable body only needs it to be a multiple of MOE_PORTABLE_TY.
 #define MOE_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB)                             \
     extern "C" __global__ void __launch_bounds__(32 * WARPS_N) NAME(MOE_ARGS) {                      \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                    \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                  \
         const MoeParams p = MOE_PARAMS;                                                              \
         moe_gemm_portable<8 * (NT), 16 * (MW) * (WARPS_N), 32 * (WARPS_N), FP4, MLP1>(p);            \
     }

@@ -79,6 +79,8 @@ DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, cons
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                       \
     rmsnorm_##SNAME(const float* __restrict__ x, const S* __restrict__ scale, bf16_t* __restrict__ out, \
                     float* __restrict__ out32, int H, float eps, int vec) {                            \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                      \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                    \
         __shared__ float scratch[BLOCK_SCRATCH];                                                                  \
         rmsnorm_row<false, float, S>(const_cast<float*>(x), nullptr, scale, out, out32, H, eps, vec,   \
                                      scratch);                                                         \
@@ -89,6 +91,8 @@ DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, cons
     add_rmsnorm_##DNAME##_##SNAME(float* __restrict__ x, const D* __restrict__ delta,                  \
                                   const S* __restrict__ scale, bf16_t* __restrict__ out,                \
                                   float* __restrict__ out32, int H, float eps, int vec) {               \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
         __shared__ float scratch[BLOCK_SCRATCH];                                                                  \
         rmsnorm_row<true, D, S>(x, delta, scale, out, out32, H, eps, vec, scratch);                    \
     }
@@ -133,6 +137,8 @@ DEVICE void combine_rmsnorm_row(float* __restrict__ x, const float* __restrict__
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                       \
     combine_rmsnorm_##SNAME(float* __restrict__ x, const float* __restrict__ eo, int k,                \
                             const S* __restrict__ scale, bf16_t* __restrict__ out, int H, float eps) {  \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
         __shared__ float scratch[BLOCK_SCRATCH];                                                                  \
         combine_rmsnorm_row<S>(x, eo, k, scale, out, H, eps, scratch);                                 \
     }

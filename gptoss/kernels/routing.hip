@@ -84,12 +84,16 @@ DEVICE void router_logits_tile(const TIn* __restrict__ t, const bf16_t* __restri
 extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
 router_logits(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ partial,
               int T, int E, int H) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     router_logits_tile<bf16_t>(t, w, partial, T, E, H);
 }
 
 extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
 router_logits_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ partial,
                   int T, int E, int H) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     router_logits_tile<float>(t, w, partial, T, E, H);
 }
 
@@ -99,6 +103,8 @@ router_logits_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, flo
 extern "C" __global__ void
 router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, int* __restrict__ experts,
             float* __restrict__ weights, int T, int E, int k) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const int lane = threadIdx.x % WARP_SIZE;
     const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     if (tok >= T) return;  // whole warps leave together
@@ -164,6 +170,8 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
              int* __restrict__ sorted_slots, int bm_a, int* __restrict__ tiles_a, int ntiles_a,
              int bm_b, int* __restrict__ tiles_b, int ntiles_b, int bm_c, int* __restrict__ tiles_c,
              int ntiles_c) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     constexpr int NW = DISPATCH_THREADS / WARP_SIZE;
     __shared__ int cnt[NW * DISPATCH_MAX_E];           // per (warp, expert): count, then first position
     __shared__ int s_off[DISPATCH_MAX_E + 1];          // row offsets
@@ -309,6 +317,8 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
 // x[t][h] += ((eo[t*k][h] + eo[t*k+1][h]) + ...) over j in increasing order; 4 h per thread (H % 4 == 0).
 extern "C" __global__ void
 moe_combine_add(float* __restrict__ x, const float* __restrict__ eo, int T, int H, int k) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const int H4 = H / 4;
     const size_t n = (size_t)T * H4;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {

@@ -170,6 +170,8 @@ DEVICE int block_argmax(const float* row, int V, int vec, float* fscratch, int* 
 // ids[b] = argmax(logits[b, :]), ties to the lowest id. grid = B, block = ARGMAX_THREADS.
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_rows(const float* __restrict__ logits, int* __restrict__ ids, int V, int vec) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     __shared__ float fscratch[BLOCK_SCRATCH];
     __shared__ int iscratch[BLOCK_SCRATCH];
     const int id = block_argmax(logits + (size_t)blockIdx.x * V, V, vec, fscratch, iscratch);
@@ -189,6 +191,8 @@ sample_rows(const float* __restrict__ logits, const float* __restrict__ temperat
             const float* __restrict__ top_p, const u32* __restrict__ seeds, u32 seed, int per_row_seed,
             const int* __restrict__ sequence, const int* __restrict__ step, int* __restrict__ ids,
             int V, int vec) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     __shared__ u64 hist[RADIX_BINS];
     __shared__ u64 scratch[BLOCK_SCRATCH];
     __shared__ float fscratch[BLOCK_SCRATCH];

@@ -15,12 +15,16 @@
 
 extern "C" __global__ void tp_local_experts(const int* __restrict__ experts, int* __restrict__ local, int n,
                                             int first) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         local[i] = experts[i] - first;
 }
 
 extern "C" __global__ void tp_combine_owned(const float* __restrict__ eo, const int* __restrict__ local,
                                             float* __restrict__ out, int T, int H, int k, int E) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const size_t n = (size_t)T * H;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / H, h = i % H;
@@ -33,6 +37,8 @@ extern "C" __global__ void tp_combine_owned(const float* __restrict__ eo, const 
 
 extern "C" __global__ void tp_reduce_ranks_f32(const float* __restrict__ parts, float* __restrict__ out, int R,
                                                long long n) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float s = parts[i];
@@ -43,6 +49,8 @@ extern "C" __global__ void tp_reduce_ranks_f32(const float* __restrict__ parts, 
 
 extern "C" __global__ void tp_reduce_ranks_bias_bf16(const float* __restrict__ parts, const bf16_t* __restrict__ bias,
                                                      bf16_t* __restrict__ out, int R, long long n, int H) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float s = parts[i];

@@ -4,6 +4,8 @@
 #include "common.h"
 
 extern "C" __global__ void spin_wait(long long cycles) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const long long start = clock64();
     while (clock64() - start < cycles) {
     }
