@@ -8,6 +8,8 @@ Random weights in the exact layout (speed does not depend on the values), genera
 file. Prefill: one prompt of --prompt-len tokens. Decode: B sequences whose caches already hold
 --context tokens each, one token per sequence per step, greedy, sampled ids fed back through the host
 as run.py does. Prints tokens/s and the time per step against the weight-streaming bound.
+GPTOSS_PDL=0 in the environment launches without programmatic dependent launch (gptoss/kernels/launch.py),
+GPTOSS_WGMMA=0 without the wgmma kernels.
 """
 from __future__ import annotations
 
@@ -71,8 +73,9 @@ def main(argv=None) -> int:
                      kernels=KernelOptions.from_env(mode=args.kernels))
     rng = np.random.default_rng(0)
     results = {"preset": args.preset, "experts": args.experts, "kernels": model.kernels.mode,
-               "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
-    print(f"kernels: {model.kernels.mode}", flush=True)
+               "pdl": model.kernels.pdl, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+    print(f"kernels: {model.kernels.mode}, programmatic dependent launch {'on' if model.kernels.pdl else 'off'}",
+          flush=True)
 
     # prefill: one sequence, one chunk
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
