@@ -677,11 +677,15 @@ extern "C" __global__ void __launch_bounds__(128, 4) attn_prefill_g4(ATTN_PREFIL
 // sm_90a (H100/H200): the same CTA with its products on wgmma (two warpgroups of 64 rows): S only, or S
 // and P V. Launched with WGMMA_SMEM_ALIGN more bytes of shared memory than attn_prefill_g8.
 extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wgs_g8(ATTN_PREFILL_ARGS) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
 #if GPTOSS_HAS_WGMMA
     attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_WG_S>(ATTN_PREFILL_CALL);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wg_g8(ATTN_PREFILL_ARGS) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
 #if GPTOSS_HAS_WGMMA
     attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_WG_SPV>(ATTN_PREFILL_CALL);
 #endif
