@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "TMA on H100/H200); portable = every kernel's portable path, the code an AMD GPU "
                         "runs, on any GPU (slower; for checking it and measuring its speed). Default: "
                         "$GPTOSS_KERNELS, else auto. An AMD GPU always runs the portable paths")
+    p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+                   help="the KV cache's element format: bf16 (default), or fp8 = OCP e4m3 with scale 1: half "
+                        "the cache's bytes, so about twice the sequences fit and attention reads half the "
+                        "bytes, for K and V rounded to 3 mantissa bits (accuracy: docs/notes/attention.md, "
+                        "\"FP8 KV cache\"). On the CPU reference: K and V rounded alike")
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="getp: the GPUs to run on, e.g. 0,2,3 or 0-3 (default: every visible GPU); "
                         "replica r runs on the r-th GPU of the list, round robin")
@@ -217,11 +222,11 @@ class Failure(Exception):
 
 def replica_settings(args, memory):
     """What each engine replica's LLM is built with (data parallel, MPI): --tokenizer, -b, --gpu-memory
-    (`memory`, bytes), --kernels."""
+    (`memory`, bytes), --kernels, --kv-cache-dtype."""
     from gptoss.parallel.data import ReplicaSettings
 
     return ReplicaSettings(tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
-                           kernels=kernel_options(args))
+                           kernels=kernel_options(args), kv_cache_dtype=args.kv_cache_dtype)
 
 
 def kernel_options(args):
@@ -326,6 +331,8 @@ def _main(argv) -> int:
     print(line, file=sys.stderr)
     if device == "cpu" and args.kernels == "portable":
         fail("--kernels portable picks the GPU kernels; this run is on the CPU reference, which has none")
+    if device == "cpu" and args.tensor_parallel > 1 and args.kv_cache_dtype == "fp8":
+        fail("--kv-cache-dtype fp8 with --tensor-parallel runs on GPUs; the sharded CPU reference has no FP8 cache")
 
     memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
     if args.mode == "getp":
@@ -362,7 +369,8 @@ def _main(argv) -> int:
         extra = {"promise": 0.0} if args.mode == "serve" else {}
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
                   tensor_parallel=args.tensor_parallel,
-                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args), **extra)
+                  gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args),
+                  kv_cache_dtype=args.kv_cache_dtype, **extra)
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 

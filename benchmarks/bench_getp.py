@@ -2,6 +2,7 @@
 """getp throughput: N prompts of realistic lengths through run.py's getp, exactly -n tokens each.
 
   python benchmarks/bench_getp.py --preset gpt-oss-20b --prompts 4096 -n 512 [--kernels portable]
+                                  [--kv-cache-dtype fp8]
 
 The model is random weights of the real shape made in memory (run.py's `synthetic:PRESET`; speed does
 not depend on the values), or --model PATH. Prompts are random token ids (--input-format ids) with
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
+    p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+                   help="the KV cache's element format (run.py --kv-cache-dtype; default bf16)")
     add_json_option(p, "a copy of getp's record")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_getp.py", args)) is not None:
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
 
     options = {"max_seqs": args.batch, "promise": args.promise, "prefill_tokens": args.prefill_tokens,
                "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30),
-               "kernels": KernelOptions.from_env(mode=args.kernels)}
+               "kernels": KernelOptions.from_env(mode=args.kernels), "kv_cache_dtype": args.kv_cache_dtype}
     model = args.model or f"synthetic:{args.preset}"
     llm = LLM(model, **{k: v for k, v in options.items() if v is not None})
     print(llm.device, file=sys.stderr)

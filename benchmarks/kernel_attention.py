@@ -2,6 +2,7 @@
 """Speed of the attention kernels on the gpt-oss geometry (Hq 64, Hkv 8, D 64), full and sliding (128).
 
   python benchmarks/kernel_attention.py [--json OUT] [--decode-sweep 2048:1024,1025,1280,2049]
+                                       [--kv-cache-dtype fp8]
 
 - prefill (tensor-core flash kernel): T = 512, 2048, 8192 query tokens, as one sequence from position 0
   and as many sequences of 256; TFLOP/s counts 4 * D * Hq flops per visible (query, key) pair
@@ -10,7 +11,8 @@
   scrambled 64-position pages behind a page table, as the model keeps them); GB/s counts the K and
   V bytes of the visible keys (2 KB per key per layer in bf16), the floor of what decode must read.
 - rope_and_cache at the prefill and decode sizes: GB/s of qkv read + q, k, v written.
-Cache contents are random bf16 (speed does not depend on them).
+Cache contents are random bf16 (speed does not depend on them), or with --kv-cache-dtype fp8 random e4m3
+codes (the *_fp8 kernels; GB/s then counts 1 KB per key per layer).
 """
 from __future__ import annotations
 
@@ -33,14 +35,23 @@ def _rand_bf16(shape):
     return (x.view(cp.uint32) >> 16).astype(cp.uint16)
 
 
-def _caches(slots: int, L: int):
-    """K, V caches [slots, L, Hkv, D], every slot holding the same random rows (cheap to fill)."""
+def _rand_e4m3(shape):
+    """Random finite e4m3 codes (any sign, never the NaN code 0x7f)."""
     import cupy as cp
 
-    kc = cp.empty((slots, L, HKV, D), dtype=cp.uint16)
+    return (cp.random.randint(0, 0x7F, shape, dtype=cp.int32) | (cp.random.randint(0, 2, shape) << 7)).astype(cp.uint8)
+
+
+def _caches(slots: int, L: int, fp8: bool = False):
+    """K, V caches [slots, L, Hkv, D] (bf16, or e4m3 codes when fp8), every slot holding the same random
+    rows (cheap to fill)."""
+    import cupy as cp
+
+    kc = cp.empty((slots, L, HKV, D), dtype=cp.uint8 if fp8 else cp.uint16)
     vc = cp.empty_like(kc)
-    kc[...] = _rand_bf16((1, L, HKV, D))
-    vc[...] = _rand_bf16((1, L, HKV, D))
+    rand = _rand_e4m3 if fp8 else _rand_bf16
+    kc[...] = rand((1, L, HKV, D))
+    vc[...] = rand((1, L, HKV, D))
     return kc, vc
 
 
@@ -58,14 +69,14 @@ def _free():
     cp.get_default_memory_pool().free_all_blocks()
 
 
-def _prefill_row(time_ms, sinks, T: int, seq_len: int, window: int) -> dict:
+def _prefill_row(time_ms, sinks, T: int, seq_len: int, window: int, fp8: bool = False) -> dict:
     import cupy as cp
     import numpy as np
 
     from gptoss.ops import attention as A
 
     n_seq = T // seq_len
-    kc, vc = _caches(n_seq, seq_len)
+    kc, vc = _caches(n_seq, seq_len, fp8)
     q = _rand_bf16((T, HQ, D))
     out = cp.empty((T, HQ * D), dtype=cp.uint16)
     batch = A.AttentionBatch.build([seq_len] * n_seq, list(range(n_seq)), [0] * n_seq, seq_len)
@@ -75,7 +86,7 @@ def _prefill_row(time_ms, sinks, T: int, seq_len: int, window: int) -> dict:
                 bound="compute")
 
 
-def _decode_row(time_ms, sinks, B: int, ctx: int, window: int, paged: bool = False) -> dict:
+def _decode_row(time_ms, sinks, B: int, ctx: int, window: int, paged: bool = False, fp8: bool = False) -> dict:
     """B sequences, one query each at position ctx - 1; sliding layers keep a ring of window + 1.
     paged: the full layer's cache as 64-position pages in scrambled order behind a page table (as
     the model keeps it)."""
@@ -83,7 +94,7 @@ def _decode_row(time_ms, sinks, B: int, ctx: int, window: int, paged: bool = Fal
 
     from gptoss.ops import attention as A
 
-    kc, vc = _caches(B, ctx if window == 0 else window + 1)
+    kc, vc = _caches(B, ctx if window == 0 else window + 1, fp8)
     table = None
     if paged:
         pages = B * ctx // 64
@@ -93,18 +104,18 @@ def _decode_row(time_ms, sinks, B: int, ctx: int, window: int, paged: bool = Fal
     out = cp.empty((B, HQ * D), dtype=cp.uint16)
     batch = A.AttentionBatch.build([1] * B, list(range(B)), [ctx - 1] * B, ctx)
     ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, window, out=out, page_table=table))
-    kv_bytes = B * min(ctx, window or ctx) * HKV * D * 2 * 2
+    kv_bytes = B * min(ctx, window or ctx) * HKV * D * 2 * kc.itemsize
     name = "attn_decode_paged" if paged else "attn_decode"
     return dict(common.row(name, f"B={B} ctx={ctx} window={window}", ms, bytes_moved=kv_bytes), bound="memory")
 
 
-def _rope_row(time_ms, table, T: int) -> dict:
+def _rope_row(time_ms, table, T: int, fp8: bool = False) -> dict:
     import cupy as cp
 
     from gptoss.ops import attention as A
 
     qkv = _rand_bf16((T, (HQ + 2 * HKV) * D))
-    kc, vc = _caches(1, table.shape[0])
+    kc, vc = _caches(1, table.shape[0], fp8)
     pos = cp.arange(T, dtype=cp.int32)
     slots = cp.zeros(T, dtype=cp.int32)
     q = cp.empty((T, HQ, D), dtype=cp.uint16)
@@ -112,7 +123,7 @@ def _rope_row(time_ms, table, T: int) -> dict:
     return dict(common.row("rope_and_cache", f"T={T}", ms, bytes_moved=2.0 * qkv.nbytes), bound="memory")
 
 
-def decode_sweep(time_ms, sinks, B: int, keys_list) -> list[dict]:
+def decode_sweep(time_ms, sinks, B: int, keys_list, fp8: bool = False) -> list[dict]:
     """One full-attention decode layer at batch B for each key count (every sequence alike), then with
     ragged contexts (uniform 64..2,047 keys, seed 0, the shape of getp's decode steps)."""
     import cupy as cp
@@ -121,7 +132,7 @@ def decode_sweep(time_ms, sinks, B: int, keys_list) -> list[dict]:
     from gptoss.ops import attention as A
 
     L = max(max(keys_list), 2048) + 64
-    kc, vc = _caches(B, L)
+    kc, vc = _caches(B, L, fp8)
     q = _rand_bf16((B, HQ, D))
     out = cp.empty((B, HQ * D), dtype=cp.uint16)
     cases = [(f"B={B} keys={k}", [k - 1] * B) for k in keys_list]
@@ -131,7 +142,7 @@ def decode_sweep(time_ms, sinks, B: int, keys_list) -> list[dict]:
     for shape, pos in cases:
         batch = A.AttentionBatch.build([1] * B, list(range(B)), pos, L, max_kv=None)
         ms = time_ms(lambda: A.attention(q, kc, vc, batch, sinks, 0, out=out))
-        kv_bytes = (np.asarray(pos) + 1).sum() * HKV * D * 2 * 2
+        kv_bytes = (np.asarray(pos) + 1).sum() * HKV * D * 2 * kc.itemsize
         rows.append(dict(common.row("attn_decode", shape, ms, bytes_moved=kv_bytes), bound="memory"))
     return rows
 
@@ -175,7 +186,7 @@ def prefill_kernels(time_ms, sinks, T: int, starts) -> list[dict]:
     return rows
 
 
-def bench(time_ms=common.time_ms) -> list[dict]:
+def bench(time_ms=common.time_ms, fp8: bool = False) -> list[dict]:
     import cupy as cp
 
     from gptoss.config import GPT_OSS_20B
@@ -186,19 +197,19 @@ def bench(time_ms=common.time_ms) -> list[dict]:
     for T in (512, 2048, 8192):
         for seq_len in (T, 256):
             for window in (0, WINDOW):
-                rows.append(_prefill_row(time_ms, sinks, T, seq_len, window))
+                rows.append(_prefill_row(time_ms, sinks, T, seq_len, window, fp8))
                 _free()
     for ctx in (1024, 4096):
         for B in (1, 64, 1024):
             for window in (0, WINDOW):
-                rows.append(_decode_row(time_ms, sinks, B, ctx, window))
+                rows.append(_decode_row(time_ms, sinks, B, ctx, window, fp8=fp8))
                 _free()
             if B > 1:
-                rows.append(_decode_row(time_ms, sinks, B, ctx, 0, paged=True))
+                rows.append(_decode_row(time_ms, sinks, B, ctx, 0, paged=True, fp8=fp8))
                 _free()
     table = A.rope_table(GPT_OSS_20B, 8192)
     for T in (64, 1024, 8192):
-        rows.append(_rope_row(time_ms, table, T))
+        rows.append(_rope_row(time_ms, table, T, fp8))
         _free()
     return rows
 
@@ -212,12 +223,15 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-kernels", default=None, metavar="T:START,START,...",
                    help="only time a T-query prefill chunk at each start position through every prefill "
                         "kernel of the device (mma.sync, wgmma), e.g. 4096:0,28672,114688")
+    p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+                   help="the caches' element format (fp8: e4m3, the *_fp8 kernels; default bf16)")
     args = p.parse_args(argv)
     if (code := common.json_path_error("kernel_attention.py", args)) is not None:
         return code
     import cupy as cp
 
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
+    fp8 = args.kv_cache_dtype == "fp8"
     if args.prefill_kernels:
         T, _, starts = args.prefill_kernels.partition(":")
         sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
@@ -225,9 +239,10 @@ def main(argv=None) -> int:
     elif args.decode_sweep:
         batch, _, keys = args.decode_sweep.partition(":")
         sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
-        rows = decode_sweep(common.time_ms, sinks, int(batch), [int(k) for k in keys.split(",") if k])
+        rows = decode_sweep(common.time_ms, sinks, int(batch), [int(k) for k in keys.split(",") if k], fp8)
     else:
-        rows = bench()
+        rows = bench(fp8=fp8)
+    print(f"{args.kv_cache_dtype} KV cache")
     print(f"{name}: peak {common.H100_COPY_GBPS:.0f} GB/s, {common.H100_BF16_TFLOPS:.0f} TFLOP/s (H100 reference)")
     print(f"{'kernel':<16} {'shape':<36} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}")
     for r in rows:

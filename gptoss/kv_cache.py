@@ -1,4 +1,5 @@
-"""The GPU KV cache: K and V per layer in bf16, and the kernels' copy of the page table.
+"""The GPU KV cache: K and V per layer in bf16 (uint16 bits) or FP8 (uint8 OCP e4m3 codes, half the bytes:
+`kv_dtype` "fp8", EngineConfig.kv_cache_dtype), and the kernels' copy of the page table.
 
 Sliding layers: [slots, ring, Hkv, D], a ring of window + max_chunk positions per slot (position p at
 row p % ring; a chunk's keys are written before its queries read, so the ring covers window - 1 older
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
-from .ops.attention import TILE
+from .ops.attention import TILE, kv_numpy_dtype
 
 PAGE = TILE  # positions per page of the full layers' cache: one attention tile, the kernels' smallest page
 
@@ -27,12 +28,15 @@ def pages_per_slot(capacity: int) -> int:
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int | None = None):
+    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int | None = None,
+                 kv_dtype: str = "bf16"):
         import cupy
 
         if capacity <= 0 or slots <= 0:
             raise ValueError(f"a KV cache needs slots and capacity > 0, got {slots} and {capacity}")
         self.slots, self.capacity, self.max_chunk = slots, capacity, max_chunk
+        self.kv_dtype = kv_dtype
+        dtype = kv_numpy_dtype(kv_dtype)
         self.width = pages_per_slot(capacity)
         self.pages = slots * self.width if pages is None else int(pages)
         if self.pages <= 0:
@@ -46,27 +50,29 @@ class KVCache:
         self.k, self.v = [], []
         for i in range(cfg.num_layers):
             shape = self.layer_shape(cfg, i, slots, capacity, max_chunk, self.pages)
-            self.k.append(cupy.empty(shape, dtype=cupy.uint16))
-            self.v.append(cupy.empty(shape, dtype=cupy.uint16))
+            self.k.append(cupy.empty(shape, dtype=dtype))
+            self.v.append(cupy.empty(shape, dtype=dtype))
 
     @staticmethod
     def layer_shape(cfg: ModelConfig, layer: int, slots: int, capacity: int, max_chunk: int, pages: int) -> tuple:
-        """The shape of layer `layer`'s K (and V) array, bf16."""
+        """The shape of layer `layer`'s K (and V) array (elements of the cache's dtype)."""
         if cfg.is_sliding(layer):
             return (slots, min(capacity, cfg.sliding_window + max_chunk), cfg.num_kv_heads, cfg.head_dim)
         return (pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
 
     @classmethod
-    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int) -> int:
+    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int,
+               kv_dtype: str = "bf16") -> int:
         """GPU bytes of a cache of these dimensions: every layer's K and V and the page table."""
-        kv = sum(2 * 2 * int(np.prod(cls.layer_shape(cfg, i, slots, capacity, max_chunk, pages)))
+        size = kv_numpy_dtype(kv_dtype).itemsize
+        kv = sum(2 * size * int(np.prod(cls.layer_shape(cfg, i, slots, capacity, max_chunk, pages)))
                  for i in range(cfg.num_layers))
         return kv + slots * pages_per_slot(capacity) * 4
 
     @classmethod
-    def page_bytes(cls, cfg: ModelConfig) -> int:
+    def page_bytes(cls, cfg: ModelConfig, kv_dtype: str = "bf16") -> int:
         """GPU bytes of one more page (PAGE positions of every full layer)."""
-        return cls.nbytes(cfg, 1, PAGE, 1, 1) - cls.nbytes(cfg, 1, PAGE, 1, 0)
+        return cls.nbytes(cfg, 1, PAGE, 1, 1, kv_dtype) - cls.nbytes(cfg, 1, PAGE, 1, 0, kv_dtype)
 
     def layer_table(self, layer: int, cfg: ModelConfig):
         """The page table for layer `layer`'s kernels: the device table on full layers, None on sliding."""

@@ -93,7 +93,7 @@ class GPUModel:
     page table's changes with the steps (StepBatch.page_table or page_updates). `kernels`: the kernel
     choices, resolved here once for this device and passed to every launch (default
     KernelOptions.from_env(): GPTOSS_KERNELS=portable runs the portable kernels, GPTOSS_WGMMA=0 turns the
-    wgmma kernels off).
+    wgmma kernels off). kv_cache_dtype: "bf16" or "fp8" (e4m3: half the cache's bytes; KVCache).
 
     Tensor/expert parallel: with `collective` (gptoss.parallel.collective) the weights are one rank's
     share (gptoss.parallel.shard_weights.ShardWeights: its heads, its experts) and each layer all-gathers
@@ -107,7 +107,7 @@ class GPUModel:
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
                  max_chunk: int, max_rows: int | None = None, pages: int | None = None,
-                 kernels: KernelOptions | None = None, collective=None):
+                 kernels: KernelOptions | None = None, collective=None, kv_cache_dtype: str = "bf16"):
         import cupy
 
         from .ops.attention import rope_table
@@ -120,7 +120,7 @@ class GPUModel:
         self.slots = slots
         self.pad_slot = slots
         self.max_step_tokens, rows = self.step_sizes(slots, max_step_tokens, max_rows)
-        self.cache = KVCache(cfg, slots + 1, capacity, max_chunk, pages)
+        self.cache = KVCache(cfg, slots + 1, capacity, max_chunk, pages, kv_cache_dtype)
         self.sliding_run = self.ring_run(cfg, capacity, max_chunk)
         self.rope = rope_table(cfg, capacity)
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows, ranks)
@@ -152,12 +152,13 @@ class GPUModel:
 
     @classmethod
     def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_step_tokens: int, max_chunk: int,
-               pages: int, max_rows: int | None = None, ranks: int | None = None) -> int:
+               pages: int, max_rows: int | None = None, ranks: int | None = None, kv_cache_dtype: str = "bf16") -> int:
         """GPU bytes a model of these dimensions allocates beside its weights, from the shapes its
         constructor allocates: the KV cache, the step buffers and the decode partials (the RoPE table,
         each step's attention layout and the captured graphs are small and not counted)."""
         tokens, rows = cls.step_sizes(slots, max_step_tokens, max_rows)
-        return (KVCache.nbytes(cfg, slots + 1, capacity, max_chunk, pages) + StepBuffers.nbytes(cfg, tokens, rows, ranks)
+        return (KVCache.nbytes(cfg, slots + 1, capacity, max_chunk, pages, kv_cache_dtype)
+                + StepBuffers.nbytes(cfg, tokens, rows, ranks)
                 + 4 * cls._decode_floats(cfg, slots, capacity))
 
     @property

@@ -75,6 +75,49 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray, q_
     return out.reshape(T, Hq, D).astype(np.float32)
 
 
+# ---- FP8 (OCP e4m3) rounding of the KV cache ---------------------------------------------------------
+# A code is s eeee mmm: bias 7, value (-1)^s 2^(e - 7) (1 + m/8) for e > 0 and (-1)^s 2^-6 m/8 for e = 0;
+# s 1111 111 (0x7f, 0xff) is NaN and there is no infinity, so the largest finite magnitude is 0x7e = 448.
+
+E4M3_MAX = 448.0
+E4M3_NAN = 0x7F  # the NaN code (with the sign bit: 0xff)
+
+
+def e4m3_values() -> np.ndarray:
+    """float32 [256]: the value of every e4m3 code, NaN at 0x7f and 0xff (from the formula above)."""
+    codes = np.arange(256)
+    e, m = (codes >> 3) & 15, codes & 7
+    magnitude = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    magnitude = np.where((codes & 0x7F) == E4M3_NAN, np.nan, magnitude)
+    return np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+def e4m3_encode(x) -> np.ndarray:
+    """x (float32) -> e4m3 codes (uint8): the nearest value, ties to the even mantissa (round to nearest
+    even); a magnitude beyond 448 (infinity included) saturates to 448; NaN becomes the NaN code. The
+    sign is kept (-0.0 -> 0x80)."""
+    x = np.asarray(x, dtype=np.float32)
+    magnitude = np.abs(x).astype(np.float64)
+    table = e4m3_values()[:E4M3_NAN].astype(np.float64)  # codes 0..126: 0 .. 448, increasing
+    hi = np.clip(np.searchsorted(table, magnitude), 0, E4M3_NAN - 1)  # first value >= the magnitude
+    lo = np.maximum(hi - 1, 0)
+    below, above = magnitude - table[lo], table[hi] - magnitude
+    code = np.where(below < above, lo, np.where(above < below, hi, np.where(lo % 2 == 0, lo, hi)))
+    code = np.where(magnitude >= E4M3_MAX, E4M3_NAN - 1, code)  # saturate (infinity too)
+    code = np.where(np.isnan(x), E4M3_NAN, code)
+    return (code | np.where(np.signbit(x), 0x80, 0)).astype(np.uint8)
+
+
+def e4m3_decode(codes) -> np.ndarray:
+    """e4m3 codes (uint8) -> float32 values."""
+    return e4m3_values()[np.asarray(codes, dtype=np.uint8)]
+
+
+def e4m3_round(x) -> np.ndarray:
+    """x rounded to e4m3 and back (float32): what an FP8 KV cache keeps of x."""
+    return e4m3_decode(e4m3_encode(x))
+
+
 def router_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """logits [T, E] -> (experts [T, k] int64, weights [T, k] float32), largest logit first.
 
@@ -206,8 +249,11 @@ class KVCache:
 class ReferenceModel:
     """gpt-oss in float32 NumPy. Dense weights become float32 at init; experts are decoded lazily."""
 
-    def __init__(self, weights, expert_cache_bytes: int = 2 << 30):
+    def __init__(self, weights, expert_cache_bytes: int = 2 << 30, kv_fp8: bool = False):
+        """kv_fp8: K and V rounded to e4m3 (e4m3_round) before they enter the cache, as the GPU's FP8 KV
+        cache keeps them (EngineConfig.kv_cache_dtype "fp8"); default float32."""
         self.weights = weights
+        self.kv_fp8 = kv_fp8
         cfg = self.config = weights.config
         f32 = weights.f32
         self.embedding_dtype = weights.info("embedding.weight").dtype  # rows are converted on lookup
@@ -245,6 +291,8 @@ class ReferenceModel:
         k = qkv[:, Hq * D:(Hq + Hkv) * D].reshape(T, Hkv, D)
         v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE on q and k, not v
+        if self.kv_fp8:  # what an FP8 cache holds
+            k, v = e4m3_round(k), e4m3_round(v)
         cache.k[i] = np.concatenate([cache.k[i], k])  # this chunk's keys are visible to its own queries
         cache.v[i] = np.concatenate([cache.v[i], v])
         k_pos = np.concatenate([cache.positions, positions])

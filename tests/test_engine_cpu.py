@@ -146,3 +146,16 @@ def test_a_reserved_cache_lets_a_request_join_at_once(weights):
     with pytest.raises(RuntimeError, match="only be reserved while no request is held"):
         engine.add_request(a, params)
         engine.reserve(TINY.max_context, 4)
+
+
+def test_fp8_kv_cache_on_the_cpu_is_the_fp8_reference(weights):
+    """EngineConfig(kv_cache_dtype="fp8") on the CPU runs the reference with K and V rounded to e4m3:
+    a batch of greedy requests gets exactly ReferenceModel(kv_fp8=True)'s tokens."""
+    model = ReferenceModel(weights, kv_fp8=True)
+    engine = Engine(CPUModelRunner(weights, EngineConfig(max_seqs=3, kv_cache_dtype="fp8")))
+    assert "fp8" in engine.runner.name
+    reqs = [(p, SamplingParams(max_tokens=10)) for p in prompts(8, 4)]
+    got = run(engine, reqs)
+    assert got == [reference_tokens(model, p, params, i) for i, (p, params) in enumerate(reqs)]
+    with pytest.raises(ValueError, match="FP8"):
+        CPUModelRunner(weights, EngineConfig(kv_cache_dtype="fp8"), model=model)

@@ -132,6 +132,7 @@ MACROS = [
     ("moe", "MOE_KERNEL", "NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_WG_KERNEL", "NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB", "32 * WARPS_N"),
     ("attention", "ATTN_DECODE_KERNEL", "NAME, G, STAGES", "32"),
+    ("attention", "ATTN_DECODE_FP8_KERNEL", "NAME, G, STAGES", "32"),
 ]
 
 
@@ -166,16 +167,25 @@ def test_attention_shapes_the_wrapper_assumes():
     from gptoss.ops import attention as A
 
     text = source("attention")
-    prefill = {int(g): int(t) for t, g in re.findall(r"__launch_bounds__\((\d+), \d+\) attn_prefill_g(\d+)\(", text)}
-    assert prefill == {g: 32 * g for g in A.FAST_GROUPS}
-    decode_rows = K.parse_macro_rows(text, "ATTN_DECODE_KERNEL")
-    assert {r[0] for r in decode_rows} == {f"attn_decode_g{g}" for g in A.FAST_GROUPS}
+    prefill = {r[0]: (int(r[1]), r[3]) for r in K.parse_macro_rows(text, "ATTN_PREFILL_KERNEL")}
+    assert prefill == {f"attn_prefill_g{g}{suffix}": (g, kv) for g in A.FAST_GROUPS
+                       for suffix, kv in (("", "bf16_t"), ("_fp8", "u8"))}
+    assert "__launch_bounds__(32 * G, BOUNDS) NAME(ATTN_PREFILL_ARGS(KV))" in text  # 32 G threads
+    for macro, suffix in (("ATTN_DECODE_KERNEL", ""), ("ATTN_DECODE_FP8_KERNEL", "_fp8")):
+        decode_rows = K.parse_macro_rows(text, macro)
+        assert {r[0] for r in decode_rows} == {f"attn_decode_g{g}{suffix}" for g in A.FAST_GROUPS}
     # the decode kernel's writes and the combine kernel's reads of the partials
     acc = re.findall(r"part_acc \+ \(prow \+ h[ab]\) \* (\d+)", text) + re.findall(r"part_acc \+ r \* (\d+)", text)
     ml = re.findall(r"part_ml \+ \(prow \+ h[ab]\) \* (\d+)", text) + re.findall(r"part_ml \+ (\d+) \* r\)", text)
     assert len(acc) == 3 and set(acc) == {str(A.FAST_HEAD_DIM)}
     assert len(ml) == 3 and set(ml) == {str(A.DECODE_PARTIAL_FLOATS - A.FAST_HEAD_DIM)}
-    assert "sKV + STAGES * 2 * ATTN_TILE * 64" in text  # K/V tiles of D = 64 columns
+    # K/V tiles of D = 64 columns, sizeof(KV) bytes each; fp8 adds one converted bf16 K/V tile pair
+    assert "#define KV_STAGE_ELEMS(KV) (ATTN_TILE * 64 * (int)sizeof(KV))" in text
+    assert text.count("bf16_t* sConv = sKV + STAGES * STAGE;") == 2
+    assert text.count("bf16_t* sQ = sConv + (FP8 ? 2 * ATTN_TILE * 64 : 0);") == 2
+    tile = A.TILE * A.FAST_HEAD_DIM
+    assert A._decode_smem(2) == 2 * 2 * tile * 2 + 16 * 64 * 2
+    assert A._decode_smem(2, fp8=True) == 2 * 2 * tile + 2 * tile * 2 + 16 * 64 * 2
     assert A.decode_workspace_floats(3, 1000, 64) == 3 * A.decode_splits(1000, 0) * 64 * A.DECODE_PARTIAL_FLOATS
 
 

@@ -61,3 +61,23 @@ def test_counts_are_the_allocated_shapes():
     assert (tokens, rows) == (100, 8)
     assert GPUModel.nbytes(cfg, 8, 2048, 100, 256, 50) > KVCache.nbytes(cfg, 9, 2048, 256, 50) + \
         StepBuffers.nbytes(cfg, 100, 8)
+
+
+def test_fp8_cache_halves_the_kv_bytes_and_doubles_the_pages():
+    """An fp8 (e4m3) cache stores a byte per K/V element: half the KV bytes, so about twice the pages in
+    the same memory (the step buffers and page table are the same size either way)."""
+    cfg = GPT_OSS_20B
+    assert KVCache.page_bytes(cfg, "fp8") * 2 == KVCache.page_bytes(cfg)
+    table = 9 * -(-2048 // PAGE) * 4
+    bf16, fp8 = (KVCache.nbytes(cfg, 9, 2048, 256, 50, dtype) for dtype in ("bf16", "fp8"))
+    assert (fp8 - table) * 2 == bf16 - table
+    free = 60 << 30
+    plans = {dtype: plan_memory(cfg, free, 2048, 100000, config=EngineConfig(kv_cache_dtype=dtype))
+             for dtype in ("bf16", "fp8")}
+    assert 1.9 < plans["fp8"].slots / plans["bf16"].slots < 2.1
+    assert 1.9 < plans["fp8"].pages / plans["bf16"].pages < 2.1
+    p = plans["fp8"]
+    assert p.bytes == GPUModel.nbytes(cfg, p.slots, 2048, p.max_step_tokens, p.max_chunk, p.pages,
+                                      kv_cache_dtype="fp8") <= free - HEADROOM
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp16")

@@ -89,6 +89,25 @@ def test_getp_matches_the_reference_greedy(ids_model, tmp_path):
     assert not (tmp_path / "out.txt.partial").exists()
 
 
+def test_getp_fp8_kv_cache_is_the_fp8_reference(ids_model, tmp_path):
+    """--kv-cache-dtype fp8 on the CPU: the reference with K and V rounded to e4m3, through data-parallel
+    replicas too (ReplicaSettings carries the flag)."""
+    from gptoss.weights import open_weights
+    from gptoss.reference import ReferenceModel, greedy_generate
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (30, 5, 12)]
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("".join(" ".join(map(str, p)) + "\n" for p in prompts))
+    model = ReferenceModel(open_weights(ids_model), kv_fp8=True)
+    want = [greedy_generate(model, p, 6, one_at_a_time=True) for p in prompts]
+    for extra in ([], ["--data-parallel", "2"]):
+        out = tmp_path / f"out{len(extra)}.txt"
+        run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "6", "--device", "cpu",
+            "--input-format", "ids", "--ignore-eos", "-q", "--kv-cache-dtype", "fp8", *extra)
+        assert [[int(t) for t in line.split()] for line in out.read_text().splitlines()] == want, extra
+
+
 def test_getp_resume_does_not_recompute(ids_model, tmp_path, monkeypatch):
     from gptoss.getp import run_fingerprint
     from gptoss.sampling import SamplingParams
@@ -165,6 +184,13 @@ def test_portable_kernels_on_the_cpu_reference_is_one_line_error():
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[-1] == ("run.py: error: --kernels portable picks the GPU kernels; this run is on "
                                             "the CPU reference, which has none")
+
+
+def test_fp8_kv_cache_with_cpu_tensor_parallel_is_one_line_error():
+    proc = run("run.py", "synthetic:tiny-chat", "-m", "generate", "-p", "x", "--device", "cpu",
+               "--tensor-parallel", "2", "--kv-cache-dtype", "fp8", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith("run.py: error: --kv-cache-dtype fp8 with --tensor-parallel")
 
 
 def test_decode_roundtrip(chat_model, tmp_path):

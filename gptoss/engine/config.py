@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KV_CACHE_DTYPES = ("bf16", "fp8")  # gptoss.ops.attention.KV_DTYPES (kept apart: no GPU-side import here)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -23,6 +25,9 @@ class EngineConfig:
     kernels: the GPU kernels' choices (gptoss.kernels.KernelOptions: the mode "auto" or "portable" --
         run.py --kernels --, wgmma); None = KernelOptions.from_env() (GPTOSS_KERNELS, GPTOSS_WGMMA), read
         once when the model is built.
+    kv_cache_dtype: the KV cache's element format: "bf16", or "fp8" (OCP e4m3, scale 1: half the bytes,
+        so about twice the KV pages in the same memory, and half the bytes attention reads; K and V
+        rounded to 3 mantissa bits). The CPU reference emulates it (K and V rounded to e4m3 in float32).
     """
 
     max_seqs: int | None = None
@@ -33,6 +38,7 @@ class EngineConfig:
     num_pages: int | None = None
     use_graphs: bool = True
     kernels: object | None = None
+    kv_cache_dtype: str = "bf16"
 
     def step_tokens(self, slots: int, capacity: int) -> tuple[int, int]:
         """(tokens one step may carry, prompt tokens of one sequence one step may carry) for `slots`
@@ -42,6 +48,8 @@ class EngineConfig:
         return slots + min(self.prefill_tokens, slots * chunk), chunk
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})")
         for name in ("max_seqs", "num_pages", "memory_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

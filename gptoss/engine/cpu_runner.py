@@ -23,13 +23,20 @@ class CPUModelRunner:
     name = "cpu (NumPy reference, float32)"
 
     def __init__(self, weights, config: EngineConfig | None = None, model=None):
-        """model: what runs the forward (new_cache, hidden, unembed), default ReferenceModel(weights); a
-        tensor-parallel rank passes its share (gptoss.parallel.tp_runner)."""
+        """model: what runs the forward (new_cache, hidden, unembed), default ReferenceModel(weights) (with
+        K and V rounded to e4m3 when config.kv_cache_dtype is "fp8"); a tensor-parallel rank passes its
+        share (gptoss.parallel.tp_runner), which has no fp8 cache."""
         from ..reference import ReferenceModel
 
         self.model_config = weights.config
-        self.config = config or EngineConfig()
-        self.model = model if model is not None else ReferenceModel(weights)
+        self.config = config = config or EngineConfig()
+        fp8 = config.kv_cache_dtype == "fp8"
+        if model is not None and fp8:
+            raise ValueError("the tensor-parallel CPU reference has no FP8 KV cache; run --kv-cache-dtype fp8 "
+                             "on one CPU process or on GPUs")
+        self.model = model if model is not None else ReferenceModel(weights, kv_fp8=fp8)
+        if fp8:
+            self.name = "cpu (NumPy reference, float32, K/V rounded to fp8 e4m3)"
         self.caches: list = []  # the reference KV cache of each slot
 
     def free_bytes(self) -> None:

@@ -51,7 +51,8 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
         return config.step_tokens(slots, capacity)[0]
 
     def nbytes(slots: int, pages: int) -> int:
-        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages, ranks=ranks)
+        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages, ranks=ranks,
+                               kv_cache_dtype=config.kv_cache_dtype)
 
     budget = free_bytes - HEADROOM
     lo, hi = 0, max(1, wanted_slots)
@@ -66,7 +67,8 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
             f"no room for even one sequence of {capacity} tokens: it needs "
             f"{gib(nbytes(1, width))} of GPU memory beside the weights and {gib(max(budget, 0))} is left. "
             "Lower -n or shorten the prompts.")
-    pages = min((budget - nbytes(lo, 0)) // KVCache.page_bytes(cfg), lo * width)  # (ranks: page bytes alike)
+    pages = min((budget - nbytes(lo, 0)) // KVCache.page_bytes(cfg, config.kv_cache_dtype),
+                lo * width)  # (ranks: page bytes alike)
     return MemoryPlan(lo, int(pages), capacity, step_tokens(lo), chunk, nbytes(lo, int(pages)))
 
 
@@ -94,6 +96,8 @@ class GPUModelRunner:
         self.kernels = (config.kernels if config.kernels is not None else KernelOptions.from_env()).resolve()
         if self.kernels.portable:  # (every AMD GPU; GPTOSS_KERNELS=portable or --kernels portable elsewhere)
             self.name = f"gpu ({self.device_name}, portable kernels)"
+        if config.kv_cache_dtype != "bf16":
+            self.name = self.name[:-1] + f", {config.kv_cache_dtype} KV cache)"
         t0 = time.perf_counter()
         compile_all(self.kernels)  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
         if progress and time.perf_counter() - t0 > 2:
@@ -134,7 +138,8 @@ class GPUModelRunner:
             pages = min(pages, self.config.num_pages)
         with _out_of_memory_as_error("the KV cache and step buffers"):
             self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
-                                  pages=pages, kernels=self.kernels, collective=self.collective)
+                                  pages=pages, kernels=self.kernels, collective=self.collective,
+                                  kv_cache_dtype=self.config.kv_cache_dtype)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens,
                       self.config.step_tokens(plan.slots, capacity)[1])
 

@@ -36,6 +36,14 @@
 //
 // All softmax arithmetic is in the log2 domain: scores are multiplied by log2(e) / sqrt(D) and the
 // sink by log2(e), so exp2f does the exponentials.
+//
+// FP8 cache (the *_fp8 kernels; ops/attention.py picks them when the caches are uint8): K and V are
+// stored as OCP e4m3 bytes (bias 7, max 448, no infinities, NaN = s1111111), scale 1. rope_and_cache_fp8
+// rounds the fp32 k (after RoPE) and the bf16 v to nearest even, saturating at +-448. The tensor-core
+// kernels cp.async the fp8 tiles (half the bytes) into a staging ring and convert each tile once into the
+// same swizzled bf16 tile the bf16 kernels read (every e4m3 value is a bf16 value: exact), so attend_tile
+// and the canonical computation above are unchanged, and so is batch invariance. attn_simple_fp8 decodes
+// each byte with the portable e4m3_to_float.
 #include "common.h"
 #include "mma.h"
 
@@ -53,16 +61,49 @@ DEVICE long long block_row0(const int* __restrict__ table, int table_w, int slot
 }
 
 // ---------------------------------------------------------------------------------------------------
+// e4m3 <-> float, portable (both vendors, no intrinsics). The NumPy twins: gptoss/reference.py e4m3_*.
+#define E4M3_MAX 448.0f
+
+// Round to the nearest e4m3 value, ties to the even mantissa; |f| > 448 (infinity too) saturates to 448;
+// NaN gives the NaN code. Normals: round the fp32 mantissa to 3 bits in place (carry into the exponent
+// is the next binade), then rebias 127 -> 7. Below 2^-6 the values are multiples of 2^-9: rint(|f| 2^9)
+// is the code itself (8 = the smallest normal, 0x08).
+DEVICE u8 float_to_e4m3(float f) {
+    const u32 sign = (__float_as_uint(f) >> 24) & 0x80u;
+    const float a = fabsf(f);
+    if (!(a == a)) return (u8)(sign | 0x7fu);
+    if (a > E4M3_MAX) return (u8)(sign | 0x7eu);
+    if (a < 0.015625f) return (u8)(sign | (u32)rintf(a * 512.0f));  // a * 2^9 is exact
+    u32 x = __float_as_uint(a);
+    x += 0x7ffffu + ((x >> 20) & 1u);  // round the 23-bit mantissa to 3 bits, nearest even
+    return (u8)(sign | (((x >> 23) - 120u) << 3) | ((x >> 20) & 7u));
+}
+
+DEVICE float e4m3_to_float(u8 c) {
+    const u32 e = (c >> 3) & 15u, m = c & 7u;
+    float mag = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0.001953125f;  // m 2^-9
+    if ((c & 0x7fu) == 0x7fu) mag = __uint_as_float(0x7fc00000u);
+    return (c & 0x80u) ? -mag : mag;
+}
+
+// A cache element as a float: bf16 bits (bf16_t) or an e4m3 byte (u8).
+DEVICE float kv_to_float(bf16_t x) { return bf16_to_float(x); }
+DEVICE float kv_to_float(u8 x) { return e4m3_to_float(x); }
+
+// ---------------------------------------------------------------------------------------------------
 // RoPE + cache write. qkv [T, (Hq + 2 Hkv) D] (q heads, k heads, v heads); table [n_positions, D/2, 2]
 // holds (cos, sin) with the YaRN concentration applied. Pairs (i, i + D/2) rotate:
 //   a' = a cos - b sin,  b' = b cos + a sin.
 // q goes to q_out [T, Hq, D]; k and v go to the cache row of (slot, pos) (block_row0). A token whose
 // position, slot or page is out of range gets NaN q and writes nothing to the caches (a visible failure
 // instead of a stray write). page_table [table_rows, table_w]; table_w = 0: no page table.
-extern "C" __global__ void __launch_bounds__(256) rope_and_cache(
+// KV: the cache element, bf16_t (k rounded from fp32 to bf16, v copied) or u8 (e4m3: k rounded from fp32,
+// v from its bf16 value).
+template <typename KV>
+DEVICE void rope_and_cache_body(
     const bf16_t* __restrict__ qkv, const int* __restrict__ positions, const int* __restrict__ slots,
-    const float* __restrict__ table, bf16_t* __restrict__ q_out, bf16_t* __restrict__ k_cache,
-    bf16_t* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_blocks,
+    const float* __restrict__ table, bf16_t* __restrict__ q_out, KV* __restrict__ k_cache,
+    KV* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_blocks,
     const int* __restrict__ page_table, int table_rows, int table_w)
 {
     GPTOSS_WAIT_PRIOR_GRID();
@@ -87,29 +128,66 @@ extern "C" __global__ void __launch_bounds__(256) rope_and_cache(
         if (j < n_rope) {
             const float a = bf16_to_float(xh[i]), b = bf16_to_float(xh[i + half]);
             const float c = cs[2 * i], s = cs[2 * i + 1];
-            const bf16_t ra = float_to_bf16(a * c - b * s), rb = float_to_bf16(b * c + a * s);
-            if (h < Hq) {
-                qo[h * D + i] = ok ? ra : (bf16_t)0x7fc0;
-                qo[h * D + i + half] = ok ? rb : (bf16_t)0x7fc0;
-            } else if (ok) {
-                bf16_t* kd = k_cache + crow + (h - Hq) * D;
-                kd[i] = ra;
-                kd[i + half] = rb;
+            if constexpr (sizeof(KV) == 2) {  // bf16 cache
+                const bf16_t ra = float_to_bf16(a * c - b * s), rb = float_to_bf16(b * c + a * s);
+                if (h < Hq) {
+                    qo[h * D + i] = ok ? ra : (bf16_t)0x7fc0;
+                    qo[h * D + i + half] = ok ? rb : (bf16_t)0x7fc0;
+                } else if (ok) {
+                    KV* kd = k_cache + crow + (h - Hq) * D;
+                    kd[i] = ra;
+                    kd[i + half] = rb;
+                }
+            } else {  // fp8 cache: k rounded once, from fp32
+                const float fa = a * c - b * s, fb = b * c + a * s;
+                if (h < Hq) {
+                    qo[h * D + i] = ok ? float_to_bf16(fa) : (bf16_t)0x7fc0;
+                    qo[h * D + i + half] = ok ? float_to_bf16(fb) : (bf16_t)0x7fc0;
+                } else if (ok) {
+                    KV* kd = k_cache + crow + (h - Hq) * D;
+                    kd[i] = float_to_e4m3(fa);
+                    kd[i + half] = float_to_e4m3(fb);
+                }
             }
         } else if (ok) {
-            bf16_t* vd = v_cache + crow + (h - Hq - Hkv) * D;
-            vd[i] = xh[i];
-            vd[i + half] = xh[i + half];
+            KV* vd = v_cache + crow + (h - Hq - Hkv) * D;
+            if constexpr (sizeof(KV) == 2) {  // bf16: copied bit for bit
+                vd[i] = xh[i];
+                vd[i + half] = xh[i + half];
+            } else {
+                vd[i] = float_to_e4m3(bf16_to_float(xh[i]));
+                vd[i + half] = float_to_e4m3(bf16_to_float(xh[i + half]));
+            }
         }
     }
+}
+
+#define ROPE_ARGS(KV)                                                                                     \
+    const bf16_t* __restrict__ qkv, const int* __restrict__ positions, const int* __restrict__ slots,    \
+        const float* __restrict__ table, bf16_t* __restrict__ q_out, KV* __restrict__ k_cache,            \
+        KV* __restrict__ v_cache, int Hq, int Hkv, int D, int L, int n_positions, int n_blocks,           \
+        const int* __restrict__ page_table, int table_rows, int table_w
+#define ROPE_CALL \
+    qkv, positions, slots, table, q_out, k_cache, v_cache, Hq, Hkv, D, L, n_positions, n_blocks, page_table, table_rows, table_w
+extern "C" __global__ void __launch_bounds__(256) rope_and_cache(ROPE_ARGS(bf16_t)) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    rope_and_cache_body<bf16_t>(ROPE_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256) rope_and_cache_fp8(ROPE_ARGS(u8)) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    rope_and_cache_body<u8>(ROPE_CALL);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Portable attention: one CTA of 128 threads per (query token, q head), any even D <= 128. Keys in
 // chunks of 128 aligned to absolute positions; thread j scores key base + j, thread d accumulates
 // output dimension d. Starts from the sink (m = sink, l = 1, acc = 0).
-extern "C" __global__ void __launch_bounds__(128) attn_simple(
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+// KV: the cache element (bf16_t, or u8 = e4m3 for attn_simple_fp8).
+template <typename KV>
+DEVICE void attn_simple_body(
+    const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
     const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
     const int* __restrict__ seq_start, bf16_t* __restrict__ out, int S, int Hq, int Hkv, int D, int L,
     int window, float scale_log2, const int* __restrict__ page_table, int table_w)
@@ -137,9 +215,9 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
         const bool visible = kp >= lo && kp <= p;
         float score = NEG_INF_F;
         if (visible) {
-            const bf16_t* k = kc + ((block_row0(page_table, table_w, slot, L, kp) + kp % L) * Hkv + kvh) * D;
+            const KV* k = kc + ((block_row0(page_table, table_w, slot, L, kp) + kp % L) * Hkv + kvh) * D;
             float dot = 0.0f;
-            for (int d = 0; d < D; ++d) dot += qs[d] * bf16_to_float(k[d]);
+            for (int d = 0; d < D; ++d) dot += qs[d] * kv_to_float(k[d]);
             score = dot * scale_log2;
         }
         const float m_new = fmaxf(m, block_max(score, scratch));  // finite: m starts at the sink
@@ -154,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
             for (int j = j_lo; j <= j_hi; ++j) {
                 const int vpos = base + j;
                 const long long row = block_row0(page_table, table_w, slot, L, vpos) + vpos % L;
-                o += ps[j] * bf16_to_float(vc[(row * Hkv + kvh) * D + tid]);
+                o += ps[j] * kv_to_float(vc[(row * Hkv + kvh) * D + tid]);
             }
             acc = o;
         }
@@ -162,6 +240,24 @@ extern "C" __global__ void __launch_bounds__(128) attn_simple(
         __syncthreads();
     }
     if (tid < D) out[((long long)tok * Hq + h) * D + tid] = float_to_bf16(acc / l);
+}
+
+#define ATTN_SIMPLE_ARGS(KV)                                                                              \
+    const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,                   \
+        const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,  \
+        const int* __restrict__ seq_start, bf16_t* __restrict__ out, int S, int Hq, int Hkv, int D, int L, \
+        int window, float scale_log2, const int* __restrict__ page_table, int table_w
+#define ATTN_SIMPLE_CALL \
+    q, kc, vc, sinks, cu_q, seq_slot, seq_start, out, S, Hq, Hkv, D, L, window, scale_log2, page_table, table_w
+extern "C" __global__ void __launch_bounds__(128) attn_simple(ATTN_SIMPLE_ARGS(bf16_t)) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    attn_simple_body<bf16_t>(ATTN_SIMPLE_CALL);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_simple_fp8(ATTN_SIMPLE_ARGS(u8)) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    attn_simple_body<u8>(ATTN_SIMPLE_CALL);
 }
 
 #if GPTOSS_HAS_MMA
@@ -207,6 +303,99 @@ DEVICE void load_kv_tile(bf16_t* sK, bf16_t* sV, const bf16_t* kp, const bf16_t*
 // This thread's chunk (tid % 8) of cache row 0 of kv head kvh in a [blocks, L, Hkv, 64] cache.
 DEVICE const bf16_t* cache_chunk(const bf16_t* cache, int kvh, int tid) {
     return cache + kvh * 64 + (tid & 7) * 8;
+}
+
+// ---- FP8 (e4m3) tiles: staged as bytes, converted once per tile into the bf16 tile attend_tile reads ----
+// An fp8 cache row of one kv head is 64 bytes: 4 chunks of 16. This thread's chunk (tid % 4) of row 0.
+DEVICE const u8* cache_chunk(const u8* cache, int kvh, int tid) {
+    return cache + kvh * 64 + (tid & 3) * 16;
+}
+
+// load_kv_tile for an fp8 cache: chunk tid % 4 of key rows tid / 4 + (NTHREADS / 4) j into the staging
+// tiles rK, rV ([64 keys][64 bytes], plain row-major: each byte is read once, by convert_kv_tile).
+template <int NTHREADS>
+DEVICE void load_kv_tile_fp8(u8* rK, u8* rV, const u8* kp, const u8* vp, int stride, int L, long long row0,
+                             int tile, int lo, int hi, int tid)
+{
+    const int key0 = tile * ATTN_TILE, base = key0 % L, ch = tid & 3;
+    #pragma unroll
+    for (int j = 0; j < ATTN_TILE * 4 / NTHREADS; ++j) {
+        const int row = (tid >> 2) + (NTHREADS / 4) * j, pos = key0 + row;
+        const bool valid = pos >= lo && pos <= hi;
+        int idx = base + row;  // pos % L
+        if (idx >= L) idx = L >= ATTN_TILE ? idx - L : idx % L;
+        const long long off = valid ? (row0 + idx) * stride : 0;
+        const int n = valid ? 16 : 0;  // zero-filled outside [lo, hi]: e4m3 0x00 = +0
+        cp_async_16(rK + row * 64 + ch * 16, kp + off, n);
+        cp_async_16(rV + row * 64 + ch * 16, vp + off, n);
+    }
+}
+
+// 4 e4m3 bytes (w, element 0 in the low byte) -> 4 bf16 as two bf16x2 words (lo = elements 0, 1), exact.
+// The sign bit and the 7 magnitude bits placed as a bf16's sign and bits 10..4 form the bf16 whose value
+// is the e4m3 value times 2^-120 (the exponents' bias differs by 120; for the e4m3 subnormals it is a bf16
+// subnormal of the same mantissa), so one bf16x2 multiply by 2^120 (0x7b80; fma with -0 keeps the sign of
+// zeros) finishes it. The NaN codes (magnitude 0x7f) then get all exponent and mantissa bits set.
+DEVICE void e4m3x4_to_bf16x4(u32 w, u32& lo, u32& hi) {
+    u32 r[2];
+    #pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const u32 y = __byte_perm(w, 0u, k ? 0x3424 : 0x1404);  // bytes 2k, 2k+1 into bits 15..8, 31..24
+        const u32 mag = y & 0x7f007f00u;
+        u32 b = (y & 0x80008000u) | (mag >> 4);
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(b) : "r"(b), "r"(0x7b807b80u), "r"(0x80008000u));
+        const u32 nan = (mag + 0x01000100u) & 0x80008000u;  // bit 15 of a half set iff its magnitude is 0x7f
+        r[k] = b | (nan - (nan >> 15));
+    }
+    lo = r[0];
+    hi = r[1];
+}
+
+// The staged fp8 tiles rK, rV into the swizzled bf16 tiles sK, sV (the layout load_kv_tile writes):
+// thread tid converts chunk c = tid % 4 (dims 16c..16c+15) of rows tid / 4 + (NTHREADS / 4) j, which
+// are bf16 chunks 2c and 2c + 1 of the row.
+template <int NTHREADS>
+DEVICE void convert_kv_tile(const u8* rK, const u8* rV, bf16_t* sK, bf16_t* sV, int tid) {
+    const int c = tid & 3;
+    #pragma unroll
+    for (int j = 0; j < ATTN_TILE * 4 / NTHREADS; ++j) {
+        const int row = (tid >> 2) + (NTHREADS / 4) * j;
+        #pragma unroll
+        for (int kv = 0; kv < 2; ++kv) {
+            const uint4 w = *(const uint4*)((kv ? rV : rK) + row * 64 + c * 16);
+            uint4 a, b;
+            e4m3x4_to_bf16x4(w.x, a.x, a.y);
+            e4m3x4_to_bf16x4(w.y, a.z, a.w);
+            e4m3x4_to_bf16x4(w.z, b.x, b.y);
+            e4m3x4_to_bf16x4(w.w, b.z, b.w);
+            bf16_t* dst = kv ? sV : sK;
+            *(uint4*)(dst + swz(row, 2 * c)) = a;
+            *(uint4*)(dst + swz(row, 2 * c + 1)) = b;
+        }
+    }
+}
+
+// One ring stage (the K tile, then the V tile) in bf16 elements: 64 x 64 of each, at sizeof(KV) bytes.
+#define KV_STAGE_ELEMS(KV) (ATTN_TILE * 64 * (int)sizeof(KV))
+
+// Tile `tile` into the ring stage at `stage`: bf16 straight into the swizzled tiles, fp8 into the staging
+// tiles (4 KB of K, then 4 KB of V).
+template <int NTHREADS, typename KV>
+DEVICE void load_stage(bf16_t* stage, const KV* kp, const KV* vp, int stride, int L, long long row0,
+                       int tile, int lo, int hi, int tid)
+{
+    if constexpr (sizeof(KV) == 1)
+        load_kv_tile_fp8<NTHREADS>((u8*)stage, (u8*)stage + ATTN_TILE * 64, kp, vp, stride, L, row0, tile, lo, hi,
+                                   tid);
+    else
+        load_kv_tile<NTHREADS>(stage, stage + ATTN_TILE * 64, kp, vp, stride, L, row0, tile, lo, hi, tid);
+}
+
+// The fp8 stage at `stage` converted into the bf16 tiles at sConv (K, then V), by NTHREADS threads.
+template <int NTHREADS>
+DEVICE void convert_stage(const bf16_t* stage, bf16_t* sConv, int tid) {
+    convert_kv_tile<NTHREADS>((const u8*)stage, (const u8*)stage + ATTN_TILE * 64, sConv, sConv + ATTN_TILE * 64,
+                              tid);
 }
 
 DEVICE float quad_max(float v) {
@@ -432,9 +621,10 @@ DEVICE void fold_segment(float* run, float m[2], float l[2], float o[8][4]) {
 // head r % G). K/V tiles flow through a STAGES-deep cp.async ring shared by all warps; a warp skips the
 // tiles its rows cannot see. The running state (M, L, ACC) of the rows lives in shared memory
 // (see fold_segment); the segment state in registers.
-template <int G, int STAGES, int MODE>
+// KV: bf16_t, or u8 for an fp8 cache (a tile is staged, then converted into sConv by all threads).
+template <int G, int STAGES, typename KV, int MODE>
 DEVICE void attn_prefill_body(
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
     const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
     const int* __restrict__ seq_start, const int* __restrict__ blocks, bf16_t* __restrict__ out,
     int Hq, int Hkv, int L, int window, float scale_log2, const int* __restrict__ page_table, int table_w)
@@ -442,14 +632,17 @@ DEVICE void attn_prefill_body(
     constexpr int QPW = 16 / G;  // queries per warp
     // the rows that decide together whether a tile is computed: a warp, or (wgmma) its warpgroup of 4
     constexpr int QPG = MODE == ATTN_MMA_SYNC ? QPW : 4 * QPW;
+    constexpr bool FP8 = sizeof(KV) == 1;
+    constexpr int STAGE = KV_STAGE_ELEMS(KV);
     extern __shared__ __align__(16) unsigned char smem_raw[];
 #if GPTOSS_HAS_WGMMA
     // wgmma reads the K/V tiles through descriptors: 1 KB-aligned swizzle atoms (the launch adds the slack)
-    bf16_t* sKV = (bf16_t*)(MODE == ATTN_MMA_SYNC ? smem_raw : align_1k(smem_raw));  // [STAGES][K|V][64*64]
+    bf16_t* sKV = (bf16_t*)(MODE == ATTN_MMA_SYNC ? smem_raw : align_1k(smem_raw));  // [STAGES][K|V][64*64] KV
 #else
-    bf16_t* sKV = (bf16_t*)smem_raw;                                // [STAGES][K|V][64*64]
+    bf16_t* sKV = (bf16_t*)smem_raw;                                // [STAGES][K|V][64*64] KV
 #endif
-    bf16_t* sQ = sKV + STAGES * 2 * ATTN_TILE * 64;                 // [G warps][16*64]
+    bf16_t* sConv = sKV + STAGES * STAGE;                           // fp8: the converted [K|V][64*64] bf16
+    bf16_t* sQ = sConv + (FP8 ? 2 * ATTN_TILE * 64 : 0);            // [G warps][16*64]
     float* sRun = (float*)(sQ + G * 16 * 64);                       // [G warps][36][32]: running state
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -459,8 +652,8 @@ DEVICE void attn_prefill_body(
     const int nq = min(ATTN_BLOCK_Q, cu_q[s + 1] - cu_q[s] - qi0);
     const int p0 = seq_start[s] + qi0;  // position of the block's first query
     const int slot = seq_slot[s];
-    const bf16_t* kp = cache_chunk(kc, kvh, tid);
-    const bf16_t* vp = cache_chunk(vc, kvh, tid);
+    const KV* kp = cache_chunk(kc, kvh, tid);
+    const KV* vp = cache_chunk(vc, kvh, tid);
     const int hi = p0 + nq - 1, lo = window > 0 ? max(0, p0 - window + 1) : 0;  // keys the CTA may need
 
     // this thread's two rows and this warp's query range
@@ -499,10 +692,9 @@ DEVICE void attn_prefill_body(
     #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < ntiles) {
-            bf16_t* buf = sKV + st * 2 * ATTN_TILE * 64;
             const int tile = tile_lo + st;
-            load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L,
-                                 block_row0(page_table, table_w, slot, L, tile * ATTN_TILE), tile, lo, hi, tid);
+            load_stage<32 * G>(sKV + st * STAGE, kp, vp, Hkv * 64, L,
+                               block_row0(page_table, table_w, slot, L, tile * ATTN_TILE), tile, lo, hi, tid);
         }
         cp_async_commit();
     }
@@ -512,13 +704,15 @@ DEVICE void attn_prefill_body(
         {
             const int nxt = i + STAGES - 1;
             if (nxt < ntiles) {
-                bf16_t* buf = sKV + (nxt % STAGES) * 2 * ATTN_TILE * 64;
                 const int tile = tile_lo + nxt;
-                load_kv_tile<32 * G>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L,
-                                     block_row0(page_table, table_w, slot, L, tile * ATTN_TILE), tile, lo, hi,
-                                     tid);
+                load_stage<32 * G>(sKV + (nxt % STAGES) * (FP8 ? STAGE : 2 * ATTN_TILE * 64), kp, vp, Hkv * 64, L,
+                                   block_row0(page_table, table_w, slot, L, tile * ATTN_TILE), tile, lo, hi, tid);
             }
             cp_async_commit();
+        }
+        if constexpr (FP8) {  // every thread converts its share (the stage refilled above is another one)
+            convert_stage<32 * G>(sKV + (i % STAGES) * STAGE, sConv, tid);
+            __syncthreads();  // the converted tile visible to all (the next iteration's sync guards its reuse)
         }
         if (!g_active) continue;
         const int key0 = (tile_lo + i) * ATTN_TILE;
@@ -529,7 +723,7 @@ DEVICE void attn_prefill_body(
             // that sees the tile, or no valid row at all)
             const bool need_mask = !active || key0 + ATTN_TILE - 1 > p0 + wfirst ||
                                    (window > 0 && key0 < w_hi - window + 1);
-            const bf16_t* buf = sKV + (i % STAGES) * 2 * ATTN_TILE * 64;
+            const bf16_t* buf = FP8 ? sConv : sKV + (i % STAGES) * 2 * ATTN_TILE * 64;  // (bf16: STAGE)
             attend_tile<MODE>(wQ, buf, buf + ATTN_TILE * 64, key0, p0 + qa, p0 + qb, window, need_mask,
                               scale_log2, m, l, o, lane);
         }
@@ -552,18 +746,22 @@ DEVICE void attn_prefill_body(
 // over segment (first segment of its visible keys) + blockIdx.z; the segment's (at most 4) tiles flow
 // through a ring of STAGES buffers. Rows g < G are heads; the other rows are empty. Writes (m, l) and the
 // unnormalised o of each head to the workspace: part_ml [SD, nsplit, Hq, 2], part_acc [SD, nsplit, Hq, 64].
-template <int G, int STAGES>
+// KV: bf16_t, or u8 for an fp8 cache (each tile staged, then converted into sConv before attend_tile).
+template <int G, int STAGES, typename KV>
 DEVICE void attn_decode_body(
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
     const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start,
     const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml, int Hq,
     int Hkv, int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
     constexpr int NT = ATTN_SEG / ATTN_TILE;
     static_assert(STAGES >= 2 && STAGES <= NT, "a ring of 2..NT tile buffers");
+    constexpr bool FP8 = sizeof(KV) == 1;
+    constexpr int STAGE = KV_STAGE_ELEMS(KV);
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16_t* sKV = (bf16_t*)smem_raw;                  // [STAGES][K|V][64*64]
-    bf16_t* sQ = sKV + STAGES * 2 * ATTN_TILE * 64;   // [16*64]
+    bf16_t* sKV = (bf16_t*)smem_raw;                                 // [STAGES][K|V][64*64] KV
+    bf16_t* sConv = sKV + STAGES * STAGE;                            // fp8: the converted [K|V][64*64] bf16
+    bf16_t* sQ = sConv + (FP8 ? 2 * ATTN_TILE * 64 : 0);             // [16*64]
     const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
     const int kvh = blockIdx.x, d = blockIdx.y, z = blockIdx.z, s = dec_seqs[d];
     const int p = seq_start[s], tok = cu_q[s];
@@ -574,8 +772,8 @@ DEVICE void attn_decode_body(
     const int k_last = min(p, seg * ATTN_SEG + ATTN_SEG - 1);
     const int tile0 = k_first / ATTN_TILE, ntiles = k_last / ATTN_TILE - tile0 + 1;
     const int slot = seq_slot[s];
-    const bf16_t* kp = cache_chunk(kc, kvh, lane);
-    const bf16_t* vp = cache_chunk(vc, kvh, lane);
+    const KV* kp = cache_chunk(kc, kvh, lane);
+    const KV* vp = cache_chunk(vc, kvh, lane);
     long long row0[NT];  // first cache row of each tile's block: independent loads, all issued up front
     #pragma unroll
     for (int i = 0; i < NT; ++i)
@@ -589,10 +787,7 @@ DEVICE void attn_decode_body(
     // the segment's last tile), so group i is tile i and the wait below is the same at every step.
     #pragma unroll
     for (int i = 0; i < STAGES; ++i) {
-        if (i < ntiles) {
-            bf16_t* buf = sKV + i * 2 * ATTN_TILE * 64;
-            load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0[i], tile0 + i, lo, p, lane);
-        }
+        if (i < ntiles) load_stage<32>(sKV + i * STAGE, kp, vp, Hkv * 64, L, row0[i], tile0 + i, lo, p, lane);
         cp_async_commit();
     }
     const int ha = kvh * G + g, hb = kvh * G + g + 8;
@@ -608,14 +803,23 @@ DEVICE void attn_decode_body(
             __syncthreads();
             const int key0 = (tile0 + i) * ATTN_TILE;
             const bool need_mask = key0 + ATTN_TILE - 1 > p || (window > 0 && key0 < p - window + 1);
-            bf16_t* buf = sKV + (i % STAGES) * 2 * ATTN_TILE * 64;
-            attend_tile<ATTN_MMA_SYNC>(sQ, buf, buf + ATTN_TILE * 64, key0, p, p, window, need_mask, scale_log2, m, l, o,
-                                       lane);
-            if (STAGES < NT) {
-                __syncthreads();  // every lane is done with the buffer before it is refilled
-                if (i + STAGES < ntiles)
-                    load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L, row0[min(i + STAGES, NT - 1)],
-                                     tile0 + i + STAGES, lo, p, lane);
+            bf16_t* buf = sKV + (i % STAGES) * STAGE;
+            if constexpr (FP8) {
+                convert_stage<32>(buf, sConv, lane);
+                __syncthreads();  // converted; the stage is free to refill now, before the math
+                if (STAGES < NT && i + STAGES < ntiles)
+                    load_stage<32>(buf, kp, vp, Hkv * 64, L, row0[min(i + STAGES, NT - 1)], tile0 + i + STAGES,
+                                   lo, p, lane);
+                attend_tile<ATTN_MMA_SYNC>(sQ, sConv, sConv + ATTN_TILE * 64, key0, p, p, window, need_mask, scale_log2, m, l, o,
+                            lane);
+            } else {
+                attend_tile<ATTN_MMA_SYNC>(sQ, buf, buf + ATTN_TILE * 64, key0, p, p, window, need_mask, scale_log2, m, l, o, lane);
+                if (STAGES < NT) {
+                    __syncthreads();  // every lane is done with the buffer before it is refilled
+                    if (i + STAGES < ntiles)
+                        load_kv_tile<32>(buf, buf + ATTN_TILE * 64, kp, vp, Hkv * 64, L,
+                                         row0[min(i + STAGES, NT - 1)], tile0 + i + STAGES, lo, p, lane);
+                }
             }
         }
         if (STAGES < NT) cp_async_commit();
@@ -641,15 +845,15 @@ DEVICE void attn_decode_body(
 
 // The tensor-core kernels are declared for every target (host compilation passes need the symbols);
 // without GPTOSS_HAS_MMA their bodies are empty and gptoss/ops/attention.py launches attn_simple instead.
-#define ATTN_PREFILL_ARGS                                                                                  \
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,           \
+#define ATTN_PREFILL_ARGS(KV)                                                                              \
+    const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,                   \
         const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,  \
         const int* __restrict__ seq_start, const int* __restrict__ blocks, bf16_t* __restrict__ out,      \
         int Hq, int Hkv, int L, int window, float scale_log2, const int* __restrict__ page_table, int table_w
 #define ATTN_PREFILL_CALL \
     q, kc, vc, sinks, cu_q, seq_slot, seq_start, blocks, out, Hq, Hkv, L, window, scale_log2, page_table, table_w
-#define ATTN_DECODE_ARGS                                                                                   \
-    const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,           \
+#define ATTN_DECODE_ARGS(KV)                                                                               \
+    const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,                   \
         const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start, \
         const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml,     \
         int Hq, int Hkv, int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table,  \
@@ -659,53 +863,62 @@ DEVICE void attn_decode_body(
         page_table, table_w
 
 // Dynamic shared memory: prefill ATTN_PREFILL_STAGES x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running
-// state); decode STAGES x 16 KB of K/V + 2 KB of Q. (gptoss/ops/attention.py computes the same sizes.)
-extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_g8(ATTN_PREFILL_ARGS) {
-    GPTOSS_WAIT_PRIOR_GRID();
-    GPTOSS_LAUNCH_DEPENDENTS();
+// state); decode STAGES x 16 KB of K/V + 2 KB of Q. The fp8 kernels' stages are 8 KB, plus one 16 KB
+// converted bf16 tile; the wgmma prefill kernels take WGMMA_SMEM_ALIGN more. (gptoss/ops/attention.py
+// computes the same sizes.) Every kernel starts with the prior-grid wait (docs/notes/launch.md).
 #if GPTOSS_HAS_MMA
-    attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_MMA_SYNC>(ATTN_PREFILL_CALL);
-#endif
-}
-extern "C" __global__ void __launch_bounds__(128, 4) attn_prefill_g4(ATTN_PREFILL_ARGS) {
-    GPTOSS_WAIT_PRIOR_GRID();
-    GPTOSS_LAUNCH_DEPENDENTS();
-#if GPTOSS_HAS_MMA
-    attn_prefill_body<4, ATTN_PREFILL_STAGES, ATTN_MMA_SYNC>(ATTN_PREFILL_CALL);
-#endif
-}
-// sm_90a (H100/H200): the same CTA with its products on wgmma (two warpgroups of 64 rows): S only, or S
-// and P V. Launched with WGMMA_SMEM_ALIGN more bytes of shared memory than attn_prefill_g8.
-extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wgs_g8(ATTN_PREFILL_ARGS) {
-    GPTOSS_WAIT_PRIOR_GRID();
-    GPTOSS_LAUNCH_DEPENDENTS();
-#if GPTOSS_HAS_WGMMA
-    attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_WG_S>(ATTN_PREFILL_CALL);
-#endif
-}
-extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wg_g8(ATTN_PREFILL_ARGS) {
-    GPTOSS_WAIT_PRIOR_GRID();
-    GPTOSS_LAUNCH_DEPENDENTS();
-#if GPTOSS_HAS_WGMMA
-    attn_prefill_body<8, ATTN_PREFILL_STAGES, ATTN_WG_SPV>(ATTN_PREFILL_CALL);
-#endif
-}
-#if GPTOSS_HAS_MMA
-#define ATTN_DECODE_KERNEL(NAME, G, STAGES)                                                              \
-    extern "C" __global__ void __launch_bounds__(32) NAME(ATTN_DECODE_ARGS) {                           \
+#define ATTN_PREFILL_KERNEL(NAME, G, BOUNDS, KV, MODE)                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * G, BOUNDS) NAME(ATTN_PREFILL_ARGS(KV)) {         \
         GPTOSS_WAIT_PRIOR_GRID();                                                                       \
         GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
-        attn_decode_body<G, STAGES>(ATTN_DECODE_CALL);                                                  \
+        attn_prefill_body<G, ATTN_PREFILL_STAGES, KV, MODE>(ATTN_PREFILL_CALL);                         \
+    }
+#else
+#define ATTN_PREFILL_KERNEL(NAME, G, BOUNDS, KV, MODE)                                                   \
+    extern "C" __global__ void NAME(ATTN_PREFILL_ARGS(KV)) { GPTOSS_WAIT_PRIOR_GRID(); GPTOSS_LAUNCH_DEPENDENTS(); }
+#endif
+ATTN_PREFILL_KERNEL(attn_prefill_g8, 8, 2, bf16_t, ATTN_MMA_SYNC)
+ATTN_PREFILL_KERNEL(attn_prefill_g4, 4, 4, bf16_t, ATTN_MMA_SYNC)
+ATTN_PREFILL_KERNEL(attn_prefill_g8_fp8, 8, 2, u8, ATTN_MMA_SYNC)
+ATTN_PREFILL_KERNEL(attn_prefill_g4_fp8, 4, 4, u8, ATTN_MMA_SYNC)
+// sm_90a (H100/H200): the G = 8 bf16 CTA with its products on wgmma (two warpgroups of 64 rows): Q K^T
+// only, or Q K^T and P V (gptoss/ops/attention.py: PREFILL_WGMMA_KERNEL).
+#if GPTOSS_HAS_WGMMA
+#define ATTN_PREFILL_WG_KERNEL(NAME, MODE) ATTN_PREFILL_KERNEL(NAME, 8, 2, bf16_t, MODE)
+#else
+#define ATTN_PREFILL_WG_KERNEL(NAME, MODE)                                                               \
+    extern "C" __global__ void NAME(ATTN_PREFILL_ARGS(bf16_t)) { GPTOSS_WAIT_PRIOR_GRID(); GPTOSS_LAUNCH_DEPENDENTS(); }
+#endif
+ATTN_PREFILL_WG_KERNEL(attn_prefill_wgs_g8, ATTN_WG_S)
+ATTN_PREFILL_WG_KERNEL(attn_prefill_wg_g8, ATTN_WG_SPV)
+// The decode variants, one line each (gptoss/ops/attention.py reads G and STAGES from these lines).
+#if GPTOSS_HAS_MMA
+#define ATTN_DECODE_KERNEL(NAME, G, STAGES)                                                              \
+    extern "C" __global__ void __launch_bounds__(32) NAME(ATTN_DECODE_ARGS(bf16_t)) {                   \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
+        attn_decode_body<G, STAGES, bf16_t>(ATTN_DECODE_CALL);                                          \
+    }
+#define ATTN_DECODE_FP8_KERNEL(NAME, G, STAGES)                                                          \
+    extern "C" __global__ void __launch_bounds__(32) NAME(ATTN_DECODE_ARGS(u8)) {                       \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
+        attn_decode_body<G, STAGES, u8>(ATTN_DECODE_CALL);                                              \
     }
 #else
 #define ATTN_DECODE_KERNEL(NAME, G, STAGES)                                                              \
-    extern "C" __global__ void NAME(ATTN_DECODE_ARGS) { GPTOSS_WAIT_PRIOR_GRID(); GPTOSS_LAUNCH_DEPENDENTS(); }
+    extern "C" __global__ void NAME(ATTN_DECODE_ARGS(bf16_t)) { GPTOSS_WAIT_PRIOR_GRID(); GPTOSS_LAUNCH_DEPENDENTS(); }
+#define ATTN_DECODE_FP8_KERNEL(NAME, G, STAGES)                                                          \
+    extern "C" __global__ void NAME(ATTN_DECODE_ARGS(u8)) { GPTOSS_WAIT_PRIOR_GRID(); GPTOSS_LAUNCH_DEPENDENTS(); }
 #endif
 // G = 8 (gpt-oss) with a 2-tile ring: 34 KB of shared memory, 6 CTAs (warps) per SM instead of 3 with
 // the whole segment in flight; the kernel is latency-bound (one warp per CTA), so more warps won: 1.7x
-// faster at batch 1024 x 1024 cached tokens on an H200 (bench_decode.py).
+// faster at batch 1024 x 1024 cached tokens on an H200 (bench_decode.py). The fp8 variants keep the same
+// ring (2 x 8 KB + the 16 KB converted tile: 34 KB again).
 ATTN_DECODE_KERNEL(attn_decode_g8, 8, 2)
 ATTN_DECODE_KERNEL(attn_decode_g4, 4, 4)
+ATTN_DECODE_FP8_KERNEL(attn_decode_g8_fp8, 8, 2)
+ATTN_DECODE_FP8_KERNEL(attn_decode_g4_fp8, 4, 4)
 
 // Fold the decode partials of each (sequence, head) in segment order, starting from the sink, and
 // write out = ACC / L. One thread per (decode sequence, head, pair of dims).

@@ -5,7 +5,8 @@
     q = rope_and_cache(qkv, positions, slots, table, k_cache, v_cache)
     out = attention(q, k_cache, v_cache, batch, sinks, window)       # window 0 = full attention
 
-A cache is [blocks, L, Hkv, D] bf16. Without a page table, block s is slot s's cache and position p sits
+A cache is [blocks, L, Hkv, D] bf16 (uint16 bits) or FP8 (uint8: OCP e4m3 codes, scale 1; the kernels take
+their *_fp8 variants when the caches are uint8, so callers pass either alike). Without a page table, block s is slot s's cache and position p sits
 at row p % L (a ring when L is shorter than the sequence: the sliding layers). With page_table
 [slots, W] int32 (L a multiple of TILE), position p of slot s sits in block page_table[s, p // L] at
 row p % L: a sequence holds only the pages it reaches (the full layers; KVCache in model.py).
@@ -36,33 +37,63 @@ SEG = define("attention", "ATTN_SEG")  # keys per decode split: fixed absolute c
 TILE = define("attention", "ATTN_TILE")  # keys per tile
 BLOCK_Q = define("attention", "ATTN_BLOCK_Q")  # queries per prefill CTA
 PREFILL_STAGES = define("attention", "ATTN_PREFILL_STAGES")  # K/V tile buffers of attn_prefill_g{G}
-# K/V tile buffers of attn_decode_g{G}, from its ATTN_DECODE_KERNEL(name, G, STAGES) line
+# K/V tile buffers of attn_decode_g{G}, from its ATTN_DECODE_KERNEL(name, G, STAGES) line (and of the fp8
+# variant attn_decode_g{G}_fp8, from ATTN_DECODE_FP8_KERNEL)
 DECODE_STAGES = {int(g): int(stages) for _, g, stages in macro_rows("attention", "ATTN_DECODE_KERNEL")}
+DECODE_STAGES_FP8 = {int(g): int(stages) for _, g, stages in macro_rows("attention", "ATTN_DECODE_FP8_KERNEL")}
 FAST_GROUPS = tuple(sorted(DECODE_STAGES))  # Hq / Hkv ratios with tensor-core kernels (prefill and decode)
 FAST_HEAD_DIM = 64  # the head dim the tensor-core kernels are written for (their 64-wide K/V/Q rows)
 # decode partials per (sequence, split, head): the unnormalised output [D], then (m, l)
 DECODE_PARTIAL_FLOATS = FAST_HEAD_DIM + 2
 
 
-def _prefill_smem(G: int) -> int:  # K/V stages + per warp: Q rows (2 KB) and running state (36 x 32 f32)
-    return PREFILL_STAGES * 2 * TILE * FAST_HEAD_DIM * 2 + G * (16 * FAST_HEAD_DIM * 2 + 36 * 32 * 4)
+def _stages_smem(stages: int, fp8: bool) -> int:
+    """K/V tile stages (fp8: half the bytes each, plus the one converted bf16 tile pair)."""
+    tile_pair = 2 * TILE * FAST_HEAD_DIM * 2
+    return stages * tile_pair // 2 + tile_pair if fp8 else stages * tile_pair
 
 
-# The prefill kernel on sm_90a (KernelOptions.sm90a("attention")) for G = 8: the same CTA with Q K^T and P V
-# on wgmma ("attn_prefill_wgs_g8": Q K^T only); bit-identical to attn_prefill_g8.
+def _prefill_smem(G: int, fp8: bool = False) -> int:  # + per warp: Q rows (2 KB), running state (36 x 32 f32)
+    return _stages_smem(PREFILL_STAGES, fp8) + G * (16 * FAST_HEAD_DIM * 2 + 36 * 32 * 4)
+
+
+def _decode_smem(stages: int, fp8: bool = False) -> int:  # + the Q rows of one warp (16 x D bf16)
+    return _stages_smem(stages, fp8) + 16 * FAST_HEAD_DIM * 2
+
+
+# The prefill kernel on sm_90a (KernelOptions.sm90a("attention")) for G = 8 and a bf16 cache: the same CTA
+# with Q K^T and P V on wgmma ("attn_prefill_wgs_g8": Q K^T only); bit-identical to attn_prefill_g8.
 PREFILL_WGMMA_KERNEL = "attn_prefill_wg_g8"
 
 
-def prefill_kernel(G: int, kernels: KernelOptions, path: str = "auto") -> tuple[str, int]:
-    """(name, dynamic shared memory) of the prefill kernel for G q heads per kv head; path "mma_sync"
-    keeps the mma.sync kernel where the wgmma one would run."""
+def prefill_kernel(G: int, kernels: KernelOptions, path: str = "auto", fp8: bool = False) -> tuple[str, int]:
+    """(name, dynamic shared memory) of the prefill kernel for G q heads per kv head and the cache's format;
+    path "mma_sync" keeps the mma.sync kernel where the wgmma one would run."""
+    if fp8:
+        return f"attn_prefill_g{G}_fp8", _prefill_smem(G, True)
     if G == 8 and path == "auto" and kernels.sm90a("attention"):
         return PREFILL_WGMMA_KERNEL, _prefill_smem(G) + WGMMA_SMEM_SLACK
     return f"attn_prefill_g{G}", _prefill_smem(G)
 
 
-def _decode_smem(stages: int) -> int:  # K/V stages + the Q rows of one warp (16 x D bf16)
-    return stages * 2 * TILE * FAST_HEAD_DIM * 2 + 16 * FAST_HEAD_DIM * 2
+KV_DTYPES = ("bf16", "fp8")  # cache element formats: bf16 bits (uint16), OCP e4m3 codes (uint8)
+
+
+def kv_numpy_dtype(kv_dtype: str):
+    """The array dtype of a cache of `kv_dtype` ("bf16": uint16, "fp8": uint8)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"KV cache dtype: expected one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return np.dtype(np.uint16 if kv_dtype == "bf16" else np.uint8)
+
+
+def _check_caches(k_cache, v_cache) -> bool:
+    """Both caches 4-D, of one shape and one dtype, uint16 (bf16) or uint8 (fp8); True for fp8."""
+    import cupy
+
+    dtype = getattr(k_cache, "dtype", None)
+    check(k_cache, "k_cache", cupy.uint8 if dtype == cupy.uint8 else cupy.uint16, ndim=4)
+    check(v_cache, "v_cache", k_cache.dtype, tuple(k_cache.shape))
+    return k_cache.dtype == cupy.uint8
 
 
 def rope_table(cfg, max_positions: int):
@@ -98,16 +129,16 @@ def _check_page_table(page_table, L: int) -> tuple:
 def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, page_table=None,
                    kernels: KernelOptions | None = None):
     """RoPE on q and k of qkv [T, (Hq + 2 Hkv) D] bf16; k and v go to the caches [blocks, L, Hkv, D]
-    at the row of (slots[t], positions[t]) (see the module's docstring); returns q [T, Hq, D] bf16
+    at the row of (slots[t], positions[t]) (see the module's docstring), bf16 or, into uint8 caches,
+    e4m3 (k rounded from its fp32 value, v from its bf16 one); returns q [T, Hq, D] bf16
     (written into q_out when given). A position outside the table, a slot outside the cache (or the
     page table) or a page outside the cache gives that token NaN q and no cache write. kernels: the
     kernel choices (default kernels.default_kernels()): which build of the family runs."""
     import cupy
 
-    check(k_cache, "k_cache", cupy.uint16, ndim=4)
+    fp8 = _check_caches(k_cache, v_cache)
     n_slots, L, Hkv, D = k_cache.shape
     pt, pt_rows, pt_w = _check_page_table(page_table, L)
-    check(v_cache, "v_cache", cupy.uint16, tuple(k_cache.shape))
     check(qkv, "qkv", cupy.uint16, ndim=2)
     T, width = qkv.shape
     if D % 2 or width % D or width // D <= 2 * Hkv:
@@ -123,7 +154,7 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, p
         return q
     pairs = (Hq + 2 * Hkv) * D // 2
     per_token = max(1, min(-(-pairs // 256), 1024 // T))  # CTAs per token: spread small steps
-    kernel("attention", "rope_and_cache", kernels=resolved(kernels))(
+    kernel("attention", "rope_and_cache_fp8" if fp8 else "rope_and_cache", kernels=resolved(kernels))(
         (T, per_token), (256,),
         (qkv, positions, slots, table, q, k_cache, v_cache, np.int32(Hq), np.int32(Hkv), np.int32(D),
          np.int32(L), np.int32(table.shape[0]), np.int32(n_slots), pt, pt_rows, pt_w))
@@ -244,8 +275,8 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
               page_table=None, kernels: KernelOptions | None = None):
     """out [T, Hq*D] bf16: softmax(q k^T / sqrt(D) over the visible keys and the head's sink) v.
 
-    q [T, Hq, D] bf16 (after RoPE); caches [blocks, L, Hkv, D] bf16 with an optional page table (see the
-    module's docstring); sinks [Hq] f32; window 0 = full attention, else a query at p sees keys
+    q [T, Hq, D] bf16 (after RoPE); caches [blocks, L, Hkv, D] bf16, or uint8 e4m3 (the *_fp8 kernels),
+    with an optional page table (see the module's docstring); sinks [Hq] f32; window 0 = full attention, else a query at p sees keys
     p - window + 1 .. p.
     path: "auto" (fastest kernel for the shapes), "simple" to force the portable kernel, or "mma_sync" for
     the tensor-core kernels without wgmma (the same bits as "auto").
@@ -255,9 +286,9 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
 
     check(q, "q", cupy.uint16, ndim=3)
     T, Hq, D = q.shape
-    check(k_cache, "k_cache", cupy.uint16, ndim=4)
+    fp8 = _check_caches(k_cache, v_cache)
+    suffix = "_fp8" if fp8 else ""
     n_slots, L, Hkv, Dk = k_cache.shape
-    check(v_cache, "v_cache", cupy.uint16, tuple(k_cache.shape))
     check(sinks, "sinks", cupy.float32, (Hq,))
     if Dk != D:
         raise ValueError(f"q has head dim {D}, the caches {Dk}")
@@ -286,7 +317,7 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
     opts = resolved(kernels)
     fast = path != "simple" and D == FAST_HEAD_DIM and G in FAST_GROUPS and not opts.portable
     if not fast:
-        kernel("attention", "attn_simple", kernels=opts)(
+        kernel("attention", "attn_simple" + suffix, kernels=opts)(
             (T, Hq), (128,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, out,
              np.int32(batch.num_seqs), np.int32(Hq), np.int32(Hkv), np.int32(D), np.int32(L),
@@ -300,7 +331,8 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
         rows = SD * nsplit * Hq  # part_acc [rows, D], then part_ml [rows, 2]
         ws = batch.workspace(decode_workspace_floats(SD, batch.max_kv, Hq, window))
         part_acc, part_ml = ws[:rows * D], ws[rows * D:rows * DECODE_PARTIAL_FLOATS]
-        kernel("attention", f"attn_decode_g{G}", smem=_decode_smem(DECODE_STAGES[G]), kernels=opts)(
+        stages = (DECODE_STAGES_FP8 if fp8 else DECODE_STAGES)[G]
+        kernel("attention", f"attn_decode_g{G}{suffix}", smem=_decode_smem(stages, fp8), kernels=opts)(
             (Hkv, SD, nsplit), (32,),
             (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
              part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2,
@@ -310,7 +342,7 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
             (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
              np.int32(Hq), np.int32(window), np.int32(nsplit)))
     if batch.num_blocks:  # the longer sequences: flash-style prefill
-        name, smem = prefill_kernel(G, opts, path)
+        name, smem = prefill_kernel(G, opts, path, fp8)
         kernel("attention", name, smem=smem, kernels=opts)(
             (batch.num_blocks, Hkv), (32 * G,),
             (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.blocks, out,

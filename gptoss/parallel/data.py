@@ -37,11 +37,13 @@ GPU_INFLIGHT = 256
 class ReplicaSettings:
     """What every engine replica's LLM is built with, however the replicas are laid out: tokenizer (a
     file, run.py --tokenizer), max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and rank, in
-    bytes), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment)."""
+    bytes), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment),
+    kv_cache_dtype (run.py --kv-cache-dtype: "bf16" or "fp8")."""
     tokenizer: str | None = None
     max_seqs: int | None = None
     memory_limit: int | None = None
     kernels: object | None = None
+    kv_cache_dtype: str = "bf16"
 
     def inflight(self, device: str) -> int:
         """Prompts a replica holds at once: -b, else one on the CPU and GPU_INFLIGHT on a GPU."""
@@ -198,7 +200,7 @@ def replica_llm(model_path, device: str, gpu: int | None, settings: ReplicaSetti
     s = settings
     return LLM(model_path, device, tokenizer=s.tokenizer, progress=False, max_seqs=s.max_seqs,
                memory_limit=s.memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers,
-               kernels=s.kernels)
+               kernels=s.kernels, kv_cache_dtype=s.kv_cache_dtype)
 
 
 class LineRuns:
