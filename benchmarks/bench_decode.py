@@ -8,7 +8,7 @@ Random weights in the exact layout (speed does not depend on the values), genera
 file. Prefill: one prompt of --prompt-len tokens. Decode: B sequences whose caches already hold
 --context tokens each, one token per sequence per step, greedy, sampled ids fed back through the host
 as run.py does. Prints tokens/s and the time per step against the weight-streaming bound.
-GPTOSS_PDL=0 in the environment launches without programmatic dependent launch (gptoss/kernels/launch.py),
+GPTOSS_PDL=1 in the environment launches with programmatic dependent launch (gptoss/kernels/launch.py),
 GPTOSS_WGMMA=0 without the wgmma kernels.
 """
 from __future__ import annotations

@@ -16,10 +16,10 @@ from tests.test_kernels_cpu import fake_modules  # noqa: F401 (the fixture)
 
 
 def test_pdl_from_the_environment():
-    assert KernelOptions.from_env({}).pdl is None  # left to the device
-    assert KernelOptions.from_env({"GPTOSS_PDL": "0"}) == KernelOptions(pdl=False)
-    assert KernelOptions.from_env({"GPTOSS_PDL": "1"}) == KernelOptions()
-    assert KernelOptions.from_env({"GPTOSS_PDL": "0", "GPTOSS_WGMMA": "0"}) == KernelOptions(wgmma=False, pdl=False)
+    assert KernelOptions.from_env({}).pdl is False  # off unless asked for
+    assert KernelOptions.from_env({"GPTOSS_PDL": "0"}) == KernelOptions(pdl=False) == KernelOptions()
+    assert KernelOptions.from_env({"GPTOSS_PDL": "1"}) == KernelOptions(pdl=None)  # where the device has it
+    assert KernelOptions.from_env({"GPTOSS_PDL": "1", "GPTOSS_WGMMA": "0"}) == KernelOptions(wgmma=False, pdl=None)
     # the portable mode has no waits in its kernels: GPTOSS_PDL does not matter there
     assert KernelOptions.from_env({"GPTOSS_KERNELS": "portable", "GPTOSS_PDL": "1"}) == KernelOptions(portable=True)
 
@@ -39,7 +39,8 @@ def test_resolve_decides_pdl_for_the_device(monkeypatch, available):
     monkeypatch.setattr(K, "pdl_available", lambda: available)
     monkeypatch.setattr(K, "is_amd", lambda: False)
     monkeypatch.setenv("GPTOSS_PDL", "0")  # only from_env reads it
-    assert KernelOptions().resolve().pdl is available
+    assert KernelOptions().resolve().pdl is False
+    assert KernelOptions(pdl=None).resolve().pdl is available
     assert KernelOptions(pdl=False).resolve().pdl is False
     assert KernelOptions(portable=True).resolve().pdl is False
     if available:

@@ -197,13 +197,14 @@ class KernelOptions:
     portable: every family compiled with -DGPTOSS_PORTABLE=1 (the portable paths only; see KERNEL_MODES),
       no dynamic shared memory, and the ops pick only kernels that exist in that build.
     pdl: every launch with programmatic dependent launch (launch.py: a kernel may start while the one
-      before it still runs, and waits in GPTOSS_WAIT_PRIOR_GRID); None = where the device has it
+      before it still runs, and waits in GPTOSS_WAIT_PRIOR_GRID); False (the default: measured slower on
+      the H200, docs/notes/launch.md) = plain CuPy launches, None = where the device has it
       (pdl_available()); always False when portable (that build has no waits).
     """
     wgmma: bool | None = None
     moe_defines: tuple[str, ...] = ()
     portable: bool = False
-    pdl: bool | None = None
+    pdl: bool | None = False
 
     def __post_init__(self):
         if self.wgmma is not None and not isinstance(self.wgmma, bool):
@@ -237,8 +238,9 @@ class KernelOptions:
     @classmethod
     def from_env(cls, environ=None, mode: str | None = None) -> "KernelOptions":
         """The options the environment asks for: GPTOSS_KERNELS=portable (or auto, the default) picks the
-        mode unless `mode` (run.py --kernels) is given; GPTOSS_WGMMA=0 turns the wgmma kernels off and
-        GPTOSS_PDL=0 programmatic dependent launch (anything else leaves them to the device). For start-up
+        mode unless `mode` (run.py --kernels) is given; GPTOSS_WGMMA=0 turns the wgmma kernels off (anything
+        else leaves them to the device) and GPTOSS_PDL=1 turns programmatic dependent launch on where the
+        device has it (off otherwise). For start-up
         code; `environ` defaults to os.environ. Raises ValueError for an unknown mode."""
         import os
 
@@ -251,7 +253,7 @@ class KernelOptions:
         if mode == "portable":
             return cls.for_mode(mode)
         return cls.for_mode(mode, wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None,
-                            pdl=False if env.get("GPTOSS_PDL", "1") == "0" else None)
+                            pdl=None if env.get("GPTOSS_PDL", "0") == "1" else False)
 
     def resolve(self) -> "KernelOptions":
         """These options for the current device, wgmma and pdl decided (True or False) and portable set on
