@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="getp: most sequences in flight at once (default: as many as GPU memory "
                         "holds; 1 on the CPU); serve: sequences at once, sharing the KV pages (default "
                         f"{SERVE_SLOTS}, fewer when GPU memory cannot hold that many of 2,048 positions)")
+    p.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
+                   help="most prompt tokens one step prefills, over all sequences (default 4096); one prompt "
+                        "may take all of them, so a larger N prefills a long prompt in fewer, longer steps "
+                        "(faster to its first token, while the other sequences' next tokens wait longer)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory this run may use in all, weights included, in GiB (default: all "
                         "that is free); lower it to share the GPU or to size a run for a smaller one "
@@ -114,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "$GPTOSS_KERNELS, else auto. An AMD GPU always runs the portable paths")
     p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
                    help="the KV cache's element format: bf16 (default), or fp8 = OCP e4m3 with scale 1: half "
-                        "the cache's bytes, so about twice the sequences fit and attention reads half the "
-                        "bytes, for K and V rounded to 3 mantissa bits (accuracy: docs/notes/attention.md, "
-                        "\"FP8 KV cache\"). On the CPU reference: K and V rounded alike")
+                        "the cache's bytes, so about twice the sequences fit, for K and V rounded to 3 mantissa "
+                        "bits (on the H200 its decode attention measured 2.4x slower and its argmax agreement "
+                        "4.3 points lower on test models: docs/notes/attention.md, \"FP8 KV cache\"). On the "
+                        "CPU reference: K and V rounded alike")
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="getp: the GPUs to run on, e.g. 0,2,3 or 0-3 (default: every visible GPU); "
                         "replica r runs on the r-th GPU of the list, round robin")
@@ -226,7 +231,8 @@ def replica_settings(args, memory):
     from gptoss.parallel.data import ReplicaSettings
 
     return ReplicaSettings(tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
-                           kernels=kernel_options(args), kv_cache_dtype=args.kv_cache_dtype)
+                           kernels=kernel_options(args), kv_cache_dtype=args.kv_cache_dtype,
+                           prefill_tokens=args.prefill_tokens)
 
 
 def kernel_options(args):
@@ -270,6 +276,8 @@ def _main(argv) -> int:
         fail(str(e))
     if args.batch is not None and args.batch < 1:
         fail(f"-b must be at least 1 (got {args.batch})")
+    if args.prefill_tokens is not None and args.prefill_tokens < 1:
+        fail(f"--prefill-tokens must be at least 1 (got {args.prefill_tokens})")
     if args.data_parallel is not None and args.data_parallel < 1:
         fail(f"--data-parallel must be at least 1 (got {args.data_parallel})")
     if args.tensor_parallel < 1:
@@ -367,6 +375,8 @@ def _main(argv) -> int:
         # serve admits a request on its prompt's pages (vLLM's way): a chat without max_tokens may run to
         # the context's end, and promising every request that much would leave most slots empty
         extra = {"promise": 0.0} if args.mode == "serve" else {}
+        if args.prefill_tokens is not None:
+            extra["prefill_tokens"] = args.prefill_tokens
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
                   tensor_parallel=args.tensor_parallel,
                   gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args),

@@ -108,6 +108,30 @@ def test_getp_fp8_kv_cache_is_the_fp8_reference(ids_model, tmp_path):
         assert [[int(t) for t in line.split()] for line in out.read_text().splitlines()] == want, extra
 
 
+def test_getp_prefill_tokens_sets_the_step_budget(ids_model, tmp_path):
+    """--prefill-tokens N: at most N prompt tokens per step (a 30-token prompt in 8 steps of 4), the same
+    tokens as the default budget, through data-parallel replicas too; 0 is a one-line error."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, TINY.vocab_size, 30).tolist()]
+    inp = tmp_path / "prompts.txt"
+    inp.write_text(" ".join(map(str, prompts[0])) + "\n")
+    outs = {}
+    for extra in ([], ["--prefill-tokens", "4"], ["--prefill-tokens", "4", "--data-parallel", "2"]):
+        out, stats = tmp_path / f"out{len(extra)}.txt", tmp_path / f"stats{len(extra)}.json"
+        run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "3", "--device", "cpu",
+            "--input-format", "ids", "--ignore-eos", "-q", "--json", str(stats), *extra)
+        outs[len(extra)] = out.read_text()
+        record = json.loads(stats.read_text())
+        engines = [r["engine"] for r in record["replicas"]] if "replicas" in record else [record["engine"]]
+        assert sum(e["mixed_steps"] for e in engines) == (1 if not extra else 8), (extra, engines)
+    assert outs[0] == outs[2] == outs[4]
+    proc = run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(tmp_path / "x.txt"), "--device",
+               "cpu", "--input-format", "ids", "--prefill-tokens", "0", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == "run.py: error: --prefill-tokens must be at least 1 (got 0)"
+    assert not (tmp_path / "x.txt").exists()
+
+
 def test_getp_resume_does_not_recompute(ids_model, tmp_path, monkeypatch):
     from gptoss.getp import run_fingerprint
     from gptoss.sampling import SamplingParams
