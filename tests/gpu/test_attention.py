@@ -247,20 +247,19 @@ def test_decode(geometry, window, path, batch, context):
     s.check(parts, s.run(parts, window, path), window)
 
 
-@pytest.mark.parametrize("geometry", ["tiny", "real"])
-@pytest.mark.parametrize("window", [0, 128])
-def test_batch_invariance(geometry, window):
-    """The queries of one sequence X give bit-identical outputs however they are launched: its prompt
-    as one chunk or as several, alone or among other sequences (before and after it in the batch), its
-    later tokens as decode launches (one query per sequence: the split kernel) of various batch sizes
-    and key bounds, or as one-query sequences inside a prefill launch (the prefill kernel)."""
-    cfg = GEOMETRIES[geometry]
-    rng = np.random.default_rng(5)
-    N, P = 700, 690  # X: prompt of P tokens, then decode tokens P..N-1
-    lengths = [N, 333, 50, 1, 900, 129]  # X is sequence 0
-    s = Seqs(cfg, lengths, L=1024, rng=rng, slots=[3, 0, 5, 1, 4, 2])
-    for i, n in enumerate(lengths):
-        s.write(i, 0, n)
+# X, sequence 0 of INVARIANCE_LENGTHS: a prompt of P tokens, then decode tokens P..N-1
+INVARIANCE_N, INVARIANCE_P = 700, 690
+INVARIANCE_LENGTHS = [INVARIANCE_N, 333, 50, 1, 900, 129]
+INVARIANCE_SLOTS = [3, 0, 5, 1, 4, 2]
+
+
+def assert_batch_invariant(s, window):
+    """The queries of sequence X (0) of `s` (a Seqs of INVARIANCE_LENGTHS, every position written) give
+    bit-identical outputs however they are launched: its prompt as one chunk or as several, alone or among
+    other sequences (before and after it in the batch), its later tokens as decode launches (one query per
+    sequence: the split kernel) of various batch sizes and key bounds, or as one-query sequences inside a
+    prefill launch (the prefill kernel). Also used by test_attention_fp8.py on an fp8 cache."""
+    N, P, lengths = INVARIANCE_N, INVARIANCE_P, INVARIANCE_LENGTHS
 
     def prompt(chunks, neighbours):
         out, start = [], 0
@@ -296,6 +295,16 @@ def test_batch_invariance(geometry, window):
     whole = s.run([(0, 0, N)], window)[0]
     assert np.array_equal(whole[:P], base)
     assert np.array_equal(whole[P:], np.concatenate([dec[p] for p in range(P, N)]))
+
+
+@pytest.mark.parametrize("geometry", ["tiny", "real"])
+@pytest.mark.parametrize("window", [0, 128])
+def test_batch_invariance(geometry, window):
+    """assert_batch_invariant on a bf16 cache."""
+    s = Seqs(GEOMETRIES[geometry], INVARIANCE_LENGTHS, L=1024, rng=np.random.default_rng(5), slots=INVARIANCE_SLOTS)
+    for i, n in enumerate(INVARIANCE_LENGTHS):
+        s.write(i, 0, n)
+    assert_batch_invariant(s, window)
 
 
 @pytest.mark.parametrize("window", [0, 128])

@@ -11,6 +11,8 @@ import pytest
 from gptoss import reference as R
 from gptoss.config import TINY, TINY_REAL_HEADS
 from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
+from tests.gpu.test_attention import (INVARIANCE_LENGTHS, INVARIANCE_N, INVARIANCE_SLOTS,
+                                      assert_batch_invariant)
 
 pytestmark = pytest.mark.gpu
 
@@ -171,45 +173,14 @@ def test_nan_codes_read_as_nan():
 @pytest.mark.parametrize("geometry", ["tiny", "real"])
 @pytest.mark.parametrize("window", [0, 128])
 def test_batch_invariance_fp8(geometry, window):
-    """As test_attention.py::test_batch_invariance, on an fp8 cache: a query's bits do not depend on
-    chunking, neighbours, decode batch or key bound, or decode vs prefill kernel; paged = contiguous."""
-    cfg = GEOMETRIES[geometry]
+    """test_attention.py's assert_batch_invariant on an fp8 cache (a query's bits do not depend on
+    chunking, neighbours, decode batch or key bound, or decode vs prefill kernel); paged = contiguous."""
     rng = np.random.default_rng(5)
-    N, P = 700, 690
-    lengths = [N, 333, 50, 1, 900, 129]
-    s = Seqs8(cfg, lengths, L=1024, rng=rng, slots=[3, 0, 5, 1, 4, 2])
+    lengths, N = INVARIANCE_LENGTHS, INVARIANCE_N
+    s = Seqs8(GEOMETRIES[geometry], lengths, L=1024, rng=rng, slots=INVARIANCE_SLOTS)
     for i, n in enumerate(lengths):
         s.write(i, 0, n)
-
-    def prompt(chunks, neighbours):
-        out, start = [], 0
-        for c in chunks:
-            parts = [(1, 10, 200), (2, 0, 50)] if neighbours else []
-            parts = parts[:1] + [(0, start, c)] + parts[1:] + ([(4, 600, 77)] if neighbours else [])
-            outs = s.run(parts, window)
-            out.append(outs[1] if neighbours else outs[0])
-            start += c
-        return np.concatenate(out)
-
-    base = prompt([P], False)
-    s.check([(0, 0, P)], [base], window)
-    assert np.array_equal(base, prompt([100, 250, 37, 303], False)), "chunking changed the bits"
-    assert np.array_equal(base, prompt([16, 1, 200, 473], True)), "chunks among neighbours changed the bits"
-
-    def decode(pos, batch_size, max_kv=None):
-        parts = [(1 + j % 5, min(10 + j, lengths[1 + j % 5] - 1), 1) for j in range(batch_size - 1)]
-        parts.insert(batch_size // 2, (0, pos, 1))
-        return s.run(parts, window, max_kv=max_kv)[batch_size // 2]
-
-    dec = {}
-    for pos in range(P, N):
-        a = decode(pos, 1)
-        assert np.array_equal(a, decode(pos, 7)) and np.array_equal(a, decode(pos, 40, max_kv=1024)), pos
-        assert np.array_equal(a, s.run([(4, 300, 200), (0, pos, 1), (1, 5, 1)], window)[1]), pos
-        dec[pos] = a
-    whole = s.run([(0, 0, N)], window)[0]
-    assert np.array_equal(whole[:P], base)
-    assert np.array_equal(whole[P:], np.concatenate([dec[p] for p in range(P, N)]))
+    assert_batch_invariant(s, window)
 
     # the same caches as scrambled 64-position pages behind a page table: the same bits
     import cupy as cp
