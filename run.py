@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -216,7 +217,10 @@ def run_mpi_getp(model_path, options, sampling, args, device, gpus, memory) -> i
         from mpi4py import MPI
 
         error(PROG, str(e))
-        sys.stderr.flush()  # the launcher forwards it before the abort ends the job
+        sys.stderr.flush()
+        # the launcher forwards each rank's stderr as it reads it, and MPI_Abort has it kill the job: give it
+        # a moment to forward this line first (under load the line was lost without the pause)
+        time.sleep(0.5)
         MPI.COMM_WORLD.Abort(2)
         return 2
 
