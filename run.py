@@ -16,7 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gptoss.cli import INTERRUPTED, error, run_main  # noqa: E402
+from gptoss.engine.config import EngineConfig  # noqa: E402
 from gptoss.kernels import KERNEL_MODES  # noqa: E402
+from gptoss.ops.attention import KV_DTYPES  # noqa: E402
 
 PROG = "run.py"
 MODES = ("generate", "chat", "getp", "serve")
@@ -68,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds; 1 on the CPU); serve: sequences at once, sharing the KV pages (default "
                         f"{SERVE_SLOTS}, fewer when GPU memory cannot hold that many of 2,048 positions)")
     p.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
-                   help="most prompt tokens one step prefills, over all sequences (default 4096); one prompt "
-                        "may take all of them, so a larger N prefills a long prompt in fewer, longer steps "
-                        "(faster to its first token, while the other sequences' next tokens wait longer)")
+                   help="most prompt tokens one step prefills, over all sequences (default "
+                        f"{EngineConfig.prefill_tokens}); one prompt may take all of them, so a larger N prefills "
+                        "a long prompt in fewer, longer steps (faster to its first token, while the other "
+                        "sequences' next tokens wait longer)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory this run may use in all, weights included, in GiB (default: all "
                         "that is free); lower it to share the GPU or to size a run for a smaller one "
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "TMA on H100/H200); portable = every kernel's portable path, the code an AMD GPU "
                         "runs, on any GPU (slower; for checking it and measuring its speed). Default: "
                         "$GPTOSS_KERNELS, else auto. An AMD GPU always runs the portable paths")
-    p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="bf16",
                    help="the KV cache's element format: bf16 (default), or fp8 = OCP e4m3 with scale 1: half "
                         "the cache's bytes, so about twice the sequences fit, for K and V rounded to 3 mantissa "
                         "bits (on the H200 its decode attention measured 2.4x slower and its argmax agreement "

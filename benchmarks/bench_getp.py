@@ -23,6 +23,7 @@ import numpy as np
 
 from benchmarks.common import add_json_option, json_path_error, write_json  # noqa: E402
 from gptoss.kernels import KERNEL_MODES  # noqa: E402
+from gptoss.ops.attention import KV_DTYPES  # noqa: E402
 
 
 def write_prompts(path: Path, n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> int:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
-    p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="bf16",
                    help="the KV cache's element format (run.py --kv-cache-dtype; default bf16)")
     add_json_option(p, "a copy of getp's record")
     args = p.parse_args(argv)

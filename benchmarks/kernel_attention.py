@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from gptoss.ops.attention import KV_DTYPES  # noqa: E402
 
 HQ, HKV, D, WINDOW = 64, 8, 64, 128
 
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-kernels", default=None, metavar="T:START,START,...",
                    help="only time a T-query prefill chunk at each start position through every prefill "
                         "kernel of the device (mma.sync, wgmma), e.g. 4096:0,28672,114688")
-    p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16",
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="bf16",
                    help="the caches' element format (fp8: e4m3, the *_fp8 kernels; default bf16)")
     args = p.parse_args(argv)
     if (code := common.json_path_error("kernel_attention.py", args)) is not None:

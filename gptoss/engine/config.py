@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KV_CACHE_DTYPES = ("bf16", "fp8")  # gptoss.ops.attention.KV_DTYPES (kept apart: no GPU-side import here)
+from ..ops.attention import KV_DTYPES as KV_CACHE_DTYPES  # (host-side: the module imports no GPU library)
 
 
 @dataclass(frozen=True)
