@@ -36,7 +36,8 @@ def print_profile(prof: dict, what: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt-oss-20b", help="model shape (gptoss.config.PRESETS)")
-    p.add_argument("--experts", default="mxfp4", choices=("mxfp4", "bf16"))
+    p.add_argument("--experts", default="mxfp4", choices=("mxfp4", "bf16"),
+                   help="the expert weights' format (default mxfp4, as the checkpoints)")
     p.add_argument("--batches", default="1,8,64", help="decode batch sizes, comma-separated")
     p.add_argument("--prompt-len", type=int, default=1024, help="prefill benchmark prompt length")
     p.add_argument("--context", type=int, default=1024, help="tokens already cached per sequence at decode")

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="gpt-oss-20b", help="shape of the random model (gptoss.config.PRESETS)")
     p.add_argument("--model", default=None, help="a real model file/directory instead of random weights")
     p.add_argument("--prompts", type=int, default=2048, help="number of prompts")
-    p.add_argument("--min-len", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--min-len", type=int, default=64, help="shortest prompt, in tokens (default 64)")
+    p.add_argument("--max-len", type=int, default=1024, help="longest prompt, in tokens (default 1024)")
     p.add_argument("-n", "--steps", type=int, default=256, help="generated tokens per prompt (--ignore-eos)")
     p.add_argument("-b", "--batch", type=int, default=None, help="cap on sequences in flight")
     p.add_argument("--prefill-tokens", type=int, default=None,

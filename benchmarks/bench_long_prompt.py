@@ -4,9 +4,8 @@
   python benchmarks/bench_long_prompt.py [--preset gpt-oss-20b] [--tokens 120000] [--prefill-tokens 256,4096,16384]
 
 Random weights of the real shape (speed does not depend on the values), uploaded once. For each
---prefill-tokens budget (EngineConfig.prefill_tokens: a lone prompt takes the whole budget each step;
-256 is the fixed chunk the engine used before) one prompt of --tokens random ids runs through a fresh
-engine until its first token, timed on the host around the steps (the kernels are compiled before).
+--prefill-tokens budget (EngineConfig.prefill_tokens: a lone prompt takes the whole budget each step)
+one prompt of --tokens random ids runs through a fresh engine until its first token, timed on the host around the steps (the kernels are compiled before).
 Then one eager step of the prompt's last chunk is profiled per kernel family, with the full-attention
 layers' rate: 4 * head_dim * heads flops per (query, visible key) pair.
 """
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks.common import add_json_option, json_path_error, write_json
+from benchmarks.common import add_json_option, json_path_error, positive_ints, write_json
 from gptoss.cli import error
 from gptoss.kernels import KERNEL_MODES
 
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt-oss-20b", help="model shape (gptoss.config.PRESETS)")
     p.add_argument("--tokens", type=int, default=120_000, help="prompt length")
-    p.add_argument("--prefill-tokens", default="256,4096,16384",
+    p.add_argument("--prefill-tokens", type=positive_ints, default=[256, 4096, 16384],
                    help="step budgets to compare, comma-separated (EngineConfig.prefill_tokens)")
     p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels; default: $GPTOSS_KERNELS, else auto)")
@@ -44,21 +43,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (code := json_path_error("bench_long_prompt.py", args)) is not None:
         return code
+    from gptoss.config import PRESETS
+
+    if args.preset not in PRESETS:
+        return error("bench_long_prompt.py", f"unknown preset {args.preset!r} (one of {', '.join(PRESETS)})")
+    cfg = PRESETS[args.preset]
+    if args.tokens < 1:
+        return error("bench_long_prompt.py", f"--tokens must be at least 1 (got {args.tokens})")
+    if args.tokens + 1 > cfg.max_context:
+        return error("bench_long_prompt.py", f"--tokens {args.tokens} leaves no room for a token in the "
+                     f"{cfg.max_context}-position context")
 
     import cupy
     from gptoss.batch import StepBatch
-    from gptoss.config import PRESETS
     from gptoss.engine import Engine, EngineConfig
     from gptoss.engine.gpu_runner import GPUModelRunner
     from gptoss.kernels import KernelOptions
     from gptoss.sampling import SamplingParams
     from gptoss.weights import random_weights
 
-    cfg = PRESETS[args.preset]
-    budgets = [int(b) for b in args.prefill_tokens.split(",")]
-    if args.tokens + 1 > cfg.max_context:
-        return error("bench_long_prompt.py", f"--tokens {args.tokens} leaves no room for a token in the "
-                     f"{cfg.max_context}-position context")
+    budgets = args.prefill_tokens
     kernels = KernelOptions.from_env(mode=args.kernels)
     t0 = time.perf_counter()
     runner = GPUModelRunner(random_weights(cfg, "mxfp4", seed=0), EngineConfig(max_seqs=1, kernels=kernels),

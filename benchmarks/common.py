@@ -2,6 +2,7 @@
 --json output (checked before the run, like every output of the project: gptoss/outputs.py)."""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 
@@ -36,6 +37,17 @@ def row(name: str, shape: str, ms: float, flops: float = 0.0, bytes_moved: float
     return {"name": name, "shape": shape, "ms": ms,
             "tflops": flops / ms / 1e9 if flops else 0.0,
             "gbps": bytes_moved / ms / 1e6 if bytes_moved else 0.0}
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers (e.g. --batches 1,64,256)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def add_json_option(parser, what: str) -> None:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import add_json_option, json_path_error, write_json  # noqa: E402
+from gptoss.cli import error  # noqa: E402
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     from gptoss.weights import random_weights
 
     if not 1 <= args.prompt <= args.length <= cfg.max_context or args.sequences < 1:
-        p.error(f"need 1 <= --prompt <= --length <= {cfg.max_context} and --sequences >= 1")
+        return error("kv_accuracy.py", f"need 1 <= --prompt <= --length <= {cfg.max_context} and --sequences >= 1 "
+                     f"(got --prompt {args.prompt}, --length {args.length}, --sequences {args.sequences})")
     weights = random_weights(cfg, "mxfp4", seed=args.seed)
     seqs = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.sequences, args.length))
     ref = reference_logits(weights, seqs)

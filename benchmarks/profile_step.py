@@ -80,17 +80,6 @@ def run(args) -> None:
     cupy.cuda.profiler.stop()
 
 
-def positive_ints(text: str) -> list[int]:
-    """--batches: comma-separated positive integers."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def median_profile(profiles: list[dict]) -> dict:
     """Per family (in the first profile's order), the median of its milliseconds over the profiles."""
     import statistics
@@ -205,7 +194,7 @@ def summarize(path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import add_json_option, json_path_error
+    from benchmarks.common import add_json_option, json_path_error, positive_ints
     from benchmarks.roofline import H200_BF16_TFLOPS, H200_COPY_TBPS
     from gptoss.cli import error
 
@@ -225,14 +214,15 @@ def main(argv=None) -> int:
     f.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="bf16 tensor-core ceiling, TFLOP/s (default: %(default)s, measured on the H200)")
     add_json_option(f, "each step's profile and modelled work")
     r = sub.add_parser("run", help="one step between cudaProfilerStart/Stop (run it under ncu)")
-    r.add_argument("kind", choices=("decode", "mixed"))
+    r.add_argument("kind", choices=("decode", "mixed"),
+                   help="decode: --batch decode tokens; mixed: the same plus --chunks prompt chunks")
     r.add_argument("--preset", default="gpt-oss-20b", help="model shape (gptoss.config.PRESETS)")
     r.add_argument("--batch", type=int, default=2048, help="decode sequences in the step")
     r.add_argument("--context", type=int, default=1024, help="tokens cached per decode sequence")
     r.add_argument("--chunks", type=int, default=16, help="mixed: prompt chunks in the step")
     r.add_argument("--chunk", type=int, default=256, help="mixed: tokens per prompt chunk")
     s = sub.add_parser("summarize", help="per-kernel totals of ncu's --csv --page raw output")
-    s.add_argument("csv")
+    s.add_argument("csv", help="the file ncu --csv --page raw wrote")
     args = p.parse_args(argv)
     if args.cmd == "roofline":
         from gptoss.config import PRESETS

@@ -219,7 +219,7 @@ def test_eval_below_threshold_is_the_only_1(ids, tmp_path, tok, capsys):
 
 
 @pytest.mark.parametrize("name", ["bench_decode", "bench_getp", "bench_kernels", "bench_long_prompt",
-                                  "kernel_attention", "kernel_gemm", "kernel_moe"])
+                                  "kernel_attention", "kernel_gemm", "kernel_moe", "kv_accuracy"])
 def test_benchmark_json_is_checked_before_the_run(name, tmp_path, capsys):
     """The benchmarks need a GPU to run; their --json is refused first, without one."""
     import importlib
@@ -232,3 +232,19 @@ def test_benchmark_json_is_checked_before_the_run(name, tmp_path, capsys):
     assert main(["--json", str(tmp_path / "nope" / "r.json")]) == 2
     assert one_error(capsys, f"{name}.py") == f"{tmp_path / 'nope'}: no such directory (create it first)"
     assert existing.read_text() == "{}"
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("bench_long_prompt", ["--preset", "nope"], "unknown preset 'nope' (one of "),
+    ("bench_long_prompt", ["--tokens", "0"], "--tokens must be at least 1 (got 0)"),
+    ("bench_long_prompt", ["--tokens", "131072"], "--tokens 131072 leaves no room for a token in the "),
+    ("kv_accuracy", ["--cpu", "--prompt", "0"], "need 1 <= --prompt <= --length <= 512 and --sequences >= 1 "
+                                                "(got --prompt 0, --length 384, --sequences 8)"),
+    ("kv_accuracy", ["--cpu", "--length", "513"], "need 1 <= --prompt <= --length <= 512"),
+])
+def test_benchmark_bad_arguments_are_one_line_errors(name, argv, message, capsys):
+    """Checked before anything loads (no GPU needed): one line, status 2."""
+    import importlib
+
+    assert importlib.import_module(f"benchmarks.{name}").main(argv) == 2
+    assert one_error(capsys, f"{name}.py").startswith(message)
