@@ -105,7 +105,7 @@ def test_preemption_and_recompute_keep_the_tokens(weights):
     far) and still get their tokens alone, sampled or greedy."""
     reqs = [(p, SamplingParams(max_tokens=40, temperature=0.0 if i % 2 else 1.0, seed=i))
             for i, p in enumerate(prompts(4, 8, (60, 130)))]
-    engine = Engine(CPUModelRunner(weights, EngineConfig(max_seqs=6, num_pages=5, promise=0.0, prefill_chunk=32)))
+    engine = Engine(CPUModelRunner(weights, EngineConfig(max_seqs=6, num_pages=5, promise=0.0, prefill_tokens=32)))
     crowd = run(engine, reqs)
     assert engine.stats["preemptions"] > 0 and engine.stats["recomputed_tokens"] > 0
     for i, (prompt, params) in enumerate(reqs):
