@@ -145,13 +145,17 @@ def tokenize_prompts(lines: list[str], options: GetpOptions, vocab_size: int, to
     return prompts
 
 
-def run_fingerprint(sampling, model_path, prompts: list[list[int]]) -> str:
+def run_fingerprint(sampling, model_path, prompts: list[list[int]], kv_cache_dtype: str = "bf16") -> str:
+    """What --resume checks a partial file against: the model, the prompts, the sampling, and the KV cache's
+    format when it is not bf16 (an fp8 cache gives other tokens; bf16 runs keep their fingerprints)."""
     h = hashlib.sha256()
     for ids in prompts:
         h.update(" ".join(map(str, ids)).encode() + b"\n")
     key = {"model": str(Path(model_path).resolve()), "prompts": h.hexdigest(), "steps": sampling.max_tokens,
            "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
            "ignore_eos": sampling.ignore_eos}
+    if kv_cache_dtype != "bf16":
+        key["kv_cache_dtype"] = kv_cache_dtype
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -326,10 +330,11 @@ class GetpPlan:
         return self.blank | self.too_long
 
 
-def plan_getp(cfg, model_path, tokenizer, options: GetpOptions, sampling) -> GetpPlan:
+def plan_getp(cfg, model_path, tokenizer, options: GetpOptions, sampling, kv_cache_dtype: str = "bf16") -> GetpPlan:
     """Read and tokenize options.input for a model of config `cfg` (tokenizer: a Tokenizer or a function
     that gives one), check each prompt fits the context, and open OUTPUT.partial (continuing it with
-    --resume). GetpError for blank or too long lines (unless skip_blank / skip_long), a partial file of
+    --resume, when it was written by a run of the same fingerprint: kv_cache_dtype is the run's KV cache
+    format). GetpError for blank or too long lines (unless skip_blank / skip_long), a partial file of
     another run."""
     lines = read_prompt_lines(options.input)
     blank = blank_lines(options.input, lines, options.skip_blank)
@@ -347,8 +352,8 @@ def plan_getp(cfg, model_path, tokenizer, options: GetpOptions, sampling) -> Get
             print(f"getp: warning: line {n + 1}: {e}; its output line stays empty", file=sys.stderr)
             too_long.add(n)
     skipped = blank | too_long
-    partial = PartialResults(options.output, run_fingerprint(sampling, model_path, prompts), len(prompts),
-                             options.resume, options.force)
+    partial = PartialResults(options.output, run_fingerprint(sampling, model_path, prompts, kv_cache_dtype),
+                             len(prompts), options.resume, options.force)
     todo = [n for n in range(len(prompts)) if n not in skipped and n not in partial.done]
     outputs: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
     outputs.update(partial.done)
@@ -385,7 +390,8 @@ def run_getp(llm, options: GetpOptions, sampling) -> int:
     options.output (and options.json_path). GetpError for bad input: blank or too long lines (unless
     skip_blank / skip_long), a partial file of another run."""
     model_path, engine = llm.model_path, llm.engine
-    plan = plan_getp(llm.model_config, model_path, lambda: llm.tokenizer, options, sampling)
+    plan = plan_getp(llm.model_config, model_path, lambda: llm.tokenizer, options, sampling,
+                     llm.config.kv_cache_dtype)
     prompts, partial, todo, outputs = plan.prompts, plan.partial, plan.todo, plan.outputs
     running = RunningOutputs(len(prompts), sampling.max_tokens)
     rids = [engine.add_request(prompts[n], sampling, sequence=n) for n in todo]

@@ -45,6 +45,9 @@ def test_plan_respects_the_cap_and_the_engine_config():
     config = EngineConfig(prefill_tokens=100, prefill_chunk=16)
     plan = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64, config=config)
     assert plan.max_chunk == 16 and plan.max_step_tokens == 64 + 100
+    small = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64,
+                        config=EngineConfig(prefill_tokens=8, prefill_chunk=16))
+    assert small.max_chunk == 8  # the rings need no room for more than a step's budget
 
 
 def test_counts_are_the_allocated_shapes():

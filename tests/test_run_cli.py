@@ -132,6 +132,32 @@ def test_getp_prefill_tokens_sets_the_step_budget(ids_model, tmp_path):
     assert not (tmp_path / "x.txt").exists()
 
 
+def test_resume_refuses_a_partial_file_of_another_kv_cache_format(ids_model, tmp_path):
+    """A bf16 run's OUTPUT.partial is not continued by an fp8 run (its tokens differ), and the other way
+    round; a bf16 run's fingerprint is what it was before the option existed."""
+    from gptoss.getp import run_fingerprint
+    from gptoss.sampling import SamplingParams
+
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("1 2 3\n4 5\n")
+    sampling, ids = SamplingParams(max_tokens=3, ignore_eos=True), [[1, 2, 3], [4, 5]]
+    assert run_fingerprint(sampling, ids_model, ids) == run_fingerprint(sampling, ids_model, ids, "bf16")
+    assert run_fingerprint(sampling, ids_model, ids, "fp8") != run_fingerprint(sampling, ids_model, ids)
+    for written, asked in (("bf16", "fp8"), ("fp8", "bf16")):
+        out = tmp_path / f"out_{written}.txt"
+        partial = Path(str(out) + ".partial")
+        partial.write_text(json.dumps({"fingerprint": run_fingerprint(sampling, ids_model, ids, written)}) + "\n" +
+                           json.dumps({"i": 0, "ids": [7, 7, 7]}) + "\n")
+        proc = run("run.py", str(ids_model), "-m", "getp", "-i", str(inp), "-o", str(out), "-n", "3", "--device",
+                   "cpu", "--input-format", "ids", "--ignore-eos", "-q", "--resume", "--kv-cache-dtype", asked,
+                   check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[-1] == (f"run.py: error: {partial} belongs to a different run (other "
+                                                "prompts, model or settings): delete it, or run without --resume "
+                                                "and with --force to start over")
+        assert not out.exists() and partial.exists()
+
+
 def test_getp_resume_does_not_recompute(ids_model, tmp_path, monkeypatch):
     from gptoss.getp import run_fingerprint
     from gptoss.sampling import SamplingParams

@@ -13,8 +13,8 @@ class EngineConfig:
     prefill_tokens: most prompt tokens one step prefills, over all sequences; one sequence may take all
         of them (a lone long prompt is prefilled prefill_tokens at a time).
     prefill_chunk: positions of one sequence the sliding layers write and attend per launch (their KV
-        rings hold window + this many positions per slot); a longer prompt chunk goes through them in
-        runs of this many, in the same step.
+        rings hold window + min(this, prefill_tokens) positions per slot); a longer prompt chunk goes
+        through them in runs of this many, in the same step.
     promise: admission promises each sequence KV pages for its prompt and this share of its token
         budget. 1: no sequence is ever preempted; below 1, more sequences run at once and one that needs
         a page when none is free preempts the latest admitted, which is prefilled again later.

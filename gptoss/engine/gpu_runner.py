@@ -43,7 +43,9 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
     goes to pages (at most a whole capacity per slot). ranks: a tensor-parallel rank of that many
     (cfg is then its shard's config; its collective buffers are counted too)."""
-    chunk = min(config.prefill_chunk, capacity)  # the sliding layers' rings: window + chunk positions per slot
+    # the sliding layers' rings: window + chunk positions per slot (no step carries more of one sequence
+    # than prefill_tokens, so a smaller budget needs no more)
+    chunk = min(config.prefill_chunk, config.prefill_tokens, capacity)
     width = pages_per_slot(capacity)
     mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
 

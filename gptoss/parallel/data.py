@@ -397,7 +397,8 @@ def run_getp_parallel(model_path, options, dp: DataParallelOptions, sampling) ->
 
     cfg = open_weights(model_path).config
     local = model_path if isinstance(model_path, Path) else None
-    plan = plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options, sampling)
+    plan = plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options, sampling,
+                     dp.settings.kv_cache_dtype)
     started = min(dp.replicas, len(plan.todo))  # no more workers than prompts to run
     start = time.perf_counter()
     n = len(plan.prompts)

@@ -151,7 +151,7 @@ def run_getp_mpi(model_path, options, mo: MpiOptions, sampling) -> int:
             error = MpiLaunchError(f"the nodes differ: --tensor-parallel {mo.tensor_parallel} spans ranks on some "
                                    "and not on others; give every node the same GPUs")
         else:
-            error, plan = _plan(model_path, options, sampling)
+            error, plan = _plan(model_path, options, sampling, mo.settings.kv_cache_dtype)
     if comm.bcast(error is not None, root=0):
         if rank == 0:
             raise error
@@ -176,7 +176,7 @@ def run_getp_mpi(model_path, options, mo: MpiOptions, sampling) -> int:
     return _root(comm, plan, layouts, hosts, make_unit, where, model_path, options, mo, sampling)
 
 
-def _plan(model_path, options, sampling):
+def _plan(model_path, options, sampling, kv_cache_dtype: str):
     """(error, plan): rank 0 reads and tokenizes the prompts, opens OUTPUT.partial."""
     from ..getp import plan_getp
     from ..tokenizer import tokenizer_from_option
@@ -186,7 +186,7 @@ def _plan(model_path, options, sampling):
         cfg = open_weights(model_path).config
         local = model_path if isinstance(model_path, Path) else None
         return None, plan_getp(cfg, model_path, lambda: tokenizer_from_option(options.tokenizer, local), options,
-                               sampling)
+                               sampling, kv_cache_dtype)
     except BaseException as e:  # noqa: BLE001 (told to every rank, raised on rank 0)
         return e, None
 
