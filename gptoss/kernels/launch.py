@@ -20,6 +20,8 @@ import threading
 
 import numpy as np
 
+from . import driver
+
 # CUlaunchAttributeID CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (cuda.h of CUDA 12 and 13);
 # its value, CUlaunchAttributeValue::programmaticStreamSerializationAllowed, is an int at offset 0.
 PROGRAMMATIC_STREAM_SERIALIZATION = 6
@@ -40,35 +42,14 @@ class LaunchConfig(ctypes.Structure):
                 ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
-@functools.lru_cache(maxsize=None)
-def _libcuda():
-    try:
-        return ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-
-
-@functools.lru_cache(maxsize=None)
 def _launch_fn():
-    lib = _libcuda()
-    fn = getattr(lib, "cuLaunchKernelEx", None) if lib is not None else None
-    if fn is None:
-        return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return fn
+    return driver.function("cuLaunchKernelEx",
+                           (ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p))
 
 
-@functools.lru_cache(maxsize=None)
 def _param_info_fn():
-    lib = _libcuda()
-    fn = getattr(lib, "cuFuncGetParamInfo", None) if lib is not None else None
-    if fn is None:
-        return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
-                   ctypes.POINTER(ctypes.c_size_t)]
-    return fn
+    return driver.function("cuFuncGetParamInfo", (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+                                                  ctypes.POINTER(ctypes.c_size_t)))
 
 
 def available() -> bool:
@@ -77,7 +58,7 @@ def available() -> bool:
 
 
 def _error_name(code: int) -> str:
-    lib = _libcuda()
+    lib = driver.libcuda()
     name = ctypes.c_char_p()
     if lib is not None and getattr(lib, "cuGetErrorName", None) is not None:
         if lib.cuGetErrorName(ctypes.c_int(code), ctypes.byref(name)) == _CUDA_SUCCESS and name.value:

@@ -1,5 +1,5 @@
 """Tensor maps for the tensor-memory accelerator (TMA, H100/H200): the driver's 128-byte CUtensorMap that
-a kernel's cp.async.bulk.tensor reads, made with cuTensorMapEncodeTiled from libcuda (through ctypes:
+a kernel's cp.async.bulk.tensor reads, made with cuTensorMapEncodeTiled from libcuda (gptoss.kernels.driver:
 CuPy does not wrap it) and passed to the kernel by value (a numpy.void of 128 bytes; the kernel takes
 `const __grid_constant__ TensorMap`, kernels/mma.h).
 
@@ -14,6 +14,8 @@ import functools
 
 import numpy as np
 
+from ..kernels import driver
+
 _BFLOAT16 = 9         # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
 _INTERLEAVE_NONE = 0
 _SWIZZLE_128B = 3
@@ -22,18 +24,11 @@ _OOB_FILL_ZERO = 0    # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: zeros
 BOX_COLS = 64         # 64 bf16 = 128 bytes: the swizzle's row
 
 
-@functools.lru_cache(maxsize=None)
 def _encode_fn():
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuTensorMapEncodeTiled
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_int
     u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    return fn
+    return driver.function("cuTensorMapEncodeTiled",
+                           (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int))
 
 
 def available() -> bool:
