@@ -264,19 +264,12 @@ class KernelOptions:
                 if value:
                     raise ValueError(f"KernelOptions({field}=True): an AMD GPU has no {field}")
             return replace(self, wgmma=False, portable=True, pdl=False)
-        wgmma, pdl = self.wgmma, self.pdl
-        if wgmma is not False:
-            available = wgmma_available()
-            if wgmma and not available:
-                raise ValueError("KernelOptions(wgmma=True): the wgmma kernels need an NVIDIA compute capability "
-                                 "9.0 GPU (H100/H200) and a CuPy whose NVRTC arch choice can be set")
-            wgmma = available
-        if pdl is not False:
-            available = pdl_available()
-            if pdl and not available:
-                raise ValueError("KernelOptions(pdl=True): programmatic dependent launch needs an NVIDIA compute "
-                                 "capability 9.0+ GPU and a CUDA driver with cuLaunchKernelEx")
-            pdl = available
+        wgmma = _decided("wgmma", self.wgmma, wgmma_available,
+                         "the wgmma kernels need an NVIDIA compute capability 9.0 GPU (H100/H200) and a CuPy "
+                         "whose NVRTC arch choice can be set")
+        pdl = _decided("pdl", self.pdl, pdl_available,
+                       "programmatic dependent launch needs an NVIDIA compute capability 9.0+ GPU and a CUDA "
+                       "driver with cuLaunchKernelEx")
         return replace(self, wgmma=wgmma, pdl=pdl)
 
     def defines(self, family: str) -> tuple[str, ...]:
@@ -287,6 +280,17 @@ class KernelOptions:
     def sm90a(self, family: str) -> bool:
         """Whether `family` compiles for sm_90a (its wgmma kernels) under these (resolved) options."""
         return bool(self.wgmma) and family in WGMMA_FAMILIES
+
+
+def _decided(field: str, asked: bool | None, available, needs: str) -> bool:
+    """A KernelOptions choice for this device: False stays off, None is what available() says, True must
+    be available (else ValueError: `needs`)."""
+    if asked is False:
+        return False
+    ok = available()
+    if asked and not ok:
+        raise ValueError(f"KernelOptions({field}=True): {needs}")
+    return ok
 
 
 @functools.lru_cache(maxsize=None)
