@@ -96,10 +96,9 @@ class GPUModelRunner:
 
         # the kernel choices, decided once here (GPTOSS_WGMMA read now, not per launch)
         self.kernels = (config.kernels if config.kernels is not None else KernelOptions.from_env()).resolve()
-        if self.kernels.portable:  # (every AMD GPU; GPTOSS_KERNELS=portable or --kernels portable elsewhere)
-            self.name = f"gpu ({self.device_name}, portable kernels)"
-        if config.kv_cache_dtype != "bf16":
-            self.name = self.name[:-1] + f", {config.kv_cache_dtype} KV cache)"
+        notes = ["portable kernels"] * self.kernels.portable  # (every AMD GPU; --kernels portable elsewhere)
+        notes += [f"{config.kv_cache_dtype} KV cache"] * (config.kv_cache_dtype != "bf16")
+        self.name = f"gpu ({', '.join([self.device_name, *notes])})"
         t0 = time.perf_counter()
         compile_all(self.kernels)  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
         if progress and time.perf_counter() - t0 > 2:
