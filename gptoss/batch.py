@@ -105,9 +105,10 @@ class RunOrder:
             return None
         offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
         count = -(-lens // run)  # runs per sequence
-        # runs as (k, sequence), ordered by k then sequence
-        seq = np.concatenate([np.flatnonzero(count > k) for k in range(int(count.max()))])
-        k = np.repeat(np.arange(int(count.max())), [int((count > j).sum()) for j in range(int(count.max()))])
+        # runs as (k, sequence), ordered by k then sequence: the sequences with a k-th run, for each k
+        having = [np.flatnonzero(count > j) for j in range(int(count.max()))]
+        seq = np.concatenate(having)
+        k = np.repeat(np.arange(len(having)), [len(h) for h in having])
         first = k * run
         n = np.minimum(lens[seq] - first, run)
         order = np.concatenate([np.arange(o, o + m) for o, m in zip(offsets[seq] + first, n)])

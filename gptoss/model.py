@@ -306,8 +306,6 @@ class GPUModel:
     def _prepare(self, step: StepBatch):
         """Checks the step and copies its inputs; returns run(prof=None), which queues the layers and
         the head and returns the logits."""
-        from .ops.attention import AttentionBatch
-
         self._check(step)
         T, R = len(step.tokens), len(step.logit_rows)
         pieces = None
@@ -315,21 +313,24 @@ class GPUModel:
             if self.sliding_run is not None else None
         if runs is not None:  # a chunk longer than the rings take: the sliding layers go piece by piece
             step = self._reordered(step, runs)
-            pieces = []
-            for a, e, r0, r1 in runs.pieces:
-                piece = AttentionBatch.build(runs.q_lens[r0:r1], runs.seq_slots[r0:r1], runs.seq_starts[r0:r1],
-                                             self.capacity)
-                piece._workspace = self._decode_ws
-                pieces.append((a, e, piece))
+            pieces = [(a, e, self._attention_batch(runs.q_lens[r0:r1], runs.seq_slots[r0:r1],
+                                                   runs.seq_starts[r0:r1])) for a, e, r0, r1 in runs.pieces]
         self._load_inputs(step)
-        batch = AttentionBatch.build(step.q_lens, step.seq_slots, step.seq_starts, self.capacity)
-        batch._workspace = self._decode_ws
+        batch = self._attention_batch(step.q_lens, step.seq_slots, step.seq_starts)
         identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
 
         def run(prof: "Profile | None" = None):
             self._layers(T, batch, prof, pieces=pieces)
             return self._head(T, R, gather=not identity) if R else self.buf.logits[:0]
         return run
+
+    def _attention_batch(self, q_lens, slots, starts):
+        """An attention launch's layout for these sequences, with the model's decode workspace."""
+        from .ops.attention import AttentionBatch
+
+        batch = AttentionBatch.build(q_lens, slots, starts, self.capacity)
+        batch._workspace = self._decode_ws
+        return batch
 
     @staticmethod
     def _reordered(step: StepBatch, runs: RunOrder) -> StepBatch:
