@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="getp: most sequences in flight at once (default: as many as GPU memory "
                         "holds; 1 on the CPU); serve: sequences at once, sharing the KV pages (default "
                         f"{SERVE_SLOTS}, fewer when GPU memory cannot hold that many of 2,048 positions)")
-    p.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--prefill-tokens", type=int, default=EngineConfig.prefill_tokens, metavar="N",
                    help="most prompt tokens one step prefills, over all sequences (default "
-                        f"{EngineConfig.prefill_tokens}); one prompt may take all of them, so a larger N prefills "
+                        "%(default)s); one prompt may take all of them, so a larger N prefills "
                         "a long prompt in fewer, longer steps (faster to its first token, while the other "
                         "sequences' next tokens wait longer)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
@@ -283,7 +283,7 @@ def _main(argv) -> int:
         fail(str(e))
     if args.batch is not None and args.batch < 1:
         fail(f"-b must be at least 1 (got {args.batch})")
-    if args.prefill_tokens is not None and args.prefill_tokens < 1:
+    if args.prefill_tokens < 1:
         fail(f"--prefill-tokens must be at least 1 (got {args.prefill_tokens})")
     if args.data_parallel is not None and args.data_parallel < 1:
         fail(f"--data-parallel must be at least 1 (got {args.data_parallel})")
@@ -382,12 +382,10 @@ def _main(argv) -> int:
         # serve admits a request on its prompt's pages (vLLM's way): a chat without max_tokens may run to
         # the context's end, and promising every request that much would leave most slots empty
         extra = {"promise": 0.0} if args.mode == "serve" else {}
-        if args.prefill_tokens is not None:
-            extra["prefill_tokens"] = args.prefill_tokens
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
                   tensor_parallel=args.tensor_parallel,
                   gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args),
-                  kv_cache_dtype=args.kv_cache_dtype, **extra)
+                  kv_cache_dtype=args.kv_cache_dtype, prefill_tokens=args.prefill_tokens, **extra)
     except ValueError as e:  # an unknown synthetic:PRESET
         fail(str(e))
 

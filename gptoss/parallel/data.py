@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.config import EngineConfig
 from ..errors import GptossError, one_line
 
 # Test hook: "L" makes the replica that finishes input line L (0-based) send it, then exit abruptly;
@@ -38,14 +39,13 @@ class ReplicaSettings:
     """What every engine replica's LLM is built with, however the replicas are laid out: tokenizer (a
     file, run.py --tokenizer), max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and rank, in
     bytes), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment),
-    kv_cache_dtype (run.py --kv-cache-dtype: "bf16" or "fp8"), prefill_tokens (run.py --prefill-tokens;
-    None: EngineConfig's default)."""
+    kv_cache_dtype (run.py --kv-cache-dtype: "bf16" or "fp8"), prefill_tokens (run.py --prefill-tokens)."""
     tokenizer: str | None = None
     max_seqs: int | None = None
     memory_limit: int | None = None
     kernels: object | None = None
     kv_cache_dtype: str = "bf16"
-    prefill_tokens: int | None = None
+    prefill_tokens: int = EngineConfig.prefill_tokens
 
     def inflight(self, device: str) -> int:
         """Prompts a replica holds at once: -b, else one on the CPU and GPU_INFLIGHT on a GPU."""
@@ -202,8 +202,7 @@ def replica_llm(model_path, device: str, gpu: int | None, settings: ReplicaSetti
     s = settings
     return LLM(model_path, device, tokenizer=s.tokenizer, progress=False, max_seqs=s.max_seqs,
                memory_limit=s.memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers,
-               kernels=s.kernels, kv_cache_dtype=s.kv_cache_dtype,
-               **({} if s.prefill_tokens is None else {"prefill_tokens": s.prefill_tokens}))
+               kernels=s.kernels, kv_cache_dtype=s.kv_cache_dtype, prefill_tokens=s.prefill_tokens)
 
 
 class LineRuns:
