@@ -22,13 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks.common import add_json_option, json_path_error, positive_ints, write_json
+from benchmarks.roofline import StepShape, attention_work
 from gptoss.cli import error
 from gptoss.kernels import KERNEL_MODES
-
-
-def causal_pairs(start: int, n: int) -> int:
-    """(query, key) pairs of n queries at positions start.. that see every earlier key."""
-    return n * start + n * (n + 1) // 2
 
 
 def main(argv=None) -> int:
@@ -89,7 +85,7 @@ def main(argv=None) -> int:
         step = StepBatch.prefill([np.asarray(prompt[start:], np.int32)], [0], [start])
         prof = runner.model.profile(step)
         full_layers = sum(1 for i in range(cfg.num_layers) if not cfg.is_sliding(i))
-        flops = 4 * cfg.head_dim * cfg.num_heads * causal_pairs(start, chunk) * full_layers
+        flops = attention_work(cfg, StepShape.prefill(chunk, start), 0).flops * full_layers
         run["last_chunk_profile_ms"] = prof
         run["last_chunk_full_attention_tflops"] = flops / (prof.get("attention full", float("nan")) * 1e9)
         results["runs"][budget] = run
