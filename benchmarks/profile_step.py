@@ -156,7 +156,9 @@ def roofline(args) -> int:
     print(f"{args.preset}: random weights uploaded and caches filled in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def measure(step, shape):
-        model.forward(step)  # warm-up: compiles the kernels this step launches
+        # warm-up: compiles every kernel the step launches, the sampling's too (forward() does not sample;
+        # a compile inside a profile stalls the host past the GPU's hold and shows up as kernel time)
+        model.profile(step)
         profiles = [model.profile(step) for _ in range(args.repeats)]
         # the MoE workspace holds the last layer's routing of the step: the distinct experts it chose
         last = int(cupy.unique(model.buf.moe.experts[:shape.tokens * model.cfg.experts_per_token]).size)
