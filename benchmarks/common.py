@@ -32,6 +32,49 @@ def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn, warmup: int = 3, reps: int = 20, calls: int = 24) -> float:
+    """Median milliseconds per call of fn() (GPU work on the current stream): `calls` calls captured
+    once into a CUDA graph, the graph replayed `reps` times and timed with CUDA events, so kernels of a
+    few microseconds are timed without the host's launch overhead. fn may rotate over copies of its
+    inputs (see rotating()), which then differ from call to call inside the graph."""
+    import cupy
+
+    for _ in range(warmup):  # outside the capture: compiles, tensor maps, library handles
+        fn()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+        times = []
+        for _ in range(reps):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    return statistics.median(times)
+
+
+def rotating(call, copies: int):
+    """A function that runs call(0), call(1), ..., call(copies - 1), call(0), ... on successive calls:
+    rotating over copies of the inputs larger than the L2 cache keeps a timing loop from reading them
+    from L2 (in a model step the other layers' weights pass in between)."""
+    state = {"i": 0}
+
+    def fn():
+        i = state["i"]
+        state["i"] = (i + 1) % copies
+        return call(i)
+
+    return fn
+
+
 def row(name: str, shape: str, ms: float, flops: float = 0.0, bytes_moved: float = 0.0) -> dict:
     """One benchmark result: achieved TFLOP/s and GB/s from the work done in ms."""
     return {"name": name, "shape": shape, "ms": ms,
