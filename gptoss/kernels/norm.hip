@@ -26,6 +26,12 @@ DEVICE void store4_bf16(bf16_t* p, float4 v) {
     *reinterpret_cast<uint2*>(p) = w;
 }
 
+// 4-wide groups a thread keeps in flight: each loop below loads NORM_NV groups (every input of them)
+// before it uses the first, so a row of H <= NORM_THREADS * 4 * NORM_NV (gpt-oss: 2,880 <= 3,072) costs one
+// memory round trip per loop instead of one per group and input. The adds run in the same order as
+// without the prefetch: group i = (threadIdx.x + u * blockDim.x) * 4 for u = 0, 1, ...
+#define NORM_NV 3
+
 // vec: H % 4 == 0 and every pointer aligned for 4-wide access (checked by the launcher).
 // Each thread re-reads in the second loop exactly the elements it wrote in the first, so the in-place
 // add needs no barrier between the two loops.
@@ -36,16 +42,30 @@ DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, cons
     const size_t off = (size_t)blockIdx.x * H;
     float* xr = x + off;
     bf16_t* orow = out + off;
+    const int step = blockDim.x * 4;
     float ss = 0.0f;
     if (vec) {
-        for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
-            float4 v = load4(xr + i);
-            if (ADD) {
-                const float4 d = load4(delta + off + i);
-                v.x += d.x; v.y += d.y; v.z += d.z; v.w += d.w;
-                *reinterpret_cast<float4*>(xr + i) = v;
+        for (int base = threadIdx.x * 4; base < H; base += NORM_NV * step) {
+            float4 v[NORM_NV], d[NORM_NV];
+            #pragma unroll
+            for (int u = 0; u < NORM_NV; ++u) {
+                const int i = base + u * step;
+                if (i < H) {
+                    v[u] = load4(xr + i);
+                    if (ADD) d[u] = load4(delta + off + i);
+                }
             }
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            #pragma unroll
+            for (int u = 0; u < NORM_NV; ++u) {
+                const int i = base + u * step;
+                if (i < H) {
+                    if (ADD) {
+                        v[u].x += d[u].x; v[u].y += d[u].y; v[u].z += d[u].z; v[u].w += d[u].w;
+                        *reinterpret_cast<float4*>(xr + i) = v[u];
+                    }
+                    ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+                }
+            }
         }
     } else {
         for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -59,11 +79,26 @@ DEVICE void rmsnorm_row(float* __restrict__ x, const D* __restrict__ delta, cons
     }
     const float r = 1.0f / sqrtf(block_sum(ss, scratch) / (float)H + eps);
     if (vec) {
-        for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
-            const float4 v = load4(xr + i), s = load4(scale + i);
-            const float4 y = make_float4(v.x * r * s.x, v.y * r * s.y, v.z * r * s.z, v.w * r * s.w);
-            store4_bf16(orow + i, y);
-            if (out32) *reinterpret_cast<float4*>(out32 + off + i) = y;
+        for (int base = threadIdx.x * 4; base < H; base += NORM_NV * step) {
+            float4 v[NORM_NV], s[NORM_NV];
+            #pragma unroll
+            for (int u = 0; u < NORM_NV; ++u) {
+                const int i = base + u * step;
+                if (i < H) {
+                    v[u] = load4(xr + i);
+                    s[u] = load4(scale + i);
+                }
+            }
+            #pragma unroll
+            for (int u = 0; u < NORM_NV; ++u) {
+                const int i = base + u * step;
+                if (i < H) {
+                    const float4 y = make_float4(v[u].x * r * s[u].x, v[u].y * r * s[u].y, v[u].z * r * s[u].z,
+                                                 v[u].w * r * s[u].w);
+                    store4_bf16(orow + i, y);
+                    if (out32) *reinterpret_cast<float4*>(out32 + off + i) = y;
+                }
+            }
         }
     } else {
         for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -107,29 +142,62 @@ ADD_RMSNORM_KERNEL(bf16, bf16_t, bf16, bf16_t)
 // The MoE combine fused with the next RMSNorm: x[t] += ((eo[t*k] + eo[t*k+1]) + ...) (j increasing, the
 // same adds as routing.hip's moe_combine_add), then t = rmsnorm(x) * scale. eo: [T*k, H] float32. Needs
 // the 4-wide path (H % 4 == 0, aligned pointers; ops/norm.py falls back to the two kernels otherwise).
-template <typename S>
+// K: the expert count when it is a compile-time constant (the loads of all K rows of a group are then
+// in flight together), 0 for any k (a loop).
+template <int K, typename S>
 DEVICE void combine_rmsnorm_row(float* __restrict__ x, const float* __restrict__ eo, int k,
                                 const S* __restrict__ scale, bf16_t* __restrict__ out, int H, float eps,
                                 float* scratch) {
     const size_t off = (size_t)blockIdx.x * H;
     float* xr = x + off;
     const float* o = eo + off * k;
+    const int step = blockDim.x * 4;
     float ss = 0.0f;
-    for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
-        float4 s = load4(o + i);
-        for (int j = 1; j < k; ++j) {
-            const float4 v = load4(o + (size_t)j * H + i);
-            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+    for (int base = threadIdx.x * 4; base < H; base += NORM_NV * step) {
+        float4 v[NORM_NV], e[NORM_NV][K > 0 ? K : 1];
+        #pragma unroll
+        for (int u = 0; u < NORM_NV; ++u) {
+            const int i = base + u * step;
+            if (i < H) {
+                v[u] = load4(xr + i);
+                #pragma unroll
+                for (int j = 0; j < (K > 0 ? K : 1); ++j) e[u][j] = load4(o + (size_t)j * H + i);
+            }
         }
-        float4 v = load4(xr + i);
-        v.x += s.x; v.y += s.y; v.z += s.z; v.w += s.w;
-        *reinterpret_cast<float4*>(xr + i) = v;
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        #pragma unroll
+        for (int u = 0; u < NORM_NV; ++u) {
+            const int i = base + u * step;
+            if (i < H) {
+                float4 s = e[u][0];
+                #pragma unroll
+                for (int j = 1; j < (K > 0 ? K : k); ++j) {
+                    const float4 w = K > 0 ? e[u][K > 0 ? j : 0] : load4(o + (size_t)j * H + i);
+                    s.x += w.x; s.y += w.y; s.z += w.z; s.w += w.w;
+                }
+                v[u].x += s.x; v[u].y += s.y; v[u].z += s.z; v[u].w += s.w;
+                *reinterpret_cast<float4*>(xr + i) = v[u];
+                ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+            }
+        }
     }
     const float r = 1.0f / sqrtf(block_sum(ss, scratch) / (float)H + eps);
-    for (int i = threadIdx.x * 4; i < H; i += blockDim.x * 4) {
-        const float4 v = load4(xr + i), s = load4(scale + i);
-        store4_bf16(out + off + i, make_float4(v.x * r * s.x, v.y * r * s.y, v.z * r * s.z, v.w * r * s.w));
+    for (int base = threadIdx.x * 4; base < H; base += NORM_NV * step) {
+        float4 v[NORM_NV], s[NORM_NV];
+        #pragma unroll
+        for (int u = 0; u < NORM_NV; ++u) {
+            const int i = base + u * step;
+            if (i < H) {
+                v[u] = load4(xr + i);
+                s[u] = load4(scale + i);
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < NORM_NV; ++u) {
+            const int i = base + u * step;
+            if (i < H)
+                store4_bf16(out + off + i, make_float4(v[u].x * r * s[u].x, v[u].y * r * s[u].y,
+                                                       v[u].z * r * s[u].z, v[u].w * r * s[u].w));
+        }
     }
 }
 
@@ -140,7 +208,8 @@ DEVICE void combine_rmsnorm_row(float* __restrict__ x, const float* __restrict__
         GPTOSS_WAIT_PRIOR_GRID();                                                                       \
         GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
         __shared__ float scratch[BLOCK_SCRATCH];                                                                  \
-        combine_rmsnorm_row<S>(x, eo, k, scale, out, H, eps, scratch);                                 \
+        if (k == 4) combine_rmsnorm_row<4, S>(x, eo, k, scale, out, H, eps, scratch);                  \
+        else combine_rmsnorm_row<0, S>(x, eo, k, scale, out, H, eps, scratch);                         \
     }
 
 COMBINE_RMSNORM_KERNEL(f32, float)

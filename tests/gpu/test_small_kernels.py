@@ -141,7 +141,7 @@ def test_rmsnorm_eps_matters_for_small_rows():
 
 @pytest.mark.parametrize("delta_dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("scale_dtype", ["bf16", "f32"])
-@pytest.mark.parametrize("H,T", [(64, 1), (96, 3), (2880, 1000), (2880, 1), (45, 3)])
+@pytest.mark.parametrize("H,T", [(64, 1), (96, 3), (2880, 1000), (2880, 1), (45, 3), (6400, 2)])
 def test_add_rmsnorm(H, T, scale_dtype, delta_dtype):
     from gptoss.ops.norm import add_rmsnorm
     from gptoss.reference import rmsnorm as ref_rmsnorm
@@ -202,7 +202,7 @@ def test_norm_checks_arguments():
 
 
 @pytest.mark.parametrize("scale_dtype", ["bf16", "f32"])
-@pytest.mark.parametrize("T,H,k", [(1, 2880, 4), (37, 2880, 4), (5, 64, 2), (3, 96, 4)])
+@pytest.mark.parametrize("T,H,k", [(1, 2880, 4), (37, 2880, 4), (5, 64, 2), (3, 96, 4), (2, 6400, 4), (2, 6400, 3)])
 def test_combine_rmsnorm_equals_combine_then_norm(T, H, k, scale_dtype):
     """The fused MoE combine + next norm gives the bits of combine_add followed by rmsnorm, and the
     reference's values."""
