@@ -32,32 +32,30 @@ def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def time_graph_ms(fn, warmup: int = 3, reps: int = 20, calls: int = 24) -> float:
-    """Median milliseconds per call of fn() (GPU work on the current stream): `calls` calls captured
-    once into a CUDA graph, the graph replayed `reps` times and timed with CUDA events, so kernels of a
-    few microseconds are timed without the host's launch overhead. fn may rotate over copies of its
-    inputs (see rotating()), which then differ from call to call inside the graph."""
+def time_queued_ms(fn, warmup: int = 3, reps: int = 20, calls: int = 24, hold_cycles: int = 20_000_000) -> float:
+    """Median milliseconds per call of fn() (GPU work on the current stream), timed the way a model step
+    runs its kernels: back to back with no host gaps. Per repeat the GPU first spins for hold_cycles
+    (about 10 ms) while the host queues `calls` calls between two CUDA events, so kernels of a few
+    microseconds are timed without the host's launch overhead (cuBLAS included, which CuPy does not let
+    a CUDA graph capture). fn may rotate over copies of its inputs (rotating())."""
     import cupy
+    import numpy as np
 
-    for _ in range(warmup):  # outside the capture: compiles, tensor maps, library handles
+    from gptoss.kernels import kernel
+
+    for _ in range(warmup):  # compiles, tensor maps, library handles
         fn()
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        try:
-            for _ in range(calls):
-                fn()
-        finally:
-            graph = stream.end_capture()
-        graph.launch(stream)
-        times = []
-        for _ in range(reps):
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    spin = kernel("util", "spin_wait")
+    times = []
+    for _ in range(reps):
+        spin((1,), (1,), (np.int64(hold_cycles),))
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
     return statistics.median(times)
 
 

@@ -5,9 +5,10 @@
 
 cuBLAS runs through cupy.matmul on float16 arrays of the same shapes (fp16 and bf16 run at the same
 tensor-core rate on Hopper; CuPy has no bf16 dtype), without the bias. Both are timed alike: calls
-captured into a CUDA graph and replayed (benchmarks/common.py time_graph_ms: no host launch overhead in
-kernels of a few microseconds), rotating over enough copies of x and w that they are not read from the
-L2 cache (as in a model step, where the other layers' weights pass in between). Reported: ms, TFLOP/s, GB/s
+queued back to back behind a GPU spin, timed between CUDA events (benchmarks/common.py time_queued_ms: no
+host launch overhead in kernels of a few microseconds), rotating over enough copies of x and w that they
+are not read from the L2 cache (as in a model step, where the other layers' weights pass in between).
+Reported: ms, TFLOP/s, GB/s
 (x + w + out bytes: the memory-bound figure at small M) and ours / cuBLAS throughput ("vs_cublas").
 --sweep also times every variant that fits each shape, for tuning gemm.py's pick_variant.
 GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200 (KernelOptions.from_env).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_json_option, json_path_error, rotating, row, time_graph_ms, \
+from benchmarks.common import add_json_option, json_path_error, rotating, row, time_queued_ms, \
     write_json  # noqa: E402
 
 # 20b: (N, K) of the bf16 products per token
@@ -58,7 +59,7 @@ def _fits(M: int, N: int, K: int) -> bool:
     return need < 0.8 * free
 
 
-def bench(time_ms=time_graph_ms, shapes=None, ms=MS, sweep: bool = False, kernels=None) -> list[dict]:
+def bench(time_ms=time_queued_ms, shapes=None, ms=MS, sweep: bool = False, kernels=None) -> list[dict]:
     """time_ms(fn) -> milliseconds per call; kernels: gptoss.kernels.KernelOptions (default:
     KernelOptions.from_env())."""
     import cupy
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         p.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
-    rows = bench(time_graph_ms, shapes, [int(m) for m in args.ms.split(",")], args.sweep)
+    rows = bench(time_queued_ms, shapes, [int(m) for m in args.ms.split(",")], args.sweep)
     _print_table(rows)
     if args.json:
         write_json(args.json, rows)
