@@ -330,9 +330,17 @@ def test_shared_memory_budget_cpu():
     for wg in (False, True):
         for bm in (64, 128) if wg else (64,):
             assert 2 * M.variant_for("mlp1", "mxfp4", bm, wgmma=wg).shared_bytes(2880) <= 228 * 1024
-    picked = {M.variant_for(s, f, bm, wgmma=wg).name for s in ("mlp1", "mlp2") for f in ("mxfp4", "bf16")
-              for wg in (False, True) for bm in M.tile_heights(f, wgmma=wg)}
+    picked = {M.variant_for(s, f, bm, wgmma=wg, kpar=kp).name for s in ("mlp1", "mlp2") for f in ("mxfp4", "bf16")
+              for wg in (False, True) for bm in M.tile_heights(f, wgmma=wg) for kp in (0,) + M.kpar_widths()}
     assert picked == set(M.VARIANTS)
+    # the k-parallel kernels: MIN_BLOCKS CTAs fit an SM's 228 KB (1 KB reserved per CTA, < 1 KB static)
+    from gptoss.kernels import macro_rows
+
+    for name, kpar, _, _, _, minb in macro_rows("moe", "MOE_KPAR_KERNEL"):
+        v = M.VARIANTS[name]
+        assert v.kpar == int(kpar) and v.threads == 128 * v.kpar and v.bn == 64 and v.bk == 64
+        assert int(minb) * (v.shared_bytes(2880) + 2048) <= 228 * 1024, name
+        assert int(minb) * v.threads * 64 <= 65536, name  # 64 registers (ptxas: 64, no spills)
     assert M.tile_heights("bf16", wgmma=True) == (16, 64) and M.tile_heights("mxfp4", wgmma=False) == (16, 64)
     with pytest.raises(ValueError, match="tile height 128"):
         M.variant_for("mlp1", "mxfp4", 128, wgmma=False)
@@ -545,3 +553,234 @@ def test_mbarrier_ring_protocol_cpu(S, LAG):
         for _ in range(20):
             reads = _ring_run(KT, S, LAG, warps=8, rng=rng)
             assert reads == [list(range(KT))] * 8
+
+
+# ---- the k-parallel decode kernels (moe.hip MOE_KPAR_KERNEL, MoeCta::mainloop_kpar) -----------------
+
+KPAR_VARIANTS = [name for name, v in M.VARIANTS.items() if v.kpar]
+
+
+def kpar_thread(lt: int) -> tuple[int, int, int]:
+    """moe.hip kpar_setup: thread lt of a warpgroup dequantizes 32-block b of A row r = weight column n."""
+    r, b = lt >> 1, lt & 1
+    return r, b, (r & ~15) | ((r & 7) << 1) | ((r >> 3) & 1)
+
+
+def sw128_offset(r: int, c: int) -> int:
+    return r * 128 + ((c ^ (r & 7)) << 4)
+
+
+def wgmma_kmajor_sw128(buf: np.ndarray, start: int, rows: int) -> np.ndarray:
+    """The [rows, 16] bf16 bits a wgmma reads through wgmma_desc_sw128(start) (K-major, 128-byte swizzle):
+    row m at start + (m / 8) * 1024 (stride byte offset) + (m % 8) * 128, element k at 2k, and then the
+    swizzle on the final address: bits 4-6 ^= bits 7-9 (the buffer's base stands for a 1 KB-aligned one)."""
+    out = np.zeros((rows, 16), dtype=np.uint16)
+    for m in range(rows):
+        for k in range(16):
+            a = start + (m // 8) * 1024 + (m % 8) * 128 + (k // 8) * 16 + (k % 8) * 2
+            a ^= ((a >> 7) & 7) << 4
+            out[m, k] = int(buf[a]) | int(buf[a + 1]) << 8
+    return out
+
+
+def rs_a_operand(wq, ws, q: int, big: bool) -> np.ndarray:
+    """The [64, 16] A operand (bf16 bits) of k16 step q in the m16_wg kernels (issue_stage_wg: register
+    fragments, warp w lane (g, t): rows 16w + g / 16w + g + 8 = weight columns 16w + 2g / + 1, bytes t,
+    t + 4, t + 8, t + 12 of the 32-block), for the tile's weights wq [Nv, KB, 16], ws [Nv, KB]."""
+    Nv, KB = ws.shape
+    kb, s = q // 2, q % 2
+    A = np.zeros((64, 16), dtype=np.uint16)
+    for w in range(4):
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            words = []
+            for n in (16 * w + 2 * g, 16 * w + 2 * g + 1):
+                blk = wq[n, kb] if n < Nv and kb < KB else np.zeros(16, np.uint8)
+                word = int(blk[t]) | int(blk[t + 4]) << 8 | int(blk[t + 8]) << 16 | int(blk[t + 12]) << 24
+                sc = int(ws[n, kb]) if n < Nv and kb < KB else 127  # zero weights: any finite scale
+                words.append(fp4x8_to_bf16x2(word, sc, big))
+            c0, c1 = words
+            regs = [c0[2 * s], c1[2 * s], c0[2 * s + 1], c1[2 * s + 1]]  # the mma.sync A quad
+            for i, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                A[16 * w + row, col] = regs[i] & 0xFFFF
+                A[16 * w + row, col + 1] = regs[i] >> 16
+    return A
+
+
+def simulate_kpar_cta(v: M.Variant, tok: np.ndarray, rows: int, wq, ws, shift: int = 0, big: bool = False,
+                      loads: SharedLoads | None = None, rs_check: bool = False) -> np.ndarray:
+    """One CTA of a k-parallel kernel, k-tile after k-tile: the dequantizing warpgroup's raw loads,
+    register dequantization and swizzled stores into a weight-tile slot (bank-checked), the token chunks,
+    then warpgroup 0's four wgmmas reading both operands through their descriptors, and the epilogue's
+    mapping. tok [16, K] bf16 bits (rows >= `rows` never read), wq [Nv, K/32, 16], ws [Nv, K/32] (Nv <= 64;
+    the scale rows start `shift` bytes into the scale buffer). rs_check: each k16 step's A operand must
+    equal the m16_wg kernels' (rs_a_operand) bit for bit. Returns out[token row, column] (fp64)."""
+    BM, BN, BK = v.bm, v.bn, v.bk
+    assert (BM, BN, BK, v.threads) == (16, 64, 64, 128 * v.kpar)
+    K = tok.shape[1]
+    KB, KT = K // 32, 2 * -(-K // 128)  # as many k16 steps as m16_wg (BK = 128)
+    Nv = ws.shape[0]
+    rng = np.random.default_rng(2)
+    sc = rng.integers(0, 256, BN * KB + 64).astype(np.uint8)  # garbage around the tile's scale rows
+    sc[shift:shift + Nv * KB] = ws.reshape(-1)
+    a_bytes = BN * BK * 2
+    loads = loads or SharedLoads()
+    D = np.zeros((BN, BM))  # wgmma D[A row][token row]
+    for kt in range(KT):
+        raw = np.full(128 * 16, 0xEE, dtype=np.uint8)  # the dequantizing warpgroup's raw slot
+        for lt in range(128):  # kpar_load (cp.async of this thread's own piece)
+            r, b, n = kpar_thread(lt)
+            kb = 2 * kt + b
+            raw[16 * lt:16 * lt + 16] = wq[n, kb] if n < Nv and kb < KB else 0
+        slot = np.full(a_bytes + BM * BK * 2, 0xAB, dtype=np.uint8)  # stale bytes must never be read
+        for warp in range(4):  # kpar_produce
+            lts = range(32 * warp, 32 * warp + 32)
+            loads.check("raw lds128", [16 * lt for lt in lts], 16)
+            for i in range(4):
+                loads.check("weight tile sts128", [sw128_offset(kpar_thread(lt)[0], 4 * kpar_thread(lt)[1] + i)
+                                                   for lt in lts], 16)
+            loads.check("token sts128", [a_bytes + sw128_offset(lt >> 3, lt & 7) for lt in lts], 16)
+            for lt in lts:
+                r, b, n = kpar_thread(lt)
+                s = int(sc[shift + n * KB + b + 2 * kt])  # kp_sc + 2 kt
+                words = raw[16 * lt:16 * lt + 16].view(np.uint32)
+                for i in range(4):
+                    c = fp4x8_to_bf16x2(int(words[i]), s, big)
+                    off = sw128_offset(r, 4 * b + i)
+                    slot[off:off + 16] = np.array(c, dtype=np.uint32).view(np.uint8)
+                tr, tc = lt >> 3, lt & 7
+                k = kt * BK + 8 * tc
+                chunk = tok[tr, k:k + 8] if tr < rows and k < K else np.zeros(8, np.uint16)
+                off = a_bytes + sw128_offset(tr, tc)
+                slot[off:off + 16] = chunk.view(np.uint8)
+        for j in range(4):  # kpar_consume: k16 step 4 kt + j
+            A = wgmma_kmajor_sw128(slot, 32 * j, BN)
+            B = wgmma_kmajor_sw128(slot, a_bytes + 32 * j, BM)
+            if rs_check:
+                np.testing.assert_array_equal(A, rs_a_operand(wq, ws, 4 * kt + j, big), err_msg=f"k16 step {4 * kt + j}")
+            D += from_bf16_bits(A).astype(np.float64) @ from_bf16_bits(B).astype(np.float64).T
+    out = np.full((BM, BN), np.nan)
+    for w in range(4):  # warpgroup 0's accumulators (mma.h: d[4i + q]) through epilogue_mlp1/2's mapping
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            d = np.zeros(8)
+            for i in range(2):
+                d[4 * i:4 * i + 2] = D[16 * w + g, 8 * i + 2 * t:8 * i + 2 * t + 2]
+                d[4 * i + 2:4 * i + 4] = D[16 * w + g + 8, 8 * i + 2 * t:8 * i + 2 * t + 2]
+            col = 16 * w + 2 * g
+            for i in range(2):
+                for h in range(2):
+                    out[8 * i + 2 * t + h, col] = d[4 * i + h]
+                    out[8 * i + 2 * t + h, col + 1] = d[4 * i + 2 + h]
+    return out
+
+
+def test_kpar_thread_map_inverts_wpos_cpu():
+    """A row r of the k-parallel weight tile holds the weight column whose m16_wg accumulator row is r."""
+    assert sorted(kpar_thread(lt)[2] for lt in range(0, 128, 2)) == list(range(64))
+    for lt in range(128):
+        r, _, n = kpar_thread(lt)
+        assert wpos(n) == r
+
+
+@pytest.mark.parametrize("name", KPAR_VARIANTS)
+@pytest.mark.parametrize("K, rows, Nv, shift, big", [
+    (128, 1, 64, 0, False),     # one row (T = 1), two k-tiles
+    (160, 16, 40, 11, False),   # K % 128 = 32: a k-tile with one real block, then an all-zero one
+    (96, 7, 64, 3, True),       # K % 64 = 32, the BIG path
+])
+def test_kpar_kernel_model_cpu(name, K, rows, Nv, shift, big):
+    """simulate_kpar_cta gives the product (exactly: fp64 sums of exact bf16 products), every k16 step's
+    A operand is the m16_wg kernels' bit for bit, and no shared store or load has a bank conflict."""
+    v = M.VARIANTS[name]
+    rng = np.random.default_rng(K + rows + Nv)
+    tok = to_bf16_bits((rng.standard_normal((16, K)) * (2.0**-20 if big else 1.0)).astype(np.float32))
+    wq, ws = _random_fp4(rng, Nv, K, *((120, 140) if big else (118, 127)))
+    loads = SharedLoads()
+    got = simulate_kpar_cta(v, tok, rows, wq, ws, shift=shift, big=big, loads=loads, rs_check=True)
+    ref = from_bf16_bits(tok[:rows]).astype(np.float64) @ dequantize(wq, ws).astype(np.float64).T
+    np.testing.assert_allclose(got[:rows, :Nv], ref, rtol=1e-9, atol=1e-12)
+    assert not loads.conflicts, f"bank conflicts in {sorted(set(loads.conflicts))}"
+
+
+def _kpar_ring_run(KT, W, DQ, rng):
+    """moe.hip mainloop_kpar's ready/free protocol, one agent per warpgroup (its 4 warps' arrivals as
+    one), in a random interleaving; warpgroup 0's wgmma groups complete in order at random later times.
+    Returns the k-tiles warpgroup 0 multiplied, in order."""
+    ready = [_MBarrier(1) for _ in range(DQ)]
+    free = [_MBarrier(1) for _ in range(DQ)]
+    content = [None] * DQ   # the k-tile a slot holds
+    groups = []             # warpgroup 0's wgmma groups in flight: (k-tile, slot), oldest first
+    done = set()            # k-tiles whose wgmmas completed
+    consumed = []
+    # each agent's program: a list of steps, run one at a time when they can proceed
+    def program(wg):
+        for kt in range(KT):
+            if kt % W == wg:
+                yield ("wait_free", kt)
+                yield ("write", kt)
+            if wg == 0:
+                yield ("wait_ready", kt)
+                yield ("issue", kt)
+                yield ("wait_group1", kt)
+                yield ("release", kt)
+    progs = [program(wg) for wg in range(W)]
+    pending = [next(p, None) for p in progs]
+    idle = 0
+    while any(s is not None for s in pending) or groups:
+        idle += 1
+        assert idle < 100_000, "deadlock"
+        if groups and rng.random() < 0.3:  # the oldest group completes
+            kt, _ = groups.pop(0)
+            done.add(kt)
+            idle = 0
+            continue
+        wg = int(rng.integers(W))
+        step = pending[wg]
+        if step is None:
+            continue
+        kind, kt = step
+        s = kt % DQ
+        if kind == "wait_free" and not free[s].try_wait(kt // DQ - 1):  # parity (kt / DQ + 1) & 1
+            continue
+        if kind == "write":
+            assert all(slot != s for _, slot in groups), "slot rewritten while a wgmma reads it"
+            assert content[s] is None or content[s] in done, "slot rewritten before its k-tile was multiplied"
+            content[s] = kt
+            ready[s].arrive()
+        if kind == "wait_ready":
+            if not ready[s].try_wait(kt // DQ):
+                continue
+            assert content[s] == kt, "read a slot before its k-tile was written"
+        if kind == "issue":
+            groups.append((kt, s))
+            consumed.append(kt)
+        if kind == "wait_group1" and len(groups) > 1:
+            continue
+        if kind == "release" and kt > 0:
+            assert kt - 1 in done
+            free[(kt - 1) % DQ].arrive()
+        pending[wg] = next(progs[wg], None)
+        idle = 0
+    return consumed
+
+
+@pytest.mark.parametrize("W, DQ", [(M.VARIANTS[n].kpar, M.VARIANTS[n].dq) for n in KPAR_VARIANTS] + [(3, 3), (2, 2)])
+def test_kpar_ring_protocol_cpu(W, DQ):
+    """The ready/free slots of the k-parallel kernels under random warpgroup speeds and wgmma latencies:
+    warpgroup 0 multiplies every k-tile in order, each after it was written, no slot is rewritten while a
+    wgmma group reads it, every parity wait is unambiguous, no deadlock (DQ >= max(W, 2): MoeCfg)."""
+    rng = np.random.default_rng(W * 10 + DQ)
+    for KT in (1, 2, 3, DQ, DQ + 1, 2 * W + 1, 46):
+        for _ in range(10):
+            assert _kpar_ring_run(KT, W, DQ, rng) == list(range(KT))
+
+
+def test_kpar_ring_model_catches_too_few_slots_cpu():
+    """With fewer slots than warpgroups a producer can find a free barrier two phases behind: its parity
+    wait would pass early (the model has to see it, or it proves nothing)."""
+    rng = np.random.default_rng(0)
+    for W, DQ in ((4, 2), (3, 2), (4, 3)):
+        with pytest.raises(AssertionError):  # _MBarrier.try_wait: (use, phase) out of reach of a parity
+            for _ in range(20):
+                _kpar_ring_run(46, W, DQ, rng)
