@@ -1,6 +1,9 @@
 // Mixture-of-experts routing: the router (logits, top-k, softmax over the chosen k), the dispatch that
 // groups the T*k (token, expert) slots by expert on the GPU, and the final combine of the k expert
 // outputs of each token into the residual stream. The expert GEMMs themselves are in moe.hip.
+// Small steps run the router and the dispatch as one launch (route_dispatch: the router-logits grid, whose
+// last CTA to finish does the top-k and the dispatch); larger ones as three (router_logits, router_topk,
+// moe_dispatch). Both run the same device functions, so they give the same bits.
 //
 // Batch invariance (docs/DESIGN.md): every float result of a token depends only on that token's data.
 //  - router_logits: logit[t][e] = (((p0 + p1) + p2) + ... + p31) + bias[e], where p_s is the fp32 sum, in
@@ -19,6 +22,15 @@
 #define DISPATCH_THREADS 1024
 #define DISPATCH_MAX_E 256
 #define DISPATCH_CACHE 32 // WARP_SIZE-slot steps per warp whose expert ids stay in registers
+// route_dispatch's last CTA sums the T*E logits into shared memory FUSED_MAX_LOGITS at a time (8 KB); the
+// host takes that path when they fit in one round (ops/moe.py: fused_routing): then the one CTA reads
+// T*E*ROUTER_SPLITS*4 <= 256 KB of partials from L2 and runs top-k on <= 64 tokens with its 8 warps and
+// the dispatch on <= 2048 slots, a few microseconds at most, against the ~11 us that router_topk and
+// moe_dispatch cost at T = 1 (two launches' fixed cost). 20b (E = 32): T <= 64, 120b (E = 128): T <= 16.
+// FUSED_CACHE: its dispatch's register cache, FUSED_CACHE steps of ROUTER_THREADS slots: every
+// T*k <= T*E <= FUSED_MAX_LOGITS.
+#define FUSED_MAX_LOGITS 2048
+#define FUSED_CACHE 8
 
 // ---- router logits ------------------------------------------------------------------------------
 // grid (ceil(T / ROUTER_TT), ceil(E / ROUTER_TE), ROUTER_SPLITS), ROUTER_THREADS threads. Thread
@@ -98,27 +110,27 @@ router_logits_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, flo
 }
 
 // ---- top-k and softmax --------------------------------------------------------------------------
-// One warp per token: lane l holds experts l, l + WARP_SIZE, ... The k picks go in order of decreasing
-// logit, ties to the lower expert index; weights = softmax over the k picked logits.
-extern "C" __global__ void
-router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, int* __restrict__ experts,
-            float* __restrict__ weights, int T, int E, int k) {
-    GPTOSS_WAIT_PRIOR_GRID();
-    GPTOSS_LAUNCH_DEPENDENTS();
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (tok >= T) return;  // whole warps leave together
+// Logit (tok, e) = the ROUTER_SPLITS partials in increasing split order, then the bias: the one order of
+// the file header, whichever kernel sums it.
+DEVICE float router_logit(const float* partial, const bf16_t* bias, int T, int E, int tok, int e) {
+    float s = partial[(size_t)tok * E + e];
+    for (int p = 1; p < ROUTER_SPLITS; ++p) s += partial[((size_t)p * T + tok) * E + e];
+    return s + bf16_to_float(bias[e]);
+}
+
+// One warp, one token: lane l holds experts l, l + WARP_SIZE, ... (logit(e) gives expert e's logit). The
+// k picks go in order of decreasing logit, ties to the lower expert index; weights = softmax over the k
+// picked logits. Lane 0 writes experts[tok][*], weights[tok][*] and, when local != experts (a
+// tensor-parallel rank), local[tok][*] = expert - first (the rank's expert indices).
+template <typename Logit>
+DEVICE void topk_softmax_warp(Logit logit, int lane, int tok, int E, int k, int* experts, float* weights,
+                              int* local, int first) {
     constexpr int EJ = DISPATCH_MAX_E / WARP_SIZE;  // values per lane (E <= DISPATCH_MAX_E)
     float v[EJ];
     #pragma unroll
     for (int j = 0; j < EJ; ++j) {
         const int e = lane + j * WARP_SIZE;
-        v[j] = NEG_INF_F;
-        if (e < E) {
-            float s = partial[(size_t)tok * E + e];
-            for (int p = 1; p < ROUTER_SPLITS; ++p) s += partial[((size_t)p * T + tok) * E + e];
-            v[j] = s + bf16_to_float(bias[e]);
-        }
+        v[j] = e < E ? logit(e) : NEG_INF_F;
     }
     unsigned taken = 0;  // bit j: v[j] already picked
     float pick_v[TOPK_MAX];
@@ -149,30 +161,46 @@ router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, 
         for (int r = 0; r < k; ++r) {
             experts[(size_t)tok * k + r] = pick_e[r];
             weights[(size_t)tok * k + r] = ex[r] * inv;
+            if (local != experts) local[(size_t)tok * k + r] = pick_e[r] - first;
         }
     }
 }
 
+// One warp per token.
+extern "C" __global__ void
+router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, int* __restrict__ experts,
+            float* __restrict__ weights, int T, int E, int k) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (tok >= T) return;  // whole warps leave together
+    topk_softmax_warp([&](int e) { return router_logit(partial, bias, T, E, tok, e); }, lane, tok, E, k,
+                      experts, weights, experts, 0);
+}
+
 // ---- dispatch -----------------------------------------------------------------------------------
-// One CTA of DISPATCH_THREADS. Slots s = t*k + j (S = T*k of them) are sorted by expert, stably:
+// One CTA of THREADS threads (moe_dispatch: DISPATCH_THREADS; route_dispatch's last CTA: ROUTER_THREADS;
+// the outputs do not depend on it). Slots s = t*k + j (S = T*k of them) are sorted by expert, stably:
 //   offsets[e] .. offsets[e+1]-1 are the positions of expert e's slots in sorted_slots, in slot order.
-// Warp w owns the contiguous slots [w*span, (w+1)*span). Pass 1 counts per (warp, expert); an
-// exclusive scan over warps (per expert) and over experts gives each warp its first position per
-// expert; pass 2 walks the span again in order and places each slot at base + its rank among the
-// lanes of the same expert in this WARP_SIZE-slot step (lower lanes first), so the order is the slot order.
+// Warp w of the NW = THREADS / WARP_SIZE owns the contiguous slots [w*span, (w+1)*span). Pass 1 counts
+// per (warp, expert); an exclusive scan over warps (per expert) and over experts gives each warp its
+// first position per expert; pass 2 walks the span again in order and places each slot at base + its
+// rank among the lanes of the same expert in this WARP_SIZE-slot step (lower lanes first), so the order
+// is the slot order.
 //
 // Then the tile schedules of the expert GEMMs, for three tile heights bm_a, bm_b, bm_c: tile i of
 // tiles_x ([ntiles_x, 2] int32) = (expert, first sorted row) of the i-th bm-row tile, experts in
 // order, tiles in row order inside an expert; tiles past the last one get expert -1 (their CTAs
 // exit). ntiles_x is the launch bound ceil(S / bm) + min(E, S) >= sum_e ceil(M_e / bm).
-extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
-moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ offsets,
-             int* __restrict__ sorted_slots, int bm_a, int* __restrict__ tiles_a, int ntiles_a,
-             int bm_b, int* __restrict__ tiles_b, int ntiles_b, int bm_c, int* __restrict__ tiles_c,
-             int ntiles_c) {
-    GPTOSS_WAIT_PRIOR_GRID();
-    GPTOSS_LAUNCH_DEPENDENTS();
-    constexpr int NW = DISPATCH_THREADS / WARP_SIZE;
+// CACHE: the register cache depth (WARP_SIZE-slot steps per warp whose expert ids pass 1 keeps for
+// pass 2). experts is a plain pointer: in route_dispatch this CTA has just written it (no loads through
+// the read-only cache).
+template <int THREADS, int CACHE>
+DEVICE void dispatch_block(const int* experts, int S, int E, int* offsets, int* sorted_slots, int bm_a,
+                           int* tiles_a, int ntiles_a, int bm_b, int* tiles_b, int ntiles_b, int bm_c,
+                           int* tiles_c, int ntiles_c) {
+    constexpr int NW = THREADS / WARP_SIZE;
     __shared__ int cnt[NW * DISPATCH_MAX_E];           // per (warp, expert): count, then first position
     __shared__ int s_off[DISPATCH_MAX_E + 1];          // row offsets
     constexpr int NH = 3;                              // tile heights (schedules)
@@ -184,27 +212,27 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     const int span = steps * WARP_SIZE;
     const int begin = warp * span, end = min(begin + span, S);
 
-    for (int i = tid; i < NW * E; i += DISPATCH_THREADS) cnt[i] = 0;
+    for (int i = tid; i < NW * E; i += THREADS) cnt[i] = 0;
     __syncthreads();
     // pass 1: integer counts (the atomics only make the count, whose value is order-free). The first
-    // DISPATCH_CACHE steps keep their expert ids in registers for pass 2 (S <= 32768 with 1024 threads:
-    // every getp step), so the loads are issued back to back and read once.
-    int ecache[DISPATCH_CACHE];
+    // CACHE steps keep their expert ids in registers for pass 2 (moe_dispatch: S <= 32768 with 1024
+    // threads, every getp step), so the loads are issued back to back and read once.
+    int ecache[CACHE];
     #pragma unroll
-    for (int it = 0; it < DISPATCH_CACHE; ++it) {
+    for (int it = 0; it < CACHE; ++it) {
         const int s = begin + it * WARP_SIZE + lane;
         ecache[it] = (it < steps && s < end) ? experts[s] : -1;
     }
     #pragma unroll
-    for (int it = 0; it < DISPATCH_CACHE; ++it)
+    for (int it = 0; it < CACHE; ++it)
         if ((unsigned)ecache[it] < (unsigned)E) atomicAdd(&cnt[warp * E + ecache[it]], 1);
-    for (int s = begin + DISPATCH_CACHE * WARP_SIZE + lane; s < end; s += WARP_SIZE) {
+    for (int s = begin + CACHE * WARP_SIZE + lane; s < end; s += WARP_SIZE) {
         const int e = experts[s];
         if ((unsigned)e < (unsigned)E) atomicAdd(&cnt[warp * E + e], 1);
     }
     __syncthreads();
     // per expert: exclusive scan over warps; total rows of the expert into s_off[e]
-    for (int e = tid; e < E; e += DISPATCH_THREADS) {
+    for (int e = tid; e < E; e += THREADS) {
         int run = 0;
         for (int w = 0; w < NW; ++w) {
             const int c = cnt[w * E + e];
@@ -251,8 +279,8 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
         }
     }
     __syncthreads();
-    for (int e = tid; e <= E; e += DISPATCH_THREADS) offsets[e] = s_off[e];
-    for (int i = tid; i < NW * E; i += DISPATCH_THREADS) cnt[i] += s_off[i % E];
+    for (int e = tid; e <= E; e += THREADS) offsets[e] = s_off[e];
+    for (int i = tid; i < NW * E; i += THREADS) cnt[i] += s_off[i % E];
     __syncthreads();
 
     // pass 2: stable placement. Every warp runs `steps` iterations (uniform, so the barrier below is
@@ -262,9 +290,9 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
         const int s = begin + it * WARP_SIZE + lane;
         int e = -1;
         #pragma unroll
-        for (int c = 0; c < DISPATCH_CACHE; ++c)  // registers only: a select chain, no local memory
+        for (int c = 0; c < CACHE; ++c)  // registers only: a select chain, no local memory
             if (c == it) e = ecache[c];
-        if (it >= DISPATCH_CACHE) e = s < end ? experts[s] : -1;
+        if (it >= CACHE) e = s < end ? experts[s] : -1;
         const bool ok = (unsigned)e < (unsigned)E;
         int rank = 0, peers = 0;
 #if GPTOSS_NVIDIA
@@ -296,7 +324,7 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
     #pragma unroll
     for (int h = 0; h < NH; ++h) {
         const int* st = s_t[h];
-        for (int i = tid; i < ntiles[h]; i += DISPATCH_THREADS) {
+        for (int i = tid; i < ntiles[h]; i += THREADS) {
             int e = -1, row = 0;
             if (i < st[E]) {
                 int lo = 0, hi = E;  // invariant: st[lo] <= i < st[hi]
@@ -311,6 +339,94 @@ moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ of
             tiles[h][2 * i + 1] = row;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+moe_dispatch(const int* __restrict__ experts, int S, int E, int* __restrict__ offsets,
+             int* __restrict__ sorted_slots, int bm_a, int* __restrict__ tiles_a, int ntiles_a,
+             int bm_b, int* __restrict__ tiles_b, int ntiles_b, int bm_c, int* __restrict__ tiles_c,
+             int ntiles_c) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    dispatch_block<DISPATCH_THREADS, DISPATCH_CACHE>(experts, S, E, offsets, sorted_slots, bm_a, tiles_a,
+                                                     ntiles_a, bm_b, tiles_b, ntiles_b, bm_c, tiles_c, ntiles_c);
+}
+
+// ---- router, top-k and dispatch in one launch (small steps) -----------------------------------------
+// route_dispatch(_f32): the router_logits grid and block. Every CTA writes its partials as router_logits
+// does, then counts itself done on `counter` (one unsigned int of device memory, 0 between launches).
+// The CTA that counts last does the rest alone, on the same device functions as the three-launch path:
+//  - the T*E logits (router_logit: the same sum in the same order as router_topk) into shared memory,
+//    FUSED_MAX_LOGITS at a time (whole tokens per round), then a warp per token for the top-k and the
+//    softmax (topk_softmax_warp, as router_topk runs it);
+//  - the dispatch of `local` (the experts, or a tensor-parallel rank's indices expert - first) over Ed
+//    experts: dispatch_block with ROUTER_THREADS threads (the same outputs as moe_dispatch's 1024).
+// Memory order: each thread fences its partial stores (__threadfence) before its CTA counts; the counting
+// thread fences again after the count, and the CTA barrier orders the last CTA's reads of the others'
+// partials after that. The count wraps back to 0 in the last CTA's own atomicInc (atomicInc(p, n - 1)
+// stores 0 when it reads n - 1), so the next launch and every CUDA-graph replay start clean. No CTA
+// waits for another: nothing needs the grid to be resident at once.
+template <typename TIn>
+DEVICE void route_dispatch_body(const TIn* __restrict__ t, const bf16_t* __restrict__ w,
+                                const bf16_t* __restrict__ bias, float* partial, unsigned* counter,
+                                int* experts, float* weights, int* local, int first, int Ed, int* offsets,
+                                int* sorted_slots, int bm_a, int* tiles_a, int ntiles_a, int bm_b,
+                                int* tiles_b, int ntiles_b, int bm_c, int* tiles_c, int ntiles_c, int T,
+                                int E, int H, int k) {
+    router_logits_tile<TIn>(t, w, partial, T, E, H);
+    __shared__ int s_last;
+    __threadfence();  // release: this thread's partials are visible device-wide before its CTA counts
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned ctas = gridDim.x * gridDim.y * gridDim.z;
+        const int last = atomicInc(counter, ctas - 1) == ctas - 1;
+        __threadfence();  // acquire: after the count, the other CTAs' partials (the barrier passes it on)
+        s_last = last;
+    }
+    __syncthreads();
+    if (!s_last) return;  // the whole CTA
+
+    __shared__ float s_logit[FUSED_MAX_LOGITS];
+    constexpr int NW = ROUTER_THREADS / WARP_SIZE;
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const int per_round = FUSED_MAX_LOGITS / E;  // tokens (E <= DISPATCH_MAX_E <= FUSED_MAX_LOGITS)
+    for (int t0 = 0; t0 < T; t0 += per_round) {
+        const int n = min(per_round, T - t0);
+        for (int i = tid; i < n * E; i += ROUTER_THREADS)
+            s_logit[i] = router_logit(partial, bias, T, E, t0 + i / E, i % E);
+        __syncthreads();
+        for (int j = warp; j < n; j += NW)
+            topk_softmax_warp([&](int e) { return s_logit[j * E + e]; }, lane, t0 + j, E, k, experts, weights,
+                              local, first);
+        __syncthreads();  // the round's picks are written (the dispatch reads them); s_logit is free again
+    }
+    dispatch_block<ROUTER_THREADS, FUSED_CACHE>(local, T * k, Ed, offsets, sorted_slots, bm_a, tiles_a,
+                                                ntiles_a, bm_b, tiles_b, ntiles_b, bm_c, tiles_c, ntiles_c);
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
+route_dispatch(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, const bf16_t* __restrict__ bias,
+               float* partial, unsigned* counter, int* experts, float* weights, int* local, int first, int Ed,
+               int* offsets, int* sorted_slots, int bm_a, int* tiles_a, int ntiles_a, int bm_b, int* tiles_b,
+               int ntiles_b, int bm_c, int* tiles_c, int ntiles_c, int T, int E, int H, int k) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    route_dispatch_body<bf16_t>(t, w, bias, partial, counter, experts, weights, local, first, Ed, offsets,
+                                sorted_slots, bm_a, tiles_a, ntiles_a, bm_b, tiles_b, ntiles_b, bm_c, tiles_c,
+                                ntiles_c, T, E, H, k);
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
+route_dispatch_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, const bf16_t* __restrict__ bias,
+                   float* partial, unsigned* counter, int* experts, float* weights, int* local, int first,
+                   int Ed, int* offsets, int* sorted_slots, int bm_a, int* tiles_a, int ntiles_a, int bm_b,
+                   int* tiles_b, int ntiles_b, int bm_c, int* tiles_c, int ntiles_c, int T, int E, int H,
+                   int k) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    route_dispatch_body<float>(t, w, bias, partial, counter, experts, weights, local, first, Ed, offsets,
+                               sorted_slots, bm_a, tiles_a, ntiles_a, bm_b, tiles_b, ntiles_b, bm_c, tiles_c,
+                               ntiles_c, T, E, H, k);
 }
 
 // ---- combine ------------------------------------------------------------------------------------

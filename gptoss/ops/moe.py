@@ -32,6 +32,9 @@ ROUTER_THREADS = define("routing", "ROUTER_THREADS")
 TOPK_MAX = define("routing", "TOPK_MAX")
 DISPATCH_THREADS = define("routing", "DISPATCH_THREADS")
 MAX_EXPERTS = define("routing", "DISPATCH_MAX_E")
+# route_dispatch's last CTA sums this many logits (T*E) per round; fused_routing() takes the one launch
+# when a step's fit in one round (routing.hip explains the number)
+FUSED_MAX_LOGITS = define("routing", "FUSED_MAX_LOGITS")
 TOPK_THREADS = 256      # router_topk and moe_combine_add take any block of whole warps: our choice
 COMBINE_THREADS = 256
 TILE_BMS = (16, 64, 128)  # tile heights the dispatch schedules (128: the MXFP4 wgmma kernels only)
@@ -240,12 +243,8 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
 
 # ---- route -------------------------------------------------------------------------------------------
 
-def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: KernelOptions | None = None):
-    """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16 or float32, router_w [E, H] bf16,
-    router_b [E] bf16: logits in fp32 (summed in a fixed order), top k by decreasing logit (ties to the
-    lower expert index), softmax over the k. `out` = (experts, weights) to fill; `scratch` float32
-    [ROUTER_SPLITS * T * E] for the partial sums (allocated when None). kernels: as in expert_mlp1 (the
-    routing family's build: portable or not)."""
+def _router_sizes(t, router_w, router_b, k: int) -> tuple[int, int, int]:
+    """(T, H, E) of the router's arguments (route's checks)."""
     import cupy
 
     if t.dtype != cupy.float32:
@@ -265,19 +264,43 @@ def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: Kernel
     for a, n, align in ((t, "t", 4 * t.itemsize), (router_w, "router_w", 8)):
         if a.data.ptr % align:
             raise ValueError(f"{n}: base address must be {align}-byte aligned")
+    return T, H, E
+
+
+def _router_scratch(scratch, T: int, E: int):
+    """The partial sums' buffer: `scratch` checked, or a new one."""
+    import cupy
+
+    if scratch is None:
+        return cupy.empty(ROUTER_SPLITS * T * E, dtype=cupy.float32)
+    if scratch.dtype != cupy.float32 or scratch.size < ROUTER_SPLITS * T * E or not scratch.flags.c_contiguous:
+        raise ValueError(f"scratch: need a contiguous float32 array of at least {ROUTER_SPLITS * T * E}")
+    return scratch
+
+
+def _router_grid(T: int, E: int) -> tuple[int, int, int]:
+    return (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
+
+
+def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: KernelOptions | None = None):
+    """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16 or float32, router_w [E, H] bf16,
+    router_b [E] bf16: logits in fp32 (summed in a fixed order), top k by decreasing logit (ties to the
+    lower expert index), softmax over the k. `out` = (experts, weights) to fill; `scratch` float32
+    [ROUTER_SPLITS * T * E] for the partial sums (allocated when None). kernels: as in expert_mlp1 (the
+    routing family's build: portable or not). Two launches (router_logits, router_topk); route_dispatch
+    does this and the dispatch in one."""
+    import cupy
+
+    T, H, E = _router_sizes(t, router_w, router_b, k)
     experts, weights = (None, None) if out is None else out
     experts = out_or_new(experts, "experts", (T, k), cupy.int32)
     weights = out_or_new(weights, "weights", (T, k), cupy.float32)
     if T == 0:
         return experts, weights
-    if scratch is None:
-        scratch = cupy.empty(ROUTER_SPLITS * T * E, dtype=cupy.float32)
-    elif scratch.dtype != cupy.float32 or scratch.size < ROUTER_SPLITS * T * E or not scratch.flags.c_contiguous:
-        raise ValueError(f"scratch: need a contiguous float32 array of at least {ROUTER_SPLITS * T * E}")
-    grid = (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
+    scratch = _router_scratch(scratch, T, E)
     name = "router_logits_f32" if t.dtype == cupy.float32 else "router_logits"
     kernels = resolved(kernels)
-    kernel("routing", name, kernels=kernels)(grid, (ROUTER_THREADS,),
+    kernel("routing", name, kernels=kernels)(_router_grid(T, E), (ROUTER_THREADS,),
                                              (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
     per_block = TOPK_THREADS // warp_size()  # one warp per token
     kernel("routing", "router_topk", kernels=kernels)((-(-T // per_block),), (TOPK_THREADS,),
@@ -308,14 +331,10 @@ class Dispatch:
         return self.num_tokens * self.top_k
 
 
-def dispatch(experts, num_experts: int, out: Dispatch | None = None, kernels: KernelOptions | None = None) -> Dispatch:
-    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA). kernels: as
-    in expert_mlp1 (the portable build ranks a warp's slots by shuffles instead of __match_any_sync)."""
+def _dispatch_out(out: Dispatch | None, T: int, k: int, E: int) -> tuple[Dispatch, dict]:
+    """`out` checked (or new arrays) for T*k slots over E experts, with its sizes set; and the tile bounds."""
     import cupy
 
-    check(experts, "experts", cupy.int32, ndim=2)
-    T, k = experts.shape
-    E = int(num_experts)
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"num_experts = {E} must be in 1..{MAX_EXPERTS}")
     S = T * k
@@ -329,12 +348,86 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None, kernels: Ke
         for bm, n in bounds.items():
             check(out.tiles.get(bm), f"out.tiles[{bm}]", cupy.int32, (n, 2))
     out.num_tokens, out.top_k, out.num_experts = T, k, E
-    a, b, c = TILE_BMS
+    return out, bounds
+
+
+def _tile_args(d: Dispatch, bounds: dict) -> tuple:
+    """The (bm, tiles, ntiles) triples of the three schedules, as the kernels take them."""
+    return tuple(a for bm in TILE_BMS for a in (np.int32(bm), d.tiles[bm], np.int32(bounds[bm])))
+
+
+def dispatch(experts, num_experts: int, out: Dispatch | None = None, kernels: KernelOptions | None = None) -> Dispatch:
+    """Group the T*k slots of experts [T, k] int32 by expert, stably, on the GPU (one CTA). kernels: as
+    in expert_mlp1 (the portable build ranks a warp's slots by shuffles instead of __match_any_sync)."""
+    import cupy
+
+    check(experts, "experts", cupy.int32, ndim=2)
+    T, k = experts.shape
+    out, bounds = _dispatch_out(out, T, k, int(num_experts))
     kernel("routing", "moe_dispatch", kernels=resolved(kernels))((1,), (DISPATCH_THREADS,), (
-        experts, np.int32(S), np.int32(E), out.offsets, out.sorted_slots,
-        np.int32(a), out.tiles[a], np.int32(bounds[a]), np.int32(b), out.tiles[b], np.int32(bounds[b]),
-        np.int32(c), out.tiles[c], np.int32(bounds[c])))
+        experts, np.int32(T * k), np.int32(out.num_experts), out.offsets, out.sorted_slots, *_tile_args(out, bounds)))
     return out
+
+
+# ---- route + dispatch in one launch --------------------------------------------------------------------
+
+def fused_routing(num_tokens: int, num_experts: int) -> bool:
+    """Whether a step of num_tokens tokens over a router of num_experts experts routes with route_dispatch
+    (one launch) rather than route + dispatch (three): when its T*E logits fit one round of the fused
+    launch's last CTA (FUSED_MAX_LOGITS; routing.hip says why that many). Both give the same bits."""
+    return 1 <= num_tokens and num_tokens * num_experts <= FUSED_MAX_LOGITS
+
+
+def new_route_counter():
+    """The arrival counter route_dispatch needs: one uint32 of device memory holding 0 (each launch
+    leaves it 0 again)."""
+    import cupy
+
+    return cupy.zeros(1, dtype=cupy.uint32)
+
+
+def route_dispatch(t, router_w, router_b, k: int, *, num_experts: int | None = None, first_expert: int = 0,
+                   local=None, out=None, scratch=None, dispatch_out: Dispatch | None = None, counter=None,
+                   kernels: KernelOptions | None = None):
+    """route() then dispatch() in one launch (routing.hip route_dispatch): (experts, weights, Dispatch),
+    the same bits as the three launches, for any T (fused_routing says when it is the faster way).
+
+    The dispatch groups the ids expert - first_expert over num_experts experts (default: the router's E,
+    first_expert 0); ids outside 0..num_experts-1 get no row (a tensor-parallel rank's view: its experts
+    first_expert.. are its 0..num_experts-1, as ops.tensor_parallel.local_experts writes them). `local`
+    [T, k] int32 receives those ids (allocated when first_expert != 0 and None; without it and with
+    first_expert 0 the dispatch reads `experts`). out, scratch: as in route(); dispatch_out: as dispatch()'s
+    out. counter: uint32 device memory whose first element is 0 (new_route_counter(), MoEWorkspace.counter),
+    the launch's arrival count; 0 again when the launch ends, so the same counter serves every launch on
+    one stream and every graph replay (allocated when None). kernels: as in route()."""
+    import cupy
+
+    T, H, E = _router_sizes(t, router_w, router_b, k)
+    Ed = E if num_experts is None else int(num_experts)
+    first = int(first_expert)
+    if T == 0:  # no grid to launch: the two-step path writes the empty outputs
+        experts, weights = route(t, router_w, router_b, k, out=out, scratch=scratch, kernels=kernels)
+        if local is not None:
+            check(local, "local", cupy.int32, (0, k))
+        return experts, weights, dispatch(experts, Ed, out=dispatch_out, kernels=kernels)
+    experts, weights = (None, None) if out is None else out
+    experts = out_or_new(experts, "experts", (T, k), cupy.int32)
+    weights = out_or_new(weights, "weights", (T, k), cupy.float32)
+    if local is None:
+        local = experts if first == 0 else cupy.empty((T, k), dtype=cupy.int32)
+    else:
+        check(local, "local", cupy.int32, (T, k))
+    scratch = _router_scratch(scratch, T, E)
+    d, bounds = _dispatch_out(dispatch_out, T, k, Ed)
+    if counter is None:
+        counter = new_route_counter()
+    elif counter.dtype != cupy.uint32 or counter.size < 1:
+        raise ValueError("counter: need a uint32 device array (new_route_counter())")
+    name = "route_dispatch_f32" if t.dtype == cupy.float32 else "route_dispatch"
+    kernel("routing", name, kernels=resolved(kernels))(_router_grid(T, E), (ROUTER_THREADS,), (
+        t, router_w, router_b, scratch, counter, experts, weights, local, np.int32(first), np.int32(Ed),
+        d.offsets, d.sorted_slots, *_tile_args(d, bounds), np.int32(T), np.int32(E), np.int32(H), np.int32(k)))
+    return experts, weights, d
 
 
 # ---- expert GEMMs ------------------------------------------------------------------------------------
@@ -459,7 +552,8 @@ def combine_add(x, expert_out, kernels: KernelOptions | None = None):
 
 class MoEWorkspace:
     """Preallocated buffers for moe() up to max_tokens tokens (for CUDA graph capture, or to skip the
-    allocations): the same object can serve every layer of a model."""
+    allocations): the same object can serve every layer of a model (launched in order on one stream:
+    route_dispatch's `counter` is 0 between launches)."""
 
     def __init__(self, max_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int):
         import cupy
@@ -470,6 +564,7 @@ class MoEWorkspace:
         self.tiles = {bm: arrays.pop(f"tiles{bm}") for bm in TILE_BMS}
         for name, a in arrays.items():
             setattr(self, name, a)
+        self.counter.fill(0)  # route_dispatch's arrival count: 0 between launches (one fixed address)
 
     @staticmethod
     def sizes(max_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int) -> dict:
@@ -478,6 +573,7 @@ class MoEWorkspace:
         S = T * top_k
         i32, f32, u16 = np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint16)
         return {"experts": (S, i32), "weights": (S, f32), "scratch": (ROUTER_SPLITS * T * E, f32),
+                "counter": (1, np.dtype(np.uint32)),
                 "offsets": (E + 1, i32), "sorted_slots": (S, i32),
                 **{f"tiles{bm}": (2 * tile_bound(S, E, bm), i32) for bm in TILE_BMS},
                 "y": (S * intermediate, u16), "out": (S * hidden, f32)}
@@ -524,8 +620,10 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     `layer` has router_w (or gate_w) [E, H], router_b (or gate_b) [E], w1 [E, 2I, H] and w2 [E, H, I]
     (expert matrices in any form listed in the module docstring), b1 [E, 2I], b2 [E, H], all on the
     GPU (attributes or dict keys; gptoss.gpu_weights.LayerWeights works as is). k, limit and alpha come from
-    cfg (a ModelConfig) unless given. mark(name), when given, is called after each stage's launches
-    (gptoss.model.Profile.mark). bm and kernels as in expert_mlp1. Returns x.
+    cfg (a ModelConfig) unless given. The routing is one launch (route_dispatch) where fused_routing(T, E)
+    says so, else route + dispatch: the same bits. mark(name), when given, is called after each stage's
+    launches (gptoss.model.Profile.mark; with the one routing launch "router" times it and "moe dispatch"
+    nothing). bm and kernels as in expert_mlp1. Returns x.
     """
     mark = mark or (lambda name: None)
     router_w = _layer_attr(layer, "router_w", "gate_w")
@@ -540,11 +638,18 @@ def moe(x, t, layer, cfg=None, *, k: int | None = None, limit: float | None = No
     I = expert_matrix(w2, "w2").C
     routed, scratch, d, y, out = workspace.views(T, H, I) if workspace is not None else (None,) * 5
     kernels = resolved(kernels)
-    experts, weights = route(t if router_input is None else router_input, router_w, router_b, k,
-                             out=routed, scratch=scratch, kernels=kernels)
-    mark("router")
-    d = dispatch(experts, E, out=d, kernels=kernels)
-    mark("moe dispatch")
+    rin = t if router_input is None else router_input
+    if fused_routing(T, E):
+        experts, weights, d = route_dispatch(rin, router_w, router_b, k, out=routed, scratch=scratch, dispatch_out=d,
+                                             counter=None if workspace is None else workspace.counter,
+                                             kernels=kernels)
+        mark("router")
+        mark("moe dispatch")
+    else:
+        experts, weights = route(rin, router_w, router_b, k, out=routed, scratch=scratch, kernels=kernels)
+        mark("router")
+        d = dispatch(experts, E, out=d, kernels=kernels)
+        mark("moe dispatch")
     y = expert_mlp1(t, d, w1, b1, limit, alpha, out=y, bm=bm, kernels=kernels)
     mark("moe mlp1 (gate/up + swiglu)")
     out = expert_mlp2(y, d, w2, b2, weights, out=out, bm=bm, kernels=kernels)

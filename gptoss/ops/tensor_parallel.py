@@ -5,9 +5,10 @@
     reduce_ranks(gathered, out=...)                                         # rank order, every rank alike
 
 moe_partial reuses ops.moe's router, dispatch and expert GEMMs unchanged: the router is replicated (every
-rank picks the same top-k), the chosen experts are shifted to the rank's indices (tp_local_experts),
-and the dispatch already skips an index outside 0..E_local-1, so a slot whose expert another rank owns
-gets no GEMM row here and adds nothing to the rank's partial sum. Like ops.moe, nothing here
+rank picks the same top-k), the chosen experts are shifted to the rank's indices (tp_local_experts, or
+inside ops.moe.route_dispatch, the one launch of small steps), and the dispatch already skips an index
+outside 0..E_local-1, so a slot whose expert another rank owns gets no GEMM row here and adds nothing to
+the rank's partial sum. Like ops.moe, nothing here
 synchronizes or allocates with the buffers given, so a rank's step can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -82,6 +83,8 @@ def moe_partial(t, layer, cfg, first_expert: int, workspace, local, out, router_
     expert this rank owns (experts first_expert .. first_expert + E_local - 1, the leading axis of
     layer.w1/w2/b1/b2) of weight * expert(t). The router (layer.gate_w [E, H], all experts) runs whole.
     workspace: an ops.moe.MoEWorkspace for the router's E experts; local: int32 [T, k] scratch."""
+    import cupy
+
     mark = mark or (lambda name: None)
     T, H = t.shape
     k = cfg.experts_per_token
@@ -90,12 +93,20 @@ def moe_partial(t, layer, cfg, first_expert: int, workspace, local, out, router_
     E_local = w1.E
     routed, scratch, d, y, eo = workspace.views(T, H, w2.C, dispatch_experts=E_local)
     kernels = resolved(kernels)
-    experts, weights = M.route(t if router_input is None else router_input, layer.gate_w, layer.gate_b, k,
-                               out=routed, scratch=scratch, kernels=kernels)
-    mark("router")
-    local = local_experts(experts, first_expert, out=local, kernels=kernels)
-    d = M.dispatch(local, E_local, out=d, kernels=kernels)
-    mark("moe dispatch")
+    rin = t if router_input is None else router_input
+    if M.fused_routing(T, E):  # one launch: the router, the rank's indices and the dispatch
+        local = out_or_new(local, "local", (T, k), cupy.int32)  # combine_owned reads it
+        experts, weights, d = M.route_dispatch(rin, layer.gate_w, layer.gate_b, k, num_experts=E_local,
+                                               first_expert=first_expert, local=local, out=routed, scratch=scratch,
+                                               dispatch_out=d, counter=workspace.counter, kernels=kernels)
+        mark("router")
+        mark("moe dispatch")
+    else:
+        experts, weights = M.route(rin, layer.gate_w, layer.gate_b, k, out=routed, scratch=scratch, kernels=kernels)
+        mark("router")
+        local = local_experts(experts, first_expert, out=local, kernels=kernels)
+        d = M.dispatch(local, E_local, out=d, kernels=kernels)
+        mark("moe dispatch")
     # the tile height the unsharded model picks: rows per expert are the same on a rank (results do not
     # depend on it)
     bm = M.pick_bm(T * k, E, w1.format, M.uses_wgmma(w1.format, kernels))
