@@ -89,6 +89,7 @@ READ_FROM_SOURCES = [
     ("gptoss.ops.moe", "TOPK_MAX", "routing", "TOPK_MAX"),
     ("gptoss.ops.moe", "DISPATCH_THREADS", "routing", "DISPATCH_THREADS"),
     ("gptoss.ops.moe", "MAX_EXPERTS", "routing", "DISPATCH_MAX_E"),
+    ("gptoss.ops.moe", "FUSED_MAX_LOGITS", "routing", "FUSED_MAX_LOGITS"),
     ("gptoss.ops.norm", "THREADS", "norm", "NORM_THREADS"),
     ("gptoss.ops.embed", "THREADS", "embed", "EMBED_THREADS"),
     ("gptoss.ops.sampling", "SAMPLE_THREADS", "sampling", "SAMPLE_THREADS"),

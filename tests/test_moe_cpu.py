@@ -368,8 +368,10 @@ def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:
 
 
 def simulate_dispatch(experts: np.ndarray, E: int, bms=M.TILE_BMS, nwarps: int = 32, warp: int = 32):
-    """routing.hip moe_dispatch, step by step (per-warp spans, counts, scans, ranked placement, tile
-    binary search)."""
+    """routing.hip dispatch_block, step by step (per-warp spans, counts, scans, ranked placement, tile
+    binary search) for a CTA of nwarps warps of `warp` lanes (moe_dispatch: 1024 threads, route_dispatch's
+    last CTA: 256). Ids outside 0..E-1 (a tensor-parallel rank's view) get no row; sorted_slots entries
+    past offsets[E] stay -1 (unwritten)."""
     flat = experts.reshape(-1)
     S = flat.size
     steps = -(-S // (nwarps * warp))
@@ -377,7 +379,8 @@ def simulate_dispatch(experts: np.ndarray, E: int, bms=M.TILE_BMS, nwarps: int =
     cnt = np.zeros((nwarps, E), dtype=np.int64)
     for w in range(nwarps):
         for s in range(w * span, min(w * span + span, S)):
-            cnt[w, flat[s]] += 1
+            if 0 <= flat[s] < E:
+                cnt[w, flat[s]] += 1
     totals = cnt.sum(axis=0)
     first = np.cumsum(cnt, axis=0) - cnt  # exclusive over warps
     off = np.concatenate([[0], np.cumsum(totals)])
@@ -389,7 +392,7 @@ def simulate_dispatch(experts: np.ndarray, E: int, bms=M.TILE_BMS, nwarps: int =
             es = [flat[s] if s < min(w * span + span, S) else -1 for s in lanes]
             placed = {}
             for l, (s, e) in enumerate(zip(lanes, es)):
-                if e < 0:
+                if not 0 <= e < E:
                     continue
                 rank = sum(1 for l2 in range(l) if es[l2] == e)
                 sorted_slots[base[w, e] + rank] = s
@@ -423,6 +426,64 @@ def test_dispatch_model_cpu(T, E, used):
     np.testing.assert_array_equal(off, np.searchsorted(np.sort(experts.reshape(-1)), np.arange(E + 1)))
     for bm, table in tiles.items():
         np.testing.assert_array_equal(table, tile_schedule(off, bm, M.tile_bound(T * 4, E, bm)))
+
+
+@pytest.mark.parametrize("T, E, used, first, E_d", [
+    (1, 32, 32, 0, 32), (7, 32, 32, 0, 32), (64, 32, 32, 0, 32), (65, 32, 9, 0, 32), (16, 128, 128, 0, 128),
+    (17, 128, 128, 32, 32), (64, 32, 32, 8, 8), (5, 32, 32, 0, 8)])  # E_d < E: a rank's view
+def test_dispatch_model_any_block_size_cpu(T, E, used, first, E_d):
+    """dispatch_block's outputs do not depend on the CTA: moe_dispatch's 1024 threads and route_dispatch's
+    256, with 32- or 64-wide warps, give the stable sort, for the whole router's ids and for a rank's view
+    (ids - first over fewer experts: the others' slots skipped)."""
+    rng = np.random.default_rng(T * 7 + E + first)
+    experts = np.stack([rng.choice(rng.permutation(E)[:used], 4, replace=False) for _ in range(T)]).astype(np.int32)
+    ids = experts - first
+    runs = [simulate_dispatch(ids, E_d, nwarps=threads // warp, warp=warp)
+            for threads in (M.DISPATCH_THREADS, M.ROUTER_THREADS) for warp in (32, 64)]
+    flat = ids.reshape(-1)
+    mine = np.nonzero((flat >= 0) & (flat < E_d))[0]
+    want_slots = mine[np.argsort(flat[mine], kind="stable")]
+    want_off = np.searchsorted(np.sort(flat[mine]), np.arange(E_d + 1))
+    for off, slots, tiles in runs:
+        np.testing.assert_array_equal(off, want_off)
+        np.testing.assert_array_equal(slots[:off[-1]], want_slots)
+        assert (slots[off[-1]:] == -1).all()
+        for bm, table in tiles.items():
+            np.testing.assert_array_equal(table, tile_schedule(off, bm, M.tile_bound(T * 4, E_d, bm)))
+
+
+def test_fused_routing_sizes_cpu():
+    """route_dispatch's last CTA (routing.hip): a round of FUSED_MAX_LOGITS logits holds a whole token at
+    any E, the rounds cover every token once, its dispatch's register cache covers every step
+    fused_routing sends it, and the model takes the one launch exactly when one round holds the step."""
+    from gptoss.kernels import define
+
+    assert M.FUSED_MAX_LOGITS >= M.MAX_EXPERTS
+    assert define("routing", "FUSED_CACHE") * M.ROUTER_THREADS >= M.FUSED_MAX_LOGITS  # S = T*k <= T*E
+    for E in (4, 32, 128, 256):
+        for T in (1, 7, M.FUSED_MAX_LOGITS // E, M.FUSED_MAX_LOGITS // E + 1, 1000):
+            per_round = M.FUSED_MAX_LOGITS // E
+            covered = [t0 + j for t0 in range(0, T, per_round) for j in range(min(per_round, T - t0))]
+            assert covered == list(range(T))
+            assert M.fused_routing(T, E) == (T * E <= M.FUSED_MAX_LOGITS)
+            assert M.fused_routing(T, E) == (-(-T // per_round) == 1)
+    assert not M.fused_routing(0, 32)
+    assert M.fused_routing(64, 32) and not M.fused_routing(65, 32)  # 20b: decode up to batch 64
+    assert M.fused_routing(16, 128) and not M.fused_routing(17, 128)  # 120b: up to 16
+
+
+def test_route_counter_wraps_to_zero_cpu():
+    """The arrival count of route_dispatch: atomicInc(counter, n - 1) over the n CTAs of a launch (any
+    order, any grid size from launch to launch) picks exactly one last CTA and leaves 0 behind."""
+    def atomic_inc(cell, limit):  # CUDA/HIP atomicInc: old >= limit ? 0 : old + 1, returns old
+        old = cell[0]
+        cell[0] = 0 if old >= limit else old + 1
+        return old
+
+    counter = [0]
+    for n in (32, 64, 128, 32, 4096, 32):
+        last = [atomic_inc(counter, n - 1) == n - 1 for _ in range(n)]
+        assert sum(last) == 1 and last[-1] and counter[0] == 0
 
 
 def test_tile_bound_cpu():

@@ -1,10 +1,11 @@
 """The MoE block on the GPU (gptoss/ops/moe.py; kernels routing.hip and moe.hip) against gptoss.reference.
 
 Fresh random inputs, poisoned outputs: route, dispatch (exact), mlp1 / mlp2 / combine / the whole block
-for T in {1, 2, 5, 64, 333, 2048}, E in {4, 32, 128}, both weight formats, odd sizes; batch invariance
-(bitwise, across batch sizes, positions and tile heights); the MXFP4 large-scale path; the k-parallel
-decode kernels (KernelOptions.moe_kpar) bit for bit against m16_wg; workspace and CUDA-graph capture;
-argument errors. The NumPy model of the kernels' index math is tests/test_moe_cpu.py.
+for T in {1, 2, 5, 64, 333, 2048}, E in {4, 32, 128}, both weight formats, odd sizes; the one-launch
+routing (route_dispatch) bit for bit against route + dispatch, its counter across launches and graph
+replays; batch invariance (bitwise, across batch sizes, positions and tile heights); the MXFP4 large-scale
+path; the k-parallel decode kernels (KernelOptions.moe_kpar) bit for bit against m16_wg; workspace and
+CUDA-graph capture; argument errors. The NumPy model of the kernels' index math is tests/test_moe_cpu.py.
 """
 from __future__ import annotations
 
@@ -193,6 +194,198 @@ def test_dispatch(T, E, used):
     np.testing.assert_array_equal(cupy.asnumpy(d.sorted_slots), np.argsort(flat, kind="stable"))
     for bm, n in bounds.items():
         np.testing.assert_array_equal(cupy.asnumpy(d.tiles[bm]), tile_schedule(offsets, bm, n))
+
+
+# ---- route_dispatch (one launch) against route + dispatch (three) ------------------------------------
+
+POISON = -123456789  # no routing output holds it (a rank's local ids are > -256)
+
+
+def _routing_outputs(T, k, E_d, local: bool):
+    """Poisoned outputs of one routing: experts, weights, local ids, and a Dispatch over E_d experts."""
+    import cupy
+
+    S = T * k
+    return {"experts": cupy.full((T, k), POISON, dtype=cupy.int32),
+            "weights": cupy.full((T, k), np.nan, dtype=cupy.float32),
+            "local": cupy.full((T, k), POISON, dtype=cupy.int32) if local else None,
+            "d": M.Dispatch(cupy.full(E_d + 1, POISON, dtype=cupy.int32), cupy.full(S, POISON, dtype=cupy.int32),
+                            {bm: cupy.full((M.tile_bound(S, E_d, bm), 2), POISON, dtype=cupy.int32)
+                             for bm in M.TILE_BMS})}
+
+
+def _poison(o):
+    o["experts"][...] = POISON
+    o["weights"][...] = np.nan
+    o["d"].offsets[...] = POISON
+    o["d"].sorted_slots[...] = POISON
+    for a in o["d"].tiles.values():
+        a[...] = POISON
+
+
+def _host(o) -> dict:
+    """Every routing output as host arrays (weights as their bits)."""
+    import cupy
+
+    got = {"experts": cupy.asnumpy(o["experts"]), "weights": cupy.asnumpy(o["weights"]).view(np.uint32),
+           "offsets": cupy.asnumpy(o["d"].offsets), "sorted_slots": cupy.asnumpy(o["d"].sorted_slots)}
+    got.update({f"tiles{bm}": cupy.asnumpy(a) for bm, a in o["d"].tiles.items()})
+    if o["local"] is not None:
+        got["local"] = cupy.asnumpy(o["local"])
+    return got
+
+
+def _three_launches(t, w, b, k, E_d=None, first=0, kernels=None) -> dict:
+    """route, then (a rank's indices, tensor_parallel.local_experts,) then dispatch: poisoned outputs."""
+    from gptoss.ops import tensor_parallel as P
+
+    T, E = t.shape[0], w.shape[0]
+    E_d = E if E_d is None else E_d
+    o = _routing_outputs(T, k, E_d, local=E_d != E)
+    M.route(t, w, b, k, out=(o["experts"], o["weights"]), kernels=kernels)
+    ids = o["experts"] if o["local"] is None else P.local_experts(o["experts"], first, out=o["local"],
+                                                                  kernels=kernels)
+    M.dispatch(ids, E_d, out=o["d"], kernels=kernels)
+    return _host(o)
+
+
+def _fused(t, w, b, k, E_d=None, first=0, counter=None, kernels=None) -> dict:
+    T, E = t.shape[0], w.shape[0]
+    E_d = E if E_d is None else E_d
+    o = _routing_outputs(T, k, E_d, local=E_d != E)
+    experts, weights, d = M.route_dispatch(t, w, b, k, num_experts=E_d, first_expert=first, local=o["local"],
+                                           out=(o["experts"], o["weights"]), dispatch_out=o["d"], counter=counter,
+                                           kernels=kernels)
+    assert experts is o["experts"] and weights is o["weights"] and d is o["d"]
+    assert (d.num_tokens, d.top_k, d.num_experts) == (T, k, E_d)
+    return _host(o)
+
+
+def _assert_same(got: dict, want: dict):
+    """Equal bits, and every output written on the reference side (no poison left; sorted_slots has
+    offsets[-1] entries: fewer than T*k in a rank's view, which skips the other ranks' slots)."""
+    assert got.keys() == want.keys()
+    written = {name: a for name, a in want.items() if name not in ("weights", "sorted_slots")}
+    written["sorted_slots"] = want["sorted_slots"][:want["offsets"][-1]]
+    assert all((a != POISON).all() for a in written.values()), "unwritten output"
+    assert np.isfinite(want["weights"].view(np.float32)).all()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def _router_inputs(rng, T, E, H, f32=True):
+    """Fresh random router input (float32 values of bf16 numbers, as the model's t32, or bf16 bits),
+    router_w and router_b (bf16 bits), on the device."""
+    import cupy
+
+    t = bf16(rng, (T, H))
+    return (cupy.asarray(from_bf16_bits(t) if f32 else t), cupy.asarray(bf16(rng, (E, H), 1.0 / np.sqrt(H))),
+            cupy.asarray(bf16(rng, (E,), 0.5)))
+
+
+FUSED_TS = ["1", "2", "7", "threshold", "threshold+1"]
+
+
+def _fused_t(T: str, E: int) -> int:
+    edge = M.FUSED_MAX_LOGITS // E  # the most tokens fused_routing() takes the one launch for
+    return {"threshold": edge, "threshold+1": edge + 1}.get(T) or int(T)
+
+
+@gpu
+@pytest.mark.parametrize("kernels", [pytest.param(None, id="default"), pytest.param(PORTABLE, id="portable")])
+@pytest.mark.parametrize("f32", [True, False], ids=["f32-input", "bf16-input"])
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("T", FUSED_TS)
+def test_route_dispatch_equals_three_launches(T, E, f32, kernels):
+    """Experts, weights, offsets, sorted slots and all three tile schedules: the same bits from the one
+    launch as from route + dispatch, on both sides of the fused_routing threshold (the one launch works
+    past it too, more slowly)."""
+    skip_if_portable_is_the_default(kernels)
+    T = _fused_t(T, E)
+    assert M.fused_routing(T, E) == (T * E <= M.FUSED_MAX_LOGITS)
+    rng = np.random.default_rng(T * 17 + E + f32)
+    t, w, b = _router_inputs(rng, T, E, 2880, f32)
+    want = _three_launches(t, w, b, 4, kernels=kernels)
+    assert (want["experts"] >= 0).all() and (want["experts"] < E).all()
+    _assert_same(_fused(t, w, b, 4, kernels=kernels), want)
+
+
+@gpu
+@pytest.mark.parametrize("E, ranks", [(32, 4), (128, 8)])
+@pytest.mark.parametrize("T", FUSED_TS)
+def test_route_dispatch_rank_view_equals_three_launches(T, E, ranks):
+    """A tensor-parallel rank's routing (tensor_parallel.moe_partial): the one launch's local ids and
+    dispatch over the rank's experts equal route + local_experts + dispatch, for the first, a middle and
+    the last rank."""
+    T = _fused_t(T, E)
+    rng = np.random.default_rng(T * 19 + E)
+    t, w, b = _router_inputs(rng, T, E, 2880)
+    E_local = E // ranks
+    for rank in (0, ranks // 2, ranks - 1):
+        first = rank * E_local
+        want = _three_launches(t, w, b, 4, E_d=E_local, first=first)
+        _assert_same(_fused(t, w, b, 4, E_d=E_local, first=first), want)
+
+
+@gpu
+def test_route_dispatch_counter_resets_between_launches_and_graph_replays():
+    """One counter through launches of different grids in a row (it is 0 after each), then the launch
+    captured in a CUDA graph and replayed twice: the same bits every time."""
+    import cupy
+
+    rng = np.random.default_rng(23)
+    E, H, k = 32, 2880, 4
+    counter = M.new_route_counter()
+    cases = {T: _router_inputs(rng, T, E, H) for T in (1, 7, 64)}
+    want = {T: _three_launches(*args, k) for T, args in cases.items()}
+    for T in (1, 7, 64, 7, 1, 1):
+        _assert_same(_fused(*cases[T], k, counter=counter), want[T])
+        assert int(counter[0]) == 0
+
+    T = 7
+    t, w, b = cases[T]
+    o = _routing_outputs(T, k, E, local=False)
+    scratch = cupy.empty(M.ROUTER_SPLITS * T * E, dtype=cupy.float32)  # nothing allocated in the capture
+
+    def launch():
+        M.route_dispatch(t, w, b, k, out=(o["experts"], o["weights"]), scratch=scratch, dispatch_out=o["d"],
+                         counter=counter)
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        launch()  # compiled before the capture
+        stream.synchronize()
+        stream.begin_capture()
+        launch()
+        graph = stream.end_capture()
+        for _ in range(2):
+            _poison(o)
+            graph.launch(stream)
+            stream.synchronize()
+            _assert_same(_host(o), want[T])
+            assert int(counter[0]) == 0
+
+
+@gpu
+def test_moe_same_bits_with_either_routing(monkeypatch):
+    """moe() at a fused_routing size gives the same bits with the three-launch routing forced."""
+    import cupy
+
+    rng = np.random.default_rng(29)
+    E, H, I, T = 32, 96, 64, 7
+    layer = Layer(rng, "mxfp4", E, H, I)
+    layer.set_router(bf16(rng, (E, H), 0.1), bf16(rng, (E,), 0.5))
+    cfg = _cfg(E, H, I)
+    t = cupy.asarray(bf16(rng, (T, H)))
+    t32 = cupy.asarray(from_bf16_bits(cupy.asnumpy(t)))
+    x0 = rng.standard_normal((T, H)).astype(np.float32)
+    assert M.fused_routing(T, E)
+    ws = M.MoEWorkspace(T, E, 4, H, I)
+    fused = cupy.asnumpy(M.moe(cupy.asarray(x0), t, layer.device(), cfg, workspace=ws, router_input=t32))
+    monkeypatch.setattr(M, "fused_routing", lambda T, E: False)
+    three = cupy.asnumpy(M.moe(cupy.asarray(x0), t, layer.device(), cfg, workspace=ws, router_input=t32))
+    np.testing.assert_array_equal(fused, three)
+    assert not np.array_equal(fused, x0)
 
 
 def _mlp1_ref(t, experts_arr, W1: Experts, b1, sorted_slots, k):
