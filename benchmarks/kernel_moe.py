@@ -103,7 +103,7 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
         rows.append(dict(row("combine", shape, time_ms(lambda: M.combine_add(x, out)),
                              bytes_moved=(S * H + 2 * T * H) * 4), bound="memory"))
         ws = M.MoEWorkspace(T, E, k, H, I)
-        rows.append(row("moe (all five)", shape, time_ms(lambda: M.moe(x, t, layer, cfg, workspace=ws,
+        rows.append(row("moe (whole block)", shape, time_ms(lambda: M.moe(x, t, layer, cfg, workspace=ws,
                                                                        kernels=kernels)),
                         flops=2.0 * S * 3 * I * H + 2.0 * T * E * H,
                         bytes_moved=weight_bytes(w1, active) + weight_bytes(w2, active)))

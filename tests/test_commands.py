@@ -219,7 +219,8 @@ def test_eval_below_threshold_is_the_only_1(ids, tmp_path, tok, capsys):
 
 
 @pytest.mark.parametrize("name", ["bench_decode", "bench_getp", "bench_kernels", "bench_long_prompt",
-                                  "kernel_attention", "kernel_gemm", "kernel_moe", "kv_accuracy"])
+                                  "kernel_attention", "kernel_gemm", "kernel_moe", "kernel_routing",
+                                  "kv_accuracy"])
 def test_benchmark_json_is_checked_before_the_run(name, tmp_path, capsys):
     """The benchmarks need a GPU to run; their --json is refused first, without one."""
     import importlib
