@@ -455,11 +455,12 @@ def test_dispatch_model_any_block_size_cpu(T, E, used, first, E_d):
 def test_fused_routing_sizes_cpu():
     """route_dispatch's last CTA (routing.hip): a round of FUSED_MAX_LOGITS logits holds a whole token at
     any E, the rounds cover every token once, its dispatch's register cache covers every step
-    fused_routing sends it, and the model takes the one launch exactly when one round holds the step."""
+    fused_routing sends it with k <= E/2, and the model takes the one launch exactly when one round holds the step."""
     from gptoss.kernels import define
 
     assert M.FUSED_MAX_LOGITS >= M.MAX_EXPERTS
-    assert define("routing", "FUSED_CACHE") * M.ROUTER_THREADS >= M.FUSED_MAX_LOGITS  # S = T*k <= T*E
+    # S = T*k <= T*E/2 for k <= E/2 (gpt-oss: k = 4, E = 32 or 128)
+    assert define("routing", "FUSED_CACHE") * M.ROUTER_THREADS >= M.FUSED_MAX_LOGITS // 2
     for E in (4, 32, 128, 256):
         for T in (1, 7, M.FUSED_MAX_LOGITS // E, M.FUSED_MAX_LOGITS // E + 1, 1000):
             per_round = M.FUSED_MAX_LOGITS // E

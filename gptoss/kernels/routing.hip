@@ -22,15 +22,18 @@
 #define DISPATCH_THREADS 1024
 #define DISPATCH_MAX_E 256
 #define DISPATCH_CACHE 32 // WARP_SIZE-slot steps per warp whose expert ids stay in registers
-// route_dispatch's last CTA sums the T*E logits into shared memory FUSED_MAX_LOGITS at a time (8 KB); the
-// host takes that path when they fit in one round (ops/moe.py: fused_routing): then the one CTA reads
-// T*E*ROUTER_SPLITS*4 <= 256 KB of partials from L2 and runs top-k on <= 64 tokens with its 8 warps and
-// the dispatch on <= 2048 slots, a few microseconds at most, against the ~11 us that router_topk and
-// moe_dispatch cost at T = 1 (two launches' fixed cost). 20b (E = 32): T <= 64, 120b (E = 128): T <= 16.
-// FUSED_CACHE: its dispatch's register cache, FUSED_CACHE steps of ROUTER_THREADS slots: every
-// T*k <= T*E <= FUSED_MAX_LOGITS.
+// route_dispatch's last CTA sums the T*E logits into shared memory FUSED_MAX_LOGITS at a time (8 KB). The
+// host takes the one launch while one round holds them (ops/moe.py: fused_routing): the lone CTA then reads
+// T*E*ROUTER_SPLITS*4 <= 256 KB of partials from L2, runs the top-k of <= 64 tokens on its 8 warps and the
+// dispatch of T*k <= 256 slots (gpt-oss: k = 4, E >= 32): little work next to the two launches it replaces
+// (router_topk + moe_dispatch: ~11 us at T = 1 under ncu, nearly all fixed cost). Larger steps keep
+// router_topk's ceil(T/8) CTAs. 20b (E = 32): T <= 64, 120b (E = 128): T <= 16. benchmarks/kernel_routing.py
+// times both paths.
+// FUSED_CACHE: its dispatch's register cache, FUSED_CACHE steps of ROUTER_THREADS slots: every step the
+// host sends it when k <= E/2 (T*k <= T*E/2 <= FUSED_MAX_LOGITS/2; gpt-oss: k = E/8, E/32). 8 steps made
+// ptxas spill on sm_90.
 #define FUSED_MAX_LOGITS 2048
-#define FUSED_CACHE 8
+#define FUSED_CACHE 4
 
 // ---- router logits ------------------------------------------------------------------------------
 // grid (ceil(T / ROUTER_TT), ceil(E / ROUTER_TE), ROUTER_SPLITS), ROUTER_THREADS threads. Thread
