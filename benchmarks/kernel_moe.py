@@ -13,10 +13,9 @@ checkpoints). GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an
 (KernelOptions.from_env).
 
 --kpar W,...: only the decode expert GEMMs (16-row tiles), moe_mlp{1,2}_fp4_m16_wg against the k-parallel
-kernels with W dequantizing warpgroups (KernelOptions.moe_kpar), one after the other at each T, in
-microseconds and GB/s of the weights of the experts in use; calls queued back to back behind a GPU spin
-(common.time_queued_ms) over rotated weight copies larger than L2; each k-parallel output is checked bit
-for bit against m16_wg's (a mismatch is reported in the row and the exit status is 1).
+kernels with W dequantizing warpgroups (KernelOptions.moe_kpar), back to back at each T, in microseconds
+and GB/s of the weights of the experts in use; each k-parallel output is checked bit for bit against
+m16_wg's (a mismatch is reported in the row and the exit status is 1).
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_json_option, json_path_error, positive_ints, rotating, row, \
-    time_ms as default_time_ms, time_queued_ms, write_json  # noqa: E402
+from benchmarks.common import add_json_option, json_path_error, positive_ints, row, \
+    time_ms as default_time_ms, write_json  # noqa: E402
 
 
 def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
@@ -110,17 +109,10 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
     return rows
 
 
-# The decode comparison rotates over copies of the expert weights that touch at least this many bytes
-# per round (the H200's L2 holds 50 MB; 20b's 4 experts of mlp1 at T = 1 are 35 MB).
-ROTATE_BYTES = 160 * 2**20
-
-
-def bench_kpar(widths, time_ms=time_queued_ms, tokens=(1, 8, 32, 64), cfg=None, kernels=None) -> list[dict]:
+def bench_kpar(widths, time_ms=default_time_ms, tokens=(1, 8, 32, 64), cfg=None, kernels=None) -> list[dict]:
     """Rows for mlp1 and mlp2 with 16-row tiles at each T: m16_wg, then the k-parallel kernels of each
-    width in `widths` (same dispatch, same inputs, timed one after the other), queued back to back
-    (time_queued_ms: no host launch gaps) and rotating over copies of the expert weights so that they
-    come from memory, not L2, as in a model step; a row's `same_bits` says whether its output equals
-    m16_wg's bit for bit. MXFP4 experts, wgmma kernels only."""
+    width in `widths` (same dispatch, same inputs, timed one after the other); a row's `same_bits` says
+    whether its output equals m16_wg's bit for bit. MXFP4 experts, wgmma kernels only."""
     import cupy
     import numpy as np
     from dataclasses import replace
@@ -135,22 +127,18 @@ def bench_kpar(widths, time_ms=time_queued_ms, tokens=(1, 8, 32, 64), cfg=None, 
                          "GPTOSS_WGMMA not 0)")
     cfg = cfg or GPT_OSS_20B
     E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
-    layers = [_layer("mxfp4", E, H, I)]
-    w1, w2 = M.expert_matrix(layers[0]["w1"], "w1"), M.expert_matrix(layers[0]["w2"], "w2")
+    layer = _layer("mxfp4", E, H, I)
+    w1, w2 = M.expert_matrix(layer["w1"], "w1"), M.expert_matrix(layer["w2"], "w2")
     per1, per2 = (m.R * m.C // 2 + m.R * m.C // 32 for m in (w1, w2))  # bytes of one expert's matrix
     variants = [("m16_wg", replace(kernels, moe_kpar=0))] + [(f"m16 kp{w}", replace(kernels, moe_kpar=w))
                                                              for w in widths]
     rows = []
     for T in tokens:
-        layer = layers[0]
         rs = cupy.random.RandomState(T)
         t = (rs.standard_normal((T, H), dtype=cupy.float32).view(cupy.uint32) >> 16).astype(cupy.uint16)
         experts, weights = M.route(t, layer["gate_w"], layer["gate_b"], k)
         d = M.dispatch(experts, E)
         active = int(np.count_nonzero(np.diff(cupy.asnumpy(d.offsets))))  # benchmark only: host copy
-        copies = {per: -(-ROTATE_BYTES // (active * per)) for per in (per1, per2)}
-        while len(layers) < max(copies.values()):  # the same experts of other weights: same work
-            layers.append(_layer("mxfp4", E, H, I, seed=len(layers)))
         shape = f"T={T} E={E} H={H} I={I} active={active}"
         y = M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha, bm=16,
                           kernels=variants[0][1])
@@ -159,29 +147,23 @@ def bench_kpar(widths, time_ms=time_queued_ms, tokens=(1, 8, 32, 64), cfg=None, 
         for name, kv in variants:
             y1 = cupy.full_like(y, 0xFFFF)
             out = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
-
-            def mlp1(i, kv=kv, y1=y1):
-                return M.expert_mlp1(t, d, layers[i]["w1"], layers[i]["b1"], cfg.swiglu_limit, cfg.swiglu_alpha,
-                                     out=y1, bm=16, kernels=kv)
-
-            def mlp2(i, kv=kv, out=out):
-                return M.expert_mlp2(y, d, layers[i]["w2"], layers[i]["b2"], weights, out=out, bm=16, kernels=kv)
-
+            mlp1 = lambda: M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha,  # noqa: E731
+                                         out=y1, bm=16, kernels=kv)
+            mlp2 = lambda: M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, out=out, bm=16, kernels=kv)  # noqa: E731
             for stage, fn, got, want, per in (("mlp1", mlp1, y1, want1, per1), ("mlp2", mlp2, out, want2, per2)):
-                fn(0)
+                fn()
                 same = bool(np.array_equal(cupy.asnumpy(got).view(np.uint8), want.view(np.uint8)))
-                ms = time_ms(rotating(fn, copies[per]))
-                flops = 2.0 * T * k * (2 * I * H if stage == "mlp1" else H * I)
-                rows.append(dict(row(f"{stage} {name}", shape, ms, flops=flops, bytes_moved=active * per),
-                                 same_bits=same))
+                ms = time_ms(fn)
+                rows.append(dict(row(f"{stage} {name}", shape, ms, flops=2.0 * T * k * (2 * I * H if stage == "mlp1"
+                                                                                       else H * I),
+                                     bytes_moved=active * per), same_bits=same))
     return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", default="mxfp4", choices=("mxfp4", "bf16"))
-    p.add_argument("--tokens", default=None, type=positive_ints,
-                   help="step sizes T, comma-separated (default 1,8,64,1024,4096; with --kpar 1,8,32,64)")
+    p.add_argument("--tokens", default="1,8,64,1024,4096", help="step sizes T, comma-separated")
     p.add_argument("--preset", default="gpt-oss-20b", help="layer shape (gptoss.config.PRESETS)")
     p.add_argument("--all-tiles", action="store_true", help="time every tile height at every T")
     p.add_argument("--kpar", type=positive_ints, default=None, metavar="W,...",
@@ -208,8 +190,8 @@ def main(argv=None) -> int:
         if bad:
             return error("kernel_moe.py", f"--kpar {bad[0]}: the k-parallel widths are {M.kpar_widths()}")
         try:
-            rows = bench_kpar(args.kpar, tokens=args.tokens or (1, 8, 32, 64), cfg=PRESETS[args.preset],
-                              kernels=kernels)
+            rows = bench_kpar(args.kpar, tokens=[int(s) for s in args.tokens.split(",")],
+                              cfg=PRESETS[args.preset], kernels=kernels)
         except ValueError as e:
             return error("kernel_moe.py", str(e))
         print(f"decode expert GEMMs, {args.preset}: 16-row tiles, m16_wg vs k-parallel (bits checked)")
@@ -229,7 +211,7 @@ def main(argv=None) -> int:
     print(f"expert GEMMs: {'wgmma (sm_90a)' if M.uses_wgmma(args.experts, kernels) else 'mma.sync'} "
           "(GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200)")
 
-    rows = bench(fmt=args.experts, tokens=args.tokens or (1, 8, 64, 1024, 4096), cfg=PRESETS[args.preset],
+    rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")], cfg=PRESETS[args.preset],
                  all_tiles=args.all_tiles, kernels=kernels)
     print(f"{'kernel':<24} {'shape':<48} {'ms':>9} {'TFLOP/s':>9} {'GB/s':>8}")
     for r in rows:
