@@ -570,7 +570,6 @@ struct MoeCta {
         const int slot = kt % C::DQ;
         mbar_wait_in_asm(ready + 8 * slot, (kt / C::DQ) & 1);
         const u32 a = sbase + slot * C::KP_SLOT_BYTES, b = a + C::KP_A_BYTES;
-        __syncwarp();  // the .aligned wgmma instructions after this warp's own lane-dependent work
         wgmma_fence();
         #pragma unroll
         for (int j = 0; j < 4; ++j)
