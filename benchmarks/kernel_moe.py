@@ -2,7 +2,6 @@
 """The MoE block's kernels on one layer of the gpt-oss-20b shape (E = 32, H = I = 2880, k = 4).
 
   python benchmarks/kernel_moe.py [--experts mxfp4|bf16] [--tokens 1,8,64,1024,4096] [--ablate N] [--json OUT]
-  python benchmarks/kernel_moe.py --kpar 2,4 --tokens 1,8,32,64 [--preset gpt-oss-120b]
 
 Times route, dispatch, mlp1, mlp2 and combine (median of CUDA-event timings) at each T. TFLOP/s counts
 only real rows (2 * T*k * N * K per expert GEMM, no padding); GB/s counts the expert weight bytes a
@@ -11,11 +10,6 @@ tile heights are sensible (T = 64, 1024) the one not picked by default is timed 
 are generated on the GPU (speed does not depend on the values; MXFP4 scales 118..125 as in real
 checkpoints). GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200
 (KernelOptions.from_env).
-
---kpar W,...: only the decode expert GEMMs (16-row tiles), moe_mlp{1,2}_fp4_m16_wg against the k-parallel
-kernels with W dequantizing warpgroups (KernelOptions.moe_kpar), back to back at each T, in microseconds
-and GB/s of the weights of the experts in use; each k-parallel output is checked bit for bit against
-m16_wg's (a mismatch is reported in the row and the exit status is 1).
 """
 from __future__ import annotations
 
@@ -25,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_json_option, json_path_error, positive_ints, row, \
-    time_ms as default_time_ms, write_json  # noqa: E402
+from benchmarks.common import add_json_option, json_path_error, row, time_ms as default_time_ms, \
+    write_json  # noqa: E402
 
 
 def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
@@ -109,66 +103,12 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
     return rows
 
 
-def bench_kpar(widths, time_ms=default_time_ms, tokens=(1, 8, 32, 64), cfg=None, kernels=None) -> list[dict]:
-    """Rows for mlp1 and mlp2 with 16-row tiles at each T: m16_wg, then the k-parallel kernels of each
-    width in `widths` (same dispatch, same inputs, timed one after the other); a row's `same_bits` says
-    whether its output equals m16_wg's bit for bit. MXFP4 experts, wgmma kernels only."""
-    import cupy
-    import numpy as np
-    from dataclasses import replace
-
-    from gptoss.config import GPT_OSS_20B
-    from gptoss.kernels import KernelOptions
-    from gptoss.ops import moe as M
-
-    kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
-    if not M.uses_wgmma("mxfp4", kernels):
-        raise ValueError("--kpar: the k-parallel kernels need the sm_90a wgmma kernels (an H100/H200, "
-                         "GPTOSS_WGMMA not 0)")
-    cfg = cfg or GPT_OSS_20B
-    E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
-    layer = _layer("mxfp4", E, H, I)
-    w1, w2 = M.expert_matrix(layer["w1"], "w1"), M.expert_matrix(layer["w2"], "w2")
-    per1, per2 = (m.R * m.C // 2 + m.R * m.C // 32 for m in (w1, w2))  # bytes of one expert's matrix
-    variants = [("m16_wg", replace(kernels, moe_kpar=0))] + [(f"m16 kp{w}", replace(kernels, moe_kpar=w))
-                                                             for w in widths]
-    rows = []
-    for T in tokens:
-        rs = cupy.random.RandomState(T)
-        t = (rs.standard_normal((T, H), dtype=cupy.float32).view(cupy.uint32) >> 16).astype(cupy.uint16)
-        experts, weights = M.route(t, layer["gate_w"], layer["gate_b"], k)
-        d = M.dispatch(experts, E)
-        active = int(np.count_nonzero(np.diff(cupy.asnumpy(d.offsets))))  # benchmark only: host copy
-        shape = f"T={T} E={E} H={H} I={I} active={active}"
-        y = M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha, bm=16,
-                          kernels=variants[0][1])
-        want1 = cupy.asnumpy(y)
-        want2 = cupy.asnumpy(M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, bm=16, kernels=variants[0][1]))
-        for name, kv in variants:
-            y1 = cupy.full_like(y, 0xFFFF)
-            out = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
-            mlp1 = lambda: M.expert_mlp1(t, d, layer["w1"], layer["b1"], cfg.swiglu_limit, cfg.swiglu_alpha,  # noqa: E731
-                                         out=y1, bm=16, kernels=kv)
-            mlp2 = lambda: M.expert_mlp2(y, d, layer["w2"], layer["b2"], weights, out=out, bm=16, kernels=kv)  # noqa: E731
-            for stage, fn, got, want, per in (("mlp1", mlp1, y1, want1, per1), ("mlp2", mlp2, out, want2, per2)):
-                fn()
-                same = bool(np.array_equal(cupy.asnumpy(got).view(np.uint8), want.view(np.uint8)))
-                ms = time_ms(fn)
-                rows.append(dict(row(f"{stage} {name}", shape, ms, flops=2.0 * T * k * (2 * I * H if stage == "mlp1"
-                                                                                       else H * I),
-                                     bytes_moved=active * per), same_bits=same))
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", default="mxfp4", choices=("mxfp4", "bf16"))
     p.add_argument("--tokens", default="1,8,64,1024,4096", help="step sizes T, comma-separated")
     p.add_argument("--preset", default="gpt-oss-20b", help="layer shape (gptoss.config.PRESETS)")
     p.add_argument("--all-tiles", action="store_true", help="time every tile height at every T")
-    p.add_argument("--kpar", type=positive_ints, default=None, metavar="W,...",
-                   help="time only the decode expert GEMMs: m16_wg against the k-parallel kernels of these "
-                        "widths (KernelOptions.moe_kpar), checking their bits")
     p.add_argument("--ablate", type=int, default=0, choices=(0, 1, 2, 3),
                    help="measurement only, wgmma kernels: 1 = no dequantization arithmetic, 2 = no wgmma, "
                         "3 = no loads after the prologue (wrong results; see moe.hip MOE_ABLATE)")
@@ -183,29 +123,6 @@ def main(argv=None) -> int:
     from gptoss.ops import moe as M
 
     kernels = KernelOptions.from_env().resolve()
-    if args.kpar:
-        from gptoss.cli import error
-
-        bad = [w for w in args.kpar if w not in M.kpar_widths()]
-        if bad:
-            return error("kernel_moe.py", f"--kpar {bad[0]}: the k-parallel widths are {M.kpar_widths()}")
-        try:
-            rows = bench_kpar(args.kpar, tokens=[int(s) for s in args.tokens.split(",")],
-                              cfg=PRESETS[args.preset], kernels=kernels)
-        except ValueError as e:
-            return error("kernel_moe.py", str(e))
-        print(f"decode expert GEMMs, {args.preset}: 16-row tiles, m16_wg vs k-parallel (bits checked)")
-        print(f"{'kernel':<14} {'shape':<40} {'us':>8} {'GB/s':>7} {'vs wg':>6}  bits")
-        base = {}
-        for r in rows:
-            stage = r["name"].split()[0]
-            key = (stage, r["shape"])
-            base.setdefault(key, r["ms"])
-            print(f"{r['name']:<14} {r['shape']:<40} {1000 * r['ms']:>8.1f} {r['gbps']:>7.0f} "
-                  f"{base[key] / r['ms']:>5.2f}x  {'same' if r['same_bits'] else 'DIFFERENT'}")
-        if args.json:
-            write_json(args.json, rows)
-        return 0 if all(r["same_bits"] for r in rows) else 1
     if args.ablate:
         kernels = replace(kernels, moe_defines=(f"MOE_ABLATE={args.ablate}",))
     print(f"expert GEMMs: {'wgmma (sm_90a)' if M.uses_wgmma(args.experts, kernels) else 'mma.sync'} "

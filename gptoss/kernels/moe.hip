@@ -5,9 +5,7 @@
 //
 // On sm_90a (H100/H200) the MXFP4 variants run on wgmma instead (MOE_WG_KERNEL, issue_stage_wg): the
 // same tiles, loads and epilogues, warpgroups of 64 columns (docs/notes/moe.md, "wgmma kernels"); mlp2's
-// 128-row kernel takes its token rows by TMA (MoeCta::TMA_A). For 16-row tiles there are also k-parallel
-// variants (MOE_KPAR_KERNEL, MoeCta::mainloop_kpar, KernelOptions.moe_kpar): several warpgroups
-// dequantize k-tiles into shared memory, one multiplies them in order; the same bits as m16_wg.
+// 128-row kernel takes its token rows by TMA (MoeCta::TMA_A).
 //
 // Tiles. A CTA computes BM consecutive sorted rows ("tokens", all of one expert e, from the tile
 // schedule made by moe_dispatch) x BN output columns of e. Grid = (ceil(N / BN), tile bound); the CTAs

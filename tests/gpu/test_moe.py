@@ -4,7 +4,7 @@ Fresh random inputs, poisoned outputs: route, dispatch (exact), mlp1 / mlp2 / co
 for T in {1, 2, 5, 64, 333, 2048}, E in {4, 32, 128}, both weight formats, odd sizes; the one-launch
 routing (route_dispatch) bit for bit against route + dispatch, its counter across launches and graph
 replays; batch invariance (bitwise, across batch sizes, positions and tile heights); the MXFP4 large-scale
-path; the k-parallel decode kernels (KernelOptions.moe_kpar) bit for bit against m16_wg; workspace and
+path; workspace and
 CUDA-graph capture; argument errors. The NumPy model of the kernels' index math is tests/test_moe_cpu.py.
 """
 from __future__ import annotations
@@ -22,18 +22,6 @@ from tests.test_moe_cpu import tile_schedule
 # the default kernels, the mma.sync ones where the default is wgmma (H100/H200), and the portable build
 KERNELS = [pytest.param(None, id="default"), pytest.param(KernelOptions(wgmma=False), id="no-wgmma"),
            pytest.param(PORTABLE, id="portable")]
-
-
-def kpar_options() -> list:
-    """pytest params: KernelOptions(moe_kpar=W) for every k-parallel width (ops.moe.kpar_widths())."""
-    return [pytest.param(KernelOptions(moe_kpar=w), id=f"kp{w}") for w in M.kpar_widths()]
-
-
-def skip_without_kpar():
-    """The k-parallel kernels are sm_90a wgmma kernels: skip where the default kernels are not those."""
-    skip_fast_path_test()
-    if not M.uses_wgmma("mxfp4"):
-        pytest.skip("no wgmma kernels here: the k-parallel decode kernels need an H100/H200")
 
 
 def skip_if_same_as_default(kernels, fmt):
@@ -568,24 +556,19 @@ def test_batch_invariance(H, I, E, fmt):
     probe_t = bf16(rng, (3, H))
     probe_x = rng.standard_normal((3, H)).astype(np.float32)
 
-    def run(T, positions, bm, kernels=None):
+    def run(T, positions, bm):
         t = bf16(np.random.default_rng(T), (T, H))
         x = np.random.default_rng(T + 1).standard_normal((T, H)).astype(np.float32)
         t[positions], x[positions] = probe_t, probe_x
-        out = M.moe(cupy.asarray(x), cupy.asarray(t), layer.device(), cfg, bm=bm, kernels=kernels)
+        out = M.moe(cupy.asarray(x), cupy.asarray(t), layer.device(), cfg, bm=bm)
         return cupy.asnumpy(out)[positions]
 
     base = run(3, [0, 1, 2], 16)
     cases = [(3, 64), (5, None), (64, 16), (64, 64), (333, None), (2048, 64), (2048, 16), (2048, None)]
     cases += [(T, 128) for T in (3, 333, 2048) if 128 in M.tile_heights(fmt)]
-    cases = [(T, bm, None) for T, bm in cases]
-    if fmt == "mxfp4" and M.uses_wgmma(fmt):  # the k-parallel decode kernels (16-row tiles)
-        cases += [(T, bm, KernelOptions(moe_kpar=w)) for w in M.kpar_widths()
-                  for T, bm in ((3, 16), (5, None), (64, None), (2048, 16))]
-    for T, bm, kernels in cases:
+    for T, bm in cases:
         positions = np.random.default_rng(T).choice(T, 3, replace=False)
-        np.testing.assert_array_equal(run(T, positions, bm, kernels), base,
-                                      err_msg=f"T={T} bm={bm} kernels={kernels}")
+        np.testing.assert_array_equal(run(T, positions, bm), base, err_msg=f"T={T} bm={bm}")
 
 
 @gpu
@@ -622,98 +605,6 @@ def test_mxfp4_large_scales_exact(bm):
         h = tf[slots[rows] // k] @ dequantize(blocks[e], scales[e]).T + b1f[e]
         want[rows] = swiglu(h, LIMIT, ALPHA)
     assert rel_err(from_bf16_bits(cupy.asnumpy(y_big)), want) <= 1e-2
-
-
-# (H, I, E, T): the real shape at 1..16 rows per expert (T = 1: 4 experts with one row, 28 with none;
-# T = 128: 16 on average, some experts over 16: several tiles), K = 96 and 160 (K % 128 = 96, 32: a
-# k-tile of zeros or a short one past K), a partial 64-column tile (mlp2 N = 96), E = 128
-KPAR_CASES = [(2880, 2880, 32, 1), (2880, 2880, 32, 5), (2880, 2880, 32, 33), (2880, 2880, 32, 128),
-              (96, 64, 32, 5), (64, 96, 4, 2), (160, 96, 128, 64), (96, 160, 32, 40)]
-
-
-def _kpar_case(H, I, E, T, seed):
-    rng = np.random.default_rng(seed)
-    k = 4
-    experts = distinct_experts(rng, T, E, k)
-    return rng, k, experts, dispatch_dev(experts, E)
-
-
-@gpu
-@pytest.mark.parametrize("kernels", kpar_options())
-@pytest.mark.parametrize("H, I, E, T", KPAR_CASES)
-def test_kpar_mlp1_matches_m16_wg_bitwise(H, I, E, T, kernels):
-    """mlp1 of the k-parallel kernels: the same bits as moe_mlp1_fp4_m16_wg, with bm = 16 forced (and by
-    default, where 16 is picked), and within 1e-2 of the reference."""
-    import cupy
-
-    skip_without_kpar()
-    rng, k, experts, d = _kpar_case(H, I, E, T, H + 3 * I + 5 * E + 7 * T)
-    W1 = experts_for(rng, "mxfp4", E, 2 * I, H)
-    b1 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5))
-    t = cupy.asarray(bf16(rng, (T, H)))
-    want = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=16)
-    assert M.variant_for("mlp1", "mxfp4", 16, True, kernels.moe_kpar).kpar == kernels.moe_kpar
-    for bm in (16, None) if M.pick_bm(T * k, E) == 16 else (16,):
-        out = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
-        got = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, out=out, bm=bm, kernels=kernels)
-        assert got is out
-        np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(want), err_msg=f"bm={bm}")
-    if len(np.unique(experts)) * 2 * I * H <= 1 << 26:  # the host reference where it is cheap
-        ref = _mlp1_ref(cupy.asnumpy(t), experts, W1, cupy.asnumpy(b1), cupy.asnumpy(d.sorted_slots), k)
-        assert rel_err(from_bf16_bits(cupy.asnumpy(got)), ref) <= 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("kernels", kpar_options())
-@pytest.mark.parametrize("H, I, E, T", KPAR_CASES)
-def test_kpar_mlp2_matches_m16_wg_bitwise(H, I, E, T, kernels):
-    """mlp2 of the k-parallel kernels: the same bits as moe_mlp2_fp4_m16_wg, and within 1e-2 of the
-    reference where that is cheap."""
-    import cupy
-
-    skip_without_kpar()
-    rng, k, experts, d = _kpar_case(H, I, E, T, 3 * H + I + 11 * E + 5 * T)
-    W2 = experts_for(rng, "mxfp4", E, H, I)
-    b2 = bf16(rng, (E, H), 0.5)
-    weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32)
-    y = bf16(rng, (T * k, I))
-    args = (cupy.asarray(y), d, W2.dev, cupy.asarray(b2), cupy.asarray(weights))
-    want = M.expert_mlp2(*args, bm=16)
-    out = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
-    got = M.expert_mlp2(*args, out=out, bm=16, kernels=kernels)
-    assert got is out
-    np.testing.assert_array_equal(cupy.asnumpy(got).view(np.uint32), cupy.asnumpy(want).view(np.uint32))
-    if len(np.unique(experts)) * H * I <= 1 << 26:
-        slots, flat = cupy.asnumpy(d.sorted_slots), experts.reshape(-1)
-        ref = np.zeros((T * k, H), dtype=np.float32)
-        yf, b2f = from_bf16_bits(y), from_bf16_bits(b2)
-        for e in np.unique(flat):
-            rows = np.nonzero(flat[slots] == e)[0]
-            ref[slots[rows]] = (yf[rows] @ W2[e].T + b2f[e]) * weights.reshape(-1)[slots[rows], None]
-        assert rel_err(cupy.asnumpy(got), ref) <= 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("kernels", kpar_options())
-def test_kpar_large_scales_exact(kernels):
-    """The BIG path of the k-parallel kernels (every CTA holds scales 129..133): the same bits as
-    m16_wg's BIG path, and as its ordinary path on weights scaled down by 2^5 and tokens scaled up."""
-    import cupy
-
-    skip_without_kpar()
-    rng = np.random.default_rng(29)
-    E, H, I, T, k = 8, 2880, 192, 16, 4
-    W1 = Experts(rng, "mxfp4", E, 2 * I, H, scale_lo=124, scale_hi=128)
-    big = (W1.dev[0], W1.dev[1] + np.uint8(5))
-    b1 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5))
-    t = bf16(rng, (T, H))
-    t_small = cupy.asarray(to_bf16_bits(from_bf16_bits(t) * np.float32(2.0**-5)))
-    d = dispatch_dev(distinct_experts(rng, T, E, k), E)
-    y_ref = M.expert_mlp1(cupy.asarray(t), d, W1.dev, b1, LIMIT, ALPHA, bm=16)
-    y_wg = M.expert_mlp1(t_small, d, big, b1, LIMIT, ALPHA, bm=16)
-    y_kp = M.expert_mlp1(t_small, d, big, b1, LIMIT, ALPHA, bm=16, kernels=kernels)
-    np.testing.assert_array_equal(cupy.asnumpy(y_kp), cupy.asnumpy(y_wg))
-    np.testing.assert_array_equal(cupy.asnumpy(y_kp), cupy.asnumpy(y_ref))
 
 
 @gpu
