@@ -120,7 +120,7 @@ def test_variant_tables_are_the_sources_rows():
         assert (v.bm, v.bn, v.bk, v.threads, v.stages, v.wgmma) == (consts["GEMM_WG_BM"], int(bn), consts["GEMM_WG_BK"],
                                                                     threads, int(stages), True)
     assert [v.tma for v in gemm.VARIANTS.values()].count(True) == len(rows["GEMM_TMA_KERNEL"])
-    moe_rows = [r for m in ("MOE_KERNEL", "MOE_WG_KERNEL", "MOE_KPAR_KERNEL") for r in K.parse_macro_rows(source("moe"), m)]
+    moe_rows = K.parse_macro_rows(source("moe"), "MOE_KERNEL") + K.parse_macro_rows(source("moe"), "MOE_WG_KERNEL")
     assert sorted(moe.VARIANTS) == sorted(r[0] for r in moe_rows)
 
 
@@ -132,7 +132,6 @@ MACROS = [
     ("gemm", "GEMM_TMA_KERNEL", "NAME, BN, STAGES", "GEMM_TMA_THREADS"),
     ("moe", "MOE_KERNEL", "NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_WG_KERNEL", "NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB", "32 * WARPS_N"),
-    ("moe", "MOE_KPAR_KERNEL", "NAME, KPAR, STAGES, DQ, MLP1, MINB", "128 * KPAR"),
     ("attention", "ATTN_DECODE_KERNEL", "NAME, G, STAGES", "32"),
     ("attention", "ATTN_DECODE_FP8_KERNEL", "NAME, G, STAGES", "32"),
 ]
@@ -160,11 +159,6 @@ def test_wgmma_moe_variants_are_mxfp4_with_one_weight_tile_per_warp():
     body = re.search(r"#define MOE_WG_KERNEL\(.*?\n(.*?)\n#endif", source("moe"), re.S).group(1)
     assert "MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true, LAG>" in body
     assert all(v.mw == 1 and v.fp4 for v in moe.VARIANTS.values() if v.wgmma)
-    # the k-parallel kernels: ops.moe reads their rows as MoeCfg<2, 1, 4, 2, STAGES, true, true, 0, KPAR, DQ>
-    body = re.search(r"#define MOE_KPAR_KERNEL\(.*?\n(.*?)\n#endif", source("moe"), re.S).group(1)
-    assert "MoeCfg<2, 1, 4, 2, STAGES, true, true, 0, KPAR, DQ>" in body
-    kp = [v for v in moe.VARIANTS.values() if v.kpar]
-    assert kp and all((v.nt, v.mw, v.warps_n, v.ksub, v.wgmma, v.lag) == (2, 1, 4, 2, True, 0) for v in kp)
 
 
 def test_attention_shapes_the_wrapper_assumes():
@@ -224,23 +218,6 @@ def test_options_from_the_environment():
     assert KernelOptions.from_env({"GPTOSS_WGMMA": "0"}) == KernelOptions(wgmma=False)
     assert KernelOptions.from_env({"GPTOSS_WGMMA": "1"}) == KernelOptions()
     assert KernelOptions.from_env({}) == KernelOptions()
-    assert KernelOptions.from_env({"GPTOSS_MOE_KPAR": "4"}) == KernelOptions(moe_kpar=4)
-    assert KernelOptions.from_env({"GPTOSS_MOE_KPAR": " "}) == KernelOptions()
-    with pytest.raises(ValueError, match="GPTOSS_MOE_KPAR"):
-        KernelOptions.from_env({"GPTOSS_MOE_KPAR": "two"})
-
-
-def test_moe_kpar_must_name_a_kernel_width(monkeypatch):
-    """resolve() accepts 0 and the KPAR of moe.hip's MOE_KPAR_KERNEL rows (ops.moe.kpar_widths())."""
-    from gptoss.ops import moe
-
-    monkeypatch.setattr(K, "wgmma_available", lambda: False)
-    monkeypatch.setattr(K, "pdl_available", lambda: False)
-    assert moe.kpar_widths()
-    for w in moe.kpar_widths():
-        assert KernelOptions(moe_kpar=w).resolve().moe_kpar == w
-    with pytest.raises(ValueError, match="moe_kpar"):
-        KernelOptions(moe_kpar=max(moe.kpar_widths()) + 1).resolve()
 
 
 @pytest.mark.parametrize("available", [False, True])
@@ -266,10 +243,6 @@ def test_options_are_checked_frozen_values():
     with pytest.raises(dataclasses.FrozenInstanceError):
         KernelOptions().wgmma = True
     assert hash(KernelOptions(True, ("A",))) == hash(KernelOptions(True, ("A",)))
-    with pytest.raises(TypeError):
-        KernelOptions(moe_kpar=True)
-    with pytest.raises(TypeError):
-        KernelOptions(moe_kpar=-1)
 
 
 # ---- kernel(): one cache, one shared-memory rule ------------------------------------------------------

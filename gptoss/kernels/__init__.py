@@ -200,16 +200,11 @@ class KernelOptions:
       before it still runs, and waits in GPTOSS_WAIT_PRIOR_GRID); False (the default: measured slower on
       the H200, docs/notes/launch.md) = plain CuPy launches, None = where the device has it
       (pdl_available()); always False when portable (that build has no waits).
-    moe_kpar: the MoE expert GEMMs of decode (16-row tiles, MXFP4, where the wgmma kernels run): 0 = the
-      m16_wg kernels, W > 0 = the k-parallel kernels with W dequantizing warpgroups (moe.hip
-      MOE_KPAR_KERNEL; ops.moe.kpar_widths() lists the W that exist). Bit-identical either way; not yet
-      measured against each other (docs/notes/moe.md), hence off by default.
     """
     wgmma: bool | None = None
     moe_defines: tuple[str, ...] = ()
     portable: bool = False
     pdl: bool | None = False
-    moe_kpar: int = 0
 
     def __post_init__(self):
         if self.wgmma is not None and not isinstance(self.wgmma, bool):
@@ -226,8 +221,6 @@ class KernelOptions:
         if self.portable and self.pdl:
             raise ValueError("KernelOptions(portable=True, pdl=True): the portable build's kernels do not wait "
                              "for the previous kernel, so they cannot be launched early")
-        if isinstance(self.moe_kpar, bool) or not isinstance(self.moe_kpar, int) or self.moe_kpar < 0:
-            raise TypeError(f"KernelOptions.moe_kpar: expected an int >= 0, got {self.moe_kpar!r}")
         object.__setattr__(self, "moe_defines", tuple(self.moe_defines))
 
     @property
@@ -246,10 +239,9 @@ class KernelOptions:
     def from_env(cls, environ=None, mode: str | None = None) -> "KernelOptions":
         """The options the environment asks for: GPTOSS_KERNELS=portable (or auto, the default) picks the
         mode unless `mode` (run.py --kernels) is given; GPTOSS_WGMMA=0 turns the wgmma kernels off (anything
-        else leaves them to the device), GPTOSS_PDL=1 turns programmatic dependent launch on where the
-        device has it (off otherwise) and GPTOSS_MOE_KPAR=W picks the k-parallel decode expert GEMMs
-        (moe_kpar). For start-up code; `environ` defaults to os.environ. Raises ValueError for an unknown
-        mode or a GPTOSS_MOE_KPAR that is not an int >= 0."""
+        else leaves them to the device) and GPTOSS_PDL=1 turns programmatic dependent launch on where the
+        device has it (off otherwise). For start-up
+        code; `environ` defaults to os.environ. Raises ValueError for an unknown mode."""
         import os
 
         env = os.environ if environ is None else environ
@@ -260,11 +252,8 @@ class KernelOptions:
                                  f"{', '.join(KERNEL_MODES)}")
         if mode == "portable":
             return cls.for_mode(mode)
-        kpar = env.get("GPTOSS_MOE_KPAR", "").strip() or "0"
-        if not kpar.isdigit():
-            raise ValueError(f"GPTOSS_MOE_KPAR={env.get('GPTOSS_MOE_KPAR')!r}: expected an int >= 0")
         return cls.for_mode(mode, wgmma=False if env.get("GPTOSS_WGMMA", "1") == "0" else None,
-                            pdl=None if env.get("GPTOSS_PDL", "0") == "1" else False, moe_kpar=int(kpar))
+                            pdl=None if env.get("GPTOSS_PDL", "0") == "1" else False)
 
     def resolve(self) -> "KernelOptions":
         """These options for the current device, wgmma and pdl decided (True or False) and portable set on
@@ -281,10 +270,6 @@ class KernelOptions:
         pdl = _decided("pdl", self.pdl, pdl_available,
                        "programmatic dependent launch needs an NVIDIA compute capability 9.0+ GPU and a CUDA "
                        "driver with cuLaunchKernelEx")
-        widths = {int(row[1]) for row in macro_rows("moe", "MOE_KPAR_KERNEL")}
-        if self.moe_kpar and self.moe_kpar not in widths:
-            raise ValueError(f"KernelOptions(moe_kpar={self.moe_kpar}): expected 0 or one of {sorted(widths)} "
-                             "(moe.hip MOE_KPAR_KERNEL)")
         return replace(self, wgmma=wgmma, pdl=pdl)
 
     def defines(self, family: str) -> tuple[str, ...]:

@@ -206,16 +206,6 @@ template <int N>
 DEVICE void wgmma_bf16_ss(float* d, unsigned long long desc_a, unsigned long long desc_b);
 
 template <>
-DEVICE void wgmma_bf16_ss<16>(float* d, unsigned long long desc_a, unsigned long long desc_b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "l"(desc_a), "l"(desc_b));
-}
-
-template <>
 DEVICE void wgmma_bf16_ss<128>(float* d, unsigned long long desc_a, unsigned long long desc_b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"

@@ -164,8 +164,7 @@ DEVICE void ldsm_x4(u32 r[4], u32 saddr) {
 // Shared-memory position of MXFP4 weight row n (local to the tile): even columns of each 16 first.
 DEVICE int wpos(int n) { return (n & ~15) | ((n & 1) << 3) | ((n >> 1) & 7); }
 
-template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_, bool WG_ = false, int LAG_ = 0,
-          int KPAR_ = 0, int DQ_ = 0>
+template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_, bool WG_ = false, int LAG_ = 0>
 struct MoeCfg {
     static constexpr int NT = NT_;            // n8 tiles of token rows (per warp = per CTA)
     static constexpr int MW = MW_;            // m16 tiles of weight rows per warp (16 * MW columns)
@@ -181,39 +180,20 @@ struct MoeCfg {
     // 12 warps at 80 registers spilled more and ran 2-6% slower with it.
     static constexpr bool TMA_Y = WG && LAG > 0 && NT >= 16;
     static_assert(LAG == 0 || (WG && LAG < STAGES), "mbarrier ring: wgmma kernels");
-    // KPAR > 0: the k-parallel decode kernels (MOE_KPAR_KERNEL, MoeCta::mainloop_kpar). KPAR warpgroups
-    // dequantize the k-tiles in turn into DQ bf16 weight tiles in shared memory; warpgroup 0 (the
-    // WARPS_N = 4 warps that hold the accumulators) also multiplies them, in k order, with both wgmma
-    // operands from shared memory. STAGES is then the depth of each warpgroup's own ring of raw weights.
-    static constexpr int KPAR = KPAR_, DQ = DQ_;
-    // DQ >= 2: k-tile kt - 1's slot is still read by the wgmma group left in flight; DQ >= KPAR: a
-    // warpgroup that waits for a slot's release finds that mbarrier at most one phase behind (its own
-    // previous k-tile, KPAR earlier, needed the release DQ before that one), so parities are unambiguous.
-    static_assert(KPAR == 0 || (WG && LAG == 0 && NT == 2 && WARPS_N == 4 && KSUB == 2 && DQ >= 2 && DQ >= KPAR),
-                  "k-parallel kernels: 16 x 64 x 64 tiles, one warpgroup of accumulators, max(2, KPAR) weight tiles");
     static_assert(!WG || (FP4 && MW == 1 && WARPS_N % 4 == 0 && KSUB % 2 == 0 && (NT == 2 || NT == 8 || NT == 16)),
                   "wgmma variant: MXFP4, whole warpgroups, 64-wide token rows, n16, n64 or n128");
     static constexpr int BM = 8 * NT, BN = 16 * MW * WARPS_N, BK = 32 * KSUB, KCH = BK / 8;
-    static constexpr int THREADS = 32 * WARPS_N * (KPAR ? KPAR : 1);
+    static constexpr int THREADS = 32 * WARPS_N;
     static constexpr int A_BYTES = BM * BK * 2;                          // tokens
     static constexpr int B_BYTES = FP4 ? BN * BK / 2 : BN * BK * 2;     // weights
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
     static constexpr int AHEAD = LAG ? STAGES : STAGES - 1;            // k-tiles the prologue requests
-    // k-parallel kernels: DQ slots of [a dequantized BN x BK weight tile | the k-tile's BM token rows]
-    // (both K-major in the 128-byte swizzle: wgmma operands), then each warpgroup's STAGES raw k-tiles
-    // of weights (one 16-byte piece per thread), then the scales
-    static constexpr int KP_A_BYTES = BN * BK * 2;
-    static constexpr int KP_SLOT_BYTES = KP_A_BYTES + A_BYTES;
-    static constexpr int KP_RAW_OFS = DQ * KP_SLOT_BYTES;
-    static_assert(KPAR == 0 || (B_BYTES == 128 * 16 && A_BYTES == 128 * 16 && KP_SLOT_BYTES % 1024 == 0),
-                  "k-parallel kernels: one 16-byte weight piece and one token chunk per thread and k-tile");
-    static constexpr int SC_OFS = KPAR ? KP_RAW_OFS + KPAR * STAGES * B_BYTES
-                                       : STAGES * STAGE_BYTES;          // the scale rows
+    static constexpr int SC_OFS = STAGES * STAGE_BYTES;                 // the scale rows
     static constexpr int A_STEP = THREADS / KCH;                         // token rows per loader pass
     static constexpr int A_ITERS = (BM + A_STEP - 1) / A_STEP;
     static constexpr int B_STEP = FP4 ? THREADS / KSUB : THREADS / KCH;  // weight rows per loader pass
     static constexpr int B_ITERS = BN / B_STEP;
-    static_assert(KPAR || (THREADS % KCH == 0 && THREADS % KSUB == 0 && BN % B_STEP == 0), "loader mapping");
+    static_assert(THREADS % KCH == 0 && THREADS % KSUB == 0 && BN % B_STEP == 0, "loader mapping");
     static_assert(!FP4 || B_STEP % 16 == 0, "wpos(n + i * B_STEP) = wpos(n) + i * B_STEP");
     static_assert(NT % 2 == 0, "ldmatrix.x4 loads two token n8 tiles");
     static_assert(A_ITERS <= 32 && B_ITERS <= 32, "validity masks");
@@ -243,14 +223,7 @@ struct MoeCta {
     int sc_row[C::MW][2];        // scale buffer offset of the rows of mma rows g and g + 8
     float acc[C::MW][C::NT][4];  // [weight m16 tile][token n8 tile][fragment]
 
-    u32 full_bars = 0;           // mbarrier ring: full[0] (TMA token copies count on it); k-parallel: ready[0]
-    // k-parallel kernels (C::KPAR): this thread's part of the k-tiles its warpgroup dequantizes
-    const unsigned char* kp_src;  // block kp_b of weight row n0 + n (clamped to N - 1), k-tile 0
-    const bf16_t* kp_tsrc;        // its token chunk in k-tile 0: row lt / 8, k 8 (lt % 8) .. + 7
-    u32 kp_raw;                   // its 16 bytes in slot 0 of its warpgroup's raw ring (offset from smem)
-    u32 kp_tdst;                  // its token chunk in a weight-tile slot (offset)
-    int kp_wg, kp_r, kp_b, kp_sc; // warpgroup, A row r and block b, its scale byte for k-tile 0 (offset)
-    bool kp_nok, kp_tok;          // weight row n0 + n < N, token row < rows
+    u32 full_bars = 0;           // mbarrier ring: full[0] (TMA token copies count on it)
 
     DEVICE MoeCta(const MoeParams& p_, unsigned char* smem_) : p(p_), smem(smem_), sbase(smem_u32(smem_)) {}
 
@@ -479,142 +452,6 @@ struct MoeCta {
         __syncthreads();  // shared memory is free for the epilogue
     }
 
-
-    // ---- k-parallel kernels (C::KPAR > 0): dequantize in parallel, accumulate in order ---------------
-    // K-tiles of BK = 64. K-tile kt is dequantized by warpgroup kt % KPAR into weight-tile slot kt % DQ
-    // (which also takes the k-tile's token rows) and multiplied by warpgroup 0, kt = 0, 1, ... in turn:
-    // the k16 steps of the m16_wg kernels in their order, on the same values: the same bits.
-    //  - Thread (warpgroup w, lt = tid % 128): A row r = lt / 2, 32-block b = lt % 2 of the k-tile. A row r
-    //    holds weight column n = (r & ~15) | (r & 7) << 1 | (r >> 3) & 1 (wpos inverted): the m16_wg
-    //    kernels' accumulator rows (mma row g = column 2g, row g + 8 = column 2g + 1), so the epilogues are
-    //    theirs. The block's byte j holds k 2j (low nibble) and 2j + 1: its word i (fp4x8_to_bf16x2) is
-    //    k 8i .. 8i + 7 in natural order = chunk 4b + i of row r, stored at chunk (4b + i) ^ (r & 7)
-    //    (128-byte swizzle, wgmma_desc_sw128). A phase of 8 lanes stores rows r..r+3 x both blocks: 8
-    //    different 16-byte bank groups.
-    //  - Raw weights: each thread copies its own 16 bytes per k-tile (cp.async; lanes 2r, 2r + 1 read one
-    //    32-byte sector of row n) into a STAGES-deep ring of its warpgroup and reads them back itself: its
-    //    own cp.async.wait_group is all the synchronization they need. Token chunk (row lt / 8, k
-    //    8 (lt % 8) .. + 7): loaded into registers one own k-tile ahead, stored with the weights.
-    //  - ready[s] (4 arrivals: the dequantizing warpgroup's warps, each after fence.proxy.async) says slot
-    //    s holds its k-tile; free[s] (4 arrivals: warpgroup 0's warps after wgmma.wait_group 1) says the
-    //    wgmmas reading it are done. K-tile kt is use kt / DQ of its slot; the free wait's parity
-    //    (kt / DQ + 1) & 1 passes at once on use 0 (a fresh mbarrier's "previous phase" counts as done).
-    //    No cycle: dequantizing kt needs kt - DQ released, i.e. kt - DQ + 1 <= kt - 1 issued (DQ >= 2).
-    //    (tests/test_moe_cpu.py models this protocol: test_kpar_ring_protocol_cpu.)
-    DEVICE void kpar_setup(int sc_shift, const u32* s_arow) {
-        kp_wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform in the compiler's eyes
-        const int lt = tid & 127, tr = lt >> 3, tc = lt & 7;
-        kp_r = lt >> 1;
-        kp_b = lt & 1;
-        const int n = (kp_r & ~15) | ((kp_r & 7) << 1) | ((kp_r >> 3) & 1);
-        kp_nok = n0 + n < p.N;
-        kp_src = p.wq + ((size_t)expert * p.N + min(n0 + n, p.N - 1)) * KB * 16 + kp_b * 16;
-        kp_sc = C::SC_OFS + sc_shift + n * KB + kp_b;
-        kp_raw = C::KP_RAW_OFS + (kp_wg * C::STAGES * 128 + lt) * 16;
-        kp_tok = tr < rows;
-        kp_tsrc = p.a + s_arow[tr] + tc * 8;
-        kp_tdst = C::KP_A_BYTES + sw128_offset(tr, tc);
-    }
-
-    // this thread's raw piece of k-tile kt into raw slot rs of its warpgroup (zeros past K; nothing past KT)
-    DEVICE void kpar_load(int kt, int rs) {
-        const int kb = 2 * kt + kp_b;
-        const bool ok = kp_nok && kb < KB;
-        if (kt < KT) cp_async_16s(sbase + kp_raw + rs * C::B_BYTES, kp_src + (ok ? (size_t)kt * 32 : 0), ok ? 16 : 0);
-    }
-
-    DEVICE uint4 kpar_token(int kt) {
-        const int k = kt * C::BK;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (kp_tok && k < p.K) v = *reinterpret_cast<const uint4*>(kp_tsrc + k);
-        return v;
-    }
-
-    // Dequantize k-tile kt (this warpgroup's, in raw slot rs) into its weight-tile slot; `tok` holds its
-    // token chunk and is reloaded with that of this warpgroup's next k-tile.
-    template <bool BIG>
-    DEVICE void kpar_produce(int kt, int rs, uint4& tok, u32 ready, u32 freeb) {
-#if GPTOSS_HAS_WGMMA
-        cp_async_wait<C::STAGES - 1>();  // this thread's piece of k-tile kt landed
-        const uint4 v = *reinterpret_cast<const uint4*>(smem + kp_raw + rs * C::B_BYTES);
-        const u32 s = smem[kp_sc + 2 * kt];  // past K: some finite multiplier of zero weights
-        const u32 m1 = scale_m1(s), m2 = scale_m2(s);
-        u32 c[4][4];  // chunk i = word i of the block: k 8i .. 8i + 7
-        fp4x8_to_bf16x2<BIG>(v.x, m1, m2, c[0]);
-        fp4x8_to_bf16x2<BIG>(v.y, m1, m2, c[1]);
-        fp4x8_to_bf16x2<BIG>(v.z, m1, m2, c[2]);
-        fp4x8_to_bf16x2<BIG>(v.w, m1, m2, c[3]);
-        const uint4 t = tok;
-        tok = kpar_token(kt + C::KPAR);
-        const int slot = kt % C::DQ;
-        mbar_wait_in_asm(freeb + 8 * slot, (kt / C::DQ + 1) & 1);  // k-tile kt - DQ's wgmmas are done
-        unsigned char* dst = smem + slot * C::KP_SLOT_BYTES;
-        #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            *reinterpret_cast<uint4*>(dst + sw128_offset(kp_r, 4 * kp_b + i)) = make_uint4(c[i][0], c[i][1], c[i][2], c[i][3]);
-        *reinterpret_cast<uint4*>(dst + kp_tdst) = t;
-        fence_proxy_async();  // the slot is read next by wgmma (async proxy)
-        __syncwarp();
-        mbar_arrive_if(ready + 8 * slot, lane == 0);
-        kpar_load(kt + C::KPAR * C::STAGES, rs);  // the raw slot's next k-tile (its bytes were read above)
-        cp_async_commit();
-#endif
-    }
-
-    // Warpgroup 0: k-tile kt's four k16 steps, both operands from its slot; one wgmma group stays in
-    // flight, and the slot of k-tile kt - 1 is released once its group is done.
-    DEVICE void kpar_consume(int kt, u32 ready, u32 freeb) {
-#if GPTOSS_HAS_WGMMA
-        const int slot = kt % C::DQ;
-        mbar_wait_in_asm(ready + 8 * slot, (kt / C::DQ) & 1);
-        const u32 a = sbase + slot * C::KP_SLOT_BYTES, b = a + C::KP_A_BYTES;
-        wgmma_fence();
-        #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            wgmma_bf16_ss<16>(&acc[0][0][0], wgmma_desc_sw128(a + 32 * j), wgmma_desc_sw128(b + 32 * j));
-        wgmma_commit();
-        fence_acc();
-        wgmma_wait<1>();
-        __syncwarp();
-        mbar_arrive_if(freeb + 8 * ((kt + C::DQ - 1) % C::DQ), lane == 0 && kt > 0);
-#endif
-    }
-
-    DEVICE void kpar_prologue() {  // this warpgroup's first STAGES k-tiles, one commit group each
-        #pragma unroll
-        for (int j = 0; j < C::STAGES; ++j) {
-            kpar_load(kp_wg + C::KPAR * j, j);
-            cp_async_commit();
-        }
-    }
-
-    template <bool BIG>
-    DEVICE void mainloop_kpar() {
-#if GPTOSS_HAS_WGMMA
-        const u32 ready = full_bars, freeb = ready + 8 * C::DQ;
-        uint4 tok = kpar_token(kp_wg);
-        int rs = 0;  // raw slot of this warpgroup's next k-tile
-        if (kp_wg == 0) {
-            for (int kt = 0; kt < KT; ++kt) {
-                if (kt % C::KPAR == 0) {
-                    kpar_produce<BIG>(kt, rs, tok, ready, freeb);
-                    rs = rs + 1 == C::STAGES ? 0 : rs + 1;
-                }
-                kpar_consume(kt, ready, freeb);
-            }
-            wgmma_wait<0>();
-            fence_acc();
-        } else {
-            for (int kt = kp_wg; kt < KT; kt += C::KPAR) {
-                kpar_produce<BIG>(kt, rs, tok, ready, freeb);
-                rs = rs + 1 == C::STAGES ? 0 : rs + 1;
-            }
-        }
-        cp_async_wait<0>();
-        __syncthreads();  // shared memory is free for the epilogue
-#endif
-    }
-
     DEVICE void run(int* s_slot, float* s_rw, u32* s_arow, unsigned long long* s_bars) {
         expert = p.tiles[2 * blockIdx.y];
         if (expert < 0) return;  // past the last tile of this step
@@ -623,9 +460,7 @@ struct MoeCta {
         const int N = p.N, K = p.K;
         n0 = blockIdx.x * C::BN;
         KB = K / 32;
-        // k-parallel kernels: as many k16 steps as the m16_wg kernels (BK = 128), zero ones past K
-        // included (adding exact zeros: the same bits by construction)
-        KT = C::KPAR ? 2 * ((K + 127) / 128) : (K + C::BK - 1) / C::BK;
+        KT = (K + C::BK - 1) / C::BK;
         tid = threadIdx.x;
         lane = tid % 32;
         nw = (tid / 32) * 16 * C::MW;
@@ -652,12 +487,6 @@ struct MoeCta {
                 mbar_init(empty + 8 * i, C::THREADS / 32);
             }
             if (TMA_A) fence_mbar_init();
-        }
-        if (C::KPAR && tid == 0) {
-            for (int i = 0; i < C::DQ; ++i) {
-                mbar_init(full + 8 * i, 4);             // ready: the dequantizing warpgroup's warps
-                mbar_init(full + 8 * (C::DQ + i), 4);   // free: warpgroup 0's warps
-            }
         }
 #endif
         __syncthreads();
@@ -689,12 +518,12 @@ struct MoeCta {
 
         // scales of rows [n0, min(n0 + BN, N)) over all of K: one contiguous byte range, copied in
         // aligned 16-byte pieces (it starts sc_shift bytes into the first piece)
-        int sc_chunks = 0, sc_shift = 0;
+        int sc_chunks = 0;
         if (C::FP4) {
             const u32 sc = sbase + C::SC_OFS;
             const long long first = (long long)wrow * KB;
             const long long a0 = first & ~15LL;
-            sc_shift = (int)(first - a0);
+            const int sc_shift = (int)(first - a0);
             sc_chunks = (sc_shift + min(C::BN, N - n0) * KB + 15) / 16;
             for (int c = tid; c < sc_chunks; c += C::THREADS) {
                 const long long src = a0 + 16LL * c, left = p.scales_bytes - src;
@@ -709,27 +538,21 @@ struct MoeCta {
         }
 
         // prologue: stages 0 .. AHEAD-1 (the scales ride in group 0)
-        if constexpr (C::KPAR > 0) {
-            kpar_setup(sc_shift, s_arow);
-            kpar_prologue();  // STAGES commit groups
-        } else {
-            #pragma unroll
-            for (int s = 0; s < C::AHEAD; ++s) {
-                if (s < KT) load_stage(s, s);
+        #pragma unroll
+        for (int s = 0; s < C::AHEAD; ++s) {
+            if (s < KT) load_stage(s, s);
 #if GPTOSS_HAS_WGMMA
-                if (C::LAG) {
-                    if (s < KT) mbar_arrive_cp_async(full + 8 * s);
-                } else
+            if (C::LAG) {
+                if (s < KT) mbar_arrive_cp_async(full + 8 * s);
+            } else
 #endif
-                cp_async_commit();
-            }
+            cp_async_commit();
         }
         bool big = false;
         if (C::FP4) {
 #if GPTOSS_HAS_WGMMA
             if (C::LAG) mbar_wait(full, 0); else
 #endif
-            if (C::KPAR) cp_async_wait<C::STAGES - 1>(); else  // k-parallel: group 0 (+ the scales)
             cp_async_wait<C::AHEAD - 1>();
             __syncthreads();
             const unsigned char* sc = smem + C::SC_OFS;
@@ -741,9 +564,7 @@ struct MoeCta {
             }
             big = __syncthreads_or(flag) != 0;
         }
-        if constexpr (C::KPAR > 0) {
-            if (big) mainloop_kpar<true>(); else mainloop_kpar<false>();
-        } else if constexpr (C::LAG > 0) {
+        if constexpr (C::LAG > 0) {
             if (big) mainloop_mb<true>(full, empty); else mainloop_mb<false>(full, empty);
         } else {
             if (big) mainloop<true>(); else mainloop<false>();
@@ -760,7 +581,7 @@ struct MoeCta {
         bf16_t* sy = reinterpret_cast<bf16_t*>(smem);
         const int N = p.N;
         #pragma unroll
-        for (int j = 0; j < (C::KPAR == 0 || tid < 128 ? C::MW : 0); ++j) {  // k-parallel: warpgroup 0's
+        for (int j = 0; j < C::MW; ++j) {
             const int col = nw + 16 * j + 2 * g, n = n0 + col;
             const u32 bw = n < N ? *reinterpret_cast<const u32*>(p.bias + (size_t)expert * N + n) : 0u;
             const float bg = bf16x2_lo(bw), bl = bf16x2_hi(bw);
@@ -786,7 +607,6 @@ struct MoeCta {
 
     // (acc + bias) * routing weight, straight to row `slot`: 8 bytes per lane, 64 per row per warp tile
     DEVICE void epilogue_mlp2(const int* s_slot, const float* s_rw) {
-        if (C::KPAR && tid >= 128) return;  // k-parallel kernels: warpgroup 0 holds the accumulators
         const int N = p.N;
         #pragma unroll
         for (int j = 0; j < C::MW; ++j) {
@@ -816,8 +636,7 @@ DEVICE void moe_gemm(const MoeParams& p) {
     __shared__ int s_slot[C::BM];
     __shared__ float s_rw[C::BM];
     __shared__ u32 s_arow[C::BM];  // element offset of each tile row's A row
-    // mbarrier ring: full, empty; k-parallel kernels: ready, free
-    __shared__ unsigned long long s_bars[C::LAG ? 2 * C::STAGES : C::KPAR ? 2 * C::DQ : 1];
+    __shared__ unsigned long long s_bars[C::LAG ? 2 * C::STAGES : 1];  // mbarrier ring: full, empty
     // wgmma's swizzled token atoms need 1 KB-aligned stages (the launch adds 1 KB of slack)
     unsigned char* base = C::WG ? align_1k(moe_smem) : moe_smem;
     MoeCta<C, MLP1> cta(p, base);
@@ -841,17 +660,6 @@ DEVICE void moe_gemm(const MoeParams& p) {
         MoeParams p = MOE_PARAMS;                                                                    \
         p.amap = &amap;                                                                              \
         moe_gemm<MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true, LAG>, MLP1>(p);                     \
-    }
-// The k-parallel decode kernels (MoeCta::mainloop_kpar): 16 x 64 tiles, k-tiles of 64, KPAR warpgroups
-// (MoeCfg WARPS_N = 4: the accumulators' warpgroup; THREADS = 128 KPAR). They take the tensor-map
-// argument of the wgmma kernels (unread) so that ops/moe.py launches every sm_90a variant alike.
-#define MOE_KPAR_KERNEL(NAME, KPAR, STAGES, DQ, MLP1, MINB)                                           \
-    extern "C" __global__ void __launch_bounds__(128 * KPAR, MINB)                                    \
-    NAME(const __grid_constant__ TensorMap amap, MOE_ARGS) {                                          \
-        GPTOSS_WAIT_PRIOR_GRID();                                                                    \
-        GPTOSS_LAUNCH_DEPENDENTS();                                                                  \
-        const MoeParams p = MOE_PARAMS;                                                              \
-        moe_gemm<MoeCfg<2, 1, 4, 2, STAGES, true, true, 0, KPAR, DQ>, MLP1>(p);                       \
     }
 #endif
 
@@ -1009,17 +817,3 @@ MOE_WG_KERNEL(moe_mlp1_fp4_m64_wg,   8,  12,     2,   5,     2,  true,  2)
 MOE_WG_KERNEL(moe_mlp2_fp4_m64_wg,   8,  12,     2,   5,     2,  false, 2)
 MOE_WG_KERNEL(moe_mlp1_fp4_m16_wg,   2,  4,      4,   5,     0,  true,  4)
 MOE_WG_KERNEL(moe_mlp2_fp4_m16_wg,   2,  4,      4,   5,     0,  false, 4)
-
-// k-parallel variants of the m16 wgmma kernels (sm_90a; ops/moe.py runs them instead of m16_wg where
-// KernelOptions.moe_kpar = KPAR): KPAR warpgroups dequantize k-tiles of 64 in turn into DQ bf16 weight
-// tiles in shared memory, warpgroup 0 multiplies them in order (both wgmma operands from shared memory):
-// the k16 steps of m16_wg in its order, the same bits. STAGES: each warpgroup's raw weight ring.
-// Not yet measured against m16_wg (docs/notes/moe.md).
-#ifndef MOE_KPAR_KERNEL
-#define MOE_KPAR_KERNEL(NAME, KPAR, STAGES, DQ, MLP1, MINB)
-#endif
-//              name                  KPAR STAGES DQ MLP1   MIN_BLOCKS
-MOE_KPAR_KERNEL(moe_mlp1_fp4_m16_kp2, 2,   4,     3, true,  4)
-MOE_KPAR_KERNEL(moe_mlp2_fp4_m16_kp2, 2,   4,     3, false, 4)
-MOE_KPAR_KERNEL(moe_mlp1_fp4_m16_kp4, 4,   4,     5, true,  2)
-MOE_KPAR_KERNEL(moe_mlp2_fp4_m16_kp4, 4,   4,     5, false, 2)

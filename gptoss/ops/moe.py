@@ -54,8 +54,6 @@ class Variant:
     mlp1: bool
     wgmma: bool = False  # sm_90a warpgroup kernel (MOE_WG_KERNEL): stages start 1 KB-aligned
     lag: int = 0         # wgmma kernels: > 0 = mbarrier ring (mlp2's token rows then come by TMA)
-    kpar: int = 0        # k-parallel decode kernel (MOE_KPAR_KERNEL): warpgroups dequantizing in turn
-    dq: int = 0          # k-parallel: dequantized weight tiles in shared memory
 
     @property
     def bm(self) -> int:
@@ -71,18 +69,13 @@ class Variant:
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_n * max(self.kpar, 1)
+        return 32 * self.warps_n
 
     def shared_bytes(self, K: int) -> int:
-        """Dynamic shared memory for inner dimension K: pipeline stages (+ the tile's scale rows). The
-        k-parallel kernels: dq slots of (bf16 weight tile + token tile), then each warpgroup's ring of
-        `stages` raw weight k-tiles."""
+        """Dynamic shared memory for inner dimension K: pipeline stages (+ the tile's scale rows)."""
         a = self.bm * self.bk * 2
         b = self.bn * self.bk // 2 if self.fp4 else self.bn * self.bk * 2
-        if self.kpar:
-            smem = self.dq * (self.bn * self.bk * 2 + a) + self.kpar * self.stages * b
-        else:
-            smem = self.stages * (a + b)
+        smem = self.stages * (a + b)
         if self.fp4:  # BN rows of K/32 scale bytes, copied in aligned 16-byte pieces (+ misalignment)
             smem += (self.bn * (K // 32) + 32 + 15) // 16 * 16
         # the mlp1 epilogue stages BM x BN/2 bf16 in the pipeline buffers
@@ -90,19 +83,15 @@ class Variant:
 
 
 def _variants() -> dict[str, Variant]:
-    """MOE_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MIN_BLOCKS), MOE_WG_KERNEL(name, NT,
-    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS) and MOE_KPAR_KERNEL(name, KPAR, STAGES, DQ, MLP1,
-    MIN_BLOCKS) lines (a wgmma kernel is MXFP4 with MW = 1: its macro's MoeCfg<NT, 1, ..., true, true, LAG>;
-    a k-parallel one MoeCfg<2, 1, 4, 2, STAGES, true, true, 0, KPAR, DQ>: 16 x 64 x 64 tiles)."""
+    """MOE_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MIN_BLOCKS) and MOE_WG_KERNEL(name, NT,
+    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS) lines (a wgmma kernel is MXFP4 with MW = 1: its macro's
+    MoeCfg<NT, 1, ..., true, true, LAG>)."""
     out = {}
     for name, nt, mw, wn, ks, st, fp4, mlp1, _ in macro_rows("moe", "MOE_KERNEL"):
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
     for name, nt, wn, ks, st, lag, mlp1, _ in macro_rows("moe", "MOE_WG_KERNEL"):
         out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True,
                             lag=int(lag))
-    for name, kpar, st, dq, mlp1, _ in macro_rows("moe", "MOE_KPAR_KERNEL"):
-        out[name] = Variant(name, 2, 1, 4, 2, int(st), True, mlp1 == "true", wgmma=True, kpar=int(kpar),
-                            dq=int(dq))
     return out
 
 
@@ -127,26 +116,15 @@ def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
     return TILE_BMS if _uses_wgmma(fmt, wgmma) else (16, 64)
 
 
-def kpar_widths() -> tuple[int, ...]:
-    """The KernelOptions.moe_kpar values with k-parallel decode kernels (MOE_KPAR_KERNEL rows), besides 0."""
-    return tuple(sorted({v.kpar for v in VARIANTS.values() if v.kpar}))
-
-
-def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, kpar: int = 0) -> Variant:
+def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Variant:
     """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: with
-    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants, and for bm = 16 the
-    k-parallel ones with `kpar` dequantizing warpgroups when kpar > 0 (KernelOptions.moe_kpar; ignored
-    without the wgmma kernels). Raises ValueError for a height or width without a kernel."""
+    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants."""
     wg = _uses_wgmma(fmt, wgmma)
     heights = tile_heights(fmt, wg)
     if bm not in heights:
         raise ValueError(f"tile height {bm}: expected one of {heights} for {fmt} experts here "
                          f"(128 needs MXFP4 experts and the sm_90a wgmma kernels)")
     name = f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"
-    if wg and bm == 16 and kpar:
-        if kpar not in kpar_widths():
-            raise ValueError(f"moe_kpar = {kpar}: expected 0 or one of {kpar_widths()}")
-        return VARIANTS[f"{name}_kp{kpar}"]
     return VARIANTS[name + "_wg" if wg else name]
 
 
@@ -461,7 +439,7 @@ def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alph
 def _pick_variant(stage: str, d: Dispatch, fmt: str, bm: int | None, kernels: KernelOptions) -> Variant:
     wg = uses_wgmma(fmt, kernels)
     bm = pick_bm(d.num_slots, d.num_experts, fmt, wg) if bm is None else bm
-    return variant_for(stage, fmt, bm, wg, kernels.moe_kpar)
+    return variant_for(stage, fmt, bm, wg)
 
 
 def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None,
