@@ -27,8 +27,8 @@
 // T*E*ROUTER_SPLITS*4 <= 256 KB of partials from L2, runs the top-k of <= 64 tokens on its 8 warps and the
 // dispatch of T*k <= 256 slots (gpt-oss: k = 4, E >= 32): little work next to the two launches it replaces
 // (router_topk + moe_dispatch: ~11 us at T = 1 under ncu, nearly all fixed cost). Larger steps keep
-// router_topk's ceil(T/8) CTAs. 20b (E = 32): T <= 64, 120b (E = 128): T <= 16. benchmarks/kernel_routing.py
-// times both paths.
+// router_topk's ceil(T/8) CTAs. The host takes it only up to T*E <= 256 (ops/moe.py FUSED_ROUTING_MAX_LOGITS,
+// measured with benchmarks/kernel_routing.py: at T = 64 on 20b the one launch is twice as slow).
 // FUSED_CACHE: its dispatch's register cache, FUSED_CACHE steps of ROUTER_THREADS slots: every step the
 // host sends it when k <= E/2 (T*k <= T*E/2 <= FUSED_MAX_LOGITS/2; gpt-oss: k = E/8, E/32). 8 steps made
 // ptxas spill on sm_90.

@@ -349,11 +349,18 @@ def dispatch(experts, num_experts: int, out: Dispatch | None = None, kernels: Ke
 
 # ---- route + dispatch in one launch --------------------------------------------------------------------
 
+# The largest T*E routed by route_dispatch. Measured on the H200 (benchmarks/kernel_routing.py, 20b, E = 32,
+# 24 layers in a graph): one launch 9.9 us per layer against 13.0 for three at T = 1, 10.4 against 13.5 at
+# T = 8, but 27.8 against 13.7 at T = 64, where the lone last CTA's top-k and dispatch outweigh the two
+# launches saved. 256 = T <= 8 on 20b, T <= 2 on 120b (E = 128).
+FUSED_ROUTING_MAX_LOGITS = 256
+
+
 def fused_routing(num_tokens: int, num_experts: int) -> bool:
     """Whether a step of num_tokens tokens over a router of num_experts experts routes with route_dispatch
-    (one launch) rather than route + dispatch (three): when its T*E logits fit one round of the fused
-    launch's last CTA (FUSED_MAX_LOGITS; routing.hip says why that many). Both give the same bits."""
-    return 1 <= num_tokens and num_tokens * num_experts <= FUSED_MAX_LOGITS
+    (one launch) rather than route + dispatch (three): for small steps (FUSED_ROUTING_MAX_LOGITS), which
+    always fit one round of the fused launch's last CTA (FUSED_MAX_LOGITS). Both give the same bits."""
+    return 1 <= num_tokens and num_tokens * num_experts <= FUSED_ROUTING_MAX_LOGITS
 
 
 def new_route_counter():

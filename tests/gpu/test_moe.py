@@ -271,13 +271,15 @@ def _router_inputs(rng, T, E, H, f32=True):
             cupy.asarray(bf16(rng, (E,), 0.5)))
 
 
-# 300: more rounds of logits, and more slots (1,200) than the one launch's dispatch keeps in registers
-FUSED_TS = ["1", "2", "7", "threshold", "threshold+1", "300"]
+# round / round+1: one and two rounds of the last CTA's logits; 300: more rounds, and more slots (1,200)
+# than the one launch's dispatch keeps in registers
+FUSED_TS = ["1", "2", "7", "threshold", "threshold+1", "round", "round+1", "300"]
 
 
 def _fused_t(T: str, E: int) -> int:
-    edge = M.FUSED_MAX_LOGITS // E  # the most tokens fused_routing() takes the one launch for
-    return {"threshold": edge, "threshold+1": edge + 1}.get(T) or int(T)
+    edge = M.FUSED_ROUTING_MAX_LOGITS // E  # the most tokens fused_routing() takes the one launch for
+    one_round = M.FUSED_MAX_LOGITS // E
+    return {"threshold": edge, "threshold+1": edge + 1, "round": one_round, "round+1": one_round + 1}.get(T) or int(T)
 
 
 @gpu
@@ -291,7 +293,7 @@ def test_route_dispatch_equals_three_launches(T, E, f32, kernels):
     past it too, more slowly)."""
     skip_if_portable_is_the_default(kernels)
     T = _fused_t(T, E)
-    assert M.fused_routing(T, E) == (T * E <= M.FUSED_MAX_LOGITS)
+    assert M.fused_routing(T, E) == (T * E <= M.FUSED_ROUTING_MAX_LOGITS)
     rng = np.random.default_rng(T * 17 + E + f32)
     t, w, b = _router_inputs(rng, T, E, 2880, f32)
     want = _three_launches(t, w, b, 4, kernels=kernels)
