@@ -2,21 +2,17 @@
 """Speed of the attention kernels on the gpt-oss geometry (Hq 64, Hkv 8, D 64), full and sliding (128).
 
   python benchmarks/kernel_attention.py [--json OUT] [--decode-sweep 2048:1024,1025,1280,2049]
-                                       [--kv-cache-dtype fp8] [--queued]
+                                       [--kv-cache-dtype fp8]
 
 - prefill (tensor-core flash kernel): T = 512, 2048, 8192 query tokens, as one sequence from position 0
   and as many sequences of 256; TFLOP/s counts 4 * D * Hq flops per visible (query, key) pair
   (causal and window aware, no credit for masked work).
-- decode (split-KV kernel, its last split CTA folding the splits): batch 1, 64, 1024 at contexts 1024
-  and 4096 (full attention also paged: scrambled 64-position pages behind a page table, as the model
-  keeps them); GB/s counts the K and V bytes of the visible keys (2 KB per key per layer in bf16), the
-  floor of what decode must read.
+- decode (split-KV kernel + combine): batch 1, 64, 1024 at contexts 1024 and 4096 (full attention also paged:
+  scrambled 64-position pages behind a page table, as the model keeps them); GB/s counts the K and
+  V bytes of the visible keys (2 KB per key per layer in bf16), the floor of what decode must read.
 - rope_and_cache at the prefill and decode sizes: GB/s of qkv read + q, k, v written.
 Cache contents are random bf16 (speed does not depend on them), or with --kv-cache-dtype fp8 random e4m3
 codes (the *_fp8 kernels; GB/s then counts 1 KB per key per layer).
-Times are medians of CUDA-event intervals around one call, or with --queued per call among 24 calls
-queued back to back behind a GPU spin (common.time_queued_ms: no host launch gaps, as a captured decode
-step's layers run; the figure for small batches, where one call's launches cost more than its kernels).
 """
 from __future__ import annotations
 
@@ -230,8 +226,6 @@ def main(argv=None) -> int:
                         "kernel of the device (mma.sync, wgmma), e.g. 4096:0,28672,114688")
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="bf16",
                    help="the caches' element format (fp8: e4m3, the *_fp8 kernels; default bf16)")
-    p.add_argument("--queued", action="store_true",
-                   help="time each call among 24 queued back to back behind a GPU spin (no host launch gaps)")
     args = p.parse_args(argv)
     if (code := common.json_path_error("kernel_attention.py", args)) is not None:
         return code
@@ -239,18 +233,17 @@ def main(argv=None) -> int:
 
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"].decode()
     fp8 = args.kv_cache_dtype == "fp8"
-    timer = common.time_queued_ms if args.queued else common.time_ms
     if args.prefill_kernels:
         T, _, starts = args.prefill_kernels.partition(":")
         sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
-        rows = prefill_kernels(timer, sinks, int(T), [int(a) for a in starts.split(",") if a])
+        rows = prefill_kernels(common.time_ms, sinks, int(T), [int(a) for a in starts.split(",") if a])
     elif args.decode_sweep:
         batch, _, keys = args.decode_sweep.partition(":")
         sinks = cp.random.standard_normal(HQ, dtype=cp.float32) * 0.5
-        rows = decode_sweep(timer, sinks, int(batch), [int(k) for k in keys.split(",") if k], fp8)
+        rows = decode_sweep(common.time_ms, sinks, int(batch), [int(k) for k in keys.split(",") if k], fp8)
     else:
-        rows = bench(timer, fp8=fp8)
-    print(f"{args.kv_cache_dtype} KV cache" + (", per call of 24 queued back to back" if args.queued else ""))
+        rows = bench(fp8=fp8)
+    print(f"{args.kv_cache_dtype} KV cache")
     print(f"{name}: peak {common.H100_COPY_GBPS:.0f} GB/s, {common.H100_BF16_TFLOPS:.0f} TFLOP/s (H100 reference)")
     print(f"{'kernel':<16} {'shape':<36} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}")
     for r in rows:

@@ -108,7 +108,9 @@ class GPUModel:
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
                  max_chunk: int, max_rows: int | None = None, pages: int | None = None,
                  kernels: KernelOptions | None = None, collective=None, kv_cache_dtype: str = "bf16"):
-        from .ops.attention import DecodeWorkspace, rope_table
+        import cupy
+
+        from .ops.attention import rope_table
 
         self.kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
         self.w = weights
@@ -123,9 +125,9 @@ class GPUModel:
         self.rope = rope_table(cfg, capacity)
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows, ranks)
         self._graphs: dict = {}  # (padded batch, key bound, greedy) -> (graph, inputs, what it reads)
-        # the attention decode partials and counters of every step, eager or captured, sized for the
-        # largest (a workspace per step would grow with the batch, and the pool would keep every old size)
-        self._decode_ws = DecodeWorkspace(*DecodeWorkspace.sizes(*self._decode_launch(cfg, slots, capacity)))
+        # the attention decode partials of every step, eager or captured, sized for the largest (a
+        # workspace per step would grow with the batch, and the pool would keep every old size)
+        self._decode_ws = cupy.empty(self._decode_floats(cfg, slots, capacity), dtype=cupy.float32)
 
     @staticmethod
     def step_sizes(slots: int, max_step_tokens: int, max_rows: int | None = None) -> tuple[int, int]:
@@ -143,23 +145,21 @@ class GPUModel:
         return max_chunk if sliding and cfg.sliding_window + max_chunk < capacity else None
 
     @staticmethod
-    def _decode_launch(cfg: ModelConfig, slots: int, capacity: int) -> tuple[int, int, int, int]:
-        """The largest decode launch the decode workspace serves, as DecodeWorkspace.sizes takes it: a
-        captured step of every slot, padded, over the whole capacity (the most splits)."""
-        return decode_batch_bucket(slots), capacity, cfg.num_heads, cfg.num_kv_heads
+    def _decode_floats(cfg: ModelConfig, slots: int, capacity: int) -> int:
+        from .ops.attention import decode_workspace_floats
+
+        return decode_workspace_floats(decode_batch_bucket(slots), capacity, cfg.num_heads)
 
     @classmethod
     def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_step_tokens: int, max_chunk: int,
                pages: int, max_rows: int | None = None, ranks: int | None = None, kv_cache_dtype: str = "bf16") -> int:
         """GPU bytes a model of these dimensions allocates beside its weights, from the shapes its
-        constructor allocates: the KV cache, the step buffers and the decode workspace (the RoPE table,
+        constructor allocates: the KV cache, the step buffers and the decode partials (the RoPE table,
         each step's attention layout and the captured graphs are small and not counted)."""
-        from .ops.attention import DecodeWorkspace
-
         tokens, rows = cls.step_sizes(slots, max_step_tokens, max_rows)
         return (KVCache.nbytes(cfg, slots + 1, capacity, max_chunk, pages, kv_cache_dtype)
                 + StepBuffers.nbytes(cfg, tokens, rows, ranks)
-                + DecodeWorkspace.nbytes_for(*cls._decode_launch(cfg, slots, capacity)))
+                + 4 * cls._decode_floats(cfg, slots, capacity))
 
     @property
     def capacity(self) -> int:
@@ -329,7 +329,7 @@ class GPUModel:
         from .ops.attention import AttentionBatch
 
         batch = AttentionBatch.build(q_lens, slots, starts, self.capacity)
-        batch.set_workspace(self._decode_ws)
+        batch._workspace = self._decode_ws
         return batch
 
     @staticmethod
@@ -419,7 +419,7 @@ class GPUModel:
         # the batch reads straight from the graph's inputs
         batch = AttentionBatch(cupy.arange(Bp + 1, dtype=i32), inputs[2], inputs[1], cupy.zeros((0, 2), i32),
                                cupy.arange(Bp, dtype=i32), Bp, Bp, 1, kv, self.capacity)
-        batch.set_workspace(self._decode_ws)
+        batch._workspace = self._decode_ws
         args = None
         if not greedy:  # the sampler reads its per-row inputs from the graph's inputs too
             inputs[7] = _ONE_F32_BITS

@@ -11,10 +11,9 @@
 //                         G q heads of one kv head, so its 16*G rows ((query, head) pairs, 16 per warp)
 //                         share every K/V tile it loads.
 //   attn_decode_g{4,8}    grid (Hkv, SD, splits), 32 threads (fast path; the SD sequences with one query):
-//                         one warp = the G heads of one kv head over one segment of the keys; with more
-//                         than one segment each writes an fp32 partial (m, l, acc) to a workspace and
-//                         counts itself; the last of a (sequence, kv head) to arrive folds them in segment
-//                         order and writes the output.
+//                         one warp = the G heads of one kv head over one segment of the keys; writes
+//                         fp32 partial (m, l, acc) to a workspace.
+//   attn_decode_combine   folds a query's partials in segment order and writes the output.
 //   attn_simple           grid (T, Hq), 128 threads: portable path (any even D <= 128; AMD).
 //
 // The canonical computation (why a query's output never depends on the rest of the launch)
@@ -29,8 +28,8 @@
 //      visible key folds as the identity;
 //   3. out = ACC / L, rounded to bf16.
 // The prefill kernel does 1-3 in one CTA (the segment state in registers, the running state in shared
-// memory); the decode kernel does step 1 for one segment per CTA, and the last CTA of a query's segments
-// does 2-3 (decode_fold): the same bits either way. So a query
+// memory); the decode kernel does step 1 for one segment per CTA and attn_decode_combine does 2-3: the
+// same bits either way. So a query
 // gets the same output alone or with other sequences, prefilled in one chunk or in many, and as a
 // decode token or inside a prefill chunk. (The portable attn_simple is invariant as well -- it handles
 // every (query, head) on its own -- but its bits differ from the tensor-core path's.)
@@ -412,7 +411,7 @@ DEVICE float quad_sum(float v) {
 }
 
 // Folding a segment (m, l, x) into the running state (M, L, X): Mn = max(M, m),
-// X' = X * 2^(M - Mn) + x * 2^(m - Mn). Shared by the prefill kernel (fold_segment) and decode_fold.
+// X' = X * 2^(M - Mn) + x * 2^(m - Mn). Shared by the prefill kernel and attn_decode_combine.
 // A coefficient is exactly 1 where its max did not move (not left to exp2f(0)), so that folding an empty
 // segment (m = -inf, l = 0, x = 0) is exactly the identity.
 DEVICE void merge_coeffs(float M, float m, float& Mn, float& a, float& b) {
@@ -743,78 +742,20 @@ DEVICE void attn_prefill_body(
     }
 }
 
-// The fold of a decode query's nseg segment partials for one head (steps 2-3 of the canonical computation,
-// as fold_segment does in the prefill): from (M = sink, L = 1, X = 0), segments z = 0..nseg-1 merged
-// with merge_coeffs / merge_value, then out = X / L rounded to bf16. Thread t of the head's quad folds
-// dims 8 nt + 2t, +1 (nt = 0..7). One segment: this warp's own state (m, l, o) from registers; more: all
-// of them from the workspace (rows prow + z Hq; this warp's own is there too, with the same values),
-// plain loads after the caller's acquire fence, unrolled so that several segments' loads are in flight.
-// out32 points at dims 2t, 2t + 1 of the head's output row.
-DEVICE void decode_fold(float m, float l, const float o[8][4], int nseg, const float* part_acc,
-                        const float* part_ml, long long prow, int Hq, float sink_log2, u32* out32, int t)
-{
-    float M = sink_log2, Ls = 1.0f, x[8][2];
-    #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) x[nt][0] = x[nt][1] = 0.0f;
-    auto merge = [&](float mz, float lz, const float a[8][2]) {
-        float Mn, ca, cb;
-        merge_coeffs(M, mz, Mn, ca, cb);
-        Ls = merge_value(Ls, lz, ca, cb);
-        #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            x[nt][0] = merge_value(x[nt][0], a[nt][0], ca, cb);
-            x[nt][1] = merge_value(x[nt][1], a[nt][1], ca, cb);
-        }
-        M = Mn;
-    };
-    if (nseg == 1) {
-        float a[8][2];
-        #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) a[nt][0] = o[nt][0], a[nt][1] = o[nt][1];
-        merge(m, l, a);
-    } else {
-        #pragma unroll 4
-        for (int z = 0; z < nseg; ++z) {
-            const long long r = prow + (long long)z * Hq;
-            const float2 ml = *(const float2*)(part_ml + 2 * r);
-            float a[8][2];
-            #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                const float2 v = *(const float2*)(part_acc + r * 64 + 8 * nt + 2 * t);
-                a[nt][0] = v.x;
-                a[nt][1] = v.y;
-            }
-            merge(ml.x, ml.y, a);
-        }
-    }
-    #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) out32[4 * nt] = pack_bf16x2_rn(__fdiv_rn(x[nt][0], Ls), __fdiv_rn(x[nt][1], Ls));
-}
-
 // Decode: one warp = the G heads of kv head blockIdx.x for the one query of sequence dec_seqs[blockIdx.y],
 // over segment (first segment of its visible keys) + blockIdx.z; the segment's (at most 4) tiles flow
-// through a ring of STAGES buffers. Rows g < G are heads (thread (g, t) holds head kvh G + g, dims
-// 8 nt + 2t, +1); the other rows are empty. Then the warp folds the query's segments itself (decode_fold):
-//   - nseg = the query's segments (p / SEG - lo / SEG + 1; never more than the nsplit launched) CTAs
-//     write a partial; the splits past the query (z >= nseg) return at once, before any write or count;
-//   - nseg = 1: the one CTA folds its own state from registers (no workspace traffic);
-//   - nseg > 1: each writes (m, l) and the unnormalised o of its heads to part_ml [SD, nsplit, Hq, 2] and
-//     part_acc [SD, nsplit, Hq, 64], fences, and counts itself on counters[d Hkv + kvh] (atomicInc with
-//     the limit nseg - 1: the nseg-th arrival reads nseg - 1 and wraps the counter back to 0, so every
-//     counter is 0 again when the launch ends: the next layer and a graph replay start clean). That last
-//     CTA folds all nseg partials in order z = 0..nseg-1 from the workspace.
+// through a ring of STAGES buffers. Rows g < G are heads; the other rows are empty. Writes (m, l) and the
+// unnormalised o of each head to the workspace: part_ml [SD, nsplit, Hq, 2], part_acc [SD, nsplit, Hq, 64].
 // KV: bf16_t, or u8 for an fp8 cache (each tile staged, then converted into sConv before attend_tile).
 template <int G, int STAGES, typename KV>
 DEVICE void attn_decode_body(
     const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
-    const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,
-    const int* __restrict__ seq_start, const int* __restrict__ dec_seqs, float* __restrict__ part_acc,
-    float* __restrict__ part_ml, u32* __restrict__ counters, bf16_t* __restrict__ out, int Hq, int Hkv, int L,
-    int window, int nsplit, float scale_log2, const int* __restrict__ page_table, int table_w)
+    const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start,
+    const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml, int Hq,
+    int Hkv, int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table, int table_w)
 {
     constexpr int NT = ATTN_SEG / ATTN_TILE;
     static_assert(STAGES >= 2 && STAGES <= NT, "a ring of 2..NT tile buffers");
-    static_assert(G <= 8, "one head per thread: rows g < G of the 16-row tile");
     constexpr bool FP8 = sizeof(KV) == 1;
     constexpr int STAGE = KV_STAGE_ELEMS(KV);
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -827,7 +768,7 @@ DEVICE void attn_decode_body(
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int seg = lo / ATTN_SEG + z;
     const int k_first = max(lo, seg * ATTN_SEG);
-    if (k_first > p) return;  // this split lies past the query (z >= nseg, below): no partial, no count
+    if (k_first > p) return;  // this split lies past the query: no partial, combine stops before it
     const int k_last = min(p, seg * ATTN_SEG + ATTN_SEG - 1);
     const int tile0 = k_first / ATTN_TILE, ntiles = k_last / ATTN_TILE - tile0 + 1;
     const int slot = seq_slot[s];
@@ -849,8 +790,8 @@ DEVICE void attn_decode_body(
         if (i < ntiles) load_stage<32>(sKV + i * STAGE, kp, vp, Hkv * 64, L, row0[i], tile0 + i, lo, p, lane);
         cp_async_commit();
     }
-    const int ha = kvh * G + g;
-    const bool va = g < G;
+    const int ha = kvh * G + g, hb = kvh * G + g + 8;
+    const bool va = g < G, vb = g + 8 < G;
 
     float m[2] = {NEG_INF_F, NEG_INF_F}, l[2] = {0.0f, 0.0f}, o[8][4];
     #pragma unroll
@@ -884,35 +825,20 @@ DEVICE void attn_decode_body(
         if (STAGES < NT) cp_async_commit();
     }
     cp_async_wait<0>();
-    // the output row's token, loaded again here rather than kept in a register through the tile loop
-    const int out_tok = __ldcg(cu_q + __ldcg(dec_seqs + d));
-    const float la = quad_sum(l[0]);  // row g's sum, the same bits on the 4 lanes of the quad
-    const int nseg = min(p / ATTN_SEG - lo / ATTN_SEG + 1, nsplit);  // CTAs of this query that get here
-    const long long prow = (long long)d * nsplit * Hq + ha;           // partial row of (split 0, head ha)
-    if (nseg > 1) {
-        if (va) {
-            const long long r = prow + (long long)z * Hq;  // this split's row
-            #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-                *(float2*)(part_acc + r * 64 + 8 * nt + 2 * t) = make_float2(o[nt][0], o[nt][1]);
-            if (t == 0) *(float2*)(part_ml + 2 * r) = make_float2(m[0], la);
-        }
-        // Release: every lane's partial reaches the device before lane 0 counts the CTA; acquire: the
-        // last CTA's fence after the count, then a barrier for its other lanes (the grid-sync pattern),
-        // and the other CTAs' partials, counted before, are visible to its loads (the fence also drops
-        // this SM's L1 copies: CCTL.IVALL in the SASS).
-        __threadfence();
-        __syncthreads();
-        u32 arrived = 0;
-        if (lane == 0) arrived = atomicInc(counters + (long long)d * Hkv + kvh, (u32)(nseg - 1));
-        arrived = WARP_SHFL(arrived, 0);
-        if (arrived != (u32)(nseg - 1)) return;  // not the last: the last CTA folds this partial
-        __threadfence();
-        __syncthreads();
+    const float la = quad_sum(l[0]), lb = quad_sum(l[1]);
+    const long long prow = ((long long)d * nsplit + z) * Hq;  // partial row of head 0
+    if (va) {
+        float* pa = part_acc + (prow + ha) * 64 + 2 * t;
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) *(float2*)(pa + 8 * nt) = make_float2(o[nt][0], o[nt][1]);
+        if (t == 0) *(float2*)(part_ml + (prow + ha) * 2) = make_float2(m[0], la);
     }
-    if (!va) return;
-    decode_fold(m[0], la, o, nseg, part_acc, part_ml, prow, Hq, __fmul_rn(sinks[ha], ATTN_LOG2E),
-                (u32*)out + ((long long)out_tok * Hq + ha) * 32 + t, t);
+    if (vb) {
+        float* pb = part_acc + (prow + hb) * 64 + 2 * t;
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) *(float2*)(pb + 8 * nt) = make_float2(o[nt][2], o[nt][3]);
+        if (t == 0) *(float2*)(part_ml + (prow + hb) * 2) = make_float2(m[1], lb);
+    }
 }
 
 #endif  // GPTOSS_HAS_MMA
@@ -928,13 +854,13 @@ DEVICE void attn_decode_body(
     q, kc, vc, sinks, cu_q, seq_slot, seq_start, blocks, out, Hq, Hkv, L, window, scale_log2, page_table, table_w
 #define ATTN_DECODE_ARGS(KV)                                                                               \
     const bf16_t* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,                   \
-        const float* __restrict__ sinks, const int* __restrict__ cu_q, const int* __restrict__ seq_slot,  \
-        const int* __restrict__ seq_start, const int* __restrict__ dec_seqs, float* __restrict__ part_acc, \
-        float* __restrict__ part_ml, u32* __restrict__ counters, bf16_t* __restrict__ out, int Hq, int Hkv, \
-        int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table, int table_w
+        const int* __restrict__ cu_q, const int* __restrict__ seq_slot, const int* __restrict__ seq_start, \
+        const int* __restrict__ dec_seqs, float* __restrict__ part_acc, float* __restrict__ part_ml,     \
+        int Hq, int Hkv, int L, int window, int nsplit, float scale_log2, const int* __restrict__ page_table,  \
+        int table_w
 #define ATTN_DECODE_CALL                                                                                   \
-    q, kc, vc, sinks, cu_q, seq_slot, seq_start, dec_seqs, part_acc, part_ml, counters, out, Hq, Hkv, L, window, \
-        nsplit, scale_log2, page_table, table_w
+    q, kc, vc, cu_q, seq_slot, seq_start, dec_seqs, part_acc, part_ml, Hq, Hkv, L, window, nsplit, scale_log2, \
+        page_table, table_w
 
 // Dynamic shared memory: prefill ATTN_PREFILL_STAGES x 16 KB of K/V + G x (2 KB of Q + 4.5 KB of running
 // state); decode STAGES x 16 KB of K/V + 2 KB of Q. The fp8 kernels' stages are 8 KB, plus one 16 KB
@@ -993,3 +919,35 @@ ATTN_DECODE_KERNEL(attn_decode_g8, 8, 2)
 ATTN_DECODE_KERNEL(attn_decode_g4, 4, 4)
 ATTN_DECODE_FP8_KERNEL(attn_decode_g8_fp8, 8, 2)
 ATTN_DECODE_FP8_KERNEL(attn_decode_g4_fp8, 4, 4)
+
+// Fold the decode partials of each (sequence, head) in segment order, starting from the sink, and
+// write out = ACC / L. One thread per (decode sequence, head, pair of dims).
+extern "C" __global__ void __launch_bounds__(256) attn_decode_combine(
+    const float* __restrict__ part_acc, const float* __restrict__ part_ml, const float* __restrict__ sinks,
+    const int* __restrict__ cu_q, const int* __restrict__ seq_start, const int* __restrict__ dec_seqs,
+    bf16_t* __restrict__ out, int SD, int Hq, int window, int nsplit)
+{
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+#if GPTOSS_HAS_MMA
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= SD * Hq * 32) return;
+    const int dp = idx & 31, head = (idx >> 5) % Hq, d = (idx >> 5) / Hq, s = dec_seqs[d];
+    const int p = seq_start[s];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int nseg = p / ATTN_SEG - lo / ATTN_SEG + 1;
+    float M = __fmul_rn(sinks[head], ATTN_LOG2E), L = 1.0f, x0 = 0.0f, x1 = 0.0f;
+    for (int z = 0; z < nseg; ++z) {
+        const long long r = ((long long)d * nsplit + z) * Hq + head;
+        const float2 ml = *(const float2*)(part_ml + 2 * r);
+        const float2 a = *(const float2*)(part_acc + r * 64 + 2 * dp);
+        float Mn, ca, cb;
+        merge_coeffs(M, ml.x, Mn, ca, cb);
+        L = merge_value(L, ml.y, ca, cb);
+        x0 = merge_value(x0, a.x, ca, cb);
+        x1 = merge_value(x1, a.y, ca, cb);
+        M = Mn;
+    }
+    ((u32*)out)[((long long)cu_q[s] * Hq + head) * 32 + dp] = pack_bf16x2_rn(__fdiv_rn(x0, L), __fdiv_rn(x1, L));
+#endif
+}

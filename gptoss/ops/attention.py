@@ -13,9 +13,8 @@ row p % L: a sequence holds only the pages it reaches (the full layers; KVCache 
 
 Kernels (D = 64 and Hq / Hkv in {4, 8} on NVIDIA; a launch may use both):
 - decode, for the sequences with one query: the keys of each are split at fixed multiples of
-  SEG = 256 positions, one warp per (kv head, sequence, split); with more than one split, fp32 partials
-  and arrival counters in a workspace kept on the batch (DecodeWorkspace), and the last warp of a
-  (sequence, kv head) to arrive folds the partials and writes the output (one launch);
+  SEG = 256 positions, one warp per (kv head, sequence, split), fp32 partials in a workspace kept on
+  the batch, then a combine kernel;
 - prefill, for the sequences with more queries: one CTA per (16 queries of one sequence, kv head),
   flash style on tensor cores.
 Other shapes (any even D <= 128, any GQA ratio), AMD and the portable mode (KernelOptions.portable) take
@@ -170,8 +169,7 @@ class AttentionBatch:
     seq_start_pos[s] + t - cu_q[s] and sees keys up to its own position. Build it from host lists with
     AttentionBatch.build; for a captured CUDA graph, build one with max_kv set to a bound that covers
     the replays (the grid depends on it, never the results), run attention() once before capturing
-    (it allocates the decode workspace; or give the batch one, set_workspace), and refresh the device
-    arrays in place with load()."""
+    (it allocates the decode workspace), and refresh the device arrays in place with load()."""
     cu_q: object  # cupy int32 [S + 1]: query offsets
     seq_slot: object  # cupy int32 [S]: cache slot of each sequence
     seq_start_pos: object  # cupy int32 [S]: position of each sequence's first query
@@ -250,17 +248,12 @@ class AttentionBatch:
     def _shape(self) -> tuple:
         return (self.num_seqs, self.num_tokens, self.num_blocks, self.num_decode, self.max_q)
 
-    def set_workspace(self, workspace: "DecodeWorkspace") -> None:
-        """Use `workspace` for the decode partials (a model shares one, sized for its largest step)."""
-        self._workspace = workspace
+    def workspace(self, n_floats: int):
+        """A float32 scratch buffer of at least n_floats kept with the batch (decode partials)."""
+        import cupy
 
-    def workspace(self, heads: int, kv_heads: int, window: int) -> "DecodeWorkspace":
-        """The decode workspace of this batch's launch for these heads and window, kept with the batch
-        (replaced by a larger one when it is too small)."""
-        need = DecodeWorkspace.sizes(self.num_decode, self.max_kv, heads, kv_heads, window)
-        if self._workspace is None or not self._workspace.holds(*need):
-            have = (0, 0) if self._workspace is None else self._workspace.sizes_held
-            self._workspace = DecodeWorkspace(*(max(a, b) for a, b in zip(need, have)))
+        if self._workspace is None or self._workspace.size < n_floats:
+            self._workspace = cupy.empty(n_floats, dtype=cupy.float32)
         return self._workspace
 
 
@@ -272,40 +265,10 @@ def decode_splits(max_kv: int, window: int) -> int:
     return max(n, 1)
 
 
-class DecodeWorkspace:
-    """The decode kernel's scratch, at fixed addresses (a captured CUDA graph keeps them): float32
-    partials, DECODE_PARTIAL_FLOATS per (one-query sequence, split, q head), and one uint32 arrival
-    counter per (one-query sequence, kv head). The counters are zero between launches: they start at
-    zero and every launch returns each one it counts on to zero (the last CTA to arrive wraps it), so
-    they are never cleared by the host. Launches that share a workspace must run one after the other
-    (one stream)."""
-
-    def __init__(self, partial_floats: int, counters: int):
-        import cupy
-
-        self.partials = cupy.empty(partial_floats, dtype=cupy.float32)
-        self.counters = cupy.zeros(counters, dtype=cupy.uint32)  # zero: see the class docstring
-
-    @staticmethod
-    def sizes(num_decode: int, max_kv: int, heads: int, kv_heads: int, window: int = 0) -> tuple[int, int]:
-        """(partial floats, counters) a launch of num_decode one-query sequences of up to max_kv keys needs."""
-        return num_decode * decode_splits(max_kv, window) * heads * DECODE_PARTIAL_FLOATS, num_decode * kv_heads
-
-    @classmethod
-    def nbytes_for(cls, num_decode: int, max_kv: int, heads: int, kv_heads: int, window: int = 0) -> int:
-        """GPU bytes of the workspace of sizes(...)."""
-        return 4 * sum(cls.sizes(num_decode, max_kv, heads, kv_heads, window))  # float32 and uint32
-
-    @property
-    def sizes_held(self) -> tuple[int, int]:
-        return int(self.partials.size), int(self.counters.size)
-
-    def holds(self, partial_floats: int, counters: int) -> bool:
-        return self.partials.size >= partial_floats and self.counters.size >= counters
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.partials.nbytes + self.counters.nbytes)
+def decode_workspace_floats(num_decode: int, max_kv: int, num_heads: int, window: int = 0) -> int:
+    """Float32s of the decode partials of num_decode one-query sequences of up to max_kv keys
+    (AttentionBatch.workspace): DECODE_PARTIAL_FLOATS per (sequence, split, head)."""
+    return num_decode * decode_splits(max_kv, window) * num_heads * DECODE_PARTIAL_FLOATS
 
 
 def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, out=None, path: str = "auto",
@@ -361,19 +324,23 @@ def attention(q, k_cache, v_cache, batch: AttentionBatch, sinks, window: int, ou
              np.int32(window), scale_log2, pt, pt_w))
         return out
     SD = batch.num_decode
-    if SD:  # the one-query sequences: split over the keys, folded by the last split CTA to finish
+    if SD:  # the one-query sequences: split over the keys, then combine
         if SD > 65535:
             raise ValueError(f"{SD} one-query sequences exceed the decode grid's limit of 65535")
         nsplit = decode_splits(batch.max_kv, window)
         rows = SD * nsplit * Hq  # part_acc [rows, D], then part_ml [rows, 2]
-        ws = batch.workspace(Hq, Hkv, window)
-        part_acc, part_ml = ws.partials[:rows * D], ws.partials[rows * D:rows * DECODE_PARTIAL_FLOATS]
+        ws = batch.workspace(decode_workspace_floats(SD, batch.max_kv, Hq, window))
+        part_acc, part_ml = ws[:rows * D], ws[rows * D:rows * DECODE_PARTIAL_FLOATS]
         stages = (DECODE_STAGES_FP8 if fp8 else DECODE_STAGES)[G]
         kernel("attention", f"attn_decode_g{G}{suffix}", smem=_decode_smem(stages, fp8), kernels=opts)(
             (Hkv, SD, nsplit), (32,),
-            (q, k_cache, v_cache, sinks, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs,
-             part_acc, part_ml, ws.counters, out, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window),
-             np.int32(nsplit), scale_log2, pt, pt_w))
+            (q, k_cache, v_cache, batch.cu_q, batch.seq_slot, batch.seq_start_pos, batch.dec_seqs, part_acc,
+             part_ml, np.int32(Hq), np.int32(Hkv), np.int32(L), np.int32(window), np.int32(nsplit), scale_log2,
+             pt, pt_w))
+        kernel("attention", "attn_decode_combine", kernels=opts)(
+            ((SD * Hq * 32 + 255) // 256,), (256,),
+            (part_acc, part_ml, sinks, batch.cu_q, batch.seq_start_pos, batch.dec_seqs, out, np.int32(SD),
+             np.int32(Hq), np.int32(window), np.int32(nsplit)))
     if batch.num_blocks:  # the longer sequences: flash-style prefill
         name, smem = prefill_kernel(G, opts, path, fp8)
         kernel("attention", name, smem=smem, kernels=opts)(
