@@ -32,8 +32,8 @@ ROUTER_THREADS = define("routing", "ROUTER_THREADS")
 TOPK_MAX = define("routing", "TOPK_MAX")
 DISPATCH_THREADS = define("routing", "DISPATCH_THREADS")
 MAX_EXPERTS = define("routing", "DISPATCH_MAX_E")
-# route_dispatch's last CTA sums this many logits (T*E) per round; fused_routing() takes the one launch
-# when a step's fit in one round (routing.hip explains the number)
+# route_dispatch's last CTA sums this many logits (T*E) per round (routing.hip explains the number);
+# fused_routing() takes the one launch only for smaller steps (FUSED_ROUTING_MAX_LOGITS)
 FUSED_MAX_LOGITS = define("routing", "FUSED_MAX_LOGITS")
 TOPK_THREADS = 256      # router_topk and moe_combine_add take any block of whole warps: our choice
 COMBINE_THREADS = 256
