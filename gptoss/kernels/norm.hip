@@ -154,14 +154,15 @@ DEVICE void combine_rmsnorm_row(float* __restrict__ x, const float* __restrict__
     const int step = blockDim.x * 4;
     float ss = 0.0f;
     for (int base = threadIdx.x * 4; base < H; base += NORM_NV * step) {
-        float4 v[NORM_NV], e[NORM_NV][K > 0 ? K : 1];
+        constexpr int KR = K > 0 ? K : 1;  // expert rows loaded ahead (K = 0: the first; the loop loads the rest)
+        float4 v[NORM_NV], e[NORM_NV][KR];
         #pragma unroll
         for (int u = 0; u < NORM_NV; ++u) {
             const int i = base + u * step;
             if (i < H) {
                 v[u] = load4(xr + i);
                 #pragma unroll
-                for (int j = 0; j < (K > 0 ? K : 1); ++j) e[u][j] = load4(o + (size_t)j * H + i);
+                for (int j = 0; j < KR; ++j) e[u][j] = load4(o + (size_t)j * H + i);
             }
         }
         #pragma unroll
@@ -171,7 +172,9 @@ DEVICE void combine_rmsnorm_row(float* __restrict__ x, const float* __restrict__
                 float4 s = e[u][0];
                 #pragma unroll
                 for (int j = 1; j < (K > 0 ? K : k); ++j) {
-                    const float4 w = K > 0 ? e[u][K > 0 ? j : 0] : load4(o + (size_t)j * H + i);
+                    float4 w;
+                    if constexpr (K > 0) w = e[u][j];
+                    else w = load4(o + (size_t)j * H + i);
                     s.x += w.x; s.y += w.y; s.z += w.z; s.w += w.w;
                 }
                 v[u].x += s.x; v[u].y += s.y; v[u].z += s.z; v[u].w += s.w;
