@@ -5,7 +5,7 @@
 
 For each T, the routing of `--layers` layers (each its own random router of the preset's shape; the fp32
 router input the model feeds it) is captured once per path in a CUDA graph, launched with the kernel
-options the model uses (KernelOptions.from_env: programmatic dependent launch where available), and
+options the model uses (KernelOptions.from_env: GPTOSS_PDL=1 adds programmatic dependent launch), and
 replayed: microseconds per layer = the median replay time / layers, so the launches run back to back as
 in a captured decode step. Before timing, the two paths' outputs (experts, weights, offsets, sorted
 slots, tile schedules) are compared bit for bit; the exit status is 1 if they differ. Past

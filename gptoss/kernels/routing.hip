@@ -22,13 +22,13 @@
 #define DISPATCH_THREADS 1024
 #define DISPATCH_MAX_E 256
 #define DISPATCH_CACHE 32 // WARP_SIZE-slot steps per warp whose expert ids stay in registers
-// route_dispatch's last CTA sums the T*E logits into shared memory FUSED_MAX_LOGITS at a time (8 KB). The
-// host takes the one launch while one round holds them (ops/moe.py: fused_routing): the lone CTA then reads
-// T*E*ROUTER_SPLITS*4 <= 256 KB of partials from L2, runs the top-k of <= 64 tokens on its 8 warps and the
-// dispatch of T*k <= 256 slots (gpt-oss: k = 4, E >= 32): little work next to the two launches it replaces
-// (router_topk + moe_dispatch: ~11 us at T = 1 under ncu, nearly all fixed cost). Larger steps keep
-// router_topk's ceil(T/8) CTAs. The host takes it only up to T*E <= 256 (ops/moe.py FUSED_ROUTING_MAX_LOGITS,
-// measured with benchmarks/kernel_routing.py: at T = 64 on 20b the one launch is twice as slow).
+// route_dispatch's last CTA sums the T*E logits into shared memory FUSED_MAX_LOGITS at a time (8 KB), any T
+// in rounds. The host takes the one launch only up to T*E <= 256 (ops/moe.py fused_routing,
+// FUSED_ROUTING_MAX_LOGITS): the lone CTA then reads T*E*ROUTER_SPLITS*4 <= 32 KB of partials from L2 and
+// routes <= 8 tokens (20b) in one round, little work next to the two launches it replaces (router_topk +
+// moe_dispatch: ~11 us at T = 1 under ncu, nearly all fixed cost). benchmarks/kernel_routing.py measured
+// the one launch faster at T = 1 and 8 on 20b and twice as slow at T = 64, where router_topk's ceil(T/8)
+// CTAs win.
 // FUSED_CACHE: its dispatch's register cache, FUSED_CACHE steps of ROUTER_THREADS slots: every step the
 // host sends it when k <= E/2 (T*k <= T*E/2 <= FUSED_MAX_LOGITS/2; gpt-oss: k = E/8, E/32). 8 steps made
 // ptxas spill on sm_90.
