@@ -22,6 +22,9 @@ class ExpertWeights:
     blocks: object = None  # cupy uint8 [E, R, C/32, 16]
     scales: object = None  # cupy uint8 [E, R, C/32]
     weight: object = None  # cupy uint16 (bf16) [E, R, C]
+    # MXFP4 only, optional: the same weights as bf16 [E, R, C] in the wgmma kernels' row order
+    # (ops.moe.dense_expert_copy), which the expert GEMMs of large steps read instead of blocks/scales
+    dense: object = None
 
 
 @dataclass

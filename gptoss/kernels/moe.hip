@@ -817,3 +817,28 @@ MOE_WG_KERNEL(moe_mlp1_fp4_m64_wg,   8,  12,     2,   5,     2,  true,  2)
 MOE_WG_KERNEL(moe_mlp2_fp4_m64_wg,   8,  12,     2,   5,     2,  false, 2)
 MOE_WG_KERNEL(moe_mlp1_fp4_m16_wg,   2,  4,      4,   5,     0,  true,  4)
 MOE_WG_KERNEL(moe_mlp2_fp4_m16_wg,   2,  4,      4,   5,     0,  false, 4)
+
+// Dense copy of MXFP4 expert weights for the wgmma kernels that read bf16 weights from shared memory
+// (MOE_DENSE_KERNEL): dense[row0(n) + wpos(n % 16)][k] = E2M1(code) * 2^(s - 127) as bf16, exact (a
+// bf16 holds every E2M1 value times a power of two in its range). Rows are stored in the order the
+// MXFP4 wgmma kernels place them in shared memory (wpos: even columns of each 16 first), so that a
+// warpgroup's wgmma row m is the same output column in both kinds of kernel and the accumulators,
+// epilogues and bits agree. One thread per 16-byte block (32 weights) of rows [E * R] x K/32 blocks.
+// Plain C: runs on every vendor (the kernels that read the copy are NVIDIA-only).
+extern "C" __global__ void moe_dense_copy(const u8* __restrict__ wq, const u8* __restrict__ ws,
+                                          bf16_t* __restrict__ dense, long long rows, int KB) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * KB) return;
+    const long long n = i / KB;
+    const int kb = (int)(i % KB);
+    const long long dst_row = (n & ~15LL) | (((n & 1) << 3) | ((n >> 1) & 7));
+    const float scale = e8m0_to_float(ws[i]);
+    const u8* src = wq + i * 16;
+    bf16_t* dst = dense + dst_row * (long long)KB * 32 + kb * 32;
+    #pragma unroll
+    for (int b = 0; b < 16; ++b) {  // byte b = k pair (2b, 2b + 1), low nibble first
+        const u32 byte = src[b];
+        dst[2 * b] = float_to_bf16(fp4_e2m1_to_float(byte & 15u) * scale);
+        dst[2 * b + 1] = float_to_bf16(fp4_e2m1_to_float(byte >> 4) * scale);
+    }
+}

@@ -219,6 +219,31 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
                     f"got {type(w).__name__}")
 
 
+DENSE_COPY_THREADS = 256
+
+
+def dense_expert_copy(w, out=None, kernels: KernelOptions | None = None):
+    """bf16 bits [E, R, C] (uint16) of MXFP4 expert weights `w` (any form expert_matrix takes), the rows
+    of each 16 in the order the wgmma kernels keep them in shared memory (even rows first: row n at
+    16 (n // 16) + 8 (n % 2) + (n % 16) // 2), for the dense expert kernels (expert_mlp1/2 take
+    ExpertWeights.dense). Exact: every MXFP4 weight is a bf16. out: where to write it (allocated when
+    None). kernels: as in expert_mlp1."""
+    import cupy
+
+    m = expert_matrix(w, "w")
+    if m.format != "mxfp4":
+        raise ValueError("dense_expert_copy: the weights are not MXFP4")
+    if m.R % 16:
+        raise ValueError(f"dense_expert_copy: {m.R} rows per expert, expected a multiple of 16")
+    out = out_or_new(out, "out", (m.E, m.R, m.C), cupy.uint16)
+    blocks = m.E * m.R * (m.C // 32)
+    if blocks:
+        kernel("moe", "moe_dense_copy", kernels=resolved(kernels))(
+            (-(-blocks // DENSE_COPY_THREADS),), (DENSE_COPY_THREADS,),
+            (m.blocks, m.scales, out, np.int64(m.E * m.R), np.int32(m.C // 32)))
+    return out
+
+
 # ---- route -------------------------------------------------------------------------------------------
 
 def _router_sizes(t, router_w, router_b, k: int) -> tuple[int, int, int]:
