@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """The MoE block's kernels on one layer of the gpt-oss-20b shape (E = 32, H = I = 2880, k = 4).
 
-  python benchmarks/kernel_moe.py [--experts mxfp4|bf16] [--tokens 1,8,64,1024,4096] [--ablate N] [--json OUT]
+  python benchmarks/kernel_moe.py [--experts mxfp4|bf16] [--tokens 1,8,64,1024,4096] [--ablate N] [--dense]
+                                  [--json OUT]
 
 Times route, dispatch, mlp1, mlp2 and combine (median of CUDA-event timings) at each T. TFLOP/s counts
 only real rows (2 * T*k * N * K per expert GEMM, no padding); GB/s counts the expert weight bytes a
 step needs (blocks + scales, or bf16, of the experts that got rows), the decode roofline. Where both
-tile heights are sensible (T = 64, 1024) the one not picked by default is timed too. Random weights
+tile heights are sensible (T = 64, 1024) the one not picked by default is timed too. --dense also times
+every dense kernel (MOE_DENSE_KERNEL: bf16 copies of the MXFP4 weights) at 128-row tiles wherever the
+average expert gets more than 16 rows (GB/s then counts the bf16 bytes). Random weights
 are generated on the GPU (speed does not depend on the values; MXFP4 scales 118..125 as in real
 checkpoints). GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200
 (KernelOptions.from_env).
@@ -43,7 +46,7 @@ def _layer(fmt: str, E: int, H: int, I: int, seed: int = 0):
 
 
 def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4096), cfg=None,
-          all_tiles: bool = False, kernels=None) -> list[dict]:
+          all_tiles: bool = False, kernels=None, dense: bool = False) -> list[dict]:
     """Rows of benchmarks.common.row for the MoE kernels of one 20b-shaped layer at each T (kernels:
     gptoss.kernels.KernelOptions, default KernelOptions.from_env())."""
     import cupy
@@ -59,6 +62,9 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
     E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
     layer = _layer(fmt, E, H, I)
     w1, w2 = M.expert_matrix(layer["w1"], "w1"), M.expert_matrix(layer["w2"], "w2")
+    dense = dense and wg and fmt == "mxfp4"
+    if dense:
+        w1.dense, w2.dense = M.dense_expert_copy(layer["w1"]), M.dense_expert_copy(layer["w2"])
 
     def weight_bytes(m, n_experts):  # bytes of n experts of one matrix
         per = m.R * m.C // 2 + m.R * m.C // 32 if m.format == "mxfp4" else m.R * m.C * 2
@@ -93,6 +99,16 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
                                                 kernels=kernels))
             rows.append(dict(row(f"mlp2 m{bm}{tag}", shape, ms2, flops=2.0 * S * H * I,
                                  bytes_moved=weight_bytes(w2, active)), bound=bound))
+        dense_variants = [v for v in M.VARIANTS.values() if v.dense and v.mlp1] if dense and S > 16 * E else []
+        for v1 in dense_variants:
+            v2 = M.VARIANTS[v1.name.replace("mlp1", "mlp2")]
+            ms1 = time_ms(lambda: M._launch_gemm(t, d, w1, layer["b1"], None, y, None, cfg.swiglu_limit,
+                                                 cfg.swiglu_alpha, v1, kernels))
+            rows.append(dict(row(f"mlp1 {v1.name[9:]}", shape, ms1, flops=2.0 * S * 2 * I * H,
+                                 bytes_moved=active * w1.R * w1.C * 2), bound="compute"))
+            ms2 = time_ms(lambda: M._launch_gemm(y, d, w2, layer["b2"], weights, None, out, 0.0, 0.0, v2, kernels))
+            rows.append(dict(row(f"mlp2 {v2.name[9:]}", shape, ms2, flops=2.0 * S * H * I,
+                                 bytes_moved=active * w2.R * w2.C * 2), bound="compute"))
         rows.append(dict(row("combine", shape, time_ms(lambda: M.combine_add(x, out)),
                              bytes_moved=(S * H + 2 * T * H) * 4), bound="memory"))
         ws = M.MoEWorkspace(T, E, k, H, I)
@@ -112,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablate", type=int, default=0, choices=(0, 1, 2, 3),
                    help="measurement only, wgmma kernels: 1 = no dequantization arithmetic, 2 = no wgmma, "
                         "3 = no loads after the prologue (wrong results; see moe.hip MOE_ABLATE)")
+    p.add_argument("--dense", action="store_true",
+                   help="also time the dense expert kernels (bf16 copies of the MXFP4 weights, wgmma only)")
     add_json_option(p, "the rows")
     args = p.parse_args(argv)
     if (code := json_path_error("kernel_moe.py", args)) is not None:
@@ -129,7 +147,7 @@ def main(argv=None) -> int:
           "(GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an H100/H200)")
 
     rows = bench(fmt=args.experts, tokens=[int(s) for s in args.tokens.split(",")], cfg=PRESETS[args.preset],
-                 all_tiles=args.all_tiles, kernels=kernels)
+                 all_tiles=args.all_tiles, kernels=kernels, dense=args.dense)
     print(f"{'kernel':<24} {'shape':<48} {'ms':>9} {'TFLOP/s':>9} {'GB/s':>8}")
     for r in rows:
         print(f"{r['name']:<24} {r['shape']:<48} {r['ms']:>9.4f} {r['tflops']:>9.1f} {r['gbps']:>8.0f}")

@@ -330,9 +330,11 @@ def test_shared_memory_budget_cpu():
     for wg in (False, True):
         for bm in (64, 128) if wg else (64,):
             assert 2 * M.variant_for("mlp1", "mxfp4", bm, wgmma=wg).shared_bytes(2880) <= 228 * 1024
-    picked = {M.variant_for(s, f, bm, wgmma=wg).name for s in ("mlp1", "mlp2") for f in ("mxfp4", "bf16")
-              for wg in (False, True) for bm in M.tile_heights(f, wgmma=wg)}
+    picked = {M.variant_for(s, f, bm, wgmma=wg, dense=dense).name for s in ("mlp1", "mlp2")
+              for f in ("mxfp4", "bf16") for wg in (False, True) for bm in M.tile_heights(f, wgmma=wg)
+              for dense in (False, True)}
     assert picked == set(M.VARIANTS)
+    assert all(v.dense == (v.name.split("_")[2] == "dense") for v in M.VARIANTS.values())
     assert M.tile_heights("bf16", wgmma=True) == (16, 64) and M.tile_heights("mxfp4", wgmma=False) == (16, 64)
     with pytest.raises(ValueError, match="tile height 128"):
         M.variant_for("mlp1", "mxfp4", 128, wgmma=False)
@@ -342,6 +344,10 @@ def test_pick_bm_cpu():
     assert M.pick_bm(4 * 64, 32) == 16            # decode: <= 16 rows per expert
     assert M.pick_bm(4 * 1024, 32) == 64          # no 128-row kernels without a GPU
     assert M.pick_bm(4 * 4096, 32, "bf16") == 64
+    assert M.pick_bm(4 * 256, 32, wgmma=True) == 64          # 32 rows per expert
+    assert M.pick_bm(4 * 256, 32, wgmma=True, dense=True) == 128
+    assert M.pick_bm(4 * 255, 32, wgmma=True, dense=True) == 64
+    assert M.pick_bm(4 * 128, 32, wgmma=True, dense=True) == 16
 
 
 def tile_schedule(offsets: np.ndarray, bm: int, ntiles: int) -> np.ndarray:

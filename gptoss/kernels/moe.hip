@@ -79,6 +79,7 @@ struct MoeParams {
     long long scales_bytes;  // size of ws: the 16-byte scale copies never read past it
     float limit, alpha;
     const TensorMap* amap;   // wgmma kernels: the tensor map of a (read by mlp2's 128-row kernel, TMA_A)
+    const TensorMap* wmap;   // dense kernels: the tensor map of wb as [E * N, K] (MoeCfg::TMA_W)
 };
 
 #define MOE_ARGS                                                                                      \
@@ -86,7 +87,7 @@ struct MoeParams {
     const int *offsets, const int *slots, const int *tiles, const float *rw, bf16_t *y, float *out,  \
     int N, int K, int topk, int S, int E, long long scales_bytes, float limit, float alpha
 #define MOE_PARAMS {a, wq, ws, wb, bias, offsets, slots, tiles, rw, y, out, N, K, topk, S, E, \
-                    scales_bytes, limit, alpha, nullptr}
+                    scales_bytes, limit, alpha, nullptr, nullptr}
 
 // gate = min(gate, limit), lin = clamp(lin, -limit, limit), gate * sigmoid(alpha * gate) * (lin + 1).
 // Explicit _rn operations: no contraction, so every variant compiles the same arithmetic.
@@ -179,9 +180,17 @@ struct MoeCfg {
     // (MoeCta::TMA_A; 2-7% faster at T >= 1,024 on 20b). The 64-row kernel stays on cp.async: its
     // 12 warps at 80 registers spilled more and ran 2-6% slower with it.
     static constexpr bool TMA_Y = WG && LAG > 0 && NT >= 16;
+    // The dense kernels (WG with bf16 weights: MOE_DENSE_KERNEL) read the weights from shared memory by
+    // descriptor (wgmma_bf16_ss); thread 0 fetches each k-tile's BN x 64 box of them by TMA, in the
+    // wgmma row order ops.moe.dense_expert_copy stored them in. With no A registers to rewrite they keep
+    // one wgmma group in flight (mainloop_inflight; a slot is refilled one k-tile after it was read).
+    static constexpr bool TMA_W = WG && !FP4;
+    static_assert(!TMA_W || LAG == 1, "the dense kernels' ring refills one k-tile behind");
     static_assert(LAG == 0 || (WG && LAG < STAGES), "mbarrier ring: wgmma kernels");
-    static_assert(!WG || (FP4 && MW == 1 && WARPS_N % 4 == 0 && KSUB % 2 == 0 && (NT == 2 || NT == 8 || NT == 16)),
-                  "wgmma variant: MXFP4, whole warpgroups, 64-wide token rows, n16, n64 or n128");
+    static_assert(!WG || ((FP4 || (LAG > 0 && KSUB == 2)) && MW == 1 && WARPS_N % 4 == 0 && KSUB % 2 == 0
+                          && (NT == 2 || NT == 8 || NT == 16)),
+                  "wgmma variant: MXFP4 (or dense on the mbarrier ring, one 64-k box per k-tile), whole "
+                  "warpgroups, 64-wide token rows, n16, n64 or n128");
     static constexpr int BM = 8 * NT, BN = 16 * MW * WARPS_N, BK = 32 * KSUB, KCH = BK / 8;
     static constexpr int THREADS = 32 * WARPS_N;
     static constexpr int A_BYTES = BM * BK * 2;                          // tokens
@@ -210,6 +219,7 @@ struct MoeCta {
     unsigned char* smem;  // dynamic shared memory (generic pointer, for plain loads)
     u32 sbase;            // the same as a shared-window address (cp.async, ldmatrix)
     int expert, row0, rows, n0, KB, KT, tid, lane, nw, g, t4;
+    int w_row;            // the tile's first weight row in [E * N] (the dense kernels' TMA box)
     // token loader: chunk a_ch of rows tid / KCH + i * A_STEP (element offsets of the rows from p.a)
     u32 a_src[C::A_ITERS];
     u32 a_dst[C::A_ITERS];
@@ -230,14 +240,16 @@ struct MoeCta {
     DEVICE void load_stage(int buf, int kt) {
         const u32 st = sbase + buf * C::STAGE_BYTES;
         // Sources past K or past the valid rows copy 0 bytes from the start of a valid row.
-        if constexpr (TMA_A) {  // tokens: one box of BM rows x 64 k, zeros past the matrix
+        if constexpr (TMA_A || C::TMA_W) {  // boxes of 64 k: tokens (BM rows), weights (BN rows)
 #if GPTOSS_HAS_WGMMA
             if (tid == 0) {
-                mbar_arrive_expect_tx(full_bars + 8 * buf, C::A_BYTES);
-                tma_load_2d(st, p.amap, kt * C::BK, row0, full_bars + 8 * buf);
+                mbar_arrive_expect_tx(full_bars + 8 * buf, (TMA_A ? C::A_BYTES : 0) + (C::TMA_W ? C::B_BYTES : 0));
+                if (TMA_A) tma_load_2d(st, p.amap, kt * C::BK, row0, full_bars + 8 * buf);
+                if (C::TMA_W) tma_load_2d(st + C::A_BYTES, p.wmap, kt * C::BK, w_row, full_bars + 8 * buf);
             }
 #endif
-        } else {   // tokens
+        }
+        if constexpr (!TMA_A) {   // tokens
             const int k = kt * C::BK + a_ch * 8;
             const bool kv = k < p.K;
             const u32 kofs = kv ? k : 0;
@@ -257,7 +269,7 @@ struct MoeCta {
                 cp_async_16s(dst + i * C::B_STEP * 16, ok ? src + (size_t)i * C::B_STEP * KB * 16 : src,
                              ok ? 16 : 0);
             }
-        } else {
+        } else if constexpr (!C::TMA_W) {
             const int k = kt * C::BK + b_x * 8;
             const bool kv = k < p.K;
             const unsigned char* src = b_src + (kv ? (size_t)k * 2 : 0);
@@ -336,6 +348,18 @@ struct MoeCta {
     DEVICE void issue_stage_wg(int buf, int kt) {
 #if GPTOSS_HAS_WGMMA
         const u32 sa = sbase + buf * C::STAGE_BYTES;
+        if constexpr (C::TMA_W) {  // dense: this warpgroup's 64 weight rows of the box, by descriptor
+            const u32 sw = sa + C::A_BYTES + (tid / 128) * 64 * 128;
+            fence_acc();
+            wgmma_fence();
+            #pragma unroll
+            for (int ks = 0; ks < 2 * C::KSUB; ++ks)  // the same k16 steps as the MXFP4 branch below
+                wgmma_bf16_ss<8 * C::NT>(&acc[0][0][0], wgmma_desc_sw128(sw + ks * 32),
+                                         wgmma_desc_sw128(sa + ks * 32));
+            wgmma_commit();
+            fence_acc();
+            return;
+        }
         const unsigned char* sb = smem + buf * C::STAGE_BYTES + C::A_BYTES;
         const unsigned char* sc = smem + C::SC_OFS;
         const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
@@ -391,6 +415,37 @@ struct MoeCta {
     // mbarrier ring (C::LAG > 0): full[b] completes when every thread's copies into slot b landed,
     // empty[b] when every warp's wgmmas on slot b are done. K-tile kt waits for full[kt % S]; the slot
     // of k-tile kt - LAG is refilled with k-tile kt - LAG + S once empty says all warps left it.
+    // The dense kernels' ring with one wgmma group in flight: k-tile kt's wgmmas are issued before
+    // kt - 1's are waited for (wgmma_wait<1>); then every warp releases kt - 1's slot, which is refilled
+    // with k-tile kt - 1 + S once all have (S - 1 k-tiles of loads ahead of the one multiplied).
+    DEVICE void mainloop_inflight(u32 full, u32 empty) {
+#if GPTOSS_HAS_WGMMA
+        int b = 0, use = 0;  // slot and use count of k-tile kt
+        int pb = 0, puse = 0;  // the same for k-tile kt - 1
+        for (int kt = 0; kt < KT; ++kt) {
+            mbar_wait(full + 8 * b, use & 1);
+            fence_proxy_async();
+            issue_stage_wg<false>(b, kt);
+            wgmma_wait<1>();
+            fence_acc();
+            if (kt > 0) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty + 8 * pb);
+                if (kt - 1 + C::STAGES < KT) {
+                    mbar_wait(empty + 8 * pb, puse & 1);
+                    load_stage(pb, kt - 1 + C::STAGES);
+                    mbar_arrive_cp_async(full + 8 * pb);
+                }
+                if (++pb == C::STAGES) { pb = 0; ++puse; }
+            }
+            if (++b == C::STAGES) { b = 0; ++use; }
+        }
+        wgmma_wait<0>();
+        fence_acc();
+        __syncthreads();  // shared memory is free for the epilogue
+#endif
+    }
+
     template <bool BIG>
     DEVICE void mainloop_mb(u32 full, u32 empty) {
 #if GPTOSS_HAS_WGMMA
@@ -401,7 +456,7 @@ struct MoeCta {
                 if (kt - C::LAG + C::STAGES < KT) {
                     mbar_wait(empty + 8 * rb, ruse & 1);
                     if (MOE_ABLATE != 3) load_stage(rb, kt - C::LAG + C::STAGES);
-                    else if (TMA_A && tid == 0) mbar_arrive(full + 8 * rb);  // the arrival TMA would make
+                    else if ((TMA_A || C::TMA_W) && tid == 0) mbar_arrive(full + 8 * rb);  // TMA's arrival
                     mbar_arrive_cp_async(full + 8 * rb);
                 }
                 if (++rb == C::STAGES) { rb = 0; ++ruse; }
@@ -483,10 +538,10 @@ struct MoeCta {
 #if GPTOSS_HAS_WGMMA
         if (C::LAG && tid == 0) {
             for (int i = 0; i < C::STAGES; ++i) {
-                mbar_init(full + 8 * i, C::THREADS + (TMA_A ? 1 : 0));  // + thread 0's expect_tx
+                mbar_init(full + 8 * i, C::THREADS + (TMA_A || C::TMA_W ? 1 : 0));  // + thread 0's expect_tx
                 mbar_init(empty + 8 * i, C::THREADS / 32);
             }
-            if (TMA_A) fence_mbar_init();
+            if (TMA_A || C::TMA_W) fence_mbar_init();
         }
 #endif
         __syncthreads();
@@ -513,6 +568,7 @@ struct MoeCta {
         #pragma unroll
         for (int i = 0; i < C::B_ITERS; ++i) b_ok |= (unsigned)(n0 + b_n + i * C::B_STEP < N) << i;
         const size_t wrow = (size_t)expert * N + n0;  // first weight row of the tile
+        w_row = (int)wrow;
         const size_t brow = wrow + (size_t)(min(n0 + b_n, N - 1) - n0);
         b_src = C::FP4 ? p.wq + brow * KB * 16 : reinterpret_cast<const unsigned char*>(p.wb + brow * K);
 
@@ -564,7 +620,9 @@ struct MoeCta {
             }
             big = __syncthreads_or(flag) != 0;
         }
-        if constexpr (C::LAG > 0) {
+        if constexpr (C::TMA_W) {
+            mainloop_inflight(full, empty);
+        } else if constexpr (C::LAG > 0) {
             if (big) mainloop_mb<true>(full, empty); else mainloop_mb<false>(full, empty);
         } else {
             if (big) mainloop<true>(); else mainloop<false>();
@@ -660,6 +718,18 @@ DEVICE void moe_gemm(const MoeParams& p) {
         MoeParams p = MOE_PARAMS;                                                                    \
         p.amap = &amap;                                                                              \
         moe_gemm<MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true, LAG>, MLP1>(p);                     \
+    }
+// Dense experts (bf16 weights in the wgmma row order, ops.moe.dense_expert_copy): tensor maps of the
+// token rows (mlp2) and of the weights [E * N, K] (boxes of 64 k x BN rows); BK = 64.
+#define MOE_DENSE_KERNEL(NAME, NT, WARPS_N, STAGES, MLP1, MINB)                                      \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_N, MINB)                                  \
+    NAME(const __grid_constant__ TensorMap amap, const __grid_constant__ TensorMap wmap, MOE_ARGS) {  \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                    \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                  \
+        MoeParams p = MOE_PARAMS;                                                                    \
+        p.amap = &amap;                                                                              \
+        p.wmap = &wmap;                                                                              \
+        moe_gemm<MoeCfg<NT, 1, WARPS_N, 2, STAGES, false, true, 1>, MLP1>(p);                        \
     }
 #endif
 
@@ -817,6 +887,22 @@ MOE_WG_KERNEL(moe_mlp1_fp4_m64_wg,   8,  12,     2,   5,     2,  true,  2)
 MOE_WG_KERNEL(moe_mlp2_fp4_m64_wg,   8,  12,     2,   5,     2,  false, 2)
 MOE_WG_KERNEL(moe_mlp1_fp4_m16_wg,   2,  4,      4,   5,     0,  true,  4)
 MOE_WG_KERNEL(moe_mlp2_fp4_m16_wg,   2,  4,      4,   5,     0,  false, 4)
+
+// Dense experts (sm_90a builds only; ops/moe.py takes them for weights that carry ExpertWeights.dense
+// once the average expert has DENSE_MIN_ROWS rows): the m128_wg tiles and k16 steps with bf16 weights
+// from shared memory, no dequantization. Bit-identical to the MXFP4 wgmma variants (the same products,
+// summed in the same order).
+#ifndef MOE_DENSE_KERNEL
+#define MOE_DENSE_KERNEL(NAME, NT, WARPS_N, STAGES, MLP1, MINB)
+#endif
+// 3 stages of 32 KB, 2 CTAs per SM, one wgmma group in flight. Measured on the H200 (20b
+// layer, benchmarks/kernel_moe.py --dense), ms against the MXFP4 128-row kernel:
+//   T = 1,024: mlp1 0.431 / 0.557, mlp2 0.266 / 0.327;   T = 4,096: 1.116 / 1.441, 0.559 / 0.757.
+// Waiting for each k-tile's wgmmas instead (mainloop_mb, LAG 1) was up to 1.2x slower at T >= 2,048, and
+// 6 stages at 1 CTA per SM up to 1.5x slower.
+//               name                      NT  WARPS_N STAGES MLP1   MIN_BLOCKS
+MOE_DENSE_KERNEL(moe_mlp1_dense_m128_wg,   16, 8,      3,     true,  2)
+MOE_DENSE_KERNEL(moe_mlp2_dense_m128_wg,   16, 8,      3,     false, 2)
 
 // Dense copy of MXFP4 expert weights for the wgmma kernels that read bf16 weights from shared memory
 // (MOE_DENSE_KERNEL): dense[row0(n) + wpos(n % 16)][k] = E2M1(code) * 2^(s - 127) as bf16, exact (a

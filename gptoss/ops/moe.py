@@ -12,6 +12,8 @@ Expert weights (`w1`, `w2`) may be given as
   - a tuple `(blocks, scales)`: MXFP4, blocks uint8 [E, R, C/32, 16], scales uint8 [E, R, C/32],
   - a cupy uint16 array [E, R, C]: bf16 bit patterns,
 for a matrix of R rows (outputs) by C columns (inputs) per expert: w1 is [E, 2I, H], w2 is [E, H, I].
+MXFP4 ExpertWeights may also carry `.dense`, the same weights as bf16 (dense_expert_copy), which the
+128-row tiles of large steps read instead (the dense kernels: no dequantization, the same bits).
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class Variant:
     mlp1: bool
     wgmma: bool = False  # sm_90a warpgroup kernel (MOE_WG_KERNEL): stages start 1 KB-aligned
     lag: int = 0         # wgmma kernels: > 0 = mbarrier ring (mlp2's token rows then come by TMA)
+    dense: bool = False  # MOE_DENSE_KERNEL: bf16 weights from ExpertWeights.dense, by TMA (fp4 False)
 
     @property
     def bm(self) -> int:
@@ -83,15 +86,19 @@ class Variant:
 
 
 def _variants() -> dict[str, Variant]:
-    """MOE_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MIN_BLOCKS) and MOE_WG_KERNEL(name, NT,
-    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS) lines (a wgmma kernel is MXFP4 with MW = 1: its macro's
-    MoeCfg<NT, 1, ..., true, true, LAG>)."""
+    """MOE_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MIN_BLOCKS), MOE_WG_KERNEL(name, NT,
+    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS) and MOE_DENSE_KERNEL(name, NT, WARPS_N, STAGES, MLP1,
+    MIN_BLOCKS) lines (a wgmma kernel is MXFP4 with MW = 1: its macro's MoeCfg<NT, 1, ..., true, true, LAG>;
+    a dense one MoeCfg<NT, 1, WARPS_N, 2, STAGES, false, true, 1>)."""
     out = {}
     for name, nt, mw, wn, ks, st, fp4, mlp1, _ in macro_rows("moe", "MOE_KERNEL"):
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
     for name, nt, wn, ks, st, lag, mlp1, _ in macro_rows("moe", "MOE_WG_KERNEL"):
         out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True,
                             lag=int(lag))
+    for name, nt, wn, st, mlp1, _ in macro_rows("moe", "MOE_DENSE_KERNEL"):
+        out[name] = Variant(name, int(nt), 1, int(wn), 2, int(st), False, mlp1 == "true", wgmma=True, lag=1,
+                            dense=True)
     return out
 
 
@@ -116,14 +123,17 @@ def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
     return TILE_BMS if _uses_wgmma(fmt, wgmma) else (16, 64)
 
 
-def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Variant:
+def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, dense: bool = False) -> Variant:
     """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: with
-    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants."""
+    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants, and the 128-row ones
+    the dense kernels when the weights carry a dense copy (`dense`)."""
     wg = _uses_wgmma(fmt, wgmma)
     heights = tile_heights(fmt, wg)
     if bm not in heights:
         raise ValueError(f"tile height {bm}: expected one of {heights} for {fmt} experts here "
                          f"(128 needs MXFP4 experts and the sm_90a wgmma kernels)")
+    if dense and bm == 128:
+        return VARIANTS[f"moe_{stage}_dense_m128_wg"]
     name = f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"
     return VARIANTS[name + "_wg" if wg else name]
 
@@ -131,15 +141,21 @@ def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None) -> Var
 # Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones
 # (benchmarks/kernel_moe.py --all-tiles on an H200: even at 32 rows, T = 256 on 20b; 1.3x at 128 rows).
 BM128_MIN_ROWS = 64
+# The same for the dense kernels (bf16 copies of the weights, ExpertWeights.dense), which read 4x the
+# weight bytes but skip the dequantization: at 32 rows (T = 256 on 20b) 1.16x faster than the 64-row
+# MXFP4 tiles, at 64 rows and more 1.2-1.35x faster than the 128-row ones (benchmarks/kernel_moe.py --dense)
+DENSE_MIN_ROWS = 32
 
 
-def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | None = None) -> int:
+def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | None = None,
+            dense: bool = False) -> int:
     """Tile height: 16 (decode: stream the weights of the experts in use) when the average expert gets
-    at most 16 rows, 128 when it gets BM128_MIN_ROWS or more and the 128-row kernels exist, else 64.
-    All give bit-identical results."""
+    at most 16 rows, 128 when it gets BM128_MIN_ROWS or more (DENSE_MIN_ROWS with a `dense` copy of the
+    weights) and the 128-row kernels exist, else 64. All give bit-identical results."""
     if num_slots <= 16 * num_experts:
         return 16
-    if 128 in tile_heights(fmt, wgmma) and num_slots >= BM128_MIN_ROWS * num_experts:
+    min_rows = DENSE_MIN_ROWS if dense else BM128_MIN_ROWS
+    if 128 in tile_heights(fmt, wgmma) and num_slots >= min_rows * num_experts:
         return 128
     return 64
 
@@ -183,6 +199,7 @@ class ExpertMatrix:
     blocks: object = None
     scales: object = None
     weight: object = None
+    dense: object = None  # MXFP4 only: the bf16 copy in the wgmma row order (dense_expert_copy), or None
 
 
 def expert_matrix(w, name: str) -> ExpertMatrix:
@@ -191,7 +208,13 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
     fmt = getattr(w, "format", None)
     if fmt is not None:
         if fmt == "mxfp4":
-            w = (w.blocks, w.scales)
+            dense = getattr(w, "dense", None)
+            m = expert_matrix((w.blocks, w.scales), name)
+            if dense is not None:
+                check(dense, f"{name}.dense", cupy.uint16, (m.E, m.R, m.C))
+                _aligned16(dense, f"{name}.dense")
+                m.dense = dense
+            return m
         elif fmt == "bf16":
             w = w.weight
         else:
@@ -456,29 +479,33 @@ def _launch_gemm(a, d: Dispatch, w: ExpertMatrix, bias, rw, y, outf, limit, alph
     grid = (-(-N // v.bn), ntiles)
     wq = w.blocks if w.format == "mxfp4" else _dummy(cupy.uint8)
     ws = w.scales if w.format == "mxfp4" else _dummy(cupy.uint8)
-    wb = w.weight if w.format == "bf16" else _dummy(cupy.uint16)
+    wb = w.weight if w.format == "bf16" else w.dense if v.dense else _dummy(cupy.uint16)
     rwv = rw if rw is not None else _dummy(cupy.float32)
     yv = y if y is not None else _dummy(cupy.uint16)
     ov = outf if outf is not None else _dummy(cupy.float32)
     # every MOE_WG_KERNEL takes a tensor map of its token rows; only mlp2 of 128-row tiles reads it
     amap = ((_tma.matrix_map(a, v.bm) if v.bm >= 128 and not v.mlp1 else _NO_MAP),) if v.wgmma else ()
+    if v.dense:  # and the weights' map, [E * N, K] in boxes of BN rows
+        amap += (_tma.matrix_map(w.dense.reshape(E * N, K), v.bn),)
     kern(grid, (v.threads,), (
         *amap, a, wq, ws, wb, bias, d.offsets, d.sorted_slots, d.tiles[v.bm], rwv, yv, ov,
         np.int32(N), np.int32(K), np.int32(d.top_k), np.int32(S), np.int32(E),
         np.int64(ws.nbytes), np.float32(limit), np.float32(alpha)))
 
 
-def _pick_variant(stage: str, d: Dispatch, fmt: str, bm: int | None, kernels: KernelOptions) -> Variant:
-    wg = uses_wgmma(fmt, kernels)
-    bm = pick_bm(d.num_slots, d.num_experts, fmt, wg) if bm is None else bm
-    return variant_for(stage, fmt, bm, wg)
+def _pick_variant(stage: str, d: Dispatch, w: ExpertMatrix, bm: int | None, kernels: KernelOptions) -> Variant:
+    wg = uses_wgmma(w.format, kernels)
+    dense = wg and w.dense is not None
+    bm = pick_bm(d.num_slots, d.num_experts, w.format, wg, dense) if bm is None else bm
+    return variant_for(stage, w.format, bm, wg, dense=dense)
 
 
 def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=None, bm: int | None = None,
                 kernels: KernelOptions | None = None):
     """y [T*k, I] bf16: row r = swiglu(t[token of sorted_slots[r]] . W1_e^T + b1_e), e = the expert of
     row r; interleaved gate/linear columns, clamped SwiGLU, rounded to bf16. bm forces a tile height
-    (one of tile_heights(); default by rows per expert): results are bit-identical either way. kernels:
+    (one of tile_heights(); default by rows per expert, pick_bm): results are bit-identical either way;
+    the 128-row tiles of MXFP4 weights with a dense copy (ExpertWeights.dense) read that. kernels:
     the kernel choices (default kernels.default_kernels(): GPTOSS_KERNELS / GPTOSS_WGMMA, else the wgmma
     kernels where the device has them; the portable mode runs the portable body of the same variants)."""
     import cupy
@@ -499,7 +526,7 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
     if d.num_slots == 0:
         return out
     kernels = resolved(kernels)
-    v = _pick_variant("mlp1", d, w.format, bm, kernels)
+    v = _pick_variant("mlp1", d, w, bm, kernels)
     _launch_gemm(t, d, w, b1, None, out, None, limit, alpha, v, kernels)
     return out
 
@@ -529,7 +556,7 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
     if d.num_slots == 0:
         return out
     kernels = resolved(kernels)
-    v = _pick_variant("mlp2", d, w.format, bm, kernels)
+    v = _pick_variant("mlp2", d, w, bm, kernels)
     _launch_gemm(y, d, w, b2, weights, None, out, 0.0, 0.0, v, kernels)
     return out
 

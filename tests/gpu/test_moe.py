@@ -547,8 +547,8 @@ def test_moe(H, I, E, T, fmt):
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
 @pytest.mark.parametrize("H, I, E", [(2880, 2880, 32), (96, 64, 128)])
 def test_batch_invariance(H, I, E, fmt):
-    """A token's output is bit-identical alone, in small and large batches at any position, and with
-    either tile height."""
+    """A token's output is bit-identical alone, in small and large batches at any position, with any
+    tile height, and (MXFP4 on wgmma) through the dense copies of the weights."""
     import cupy
 
     rng = np.random.default_rng(E + H)
@@ -558,11 +558,11 @@ def test_batch_invariance(H, I, E, fmt):
     probe_t = bf16(rng, (3, H))
     probe_x = rng.standard_normal((3, H)).astype(np.float32)
 
-    def run(T, positions, bm):
+    def run(T, positions, bm, weights=None):
         t = bf16(np.random.default_rng(T), (T, H))
         x = np.random.default_rng(T + 1).standard_normal((T, H)).astype(np.float32)
         t[positions], x[positions] = probe_t, probe_x
-        out = M.moe(cupy.asarray(x), cupy.asarray(t), layer.device(), cfg, bm=bm)
+        out = M.moe(cupy.asarray(x), cupy.asarray(t), weights or layer.device(), cfg, bm=bm)
         return cupy.asnumpy(out)[positions]
 
     base = run(3, [0, 1, 2], 16)
@@ -571,6 +571,11 @@ def test_batch_invariance(H, I, E, fmt):
     for T, bm in cases:
         positions = np.random.default_rng(T).choice(T, 3, replace=False)
         np.testing.assert_array_equal(run(T, positions, bm), base, err_msg=f"T={T} bm={bm}")
+    if fmt == "mxfp4" and M.uses_wgmma(fmt):
+        dense = {**layer.device(), "w1": _Dense(layer.w1), "w2": _Dense(layer.w2)}
+        for T, bm in ((3, 128), (333, None), (2048, None), (64, None)):
+            positions = np.random.default_rng(T).choice(T, 3, replace=False)
+            np.testing.assert_array_equal(run(T, positions, bm, dense), base, err_msg=f"dense T={T} bm={bm}")
 
 
 @gpu
@@ -607,6 +612,88 @@ def test_mxfp4_large_scales_exact(bm):
         h = tf[slots[rows] // k] @ dequantize(blocks[e], scales[e]).T + b1f[e]
         want[rows] = swiglu(h, LIMIT, ALPHA)
     assert rel_err(from_bf16_bits(cupy.asnumpy(y_big)), want) <= 1e-2
+
+
+def _need_dense():
+    if not M.uses_wgmma("mxfp4"):
+        pytest.skip("the dense expert kernels are sm_90a wgmma kernels: not the default here")
+
+
+def _dense_order(n):
+    """The row position dense_expert_copy gives weight row n (the wgmma kernels' order)."""
+    return (n & ~15) | ((n & 1) << 3) | ((n >> 1) & 7)
+
+
+@gpu
+def test_dense_expert_copy_is_the_dequantized_weights_in_wgmma_row_order():
+    import cupy
+
+    _need_dense()
+    rng = np.random.default_rng(5)
+    E, R, C = 3, 48, 96
+    W = Experts(rng, "mxfp4", E, R, C, scale_lo=100, scale_hi=140)
+    out = cupy.full((E, R, C), 0xFFFF, dtype=cupy.uint16)
+    got = cupy.asnumpy(M.dense_expert_copy(W.dev, out=out))
+    n = np.arange(R)
+    for e in range(E):
+        want = to_bf16_bits(W[e])
+        np.testing.assert_array_equal(got[e][_dense_order(n)], want)
+        np.testing.assert_array_equal(from_bf16_bits(want), W[e])  # exact: every weight is a bf16
+    with pytest.raises(ValueError, match="not MXFP4"):
+        M.dense_expert_copy(cupy.zeros((E, R, C), dtype=cupy.uint16))
+
+
+class _Dense:
+    """MXFP4 experts with their dense copy (what gptoss.gpu_weights.ExpertWeights.dense holds)."""
+    format = "mxfp4"
+
+    def __init__(self, dev):
+        self.blocks, self.scales = dev
+        self.dense = M.dense_expert_copy(dev)
+
+
+DENSE_VARIANTS = [v.name for v in M.VARIANTS.values() if v.dense and v.mlp1]
+
+
+@gpu
+@pytest.mark.parametrize("variant", DENSE_VARIANTS)
+@pytest.mark.parametrize("H, I, E, T", [(96, 64, 4, 2048), (64, 96, 32, 333), (2880, 2880, 32, 2048),
+                                        (2880, 2880, 32, 4096)])
+def test_dense_experts_give_the_mxfp4_bits(H, I, E, T, variant):
+    """mlp1 and mlp2 through the dense kernels (every MOE_DENSE_KERNEL row, any T) give the bits of the
+    MXFP4 wgmma kernels of every tile height, and pick_bm takes them for 128-row tiles."""
+    import cupy
+
+    _need_dense()
+    rng = np.random.default_rng(H + 7 * I + 3 * T + E)
+    k = 4
+    W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
+    D1, D2 = _Dense(W1.dev), _Dense(W2.dev)
+    b1, b2 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5)), cupy.asarray(bf16(rng, (E, H), 0.5))
+    t = cupy.asarray(bf16(rng, (T, H)))
+    experts = distinct_experts(rng, T, E, k)
+    weights = cupy.asarray(rng.dirichlet(np.ones(k), size=T).astype(np.float32))
+    d = dispatch_dev(experts, E)
+    kernels = M.resolved(None)
+    y_want = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=128)
+    o_want = cupy.asnumpy(M.expert_mlp2(y_want, d, W2.dev, b2, weights, bm=128))
+    y_want = cupy.asnumpy(y_want)
+    for bm in (16, 64):
+        np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=bm)), y_want)
+    y = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
+    o = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
+    v1 = M.VARIANTS[variant.replace("mlp2", "mlp1")]
+    v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
+    M._launch_gemm(t, d, M.expert_matrix(D1, "w1"), b1, None, y, None, LIMIT, ALPHA, v1, kernels)
+    np.testing.assert_array_equal(cupy.asnumpy(y), y_want)
+    M._launch_gemm(cupy.asarray(y_want), d, M.expert_matrix(D2, "w2"), b2, weights, None, o, 0.0, 0.0, v2, kernels)
+    np.testing.assert_array_equal(cupy.asnumpy(o), o_want)
+    # the public path: dense weights run the dense kernel where the tiles are 128 rows
+    if M.pick_bm(T * k, E) == 128:
+        assert M._pick_variant("mlp1", d, M.expert_matrix(D1, "w1"), None, kernels).dense
+    y2 = M.expert_mlp1(t, d, D1, b1, LIMIT, ALPHA)
+    np.testing.assert_array_equal(cupy.asnumpy(y2), y_want)
+    np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp2(y2, d, D2, b2, weights)), o_want)
 
 
 @gpu
