@@ -120,7 +120,7 @@ def test_variant_tables_are_the_sources_rows():
         assert (v.bm, v.bn, v.bk, v.threads, v.stages, v.wgmma) == (consts["GEMM_WG_BM"], int(bn), consts["GEMM_WG_BK"],
                                                                     threads, int(stages), True)
     assert [v.tma for v in gemm.VARIANTS.values()].count(True) == len(rows["GEMM_TMA_KERNEL"])
-    moe_rows = K.parse_macro_rows(source("moe"), "MOE_KERNEL") + K.parse_macro_rows(source("moe"), "MOE_WG_KERNEL")
+    moe_rows = [r for m in ("MOE_KERNEL", "MOE_WG_KERNEL", "MOE_DENSE_KERNEL") for r in K.parse_macro_rows(source("moe"), m)]
     assert sorted(moe.VARIANTS) == sorted(r[0] for r in moe_rows)
 
 
@@ -132,6 +132,7 @@ MACROS = [
     ("gemm", "GEMM_TMA_KERNEL", "NAME, BN, STAGES", "GEMM_TMA_THREADS"),
     ("moe", "MOE_KERNEL", "NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_WG_KERNEL", "NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB", "32 * WARPS_N"),
+    ("moe", "MOE_DENSE_KERNEL", "NAME, NT, WARPS_N, STAGES, MLP1, MINB", "32 * WARPS_N"),
     ("attention", "ATTN_DECODE_KERNEL", "NAME, G, STAGES", "32"),
     ("attention", "ATTN_DECODE_FP8_KERNEL", "NAME, G, STAGES", "32"),
 ]
@@ -158,7 +159,10 @@ def test_wgmma_moe_variants_are_mxfp4_with_one_weight_tile_per_warp():
 
     body = re.search(r"#define MOE_WG_KERNEL\(.*?\n(.*?)\n#endif", source("moe"), re.S).group(1)
     assert "MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true, LAG>" in body
-    assert all(v.mw == 1 and v.fp4 for v in moe.VARIANTS.values() if v.wgmma)
+    assert all(v.mw == 1 and v.fp4 for v in moe.VARIANTS.values() if v.wgmma and not v.dense)
+    body = re.search(r"#define MOE_DENSE_KERNEL\(.*?\n(.*?)\n#endif", source("moe"), re.S).group(1)
+    assert "MoeCfg<NT, 1, WARPS_N, 2, STAGES, false, true, 1>" in body
+    assert all(v.mw == 1 and not v.fp4 and v.ksub == 2 and v.lag == 1 for v in moe.VARIANTS.values() if v.dense)
 
 
 def test_attention_shapes_the_wrapper_assumes():

@@ -913,6 +913,8 @@ MOE_DENSE_KERNEL(moe_mlp2_dense_m128_wg,   16, 8,      3,     false, 2)
 // Plain C: runs on every vendor (the kernels that read the copy are NVIDIA-only).
 extern "C" __global__ void moe_dense_copy(const u8* __restrict__ wq, const u8* __restrict__ ws,
                                           bf16_t* __restrict__ dense, long long rows, int KB) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * KB) return;
     const long long n = i / KB;
