@@ -159,3 +159,9 @@ def test_fp8_kv_cache_on_the_cpu_is_the_fp8_reference(weights):
     assert got == [reference_tokens(model, p, params, i) for i, (p, params) in enumerate(reqs)]
     with pytest.raises(ValueError, match="FP8"):
         CPUModelRunner(weights, EngineConfig(kv_cache_dtype="fp8"), model=model)
+
+
+def test_dense_experts_on_the_cpu_is_refused(weights):
+    """The dense expert copy is for the GPU's wgmma kernels: the CPU reference refuses it in one line."""
+    with pytest.raises(ValueError, match="CPU reference"):
+        CPUModelRunner(weights, EngineConfig(dense_experts=True))

@@ -28,6 +28,11 @@ class EngineConfig:
     kv_cache_dtype: the KV cache's element format: "bf16", or "fp8" (OCP e4m3, scale 1: half the bytes,
         so about twice the KV pages in the same memory, and half the bytes attention reads; K and V
         rounded to 3 mantissa bits). The CPU reference emulates it (K and V rounded to e4m3 in float32).
+    dense_experts: keep a bf16 copy of the MXFP4 expert weights on the GPU beside them, which the expert
+        GEMMs of large steps (prefill, big decode batches) read instead of dequantizing MXFP4 (run.py
+        --dense-experts). Costs 4x the MXFP4 expert bytes (gpt-oss-20b: about 36 GiB more; 120b: about
+        214 GiB, more than one GPU holds). Only the wgmma expert kernels (H100/H200) read it, so the GPU
+        runner refuses it for bf16 experts, the portable kernels, AMD and GPTOSS_WGMMA=0.
     """
 
     max_seqs: int | None = None
@@ -39,6 +44,7 @@ class EngineConfig:
     use_graphs: bool = True
     kernels: object | None = None
     kv_cache_dtype: str = "bf16"
+    dense_experts: bool = False
 
     def step_tokens(self, slots: int, capacity: int) -> tuple[int, int]:
         """(tokens one step may carry, prompt tokens of one sequence one step may carry) for `slots`

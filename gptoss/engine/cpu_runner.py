@@ -30,6 +30,9 @@ class CPUModelRunner:
 
         self.model_config = weights.config
         self.config = config = config or EngineConfig()
+        if config.dense_experts:
+            raise ValueError("dense_experts (--dense-experts) is for the GPU's expert kernels (H100/H200); "
+                             "leave it off on the CPU reference")
         fp8 = config.kv_cache_dtype == "fp8"
         if model is not None and fp8:
             raise ValueError("the tensor-parallel CPU reference has no FP8 KV cache; run --kv-cache-dtype fp8 "
