@@ -50,6 +50,27 @@ def weight_bytes(weights) -> int:
                for n in weights.names())
 
 
+def dense_expert_bytes(cfg: ModelConfig, experts: int | None = None) -> int:
+    """GPU bytes of the dense expert copy (ExpertWeights.dense, bf16) of every layer's w1 [E, 2I, H] and
+    w2 [E, H, I]: 4x their MXFP4 blocks. experts: how many the weights hold (a tensor-parallel rank's
+    share); default all of cfg.num_experts."""
+    e = cfg.num_experts if experts is None else experts
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return cfg.num_layers * e * (2 * i * h + h * i) * 2
+
+
+def check_dense_experts(experts_format: str, kernels=None) -> None:
+    """Raise ValueError (one line) unless a dense expert copy would be read: MXFP4 experts, and the wgmma
+    expert kernels under `kernels` (a gptoss.kernels.KernelOptions; None: from the environment)."""
+    if experts_format != "mxfp4":
+        raise ValueError("--dense-experts is for MXFP4 experts; these are bf16 already")
+    from .ops.moe import uses_wgmma
+
+    if not uses_wgmma("mxfp4", kernels):
+        raise ValueError("--dense-experts needs the wgmma expert kernels (H100/H200, not --kernels portable, "
+                         "AMD or GPTOSS_WGMMA=0), the only ones that read the copy; drop --dense-experts")
+
+
 def free_gpu_memory() -> tuple[int, int]:
     import cupy
 
@@ -60,9 +81,12 @@ def free_gpu_memory() -> tuple[int, int]:
 
 
 class DeviceWeights:
-    """All weights uploaded once from a Weights source (mmap'd file or synthetic), with a progress bar."""
+    """All weights uploaded once from a Weights source (mmap'd file or synthetic), with a progress bar.
+    dense_experts: also give every layer's w1 and w2 their dense copy (ExpertWeights.dense, made on the
+    GPU by ops.moe.dense_expert_copy; check_dense_experts says when it is refused); kernels: the
+    KernelOptions that build it and run the model (None: from the environment)."""
 
-    def __init__(self, weights, progress: bool = True):
+    def __init__(self, weights, progress: bool = True, dense_experts: bool = False, kernels=None):
         import cupy
 
         self.config: ModelConfig = weights.config
@@ -71,6 +95,8 @@ class DeviceWeights:
         # first_expert .. first_expert + local_experts - 1; whole weights hold them all
         self.first_expert = int(getattr(weights, "first_expert", 0))
         self.local_experts = int(getattr(weights, "local_experts", weights.config.num_experts))
+        if dense_experts:
+            check_dense_experts(self.experts_format, kernels)
         need = weight_bytes(weights)
         free, total = free_gpu_memory()
         if need > free:
@@ -78,6 +104,11 @@ class DeviceWeights:
                 f"the model's weights need {gib(need)} of GPU memory; {gib(free)} of {gib(total)} is "
                 "free. Use a GPU with more memory (gpt-oss-120b needs about 61 GiB for weights alone), "
                 "or free the GPU from other processes.")
+        dense = dense_expert_bytes(self.config, self.local_experts) if dense_experts else 0
+        if dense > free - need:  # checked before the upload, which would leave too little for the copy
+            raise ModelTooLargeError(
+                f"the dense expert copy needs {gib(dense)} of GPU memory beside the weights' {gib(need)}; "
+                f"{gib(max(free - need, 0))} is free after them: drop --dense-experts")
         from .progress import ByteProgress
 
         with ByteProgress("upload", need, quiet=not progress) as bar:
@@ -113,3 +144,9 @@ class DeviceWeights:
                     window=cfg.sliding_window if cfg.is_sliding(i) else 0))
             self.final_norm = up("norm.scale", True)
             self.unembedding = up("unembedding.weight")
+        if dense_experts:
+            from .ops.moe import dense_expert_copy
+
+            for layer in self.layers:
+                for w in (layer.w1, layer.w2):
+                    w.dense = dense_expert_copy(w, kernels=kernels)

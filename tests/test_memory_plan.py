@@ -7,8 +7,11 @@ from gptoss.config import GPT_OSS_20B, TINY
 from gptoss.engine import EngineConfig
 from gptoss.engine.gpu_runner import HEADROOM, plan_memory
 from gptoss.errors import ModelTooLargeError
+from gptoss.gpu_weights import check_dense_experts, dense_expert_bytes
+from gptoss.kernels import KernelOptions
 from gptoss.kv_cache import PAGE, KVCache
 from gptoss.model import GPUModel, StepBuffers
+from gptoss.weights import random_weights
 
 
 def test_too_little_memory_names_the_numbers():
@@ -84,3 +87,28 @@ def test_fp8_cache_halves_the_kv_bytes_and_doubles_the_pages():
                                       kv_cache_dtype="fp8") <= free - HEADROOM
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp16")
+
+
+def test_dense_experts_is_off_by_default_and_its_bytes_are_4x_the_mxfp4_blocks():
+    """The dense expert copy (EngineConfig.dense_experts) is bf16 [E, 2I, H] + [E, H, I] per layer: 20b's
+    hand-computed bytes, 4x its MXFP4 blocks (half a byte a weight), and a tensor-parallel rank's share."""
+    assert EngineConfig().dense_experts is False
+    assert EngineConfig(dense_experts=True).dense_experts is True
+    assert dense_expert_bytes(GPT_OSS_20B) == 24 * 32 * (5760 * 2880 + 2880 * 2880) * 2
+    blocks = sum(int(np.prod(random_weights(TINY, "mxfp4").info(f"block.{i}.mlp.{m}_weight.blocks").shape))
+                 for i in range(TINY.num_layers) for m in ("mlp1", "mlp2"))
+    assert dense_expert_bytes(TINY) == 4 * blocks
+    assert dense_expert_bytes(GPT_OSS_20B, experts=8) * 4 == dense_expert_bytes(GPT_OSS_20B)
+
+
+def test_dense_experts_are_refused_where_no_kernel_reads_them(monkeypatch):
+    """Only the wgmma expert kernels read the copy: bf16 experts and the portable kernels are refused in
+    one line that says what to do."""
+    import gptoss.ops.moe as moe
+
+    with pytest.raises(ValueError, match="^--dense-experts is for MXFP4 experts; these are bf16 already$"):
+        check_dense_experts("bf16")
+    with pytest.raises(ValueError, match="wgmma.*drop --dense-experts$"):
+        check_dense_experts("mxfp4", KernelOptions(portable=True))
+    monkeypatch.setattr(moe, "uses_wgmma", lambda fmt, kernels=None: fmt == "mxfp4")
+    check_dense_experts("mxfp4", KernelOptions())
