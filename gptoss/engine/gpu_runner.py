@@ -15,7 +15,8 @@ import numpy as np
 from ..batch import StepBatch
 from ..config import ModelConfig
 from ..errors import ModelTooLargeError
-from ..gpu_weights import DeviceWeights, free_gpu_memory, gib, weight_bytes
+from ..gpu_weights import (DeviceWeights, check_dense_experts, dense_expert_bytes, free_gpu_memory, gib,
+                           weight_bytes)
 from ..kv_cache import KVCache, pages_per_slot
 from ..model import GPUModel
 from .config import EngineConfig
@@ -86,18 +87,28 @@ class GPUModelRunner:
         self.collective = collective
         self.device_name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"].decode()
         self.name = f"gpu ({self.device_name})"
-        if config.memory_limit is not None and weight_bytes(weights) + HEADROOM >= config.memory_limit:
-            raise ModelTooLargeError(
-                f"a GPU memory limit of {gib(config.memory_limit)} leaves no room beside the weights "
-                f"({gib(weight_bytes(weights))}); raise --gpu-memory")
-        with _out_of_memory_as_error("the weights"):
-            self.weights = DeviceWeights(weights, progress=progress)
         from ..kernels import KernelOptions, compile_all
 
-        # the kernel choices, decided once here (GPTOSS_WGMMA read now, not per launch)
+        # the kernel choices, decided once here (GPTOSS_WGMMA read now, not per launch); before the weights,
+        # whose dense expert copy needs the wgmma kernels
         self.kernels = (config.kernels if config.kernels is not None else KernelOptions.from_env()).resolve()
+        if config.dense_experts:
+            check_dense_experts(weights.experts_format, self.kernels)
+        # (a tensor-parallel rank's ShardWeights holds local_experts of them)
+        dense = (dense_expert_bytes(weights.config, getattr(weights, "local_experts", None))
+                 if config.dense_experts else 0)
+        need = weight_bytes(weights) + dense
+        if config.memory_limit is not None and need + HEADROOM >= config.memory_limit:
+            copy, drop = (", the dense expert copy included", " or drop --dense-experts") if dense else ("", "")
+            raise ModelTooLargeError(
+                f"a GPU memory limit of {gib(config.memory_limit)} leaves no room beside the weights "
+                f"({gib(need)}{copy}); raise --gpu-memory{drop}")
+        with _out_of_memory_as_error("the weights"):
+            self.weights = DeviceWeights(weights, progress=progress, dense_experts=config.dense_experts,
+                                         kernels=self.kernels)
         notes = ["portable kernels"] * self.kernels.portable  # (every AMD GPU; --kernels portable elsewhere)
         notes += [f"{config.kv_cache_dtype} KV cache"] * (config.kv_cache_dtype != "bf16")
+        notes += ["dense experts"] * config.dense_experts
         self.name = f"gpu ({', '.join([self.device_name, *notes])})"
         t0 = time.perf_counter()
         compile_all(self.kernels)  # NVRTC on the first run (tens of seconds), CuPy's disk cache afterwards
