@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits (on the H200 its decode attention measured 2.4x slower and its argmax agreement "
                         "4.3 points lower on test models: docs/notes/attention.md, \"FP8 KV cache\"). On the "
                         "CPU reference: K and V rounded alike")
+    p.add_argument("--dense-experts", action="store_true",
+                   help="keep a bf16 copy of the MXFP4 expert weights beside them for large steps: faster "
+                        "prefill and large batches, for 4x the expert memory (20b: +36 GiB; 120b does not fit "
+                        "one GPU). Needs the wgmma kernels (H100/H200; not --kernels portable, AMD or "
+                        "GPTOSS_WGMMA=0)")
     p.add_argument("--gpus", default=None, metavar="LIST",
                    help="getp: the GPUs to run on, e.g. 0,2,3 or 0-3 (default: every visible GPU); "
                         "replica r runs on the r-th GPU of the list, round robin")
@@ -234,12 +239,12 @@ class Failure(Exception):
 
 def replica_settings(args, memory):
     """What each engine replica's LLM is built with (data parallel, MPI): --tokenizer, -b, --gpu-memory
-    (`memory`, bytes), --kernels, --kv-cache-dtype."""
+    (`memory`, bytes), --kernels, --kv-cache-dtype, --prefill-tokens, --dense-experts."""
     from gptoss.parallel.data import ReplicaSettings
 
     return ReplicaSettings(tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
                            kernels=kernel_options(args), kv_cache_dtype=args.kv_cache_dtype,
-                           prefill_tokens=args.prefill_tokens)
+                           prefill_tokens=args.prefill_tokens, dense_experts=args.dense_experts)
 
 
 def kernel_options(args):
@@ -348,6 +353,8 @@ def _main(argv) -> int:
         fail("--kernels portable picks the GPU kernels; this run is on the CPU reference, which has none")
     if device == "cpu" and args.tensor_parallel > 1 and args.kv_cache_dtype == "fp8":
         fail("--kv-cache-dtype fp8 with --tensor-parallel runs on GPUs; the sharded CPU reference has no FP8 cache")
+    if device == "cpu" and args.dense_experts:
+        fail("--dense-experts runs on GPUs (H100/H200); this run is on the CPU reference: drop it")
 
     memory = None if args.gpu_memory is None else int(args.gpu_memory * 2**30)
     if args.mode == "getp":
@@ -385,8 +392,9 @@ def _main(argv) -> int:
         llm = LLM(model_path, device, tokenizer=args.tokenizer, max_seqs=batch, memory_limit=memory,
                   tensor_parallel=args.tensor_parallel,
                   gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args),
-                  kv_cache_dtype=args.kv_cache_dtype, prefill_tokens=args.prefill_tokens, **extra)
-    except ValueError as e:  # an unknown synthetic:PRESET
+                  kv_cache_dtype=args.kv_cache_dtype, prefill_tokens=args.prefill_tokens,
+                  dense_experts=args.dense_experts, **extra)
+    except ValueError as e:  # an unknown synthetic:PRESET; --dense-experts where no kernel reads the copy
         fail(str(e))
 
     if args.mode == "getp":

@@ -243,6 +243,45 @@ def test_fp8_kv_cache_with_cpu_tensor_parallel_is_one_line_error():
     assert proc.stderr.splitlines()[-1].startswith("run.py: error: --kv-cache-dtype fp8 with --tensor-parallel")
 
 
+def test_dense_experts_on_the_cpu_is_one_line_error():
+    proc = run("run.py", "synthetic:tiny-chat", "-m", "generate", "-p", "x", "--device", "cpu", "--dense-experts",
+               check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == ("run.py: error: --dense-experts runs on GPUs (H100/H200); this run is "
+                                            "on the CPU reference: drop it")
+
+
+@pytest.mark.parametrize("mode", ["generate", "serve"])
+def test_dense_experts_reaches_the_engine_config(mode, monkeypatch):
+    """--dense-experts on a GPU: the LLM of every mode (and each data-parallel or MPI replica's, through
+    ReplicaSettings) gets dense_experts=True, an EngineConfig field; off without the flag. (No GPU here:
+    the device is faked and the LLM stops the run when built.)"""
+    import gptoss.device
+    import gptoss.llm
+    import run as run_py
+    from gptoss.engine import EngineConfig
+    from gptoss.parallel.data import replica_llm
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(model, device, tokenizer=None, progress=True, tensor_parallel=1, gpus=None, tp_peers=None,
+                 **engine_options):
+        raise Built(EngineConfig(**engine_options))
+
+    monkeypatch.setattr(gptoss.device, "choose_device", lambda device: ("gpu", "GPU 0: fake"))
+    monkeypatch.setattr(gptoss.llm, "LLM", fake_llm)
+    argv = ["synthetic:tiny-chat", "-m", mode] + (["-p", "x"] if mode == "generate" else [])
+    for flag, want in (([], False), (["--dense-experts"], True)):
+        with pytest.raises(Built) as built:
+            run_py.main(argv + flag)
+        assert built.value.args[0].dense_experts is want
+        settings = run_py.replica_settings(run_py.build_parser().parse_args(argv + flag), None)
+        with pytest.raises(Built) as built:
+            replica_llm("synthetic:tiny-chat", "gpu", None, settings)
+        assert built.value.args[0].dense_experts is want
+
+
 def test_decode_roundtrip(chat_model, tmp_path):
     from gptoss.tokenizer import get_tokenizer
 
