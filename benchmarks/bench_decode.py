@@ -2,7 +2,7 @@
 """Prefill and decode speed of the GPU model on a random checkpoint of a real shape (default 20b).
 
   python benchmarks/bench_decode.py [--preset gpt-oss-20b] [--batches 1,8,64] [--context 1024]
-                                   [--kernels auto|portable]
+                                   [--kernels auto|portable] [--dense-experts]
 
 Random weights in the exact layout (speed does not depend on the values), generated in memory: no
 file. Prefill: one prompt of --prompt-len tokens. Decode: B sequences whose caches already hold
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks.common import H100_BF16_TFLOPS, add_json_option, json_path_error, write_json
+from gptoss.cli import error
 from gptoss.kernels import KERNEL_MODES
 
 
@@ -47,33 +48,49 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
+    p.add_argument("--dense-experts", action="store_true",
+                   help="keep a bf16 copy of the MXFP4 expert weights for large steps (run.py --dense-experts; "
+                        "4x the expert memory)")
     add_json_option(p, "the results")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_decode.py", args)) is not None:
         return code
+    from gptoss.kernels import KernelOptions
+
+    kernels = KernelOptions.from_env(mode=args.kernels)
+    if args.dense_experts:
+        from gptoss.gpu_weights import check_dense_experts
+
+        try:  # before the upload: bf16 experts, or no wgmma kernel to read the copy
+            check_dense_experts(args.experts, kernels)
+        except ValueError as e:
+            return error("bench_decode.py", str(e))
 
     import cupy
     from gptoss.config import PRESETS
     from gptoss.batch import StepBatch
     from gptoss.gpu_weights import DeviceWeights
-    from gptoss.kernels import KernelOptions
     from gptoss.model import GPUModel
     from gptoss.weights import random_weights
 
     cfg = PRESETS[args.preset]
     batches = [int(b) for b in args.batches.split(",")]
+    kernels = kernels.resolve()
     t0 = time.perf_counter()
-    weights = DeviceWeights(random_weights(cfg, args.experts, seed=0))
+    weights = DeviceWeights(random_weights(cfg, args.experts, seed=0), dense_experts=args.dense_experts,
+                            kernels=kernels)
     cupy.cuda.Device().synchronize()
-    print(f"uploaded {args.preset} ({args.experts} experts) in {time.perf_counter() - t0:.1f} s", flush=True)
+    dense = ", dense copy" if args.dense_experts else ""
+    print(f"uploaded {args.preset} ({args.experts} experts{dense}) in {time.perf_counter() - t0:.1f} s", flush=True)
 
     capacity = max(args.prompt_len, args.context) + args.steps + 16
     max_b = max(batches)
     model = GPUModel(weights, slots=max_b, capacity=capacity,
                      max_step_tokens=max(args.prompt_len, max_b), max_chunk=args.prompt_len,
-                     kernels=KernelOptions.from_env(mode=args.kernels))
+                     kernels=kernels)
     rng = np.random.default_rng(0)
-    results = {"preset": args.preset, "experts": args.experts, "kernels": model.kernels.mode,
+    results = {"preset": args.preset, "experts": args.experts, "dense_experts": args.dense_experts,
+               "kernels": model.kernels.mode,
                "pdl": model.kernels.pdl, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     print(f"kernels: {model.kernels.mode}, programmatic dependent launch {'on' if model.kernels.pdl else 'off'}",
           flush=True)

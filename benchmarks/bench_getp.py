@@ -2,7 +2,7 @@
 """getp throughput: N prompts of realistic lengths through run.py's getp, exactly -n tokens each.
 
   python benchmarks/bench_getp.py --preset gpt-oss-20b --prompts 4096 -n 512 [--kernels portable]
-                                  [--kv-cache-dtype fp8]
+                                  [--kv-cache-dtype fp8] [--dense-experts]
 
 The model is random weights of the real shape made in memory (run.py's `synthetic:PRESET`; speed does
 not depend on the values), or --model PATH. Prompts are random token ids (--input-format ids) with
@@ -57,12 +57,17 @@ def main(argv=None) -> int:
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="bf16",
                    help="the KV cache's element format (run.py --kv-cache-dtype; default bf16)")
+    p.add_argument("--dense-experts", action="store_true",
+                   help="keep a bf16 copy of the MXFP4 expert weights for large steps (run.py --dense-experts; "
+                        "4x the expert memory)")
     add_json_option(p, "a copy of getp's record")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_getp.py", args)) is not None:
         return code
 
+    from gptoss.cli import error
     from gptoss.config import PRESETS
+    from gptoss.errors import GptossError
     from gptoss.getp import GetpOptions, run_getp
     from gptoss.llm import LLM
     from gptoss.sampling import SamplingParams
@@ -72,9 +77,13 @@ def main(argv=None) -> int:
 
     options = {"max_seqs": args.batch, "promise": args.promise, "prefill_tokens": args.prefill_tokens,
                "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30),
-               "kernels": KernelOptions.from_env(mode=args.kernels), "kv_cache_dtype": args.kv_cache_dtype}
+               "kernels": KernelOptions.from_env(mode=args.kernels), "kv_cache_dtype": args.kv_cache_dtype,
+               "dense_experts": args.dense_experts}
     model = args.model or f"synthetic:{args.preset}"
-    llm = LLM(model, **{k: v for k, v in options.items() if v is not None})
+    try:
+        llm = LLM(model, **{k: v for k, v in options.items() if v is not None})
+    except (ValueError, GptossError) as e:  # e.g. --dense-experts that does not fit or has no kernel to read it
+        return error("bench_getp.py", str(e))
     print(llm.device, file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"

@@ -2,6 +2,7 @@
 """One long prompt through the engine: time to its first token (the whole prefill) per step budget.
 
   python benchmarks/bench_long_prompt.py [--preset gpt-oss-20b] [--tokens 120000] [--prefill-tokens 256,4096,16384]
+                                         [--dense-experts]
 
 Random weights of the real shape (speed does not depend on the values), uploaded once. For each
 --prefill-tokens budget (EngineConfig.prefill_tokens: a lone prompt takes the whole budget each step)
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
                    help="step budgets to compare, comma-separated (EngineConfig.prefill_tokens)")
     p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels; default: $GPTOSS_KERNELS, else auto)")
+    p.add_argument("--dense-experts", action="store_true",
+                   help="keep a bf16 copy of the MXFP4 expert weights for large steps (run.py --dense-experts; "
+                        "4x the expert memory)")
     add_json_option(p, "the results")
     args = p.parse_args(argv)
     if (code := json_path_error("bench_long_prompt.py", args)) is not None:
@@ -54,6 +58,7 @@ def main(argv=None) -> int:
     from gptoss.batch import StepBatch
     from gptoss.engine import Engine, EngineConfig
     from gptoss.engine.gpu_runner import GPUModelRunner
+    from gptoss.errors import GptossError
     from gptoss.kernels import KernelOptions
     from gptoss.sampling import SamplingParams
     from gptoss.weights import random_weights
@@ -61,12 +66,16 @@ def main(argv=None) -> int:
     budgets = args.prefill_tokens
     kernels = KernelOptions.from_env(mode=args.kernels)
     t0 = time.perf_counter()
-    runner = GPUModelRunner(random_weights(cfg, "mxfp4", seed=0), EngineConfig(max_seqs=1, kernels=kernels),
-                            progress=False)
+    config = EngineConfig(max_seqs=1, kernels=kernels, dense_experts=args.dense_experts)
+    try:
+        runner = GPUModelRunner(random_weights(cfg, "mxfp4", seed=0), config, progress=False)
+    except (ValueError, GptossError) as e:  # e.g. --dense-experts that does not fit or has no kernel to read it
+        return error("bench_long_prompt.py", str(e))
     print(f"uploaded {args.preset} and compiled in {time.perf_counter() - t0:.1f} s; kernels {runner.kernels.mode}",
           flush=True)
     prompt = np.random.default_rng(0).integers(0, min(cfg.vocab_size, 199_998), args.tokens).tolist()
-    results = {"preset": args.preset, "tokens": args.tokens, "device": runner.device_name, "runs": {}}
+    results = {"preset": args.preset, "tokens": args.tokens, "device": runner.device_name,
+               "dense_experts": args.dense_experts, "runs": {}}
     for budget in budgets:
         runner.config = dataclasses.replace(runner.config, prefill_tokens=budget)  # the runner plans from it
         engine = Engine(runner, runner.config)

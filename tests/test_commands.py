@@ -239,6 +239,8 @@ def test_benchmark_json_is_checked_before_the_run(name, tmp_path, capsys):
     ("bench_long_prompt", ["--preset", "nope"], "unknown preset 'nope' (one of "),
     ("bench_long_prompt", ["--tokens", "0"], "--tokens must be at least 1 (got 0)"),
     ("bench_long_prompt", ["--tokens", "131072"], "--tokens 131072 leaves no room for a token in the "),
+    ("bench_decode", ["--experts", "bf16", "--dense-experts"],
+     "--dense-experts is for MXFP4 experts; these are bf16 already"),
     ("kv_accuracy", ["--cpu", "--prompt", "0"], "need 1 <= --prompt <= --length <= 512 and --sequences >= 1 "
                                                 "(got --prompt 0, --length 384, --sequences 8)"),
     ("kv_accuracy", ["--cpu", "--length", "513"], "need 1 <= --prompt <= --length <= 512"),
