@@ -142,9 +142,11 @@ def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, dense:
 # (benchmarks/kernel_moe.py --all-tiles on an H200: even at 32 rows, T = 256 on 20b; 1.3x at 128 rows).
 BM128_MIN_ROWS = 64
 # The same for the dense kernels (bf16 copies of the weights, ExpertWeights.dense), which read 4x the
-# weight bytes but skip the dequantization: at 32 rows (T = 256 on 20b) 1.16x faster than the 64-row
-# MXFP4 tiles, at 64 rows and more 1.2-1.35x faster than the 128-row ones (benchmarks/kernel_moe.py --dense)
-DENSE_MIN_ROWS = 32
+# weight bytes but skip the dequantization. From 64 rows on they are 1.2-1.35x faster than the MXFP4
+# 128-row kernels (benchmarks/kernel_moe.py --dense). At 32 rows (T = 256 on 20b) the layer alone ran
+# 1.16x faster than the 64-row MXFP4 tiles, but a whole decode step at batch 256 was 9% slower with them
+# (bench_decode.py: 16.46 against 15.10 ms), so they start where the 128-row tiles do.
+DENSE_MIN_ROWS = 64
 
 
 def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | None = None,

@@ -183,6 +183,26 @@ def test_greedy_batch_invariance(kernels):
     assert all(len(v) == 12 for v in crowd.values())
 
 
+def test_dense_experts_give_the_same_greedy_tokens():
+    """--dense-experts (bf16 copies of the MXFP4 experts, read by the large steps' expert GEMMs) changes
+    no token: 41 prompts of mixed lengths, chunked prefill beside decode."""
+    from gptoss.ops.moe import uses_wgmma
+    from gptoss.sampling import SamplingParams
+
+    if not uses_wgmma("mxfp4"):
+        pytest.skip("the dense expert kernels are sm_90a wgmma kernels")
+    cfg = TINY_REAL_HEADS
+    weights = random_weights(cfg, "mxfp4", seed=8)
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in rng.integers(1, 200, 41)]
+    params = SamplingParams(max_tokens=10)
+    plain = generate(engine_on(weights, max_seqs=16), prompts, params)
+    engine = engine_on(weights, max_seqs=16, dense_experts=True)
+    layer = engine.runner.weights.layers[0]
+    assert layer.w1.dense is not None and layer.w2.dense is not None
+    assert generate(engine, prompts, params) == plain
+
+
 @pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
 def test_long_chunks_through_the_rings_give_the_chunked_bits(kernels):
     """A step of prompt chunks longer than the sliding rings take (runs of max_chunk through the sliding
