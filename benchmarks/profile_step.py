@@ -36,16 +36,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def random_model(preset: str, slots: int, capacity: int, max_step_tokens: int, max_chunk: int):
-    """A GPUModel of random weights of the preset's shape (MXFP4 experts) whose KV caches hold random rows
-    (every slot the same rows: cheap, and real reads)."""
+def random_model(preset: str, slots: int, capacity: int, max_step_tokens: int, max_chunk: int,
+                 dense_experts: bool = False):
+    """A GPUModel of random weights of the preset's shape (MXFP4 experts, with their dense copies when
+    dense_experts) whose KV caches hold random rows (every slot the same rows: cheap, and real reads)."""
     from benchmarks.kernel_attention import _rand_bf16
     from gptoss.config import PRESETS
     from gptoss.gpu_weights import DeviceWeights
     from gptoss.model import GPUModel
     from gptoss.weights import random_weights
 
-    weights = DeviceWeights(random_weights(PRESETS[preset], "mxfp4", seed=0), progress=False)
+    weights = DeviceWeights(random_weights(PRESETS[preset], "mxfp4", seed=0), progress=False,
+                            dense_experts=dense_experts)
     model = GPUModel(weights, slots=slots, capacity=capacity, max_step_tokens=max_step_tokens, max_chunk=max_chunk)
     for cache in model.cache.k + model.cache.v:
         cache[...] = _rand_bf16((1,) + cache.shape[1:])
@@ -59,7 +61,8 @@ def run(args) -> None:
     from gptoss.batch import StepBatch
 
     B, extra = args.batch, args.chunks * args.chunk if args.kind == "mixed" else 0
-    model = random_model(args.preset, B + args.chunks, args.context + 256 + args.chunk, B + extra, args.chunk)
+    model = random_model(args.preset, B + args.chunks, args.context + 256 + args.chunk, B + extra, args.chunk,
+                         args.dense_experts)
     cfg = model.cfg
     rng = np.random.default_rng(0)
     step = StepBatch.decode(rng.integers(0, cfg.vocab_size, B), np.full(B, args.context),
@@ -151,7 +154,7 @@ def roofline(args) -> int:
     t0 = time.perf_counter()
     max_b = max(args.batches)
     model = random_model(args.preset, max_b, max(args.context + 1, args.prefill) + 16, max(max_b, args.prefill),
-                         max(args.prefill, 1))
+                         max(args.prefill, 1), args.dense_experts)
     cupy.cuda.Device().synchronize()
     print(f"{args.preset}: random weights uploaded and caches filled in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -214,6 +217,9 @@ def main(argv=None) -> int:
                         "as the step's last layer routed to")
     f.add_argument("--copy-tbps", type=float, default=H200_COPY_TBPS, help="copy bandwidth ceiling, TB/s (default: %(default)s, measured on the H200)")
     f.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="bf16 tensor-core ceiling, TFLOP/s (default: %(default)s, measured on the H200)")
+    dense_help = ("with the dense copies of the expert weights (run.py --dense-experts; the roofline still "
+                  "counts the MXFP4 bytes)")
+    f.add_argument("--dense-experts", action="store_true", help=dense_help)
     add_json_option(f, "each step's profile and modelled work")
     r = sub.add_parser("run", help="one step between cudaProfilerStart/Stop (run it under ncu)")
     r.add_argument("kind", choices=("decode", "mixed"),
@@ -223,6 +229,7 @@ def main(argv=None) -> int:
     r.add_argument("--context", type=int, default=1024, help="tokens cached per decode sequence")
     r.add_argument("--chunks", type=int, default=16, help="mixed: prompt chunks in the step")
     r.add_argument("--chunk", type=int, default=256, help="mixed: tokens per prompt chunk")
+    r.add_argument("--dense-experts", action="store_true", help=dense_help)
     s = sub.add_parser("summarize", help="per-kernel totals of ncu's --csv --page raw output")
     s.add_argument("csv", help="the file ncu --csv --page raw wrote")
     args = p.parse_args(argv)
