@@ -28,12 +28,19 @@ def test_wgmma_variants_for_large_m_only():
         assert pick_variant(M, 5120, 132, wgmma=True) == pick_variant(M, 5120, 132)
 
 
-def test_tma_variant_replaces_the_wide_wgmma_tile_where_tensor_maps_exist():
-    for M, N in ((4096, 5120), (2048, 2880), (2048, 201088)):
+def test_tma_variants_where_tensor_maps_exist():
+    """The measured rule (docs/notes/gemm.md, "Mid-size M"): 128 x 256 tiles from half a wave of them,
+    128 x 128 where their last wave is much fuller, 128 x 64 under half a wave."""
+    for M, N in ((4096, 5120), (2048, 5120), (8192, 2880), (2048, 201088), (128, 201088)):
         assert pick_variant(M, N, 132, wgmma=True, tma=True) == "wgt128x256"
     assert pick_variant(1024, 2880, 132, wgmma=True, tma=True) == "wgt128x256"  # 96 tiles: half a wave
-    assert pick_variant(512, 2880, 132, wgmma=True, tma=True) == "64x64"       # 48 tiles
-    for M in (1, 64, 65):
+    assert pick_variant(512, 5120, 132, wgmma=True, tma=True) == "wgt128x256"   # 80 tiles
+    assert pick_variant(1024, 5120, 132, wgmma=True, tma=True) == "wgt128x128"  # 160 wide tiles: 1.2 waves
+    assert pick_variant(2048, 2880, 132, wgmma=True, tma=True) == "wgt128x128"  # 192 wide tiles
+    for M, N in ((65, 5120), (256, 5120), (512, 2880)):                         # at most 48 wide tiles
+        assert pick_variant(M, N, 132, wgmma=True, tma=True) == "wgt128x64"
+    assert pick_variant(4096, 32, 132, wgmma=True, tma=True) == "64x64"         # the router's N: as before
+    for M in (1, 64):
         assert pick_variant(M, 5120, 132, wgmma=True, tma=True) == pick_variant(M, 5120, 132, wgmma=True)
     assert pick_variant(4096, 5120, 132, wgmma=False, tma=True) == "128x128"  # tensor maps alone: no wgmma
 
@@ -42,10 +49,11 @@ def test_available_variants_hide_wgmma_without_sm90a():
     from gptoss.ops.gemm import available_variants
 
     wg = {name for name, v in VARIANTS.items() if v.wgmma}
-    assert wg == {"wgt128x256", "wg128x256", "wg128x128"}
+    tma = {"wgt128x256", "wgt128x128", "wgt128x64"}
+    assert wg == tma | {"wg128x256", "wg128x128"}
     assert not wg & set(available_variants(wgmma=False, tma=True))
     assert set(available_variants(wgmma=True, tma=True)) == set(VARIANTS)
-    assert set(available_variants(wgmma=True, tma=False)) == set(VARIANTS) - {"wgt128x256"}
+    assert set(available_variants(wgmma=True, tma=False)) == set(VARIANTS) - tma
     for name in wg:  # two consumer warpgroups (+ a producer for TMA); 1 KB of alignment slack in the ring
         v = VARIANTS[name]
         assert v.threads == (384 if v.tma else 256) and v.smem == v.stages * (v.bm + v.bn) * v.bk * 2 + 1024

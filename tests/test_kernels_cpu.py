@@ -129,7 +129,7 @@ def test_variant_tables_are_the_sources_rows():
 MACROS = [
     ("gemm", "GEMM_KERNEL", "NAME, BM, BN, BK, WM, WN, STAGES, MIN_BLOCKS", "32 * (WM) * (WN)"),
     ("gemm", "GEMM_WG_KERNEL", "NAME, BN, STAGES, MIN_BLOCKS", "GEMM_WG_THREADS"),
-    ("gemm", "GEMM_TMA_KERNEL", "NAME, BN, STAGES", "GEMM_TMA_THREADS"),
+    ("gemm", "GEMM_TMA_KERNEL", "NAME, BN, STAGES, MIN_BLOCKS", "GEMM_TMA_THREADS"),
     ("moe", "MOE_KERNEL", "NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_WG_KERNEL", "NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_DENSE_KERNEL", "NAME, NT, WARPS_N, STAGES, MLP1, MINB", "32 * WARPS_N"),

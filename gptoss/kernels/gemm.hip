@@ -377,7 +377,7 @@ template <int BN_, int STAGES_>
 struct GemmTmaTile {
     static constexpr int BM = GEMM_WG_BM, BN = BN_, BK = GEMM_WG_BK, STAGES = STAGES_, THREADS = GEMM_TMA_THREADS;
     static constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
-    static_assert(BN == 128 || BN == 256, "wgmma n128 or n256; a TMA box has at most 256 rows");
+    static_assert(BN == 64 || BN == 128 || BN == 256, "wgmma n64, n128 or n256; a TMA box has at most 256 rows");
     static_assert(STAGES >= 3, "one slot being read, one in a running wgmma group, one being filled");
 };
 
@@ -569,8 +569,8 @@ GEMM_WG_KERNEL(wg128x128, 128, 3, 2)  // 96 KiB smem, 2 CTAs/SM
 
 // TMA variant: the tensor maps of x ([M, K], box 64 x 128) and w ([N, K], box 64 x BN) come by value
 // (gptoss/ops/tma.py builds them); 3 warpgroups (a producer and two consumers).
-#define GEMM_TMA_KERNEL(NAME, BN, STAGES)                                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMM_TMA_THREADS, 1)                                      \
+#define GEMM_TMA_KERNEL(NAME, BN, STAGES, MIN_BLOCKS)                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMM_TMA_THREADS, MIN_BLOCKS)                             \
     gemm_##NAME(const __grid_constant__ TensorMap tx, const __grid_constant__ TensorMap tw,                \
                 const bf16_t* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int has_bias, \
                 int out_f32) {                                                                             \
@@ -578,5 +578,7 @@ GEMM_WG_KERNEL(wg128x128, 128, 3, 2)  // 96 KiB smem, 2 CTAs/SM
         GPTOSS_LAUNCH_DEPENDENTS();                                                                       \
         gemm_tma_body<GemmTmaTile<BN, STAGES>>(&tx, &tw, bias, out, M, N, K, has_bias, out_f32);          \
     }
-GEMM_TMA_KERNEL(wgt128x256, 256, 4)  // 192 KiB smem, 1 CTA/SM
+GEMM_TMA_KERNEL(wgt128x256, 256, 4, 1)  // 192 KiB smem, 1 CTA/SM
+GEMM_TMA_KERNEL(wgt128x128, 128, 4, 1)  // 128 KiB smem, 1 CTA/SM
+GEMM_TMA_KERNEL(wgt128x64, 64, 4, 2)    // 96 KiB smem, 2 CTAs/SM
 #endif

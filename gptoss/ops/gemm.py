@@ -7,10 +7,11 @@ Variants (tile shapes of one kernel body) and how one is picked from (M, N):
 - M <= 64 (decode): "d{BM}x{BN}": BM = 16/32/64 covers all rows in one row tile, BN is the widest of
   64/32/16 that still gives at least one CTA per SM (N = 2880 -> 16, 5120 -> 32, 201088 -> 64), 8 for the
   tiny N of the router; these stream W through a deep cp.async ring (memory bound).
-- M > 64 with the wgmma kernels (H100/H200; KernelOptions.wgmma): "wg128x256" / "wg128x128", wgmma with both
-  operands in shared memory (see pick_variant for which); where the driver can make tensor maps
-  (ops/tma.py), "wgt128x256" instead of "wg128x256": the same tiles, loaded by the tensor-memory
-  accelerator from a producer warpgroup.
+- M > 64 with the wgmma kernels (H100/H200; KernelOptions.wgmma): where the driver can make tensor maps
+  (ops/tma.py), the TMA kernels "wgt128x{256,128,64}" (tiles loaded by the tensor-memory accelerator from a
+  producer warpgroup, wgmma with both operands in shared memory): 128 x 256 from half a wave of them,
+  128 x 128 where that fills the last wave much better, 128 x 64 below half a wave (pick_variant). Without
+  tensor maps "wg128x256" / "wg128x128", the same wgmma tiles loaded by cp.async.
 - M > 64 elsewhere: "128x128" when it makes at least two waves of tiles, else "64x64" (measured on H100
   with benchmarks/kernel_gemm.py --sweep; "256x128" and "64x128" stay available for the sweep).
 - The portable mode (KernelOptions.portable, and every AMD GPU) has the same variants but the wgmma
@@ -51,14 +52,14 @@ class Variant:
 def _variants() -> dict[str, Variant]:
     """The variants listed at the bottom of gemm.hip: GEMM_KERNEL(name, BM, BN, BK, WM, WN, STAGES,
     MIN_BLOCKS) with 32 * WM * WN threads; GEMM_WG_KERNEL(name, BN, STAGES, MIN_BLOCKS) and
-    GEMM_TMA_KERNEL(name, BN, STAGES) with the fixed GEMM_WG_BM x BN x GEMM_WG_BK tiles."""
+    GEMM_TMA_KERNEL(name, BN, STAGES, MIN_BLOCKS) with the fixed GEMM_WG_BM x BN x GEMM_WG_BK tiles."""
     out = {}
     for name, bm, bn, bk, wm, wn, stages, _ in macro_rows("gemm", "GEMM_KERNEL"):
         out[name] = Variant(int(bm), int(bn), int(bk), 32 * int(wm) * int(wn), int(stages))
     bm, bk = define("gemm", "GEMM_WG_BM"), define("gemm", "GEMM_WG_BK")
     for name, bn, stages, _ in macro_rows("gemm", "GEMM_WG_KERNEL"):
         out[name] = Variant(bm, int(bn), bk, define("gemm", "GEMM_WG_THREADS"), int(stages), wgmma=True)
-    for name, bn, stages in macro_rows("gemm", "GEMM_TMA_KERNEL"):
+    for name, bn, stages, _ in macro_rows("gemm", "GEMM_TMA_KERNEL"):
         out[name] = Variant(bm, int(bn), bk, define("gemm", "GEMM_TMA_THREADS"), int(stages), wgmma=True,
                             tma=True)
     return out
@@ -72,6 +73,11 @@ _OUT_DTYPES = {"bf16": np.uint16, "f32": np.float32}
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _wave_fill(tiles: int, slots: int) -> float:
+    """The share of `slots`-wide waves that `tiles` CTAs keep busy: tiles / (waves * slots)."""
+    return tiles / (_cdiv(tiles, slots) * slots)
 
 
 def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool = False) -> str:
@@ -88,8 +94,15 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
             bn = max(bn, min(64, bm // 2))
         return f"d{bm}x{bn}"
     if wgmma:  # one CTA of 128 x 256 per SM once there is a wave of them; else 128 x 128, two per SM
-        # (the TMA kernel from half a wave on: 1.18x the 128 x 128 one at 96 tiles, M = 1,024, N = 2,880)
         wide_tiles = _cdiv(M, 128) * _cdiv(N, 256)
+        if tma and N > 512:  # the TMA kernels (docs/notes/gemm.md, "Mid-size M"; the router's N keeps the rule below)
+            if wide_tiles < sms // 2:  # under half a wave of 128 x 256: 128 x 64 tiles, two per SM
+                return "wgt128x64"
+            # 128 x 128 tiles (one per SM) where their last wave is much fuller than the 128 x 256 ones'
+            # (M = 1,024, N = 5,120: 160 wide tiles fill 61% of two waves, 320 narrow ones 81% of three)
+            if _wave_fill(2 * _cdiv(M, 128) * _cdiv(N, 256), sms) >= 1.25 * _wave_fill(wide_tiles, sms):
+                return "wgt128x128"
+            return "wgt128x256"
         if tma and wide_tiles >= sms // 2:
             return "wgt128x256"
         if wide_tiles >= sms:
