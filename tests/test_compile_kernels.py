@@ -96,7 +96,7 @@ def test_sm90a_build_has_the_wgmma_kernels(family):
     from gptoss.ops import gemm, moe
 
     assert family in WGMMA_FAMILIES
-    variants = {"moe": {name for name, v in moe.VARIANTS.items() if v.wgmma},
+    variants = {"moe": {name for name, v in moe.VARIANTS.items() if v.sm90a},
                 "gemm": {f"gemm_{name}" for name, v in gemm.VARIANTS.items() if v.wgmma}}[family]
     result = tool.compile_one(family, expanded_source(family), "sm_90a", report=True)
     assert result.ok, result.output
@@ -222,7 +222,7 @@ def test_the_portable_define_turns_every_nvidia_fast_path_off(tmp_path, arch):
 def test_portable_build_has_no_nvidia_only_instruction_and_every_kernel_the_ops_launch(family, tmp_path):
     """The portable build of each family with NVIDIA fast paths assembles to PTX without tensor-core,
     async-copy, TMA or warp-synchronous instructions (its fast build has them: the check can see them),
-    and it defines every kernel the ops launch in the portable mode: every variant but the wgmma ones."""
+    and it defines every kernel the ops launch in the portable mode: every variant but the sm_90a ones."""
     need_compilers("nvcc")
     from gptoss.ops import gemm, moe
 
@@ -232,7 +232,7 @@ def test_portable_build_has_no_nvidia_only_instruction_and_every_kernel_the_ops_
     assert any(op in fast for op in NVIDIA_ONLY_PTX)
     entries = set(re.findall(r"\.entry\s+(\w+)", portable))
     launched = {"gemm": {f"gemm_{n}" for n, v in gemm.VARIANTS.items() if not v.wgmma},
-                "moe": {n for n, v in moe.VARIANTS.items() if not v.wgmma},
+                "moe": {n for n, v in moe.VARIANTS.items() if not v.sm90a},
                 "attention": {"rope_and_cache", "attn_simple"},
                 "routing": {"router_logits", "router_logits_f32", "router_topk", "moe_dispatch",
                             "moe_combine_add"}}[family]

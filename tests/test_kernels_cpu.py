@@ -120,7 +120,8 @@ def test_variant_tables_are_the_sources_rows():
         assert (v.bm, v.bn, v.bk, v.threads, v.stages, v.wgmma) == (consts["GEMM_WG_BM"], int(bn), consts["GEMM_WG_BK"],
                                                                     threads, int(stages), True)
     assert [v.tma for v in gemm.VARIANTS.values()].count(True) == len(rows["GEMM_TMA_KERNEL"])
-    moe_rows = [r for m in ("MOE_KERNEL", "MOE_WG_KERNEL", "MOE_DENSE_KERNEL") for r in K.parse_macro_rows(source("moe"), m)]
+    moe_rows = [r for m in ("MOE_KERNEL", "MOE_WG_KERNEL", "MOE_STD_KERNEL", "MOE_DENSE_KERNEL")
+                for r in K.parse_macro_rows(source("moe"), m)]
     assert sorted(moe.VARIANTS) == sorted(r[0] for r in moe_rows)
 
 
@@ -132,6 +133,7 @@ MACROS = [
     ("gemm", "GEMM_TMA_KERNEL", "NAME, BN, STAGES, MIN_BLOCKS", "GEMM_TMA_THREADS"),
     ("moe", "MOE_KERNEL", "NAME, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_WG_KERNEL", "NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB", "32 * WARPS_N"),
+    ("moe", "MOE_STD_KERNEL", "NAME, NT, MW, WARPS_N, KSUB, STAGES, MLP1, MINB", "32 * WARPS_N"),
     ("moe", "MOE_DENSE_KERNEL", "NAME, NT, WARPS_N, STAGES, MLP1, MINB", "32 * WARPS_N"),
     ("attention", "ATTN_DECODE_KERNEL", "NAME, G, STAGES", "32"),
     ("attention", "ATTN_DECODE_FP8_KERNEL", "NAME, G, STAGES", "32"),

@@ -334,6 +334,10 @@ def test_shared_memory_budget_cpu():
               for f in ("mxfp4", "bf16") for wg in (False, True) for bm in M.tile_heights(f, wgmma=wg)
               for dense in (False, True)}
     assert picked == set(M.VARIANTS)
+    # decode tiles where the wgmma kernels run: mma.sync in their k order (their bits, measured faster)
+    assert all(M.variant_for(s, "mxfp4", 16, wgmma=True).std for s in ("mlp1", "mlp2"))
+    assert not any(M.variant_for(s, "mxfp4", bm, wgmma=wg).std for s in ("mlp1", "mlp2") for wg, bm in
+                   ((False, 16), (True, 64), (True, 128)))
     assert all(v.dense == (v.name.split("_")[2] == "dense") for v in M.VARIANTS.values())
     assert M.tile_heights("bf16", wgmma=True) == (16, 64) and M.tile_heights("mxfp4", wgmma=False) == (16, 64)
     with pytest.raises(ValueError, match="tile height 128"):

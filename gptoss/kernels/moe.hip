@@ -165,13 +165,18 @@ DEVICE void ldsm_x4(u32 r[4], u32 saddr) {
 // Shared-memory position of MXFP4 weight row n (local to the tile): even columns of each 16 first.
 DEVICE int wpos(int n) { return (n & ~15) | ((n & 1) << 3) | ((n >> 1) & 7); }
 
-template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_, bool WG_ = false, int LAG_ = 0>
+template <int NT_, int MW_, int WARPS_N_, int KSUB_, int STAGES_, bool FP4_, bool WG_ = false, int LAG_ = 0,
+          bool STD_ = false>
 struct MoeCfg {
     static constexpr int NT = NT_;            // n8 tiles of token rows (per warp = per CTA)
     static constexpr int MW = MW_;            // m16 tiles of weight rows per warp (16 * MW columns)
     static constexpr int WARPS_N = WARPS_N_, KSUB = KSUB_, STAGES = STAGES_;
     static constexpr bool FP4 = FP4_;
     static constexpr bool WG = WG_;           // wgmma (sm_90a): each warpgroup owns 64 columns
+    // STD: mma.sync over MXFP4 in the wgmma kernels' k order (compute_stage_fp4_std): the same products,
+    // summed in the same order, so its results are the wgmma variants' bits
+    static constexpr bool STD = STD_;
+    static_assert(!STD || (FP4 && !WG), "the standard-order mma.sync path is an MXFP4 mma.sync kernel");
     // LAG > 0: the ring runs on mbarriers instead of a CTA barrier per k-tile: a slot is refilled LAG
     // k-tiles after it was read, once every warp has released it, so warpgroups drift apart by up to LAG
     static constexpr int LAG = LAG_;
@@ -186,11 +191,12 @@ struct MoeCfg {
     // one wgmma group in flight (mainloop_inflight; a slot is refilled one k-tile after it was read).
     static constexpr bool TMA_W = WG && !FP4;
     static_assert(!TMA_W || LAG == 1, "the dense kernels' ring refills one k-tile behind");
-    static_assert(LAG == 0 || (WG && LAG < STAGES), "mbarrier ring: wgmma kernels");
-    static_assert(!WG || ((FP4 || (LAG > 0 && KSUB == 2)) && MW == 1 && WARPS_N % 4 == 0 && KSUB % 2 == 0
-                          && (NT == 2 || NT == 8 || NT == 16)),
-                  "wgmma variant: MXFP4 (or dense on the mbarrier ring, one 64-k box per k-tile), whole "
-                  "warpgroups, 64-wide token rows, n16, n64 or n128");
+    static_assert(WG == (LAG > 0) && LAG < STAGES, "the wgmma kernels run on the mbarrier ring, the others on "
+                  "the CTA-barrier ring (mainloop)");
+    static_assert(!WG || ((FP4 || KSUB == 2) && MW == 1 && WARPS_N % 4 == 0 && KSUB % 2 == 0
+                          && (NT == 8 || NT == 16)),
+                  "wgmma variant: MXFP4 (or dense, one 64-k box per k-tile), whole warpgroups, 64-wide "
+                  "token rows, n64 or n128");
     static constexpr int BM = 8 * NT, BN = 16 * MW * WARPS_N, BK = 32 * KSUB, KCH = BK / 8;
     static constexpr int THREADS = 32 * WARPS_N;
     static constexpr int A_BYTES = BM * BK * 2;                          // tokens
@@ -309,6 +315,50 @@ struct MoeCta {
                 for (int j = 0; j < C::MW; ++j) {
                     mma_bf16_16816(acc[j][i], af[j][0], b0);
                     mma_bf16_16816(acc[j][i], af[j][1], b1);
+                }
+            }
+        }
+    }
+
+    // MXFP4 weights in the wgmma kernels' k order (the A fragments of issue_stage_wg: lane t gathers bytes
+    // t, t+4, t+8, t+12 of a row's 16-byte block) and the tokens through ldmatrix in the standard order
+    // (as compute_stage_bf16; the tokens' chunk swizzle is the bf16 path's): per k16 step the same
+    // products as the wgmma kernels' wgmma, one mma.m16n8k16 per token n8 tile.
+    template <bool BIG>
+    DEVICE void compute_stage_fp4_std(int buf, int kt) {
+        const unsigned char* sb = smem + buf * C::STAGE_BYTES + C::A_BYTES;
+        const unsigned char* sc = smem + C::SC_OFS;
+        const u32 sa = sbase + buf * C::STAGE_BYTES;
+        const int q = lane / 8, li = lane % 8;  // ldmatrix: lane gives row li of matrix q
+        const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
+        #pragma unroll
+        for (int kk = 0; kk < C::KSUB; ++kk) {
+            const int kb = kt * C::KSUB + kk;
+            u32 af[C::MW][2][4];  // [tile][step][quad]
+            #pragma unroll
+            for (int j = 0; j < C::MW; ++j) {
+                const int pr = nw + 16 * j + g;  // = wpos(nw + 16j + 2g); row g + 8 sits 8 blocks later
+                const uint4 v0 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr) * 16);
+                const uint4 v1 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr + 8) * 16);
+                const u32 w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
+                const u32 w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
+                // byte q = 2s + r of a word: pair 8s + t + 4r
+                fp4_block_fragments<BIG>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
+            }
+            #pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int ks = 2 * kk + s;  // k16 step of the k-tile
+                #pragma unroll
+                for (int ip = 0; ip < C::NT / 2; ++ip) {  // matrices: tiles 2ip / 2ip + 1 (q >> 1) x k lo / hi (q & 1)
+                    const int r = 16 * ip + 8 * (q >> 1) + li, ch = 2 * ks + (q & 1);
+                    u32 bq[4];
+                    ldsm_x4(bq, sa + r * C::BK * 2 + ((ch ^ (r & 7)) * 16));
+                    const u32 b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+                    #pragma unroll
+                    for (int j = 0; j < C::MW; ++j) {
+                        mma_bf16_16816(acc[j][2 * ip], af[j][s], b0);
+                        mma_bf16_16816(acc[j][2 * ip + 1], af[j][s], b1);
+                    }
                 }
             }
         }
@@ -479,22 +529,11 @@ struct MoeCta {
         int rbuf = 0, wbuf = C::AHEAD;
         for (int kt = 0; kt < KT; ++kt) {
             cp_async_wait<C::AHEAD - 1>();
-#if GPTOSS_HAS_WGMMA
-            if constexpr (C::WG) fence_proxy_async();  // the tokens are read by wgmma (async proxy)
-#endif
             __syncthreads();  // k-tile kt landed for everyone; slot wbuf (read at kt - 1) is free
-            if (kt + C::AHEAD < KT && !(C::WG && MOE_ABLATE == 3)) load_stage(wbuf, kt + C::AHEAD);
+            if (kt + C::AHEAD < KT) load_stage(wbuf, kt + C::AHEAD);
             cp_async_commit();
-            if constexpr (C::WG) {
-#if GPTOSS_HAS_WGMMA
-                // Wait for this stage's wgmmas before dequantizing the next one. Leaving one group in
-                // flight needs the ring to refill a slot two stages after it was read (the running
-                // wgmmas still read its tokens), and then ptxas serializes the wgmmas anyway (C7513:
-                // the next stage's A fragments are defined while a wgmma is in flight).
-                issue_stage_wg<BIG>(rbuf, kt);
-                wgmma_wait<0>();
-                fence_acc();
-#endif
+            if constexpr (C::STD) {
+                compute_stage_fp4_std<BIG>(rbuf, kt);
             } else if constexpr (C::FP4) {
                 compute_stage_fp4<BIG>(rbuf, kt);
             } else {
@@ -553,7 +592,7 @@ struct MoeCta {
             const int r = tid / C::KCH + i * C::A_STEP;
             const int rr = r < C::BM ? r : 0;
             a_src[i] = s_arow[rr];  // rows past `rows` point at row 0 and copy 0 bytes
-            const int sw = C::FP4 ? a_ch ^ ((rr & 1) << 2) : a_ch ^ (rr & 7);
+            const int sw = C::FP4 && !C::STD ? a_ch ^ ((rr & 1) << 2) : a_ch ^ (rr & 7);
             // wgmma: [BK/64][BM][128 B] atoms in the 128-byte swizzle (mma.h, wgmma_desc_sw128)
             a_dst[i] = C::WG ? (a_ch >> 3) * C::BM * 128 + sw128_offset(rr, a_ch & 7)
                              : rr * C::BK * 2 + sw * 16;
@@ -719,6 +758,14 @@ DEVICE void moe_gemm(const MoeParams& p) {
         p.amap = &amap;                                                                              \
         moe_gemm<MoeCfg<NT, 1, WARPS_N, KSUB, STAGES, true, true, LAG>, MLP1>(p);                     \
     }
+// MXFP4 mma.sync kernels in the wgmma kernels' k order (MoeCfg::STD): bit-identical to the wgmma variants
+#define MOE_STD_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, MLP1, MINB)                              \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_N, MINB) NAME(MOE_ARGS) {                \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                    \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                  \
+        const MoeParams p = MOE_PARAMS;                                                              \
+        moe_gemm<MoeCfg<NT, MW, WARPS_N, KSUB, STAGES, true, false, 0, true>, MLP1>(p);              \
+    }
 // Dense experts (bf16 weights in the wgmma row order, ops.moe.dense_expert_copy): tensor maps of the
 // token rows (mlp2) and of the weights [E * N, K] (boxes of 64 k x BN rows); BK = 64.
 #define MOE_DENSE_KERNEL(NAME, NT, WARPS_N, STAGES, MLP1, MINB)                                      \
@@ -874,9 +921,9 @@ MOE_KERNEL(moe_mlp2_bf16_m16,   2, 1, 4,      4,   4,     false, false, 2)
 //   m128: getp from 64 rows per expert on (T >= 512 on 20b): 128 x 128 tiles, 2 warpgroups. The
 //         dequantization per weight is shared by twice the tokens of m64: 1.5x its speed at T = 4096.
 //         2880 = 22.5 x 128: mlp2's last column tile is half empty.
-// LAG: 0 = the k-tile ring synchronizes the CTA once per k-tile (__syncthreads); 2 = mbarrier ring
-// (mainloop_mb), warpgroups drift apart by up to two k-tiles: one dequantizes while the other's wgmmas
-// run. 3-15% faster for m128 and m64 at T = 256..4,096 on an H200; no gain for the memory-bound m16.
+// LAG 2: the mbarrier ring (mainloop_mb), warpgroups drift apart by up to two k-tiles: one dequantizes
+// while the other's wgmmas run. 3-15% faster for m128 and m64 at T = 256..4,096 on an H200 than a ring
+// that synchronizes the CTA once per k-tile.
 #ifndef MOE_WG_KERNEL
 #define MOE_WG_KERNEL(NAME, NT, WARPS_N, KSUB, STAGES, LAG, MLP1, MINB)
 #endif
@@ -885,8 +932,19 @@ MOE_WG_KERNEL(moe_mlp1_fp4_m128_wg,  16, 8,      2,   4,     2,  true,  2)
 MOE_WG_KERNEL(moe_mlp2_fp4_m128_wg,  16, 8,      2,   4,     2,  false, 2)
 MOE_WG_KERNEL(moe_mlp1_fp4_m64_wg,   8,  12,     2,   5,     2,  true,  2)
 MOE_WG_KERNEL(moe_mlp2_fp4_m64_wg,   8,  12,     2,   5,     2,  false, 2)
-MOE_WG_KERNEL(moe_mlp1_fp4_m16_wg,   2,  4,      4,   5,     0,  true,  4)
-MOE_WG_KERNEL(moe_mlp2_fp4_m16_wg,   2,  4,      4,   5,     0,  false, 4)
+
+// mma.sync kernels in the wgmma kernels' k order (MoeCfg::STD; sm_90a builds only, where ops/moe.py takes
+// them for the 16-row tiles beside the wgmma variants): bit-identical to those.
+//   m16: decode (<= 16 rows per expert): 16 x 64 tiles, 4 warps of 16 columns, the A fragments the
+//        wgmma kernels dequantize, one mma.m16n8k16 per token n8 tile. Against a one-warpgroup wgmma
+//        kernel of the same tile (m16_wg, dropped), per 20b layer on the H200: mlp1 28.5 / 30.7 us at
+//        T = 1, 88.7 / 99.3 at T = 8, 171 / 191 at T = 64; mlp2 21.3 / 22.5, 50.4 / 54.3, 91.3 / 98.7.
+#ifndef MOE_STD_KERNEL
+#define MOE_STD_KERNEL(NAME, NT, MW, WARPS_N, KSUB, STAGES, MLP1, MINB)
+#endif
+//             name                    NT MW WARPS_N KSUB STAGES MLP1   MIN_BLOCKS
+MOE_STD_KERNEL(moe_mlp1_fp4_m16_std,   2, 1, 4,      4,   4,     true,  4)
+MOE_STD_KERNEL(moe_mlp2_fp4_m16_std,   2, 1, 4,      4,   4,     false, 4)
 
 // Dense experts (sm_90a builds only; ops/moe.py takes them for weights that carry ExpertWeights.dense
 // once the average expert has DENSE_MIN_ROWS rows): the m128_wg tiles and k16 steps with bf16 weights

@@ -57,6 +57,12 @@ class Variant:
     wgmma: bool = False  # sm_90a warpgroup kernel (MOE_WG_KERNEL): stages start 1 KB-aligned
     lag: int = 0         # wgmma kernels: > 0 = mbarrier ring (mlp2's token rows then come by TMA)
     dense: bool = False  # MOE_DENSE_KERNEL: bf16 weights from ExpertWeights.dense, by TMA (fp4 False)
+    std: bool = False    # MOE_STD_KERNEL: mma.sync in the wgmma kernels' k order (their bits; sm_90a builds)
+
+    @property
+    def sm90a(self) -> bool:
+        """Built only in the sm_90a pass (ops/moe.py picks it only where the wgmma kernels run)."""
+        return self.wgmma or self.std
 
     @property
     def bm(self) -> int:
@@ -87,15 +93,19 @@ class Variant:
 
 def _variants() -> dict[str, Variant]:
     """MOE_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, FP4, MLP1, MIN_BLOCKS), MOE_WG_KERNEL(name, NT,
-    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS) and MOE_DENSE_KERNEL(name, NT, WARPS_N, STAGES, MLP1,
-    MIN_BLOCKS) lines (a wgmma kernel is MXFP4 with MW = 1: its macro's MoeCfg<NT, 1, ..., true, true, LAG>;
-    a dense one MoeCfg<NT, 1, WARPS_N, 2, STAGES, false, true, 1>)."""
+    WARPS_N, KSUB, STAGES, LAG, MLP1, MIN_BLOCKS), MOE_STD_KERNEL(name, NT, MW, WARPS_N, KSUB, STAGES, MLP1,
+    MIN_BLOCKS) and MOE_DENSE_KERNEL(name, NT, WARPS_N, STAGES, MLP1, MIN_BLOCKS) lines (a wgmma kernel is
+    MXFP4 with MW = 1: its macro's MoeCfg<NT, 1, ..., true, true, LAG>; a standard-order one MXFP4
+    mma.sync, MoeCfg<..., true, false, 0, true>; a dense one MoeCfg<NT, 1, WARPS_N, 2, STAGES, false, true,
+    1>)."""
     out = {}
     for name, nt, mw, wn, ks, st, fp4, mlp1, _ in macro_rows("moe", "MOE_KERNEL"):
         out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), fp4 == "true", mlp1 == "true")
     for name, nt, wn, ks, st, lag, mlp1, _ in macro_rows("moe", "MOE_WG_KERNEL"):
         out[name] = Variant(name, int(nt), 1, int(wn), int(ks), int(st), True, mlp1 == "true", wgmma=True,
                             lag=int(lag))
+    for name, nt, mw, wn, ks, st, mlp1, _ in macro_rows("moe", "MOE_STD_KERNEL"):
+        out[name] = Variant(name, int(nt), int(mw), int(wn), int(ks), int(st), True, mlp1 == "true", std=True)
     for name, nt, wn, st, mlp1, _ in macro_rows("moe", "MOE_DENSE_KERNEL"):
         out[name] = Variant(name, int(nt), 1, int(wn), 2, int(st), False, mlp1 == "true", wgmma=True, lag=1,
                             dense=True)
@@ -125,8 +135,9 @@ def tile_heights(fmt: str, wgmma: bool | None = None) -> tuple[int, ...]:
 
 def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, dense: bool = False) -> Variant:
     """The kernel of mlp1/mlp2 ("mlp1" | "mlp2") for weights "mxfp4" | "bf16" and tile height bm: with
-    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants, and the 128-row ones
-    the dense kernels when the weights carry a dense copy (`dense`)."""
+    the wgmma kernels (KernelOptions.wgmma) the MXFP4 ones are the wgmma variants for 64 and 128 rows
+    (the dense kernels when the weights carry a dense copy, `dense`, at 128) and the mma.sync kernels in
+    their k order for 16 rows (MOE_STD_KERNEL): all of them give the same bits."""
     wg = _uses_wgmma(fmt, wgmma)
     heights = tile_heights(fmt, wg)
     if bm not in heights:
@@ -135,7 +146,9 @@ def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, dense:
     if dense and bm == 128:
         return VARIANTS[f"moe_{stage}_dense_m128_wg"]
     name = f"moe_{stage}_{'fp4' if fmt == 'mxfp4' else 'bf16'}_m{bm}"
-    return VARIANTS[name + "_wg" if wg else name]
+    if wg:  # the 16-row tiles: mma.sync in the wgmma kernels' k order (faster there than a wgmma tile)
+        name += "_std" if bm == 16 else "_wg"
+    return VARIANTS[name]
 
 
 # Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones

@@ -696,6 +696,40 @@ def test_dense_experts_give_the_mxfp4_bits(H, I, E, T, variant):
     np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp2(y2, d, D2, b2, weights)), o_want)
 
 
+STD_VARIANTS = [v.name for v in M.VARIANTS.values() if v.std and v.mlp1]
+
+
+@gpu
+@pytest.mark.parametrize("variant", STD_VARIANTS)
+@pytest.mark.parametrize("H, I, E, T", [(96, 64, 4, 3), (64, 96, 32, 40), (2880, 2880, 32, 1), (2880, 2880, 32, 64),
+                                        (2880, 2880, 128, 8)])
+def test_mma_sync_kernels_in_the_wgmma_order_give_the_wgmma_bits(H, I, E, T, variant):
+    """mlp1 and mlp2 through every MOE_STD_KERNEL / MOE_N8_KERNEL row (mma.sync, the wgmma kernels' k order)
+    give the bits of the MXFP4 wgmma kernels, at any T and shape (ragged column tiles, K % 64 = 32)."""
+    import cupy
+
+    _need_dense()  # the same build: sm_90a with the wgmma kernels
+    rng = np.random.default_rng(H + 5 * I + 11 * T + E)
+    k = 4
+    W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
+    b1, b2 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5)), cupy.asarray(bf16(rng, (E, H), 0.5))
+    t = cupy.asarray(bf16(rng, (T, H)))
+    weights = cupy.asarray(rng.dirichlet(np.ones(k), size=T).astype(np.float32))
+    d = dispatch_dev(distinct_experts(rng, T, E, k), E)
+    kernels = M.resolved(None)
+    y_want = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=64)
+    o_want = cupy.asnumpy(M.expert_mlp2(y_want, d, W2.dev, b2, weights, bm=64))
+    y_want = cupy.asnumpy(y_want)
+    y = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
+    o = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
+    v1 = M.VARIANTS[variant]
+    v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
+    M._launch_gemm(t, d, M.expert_matrix(W1.dev, "w1"), b1, None, y, None, LIMIT, ALPHA, v1, kernels)
+    np.testing.assert_array_equal(cupy.asnumpy(y), y_want)
+    M._launch_gemm(cupy.asarray(y_want), d, M.expert_matrix(W2.dev, "w2"), b2, weights, None, o, 0.0, 0.0, v2, kernels)
+    np.testing.assert_array_equal(cupy.asnumpy(o), o_want)
+
+
 @gpu
 def test_workspace_and_graph_capture():
     """moe() with a workspace gives the same bits as without, and replays from a CUDA graph."""
