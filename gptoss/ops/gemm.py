@@ -93,7 +93,7 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
             # each column tile re-reads the M real rows of x from L2: keep that below ~2x W's bytes
             bn = max(bn, min(64, bm // 2))
         return f"d{bm}x{bn}"
-    if wgmma:  # one CTA of 128 x 256 per SM once there is a wave of them; else 128 x 128, two per SM
+    if wgmma:
         wide_tiles = _cdiv(M, 128) * _cdiv(N, 256)
         if tma and N > 512:  # the TMA kernels (docs/notes/gemm.md, "Mid-size M"; the router's N keeps the rule below)
             if wide_tiles < sms // 2:  # under half a wave of 128 x 256: 128 x 64 tiles, two per SM
@@ -103,8 +103,9 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
             if _wave_fill(2 * _cdiv(M, 128) * _cdiv(N, 256), sms) >= 1.25 * _wave_fill(wide_tiles, sms):
                 return "wgt128x128"
             return "wgt128x256"
-        if tma and wide_tiles >= sms // 2:
+        if tma and wide_tiles >= sms // 2:  # the router's N: the TMA tile from half a wave
             return "wgt128x256"
+        # otherwise one CTA of 128 x 256 per SM once there is a wave of them; else 128 x 128, two per SM
         if wide_tiles >= sms:
             return "wg128x256"
         if _cdiv(M, 128) * _cdiv(N, 128) >= sms:

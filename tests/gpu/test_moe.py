@@ -614,9 +614,10 @@ def test_mxfp4_large_scales_exact(bm):
     assert rel_err(from_bf16_bits(cupy.asnumpy(y_big)), want) <= 1e-2
 
 
-def _need_dense():
+def _need_sm90a():
     if not M.uses_wgmma("mxfp4"):
-        pytest.skip("the dense expert kernels are sm_90a wgmma kernels: not the default here")
+        pytest.skip("the dense and standard-order expert kernels are built for sm_90a only, where the wgmma "
+                    "kernels run: not the default here")
 
 
 def _dense_order(n):
@@ -628,7 +629,7 @@ def _dense_order(n):
 def test_dense_expert_copy_is_the_dequantized_weights_in_wgmma_row_order():
     import cupy
 
-    _need_dense()
+    _need_sm90a()
     rng = np.random.default_rng(5)
     E, R, C = 3, 48, 96
     W = Experts(rng, "mxfp4", E, R, C, scale_lo=100, scale_hi=140)
@@ -664,7 +665,7 @@ def test_dense_experts_give_the_mxfp4_bits(H, I, E, T, variant):
     MXFP4 wgmma kernels of every tile height, and pick_bm takes them for 128-row tiles."""
     import cupy
 
-    _need_dense()
+    _need_sm90a()
     rng = np.random.default_rng(H + 7 * I + 3 * T + E)
     k = 4
     W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
@@ -708,7 +709,7 @@ def test_mma_sync_kernels_in_the_wgmma_order_give_the_wgmma_bits(H, I, E, T, var
     give the bits of the MXFP4 wgmma kernels, at any T and shape (ragged column tiles, K % 64 = 32)."""
     import cupy
 
-    _need_dense()  # the same build: sm_90a with the wgmma kernels
+    _need_sm90a()
     rng = np.random.default_rng(H + 5 * I + 11 * T + E)
     k = 4
     W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
