@@ -320,6 +320,26 @@ struct MoeCta {
         }
     }
 
+    // Lane t's bytes t, t+4, t+8, t+12 of the 16-byte blocks of weight rows at positions pr and pr + 8
+    // (rows g and g + 8 of an m16 tile) in block kk of a stage (sb): the k pairs of the wgmma kernels' order
+    DEVICE void wg_order_words(const unsigned char* sb, int kk, int pr, u32& w0, u32& w1) const {
+        const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
+        const uint4 v0 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr) * 16);
+        const uint4 v1 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr + 8) * 16);
+        w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
+        w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
+    }
+
+    // The mma B fragments of token n8 tiles 2ip and 2ip + 1 for k16 step ks of the stage at sa, standard
+    // k order (one ldmatrix.x4: tiles 2ip / 2ip + 1 (q >> 1) x k lo / hi (q & 1); chunk swizzle ch ^ (r & 7))
+    DEVICE void token_fragments(u32 sa, int ks, int ip, u32 b0[2], u32 b1[2]) const {
+        const int q = lane / 8, li = lane % 8;  // ldmatrix: lane gives row li of matrix q
+        const int r = 16 * ip + 8 * (q >> 1) + li, ch = 2 * ks + (q & 1);
+        u32 bq[4];
+        ldsm_x4(bq, sa + r * C::BK * 2 + ((ch ^ (r & 7)) * 16));
+        b0[0] = bq[0], b0[1] = bq[1], b1[0] = bq[2], b1[1] = bq[3];
+    }
+
     // MXFP4 weights in the wgmma kernels' k order (the A fragments of issue_stage_wg: lane t gathers bytes
     // t, t+4, t+8, t+12 of a row's 16-byte block) and the tokens through ldmatrix in the standard order
     // (as compute_stage_bf16; the tokens' chunk swizzle is the bf16 path's): per k16 step the same
@@ -329,31 +349,22 @@ struct MoeCta {
         const unsigned char* sb = smem + buf * C::STAGE_BYTES + C::A_BYTES;
         const unsigned char* sc = smem + C::SC_OFS;
         const u32 sa = sbase + buf * C::STAGE_BYTES;
-        const int q = lane / 8, li = lane % 8;  // ldmatrix: lane gives row li of matrix q
-        const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
         #pragma unroll
         for (int kk = 0; kk < C::KSUB; ++kk) {
             const int kb = kt * C::KSUB + kk;
             u32 af[C::MW][2][4];  // [tile][step][quad]
             #pragma unroll
             for (int j = 0; j < C::MW; ++j) {
-                const int pr = nw + 16 * j + g;  // = wpos(nw + 16j + 2g); row g + 8 sits 8 blocks later
-                const uint4 v0 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr) * 16);
-                const uint4 v1 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr + 8) * 16);
-                const u32 w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
-                const u32 w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
-                // byte q = 2s + r of a word: pair 8s + t + 4r
+                u32 w0, w1;  // byte q = 2s + r of a word: pair 8s + t + 4r
+                wg_order_words(sb, kk, nw + 16 * j + g, w0, w1);  // = wpos(nw + 16j + 2g)
                 fp4_block_fragments<BIG>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
             }
             #pragma unroll
             for (int s = 0; s < 2; ++s) {
-                const int ks = 2 * kk + s;  // k16 step of the k-tile
                 #pragma unroll
-                for (int ip = 0; ip < C::NT / 2; ++ip) {  // matrices: tiles 2ip / 2ip + 1 (q >> 1) x k lo / hi (q & 1)
-                    const int r = 16 * ip + 8 * (q >> 1) + li, ch = 2 * ks + (q & 1);
-                    u32 bq[4];
-                    ldsm_x4(bq, sa + r * C::BK * 2 + ((ch ^ (r & 7)) * 16));
-                    const u32 b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+                for (int ip = 0; ip < C::NT / 2; ++ip) {
+                    u32 b0[2], b1[2];
+                    token_fragments(sa, 2 * kk + s, ip, b0, b1);  // k16 step 2kk + s of the k-tile
                     #pragma unroll
                     for (int j = 0; j < C::MW; ++j) {
                         mma_bf16_16816(acc[j][2 * ip], af[j][s], b0);
@@ -376,11 +387,9 @@ struct MoeCta {
                 ldsm_x4(af[j], sb + n * C::BK * 2 + ((ch ^ ((n >> 1) & 7)) * 16));
             }
             #pragma unroll
-            for (int ip = 0; ip < C::NT / 2; ++ip) {  // matrices: tiles 2ip / 2ip + 1 (q >> 1) x k lo / hi (q & 1)
-                const int r = 16 * ip + 8 * (q >> 1) + li, ch = 2 * ks + (q & 1);
-                u32 bq[4];
-                ldsm_x4(bq, sa + r * C::BK * 2 + ((ch ^ (r & 7)) * 16));
-                const u32 b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+            for (int ip = 0; ip < C::NT / 2; ++ip) {
+                u32 b0[2], b1[2];
+                token_fragments(sa, ks, ip, b0, b1);
                 #pragma unroll
                 for (int j = 0; j < C::MW; ++j) {
                     mma_bf16_16816(acc[j][2 * ip], af[j], b0);
@@ -412,15 +421,12 @@ struct MoeCta {
         }
         const unsigned char* sb = smem + buf * C::STAGE_BYTES + C::A_BYTES;
         const unsigned char* sc = smem + C::SC_OFS;
-        const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
         u32 af[C::KSUB][2][4];                  // [block][step][quad]
         #pragma unroll
         for (int kk = 0; kk < C::KSUB; ++kk) {
-            const int kb = kt * C::KSUB + kk, pr = nw + g;  // wpos(nw + 2g); row g + 8 sits 8 blocks later
-            const uint4 v0 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr) * 16);
-            const uint4 v1 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr + 8) * 16);
-            const u32 w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
-            const u32 w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
+            const int kb = kt * C::KSUB + kk;
+            u32 w0, w1;
+            wg_order_words(sb, kk, nw + g, w0, w1);  // wpos(nw + 2g); row g + 8 sits 8 blocks later
             const u32 s0 = sc[sc_row[0][0] + kb], s1 = sc[sc_row[0][1] + kb];
 #if MOE_ABLATE == 1
             #pragma unroll
