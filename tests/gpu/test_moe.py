@@ -656,6 +656,37 @@ class _Dense:
 DENSE_VARIANTS = [v.name for v in M.VARIANTS.values() if v.dense and v.mlp1]
 
 
+def _expert_case(seed, H, I, E, T, k=4):
+    """MXFP4 w1/w2 with biases, tokens, routing weights and the dispatch of T tokens to k distinct
+    experts each, on the device."""
+    import cupy
+
+    rng = np.random.default_rng(seed)
+    W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
+    b1, b2 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5)), cupy.asarray(bf16(rng, (E, H), 0.5))
+    t = cupy.asarray(bf16(rng, (T, H)))
+    experts = distinct_experts(rng, T, E, k)
+    weights = cupy.asarray(rng.dirichlet(np.ones(k), size=T).astype(np.float32))
+    return W1, W2, b1, b2, t, weights, dispatch_dev(experts, E)
+
+
+def _assert_variant_bits(variant, t, d, w1, w2, b1, b2, weights, y_want, o_want):
+    """mlp1 then mlp2 launched through the MOE_*_KERNEL row `variant` (and its mlp2 twin) on weights w1,
+    w2 (any form expert_matrix takes) give y_want and o_want bit for bit."""
+    import cupy
+
+    T, k = weights.shape
+    kernels = M.resolved(None)
+    y = cupy.full((T * k, y_want.shape[1]), 0xFFFF, dtype=cupy.uint16)
+    o = cupy.full((T * k, o_want.shape[1]), np.nan, dtype=cupy.float32)
+    v1 = M.VARIANTS[variant.replace("mlp2", "mlp1")]
+    v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
+    M._launch_gemm(t, d, M.expert_matrix(w1, "w1"), b1, None, y, None, LIMIT, ALPHA, v1, kernels)
+    np.testing.assert_array_equal(cupy.asnumpy(y), y_want)
+    M._launch_gemm(cupy.asarray(y_want), d, M.expert_matrix(w2, "w2"), b2, weights, None, o, 0.0, 0.0, v2, kernels)
+    np.testing.assert_array_equal(cupy.asnumpy(o), o_want)
+
+
 @gpu
 @pytest.mark.parametrize("variant", DENSE_VARIANTS)
 @pytest.mark.parametrize("H, I, E, T", [(96, 64, 4, 2048), (64, 96, 32, 333), (2880, 2880, 32, 2048),
@@ -666,31 +697,17 @@ def test_dense_experts_give_the_mxfp4_bits(H, I, E, T, variant):
     import cupy
 
     _need_sm90a()
-    rng = np.random.default_rng(H + 7 * I + 3 * T + E)
-    k = 4
-    W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
+    W1, W2, b1, b2, t, weights, d = _expert_case(H + 7 * I + 3 * T + E, H, I, E, T)
     D1, D2 = _Dense(W1.dev), _Dense(W2.dev)
-    b1, b2 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5)), cupy.asarray(bf16(rng, (E, H), 0.5))
-    t = cupy.asarray(bf16(rng, (T, H)))
-    experts = distinct_experts(rng, T, E, k)
-    weights = cupy.asarray(rng.dirichlet(np.ones(k), size=T).astype(np.float32))
-    d = dispatch_dev(experts, E)
     kernels = M.resolved(None)
     y_want = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=128)
     o_want = cupy.asnumpy(M.expert_mlp2(y_want, d, W2.dev, b2, weights, bm=128))
     y_want = cupy.asnumpy(y_want)
     for bm in (16, 64):
         np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=bm)), y_want)
-    y = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
-    o = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
-    v1 = M.VARIANTS[variant.replace("mlp2", "mlp1")]
-    v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
-    M._launch_gemm(t, d, M.expert_matrix(D1, "w1"), b1, None, y, None, LIMIT, ALPHA, v1, kernels)
-    np.testing.assert_array_equal(cupy.asnumpy(y), y_want)
-    M._launch_gemm(cupy.asarray(y_want), d, M.expert_matrix(D2, "w2"), b2, weights, None, o, 0.0, 0.0, v2, kernels)
-    np.testing.assert_array_equal(cupy.asnumpy(o), o_want)
+    _assert_variant_bits(variant, t, d, D1, D2, b1, b2, weights, y_want, o_want)
     # the public path: dense weights run the dense kernel where the tiles are 128 rows
-    if M.pick_bm(T * k, E) == 128:
+    if M.pick_bm(d.num_slots, E) == 128:
         assert M._pick_variant("mlp1", d, M.expert_matrix(D1, "w1"), None, kernels).dense
     y2 = M.expert_mlp1(t, d, D1, b1, LIMIT, ALPHA)
     np.testing.assert_array_equal(cupy.asnumpy(y2), y_want)
@@ -705,30 +722,15 @@ STD_VARIANTS = [v.name for v in M.VARIANTS.values() if v.std and v.mlp1]
 @pytest.mark.parametrize("H, I, E, T", [(96, 64, 4, 3), (64, 96, 32, 40), (2880, 2880, 32, 1), (2880, 2880, 32, 64),
                                         (2880, 2880, 128, 8)])
 def test_mma_sync_kernels_in_the_wgmma_order_give_the_wgmma_bits(H, I, E, T, variant):
-    """mlp1 and mlp2 through every MOE_STD_KERNEL / MOE_N8_KERNEL row (mma.sync, the wgmma kernels' k order)
-    give the bits of the MXFP4 wgmma kernels, at any T and shape (ragged column tiles, K % 64 = 32)."""
+    """mlp1 and mlp2 through every MOE_STD_KERNEL row (mma.sync, the wgmma kernels' k order) give the bits
+    of the MXFP4 wgmma kernels, at any T and shape (ragged column tiles, K % 64 = 32)."""
     import cupy
 
     _need_sm90a()
-    rng = np.random.default_rng(H + 5 * I + 11 * T + E)
-    k = 4
-    W1, W2 = experts_for(rng, "mxfp4", E, 2 * I, H), experts_for(rng, "mxfp4", E, H, I)
-    b1, b2 = cupy.asarray(bf16(rng, (E, 2 * I), 0.5)), cupy.asarray(bf16(rng, (E, H), 0.5))
-    t = cupy.asarray(bf16(rng, (T, H)))
-    weights = cupy.asarray(rng.dirichlet(np.ones(k), size=T).astype(np.float32))
-    d = dispatch_dev(distinct_experts(rng, T, E, k), E)
-    kernels = M.resolved(None)
+    W1, W2, b1, b2, t, weights, d = _expert_case(H + 5 * I + 11 * T + E, H, I, E, T)
     y_want = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=64)
     o_want = cupy.asnumpy(M.expert_mlp2(y_want, d, W2.dev, b2, weights, bm=64))
-    y_want = cupy.asnumpy(y_want)
-    y = cupy.full((T * k, I), 0xFFFF, dtype=cupy.uint16)
-    o = cupy.full((T * k, H), np.nan, dtype=cupy.float32)
-    v1 = M.VARIANTS[variant]
-    v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
-    M._launch_gemm(t, d, M.expert_matrix(W1.dev, "w1"), b1, None, y, None, LIMIT, ALPHA, v1, kernels)
-    np.testing.assert_array_equal(cupy.asnumpy(y), y_want)
-    M._launch_gemm(cupy.asarray(y_want), d, M.expert_matrix(W2.dev, "w2"), b2, weights, None, o, 0.0, 0.0, v2, kernels)
-    np.testing.assert_array_equal(cupy.asnumpy(o), o_want)
+    _assert_variant_bits(variant, t, d, W1.dev, W2.dev, b1, b2, weights, cupy.asnumpy(y_want), o_want)
 
 
 @gpu
