@@ -98,8 +98,9 @@ def pick_variant(M: int, N: int, sms: int = 132, wgmma: bool = False, tma: bool 
         if tma and N > 512:  # the TMA kernels (docs/notes/gemm.md, "Mid-size M"; the router's N keeps the rule below)
             if wide_tiles < sms // 2:  # under half a wave of 128 x 256: 128 x 64 tiles, two per SM
                 return "wgt128x64"
-            # 128 x 128 tiles (one per SM) where their last wave is much fuller than the 128 x 256 ones'
-            # (M = 1,024, N = 5,120: 160 wide tiles fill 61% of two waves, 320 narrow ones 81% of three)
+            # 128 x 128 tiles (one per SM) where their last wave is much fuller than the 128 x 256 ones',
+            # counting them as twice the wide tiles (M = 1,024, N = 5,120: 160 wide tiles fill 61% of two
+            # waves, 320 narrow ones 81% of three)
             if _wave_fill(2 * _cdiv(M, 128) * _cdiv(N, 256), sms) >= 1.25 * _wave_fill(wide_tiles, sms):
                 return "wgt128x128"
             return "wgt128x256"
