@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s); one prompt may take all of them, so a larger N prefills "
                         "a long prompt in fewer, longer steps (faster to its first token, while the other "
                         "sequences' next tokens wait longer)")
+    p.add_argument("--swap-space", type=float, default=EngineConfig.swap_space, metavar="GIB",
+                   help="host memory for the KV of sequences preempted when the KV cache runs out of "
+                        "pages (default %(default)s GiB, at most half of what is available): they are "
+                        "copied there and back instead of prefilled again; 0 prefills them again")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory this run may use in all, weights included, in GiB (default: all "
                         "that is free); lower it to share the GPU or to size a run for a smaller one "
@@ -239,12 +243,13 @@ class Failure(Exception):
 
 def replica_settings(args, memory):
     """What each engine replica's LLM is built with (data parallel, MPI): --tokenizer, -b, --gpu-memory
-    (`memory`, bytes), --kernels, --kv-cache-dtype, --prefill-tokens, --dense-experts."""
+    (`memory`, bytes), --kernels, --kv-cache-dtype, --prefill-tokens, --swap-space, --dense-experts."""
     from gptoss.parallel.data import ReplicaSettings
 
     return ReplicaSettings(tokenizer=args.tokenizer, max_seqs=args.batch, memory_limit=memory,
                            kernels=kernel_options(args), kv_cache_dtype=args.kv_cache_dtype,
-                           prefill_tokens=args.prefill_tokens, dense_experts=args.dense_experts)
+                           prefill_tokens=args.prefill_tokens, swap_space=args.swap_space,
+                           dense_experts=args.dense_experts)
 
 
 def kernel_options(args):
@@ -290,6 +295,8 @@ def _main(argv) -> int:
         fail(f"-b must be at least 1 (got {args.batch})")
     if args.prefill_tokens < 1:
         fail(f"--prefill-tokens must be at least 1 (got {args.prefill_tokens})")
+    if not args.swap_space >= 0:
+        fail(f"--swap-space must be at least 0 GiB (got {args.swap_space})")
     if args.data_parallel is not None and args.data_parallel < 1:
         fail(f"--data-parallel must be at least 1 (got {args.data_parallel})")
     if args.tensor_parallel < 1:
@@ -393,6 +400,7 @@ def _main(argv) -> int:
                   tensor_parallel=args.tensor_parallel,
                   gpus=tuple(gpus[:args.tensor_parallel]) if gpus else None, kernels=kernel_options(args),
                   kv_cache_dtype=args.kv_cache_dtype, prefill_tokens=args.prefill_tokens,
+                  swap_space=args.swap_space,
                   dense_experts=args.dense_experts, **extra)
     except ValueError as e:  # an unknown synthetic:PRESET; --dense-experts where no kernel reads the copy
         fail(str(e))

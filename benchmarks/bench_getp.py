@@ -51,7 +51,10 @@ def main(argv=None) -> int:
                         "size the batch as on an 80 GB card")
     p.add_argument("--promise", type=float, default=None,
                    help="share of each budget that admission promises in KV pages (default "
-                        "EngineConfig.promise; below 1, sequences may be preempted and recomputed)")
+                        "EngineConfig.promise; below 1, sequences may be preempted)")
+    p.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                   help="host memory for preempted sequences' KV (run.py --swap-space; default "
+                        "EngineConfig.swap_space; 0: prefill them again)")
     p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="GPU kernel mode (run.py --kernels): portable = the portable paths, the code an AMD "
                         "GPU runs (default: $GPTOSS_KERNELS, else auto)")
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
     from gptoss.kernels import KernelOptions
 
     options = {"max_seqs": args.batch, "promise": args.promise, "prefill_tokens": args.prefill_tokens,
+               "swap_space": args.swap_space,
                "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30),
                "kernels": KernelOptions.from_env(mode=args.kernels), "kv_cache_dtype": args.kv_cache_dtype,
                "dense_experts": args.dense_experts}
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     if eng:
         print(f"  {eng['slots']} slots of {eng['capacity']} positions, {eng.get('pages', 0)} KV pages of 64; at most "
               f"{eng.get('most_running', 0)} sequences at once; {eng.get('preemptions', 0)} preemptions "
-              f"({eng.get('recomputed_tokens', 0)} tokens prefilled again)")
+              f"({eng.get('swaps', 0)} swapped out and back, {eng.get('recomputed_tokens', 0)} tokens prefilled again)")
         print(f"  {eng['mixed_steps']} steps with prompt "
               f"chunks ({eng['prompt_tokens']} prompt tokens + decode tokens) in {eng['mixed_seconds']:.1f} s; "
               f"{eng['decode_steps']} decode-only steps in {eng['decode_seconds']:.1f} s; "

@@ -40,6 +40,11 @@ class ModeledRunner:
         self.model_config, self.config, self.free, self.paged = cfg, config, int(free_gib * 2**30), paged
         self.stop_rate, self.rng, self.ms = stop_rate, np.random.default_rng(seed), 0.0
 
+    def slots_for(self, capacity, slots, mean_positions):
+        from gptoss.engine.gpu_runner import plan_memory
+
+        return plan_memory(self.model_config, self.free, capacity, slots, mean_positions, self.config).slots
+
     def allocate(self, capacity, slots, mean_positions):
         from gptoss.engine.gpu_runner import plan_memory
         from gptoss.engine.runner import Layout
@@ -75,7 +80,8 @@ def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True):
     while engine.has_unfinished():
         generated += int(np.count_nonzero(engine.step().token >= 0))
     s = engine.stats
-    layout = f"paged, promise {promise:g}" if paged else "contiguous"
+    chosen = "" if promise is not None else f" ({engine.scheduler.promise:g})"
+    layout = f"paged, promise {'auto' if promise is None else f'{promise:g}'}{chosen}" if paged else "contiguous"
     return (f"{layout:22s} stop {stop_rate:<6g} slots {s['slots']:5d} pages {s['pages']:6d} "
             f"most running {s['most_running']:5d} preemptions {s['preemptions']:5d}  "
             f"modeled {generated / runner.ms * 1000:9,.0f} generated tok/s")
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--free", type=float, default=65.5,
                    help="GiB beside the weights (65.5: an H100 80GB with 20b; 126: an H200)")
     p.add_argument("--stop-rate", default="0", help="comma-separated stop probabilities per token")
-    p.add_argument("--promise", default="0,0.5,1", help="comma-separated promise shares for the paged rows")
+    p.add_argument("--promise", default="0,0.5,1,auto",
+                   help="comma-separated promise shares for the paged rows (auto: EngineConfig.promise None)")
     args = p.parse_args(argv)
 
     from gptoss.config import PRESETS
@@ -99,7 +106,7 @@ def main(argv=None) -> int:
     lengths = np.random.default_rng(0).integers(args.min_len, args.max_len + 1, args.prompts)
     for rate in (float(x) for x in args.stop_rate.split(",")):
         print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False), flush=True)
-        for promise in (float(x) for x in args.promise.split(",")):
+        for promise in (None if x == "auto" else float(x) for x in args.promise.split(",")):
             print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, promise), flush=True)
     return 0
 

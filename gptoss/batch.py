@@ -37,6 +37,18 @@ class RowSampling:
                               seed=int(self.seed[row]))
 
 
+@dataclass(frozen=True)
+class KVSwap:
+    """One sequence's KV moving between the cache and host memory, done before the step's kernels run
+    and in the order the step lists them: "out" copies the slot's sliding-layer rings and the rows of
+    `pages` (its full-layer pages, in position order) to host memory kept under `key`; "in" copies the
+    copy under `key` back into `slot`'s rings and `pages` and forgets it; "drop" forgets it."""
+    kind: str  # "out", "in" or "drop"
+    key: int  # names the host copy (the request id)
+    slot: int = -1
+    pages: np.ndarray | None = None  # int32
+
+
 @dataclass
 class StepBatch:
     """One forward's tokens; sequences are contiguous runs of tokens."""
@@ -51,6 +63,7 @@ class StepBatch:
     page_table: np.ndarray | None = None  # [slots, pages per slot] int32 when it changed since the last step
     # or only these entries of it changed: [2, n] int32, flat indices into the table and their new values
     page_updates: np.ndarray | None = None
+    swaps: tuple = ()  # KVSwap moves to do first, in order (a runner that swaps: Layout.swap_pages > 0)
 
     @classmethod
     def decode(cls, tokens, positions, slots) -> "StepBatch":

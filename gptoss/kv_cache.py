@@ -12,6 +12,11 @@ Without `pages` each slot owns the pages of its whole capacity for good (tests a
 step). With `pages` the table starts all spare and the engine's page pool (gptoss/engine/pages.py, the
 one owner of the table's host copy) hands pages out: set_page_table copies its table here, and
 update_page_table the entries that changed.
+
+A preempted sequence's KV can leave the GPU and come back into other pages and another slot
+(copy_out / copy_in: the engine's swap, StepBatch.swaps): its pages' rows of every full layer and its
+slot's ring of every sliding layer, through pinned host memory, queued on the current stream like the
+steps' kernels, so no host wait is needed.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class KVCache:
             table = np.full((slots, self.width), self.spare, np.int32)
         self.table = cupy.asarray(table)
         self.k, self.v = [], []
+        self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
         for i in range(cfg.num_layers):
             shape = self.layer_shape(cfg, i, slots, capacity, max_chunk, self.pages)
             self.k.append(cupy.empty(shape, dtype=dtype))
@@ -70,9 +76,48 @@ class KVCache:
         return kv + slots * pages_per_slot(capacity) * 4
 
     @classmethod
+    def slot_bytes(cls, cfg: ModelConfig, capacity: int, max_chunk: int, kv_dtype: str = "bf16") -> int:
+        """GPU bytes of one more slot's rings (the sliding layers' K and V), what a swap copies beside the
+        sequence's pages."""
+        one, two = (cls.nbytes(cfg, n, capacity, max_chunk, 0, kv_dtype) for n in (1, 2))
+        return two - one - pages_per_slot(capacity) * 4  # (less the page table's row)
+
+    @classmethod
     def page_bytes(cls, cfg: ModelConfig, kv_dtype: str = "bf16") -> int:
         """GPU bytes of one more page (PAGE positions of every full layer)."""
         return cls.nbytes(cfg, 1, PAGE, 1, 1, kv_dtype) - cls.nbytes(cfg, 1, PAGE, 1, 0, kv_dtype)
+
+    def copy_out(self, slot: int, pages: np.ndarray) -> list:
+        """The slot's rings and the rows of `pages` (position order) of every layer's K and V, as pinned
+        host arrays whose copies are queued on the current stream (valid once it gets there)."""
+        import cupy
+
+        stream, index = cupy.cuda.get_current_stream(), cupy.asarray(np.asarray(pages, np.int32))
+        host = []
+        for a, ring in zip((*self.k, *self.v), self.sliding * 2):
+            part = a[slot] if ring else a[index]  # its ring, or its pages gathered
+            out = _pinned(part.shape, part.dtype)
+            cupy.cuda.runtime.memcpyAsync(out.ctypes.data, part.data.ptr, part.nbytes,
+                                          cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+            host.append(out)
+        return host
+
+    def copy_in(self, host: list, slot: int, pages: np.ndarray) -> None:
+        """copy_out's arrays back into `slot`'s rings and the rows of `pages` (as many as it took),
+        queued on the current stream."""
+        import cupy
+
+        stream, index = cupy.cuda.get_current_stream(), cupy.asarray(np.asarray(pages, np.int32))
+        for a, ring, part in zip((*self.k, *self.v), self.sliding * 2, host):
+            if part.shape[0] != (a.shape[1] if ring else len(pages)):
+                raise ValueError(f"a swapped sequence of {part.shape[0]} pages comes back into {len(pages)}")
+            dev = cupy.empty(part.shape, part.dtype)
+            cupy.cuda.runtime.memcpyAsync(dev.data.ptr, part.ctypes.data, part.nbytes,
+                                          cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+            if ring:
+                a[slot] = dev
+            else:
+                a[index] = dev
 
     def layer_table(self, layer: int, cfg: ModelConfig):
         """The page table for layer `layer`'s kernels: the device table on full layers, None on sliding."""
@@ -105,3 +150,13 @@ class KVCache:
             raise ValueError(f"a page-table index outside the table's {self.table.size} entries")
         dev = cupy.asarray(updates)
         self.table.reshape(-1)[dev[0]] = dev[1]
+
+
+def _pinned(shape, dtype) -> np.ndarray:
+    """A host array in page-locked memory (CuPy's pinned pool), so that copies to and from it are
+    asynchronous."""
+    import cupy
+
+    count = int(np.prod(shape))
+    mem = cupy.cuda.alloc_pinned_memory(max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(mem, dtype, count).reshape(shape)

@@ -125,6 +125,7 @@ class GPUModel:
         self.rope = rope_table(cfg, capacity)
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows, ranks)
         self._graphs: dict = {}  # (padded batch, key bound, greedy) -> (graph, inputs, what it reads)
+        self.swapped: dict = {}  # swapped-out sequences' KV in host memory, by KVSwap key (KVCache.copy_out)
         # the attention decode partials of every step, eager or captured, sized for the largest (a
         # workspace per step would grow with the batch, and the pool would keep every old size)
         self._decode_ws = cupy.empty(self._decode_floats(cfg, slots, capacity), dtype=cupy.float32)
@@ -291,6 +292,17 @@ class GPUModel:
             b.seeds[:R].set(np.asarray(s.seed, np.uint32))
             b.sequences[:R].set(np.asarray(s.sequence, np.int32))
             b.steps[:R].set(np.asarray(s.step, np.int32))
+        self._apply_cache_changes(step)
+
+    def _apply_cache_changes(self, step: StepBatch) -> None:
+        """The step's KV moves (StepBatch.swaps, in order) and page-table change, queued before its kernels."""
+        for move in step.swaps:
+            if move.kind == "out":
+                self.swapped[move.key] = self.cache.copy_out(move.slot, move.pages)
+            elif move.kind == "in":
+                self.cache.copy_in(self.swapped.pop(move.key), move.slot, move.pages)
+            else:
+                self.swapped.pop(move.key, None)
         self.cache.apply_page_changes(step.page_table, step.page_updates)
 
     def _check(self, step: StepBatch) -> None:
@@ -340,7 +352,7 @@ class GPUModel:
         where[runs.order] = np.arange(len(runs.order))
         return StepBatch(step.tokens[runs.order], step.positions[runs.order], step.slots[runs.order], runs.q_lens,
                          runs.seq_slots, runs.seq_starts, where[np.asarray(step.logit_rows, np.int64)].astype(np.int32),
-                         step.sampling, step.page_table, step.page_updates)
+                         step.sampling, step.page_table, step.page_updates, step.swaps)
 
     def forward(self, step: StepBatch):
         """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for
@@ -400,7 +412,7 @@ class GPUModel:
             host[7, :B] = np.asarray(s.top_p, np.float32).view(np.int32)
             host[7, B:] = _ONE_F32_BITS
         inputs.set(host)
-        self.cache.apply_page_changes(step.page_table, step.page_updates)
+        self._apply_cache_changes(step)
         graph.launch(cupy.cuda.get_current_stream())
         return self._fetch(self.buf.ids[:B], while_running)
 

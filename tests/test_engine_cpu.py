@@ -100,14 +100,19 @@ def test_requests_join_a_running_engine_and_one_is_aborted(weights):
     assert got[victim] == alone(weights, first[1], params)[:len(got[victim])]
 
 
-def test_preemption_and_recompute_keep_the_tokens(weights):
+@pytest.mark.parametrize("swap_space", [0.0, 1.0])
+def test_preemption_and_recompute_keep_the_tokens(weights, swap_space):
     """A KV cache of few pages: sequences are preempted and prefilled again (prompt + their tokens so
-    far) and still get their tokens alone, sampled or greedy."""
+    far; swap_space 0) or swapped out and back (the decoding ones), and still get their tokens alone,
+    sampled or greedy."""
     reqs = [(p, SamplingParams(max_tokens=40, temperature=0.0 if i % 2 else 1.0, seed=i))
             for i, p in enumerate(prompts(4, 8, (60, 130)))]
-    engine = Engine(CPUModelRunner(weights, EngineConfig(max_seqs=6, num_pages=5, promise=0.0, prefill_tokens=32)))
+    engine = Engine(CPUModelRunner(weights, EngineConfig(max_seqs=6, num_pages=5, promise=0.0, prefill_tokens=32,
+                                                         swap_space=swap_space)))
     crowd = run(engine, reqs)
-    assert engine.stats["preemptions"] > 0 and engine.stats["recomputed_tokens"] > 0
+    assert engine.stats["preemptions"] > 0
+    assert engine.stats["swaps" if swap_space else "recomputed_tokens"] > 0
+    assert not engine.runner.swapped
     for i, (prompt, params) in enumerate(reqs):
         assert crowd[i] == alone(weights, prompt, params, sequence=i), f"request {i}"
     pool = engine.scheduler.pool

@@ -6,8 +6,9 @@ cache up to its position. So every request has one right answer, the one it gets
 it only if the scheduler feeds each sequence its own tokens at its own positions whatever else shares
 the step, gives every position a page of its own, sends the table whenever it changes, refills freed
 slots, honours stop ids, budgets, the context and max_seqs, hands the sampler each row's (request,
-tokens so far), and, when pages run out, preempts a sequence and prefills it again (prompt + what it
-had generated) before it goes on. Requests join and leave (abort) between any two steps."""
+tokens so far), and, when pages run out, preempts a sequence and either copies its KV out and back
+into other pages (a swap: the stand-in poisons the pages it leaves) or prefills it again (prompt + what
+it had generated) before it goes on. Requests join and leave (abort) between any two steps."""
 import dataclasses
 
 import numpy as np
@@ -37,12 +38,15 @@ class StandInRunner:
     name = "stand-in"
 
     def __init__(self, slots: int, capacity: int, chunk: int, step_tokens: int, pages: int | None = None,
-                 config: EngineConfig = EngineConfig(), max_context: int = 4096):
+                 config: EngineConfig = EngineConfig(), max_context: int = 4096, swap_pages: int = 0,
+                 slot_pages: int = 0):
         self.config = config
         self.model_config = dataclasses.replace(TINY, vocab_size=VOCAB, max_context=max_context)
         width = -(-capacity // PAGE)
-        self.layout = Layout(slots, capacity, slots * width if pages is None else pages, step_tokens, chunk)
+        self.layout = Layout(slots, capacity, slots * width if pages is None else pages, step_tokens, chunk,
+                             swap_pages, slot_pages)
         self.kv = np.full((self.layout.pages + 1, PAGE), -1, np.int64)
+        self.swapped = {}  # key -> the token ids of its pages ("host memory")
         self.table = None  # the runner's copy of the page table ("on the device")
         self.steps = []
         self.allocations = 0
@@ -54,6 +58,18 @@ class StandInRunner:
         return self.layout
 
     def step(self, batch):
+        for move in batch.swaps:
+            if move.kind == "out":
+                assert move.key not in self.swapped and len(move.pages)
+                self.swapped[move.key] = self.kv[move.pages].copy()
+                self.kv[move.pages] = -7  # whatever is not copied back gives wrong tokens
+            elif move.kind == "in":
+                rows = self.swapped.pop(move.key)
+                assert len(move.pages) == len(rows), "a swapped sequence comes back into as many pages"
+                self.kv[move.pages] = rows
+            else:
+                assert move.kind == "drop"
+                self.swapped.pop(move.key, None)
         if batch.page_table is not None:
             self.table = batch.page_table.copy()
         elif batch.page_updates is not None:  # (the GPU's KVCache.update_page_table, on the host)
@@ -261,6 +277,80 @@ def test_preempted_sequences_get_what_they_get_alone(pages, promise):
         assert (got[i], ended[i]) == alone(prompt, max_new)
     assert engine.stats["preemptions"] > 0 and engine.stats["recomputed_tokens"] > 0
     assert pages_all_free(engine), "a finished sequence kept its pages"
+
+
+@pytest.mark.parametrize("pages,promise", [(5, 0.0), (9, 0.0), (12, 0.3)])
+def test_swapped_sequences_get_what_they_get_alone(pages, promise):
+    """The same preemptions with host memory to spare: every decoding sequence preempted is swapped out
+    and back into other pages (the stand-in poisons the ones it leaves), and goes on decoding; only
+    sequences preempted while prefilling are prefilled again."""
+    rng = np.random.default_rng(pages)
+    requests = random_requests(rng, 40, max_new=(20, 120), prompt_len=(1, 130))
+    runner = StandInRunner(8, capacity=256, chunk=32, step_tokens=64, pages=pages, swap_pages=10**6, slot_pages=3,
+                           config=EngineConfig(prefill_tokens=48, promise=promise))
+    got, ended, engine = run(runner, requests)
+    for i, (prompt, max_new) in enumerate(requests):
+        assert (got[i], ended[i]) == alone(prompt, max_new)
+    stats = engine.stats
+    assert stats["swaps"] > 0 and stats["preemptions"] >= stats["swaps"]
+    assert not runner.swapped and engine.scheduler.swap_used == 0, "a host copy outlived its sequence"
+    assert pages_all_free(engine)
+    swapped_in = [m for b in runner.steps for m in b.swaps if m.kind == "in"]
+    assert len(swapped_in) == stats["swaps"]
+
+
+def test_swap_space_runs_out_and_the_rest_is_prefilled_again():
+    """Host room for one sequence at a time (its pages and slot_pages): the preemptions beyond it are
+    prefilled again; both kinds of resumption give each request its tokens alone."""
+    rng = np.random.default_rng(5)
+    requests = random_requests(rng, 40, max_new=(20, 120), prompt_len=(1, 130))
+    runner = StandInRunner(8, capacity=256, chunk=32, step_tokens=64, pages=5, swap_pages=4, slot_pages=1,
+                           config=EngineConfig(prefill_tokens=48, promise=0.0))
+    got, ended, engine = run(runner, requests)
+    for i, (prompt, max_new) in enumerate(requests):
+        assert (got[i], ended[i]) == alone(prompt, max_new)
+    stats = engine.stats
+    assert stats["swaps"] > 0 and stats["recomputed_tokens"] > 0
+    assert not runner.swapped and engine.scheduler.swap_used == 0
+
+
+def test_an_aborted_swapped_out_request_drops_its_host_copy():
+    rng = np.random.default_rng(9)
+    requests = random_requests(rng, 12, max_new=(60, 120), prompt_len=(60, 130))
+    runner = StandInRunner(8, capacity=256, chunk=32, step_tokens=64, pages=6, swap_pages=10**6,
+                           config=EngineConfig(prefill_tokens=48, promise=0.0))
+    engine = Engine(runner)
+    for prompt, max_new in requests:
+        engine.add_request(prompt, SamplingParams(max_tokens=max_new))
+    while not runner.swapped:
+        assert engine.has_unfinished(), "no sequence was swapped out"
+        engine.step()
+    key = next(iter(runner.swapped))
+    assert any(job.req.id == key and job.swapped for job in engine.scheduler.waiting)
+    assert engine.abort(key)
+    while engine.has_unfinished():
+        engine.step()
+    assert not runner.swapped and engine.scheduler.swap_used == 0
+    assert any(m.kind == "drop" and m.key == key for b in runner.steps for m in b.swaps)
+
+
+@pytest.mark.parametrize("positions,chosen", [(8 * 201, 1.0), (8 * 171, 0.7), (8 * 150, 1.0)])
+def test_auto_promise_is_the_largest_share_that_runs_every_request_at_once(positions, chosen):
+    """EngineConfig.promise None: 8 requests of 100 + 100 tokens on a runner whose cache holds
+    `positions` positions in all: promise 1 where all fit whole, else the largest share at which each
+    gets a slot (0.7: 171 positions each), else 1 (even 0.5 leaves one out); the tokens are the same."""
+    class Planned(StandInRunner):
+        def slots_for(self, capacity, slots, mean_positions):
+            return min(slots, positions // mean_positions)
+
+    rng = np.random.default_rng(3)
+    requests = [(rng.integers(0, VOCAB, 100).tolist(), 100) for _ in range(8)]
+    runner = Planned(8, capacity=256, chunk=64, step_tokens=200, pages=-(-positions // PAGE) + 4,
+                     swap_pages=10**6, config=EngineConfig(prefill_tokens=128))
+    got, ended, engine = run(runner, requests)
+    assert engine.scheduler.promise == chosen
+    for i, (prompt, max_new) in enumerate(requests):
+        assert (got[i], ended[i]) == alone(prompt, max_new)
 
 
 def test_requests_join_and_leave_a_running_engine():

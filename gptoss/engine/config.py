@@ -17,7 +17,14 @@ class EngineConfig:
         through them in runs of this many, in the same step.
     promise: admission promises each sequence KV pages for its prompt and this share of its token
         budget. 1: no sequence is ever preempted; below 1, more sequences run at once and one that needs
-        a page when none is free preempts the latest admitted, which is prefilled again later.
+        a page when none is free preempts the latest admitted, which resumes later (swap_space). None
+        (the default): chosen when the cache is sized for the waiting requests: 1 where they all fit
+        with their whole budgets, else the largest of 0.9, 0.8, ..., 0.5 at which every one of them gets
+        a slot at once (one wave instead of two; those that run out of pages near their end are
+        preempted), else 1 (a runner without `slots_for`: 1).
+    swap_space: GiB of host memory for the KV of preempted sequences (run.py --swap-space): a preempted
+        sequence's KV is copied there and back when it resumes, instead of being prefilled again (at
+        most half the host's available memory; 0: always prefill again).
     memory_limit: most GPU bytes the run may hold in all, weights included (run.py --gpu-memory);
         None = all that is free.
     num_pages: KV pages of 64 positions, instead of all that memory holds (tests of preemption).
@@ -38,7 +45,8 @@ class EngineConfig:
     max_seqs: int | None = None
     prefill_tokens: int = 4096
     prefill_chunk: int = 256
-    promise: float = 1.0
+    promise: float | None = None
+    swap_space: float = 16.0
     memory_limit: int | None = None
     num_pages: int | None = None
     use_graphs: bool = True
@@ -63,5 +71,7 @@ class EngineConfig:
         if self.prefill_tokens < 1 or self.prefill_chunk < 1:
             raise ValueError(f"prefill_tokens and prefill_chunk must be at least 1 (got {self.prefill_tokens} "
                              f"and {self.prefill_chunk})")
-        if not 0.0 <= self.promise <= 1.0:
+        if not self.swap_space >= 0:
+            raise ValueError(f"swap_space must be at least 0 GiB (got {self.swap_space})")
+        if self.promise is not None and not 0.0 <= self.promise <= 1.0:
             raise ValueError(f"promise must be in [0, 1] (got {self.promise})")

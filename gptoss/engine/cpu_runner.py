@@ -6,7 +6,9 @@ arithmetic is then the same whatever the schedule (a T-row matrix product throug
 differently from T one-row products), so the CPU engine's tokens do not depend on the batch, on how a
 prompt is cut into chunks, or on preemptions, like the GPU kernels' by design. Only the logit rows the
 step asks for are unembedded. The pages the scheduler hands out are not needed here (the reference
-cache grows per sequence) but are counted alike, so that paging and preemption run as on the GPU.
+cache grows per sequence) but are counted alike, so that paging and preemption run as on the GPU; a
+swapped-out sequence's reference cache is set aside (the host memory is the CPU's own) and put back
+into its new slot.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class CPUModelRunner:
         if fp8:
             self.name = "cpu (NumPy reference, float32, K/V rounded to fp8 e4m3)"
         self.caches: list = []  # the reference KV cache of each slot
+        self.swapped: dict = {}  # the caches of swapped-out sequences, by KVSwap key
 
     def free_bytes(self) -> None:
         """Memory is not planned on the CPU."""
@@ -54,10 +57,21 @@ class CPUModelRunner:
         if pages < width:
             raise ValueError(f"num_pages={pages} cannot hold one sequence of {capacity} positions "
                              f"({width} pages)")
-        self.caches = [None] * slots
-        return Layout(slots, capacity, pages, *self.config.step_tokens(slots, capacity))
+        self.caches, self.swapped = [None] * slots, {}
+        swap_pages = pages if self.config.swap_space > 0 else 0  # (as many as the cache: nothing is copied)
+        return Layout(slots, capacity, pages, *self.config.step_tokens(slots, capacity), swap_pages=swap_pages)
+
+    def _swap(self, moves) -> None:
+        for move in moves:
+            if move.kind == "out":
+                self.swapped[move.key], self.caches[move.slot] = self.caches[move.slot], None
+            elif move.kind == "in":
+                self.caches[move.slot] = self.swapped.pop(move.key)
+            else:
+                self.swapped.pop(move.key, None)
 
     def step(self, batch: StepBatch) -> np.ndarray:
+        self._swap(batch.swaps)
         row_of = {int(t): r for r, t in enumerate(batch.logit_rows.tolist())}  # token index -> logit row
         logits = np.empty((len(row_of), self.model_config.vocab_size), np.float32)
         t = 0

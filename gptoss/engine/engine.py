@@ -25,6 +25,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 
 _INT32_MAX = 2**31 - 1
+AUTO_PROMISES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # what EngineConfig.promise None tries, in this order
 
 
 class Engine:
@@ -95,6 +96,14 @@ class Engine:
         s.bind(self.runner.allocate(capacity, slots, mean), slots)
         self._interrupted = False
 
+    def _auto_promise(self, capacity: int, slots: int) -> float:
+        """EngineConfig.promise None: the first of AUTO_PROMISES at which the runner's cache holds a slot
+        for each of the `slots` waiting sequences (runner.slots_for), else 1."""
+        slots_for = getattr(self.runner, "slots_for", None)
+        if slots_for is None:
+            return 1.0
+        return next((p for p in AUTO_PROMISES if slots_for(capacity, slots, self.scheduler.demand(p)[2]) >= slots), 1.0)
+
     def step(self, while_running=None) -> StepTokens:
         """Run one step: every running sequence's next token (iterate the result for TokenEvents, or
         read its arrays). Empty when nothing is waiting or running. while_running: called (no
@@ -104,6 +113,9 @@ class Engine:
         if s.waiting and s.idle():
             capacity, slots, mean = s.demand()
             if not s.covers(capacity, slots):  # a cache sized again for what waits
+                if self.config.promise is None:
+                    s.promise = self._auto_promise(capacity, slots)
+                    mean = s.demand()[2]
                 s.layout = None  # (the runner drops its cache first: nothing stays bound if allocate fails)
                 s.bind(self.runner.allocate(capacity, slots, mean), slots)
             elif self._interrupted:  # the same cache, every slot and page free again

@@ -6,6 +6,7 @@ the KV cache's rings and pages, the step buffers, the decode partials), so it ca
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -134,6 +135,12 @@ class GPUModelRunner:
             free = min(free, self.config.memory_limit - pool.used_bytes())
         return free
 
+    def slots_for(self, capacity: int, slots: int, mean_positions: int) -> int:
+        """The slots allocate(capacity, slots, mean_positions) would give (drops the model, as it does)."""
+        ranks = None if self.collective is None else self.collective.size
+        return plan_memory(self.model_config, self.free_bytes(), capacity, slots, mean_positions, self.config,
+                           ranks).slots
+
     def allocate(self, capacity: int, slots: int, mean_positions: int | None = None,
                  free_bytes: int | None = None) -> Layout:
         """free_bytes: plan with this many (tensor parallel: the least any rank has, so that every rank
@@ -152,13 +159,33 @@ class GPUModelRunner:
             self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
                                   pages=pages, kernels=self.kernels, collective=self.collective,
                                   kv_cache_dtype=self.config.kv_cache_dtype)
+        # host memory for preempted sequences' KV: EngineConfig.swap_space, at most half of what is available
+        kv_dtype, page = self.config.kv_cache_dtype, KVCache.page_bytes(self.model_config, self.config.kv_cache_dtype)
+        swap = min(self.config.swap_space * 2**30, available_host_bytes() // 2)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens,
-                      self.config.step_tokens(plan.slots, capacity)[1])
+                      self.config.step_tokens(plan.slots, capacity)[1], swap_pages=int(swap // page),
+                      slot_pages=-(-KVCache.slot_bytes(self.model_config, capacity, plan.max_chunk, kv_dtype) // page))
 
     overlaps = True  # step() calls while_running between queueing the step and waiting for it
 
     def step(self, batch: StepBatch, while_running=None) -> np.ndarray:
         return self.model.step(batch, use_graph=self.config.use_graphs, while_running=while_running)
+
+
+def available_host_bytes() -> int:
+    """Host memory available now (Linux's MemAvailable; its free pages where /proc/meminfo is not there,
+    0 where neither can be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class _out_of_memory_as_error:

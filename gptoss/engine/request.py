@@ -2,9 +2,10 @@
 
 A Request is what add_request accepted: prompt ids, sampling params, its token budget. While it waits
 for a slot it is a Job: its prompt, or after a preemption its prompt + the tokens it generated (but the
-last), to be prefilled again. Each engine step hands back a StepTokens: the new token of every request
-that got one, as parallel arrays (getp reads the arrays: a Python object per token costs seconds at
-2,048 sequences); iterating it gives TokenEvent objects (generate, chat, LLM).
+last), whose KV is in host memory (swapped) or is to be prefilled again. Each engine step hands back
+a StepTokens: the new token of every request that got one, as parallel arrays (getp reads the arrays:
+a Python object per token costs seconds at 2,048 sequences); iterating it gives TokenEvent objects
+(generate, chat, LLM).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Job:
     tokens: list
     made: int = 0  # new tokens generated before a preemption (0: a fresh request)
     generated: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # those tokens
+    swapped: int = 0  # pages' worth of host memory its KV holds there (0: none, prefill `tokens` again)
 
     @classmethod
     def resumed(cls, req: Request, generated: np.ndarray) -> "Job":

@@ -21,6 +21,10 @@ class Layout:
     pages: int  # KV pages of PAGE positions that the slots share (at least one sequence's worth)
     max_step_tokens: int  # tokens one step may carry
     max_chunk: int  # prompt tokens of one sequence one step may carry
+    # pages' worth of KV the runner keeps in host memory for preempted sequences (0: none, a preempted
+    # sequence is prefilled again); with some, it carries out StepBatch.swaps
+    swap_pages: int = 0
+    slot_pages: int = 0  # a sequence's per-slot KV (the sliding layers' rings) that a swap copies too, in pages
 
     @property
     def width(self) -> int:

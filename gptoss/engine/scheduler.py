@@ -7,12 +7,15 @@ take the next request at once.
 
 Memory: the full layers' KV cache is paged: a sequence holds pages for the positions it has reached,
 so the batch is not sized for every sequence reaching its whole capacity at once. A request is
-admitted when its promise (pages for its prompt and EngineConfig.promise of its budget) fits beside
+admitted when its promise (pages for its prompt and a share of its budget, Scheduler.promise) fits beside
 what the running sequences were promised and do not hold yet. When a decoding sequence needs a page
 and none is free, the most recently admitted sequence is preempted: its pages are freed and it goes
-back to the head of the queue, to be prefilled again (prompt + the tokens it generated) and continued.
-The kernels are batch invariant, so a preempted sequence's tokens are the ones it would have got
-without the preemption. With the whole budget promised (promise 1) no sequence is ever preempted.
+back to the head of the queue. Where the runner has room in host memory (Layout.swap_pages) its KV is
+copied there (a KVSwap the next step carries) and copied back into new pages when it is admitted
+again, and it goes on decoding; otherwise it is prefilled again (prompt + the tokens it generated) and
+continued. The kernels are batch invariant, so a preempted sequence's tokens are the ones it would
+have got without the preemption. With the whole budget promised (promise 1) no sequence is ever
+preempted.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batch import RowSampling, StepBatch
+from ..batch import KVSwap, RowSampling, StepBatch
 from ..kv_cache import PAGE
 from .config import EngineConfig
 from .pages import PagePool, pages_for
@@ -92,13 +95,17 @@ class Scheduler:
         self.free: list[int] = []  # free slots; pop() takes the next
         self.prefilling: list[Prefill] = []
         self.admitted = 0
+        # the share of each budget admission promises (EngineConfig.promise; the engine picks it when None)
+        self.promise = 1.0 if config.promise is None else config.promise
+        self.swaps: list[KVSwap] = []  # the KV moves the next step carries
+        self.swap_used = 0  # pages' worth of host memory the swapped-out sequences hold
         self.stop_sets: dict[frozenset, int] = {}  # each distinct set of stop ids -> its index
         self.stop_arrays: list[np.ndarray] = []  # index -> the set's ids, sorted
         # steps with prompt chunks vs decode-only steps, the time each kind took (launch to sampled ids
         # on the host), the host's own time between steps, and how the cache was shared
         self.stats = {"slots": 0, "capacity": 0, "pages": 0, "mixed_steps": 0, "mixed_seconds": 0.0,
                       "prompt_tokens": 0, "decode_steps": 0, "decode_seconds": 0.0, "decode_tokens": 0,
-                      "host_seconds": 0.0, "preemptions": 0, "recomputed_tokens": 0, "most_running": 0}
+                      "host_seconds": 0.0, "preemptions": 0, "recomputed_tokens": 0, "swaps": 0, "most_running": 0}
 
     # ---- requests ------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -110,6 +117,7 @@ class Scheduler:
         for job in self.waiting:
             if job.req.id == request_id:
                 self.waiting.remove(job)
+                self._forget_swap(job)
                 return True
         if self.state is None:
             return False
@@ -130,14 +138,15 @@ class Scheduler:
         return bool(self.waiting) or not self.idle()
 
     # ---- sizing the cache (only while idle) ----------------------------------------------------------
-    def demand(self) -> tuple[int, int, int]:
+    def demand(self, promise: float | None = None) -> tuple[int, int, int]:
         """(capacity, slots, mean positions) the waiting requests need: the longest prompt + budget,
         a slot each (EngineConfig.max_seqs at most), and sequences of their prompt and the promised
-        share of their budget (at least half: a running sequence is on average halfway through it)."""
+        share of their budget (self.promise, or `promise`; at least half: a running sequence is on
+        average halfway through it)."""
         reqs = [job.req for job in self.waiting]
         lengths = np.fromiter((len(r.prompt_ids) for r in reqs), np.int64, len(reqs))
         budgets = np.fromiter((r.budget for r in reqs), np.int64, len(reqs))
-        share = max(self.config.promise, 0.5)
+        share = max(self.promise if promise is None else promise, 0.5)
         slots = min(len(reqs), self.config.max_seqs or len(reqs))
         return int((lengths + budgets).max()), slots, int(np.mean(lengths + share * budgets)) + 1
 
@@ -153,10 +162,13 @@ class Scheduler:
         if not self.idle():
             raise RuntimeError("the KV cache can only be sized again while no sequence runs")
         self.layout, self.asked_slots = layout, asked_slots
+        for job in self.waiting:  # host copies of KV from before: prefill those sequences again
+            self._forget_swap(job)
+        self.swap_used = 0
         n = layout.slots
         # a preempted sequence is prefilled again with its tokens so far; with every budget promised in
         # full no sequence is ever preempted, and nothing needs keeping
-        self.state = Slots(n, layout.capacity if self.config.promise < 1 else 1)
+        self.state = Slots(n, layout.capacity if self.promise < 1 else 1)
         self.pool = PagePool(n + 1, layout.width, layout.pages)
         free = list(range(n))[::-1]
         self.free = free[-self.config.max_seqs:] if self.config.max_seqs else free
@@ -179,7 +191,7 @@ class Scheduler:
             # its promise (pages for the prompt and a share of the budget) must fit beside the running
             # sequences' (nothing running: one sequence always fits)
             now = int(pages_for(len(job.tokens)))
-            promise = max(now, int(pages_for(len(req.prompt_ids) + int(np.ceil(cfg.promise * req.budget)))))
+            promise = max(now, int(pages_for(len(req.prompt_ids) + int(np.ceil(self.promise * req.budget)))))
             if running and pool.available - owed < promise:
                 break
             self.waiting.popleft()
@@ -247,22 +259,47 @@ class Scheduler:
         state.temperature[slot], state.top_p[slot], state.seed[slot] = p.temperature, p.top_p, p.seed
         state.stops[slot] = self._stop_set(req.stop_ids)
         self.admitted += 1
-        self.prefilling.append(Prefill(job, slot))
+        if job.swapped:  # its KV comes back from host memory into its new pages: it decodes from now on
+            self.swaps.append(KVSwap("in", req.id, slot, self._pages(slot)))
+            self.swap_used -= job.swapped
+            state.cached[slot], state.pending[slot], state.decoding[slot] = len(job.tokens), job.generated[-1], True
+        else:
+            self.prefilling.append(Prefill(job, slot))
 
     def _preempt(self, slot: int) -> None:
-        """Free the slot's pages and put its job back at the head of the queue."""
+        """Free the slot's pages and put its job back at the head of the queue: a decoding sequence's KV
+        goes to host memory where the runner has room for it (its pages and rings), else (and a
+        sequence still prefilling) it is prefilled again when it resumes."""
         state = self.state
         if state.decoding[slot]:
             job = Job.resumed(state.job[slot].req, state.generated[slot, :state.made[slot]].copy())
             state.decoding[slot] = False
+            cost = int(self.pool.held[slot]) + self.layout.slot_pages
+            if self.swap_used + cost <= self.layout.swap_pages:
+                self.swaps.append(KVSwap("out", job.req.id, slot, self._pages(slot)))
+                job.swapped = cost
+                self.swap_used += cost
+                self.stats["swaps"] += 1
         else:
             seq = next(p for p in self.prefilling if p.slot == slot)
             self.prefilling.remove(seq)
             job = seq.job
         self.stats["preemptions"] += 1
-        self.stats["recomputed_tokens"] += len(job.tokens)
+        if not job.swapped:
+            self.stats["recomputed_tokens"] += len(job.tokens)
         self._free_slot(slot)
         self.waiting.appendleft(job)
+
+    def _pages(self, slot: int) -> np.ndarray:
+        """The slot's pages, in position order."""
+        return self.pool.table[slot, :self.pool.held[slot]].copy()
+
+    def _forget_swap(self, job: Job) -> None:
+        """The job's host copy of KV (if any) is dropped: it is prefilled again if it runs."""
+        if job.swapped:
+            self.swaps.append(KVSwap("drop", job.req.id))
+            self.swap_used -= job.swapped
+            job.swapped = 0
 
     def _free_slot(self, slot: int) -> None:
         self.pool.release(slot)
@@ -334,5 +371,6 @@ class Scheduler:
                                    state.sequence[rows].astype(np.int32), state.made[rows].astype(np.int32))
         batch = StepBatch(np.concatenate(tokens).astype(np.int32), np.concatenate(pos).astype(np.int32),
                           np.concatenate(slots).astype(np.int32), q_lens, seq_slots, seq_starts,
-                          logit_rows.astype(np.int32), sampling, *self.pool.take_changes())
+                          logit_rows.astype(np.int32), sampling, *self.pool.take_changes(), tuple(self.swaps))
+        self.swaps = []
         return Scheduled(batch, rows, n, prefilled, np.asarray([seq.slot for seq in resumed], np.int64))

@@ -40,13 +40,14 @@ class ReplicaSettings:
     file, run.py --tokenizer), max_seqs (run.py -b), memory_limit (--gpu-memory, per replica and rank, in
     bytes), kernels (a gptoss.kernels.KernelOptions, run.py --kernels; None: from the environment),
     kv_cache_dtype (run.py --kv-cache-dtype: "bf16" or "fp8"), prefill_tokens (run.py --prefill-tokens),
-    dense_experts (run.py --dense-experts: EngineConfig.dense_experts)."""
+    swap_space (--swap-space), dense_experts (run.py --dense-experts: EngineConfig.dense_experts)."""
     tokenizer: str | None = None
     max_seqs: int | None = None
     memory_limit: int | None = None
     kernels: object | None = None
     kv_cache_dtype: str = "bf16"
     prefill_tokens: int = EngineConfig.prefill_tokens
+    swap_space: float = EngineConfig.swap_space
     dense_experts: bool = False
 
     def inflight(self, device: str) -> int:
@@ -205,7 +206,7 @@ def replica_llm(model_path, device: str, gpu: int | None, settings: ReplicaSetti
     return LLM(model_path, device, tokenizer=s.tokenizer, progress=False, max_seqs=s.max_seqs,
                memory_limit=s.memory_limit, tensor_parallel=tensor_parallel, gpus=gpus, tp_peers=tp_peers,
                kernels=s.kernels, kv_cache_dtype=s.kv_cache_dtype, prefill_tokens=s.prefill_tokens,
-               dense_experts=s.dense_experts)
+               swap_space=s.swap_space, dense_experts=s.dense_experts)
 
 
 class LineRuns:

@@ -261,10 +261,12 @@ def test_a_whole_budget_chunk_gives_the_greedy_tokens_of_small_chunks(kernels):
     assert all(len(v) == 8 for v in big.values())
 
 
-def test_preemption_and_prompt_only_steps_keep_greedy_tokens():
-    """A KV cache of few pages: sequences are preempted, prefilled again (prompt + their tokens so far)
-    and continued, and still get their greedy tokens alone; a prompt longer than the prefill chunk run
-    alone makes steps with no logit row."""
+@pytest.mark.parametrize("swap_space,kv", [(0.0, "bf16"), (1.0, "bf16"), (1.0, "fp8")])
+def test_preemption_and_prompt_only_steps_keep_greedy_tokens(swap_space, kv):
+    """A KV cache of few pages: sequences are preempted, prefilled again (prompt + their tokens so far;
+    swap_space 0) or swapped out to host memory and back into other pages and slots (their sliding
+    rings too), and continued, and still get their greedy tokens alone; a prompt longer than the
+    prefill chunk run alone makes steps with no logit row."""
     from gptoss.sampling import SamplingParams
 
     cfg = TINY_REAL_HEADS
@@ -273,12 +275,15 @@ def test_preemption_and_prompt_only_steps_keep_greedy_tokens():
     lengths = [300, *rng.integers(1, 200, 11)]  # the first is longer than the 256-token chunk
     prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in lengths]
     params = SamplingParams(max_tokens=40)
-    alone = engine_on(weights, max_seqs=1)
+    alone = engine_on(weights, max_seqs=1, kv_cache_dtype=kv)
     want = {i: generate(alone, prompts, params, [i])[i] for i in (0, 3, 8)}
     capacity = 340  # the longest prompt + 40
-    engine = engine_on(weights, max_seqs=8, num_pages=-(-capacity // 64) + 4, promise=0.0, prefill_tokens=504)
+    engine = engine_on(weights, max_seqs=8, num_pages=-(-capacity // 64) + 4, promise=0.0, prefill_tokens=504,
+                       swap_space=swap_space, kv_cache_dtype=kv)
     crowd = generate(engine, prompts, params)
     assert engine.stats["preemptions"] > 0
+    assert engine.stats["swaps" if swap_space else "recomputed_tokens"] > 0
+    assert not engine.runner.model.swapped, "a host copy outlived its sequence"
     for i, tokens in want.items():
         assert crowd[i] == tokens, f"prompt {i}: alone {tokens} vs among preemptions {crowd[i]}"
     assert all(len(v) == 40 for v in crowd.values())
