@@ -27,6 +27,11 @@ import numpy as np
 # ms; fitted to H200 gpt-oss-20b decode steps (58.5 ms at 2,048 x ~1,024 keys, 36.7 at 1,100 x ~1,070,
 # 16.8 ms of attention decode at 2,048 x 1,024) and prompt-chunk steps (27.6 s for 1.14 M prompt tokens)
 FIXED, PER_SEQ, PER_KEY, PER_PROMPT_TOKEN = 8.1, 0.0168, 8.65e-6, 0.02
+# gpt-oss-120b (--preset gpt-oss-120b): 20b's scaled by its 36 layers and the whole expert set read at
+# any sizable batch; about 9% faster than the two 120b getp runs measured with it (docs/notes/attention.md,
+# "One wave for 120b": 7,470 and 8,360 modeled, 6,872 and 7,679 measured), alike for both
+STEP_MODELS = {"gpt-oss-20b": (FIXED, PER_SEQ, PER_KEY, PER_PROMPT_TOKEN),
+               "gpt-oss-120b": (30.0, 0.025, 1.3e-5, 0.03)}
 STOP = 1  # the stand-in's stop token
 
 
@@ -39,6 +44,10 @@ class ModeledRunner:
     def __init__(self, cfg, free_gib, config, stop_rate, paged=True, seed=0):
         self.model_config, self.config, self.free, self.paged = cfg, config, int(free_gib * 2**30), paged
         self.stop_rate, self.rng, self.ms = stop_rate, np.random.default_rng(seed), 0.0
+        from gptoss.config import PRESETS
+
+        preset = next((name for name, c in PRESETS.items() if c == cfg and name in STEP_MODELS), "gpt-oss-20b")
+        self.step_model = STEP_MODELS[preset]
 
     def slots_for(self, capacity, slots, mean_positions):
         from gptoss.engine.gpu_runner import plan_memory
@@ -59,19 +68,23 @@ class ModeledRunner:
     def step(self, batch):
         decode = np.asarray(batch.q_lens) == 1
         keys = int(np.sum(np.asarray(batch.seq_starts)[decode] + 1))
-        self.ms += (FIXED + PER_SEQ * int(decode.sum()) + PER_KEY * keys
-                    + PER_PROMPT_TOKEN * (len(batch.tokens) - int(decode.sum())))
+        fixed, per_seq, per_key, per_prompt_token = self.step_model
+        self.ms += (fixed + per_seq * int(decode.sum()) + per_key * keys
+                    + per_prompt_token * (len(batch.tokens) - int(decode.sum())))
         R = len(batch.logit_rows)
         return np.where(self.rng.random(R) < self.stop_rate, STOP, 2).astype(np.int32)
 
 
-def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True):
+def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True, prefill_chunk=None):
     """One row: the engine over a ModeledRunner (`paged` False: the contiguous cache before paging,
-    every slot sized for a whole capacity, promise 1)."""
+    every slot sized for a whole capacity, promise 1); prefill_chunk: EngineConfig's (the sliding layers'
+    rings hold window + this per slot; None: the default)."""
     from gptoss.engine import Engine, EngineConfig
     from gptoss.sampling import SamplingParams
 
-    runner = ModeledRunner(cfg, free_gib, EngineConfig(promise=promise if paged else 1.0), stop_rate, paged)
+    config = EngineConfig(promise=promise if paged else 1.0,
+                          **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}))
+    runner = ModeledRunner(cfg, free_gib, config, stop_rate, paged)
     engine = Engine(runner, eos_token_ids=(STOP,))
     params = SamplingParams(max_tokens=new)
     for n in lengths:
@@ -97,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--free", type=float, default=65.5,
                    help="GiB beside the weights (65.5: an H100 80GB with 20b; 126: an H200)")
     p.add_argument("--stop-rate", default="0", help="comma-separated stop probabilities per token")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="EngineConfig.prefill_chunk (the sliding layers' rings: window + this per slot)")
     p.add_argument("--promise", default="0,0.5,1,auto",
                    help="comma-separated promise shares for the paged rows (auto: EngineConfig.promise None)")
     args = p.parse_args(argv)
@@ -105,9 +120,11 @@ def main(argv=None) -> int:
 
     lengths = np.random.default_rng(0).integers(args.min_len, args.max_len + 1, args.prompts)
     for rate in (float(x) for x in args.stop_rate.split(",")):
-        print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False), flush=True)
+        print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False,
+                       prefill_chunk=args.prefill_chunk), flush=True)
         for promise in (None if x == "auto" else float(x) for x in args.promise.split(",")):
-            print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, promise), flush=True)
+            print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, promise,
+                           prefill_chunk=args.prefill_chunk), flush=True)
     return 0
 
 

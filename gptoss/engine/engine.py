@@ -102,7 +102,8 @@ class Engine:
         slots_for = getattr(self.runner, "slots_for", None)
         if slots_for is None:
             return 1.0
-        return next((p for p in AUTO_PROMISES if slots_for(capacity, slots, self.scheduler.demand(p)[2]) >= slots), 1.0)
+        fits = (p for p in AUTO_PROMISES if slots_for(capacity, slots, self.scheduler.demand(p)[2]) >= slots)
+        return next(fits, 1.0)
 
     def step(self, while_running=None) -> StepTokens:
         """Run one step: every running sequence's next token (iterate the result for TokenEvents, or

@@ -160,11 +160,13 @@ class GPUModelRunner:
                                   pages=pages, kernels=self.kernels, collective=self.collective,
                                   kv_cache_dtype=self.config.kv_cache_dtype)
         # host memory for preempted sequences' KV: EngineConfig.swap_space, at most half of what is available
-        kv_dtype, page = self.config.kv_cache_dtype, KVCache.page_bytes(self.model_config, self.config.kv_cache_dtype)
+        kv_dtype = self.config.kv_cache_dtype
+        page = KVCache.page_bytes(self.model_config, kv_dtype)
+        rings = KVCache.slot_bytes(self.model_config, capacity, plan.max_chunk, kv_dtype)
         swap = min(self.config.swap_space * 2**30, available_host_bytes() // 2)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens,
                       self.config.step_tokens(plan.slots, capacity)[1], swap_pages=int(swap // page),
-                      slot_pages=-(-KVCache.slot_bytes(self.model_config, capacity, plan.max_chunk, kv_dtype) // page))
+                      slot_pages=-(-rings // page))
 
     overlaps = True  # step() calls while_running between queueing the step and waiting for it
 

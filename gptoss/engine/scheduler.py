@@ -166,8 +166,8 @@ class Scheduler:
             self._forget_swap(job)
         self.swap_used = 0
         n = layout.slots
-        # a preempted sequence is prefilled again with its tokens so far; with every budget promised in
-        # full no sequence is ever preempted, and nothing needs keeping
+        # a preempted sequence resumes with its tokens so far (swapped back, or prefilled again); with
+        # every budget promised in full no sequence is ever preempted, and nothing needs keeping
         self.state = Slots(n, layout.capacity if self.promise < 1 else 1)
         self.pool = PagePool(n + 1, layout.width, layout.pages)
         free = list(range(n))[::-1]
