@@ -63,6 +63,10 @@ def test_counts_are_the_allocated_shapes():
     assert StepBuffers.nbytes(cfg, 600, 70) - StepBuffers.nbytes(cfg, 300, 70) >= 300 * 32 * cfg.num_experts * 4
     a, b = (KVCache.nbytes(cfg, 9, 2048, 256, pages) for pages in (10, 11))
     assert b - a == KVCache.page_bytes(cfg) == 12 * PAGE * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    # a slot's rings (what a swap copies beside its pages): 12 sliding layers x (window 128 + chunk 256)
+    ring = 12 * (128 + 256) * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    assert KVCache.slot_bytes(cfg, 2048, 256) == ring == 6 * KVCache.page_bytes(cfg)
+    assert KVCache.slot_bytes(cfg, 2048, 256, "fp8") * 2 == ring
     tokens, rows = GPUModel.step_sizes(8, 100)
     assert (tokens, rows) == (100, 8)
     assert GPUModel.nbytes(cfg, 8, 2048, 100, 256, 50) > KVCache.nbytes(cfg, 9, 2048, 256, 50) + \
