@@ -334,6 +334,47 @@ def test_an_aborted_swapped_out_request_drops_its_host_copy():
     assert any(m.kind == "drop" and m.key == key for b in runner.steps for m in b.swaps)
 
 
+def test_an_interrupted_step_drops_the_host_copies_and_their_sequences_are_prefilled_again():
+    """A step that raises (Ctrl-C) leaves the engine to start afresh on the same cache once the running
+    requests are aborted: a request swapped out before it keeps its place in the queue, its host copy is
+    dropped and it is prefilled again, with the tokens it gets alone."""
+    rng = np.random.default_rng(9)
+    requests = random_requests(rng, 12, max_new=(60, 120), prompt_len=(60, 130))
+
+    class Interrupted(StandInRunner):
+        interrupt = False
+
+        def step(self, batch):
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return super().step(batch)
+
+    runner = Interrupted(8, capacity=256, chunk=32, step_tokens=64, pages=6, swap_pages=10**6,
+                         config=EngineConfig(prefill_tokens=48, promise=0.0))
+    engine = Engine(runner)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=m)) for p, m in requests]
+    got, ended = {i: [] for i in ids}, {}
+    while not runner.swapped:
+        collect(engine, got, ended, steps=1)
+    swapped = [job.req.id for job in engine.scheduler.waiting if job.swapped]
+    assert swapped
+    runner.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    state = engine.scheduler.state
+    for rid in state.request[state.request >= 0].tolist():  # what LLM and run.py do after an interrupt
+        assert engine.abort(rid)
+        ended[rid] = "aborted"
+    collect(engine, got, ended)
+    assert not runner.swapped and engine.scheduler.swap_used == 0
+    assert engine.stats["recomputed_tokens"] > 0
+    for rid in ids:
+        if ended[rid] != "aborted":  # the swapped ones among them
+            assert (got[rid], ended[rid]) == alone(*requests[rid]), f"request {rid}"
+    assert all(ended[rid] != "aborted" for rid in swapped)
+
+
 @pytest.mark.parametrize("positions,chosen", [(8 * 201, 1.0), (8 * 171, 0.7), (8 * 150, 1.0)])
 def test_auto_promise_is_the_largest_share_that_runs_every_request_at_once(positions, chosen):
     """EngineConfig.promise None: 8 requests of 100 + 100 tokens on a runner whose cache holds
