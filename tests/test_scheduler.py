@@ -542,6 +542,27 @@ def test_modeled_runs_promise_one_never_preempts():
     assert int(numbers["p1"]["most running"]) > int(numbers["flat"]["most running"])
 
 
+def test_modeled_auto_promise_runs_120b_getp_in_one_wave_and_keeps_20b_at_one():
+    """benchmarks/sim_scheduler.py over the real plans (docs/notes/attention.md, "One wave for 120b"):
+    1,024 prompts of 1,000 + 1,000 tokens beside 120b's weights on an H200 get a slot each at a promise
+    below 1, and finish faster than in the two waves of promise 1; 2,048 beside 20b's on an 80 GB card
+    need two waves either way, and the promise stays 1."""
+    import re
+
+    from benchmarks.sim_scheduler import simulate
+    from gptoss.config import GPT_OSS_20B, GPT_OSS_120B
+
+    def row(cfg, prompts, free, promise):
+        text = simulate(cfg, [1000] * prompts, 1000, free, 0.0, promise)
+        chosen = re.search(r"auto \(([\d.]+)\)", text)
+        slots, tok_s = re.search(r"slots\s+(\d+).*modeled\s+([\d,]+)", text).groups()
+        return float(chosen.group(1)) if chosen else promise, int(slots), int(tok_s.replace(",", ""))
+
+    auto, whole = row(GPT_OSS_120B, 1024, 78.5, None), row(GPT_OSS_120B, 1024, 78.5, 1.0)
+    assert auto[0] < 1 and auto[1] == 1024 and whole[1] < 1024 and auto[2] > whole[2]
+    assert row(GPT_OSS_20B, 2048, 62.0, None)[0] == 1.0
+
+
 def test_slots_keep_room_for_generated_tokens_as_sequences_grow():
     from gptoss.engine.scheduler import Slots
 
