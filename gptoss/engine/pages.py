@@ -53,6 +53,10 @@ class PagePool:
         self.held[slots] += want
         self.touched.append(rows * self.table.shape[1] + cols)
 
+    def held_pages(self, slot: int) -> np.ndarray:
+        """The slot's pages, in position order (a copy)."""
+        return self.table[slot, :self.held[slot]].copy()
+
     def release(self, slot: int) -> None:
         """The slot's pages go back to the free list; its row points at the spare page again."""
         n = int(self.held[slot])

@@ -98,7 +98,6 @@ class Scheduler:
         # the share of each budget admission promises (EngineConfig.promise; the engine picks it when None)
         self.promise = 1.0 if config.promise is None else config.promise
         self.swaps: list[KVSwap] = []  # the KV moves the next step carries
-        self.swap_used = 0  # pages' worth of host memory the swapped-out sequences hold
         self.stop_sets: dict[frozenset, int] = {}  # each distinct set of stop ids -> its index
         self.stop_arrays: list[np.ndarray] = []  # index -> the set's ids, sorted
         # steps with prompt chunks vs decode-only steps, the time each kind took (launch to sampled ids
@@ -129,6 +128,11 @@ class Scheduler:
         self.state.decoding[slot] = False
         self._free_slot(slot)
         return True
+
+    @property
+    def swap_used(self) -> int:
+        """Pages' worth of host memory the swapped-out sequences (all of them waiting) hold."""
+        return sum(job.swapped for job in self.waiting)
 
     def idle(self) -> bool:
         """No sequence holds a slot."""
@@ -164,7 +168,6 @@ class Scheduler:
         self.layout, self.asked_slots = layout, asked_slots
         for job in self.waiting:  # host copies of KV from before: prefill those sequences again
             self._forget_swap(job)
-        self.swap_used = 0
         n = layout.slots
         # a preempted sequence resumes with its tokens so far (swapped back, or prefilled again); with
         # every budget promised in full no sequence is ever preempted, and nothing needs keeping
@@ -260,8 +263,7 @@ class Scheduler:
         state.stops[slot] = self._stop_set(req.stop_ids)
         self.admitted += 1
         if job.swapped:  # its KV comes back from host memory into its new pages: it decodes from now on
-            self.swaps.append(KVSwap("in", req.id, slot, self._pages(slot)))
-            self.swap_used -= job.swapped
+            self.swaps.append(KVSwap("in", req.id, slot, self.pool.held_pages(slot)))
             state.cached[slot], state.pending[slot], state.decoding[slot] = len(job.tokens), job.generated[-1], True
         else:
             self.prefilling.append(Prefill(job, slot))
@@ -276,9 +278,8 @@ class Scheduler:
             state.decoding[slot] = False
             cost = int(self.pool.held[slot]) + self.layout.slot_pages
             if self.swap_used + cost <= self.layout.swap_pages:
-                self.swaps.append(KVSwap("out", job.req.id, slot, self._pages(slot)))
+                self.swaps.append(KVSwap("out", job.req.id, slot, self.pool.held_pages(slot)))
                 job.swapped = cost
-                self.swap_used += cost
                 self.stats["swaps"] += 1
         else:
             seq = next(p for p in self.prefilling if p.slot == slot)
@@ -290,15 +291,10 @@ class Scheduler:
         self._free_slot(slot)
         self.waiting.appendleft(job)
 
-    def _pages(self, slot: int) -> np.ndarray:
-        """The slot's pages, in position order."""
-        return self.pool.table[slot, :self.pool.held[slot]].copy()
-
     def _forget_swap(self, job: Job) -> None:
         """The job's host copy of KV (if any) is dropped: it is prefilled again if it runs."""
         if job.swapped:
             self.swaps.append(KVSwap("drop", job.req.id))
-            self.swap_used -= job.swapped
             job.swapped = 0
 
     def _free_slot(self, slot: int) -> None:
