@@ -5,6 +5,8 @@ the spec.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .batch import RunOrder, StepBatch
@@ -350,9 +352,10 @@ class GPUModel:
         its token (the logits come out in the step's row order all the same)."""
         where = np.empty(len(runs.order), np.int64)
         where[runs.order] = np.arange(len(runs.order))
-        return StepBatch(step.tokens[runs.order], step.positions[runs.order], step.slots[runs.order], runs.q_lens,
-                         runs.seq_slots, runs.seq_starts, where[np.asarray(step.logit_rows, np.int64)].astype(np.int32),
-                         step.sampling, step.page_table, step.page_updates, step.swaps)
+        return dataclasses.replace(step, tokens=step.tokens[runs.order], positions=step.positions[runs.order],
+                                   slots=step.slots[runs.order], q_lens=runs.q_lens, seq_slots=runs.seq_slots,
+                                   seq_starts=runs.seq_starts,
+                                   logit_rows=where[np.asarray(step.logit_rows, np.int64)].astype(np.int32))
 
     def forward(self, step: StepBatch):
         """Logits [R, V] float32 (a view of the step buffers, valid until the next step) for
