@@ -5,7 +5,8 @@
 //
 // On sm_90a (H100/H200) the MXFP4 variants run on wgmma instead (MOE_WG_KERNEL, issue_stage_wg): the
 // same tiles, loads and epilogues, warpgroups of 64 columns (docs/notes/moe.md, "wgmma kernels"); mlp2's
-// 128-row kernel takes its token rows by TMA (MoeCta::TMA_A).
+// 128-row kernel takes its token rows by TMA (MoeCta::TMA_A). Their wgmmas multiply only the tile's rows
+// rounded up to a quarter of BM (MoeCta::tile_width, m64nNk16 with N = BM/4 .. BM).
 //
 // Tiles. A CTA computes BM consecutive sorted rows ("tokens", all of one expert e, from the tile
 // schedule made by moe_dispatch) x BN output columns of e. Grid = (ceil(N / BN), tile bound); the CTAs
@@ -403,7 +404,7 @@ struct MoeCta {
     // in the standard k order since the tokens are read by the tensor cores in it: k16 step s of a block
     // takes pairs 8s + t (a[0]/a[1]) and 8s + t + 4 (a[2]/a[3]), i.e. bytes t, t+4, t+8, t+12 of a
     // row's 16-byte block, gathered by prmt from one 16-byte load), then issue the stage's wgmmas.
-    template <bool BIG>
+    template <bool BIG, int WIDTH = 8 * C::NT>
     DEVICE void issue_stage_wg(int buf, int kt) {
 #if GPTOSS_HAS_WGMMA
         const u32 sa = sbase + buf * C::STAGE_BYTES;
@@ -449,7 +450,7 @@ struct MoeCta {
         for (int kk = 0; kk < C::KSUB; ++kk)
             #pragma unroll
             for (int s = 0; s < 2; ++s)  // token atom kk / 2, k16 step 2 (kk % 2) + s of its 64-wide rows
-                wgmma_bf16_rs<8 * C::NT>(&acc[0][0][0], af[kk][s],
+                wgmma_bf16_rs<WIDTH>(&acc[0][0][0], af[kk][s],
                                          wgmma_desc_sw128(sa + (kk >> 1) * C::BM * 128 + ((kk & 1) * 2 + s) * 32));
 #endif
         wgmma_commit();
@@ -502,7 +503,25 @@ struct MoeCta {
 #endif
     }
 
+    // The wgmma kernels multiply the tile's first WIDTH token rows (m64nWIDTHk16): its rows rounded up to
+    // a quarter of BM (tile_width), so a tile with few rows costs the tensor cores less. Each output is
+    // one token row's products summed in the same order whatever WIDTH, so the bits do not change.
     template <bool BIG>
+    DEVICE void mainloop_mb_width(u32 full, u32 empty) {
+        constexpr int Q = C::BM / 4;
+        const int width = tile_width();
+        if (width == Q) mainloop_mb<BIG, Q>(full, empty);
+        else if (width == 2 * Q) mainloop_mb<BIG, 2 * Q>(full, empty);
+        else if (width == 3 * Q) mainloop_mb<BIG, 3 * Q>(full, empty);
+        else mainloop_mb<BIG, C::BM>(full, empty);
+    }
+
+    DEVICE int tile_width() const {
+        constexpr int Q = C::BM / 4;
+        return C::WG ? min(C::BM, (rows + Q - 1) / Q * Q) : C::BM;
+    }
+
+    template <bool BIG, int WIDTH>
     DEVICE void mainloop_mb(u32 full, u32 empty) {
 #if GPTOSS_HAS_WGMMA
         int b = 0, use = 0;        // slot and use count of k-tile kt
@@ -519,7 +538,7 @@ struct MoeCta {
             }
             mbar_wait(full + 8 * b, use & 1);
             fence_proxy_async();  // the tokens are read by wgmma (async proxy)
-            issue_stage_wg<BIG>(b, kt);
+            issue_stage_wg<BIG, WIDTH>(b, kt);
             wgmma_wait<0>();
             fence_acc();
             __syncwarp();
@@ -593,6 +612,7 @@ struct MoeCta {
 
         a_ch = tid % C::KCH;
         a_exist = a_ok = 0;
+        const int a_rows = tile_width();  // rows past it are never read (zero-filled up to it)
         #pragma unroll
         for (int i = 0; i < (TMA_A ? 0 : C::A_ITERS); ++i) {
             const int r = tid / C::KCH + i * C::A_STEP;
@@ -602,7 +622,7 @@ struct MoeCta {
             // wgmma: [BK/64][BM][128 B] atoms in the 128-byte swizzle (mma.h, wgmma_desc_sw128)
             a_dst[i] = C::WG ? (a_ch >> 3) * C::BM * 128 + sw128_offset(rr, a_ch & 7)
                              : rr * C::BK * 2 + sw * 16;
-            a_exist |= (unsigned)(r < C::BM) << i;
+            a_exist |= (unsigned)(r < a_rows) << i;
             a_ok |= (unsigned)(r < rows) << i;
         }
         #pragma unroll
@@ -668,7 +688,7 @@ struct MoeCta {
         if constexpr (C::TMA_W) {
             mainloop_inflight(full, empty);
         } else if constexpr (C::LAG > 0) {
-            if (big) mainloop_mb<true>(full, empty); else mainloop_mb<false>(full, empty);
+            if (big) mainloop_mb_width<true>(full, empty); else mainloop_mb_width<false>(full, empty);
         } else {
             if (big) mainloop<true>(); else mainloop<false>();
         }
