@@ -151,14 +151,17 @@ def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, dense:
     return VARIANTS[name]
 
 
-# Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones
-# (benchmarks/kernel_moe.py --all-tiles on an H200: even at 32 rows, T = 256 on 20b; 1.3x at 128 rows).
-BM128_MIN_ROWS = 64
+# Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones. Both
+# multiply only a tile's rows rounded up to a quarter of its height (moe.hip, tile_width), so a 128-row
+# tile that an expert half fills costs less than it used to. Per layer on an H200 (mlp1 + mlp2, 64-row
+# against 128-row tiles): 20b 414 / 393 µs at 32 rows, 355 / 385 at 16; 120b 1,460 / 1,437 µs at 32
+# rows, 1,726 / 1,560 at 48, 1,229 / 1,313 at 16; 1.3x at 128 rows.
+BM128_MIN_ROWS = 32
 # The same for the dense kernels (bf16 copies of the weights, ExpertWeights.dense), which read 4x the
 # weight bytes but skip the dequantization. From 64 rows on they are 1.2-1.35x faster than the MXFP4
 # 128-row kernels (benchmarks/kernel_moe.py --dense). At 32 rows (T = 256 on 20b) the layer alone ran
 # 1.16x faster than the 64-row MXFP4 tiles, but a whole decode step at batch 256 was 9% slower with them
-# (bench_decode.py: 16.46 against 15.10 ms), so they start where the 128-row tiles do.
+# (bench_decode.py: 16.46 against 15.10 ms), so they start at 64 rows.
 DENSE_MIN_ROWS = 64
 
 

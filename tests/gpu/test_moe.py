@@ -706,8 +706,8 @@ def test_dense_experts_give_the_mxfp4_bits(H, I, E, T, variant):
     for bm in (16, 64):
         np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=bm)), y_want)
     _assert_variant_bits(variant, t, d, D1, D2, b1, b2, weights, y_want, o_want)
-    # the public path: dense weights run the dense kernel where the tiles are 128 rows
-    if M.pick_bm(d.num_slots, E) == 128:
+    # the public path: dense weights run the dense kernel where their tiles are 128 rows
+    if M.pick_bm(d.num_slots, E, dense=True) == 128:
         assert M._pick_variant("mlp1", d, M.expert_matrix(D1, "w1"), None, kernels).dense
     y2 = M.expert_mlp1(t, d, D1, b1, LIMIT, ALPHA)
     np.testing.assert_array_equal(cupy.asnumpy(y2), y_want)
