@@ -171,6 +171,9 @@ def test_a_full_context_starts_a_fresh_chat(tok, capsys):
 HARNESS = textwrap.dedent("""
     import os, signal, sys
     sys.path[:0] = [{root!r}, {tests!r}]
+    # Ctrl-C raises KeyboardInterrupt even where this process inherited SIGINT ignored (a background job
+    # of a non-interactive shell, which Python then leaves ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from test_chat import ScriptedRunner, chat_args, scripted_llm, REPLY
     from gptoss.interactive import run_chat
     from gptoss.sampling import SamplingParams
