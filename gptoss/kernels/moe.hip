@@ -516,9 +516,10 @@ struct MoeCta {
         else mainloop_mb<BIG, C::BM>(full, empty);
     }
 
+    // (the MXFP4 wgmma kernels; the dense ones and the mma.sync ones multiply all BM rows)
     DEVICE int tile_width() const {
         constexpr int Q = C::BM / 4;
-        return C::WG ? min(C::BM, (rows + Q - 1) / Q * Q) : C::BM;
+        return C::WG && !C::TMA_W ? min(C::BM, (rows + Q - 1) / Q * Q) : C::BM;
     }
 
     template <bool BIG, int WIDTH>
