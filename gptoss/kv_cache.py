@@ -54,6 +54,7 @@ class KVCache:
         self.table = cupy.asarray(table)
         self.k, self.v = [], []
         self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
+        self._in_flight: list = []  # (event, pinned arrays) of queued copies, kept until the stream passes them
         for i in range(cfg.num_layers):
             shape = self.layer_shape(cfg, i, slots, capacity, max_chunk, self.pages)
             self.k.append(cupy.empty(shape, dtype=dtype))
@@ -100,6 +101,7 @@ class KVCache:
             cupy.cuda.runtime.memcpyAsync(out.ctypes.data, part.data.ptr, part.nbytes,
                                           cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
             host.append(out)
+        self._hold(stream, host)
         return host
 
     def copy_in(self, host: list, slot: int, pages: np.ndarray) -> None:
@@ -118,6 +120,14 @@ class KVCache:
                 a[slot] = dev
             else:
                 a[index] = dev
+        self._hold(stream, host)
+
+    def _hold(self, stream, host: list) -> None:
+        """Keeps the pinned arrays of copies just queued on `stream` until it has passed them, whatever the
+        caller drops: freed earlier, CuPy's pinned pool could hand their memory to another transfer (its
+        host-to-device staging writes into it from the host) while the copy still reads or writes it."""
+        self._in_flight = [(event, kept) for event, kept in self._in_flight if not event.done]
+        self._in_flight.append((stream.record(), host))
 
     def layer_table(self, layer: int, cfg: ModelConfig):
         """The page table for layer `layer`'s kernels: the device table on full layers, None on sliding."""
