@@ -53,6 +53,7 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
     import numpy as np
 
     from gptoss.config import GPT_OSS_20B
+    from gptoss.gpu_weights import ExpertWeights
     from gptoss.kernels import KernelOptions
     from gptoss.ops import moe as M
 
@@ -61,6 +62,9 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
     cfg = cfg or GPT_OSS_20B
     E, H, I, k = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
     layer = _layer(fmt, E, H, I)
+    if fmt == "mxfp4":  # laid out once for the kernels that run, as DeviceWeights does
+        for name in ("w1", "w2"):
+            layer[name] = M.to_wgmma_order(ExpertWeights("mxfp4", *layer[name]), kernels)
     w1, w2 = M.expert_matrix(layer["w1"], "w1"), M.expert_matrix(layer["w2"], "w2")
     dense = dense and wg and fmt == "mxfp4"
     if dense:

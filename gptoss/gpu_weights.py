@@ -25,6 +25,9 @@ class ExpertWeights:
     # MXFP4 only, optional: the same weights as bf16 [E, R, C] in the wgmma kernels' row order
     # (ops.moe.dense_expert_copy), which the expert GEMMs of large steps read instead of blocks/scales
     dense: object = None
+    # MXFP4 only: blocks rewritten at load into the wgmma order, the layout the wgmma expert kernels read
+    # (ops.moe.to_wgmma_order; DeviceWeights does it where they run)
+    wgmma_order: bool = False
 
 
 @dataclass
@@ -84,7 +87,9 @@ class DeviceWeights:
     """All weights uploaded once from a Weights source (mmap'd file or synthetic), with a progress bar.
     dense_experts: also give every layer's w1 and w2 their dense copy (ExpertWeights.dense, made on the
     GPU by ops.moe.dense_expert_copy; check_dense_experts says when it is refused); kernels: the
-    KernelOptions that build it and run the model (None: from the environment)."""
+    KernelOptions that build it and run the model (None: from the environment). Where those run the wgmma
+    expert kernels, the MXFP4 blocks are rewritten into their order as they arrive
+    (ExpertWeights.wgmma_order), so a model on these weights must use the same kernels."""
 
     def __init__(self, weights, progress: bool = True, dense_experts: bool = False, kernels=None):
         import cupy
@@ -109,6 +114,7 @@ class DeviceWeights:
             raise ModelTooLargeError(
                 f"the dense expert copy needs {gib(dense)} of GPU memory beside the weights' {gib(need)}; "
                 f"{gib(max(free - need, 0))} is free after them: drop --dense-experts")
+        from .ops.moe import to_wgmma_order
         from .progress import ByteProgress
 
         with ByteProgress("upload", need, quiet=not progress) as bar:
@@ -126,7 +132,8 @@ class DeviceWeights:
 
             def experts(prefix):
                 if self.experts_format == "mxfp4":
-                    return ExpertWeights("mxfp4", blocks=up(prefix + ".blocks"), scales=up(prefix + ".scales"))
+                    w = ExpertWeights("mxfp4", blocks=up(prefix + ".blocks"), scales=up(prefix + ".scales"))
+                    return to_wgmma_order(w, kernels)
                 return ExpertWeights("bf16", weight=up(prefix))
 
             cfg = self.config

@@ -70,6 +70,19 @@ class StepBuffers:
                                          cfg.intermediate_size)
 
 
+def _check_expert_order(weights: DeviceWeights, kernels: KernelOptions) -> None:
+    """Raise ValueError unless the MXFP4 expert blocks are in the order `kernels`' expert GEMMs read: the
+    wgmma order where the wgmma kernels run (DeviceWeights lays them out for its own KernelOptions)."""
+    from .ops.moe import uses_wgmma
+
+    if weights.experts_format != "mxfp4" or not weights.layers:
+        return
+    laid_out = bool(getattr(weights.layers[0].w1, "wgmma_order", False))
+    if laid_out != uses_wgmma("mxfp4", kernels):
+        raise ValueError("the weights' MXFP4 experts were laid out for other expert kernels than this model's: "
+                         "give DeviceWeights and GPUModel the same KernelOptions")
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
     p = lo
     while p < n:
@@ -115,6 +128,7 @@ class GPUModel:
         from .ops.attention import rope_table
 
         self.kernels = (kernels if kernels is not None else KernelOptions.from_env()).resolve()
+        _check_expert_order(weights, self.kernels)
         self.w = weights
         self.cfg = cfg = weights.config
         self.collective = collective

@@ -509,28 +509,57 @@ def test_tile_bound_cpu():
     np.testing.assert_array_equal(table, [[1, 0], [1, 16], [3, 17]] + [[-1, 0]] * 3)
 
 
-def test_wgmma_fragment_gather_cpu():
-    """moe.hip issue_stage_wg: lane t's three prmts over a weight row's 16-byte block give bytes t, t+4,
-    t+8, t+12, so fp4x8_to_bf16x2's outputs q = 0..3 are the pairs 8s + t (q = 2s) and 8s + t + 4
-    (q = 2s + 1) of k16 step s: the standard mma A-fragment k order the shared-memory tokens use."""
+def rotr(x: int, n: int) -> int:
+    return ((x >> n) | (x << (32 - n))) & 0xFFFFFFFF
+
+
+def fp4_wg_word_to_bf16x2(W: int, s: int, big: bool) -> list[int]:
+    """moe.hip fp4_wg_word_to_bf16x2 on one word of the wgmma order."""
+    M_ = 0x81C081C0
+    placed = [W & M_, rotr(W, 4) & M_, rotr(W, 10) & M_, (rotr(W, 6) & 0x81808180) | (rotr(W, 14) & 0x00400040)]
+    out = []
+    for p in placed:
+        v = bf16x2_mul(p, scale_m1(s))
+        if big:
+            v = bf16x2_mul(v, scale_m2(s))
+        out.append(v)
+    return out
+
+
+def test_wgmma_order_fragments_cpu():
+    """moe.hip issue_stage_wg / compute_stage_fp4_std: lane t's word of a block in the wgmma order
+    (ops.moe.wgmma_order_host) gives, through fp4_wg_word_to_bf16x2, the pairs 8s + t (q = 2s) and
+    8s + t + 4 (q = 2s + 1) of k16 step s: the standard mma A-fragment k order the tokens use. Every byte
+    value at every position of a block, both scale paths."""
     rng = np.random.default_rng(5)
-    for _ in range(50):
-        block = rng.integers(0, 256, 16)
-        x, y, z, w = (int(block[4 * i]) | int(block[4 * i + 1]) << 8 | int(block[4 * i + 2]) << 16
-                      | int(block[4 * i + 3]) << 24 for i in range(4))
+    blocks = (np.arange(256)[:, None] + 17 * np.arange(16)[None, :]) % 256  # byte j of block v: v + 17j
+    blocks = np.concatenate([blocks, rng.integers(0, 256, (32, 16))]).astype(np.uint8)
+    laid = M.wgmma_order_host(blocks)
+    np.testing.assert_array_equal(M.wgmma_order_host(laid, inverse=True), blocks)
+    for block, words in zip(blocks, laid.view("<u4")):
         for t in range(4):
-            sel = t | ((t + 4) << 4)
-            word = prmt(prmt(x, y, sel), prmt(z, w, sel), 0x5410)
-            got = [(word >> (8 * q)) & 0xFF for q in range(4)]
-            assert got == [int(block[t]), int(block[t + 4]), int(block[t + 8]), int(block[t + 12])]
-            out = fp4x8_to_bf16x2(word, 127, False)
-            for s in range(2):
-                for r, pair in ((0, 8 * s + t), (1, 8 * s + t + 4)):
-                    byte = int(block[pair])  # k = 2 * pair (lo nibble), 2 * pair + 1 (hi nibble)
-                    want = FP4_VALUES[[byte & 15, byte >> 4]].astype(np.float32)
-                    v = out[2 * s + r]
-                    got_v = from_bf16_bits(np.array([v & 0xFFFF, v >> 16], dtype=np.uint16))
-                    np.testing.assert_array_equal(got_v, want)
+            for sc, big in ((127, False), (128, False), (118, True), (140, True)):
+                out = fp4_wg_word_to_bf16x2(int(words[t]), sc, big)
+                for s in range(2):
+                    for r, pair in ((0, 8 * s + t), (1, 8 * s + t + 4)):
+                        byte = int(block[pair])  # k = 2 * pair (lo nibble), 2 * pair + 1 (hi nibble)
+                        want = FP4_VALUES[[byte & 15, byte >> 4]].astype(np.float64) * 2.0 ** (sc - 127)
+                        v = out[2 * s + r]
+                        got = from_bf16_bits(np.array([v & 0xFFFF, v >> 16], dtype=np.uint16))
+                        np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"t {t} s {s} r {r}")
+
+
+def test_wgmma_order_is_the_placed_bytes_cpu():
+    """Each word of the wgmma order is exactly the four placed words fp4x8_to_bf16x2 makes from the
+    bytes t, t+4, t+8, t+12 it replaced (so the kernels' bits cannot change), over random blocks."""
+    rng = np.random.default_rng(6)
+    blocks = rng.integers(0, 256, (200, 16), dtype=np.uint8)
+    laid = M.wgmma_order_host(blocks)
+    for block, words in zip(blocks, laid.view("<u4")):
+        for t in range(4):
+            w = int(block[t]) | int(block[t + 4]) << 8 | int(block[t + 8]) << 16 | int(block[t + 12]) << 24
+            assert fp4_wg_word_to_bf16x2(int(words[t]), 127, False) == fp4x8_to_bf16x2(w, 127, False)
+            assert fp4_wg_word_to_bf16x2(int(words[t]), 135, True) == fp4x8_to_bf16x2(w, 135, True)
 
 
 class _MBarrier:

@@ -51,6 +51,15 @@
 //   E2M1 * 2^(s - 127) exactly. 2^(s - 1) is a bf16 for s <= 128; a CTA whose scales include s > 128
 //   (a block max above 12: never seen in checkpoints) runs the BIG path, which multiplies by
 //   2^(min(s,128) - 1) and then by 2^(s - 128): the same exact values, so paths agree bit for bit.
+//
+// The wgmma order (the blocks the wgmma and m16_std kernels read; moe_wg_order makes it at load):
+// their lane t needs bytes t, t+4, t+8, t+12 of a row's block (q = 0..3). Word t of the block is
+// replaced by W, the four placed words of those bytes spread over one word:
+//   placed[0] = W & M,  placed[1] = rotr(W, 4) & M,  placed[2] = rotr(W, 10) & M,
+//   placed[3] = (rotr(W, 6) & 0x81808180) | (rotr(W, 14) & 0x00400040),      M = 0x81C081C0.
+// The four sets of bit positions these read are disjoint and cover the word, so W exists and is unique.
+// A lane then reads one 32-bit word per row and block, and places its 8 codes with 4 funnel shifts and
+// 5 LOP3, against 3 prmt to gather the bytes and 15 instructions to place their nibbles.
 #include "common.h"
 #include "mma.h"
 
@@ -132,6 +141,41 @@ DEVICE void fp4x8_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
         u32 v = fma_bf16x2(placed, m1, 0x80008000u);
         if (BIG) v = fma_bf16x2(v, m2, 0x80008000u);
         out[q] = v;
+    }
+}
+
+// The same 8 codes from a word W of the wgmma order (moe_wg_order, below): out[q] as fp4x8_to_bf16x2
+// gives it for byte q of the word W was made from, its placed word picked out of W by a rotation and the
+// mask (4 funnel shifts and 5 LOP3 for the 8 codes, against 3 + 4 x 3 instructions from the bytes).
+DEVICE u32 rotr32(u32 x, int n) { return __funnelshift_r(x, x, n); }
+template <bool BIG>
+DEVICE void fp4_wg_word_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
+    constexpr u32 M = 0x81C081C0u;
+    u32 placed[4];
+    placed[0] = w & M;
+    placed[1] = rotr32(w, 4) & M;
+    placed[2] = rotr32(w, 10) & M;
+    placed[3] = (rotr32(w, 6) & 0x81808180u) | (rotr32(w, 14) & 0x00400040u);
+    #pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        u32 v = fma_bf16x2(placed[q], m1, 0x80008000u);
+        if (BIG) v = fma_bf16x2(v, m2, 0x80008000u);
+        out[q] = v;
+    }
+}
+
+// fp4_block_fragments (below) from two words of the wgmma order
+template <bool BIG>
+DEVICE void fp4_wg_block_fragments(u32 w0, u32 w1, u32 s0, u32 s1, u32 af[2][4]) {
+    u32 c0[4], c1[4];
+    fp4_wg_word_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
+    fp4_wg_word_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+    #pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        af[s][0] = c0[2 * s];
+        af[s][1] = c1[2 * s];
+        af[s][2] = c0[2 * s + 1];
+        af[s][3] = c1[2 * s + 1];
     }
 }
 
@@ -321,14 +365,12 @@ struct MoeCta {
         }
     }
 
-    // Lane t's bytes t, t+4, t+8, t+12 of the 16-byte blocks of weight rows at positions pr and pr + 8
-    // (rows g and g + 8 of an m16 tile) in block kk of a stage (sb): the k pairs of the wgmma kernels' order
+    // Lane t's words of the weight rows at positions pr and pr + 8 (rows g and g + 8 of an m16 tile) in
+    // block kk of a stage (sb), wgmma order (moe_wg_order): word t of a block holds the codes of its
+    // bytes t, t+4, t+8, t+12 as made, i.e. k pairs 8s + t + 4r (k16 step s, register r)
     DEVICE void wg_order_words(const unsigned char* sb, int kk, int pr, u32& w0, u32& w1) const {
-        const u32 sel = t4 | ((t4 + 4) << 4);  // bytes t of both words into bytes 0, 1
-        const uint4 v0 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr) * 16);
-        const uint4 v1 = *reinterpret_cast<const uint4*>(sb + (kk * C::BN + pr + 8) * 16);
-        w0 = prmt_b32(prmt_b32(v0.x, v0.y, sel), prmt_b32(v0.z, v0.w, sel), 0x5410u);
-        w1 = prmt_b32(prmt_b32(v1.x, v1.y, sel), prmt_b32(v1.z, v1.w, sel), 0x5410u);
+        w0 = *reinterpret_cast<const u32*>(sb + (kk * C::BN + pr) * 16 + 4 * t4);
+        w1 = *reinterpret_cast<const u32*>(sb + (kk * C::BN + pr + 8) * 16 + 4 * t4);
     }
 
     // The mma B fragments of token n8 tiles 2ip and 2ip + 1 for k16 step ks of the stage at sa, standard
@@ -341,8 +383,8 @@ struct MoeCta {
         b0[0] = bq[0], b0[1] = bq[1], b1[0] = bq[2], b1[1] = bq[3];
     }
 
-    // MXFP4 weights in the wgmma kernels' k order (the A fragments of issue_stage_wg: lane t gathers bytes
-    // t, t+4, t+8, t+12 of a row's 16-byte block) and the tokens through ldmatrix in the standard order
+    // MXFP4 weights in the wgmma kernels' k order (the A fragments of issue_stage_wg: lane t's word of a
+    // row's block in the wgmma order, the codes of bytes t, t+4, t+8, t+12) and the tokens through ldmatrix in the standard order
     // (as compute_stage_bf16; the tokens' chunk swizzle is the bf16 path's): per k16 step the same
     // products as the wgmma kernels' wgmma, one mma.m16n8k16 per token n8 tile.
     template <bool BIG>
@@ -356,9 +398,9 @@ struct MoeCta {
             u32 af[C::MW][2][4];  // [tile][step][quad]
             #pragma unroll
             for (int j = 0; j < C::MW; ++j) {
-                u32 w0, w1;  // byte q = 2s + r of a word: pair 8s + t + 4r
+                u32 w0, w1;
                 wg_order_words(sb, kk, nw + 16 * j + g, w0, w1);  // = wpos(nw + 16j + 2g)
-                fp4_block_fragments<BIG>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
+                fp4_wg_block_fragments<BIG>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
             }
             #pragma unroll
             for (int s = 0; s < 2; ++s) {
@@ -403,7 +445,7 @@ struct MoeCta {
     // wgmma path: dequantize the stage's weights into A fragments (the MXFP4 register path above, but
     // in the standard k order since the tokens are read by the tensor cores in it: k16 step s of a block
     // takes pairs 8s + t (a[0]/a[1]) and 8s + t + 4 (a[2]/a[3]), i.e. bytes t, t+4, t+8, t+12 of a
-    // row's 16-byte block, gathered by prmt from one 16-byte load), then issue the stage's wgmmas.
+    // row's 16-byte block: lane t's word in the wgmma order), then issue the stage's wgmmas.
     template <bool BIG, int WIDTH = 8 * C::NT>
     DEVICE void issue_stage_wg(int buf, int kt) {
 #if GPTOSS_HAS_WGMMA
@@ -433,8 +475,7 @@ struct MoeCta {
             #pragma unroll
             for (int q = 0; q < 4; ++q) af[kk][q >> 1][q & 1] = af[kk][q >> 1][2 + (q & 1)] = w0 ^ w1 ^ s0 ^ s1 ^ q;
 #else
-            // byte q = 2s + r of a word: pair 8s + t + 4r
-            fp4_block_fragments<BIG>(w0, w1, s0, s1, af[kk]);
+            fp4_wg_block_fragments<BIG>(w0, w1, s0, s1, af[kk]);
 #endif
         }
         fence_acc();
@@ -989,6 +1030,64 @@ MOE_STD_KERNEL(moe_mlp2_fp4_m16_std,   2, 1, 4,      4,   4,     false, 4)
 MOE_DENSE_KERNEL(moe_mlp1_dense_m128_wg,   16, 8,      3,     true,  2)
 MOE_DENSE_KERNEL(moe_mlp2_dense_m128_wg,   16, 8,      3,     false, 2)
 
+// Word t of a block in the wgmma order (header) from its bytes t, t+4, t+8, t+12 (w, byte q = byte t + 4q)
+// and back. Plain C: the layout is made on every vendor (only the NVIDIA wgmma kernels read it).
+DEVICE u32 rotl32_c(u32 x, int n) { return (x << n) | (x >> (8 * (int)sizeof(u32) - n)); }  // 0 < n < bits
+DEVICE u32 fp4_placed(u32 byte) { return (((byte & 15u) | (byte >> 4) << 16) * 0x1040u) & 0x81C081C0u; }
+DEVICE u32 fp4_unplaced(u32 p) {  // the byte whose placed word is p
+    return ((p >> 6) & 7u) | ((p >> 12) & 8u) | ((p >> 18) & 0x70u) | ((p >> 24) & 0x80u);
+}
+DEVICE u32 wg_order_word(u32 w) {
+    const u32 p0 = fp4_placed(w & 255u), p1 = fp4_placed((w >> 8) & 255u);
+    const u32 p2 = fp4_placed((w >> 16) & 255u), p3 = fp4_placed(w >> 24);
+    return p0 | rotl32_c(p1, 4) | rotl32_c(p2, 10) | rotl32_c(p3 & 0x81808180u, 6) | rotl32_c(p3 & 0x00400040u, 14);
+}
+DEVICE u32 wg_order_word_inverse(u32 W) {
+    constexpr u32 M = 0x81C081C0u;
+    const u32 p0 = W & M, p1 = rotl32_c(W, 28) & M, p2 = rotl32_c(W, 22) & M;
+    const u32 p3 = (rotl32_c(W, 26) & 0x81808180u) | (rotl32_c(W, 18) & 0x00400040u);
+    return fp4_unplaced(p0) | fp4_unplaced(p1) << 8 | fp4_unplaced(p2) << 16 | fp4_unplaced(p3) << 24;
+}
+
+// One 16-byte block's 4 words v[0..3] (byte b of the block = byte b % 4 of v[b / 4]) into the wgmma order
+// (inverse = 0) or back from it (inverse = 1).
+DEVICE void wg_order_block(u32 v[4], int inverse) {
+    u32 out[4];
+    #pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        if (inverse) {
+            const u32 w = wg_order_word_inverse(v[t]);  // bytes t, t+4, t+8, t+12 of the block
+            out[t] = w;
+        } else {
+            const u32 w = ((v[0] >> 8 * t) & 255u) | ((v[1] >> 8 * t) & 255u) << 8
+                        | ((v[2] >> 8 * t) & 255u) << 16 | ((v[3] >> 8 * t) & 255u) << 24;
+            out[t] = wg_order_word(w);
+        }
+    }
+    if (inverse) {  // out[t] holds block bytes t + 4q at byte q: scatter them back
+        #pragma unroll
+        for (int j = 0; j < 4; ++j)
+            v[j] = ((out[0] >> 8 * j) & 255u) | ((out[1] >> 8 * j) & 255u) << 8
+                 | ((out[2] >> 8 * j) & 255u) << 16 | ((out[3] >> 8 * j) & 255u) << 24;
+    } else {
+        #pragma unroll
+        for (int t = 0; t < 4; ++t) v[t] = out[t];
+    }
+}
+
+// MXFP4 blocks [n] x 16 bytes into the wgmma order or back (inverse), in place: one thread per block.
+extern "C" __global__ void moe_wg_order(u8* __restrict__ wq, long long n, int inverse) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint4* p = reinterpret_cast<uint4*>(wq) + i;
+    const uint4 b = *p;
+    u32 v[4] = {b.x, b.y, b.z, b.w};
+    wg_order_block(v, inverse);
+    *p = make_uint4(v[0], v[1], v[2], v[3]);
+}
+
 // Dense copy of MXFP4 expert weights for the wgmma kernels that read bf16 weights from shared memory
 // (MOE_DENSE_KERNEL): dense[row0(n) + wpos(n % 16)][k] = E2M1(code) * 2^(s - 127) as bf16, exact (a
 // bf16 holds every E2M1 value times a power of two in its range). Rows are stored in the order the
@@ -996,8 +1095,9 @@ MOE_DENSE_KERNEL(moe_mlp2_dense_m128_wg,   16, 8,      3,     false, 2)
 // warpgroup's wgmma row m is the same output column in both kinds of kernel and the accumulators,
 // epilogues and bits agree. One thread per 16-byte block (32 weights) of rows [E * R] x K/32 blocks.
 // Plain C: runs on every vendor (the kernels that read the copy are NVIDIA-only).
+// wgmma_order: the blocks are in the wgmma order (moe_wg_order), read back to the file's bytes.
 extern "C" __global__ void moe_dense_copy(const u8* __restrict__ wq, const u8* __restrict__ ws,
-                                          bf16_t* __restrict__ dense, long long rows, int KB) {
+                                          bf16_t* __restrict__ dense, long long rows, int KB, int wgmma_order) {
     GPTOSS_WAIT_PRIOR_GRID();
     GPTOSS_LAUNCH_DEPENDENTS();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1006,11 +1106,13 @@ extern "C" __global__ void moe_dense_copy(const u8* __restrict__ wq, const u8* _
     const int kb = (int)(i % KB);
     const long long dst_row = (n & ~15LL) | (((n & 1) << 3) | ((n >> 1) & 7));
     const float scale = e8m0_to_float(ws[i]);
-    const u8* src = wq + i * 16;
+    const uint4 blk = reinterpret_cast<const uint4*>(wq)[i];
+    u32 v[4] = {blk.x, blk.y, blk.z, blk.w};
+    if (wgmma_order) wg_order_block(v, 1);
     bf16_t* dst = dense + dst_row * (long long)KB * 32 + kb * 32;
     #pragma unroll
     for (int b = 0; b < 16; ++b) {  // byte b = k pair (2b, 2b + 1), low nibble first
-        const u32 byte = src[b];
+        const u32 byte = (v[b / 4] >> 8 * (b % 4)) & 255u;
         dst[2 * b] = float_to_bf16(fp4_e2m1_to_float(byte & 15u) * scale);
         dst[2 * b + 1] = float_to_bf16(fp4_e2m1_to_float(byte >> 4) * scale);
     }

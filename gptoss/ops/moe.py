@@ -180,6 +180,47 @@ def pick_bm(num_slots: int, num_experts: int, fmt: str = "mxfp4", wgmma: bool | 
 
 # ---- host-side index math ---------------------------------------------------------------------------
 
+_M = np.uint32(0x81C081C0)
+
+
+def _rotl(x: np.ndarray, n: int) -> np.ndarray:
+    return (x << np.uint32(n)) | (x >> np.uint32(32 - n))
+
+
+def _placed(byte: np.ndarray) -> np.ndarray:
+    """fp4x8_to_bf16x2's placed word of each byte (uint32): lo nibble bits 0-2 at bits 6-8, bit 3 at 15;
+    the hi nibble's the same 16 bits up."""
+    x = (byte & np.uint32(15)) | ((byte >> np.uint32(4)) << np.uint32(16))
+    return ((x << np.uint32(6)) | (x << np.uint32(12))) & _M
+
+
+def _unplaced(p: np.ndarray) -> np.ndarray:
+    u = np.uint32
+    return (((p >> u(6)) & u(7)) | ((p >> u(12)) & u(8)) | ((p >> u(18)) & u(0x70)) | ((p >> u(24)) & u(0x80)))
+
+
+def wgmma_order_host(blocks: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """NumPy twin of wgmma_order_blocks (a new array): MXFP4 blocks uint8 [..., 16] into the wgmma order,
+    or back (inverse). Word t of a block becomes W with rotr(W, 0 / 4 / 10) & M = the placed words of
+    bytes t, t+4, t+8 and (rotr(W, 6) & 0x81808180) | (rotr(W, 14) & 0x00400040) that of byte t+12."""
+    u = np.uint32
+    b = np.ascontiguousarray(blocks, dtype=np.uint8)
+    shape = b.shape
+    if shape[-1] != 16:
+        raise ValueError(f"blocks: [..., 16] expected, got {shape}")
+    if inverse:
+        W = b.reshape(-1, 4, 4).view("<u4").reshape(-1, 4).astype(u)  # [block, t]
+        p = [W & _M, _rotl(W, 28) & _M, _rotl(W, 22) & _M,
+             (_rotl(W, 26) & u(0x81808180)) | (_rotl(W, 18) & u(0x00400040))]
+        out = np.stack([_unplaced(x) for x in p], axis=2).astype(np.uint8)  # [block, t, q] = byte t + 4q
+        return np.ascontiguousarray(out.transpose(0, 2, 1)).reshape(shape)
+    q = b.reshape(-1, 4, 4).astype(u)  # [block, q, t] = byte 4q + t
+    p = [_placed(q[:, i, :]) for i in range(4)]  # [block, t]
+    W = (p[0] | _rotl(p[1], 4) | _rotl(p[2], 10) | _rotl(p[3] & u(0x81808180), 6)
+         | _rotl(p[3] & u(0x00400040), 14))
+    return np.ascontiguousarray(W.astype("<u4")).view(np.uint8).reshape(shape)
+
+
 def tile_bound(num_slots: int, num_experts: int, bm: int) -> int:
     """Launch bound on the number of bm-row tiles: sum_e ceil(M_e / bm) <= ceil(S / bm) + min(E, S),
     since each expert with rows wastes less than one tile and at most min(E, S) experts have rows."""
@@ -218,6 +259,7 @@ class ExpertMatrix:
     scales: object = None
     weight: object = None
     dense: object = None  # MXFP4 only: the bf16 copy in the wgmma row order (dense_expert_copy), or None
+    wgmma_order: bool = False  # MXFP4 only: blocks in the wgmma order (to_wgmma_order), not the file's
 
 
 def expert_matrix(w, name: str) -> ExpertMatrix:
@@ -228,6 +270,7 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
         if fmt == "mxfp4":
             dense = getattr(w, "dense", None)
             m = expert_matrix((w.blocks, w.scales), name)
+            m.wgmma_order = bool(getattr(w, "wgmma_order", False))
             if dense is not None:
                 check(dense, f"{name}.dense", cupy.uint16, (m.E, m.R, m.C))
                 _aligned16(dense, f"{name}.dense")
@@ -260,6 +303,57 @@ def expert_matrix(w, name: str) -> ExpertMatrix:
                     f"got {type(w).__name__}")
 
 
+WGMMA_ORDER_THREADS = 256
+
+
+def wgmma_order_blocks(blocks, inverse: bool = False, kernels: KernelOptions | None = None):
+    """Rewrite MXFP4 blocks (uint8 device array [..., 16], contiguous) in place into the wgmma order, the
+    layout the wgmma and m16_std expert kernels read (moe.hip's header: word t of each 16-byte block holds
+    the codes of its bytes t, t+4, t+8, t+12, bit-placed for a cheaper dequantization), or back to the
+    file's order (inverse). Returns blocks. The same weights either way; wgmma_order_host is its NumPy
+    twin."""
+    import cupy
+
+    check(blocks, "blocks", cupy.uint8)
+    if blocks.shape[-1] != 16 or not blocks.flags.c_contiguous:
+        raise ValueError(f"blocks: a contiguous [..., 16] array expected, got {blocks.shape}")
+    _aligned16(blocks, "blocks")
+    n = blocks.size // 16
+    if n:
+        kernel("moe", "moe_wg_order", kernels=resolved(kernels))(
+            (-(-n // WGMMA_ORDER_THREADS),), (WGMMA_ORDER_THREADS,), (blocks, np.int64(n), np.int32(inverse)))
+    return blocks
+
+
+def to_wgmma_order(w, kernels: KernelOptions | None = None):
+    """ExpertWeights `w` (MXFP4) with its blocks rewritten in place into the wgmma order and
+    w.wgmma_order set, once, where the wgmma expert kernels run (uses_wgmma under `kernels`); otherwise
+    w unchanged. expert_mlp1/2 read such weights as they are; blocks in the file's order are re-laid out
+    into a temporary copy on every call of a wgmma kernel."""
+    if getattr(w, "format", None) != "mxfp4" or getattr(w, "wgmma_order", False) or not uses_wgmma("mxfp4", kernels):
+        return w
+    wgmma_order_blocks(w.blocks, kernels=kernels)
+    w.wgmma_order = True
+    return w
+
+
+def _blocks_for(v: Variant, w: ExpertMatrix, kernels: KernelOptions) -> ExpertMatrix:
+    """w with its MXFP4 blocks in the order variant v reads: the wgmma order for the sm_90a kernels
+    (wgmma, m16_std), the file's for the others (the dense kernels read neither)."""
+    import cupy
+
+    if w.format != "mxfp4" or v.dense or w.wgmma_order == v.sm90a:
+        return w
+    if w.wgmma_order:
+        raise ValueError("the MXFP4 blocks are in the wgmma order (ExpertWeights.wgmma_order), which only the "
+                         "wgmma expert kernels read; make the weights with the model's KernelOptions")
+    if cupy.cuda.get_current_stream().is_capturing():
+        raise ValueError("MXFP4 blocks in the file's order are re-laid out for the wgmma kernels on every call, "
+                         "which a CUDA graph cannot capture: lay them out once with ops.moe.to_wgmma_order")
+    blocks = wgmma_order_blocks(w.blocks.copy(), kernels=kernels)
+    return ExpertMatrix(w.format, w.E, w.R, w.C, blocks=blocks, scales=w.scales, dense=w.dense, wgmma_order=True)
+
+
 DENSE_COPY_THREADS = 256
 
 
@@ -281,7 +375,7 @@ def dense_expert_copy(w, out=None, kernels: KernelOptions | None = None):
     if blocks:
         kernel("moe", "moe_dense_copy", kernels=resolved(kernels))(
             (-(-blocks // DENSE_COPY_THREADS),), (DENSE_COPY_THREADS,),
-            (m.blocks, m.scales, out, np.int64(m.E * m.R), np.int32(m.C // 32)))
+            (m.blocks, m.scales, out, np.int64(m.E * m.R), np.int32(m.C // 32), np.int32(m.wgmma_order)))
     return out
 
 
@@ -545,6 +639,7 @@ def expert_mlp1(t, dispatch: Dispatch, w1, b1, limit: float, alpha: float, out=N
         return out
     kernels = resolved(kernels)
     v = _pick_variant("mlp1", d, w, bm, kernels)
+    w = _blocks_for(v, w, kernels)
     _launch_gemm(t, d, w, b1, None, out, None, limit, alpha, v, kernels)
     return out
 
@@ -575,6 +670,7 @@ def expert_mlp2(y, dispatch: Dispatch, w2, b2, weights, out=None, bm: int | None
         return out
     kernels = resolved(kernels)
     v = _pick_variant("mlp2", d, w, bm, kernels)
+    w = _blocks_for(v, w, kernels)
     _launch_gemm(y, d, w, b2, weights, None, out, 0.0, 0.0, v, kernels)
     return out
 

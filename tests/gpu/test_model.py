@@ -29,7 +29,7 @@ def make(cfg, experts, seed=0, slots=4, capacity=None, chunk=256, kernels=None):
 
     w = random_weights(cfg, experts, seed=seed)
     capacity = capacity or cfg.max_context
-    model = GPUModel(DeviceWeights(w, progress=False), slots=slots, capacity=capacity,
+    model = GPUModel(DeviceWeights(w, progress=False, kernels=kernels), slots=slots, capacity=capacity,
                      max_step_tokens=chunk * 2, max_chunk=chunk, max_rows=chunk * 2, kernels=kernels)
     return w, model
 
@@ -216,7 +216,7 @@ def test_long_chunks_through_the_rings_give_the_chunked_bits(kernels):
 
     skip_if_portable_is_the_default(kernels)
     cfg = TINY_REAL_HEADS  # window 16, capacity 512
-    weights = DeviceWeights(random_weights(cfg, "mxfp4", seed=4), progress=False)
+    weights = DeviceWeights(random_weights(cfg, "mxfp4", seed=4), progress=False, kernels=kernels)
     rng = np.random.default_rng(12)
     lead = rng.integers(0, cfg.vocab_size, 20).astype(np.int32)
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (150, 37)]
@@ -431,3 +431,21 @@ def test_profile_runs_the_forward():
     assert families <= set(times), families - set(times)
     assert all(v >= 0 for v in times.values())
     assert times["moe mlp1 (gate/up + swiglu)"] > 0
+
+
+def test_model_refuses_experts_laid_out_for_other_kernels():
+    """DeviceWeights lays MXFP4 experts out in the wgmma order where the wgmma expert kernels run; a model
+    with the mma.sync kernels on such weights is refused at construction (it would read the wrong codes)."""
+    from gptoss.gpu_weights import DeviceWeights
+    from gptoss.kernels import KernelOptions
+    from gptoss.model import GPUModel
+    from gptoss.ops.moe import uses_wgmma
+
+    if not uses_wgmma("mxfp4"):
+        pytest.skip("the wgmma order is made only where the wgmma expert kernels run")
+    weights = DeviceWeights(random_weights(TINY, "mxfp4", seed=1), progress=False)
+    assert all(layer.w1.wgmma_order and layer.w2.wgmma_order for layer in weights.layers)
+    with pytest.raises(ValueError, match="same KernelOptions"):
+        GPUModel(weights, slots=2, capacity=64, max_step_tokens=64, max_chunk=32, kernels=KernelOptions(wgmma=False))
+    plain = DeviceWeights(random_weights(TINY, "mxfp4", seed=1), progress=False, kernels=KernelOptions(wgmma=False))
+    assert not plain.layers[0].w1.wgmma_order

@@ -16,6 +16,7 @@ from gptoss.weights.bf16 import from_bf16_bits, to_bf16_bits
 from gptoss.kernels import KernelOptions, wgmma_available
 from gptoss.weights.mxfp4 import dequantize
 from gptoss.ops import moe as M
+from gptoss.gpu_weights import ExpertWeights
 from tests.gpu.kernel_modes import PORTABLE, skip_fast_path_test, skip_if_portable_is_the_default
 from tests.test_moe_cpu import tile_schedule
 
@@ -681,9 +682,11 @@ def _assert_variant_bits(variant, t, d, w1, w2, b1, b2, weights, y_want, o_want)
     o = cupy.full((T * k, o_want.shape[1]), np.nan, dtype=cupy.float32)
     v1 = M.VARIANTS[variant.replace("mlp2", "mlp1")]
     v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
-    M._launch_gemm(t, d, M.expert_matrix(w1, "w1"), b1, None, y, None, LIMIT, ALPHA, v1, kernels)
+    m1 = M._blocks_for(v1, M.expert_matrix(w1, "w1"), kernels)  # the block order each variant reads
+    m2 = M._blocks_for(v2, M.expert_matrix(w2, "w2"), kernels)
+    M._launch_gemm(t, d, m1, b1, None, y, None, LIMIT, ALPHA, v1, kernels)
     np.testing.assert_array_equal(cupy.asnumpy(y), y_want)
-    M._launch_gemm(cupy.asarray(y_want), d, M.expert_matrix(w2, "w2"), b2, weights, None, o, 0.0, 0.0, v2, kernels)
+    M._launch_gemm(cupy.asarray(y_want), d, m2, b2, weights, None, o, 0.0, 0.0, v2, kernels)
     np.testing.assert_array_equal(cupy.asnumpy(o), o_want)
 
 
@@ -753,6 +756,14 @@ def test_workspace_and_graph_capture():
     stream = cupy.cuda.Stream(non_blocking=True)
     x = cupy.asarray(x0)
     dev = layer.device()
+    if M.uses_wgmma("mxfp4"):  # blocks in the file's order are re-laid out per call: not in a capture
+        with stream:
+            stream.begin_capture()
+            with pytest.raises(ValueError, match="cannot capture"):
+                M.moe(x, t, dev, cfg, workspace=ws)
+            stream.end_capture()
+    for name in ("w1", "w2"):  # laid out once, as DeviceWeights does
+        dev[name] = M.to_wgmma_order(ExpertWeights("mxfp4", blocks=dev[name][0].copy(), scales=dev[name][1]))
     with stream:
         M.moe(x, t, dev, cfg, workspace=ws)  # warm-up: compiles, sets attributes
         x[...] = cupy.asarray(x0)
@@ -764,6 +775,53 @@ def test_workspace_and_graph_capture():
         graph.launch(stream)
         stream.synchronize()
     np.testing.assert_array_equal(cupy.asnumpy(x), want)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(3, 40, 5), (2, 16, 90)])
+def test_wgmma_order_blocks_against_numpy(shape):
+    """wgmma_order_blocks (in place, and back) is wgmma_order_host's layout, and the dense copy of blocks
+    in the wgmma order is the dense copy of the file's blocks."""
+    import cupy
+
+    rng = np.random.default_rng(sum(shape))
+    host = rng.integers(0, 256, (*shape, 16), dtype=np.uint8)
+    dev = cupy.asarray(host)
+    assert M.wgmma_order_blocks(dev) is dev
+    np.testing.assert_array_equal(cupy.asnumpy(dev), M.wgmma_order_host(host))
+    np.testing.assert_array_equal(cupy.asnumpy(M.wgmma_order_blocks(dev.copy(), inverse=True)), host)
+    if not M.uses_wgmma("mxfp4"):
+        return
+    scales = cupy.asarray(rng.integers(110, 135, shape, dtype=np.uint8))
+    R = shape[1] // 16 * 16
+    if R:
+        raw = (cupy.asarray(np.ascontiguousarray(host[:, :R])), scales[:, :R].copy())
+        laid = ExpertWeights("mxfp4", blocks=cupy.asarray(M.wgmma_order_host(host[:, :R])), scales=raw[1],
+                             wgmma_order=True)
+        np.testing.assert_array_equal(cupy.asnumpy(M.dense_expert_copy(laid)), cupy.asnumpy(M.dense_expert_copy(raw)))
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 64, 2048])
+def test_wgmma_ordered_experts_give_the_per_call_bits(T):
+    """Experts laid out once (to_wgmma_order, what DeviceWeights holds) give the bits of the same blocks
+    in the file's order (re-laid out per call) at every tile height; the mma.sync kernels refuse them."""
+    import cupy
+
+    if not M.uses_wgmma("mxfp4"):
+        pytest.skip("the wgmma order is read only where the wgmma expert kernels run")
+    W1, W2, b1, b2, t, weights, d = _expert_case(T + 5, 96, 64, 32, T)
+    L1 = M.to_wgmma_order(ExpertWeights("mxfp4", blocks=W1.dev[0].copy(), scales=W1.dev[1]))
+    L2 = M.to_wgmma_order(ExpertWeights("mxfp4", blocks=W2.dev[0].copy(), scales=W2.dev[1]))
+    assert L1.wgmma_order and M.to_wgmma_order(L1) is L1
+    for bm in M.tile_heights("mxfp4"):
+        y = M.expert_mlp1(t, d, W1.dev, b1, LIMIT, ALPHA, bm=bm)
+        np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp1(t, d, L1, b1, LIMIT, ALPHA, bm=bm)),
+                                      cupy.asnumpy(y))
+        np.testing.assert_array_equal(cupy.asnumpy(M.expert_mlp2(y, d, L2, b2, weights, bm=bm)),
+                                      cupy.asnumpy(M.expert_mlp2(y, d, W2.dev, b2, weights, bm=bm)))
+    with pytest.raises(ValueError, match="wgmma order"):
+        M.expert_mlp1(t, d, L1, b1, LIMIT, ALPHA, kernels=KernelOptions(wgmma=False))
 
 
 @gpu
