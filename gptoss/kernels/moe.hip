@@ -288,6 +288,9 @@ struct MoeCta {
 
     DEVICE MoeCta(const MoeParams& p_, unsigned char* smem_) : p(p_), smem(smem_), sbase(smem_u32(smem_)) {}
 
+    // A_ROWS: the token rows that can exist (the mainloop's WIDTH): the loader passes past them are not
+    // even tested (a_exist has no row past tile_width())
+    template <int A_ROWS = C::BM>
     DEVICE void load_stage(int buf, int kt) {
         const u32 st = sbase + buf * C::STAGE_BYTES;
         // Sources past K or past the valid rows copy 0 bytes from the start of a valid row.
@@ -304,8 +307,10 @@ struct MoeCta {
             const int k = kt * C::BK + a_ch * 8;
             const bool kv = k < p.K;
             const u32 kofs = kv ? k : 0;
+            constexpr int A_IT = (A_ROWS + C::A_STEP - 1) / C::A_STEP < C::A_ITERS
+                               ? (A_ROWS + C::A_STEP - 1) / C::A_STEP : C::A_ITERS;
             #pragma unroll
-            for (int i = 0; i < C::A_ITERS; ++i)
+            for (int i = 0; i < A_IT; ++i)
                 if (a_exist >> i & 1u)
                     cp_async_16s(st + a_dst[i], p.a + (a_src[i] + kofs), kv && (a_ok >> i & 1u) ? 16 : 0);
         }
@@ -487,12 +492,14 @@ struct MoeCta {
         acc[0][0][1] += __uint_as_float(sa);
 #else
         wgmma_fence();
+        // desc(sa + offset) = desc(sa) + offset / 16: sa is 1 KB-aligned and sa + offset stays in the window
+        const unsigned long long desc = wgmma_desc_sw128(sa);
         #pragma unroll
         for (int kk = 0; kk < C::KSUB; ++kk)
             #pragma unroll
             for (int s = 0; s < 2; ++s)  // token atom kk / 2, k16 step 2 (kk % 2) + s of its 64-wide rows
                 wgmma_bf16_rs<WIDTH>(&acc[0][0][0], af[kk][s],
-                                         wgmma_desc_sw128(sa + (kk >> 1) * C::BM * 128 + ((kk & 1) * 2 + s) * 32));
+                                     desc + (((kk >> 1) * C::BM * 128 + ((kk & 1) * 2 + s) * 32) >> 4));
 #endif
         wgmma_commit();
         fence_acc();
@@ -572,7 +579,7 @@ struct MoeCta {
             if (kt >= C::LAG) {
                 if (kt - C::LAG + C::STAGES < KT) {
                     mbar_wait(empty + 8 * rb, ruse & 1);
-                    if (MOE_ABLATE != 3) load_stage(rb, kt - C::LAG + C::STAGES);
+                    if (MOE_ABLATE != 3) load_stage<WIDTH>(rb, kt - C::LAG + C::STAGES);
                     else if ((TMA_A || C::TMA_W) && tid == 0) mbar_arrive(full + 8 * rb);  // TMA's arrival
                     mbar_arrive_cp_async(full + 8 * rb);
                 }
