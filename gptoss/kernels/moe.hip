@@ -389,9 +389,10 @@ struct MoeCta {
     }
 
     // MXFP4 weights in the wgmma kernels' k order (the A fragments of issue_stage_wg: lane t's word of a
-    // row's block in the wgmma order, the codes of bytes t, t+4, t+8, t+12) and the tokens through ldmatrix in the standard order
-    // (as compute_stage_bf16; the tokens' chunk swizzle is the bf16 path's): per k16 step the same
-    // products as the wgmma kernels' wgmma, one mma.m16n8k16 per token n8 tile.
+    // row's block in the wgmma order, the codes of bytes t, t+4, t+8, t+12) and the tokens through
+    // ldmatrix in the standard order (as compute_stage_bf16; the tokens' chunk swizzle is the bf16
+    // path's): per k16 step the same products as the wgmma kernels' wgmma, one mma.m16n8k16 per token
+    // n8 tile.
     template <bool BIG>
     DEVICE void compute_stage_fp4_std(int buf, int kt) {
         const unsigned char* sb = smem + buf * C::STAGE_BYTES + C::A_BYTES;
