@@ -1057,30 +1057,24 @@ DEVICE u32 wg_order_word_inverse(u32 W) {
     return fp4_unplaced(p0) | fp4_unplaced(p1) << 8 | fp4_unplaced(p2) << 16 | fp4_unplaced(p3) << 24;
 }
 
-// One 16-byte block's 4 words v[0..3] (byte b of the block = byte b % 4 of v[b / 4]) into the wgmma order
-// (inverse = 0) or back from it (inverse = 1).
-DEVICE void wg_order_block(u32 v[4], int inverse) {
+// The 4 x 4 byte transpose of a block's words: byte q of word t <-> byte t of word q, so word t then holds
+// the block's bytes t, t+4, t+8, t+12 (byte b of the block = byte b % 4 of v[b / 4]). Its own inverse.
+DEVICE void transpose_bytes(u32 v[4]) {
     u32 out[4];
     #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        if (inverse) {
-            const u32 w = wg_order_word_inverse(v[t]);  // bytes t, t+4, t+8, t+12 of the block
-            out[t] = w;
-        } else {
-            const u32 w = ((v[0] >> 8 * t) & 255u) | ((v[1] >> 8 * t) & 255u) << 8
-                        | ((v[2] >> 8 * t) & 255u) << 16 | ((v[3] >> 8 * t) & 255u) << 24;
-            out[t] = wg_order_word(w);
-        }
-    }
-    if (inverse) {  // out[t] holds block bytes t + 4q at byte q: scatter them back
-        #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            v[j] = ((out[0] >> 8 * j) & 255u) | ((out[1] >> 8 * j) & 255u) << 8
-                 | ((out[2] >> 8 * j) & 255u) << 16 | ((out[3] >> 8 * j) & 255u) << 24;
-    } else {
-        #pragma unroll
-        for (int t = 0; t < 4; ++t) v[t] = out[t];
-    }
+    for (int t = 0; t < 4; ++t)
+        out[t] = ((v[0] >> 8 * t) & 255u) | ((v[1] >> 8 * t) & 255u) << 8
+               | ((v[2] >> 8 * t) & 255u) << 16 | ((v[3] >> 8 * t) & 255u) << 24;
+    #pragma unroll
+    for (int t = 0; t < 4; ++t) v[t] = out[t];
+}
+
+// One 16-byte block's 4 words into the wgmma order (inverse = 0) or back from it (inverse = 1).
+DEVICE void wg_order_block(u32 v[4], int inverse) {
+    if (!inverse) transpose_bytes(v);
+    #pragma unroll
+    for (int t = 0; t < 4; ++t) v[t] = inverse ? wg_order_word_inverse(v[t]) : wg_order_word(v[t]);
+    if (inverse) transpose_bytes(v);
 }
 
 // MXFP4 blocks [n] x 16 bytes into the wgmma order or back (inverse), in place: one thread per block.
