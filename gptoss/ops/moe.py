@@ -17,7 +17,7 @@ MXFP4 ExpertWeights may also carry `.dense`, the same weights as bf16 (dense_exp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -314,9 +314,9 @@ def wgmma_order_blocks(blocks, inverse: bool = False, kernels: KernelOptions | N
     twin."""
     import cupy
 
-    check(blocks, "blocks", cupy.uint8)
-    if blocks.shape[-1] != 16 or not blocks.flags.c_contiguous:
-        raise ValueError(f"blocks: a contiguous [..., 16] array expected, got {blocks.shape}")
+    check(blocks, "blocks", cupy.uint8)  # (C-contiguous)
+    if blocks.shape[-1] != 16:
+        raise ValueError(f"blocks: a [..., 16] array expected, got {blocks.shape}")
     _aligned16(blocks, "blocks")
     n = blocks.size // 16
     if n:
@@ -350,8 +350,7 @@ def _blocks_for(v: Variant, w: ExpertMatrix, kernels: KernelOptions) -> ExpertMa
     if cupy.cuda.get_current_stream().is_capturing():
         raise ValueError("MXFP4 blocks in the file's order are re-laid out for the wgmma kernels on every call, "
                          "which a CUDA graph cannot capture: lay them out once with ops.moe.to_wgmma_order")
-    blocks = wgmma_order_blocks(w.blocks.copy(), kernels=kernels)
-    return ExpertMatrix(w.format, w.E, w.R, w.C, blocks=blocks, scales=w.scales, dense=w.dense, wgmma_order=True)
+    return replace(w, blocks=wgmma_order_blocks(w.blocks.copy(), kernels=kernels), wgmma_order=True)
 
 
 DENSE_COPY_THREADS = 256
