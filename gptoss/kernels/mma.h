@@ -25,8 +25,9 @@ DEVICE u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 // wgmma operand tiles (layout at wgmma_desc_sw128 below): the byte offset of 16-byte chunk c (0..7) of
 // 128-byte row r in the 128-byte swizzle, and a dynamic shared-memory pointer moved up to the next 1 KB
-// boundary of the shared window (the swizzle atoms must be 1 KB-aligned; launches add WGMMA_SMEM_ALIGN
-// bytes of slack: gptoss.kernels.WGMMA_SMEM_SLACK reads it here).
+// boundary of the shared window (the swizzle atoms must be 1 KB-aligned; the GEMM and attention launches
+// add WGMMA_SMEM_ALIGN bytes of slack for it: gptoss.kernels.WGMMA_SMEM_SLACK reads it here; the MoE
+// kernels declare the alignment instead).
 #define WGMMA_SMEM_ALIGN 1024u
 DEVICE u32 sw128_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 DEVICE unsigned char* align_1k(unsigned char* p) {

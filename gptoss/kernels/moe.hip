@@ -574,26 +574,31 @@ struct MoeCta {
     template <bool BIG, int WIDTH>
     DEVICE void mainloop_mb(u32 full, u32 empty) {
 #if GPTOSS_HAS_WGMMA
-        int b = 0, use = 0;        // slot and use count of k-tile kt
-        int rb = 0, ruse = 0;      // the same for k-tile kt - LAG
-        for (int kt = 0; kt < KT; ++kt) {
-            if (kt >= C::LAG) {
-                if (kt - C::LAG + C::STAGES < KT) {
-                    mbar_wait(empty + 8 * rb, ruse & 1);
-                    if (MOE_ABLATE != 3) load_stage<WIDTH>(rb, kt - C::LAG + C::STAGES);
+        constexpr int S = C::STAGES, LAG = C::LAG;
+        // unrolled by the ring's size: k-tile k0 + s sits in slot s, in use (k0 / S) of it
+        for (int k0 = 0, phase = 0; k0 < KT; k0 += S, phase ^= 1) {
+            #pragma unroll
+            for (int s = 0; s < S; ++s) {
+                const int kt = k0 + s;
+                if (kt >= KT) break;
+                mbar_wait(full + 8 * s, phase);
+                // Tokens copied by cp.async (generic proxy) are read by wgmma (async proxy): a proxy fence,
+                // before this thread's refill below (its fence would wait for those copies too). Tokens
+                // by TMA are written in the async proxy, and the weights are read by plain loads.
+                if constexpr (!TMA_A) fence_proxy_async();
+                if (kt >= LAG && kt - LAG + S < KT) {
+                    const int rb = (s - LAG + S) % S;  // k-tile kt - LAG's slot, in the previous use if s < LAG
+                    mbar_wait(empty + 8 * rb, s >= LAG ? phase : phase ^ 1);
+                    if (MOE_ABLATE != 3) load_stage<WIDTH>(rb, kt - LAG + S);
                     else if ((TMA_A || C::TMA_W) && tid == 0) mbar_arrive(full + 8 * rb);  // TMA's arrival
                     mbar_arrive_cp_async(full + 8 * rb);
                 }
-                if (++rb == C::STAGES) { rb = 0; ++ruse; }
+                issue_stage_wg<BIG, WIDTH>(s, kt);
+                wgmma_wait<0>();
+                fence_acc();
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty + 8 * s);
             }
-            mbar_wait(full + 8 * b, use & 1);
-            fence_proxy_async();  // the tokens are read by wgmma (async proxy)
-            issue_stage_wg<BIG, WIDTH>(b, kt);
-            wgmma_wait<0>();
-            fence_acc();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty + 8 * b);
-            if (++b == C::STAGES) { b = 0; ++use; }
         }
         __syncthreads();  // shared memory is free for the epilogue
 #endif
@@ -803,16 +808,28 @@ struct MoeCta {
     }
 };
 
+// The dynamic shared memory. wgmma's swizzled token atoms need 1 KB-aligned stages: the wgmma kernels
+// declare that alignment, so ptxas places the array at a 1 KB boundary past the static arrays and
+// every stage address is a constant offset from it (rounding a pointer up at run time, ptxas redid the
+// round-up in every k-tile).
+template <bool WG>
+DEVICE unsigned char* moe_dynamic_smem() {
+    if constexpr (WG) {
+        extern __shared__ __align__(WGMMA_SMEM_ALIGN) unsigned char moe_smem_wg[];
+        return moe_smem_wg;
+    } else {
+        extern __shared__ __align__(16) unsigned char moe_smem[];
+        return moe_smem;
+    }
+}
+
 template <class C, bool MLP1>
 DEVICE void moe_gemm(const MoeParams& p) {
-    extern __shared__ __align__(16) unsigned char moe_smem[];
     __shared__ int s_slot[C::BM];
     __shared__ float s_rw[C::BM];
     __shared__ u32 s_arow[C::BM];  // element offset of each tile row's A row
     __shared__ unsigned long long s_bars[C::LAG ? 2 * C::STAGES : 1];  // mbarrier ring: full, empty
-    // wgmma's swizzled token atoms need 1 KB-aligned stages (the launch adds 1 KB of slack)
-    unsigned char* base = C::WG ? align_1k(moe_smem) : moe_smem;
-    MoeCta<C, MLP1> cta(p, base);
+    MoeCta<C, MLP1> cta(p, moe_dynamic_smem<C::WG>());
     cta.run(s_slot, s_rw, s_arow, s_bars);
 }
 
