@@ -244,6 +244,12 @@ def test_benchmark_json_is_checked_before_the_run(name, tmp_path, capsys):
     ("kv_accuracy", ["--cpu", "--prompt", "0"], "need 1 <= --prompt <= --length <= 512 and --sequences >= 1 "
                                                 "(got --prompt 0, --length 384, --sequences 8)"),
     ("kv_accuracy", ["--cpu", "--length", "513"], "need 1 <= --prompt <= --length <= 512"),
+    ("kernel_moe", ["--variants", "nope"], "unknown expert kernel 'nope': --variants takes mlp1 kernels ("),
+    ("kernel_moe", ["--variants", "moe_mlp2_fp4_m64_wg"], "unknown expert kernel 'moe_mlp2_fp4_m64_wg'"),
+    ("kernel_moe", ["--experts", "bf16", "--variants", "moe_mlp1_fp4_m64"],
+     "moe_mlp1_fp4_m64 is for MXFP4 experts, not bf16"),
+    ("kernel_moe", ["--copies", "0"], "--copies must be at least 1 (got 0)"),
+    ("kernel_moe", ["--preset", "nope"], "unknown preset 'nope' (one of "),
 ])
 def test_benchmark_bad_arguments_are_one_line_errors(name, argv, message, capsys):
     """Checked before anything loads (no GPU needed): one line, status 2."""
@@ -251,3 +257,12 @@ def test_benchmark_bad_arguments_are_one_line_errors(name, argv, message, capsys
 
     assert importlib.import_module(f"benchmarks.{name}").main(argv) == 2
     assert one_error(capsys, f"{name}.py").startswith(message)
+
+
+def test_kernel_moe_variants_come_with_their_mlp2_twins():
+    from benchmarks.kernel_moe import expert_kernel_pairs
+
+    pairs = expert_kernel_pairs(["moe_mlp1_fp4_m128_wg", "moe_mlp1_fp4_m16_std"], "mxfp4")
+    assert [(a.name, b.name) for a, b in pairs] == [("moe_mlp1_fp4_m128_wg", "moe_mlp2_fp4_m128_wg"),
+                                                     ("moe_mlp1_fp4_m16_std", "moe_mlp2_fp4_m16_std")]
+    assert all(a.mlp1 and not b.mlp1 and (a.bm, a.bn, a.bk) == (b.bm, b.bn, b.bk) for a, b in pairs)
