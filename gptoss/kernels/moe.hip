@@ -127,6 +127,14 @@ DEVICE u32 fma_bf16x2(u32 a, u32 b, u32 c) {
 DEVICE u32 scale_m1(u32 s) { return (min(s, 128u) + 126u) * 0x00800080u; }
 DEVICE u32 scale_m2(u32 s) { return (max(s, 128u) - 1u) * 0x00800080u; }
 
+// A placed word (two E2M1 codes at their bf16 bit positions) times the scale multipliers, as bf16x2
+template <bool BIG>
+DEVICE u32 scale_placed(u32 placed, u32 m1, u32 m2) {
+    u32 v = fma_bf16x2(placed, m1, 0x80008000u);
+    if (BIG) v = fma_bf16x2(v, m2, 0x80008000u);
+    return v;
+}
+
 // 4 packed bytes (8 E2M1 codes) -> 4 bf16x2: out[q] = (lo nibble, hi nibble of byte q) * 2^(s - 127).
 template <bool BIG>
 DEVICE void fp4x8_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
@@ -138,9 +146,7 @@ DEVICE void fp4x8_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
         const u32 sel = q | ((8 | q) << 4) | ((4 + q) << 8) | ((12 + q) << 12);
         const u32 x = prmt_b32(lo, hi, sel);
         const u32 placed = (x * 0x1040u) & 0x81C081C0u;  // (x << 6) | (x << 12): disjoint bits
-        u32 v = fma_bf16x2(placed, m1, 0x80008000u);
-        if (BIG) v = fma_bf16x2(v, m2, 0x80008000u);
-        out[q] = v;
+        out[q] = scale_placed<BIG>(placed, m1, m2);
     }
 }
 
@@ -157,36 +163,23 @@ DEVICE void fp4_wg_word_to_bf16x2(u32 w, u32 m1, u32 m2, u32 out[4]) {
     placed[2] = rotr32(w, 10) & M;
     placed[3] = (rotr32(w, 6) & 0x81808180u) | (rotr32(w, 14) & 0x00400040u);
     #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        u32 v = fma_bf16x2(placed[q], m1, 0x80008000u);
-        if (BIG) v = fma_bf16x2(v, m2, 0x80008000u);
-        out[q] = v;
-    }
-}
-
-// fp4_block_fragments (below) from two words of the wgmma order
-template <bool BIG>
-DEVICE void fp4_wg_block_fragments(u32 w0, u32 w1, u32 s0, u32 s1, u32 af[2][4]) {
-    u32 c0[4], c1[4];
-    fp4_wg_word_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
-    fp4_wg_word_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
-    #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        af[s][0] = c0[2 * s];
-        af[s][1] = c1[2 * s];
-        af[s][2] = c0[2 * s + 1];
-        af[s][3] = c1[2 * s + 1];
-    }
+    for (int q = 0; q < 4; ++q) out[q] = scale_placed<BIG>(placed[q], m1, m2);
 }
 
 // The A fragments of both k16 steps (s = 0, 1) of one 32-block for mma rows g and g + 8, from their
 // 8-code words w0, w1 (scale bytes s0, s1): a[s] = {row g q = 2s, row g+8 q = 2s, row g q = 2s+1,
-// row g+8 q = 2s+1}, q indexing the words' bytes. Which k pairs the bytes hold is the caller's k order.
-template <bool BIG>
+// row g+8 q = 2s+1}, q indexing the words' bytes (WG_ORDER: words of the wgmma order, q indexing the
+// bytes they were made from). Which k pairs the bytes hold is the caller's k order.
+template <bool BIG, bool WG_ORDER = false>
 DEVICE void fp4_block_fragments(u32 w0, u32 w1, u32 s0, u32 s1, u32 af[2][4]) {
     u32 c0[4], c1[4];
-    fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
-    fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+    if constexpr (WG_ORDER) {
+        fp4_wg_word_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
+        fp4_wg_word_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+    } else {
+        fp4x8_to_bf16x2<BIG>(w0, scale_m1(s0), scale_m2(s0), c0);
+        fp4x8_to_bf16x2<BIG>(w1, scale_m1(s1), scale_m2(s1), c1);
+    }
     #pragma unroll
     for (int s = 0; s < 2; ++s) {
         af[s][0] = c0[2 * s];
@@ -406,7 +399,7 @@ struct MoeCta {
             for (int j = 0; j < C::MW; ++j) {
                 u32 w0, w1;
                 wg_order_words(sb, kk, nw + 16 * j + g, w0, w1);  // = wpos(nw + 16j + 2g)
-                fp4_wg_block_fragments<BIG>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
+                fp4_block_fragments<BIG, true>(w0, w1, sc[sc_row[j][0] + kb], sc[sc_row[j][1] + kb], af[j]);
             }
             #pragma unroll
             for (int s = 0; s < 2; ++s) {
@@ -481,7 +474,7 @@ struct MoeCta {
             #pragma unroll
             for (int q = 0; q < 4; ++q) af[kk][q >> 1][q & 1] = af[kk][q >> 1][2 + (q & 1)] = w0 ^ w1 ^ s0 ^ s1 ^ q;
 #else
-            fp4_wg_block_fragments<BIG>(w0, w1, s0, s1, af[kk]);
+            fp4_block_fragments<BIG, true>(w0, w1, s0, s1, af[kk]);
 #endif
         }
         fence_acc();
