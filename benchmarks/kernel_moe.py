@@ -146,12 +146,16 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
                                                        bm=bm, kernels=kernels))
             rows.append(dict(row(f"mlp2 m{bm}{tag}", shape, ms2, flops=2.0 * S * H * I,
                                  bytes_moved=weight_bytes(w2, active)), bound=bound))
+
+        def time_pair(v1, v2):  # ms of kernels v1 (mlp1) and v2 (mlp2), each over the copies
+            return (time_experts(lambda i: M._launch_gemm(t, d, w1s[i], layers[i]["b1"], None, y, None,
+                                                          cfg.swiglu_limit, cfg.swiglu_alpha, v1, kernels)),
+                    time_experts(lambda i: M._launch_gemm(y, d, w2s[i], layers[i]["b2"], weights, None, out,
+                                                          0.0, 0.0, v2, kernels)))
+
         first_md5 = None
         for v1, v2 in pairs:
-            ms1 = time_experts(lambda i: M._launch_gemm(t, d, w1s[i], layers[i]["b1"], None, y, None,
-                                                        cfg.swiglu_limit, cfg.swiglu_alpha, v1, kernels))
-            ms2 = time_experts(lambda i: M._launch_gemm(y, d, w2s[i], layers[i]["b2"], weights, None, out,
-                                                        0.0, 0.0, v2, kernels))
+            ms1, ms2 = time_pair(v1, v2)
             y.fill(0xFFFF)  # poisoned (NaN), then both outputs of copy 0
             out.fill(np.nan)
             M._launch_gemm(t, d, w1, layer["b1"], None, y, None, cfg.swiglu_limit, cfg.swiglu_alpha, v1, kernels)
@@ -166,12 +170,9 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
         dense_variants = [v for v in M.VARIANTS.values() if v.dense and v.mlp1] if dense and S > 16 * E else []
         for v1 in dense_variants:
             v2 = M.VARIANTS[v1.name.replace("mlp1", "mlp2")]
-            ms1 = time_experts(lambda i: M._launch_gemm(t, d, w1s[i], layers[i]["b1"], None, y, None,
-                                                        cfg.swiglu_limit, cfg.swiglu_alpha, v1, kernels))
+            ms1, ms2 = time_pair(v1, v2)
             rows.append(dict(row(f"mlp1 {v1.name[9:]}", shape, ms1, flops=2.0 * S * 2 * I * H,
                                  bytes_moved=active * w1.R * w1.C * 2), bound="compute"))
-            ms2 = time_experts(lambda i: M._launch_gemm(y, d, w2s[i], layers[i]["b2"], weights, None, out,
-                                                        0.0, 0.0, v2, kernels))
             rows.append(dict(row(f"mlp2 {v2.name[9:]}", shape, ms2, flops=2.0 * S * H * I,
                                  bytes_moved=active * w2.R * w2.C * 2), bound="compute"))
         rows.append(dict(row("combine", shape, time_ms(lambda: M.combine_add(x, out)),
