@@ -62,6 +62,12 @@ def scale_m2(s: int) -> int:
     return ((max(s, 128) - 1) * 0x00800080) & 0xFFFFFFFF
 
 
+def scale_placed(placed: int, s: int, big: bool) -> int:
+    """moe.hip scale_placed: a placed word times the multipliers of scale byte s."""
+    v = bf16x2_mul(placed, scale_m1(s))
+    return bf16x2_mul(v, scale_m2(s)) if big else v
+
+
 def fp4x8_to_bf16x2(w: int, s: int, big: bool) -> list[int]:
     """moe.hip fp4x8_to_bf16x2 on one 32-bit word: 4 bf16x2 words (lo nibble low half)."""
     lo, hi = w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
@@ -69,11 +75,7 @@ def fp4x8_to_bf16x2(w: int, s: int, big: bool) -> list[int]:
     for q in range(4):
         sel = q | ((8 | q) << 4) | ((4 + q) << 8) | ((12 + q) << 12)
         x = prmt(lo, hi, sel)
-        placed = (x * 0x1040) & 0x81C081C0
-        v = bf16x2_mul(placed, scale_m1(s))
-        if big:
-            v = bf16x2_mul(v, scale_m2(s))
-        out.append(v)
+        out.append(scale_placed((x * 0x1040) & 0x81C081C0, s, big))
     return out
 
 
@@ -517,13 +519,7 @@ def fp4_wg_word_to_bf16x2(W: int, s: int, big: bool) -> list[int]:
     """moe.hip fp4_wg_word_to_bf16x2 on one word of the wgmma order."""
     M_ = 0x81C081C0
     placed = [W & M_, rotr(W, 4) & M_, rotr(W, 10) & M_, (rotr(W, 6) & 0x81808180) | (rotr(W, 14) & 0x00400040)]
-    out = []
-    for p in placed:
-        v = bf16x2_mul(p, scale_m1(s))
-        if big:
-            v = bf16x2_mul(v, scale_m2(s))
-        out.append(v)
-    return out
+    return [scale_placed(p, s, big) for p in placed]
 
 
 def test_wgmma_order_fragments_cpu():
