@@ -152,11 +152,12 @@ def variant_for(stage: str, fmt: str, bm: int, wgmma: bool | None = None, dense:
 
 
 # Average rows per expert from which the 128-row tiles (where they exist) beat the 64-row ones. Both
-# multiply only a tile's rows rounded up to a quarter of its height (moe.hip, tile_width), so a 128-row
-# tile that an expert half fills costs less than it used to. Per layer on an H200 (mlp1 + mlp2, 64-row
-# against 128-row tiles): 20b 414 / 393 µs at 32 rows, 355 / 385 at 16; 120b 1,460 / 1,437 µs at 32
-# rows, 1,726 / 1,560 at 48, 1,229 / 1,313 at 16; 1.3x at 128 rows.
-BM128_MIN_ROWS = 32
+# multiply only a tile's rows rounded up to a quarter of its height (moe.hip, tile_width): 16 rows for
+# the 64-row tiles, 32 for the 128-row ones. Per layer on an H200 (mlp1 + mlp2, 64-row against 128-row
+# tiles, queued over 3 weight copies: benchmarks/kernel_moe.py --copies 3 --variants): 20b 286 / 328 µs
+# at 32 rows, 340 / 353 at 48, 651 / 533 at 128; 120b 1,020 / 1,157 µs at 32 rows, 1,231 / 1,284 at 48,
+# 1,493 / 1,431 at 64.
+BM128_MIN_ROWS = 64
 # The same for the dense kernels (bf16 copies of the weights, ExpertWeights.dense), which read 4x the
 # weight bytes but skip the dequantization. From 64 rows on they are 1.2-1.35x faster than the MXFP4
 # 128-row kernels (benchmarks/kernel_moe.py --dense). At 32 rows (T = 256 on 20b) the layer alone ran
