@@ -111,7 +111,8 @@ def main(argv=None) -> int:
                    help="GiB beside the weights (65.5: an H100 80GB with 20b; 126: an H200)")
     p.add_argument("--stop-rate", default="0", help="comma-separated stop probabilities per token")
     p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="EngineConfig.prefill_chunk (the sliding layers' rings: window + this per slot)")
+                   help="EngineConfig.prefill_chunk (the sliding layers' rings: window + this per slot; "
+                        "default: 256, or 128 where memory binds)")
     p.add_argument("--promise", default="0,0.5,1,auto",
                    help="comma-separated promise shares for the paged rows (auto: EngineConfig.promise None)")
     args = p.parse_args(argv)

@@ -53,6 +53,29 @@ def test_plan_respects_the_cap_and_the_engine_config():
     assert small.max_chunk == 8  # the rings need no room for more than a step's budget
 
 
+def test_automatic_chunk_takes_small_rings_only_where_memory_binds():
+    """EngineConfig.prefill_chunk None: rings of window + 256 where every wanted sequence gets a slot and
+    its whole capacity; where memory binds, window + 128, which leaves more memory to slots and pages."""
+    assert EngineConfig().prefill_chunk is None and EngineConfig().prefill_chunks() == (256, 128)
+    roomy = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64)
+    assert roomy.max_chunk == 256 and roomy.slots == 64 and roomy.pages == 64 * (2048 // PAGE)
+
+    def plan(free, chunk=None, mean=600):
+        return plan_memory(GPT_OSS_20B, free_bytes=free, capacity=2048, wanted_slots=100000, mean_positions=mean,
+                           config=EngineConfig(prefill_chunk=chunk))
+
+    tight, big, small = plan(40 << 30), plan(40 << 30, 256), plan(40 << 30, 128)
+    assert tight == small and (tight.max_chunk, big.max_chunk) == (128, 256)
+    assert tight.slots > big.slots  # the rings' bytes went to more sequences
+    # a memory that holds one sequence only with the smaller rings: a plan, not an error
+    need_small, need_big = (GPUModel.nbytes(GPT_OSS_20B, 1, 131072, 1 + 4096, chunk, 131072 // PAGE)
+                            for chunk in (128, 256))
+    free = HEADROOM + (need_small + need_big) // 2
+    with pytest.raises(ModelTooLargeError):
+        plan_memory(GPT_OSS_20B, free, 131072, 1, config=EngineConfig(prefill_chunk=256))
+    assert plan_memory(GPT_OSS_20B, free, 131072, 1).max_chunk == 128
+
+
 def test_counts_are_the_allocated_shapes():
     """The step buffers' count is their shapes' bytes, the MoE workspace's included; the KV cache's is
     linear in pages with page_bytes a page; the model's is its parts."""

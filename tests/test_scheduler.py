@@ -534,7 +534,7 @@ def test_modeled_runs_promise_one_never_preempts():
     from gptoss.config import GPT_OSS_20B
 
     lengths = np.random.default_rng(0).integers(64, 513, 120)
-    rows = {name: simulate(GPT_OSS_20B, lengths, 256, 4.0, 0.0, promise, paged)
+    rows = {name: simulate(GPT_OSS_20B, lengths, 256, 3.5, 0.0, promise, paged)
             for name, promise, paged in (("flat", 1.0, False), ("p0", 0.0, True), ("p1", 1.0, True))}
     numbers = {name: dict(re.findall(r"(most running|preemptions)\s+(\d+)", row)) for name, row in rows.items()}
     assert numbers["p1"]["preemptions"] == "0" and numbers["flat"]["preemptions"] == "0"

@@ -45,9 +45,22 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
     goes to pages (at most a whole capacity per slot). ranks: a tensor-parallel rank of that many
     (cfg is then its shard's config; its collective buffers are counted too)."""
-    # the sliding layers' rings: window + chunk positions per slot (no step carries more of one sequence
-    # than prefill_tokens, so a smaller budget needs no more)
-    chunk = min(config.prefill_chunk, config.prefill_tokens, capacity)
+    *first, last = config.prefill_chunks()  # (prefill_chunk None: 256, then 128 where memory binds)
+    for chunk in first:
+        try:
+            plan = _plan_for_chunk(cfg, free_bytes, capacity, wanted_slots, mean_positions, config, ranks, chunk)
+        except ModelTooLargeError:
+            continue  # (smaller rings may leave room for one)
+        if plan.slots >= wanted_slots and plan.pages >= plan.slots * pages_per_slot(capacity):
+            return plan
+    return _plan_for_chunk(cfg, free_bytes, capacity, wanted_slots, mean_positions, config, ranks, last)
+
+
+def _plan_for_chunk(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: int,
+                    mean_positions: int | None, config: EngineConfig, ranks: int | None, chunk: int) -> MemoryPlan:
+    """plan_memory with the sliding layers' rings of window + chunk positions per slot (no step carries
+    more of one sequence than prefill_tokens, so a smaller budget needs no more)."""
+    chunk = min(chunk, config.prefill_tokens, capacity)
     width = pages_per_slot(capacity)
     mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
 
