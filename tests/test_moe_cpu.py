@@ -352,6 +352,7 @@ def test_pick_bm_cpu():
     assert M.pick_bm(4 * 4096, 32, "bf16") == 64
     assert M.pick_bm(4 * 512, 32, wgmma=True) == 128          # 64 rows per expert
     assert M.pick_bm(4 * 256, 32, wgmma=True) == 64           # 32 rows: 64-row tiles (faster there)
+    assert M.pick_bm(4 * 384, 32, wgmma=True) == 64           # 48 rows: still the 64-row tiles
     assert M.pick_bm(4 * 192, 32, wgmma=True) == 64           # 24 rows
     assert M.pick_bm(4 * 512, 32, wgmma=True, dense=True) == 128
     assert M.pick_bm(4 * 256, 32, wgmma=True, dense=True) == 64

@@ -44,7 +44,9 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     which every slot can hold `mean_positions` positions (a running sequence's expected length;
     default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
     goes to pages (at most a whole capacity per slot). ranks: a tensor-parallel rank of that many
-    (cfg is then its shard's config; its collective buffers are counted too)."""
+    (cfg is then its shard's config; its collective buffers are counted too). The sliding layers' rings
+    take the first of config.prefill_chunks() whose plan gives every wanted slot its whole capacity, else
+    the last."""
     *first, last = config.prefill_chunks()  # (prefill_chunk None: 256, then 128 where memory binds)
     for chunk in first:
         try:
