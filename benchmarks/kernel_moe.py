@@ -18,7 +18,8 @@ checkpoints). GPTOSS_WGMMA=0 in the environment times the mma.sync kernels on an
 the layer's weights (benchmarks.common.time_queued_ms), so that no call finds the previous one's weights
 in L2 and no host gap sits between calls; comparisons of a few percent need it. --variants times the
 named expert kernels (their mlp1 names, ops.moe.VARIANTS; each with its mlp2 twin) at every T instead of
-the default pick, and prints whether each gives the first one's bits (md5 of both outputs).
+the default pick, and prints whether each gives the first one's bits (md5 of both outputs; the md5
+itself too, to compare builds).
 """
 from __future__ import annotations
 
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         return error("kernel_moe.py", str(e))
     print(f"{'kernel':<24} {'shape':<48} {'ms':>9} {'TFLOP/s':>9} {'GB/s':>8}")
     for r in rows:
-        bits = f"  bits: {r['bits']}" if "bits" in r else ""
+        bits = f"  bits: {r['bits']} (md5 {r['md5'][:8]})" if "bits" in r else ""  # (md5: across trees)
         print(f"{r['name']:<24} {r['shape']:<48} {r['ms']:>9.4f} {r['tflops']:>9.1f} {r['gbps']:>8.0f}{bits}")
     if args.json:
         write_json(args.json, rows)
