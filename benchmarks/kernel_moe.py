@@ -65,7 +65,7 @@ def expert_kernel_pairs(names, fmt: str) -> list:
             raise ValueError(f"unknown expert kernel {name!r}: --variants takes mlp1 kernels ({choices})")
         if v1.fp4 != (fmt == "mxfp4"):
             raise ValueError(f"{name} is for {'MXFP4' if v1.fp4 else 'bf16'} experts, not {fmt}")
-        pairs.append((v1, M.VARIANTS[name.replace("_mlp1_", "_mlp2_")]))
+        pairs.append(M.variant_pair(name))
     return pairs
 
 
@@ -168,9 +168,8 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
                                  bytes_moved=weight_bytes(w1, active)), **bits))
             rows.append(dict(row(f"mlp2 {v2.name[9:]}", shape, ms2, flops=2.0 * S * H * I,
                                  bytes_moved=weight_bytes(w2, active)), **bits))
-        dense_variants = [v for v in M.VARIANTS.values() if v.dense and v.mlp1] if dense and S > 16 * E else []
-        for v1 in dense_variants:
-            v2 = M.VARIANTS[v1.name.replace("mlp1", "mlp2")]
+        dense_variants = [n for n, v in M.VARIANTS.items() if v.dense and v.mlp1] if dense and S > 16 * E else []
+        for v1, v2 in map(M.variant_pair, dense_variants):
             ms1, ms2 = time_pair(v1, v2)
             rows.append(dict(row(f"mlp1 {v1.name[9:]}", shape, ms1, flops=2.0 * S * 2 * I * H,
                                  bytes_moved=active * w1.R * w1.C * 2), bound="compute"))

@@ -346,6 +346,15 @@ def test_shared_memory_budget_cpu():
         M.variant_for("mlp1", "mxfp4", 128, wgmma=False)
 
 
+def test_every_variant_has_its_twin_cpu():
+    """ops.moe.variant_pair: each kernel's mlp1 and mlp2 of the same tile, from either name."""
+    for name, v in M.VARIANTS.items():
+        v1, v2 = M.variant_pair(name)
+        assert v in (v1, v2) and v1.mlp1 and not v2.mlp1
+        assert (v1.bm, v1.bn, v1.bk, v1.stages, v1.wgmma, v1.std, v1.dense) == \
+            (v2.bm, v2.bn, v2.bk, v2.stages, v2.wgmma, v2.std, v2.dense)
+
+
 def test_pick_bm_cpu():
     assert M.pick_bm(4 * 64, 32) == 16            # decode: <= 16 rows per expert
     assert M.pick_bm(4 * 1024, 32) == 64          # no 128-row kernels without a GPU

@@ -115,6 +115,12 @@ def _variants() -> dict[str, Variant]:
 VARIANTS = _variants()
 
 
+def variant_pair(name: str) -> tuple[Variant, Variant]:
+    """The (mlp1, mlp2) kernels of one tile, from either one's name (moe.hip defines them in pairs, named
+    alike but for the stage)."""
+    return VARIANTS[name.replace("_mlp2_", "_mlp1_")], VARIANTS[name.replace("_mlp1_", "_mlp2_")]
+
+
 def uses_wgmma(fmt: str, kernels: KernelOptions | None = None) -> bool:
     """Whether the expert GEMMs of `fmt` weights run the wgmma kernels under `kernels` (default
     kernels.default_kernels()): MXFP4 experts, KernelOptions.wgmma on (never in the portable mode), and

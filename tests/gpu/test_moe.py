@@ -680,8 +680,7 @@ def _assert_variant_bits(variant, t, d, w1, w2, b1, b2, weights, y_want, o_want)
     kernels = M.resolved(None)
     y = cupy.full((T * k, y_want.shape[1]), 0xFFFF, dtype=cupy.uint16)
     o = cupy.full((T * k, o_want.shape[1]), np.nan, dtype=cupy.float32)
-    v1 = M.VARIANTS[variant.replace("mlp2", "mlp1")]
-    v2 = M.VARIANTS[variant.replace("mlp1", "mlp2")]
+    v1, v2 = M.variant_pair(variant)
     m1 = M._blocks_for(v1, M.expert_matrix(w1, "w1"), kernels)  # the block order each variant reads
     m2 = M._blocks_for(v2, M.expert_matrix(w2, "w2"), kernels)
     M._launch_gemm(t, d, m1, b1, None, y, None, LIMIT, ALPHA, v1, kernels)
