@@ -563,6 +563,26 @@ def test_modeled_auto_promise_runs_120b_getp_in_one_wave_and_keeps_20b_at_one():
     assert row(GPT_OSS_20B, 2048, 62.0, None)[0] == 1.0
 
 
+def test_modeled_larger_prefill_budget_leaves_fewer_pages_for_120b_getp():
+    """benchmarks/sim_scheduler.py --prefill-tokens over the real 120b plan (BENCHMARKS.md, the twelfth
+    session's prefill budgets): a step that may prefill more prompt tokens needs a larger workspace, so
+    fewer pages are left and the one wave preempts more (none at 3,072, some at 8,192); smaller sliding
+    rings (prefill_chunk 64) give those pages back."""
+    import re
+
+    from benchmarks.sim_scheduler import simulate
+    from gptoss.config import GPT_OSS_120B
+
+    def row(prefill_tokens, prefill_chunk=None):
+        text = simulate(GPT_OSS_120B, [1000] * 1024, 1000, 78.5, 0.0, None, prefill_chunk=prefill_chunk,
+                        prefill_tokens=prefill_tokens)
+        return tuple(int(x) for x in re.search(r"pages\s+(\d+).*preemptions\s+(\d+)", text).groups())
+
+    small, large = row(3072), row(8192)
+    assert large[0] < small[0] and small[1] == 0 < large[1]
+    assert row(8192, prefill_chunk=64)[0] > small[0]
+
+
 def test_slots_keep_room_for_generated_tokens_as_sequences_grow():
     from gptoss.engine.scheduler import Slots
 
