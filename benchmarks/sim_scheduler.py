@@ -85,9 +85,8 @@ def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True, prefil
     from gptoss.engine import Engine, EngineConfig
     from gptoss.sampling import SamplingParams
 
-    config = EngineConfig(promise=promise if paged else 1.0,
-                          **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
-                          **({} if prefill_tokens is None else {"prefill_tokens": prefill_tokens}))
+    sizes = {"prefill_chunk": prefill_chunk, "prefill_tokens": prefill_tokens}
+    config = EngineConfig(promise=promise if paged else 1.0, **{k: v for k, v in sizes.items() if v is not None})
     runner = ModeledRunner(cfg, free_gib, config, stop_rate, paged)
     engine = Engine(runner, eos_token_ids=(STOP,))
     params = SamplingParams(max_tokens=new)
