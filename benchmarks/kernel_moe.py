@@ -135,18 +135,21 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
                                                                  out=(experts, weights))),
                         flops=2.0 * T * E * H, bytes_moved=E * H * 2 + T * H * 2))
         rows.append(row("dispatch", shape, time_ms(lambda: M.dispatch(experts, E, out=d))))
+
+        def expert_rows(names, ms, bytes_moved, **extra):  # the mlp1 and mlp2 rows of one tile
+            return [dict(row(name, shape, m, flops=flops, bytes_moved=b), **extra) for name, m, flops, b in
+                    zip(names, ms, (2.0 * S * 2 * I * H, 2.0 * S * H * I), bytes_moved)]
+
+        mxfp4_bytes = (weight_bytes(w1, active), weight_bytes(w2, active))
         others = [b for b in M.tile_heights(fmt, wg) if b != bm_auto] if all_tiles or T in (64, 1024) else []
         for bm in [] if pairs else [bm_auto] + others:
             tag = "" if bm == bm_auto else " (other tile)"
             ms1 = time_experts(lambda i: M.expert_mlp1(t, d, layers[i]["w1"], layers[i]["b1"], cfg.swiglu_limit,
                                                        cfg.swiglu_alpha, out=y, bm=bm, kernels=kernels))
-            bound = "memory" if bm == 16 else "compute"  # decode streams weights; getp is mma-bound
-            rows.append(dict(row(f"mlp1 m{bm}{tag}", shape, ms1, flops=2.0 * S * 2 * I * H,
-                                 bytes_moved=weight_bytes(w1, active)), bound=bound))
             ms2 = time_experts(lambda i: M.expert_mlp2(y, d, layers[i]["w2"], layers[i]["b2"], weights, out=out,
                                                        bm=bm, kernels=kernels))
-            rows.append(dict(row(f"mlp2 m{bm}{tag}", shape, ms2, flops=2.0 * S * H * I,
-                                 bytes_moved=weight_bytes(w2, active)), bound=bound))
+            bound = "memory" if bm == 16 else "compute"  # decode streams weights; getp is mma-bound
+            rows += expert_rows((f"mlp1 m{bm}{tag}", f"mlp2 m{bm}{tag}"), (ms1, ms2), mxfp4_bytes, bound=bound)
 
         def time_pair(v1, v2):  # ms of kernels v1 (mlp1) and v2 (mlp2), each over the copies
             return (time_experts(lambda i: M._launch_gemm(t, d, w1s[i], layers[i]["b1"], None, y, None,
@@ -163,25 +166,19 @@ def bench(time_ms=default_time_ms, fmt: str = "mxfp4", tokens=(1, 8, 64, 1024, 4
             M._launch_gemm(y, d, w2, layer["b2"], weights, None, out, 0.0, 0.0, v2, kernels)
             md5 = hashlib.md5(cupy.asnumpy(y).tobytes() + cupy.asnumpy(out).tobytes()).hexdigest()
             first_md5 = first_md5 or md5
-            bits = dict(md5=md5, bits="same" if md5 == first_md5 else "differ")
-            rows.append(dict(row(f"mlp1 {v1.name[9:]}", shape, ms1, flops=2.0 * S * 2 * I * H,
-                                 bytes_moved=weight_bytes(w1, active)), **bits))
-            rows.append(dict(row(f"mlp2 {v2.name[9:]}", shape, ms2, flops=2.0 * S * H * I,
-                                 bytes_moved=weight_bytes(w2, active)), **bits))
+            rows += expert_rows((f"mlp1 {v1.name[9:]}", f"mlp2 {v2.name[9:]}"), (ms1, ms2), mxfp4_bytes,
+                                md5=md5, bits="same" if md5 == first_md5 else "differ")
         dense_variants = [n for n, v in M.VARIANTS.items() if v.dense and v.mlp1] if dense and S > 16 * E else []
         for v1, v2 in map(M.variant_pair, dense_variants):
-            ms1, ms2 = time_pair(v1, v2)
-            rows.append(dict(row(f"mlp1 {v1.name[9:]}", shape, ms1, flops=2.0 * S * 2 * I * H,
-                                 bytes_moved=active * w1.R * w1.C * 2), bound="compute"))
-            rows.append(dict(row(f"mlp2 {v2.name[9:]}", shape, ms2, flops=2.0 * S * H * I,
-                                 bytes_moved=active * w2.R * w2.C * 2), bound="compute"))
+            rows += expert_rows((f"mlp1 {v1.name[9:]}", f"mlp2 {v2.name[9:]}"), time_pair(v1, v2),
+                                (active * w1.R * w1.C * 2, active * w2.R * w2.C * 2), bound="compute")
         rows.append(dict(row("combine", shape, time_ms(lambda: M.combine_add(x, out)),
                              bytes_moved=(S * H + 2 * T * H) * 4), bound="memory"))
         ws = M.MoEWorkspace(T, E, k, H, I)
         rows.append(row("moe (whole block)", shape, time_ms(lambda: M.moe(x, t, layer, cfg, workspace=ws,
                                                                        kernels=kernels)),
                         flops=2.0 * S * 3 * I * H + 2.0 * T * E * H,
-                        bytes_moved=weight_bytes(w1, active) + weight_bytes(w2, active)))
+                        bytes_moved=sum(mxfp4_bytes)))
     return rows
 
 
