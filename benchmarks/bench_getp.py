@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                    help="most prompt tokens prefilled per step (default EngineConfig.prefill_tokens)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="positions of one sequence the sliding layers take per launch; their KV rings hold "
-                        "window + N per slot (default: 256, or 128 where memory binds; EngineConfig.prefill_chunk)")
+                        "window + N per slot (default: 256, or 128 or 64 where memory binds; EngineConfig.prefill_chunk)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory the run may use, weights included (run.py --gpu-memory): e.g. 78 to "
                         "size the batch as on an 80 GB card")

@@ -55,8 +55,9 @@ def test_plan_respects_the_cap_and_the_engine_config():
 
 def test_automatic_chunk_takes_small_rings_only_where_memory_binds():
     """EngineConfig.prefill_chunk None: rings of window + 256 where every wanted sequence gets a slot and
-    its whole capacity; where memory binds, window + 128, which leaves more memory to slots and pages."""
-    assert EngineConfig().prefill_chunk is None and EngineConfig().prefill_chunks() == (256, 128)
+    its whole capacity; where memory binds, window + 128 if that is enough, else window + 64, which
+    leave more memory to slots and pages."""
+    assert EngineConfig().prefill_chunk is None and EngineConfig().prefill_chunks() == (256, 128, 64)
     roomy = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64)
     assert roomy.max_chunk == 256 and roomy.slots == 64 and roomy.pages == 64 * (2048 // PAGE)
 
@@ -64,11 +65,12 @@ def test_automatic_chunk_takes_small_rings_only_where_memory_binds():
         return plan_memory(GPT_OSS_20B, free_bytes=free, capacity=2048, wanted_slots=100000, mean_positions=mean,
                            config=EngineConfig(prefill_chunk=chunk))
 
-    tight, big, small = plan(40 << 30), plan(40 << 30, 256), plan(40 << 30, 128)
-    assert tight == small and (tight.max_chunk, big.max_chunk) == (128, 256)
-    assert tight.slots > big.slots  # the rings' bytes went to more sequences
+    tight, big, mid, small = plan(40 << 30), plan(40 << 30, 256), plan(40 << 30, 128), plan(40 << 30, 64)
+    assert tight == small and (tight.max_chunk, mid.max_chunk, big.max_chunk) == (64, 128, 256)
+    assert tight.slots > mid.slots > big.slots  # the rings' bytes went to more sequences
     # a memory that holds one sequence only with the smaller rings: a plan, not an error
-    need_small, need_big = (GPUModel.nbytes(GPT_OSS_20B, 1, 131072, 1 + 4096, chunk, 131072 // PAGE)
+    step_tokens = EngineConfig().step_tokens(1, 131072)[0]
+    need_small, need_big = (GPUModel.nbytes(GPT_OSS_20B, 1, 131072, step_tokens, chunk, 131072 // PAGE)
                             for chunk in (128, 256))
     free = HEADROOM + (need_small + need_big) // 2
     with pytest.raises(ModelTooLargeError):

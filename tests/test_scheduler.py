@@ -566,8 +566,9 @@ def test_modeled_auto_promise_runs_120b_getp_in_one_wave_and_keeps_20b_at_one():
 def test_modeled_larger_prefill_budget_leaves_fewer_pages_for_120b_getp():
     """benchmarks/sim_scheduler.py --prefill-tokens over the real 120b plan (BENCHMARKS.md, the twelfth
     session's prefill budgets): a step that may prefill more prompt tokens needs a larger workspace, so
-    fewer pages are left and the one wave preempts more (none at 3,072, some at 8,192); smaller sliding
-    rings (prefill_chunk 64) give those pages back."""
+    fewer pages are left and the one wave preempts more (none at 3,072, some at 8,192, with the rings of
+    prefill_chunk 128); smaller sliding rings (prefill_chunk 64) give those pages back, and the default
+    plan (a budget of 6,144, rings chosen by the plan) preempts none."""
     import re
 
     from benchmarks.sim_scheduler import simulate
@@ -578,9 +579,10 @@ def test_modeled_larger_prefill_budget_leaves_fewer_pages_for_120b_getp():
                         prefill_tokens=prefill_tokens)
         return tuple(int(x) for x in re.search(r"pages\s+(\d+).*preemptions\s+(\d+)", text).groups())
 
-    small, large = row(3072), row(8192)
+    small, large = row(3072, prefill_chunk=128), row(8192, prefill_chunk=128)
     assert large[0] < small[0] and small[1] == 0 < large[1]
     assert row(8192, prefill_chunk=64)[0] > small[0]
+    assert row(None)[1] == 0
 
 
 def test_slots_keep_room_for_generated_tokens_as_sequences_grow():

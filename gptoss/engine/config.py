@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..ops.attention import KV_DTYPES as KV_CACHE_DTYPES  # (host-side: the module imports no GPU library)
 
-AUTO_PREFILL_CHUNKS = (256, 128)  # what EngineConfig.prefill_chunk None tries, in this order
+AUTO_PREFILL_CHUNKS = (256, 128, 64)  # what EngineConfig.prefill_chunk None tries, in this order
 
 
 @dataclass(frozen=True)
@@ -17,9 +17,9 @@ class EngineConfig:
     prefill_chunk: positions of one sequence the sliding layers write and attend per launch (their KV
         rings hold window + min(this, prefill_tokens) positions per slot); a longer prompt chunk goes
         through them in runs of this many, in the same step. None (the default): the first of
-        AUTO_PREFILL_CHUNKS (256, 128) whose memory plan gives every wanted sequence a slot and pages
-        for its whole capacity, else the last: where memory binds, smaller rings leave more of it to
-        pages (fewer preemptions), and where it does not, longer runs mean fewer launches.
+        AUTO_PREFILL_CHUNKS (256, 128, 64) whose memory plan gives every wanted sequence a slot and
+        pages for its whole capacity, else the last: where memory binds, smaller rings leave more of it
+        to pages (fewer preemptions), and where it does not, longer runs mean fewer launches.
     promise: admission promises each sequence KV pages for its prompt and this share of its token
         budget. 1: no sequence is ever preempted; below 1, more sequences run at once and one that needs
         a page when none is free preempts the latest admitted, which resumes later (swap_space). None
@@ -48,7 +48,7 @@ class EngineConfig:
     """
 
     max_seqs: int | None = None
-    prefill_tokens: int = 4096
+    prefill_tokens: int = 6144
     prefill_chunk: int | None = None
     promise: float | None = None
     swap_space: float = 16.0

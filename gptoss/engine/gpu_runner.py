@@ -47,7 +47,7 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     (cfg is then its shard's config; its collective buffers are counted too). The sliding layers' rings
     take the first of config.prefill_chunks() whose plan gives every wanted slot its whole capacity, else
     the last."""
-    *first, last = config.prefill_chunks()  # (prefill_chunk None: 256, then 128 where memory binds)
+    *first, last = config.prefill_chunks()  # (prefill_chunk None: 256, then 128, then 64 where memory binds)
     for chunk in first:
         try:
             plan = _plan_for_chunk(cfg, free_bytes, capacity, wanted_slots, mean_positions, config, ranks, chunk)
