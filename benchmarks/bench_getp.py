@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from benchmarks.common import add_json_option, json_path_error, write_json  # noqa: E402
+from gptoss.engine.config import AUTO_PREFILL_CHUNKS  # noqa: E402
 from gptoss.kernels import KERNEL_MODES  # noqa: E402
 from gptoss.ops.attention import KV_DTYPES  # noqa: E402
 
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
                    help="most prompt tokens prefilled per step (default EngineConfig.prefill_tokens)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="positions of one sequence the sliding layers take per launch; their KV rings hold "
-                        "window + N per slot (default: 256, or 128 or 64 where memory binds; EngineConfig.prefill_chunk)")
+                        f"window + N per slot (default: the first of {', '.join(map(str, AUTO_PREFILL_CHUNKS))} "
+                        "whose plan fits every sequence, else the last; EngineConfig.prefill_chunk)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory the run may use, weights included (run.py --gpu-memory): e.g. 78 to "
                         "size the batch as on an 80 GB card")

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--stop-rate", default="0", help="comma-separated stop probabilities per token")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="EngineConfig.prefill_chunk (the sliding layers' rings: window + this per slot; "
-                        "default: 256, or 128 where memory binds)")
+                        "default: the memory plan's choice, EngineConfig.prefill_chunks())")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="EngineConfig.prefill_tokens: most prompt tokens one step prefills (default: its default)")
     p.add_argument("--promise", default="0,0.5,1,auto",
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     from gptoss.config import PRESETS
 
     lengths = np.random.default_rng(0).integers(args.min_len, args.max_len + 1, args.prompts)
+    sizes = {"prefill_chunk": args.prefill_chunk, "prefill_tokens": args.prefill_tokens}
     for rate in (float(x) for x in args.stop_rate.split(",")):
-        sizes = {"prefill_chunk": args.prefill_chunk, "prefill_tokens": args.prefill_tokens}
         print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False, **sizes),
               flush=True)
         for promise in (None if x == "auto" else float(x) for x in args.promise.split(",")):

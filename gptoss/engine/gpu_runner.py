@@ -47,7 +47,9 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     (cfg is then its shard's config; its collective buffers are counted too). The sliding layers' rings
     take the first of config.prefill_chunks() whose plan gives every wanted slot its whole capacity, else
     the last."""
-    *first, last = config.prefill_chunks()  # (prefill_chunk None: 256, then 128, then 64 where memory binds)
+    # (no step carries more of one sequence than prefill_tokens, so a smaller budget needs no larger rings;
+    # candidates that come out equal are planned once)
+    *first, last = dict.fromkeys(min(c, config.prefill_tokens, capacity) for c in config.prefill_chunks())
     for chunk in first:
         try:
             plan = _plan_for_chunk(cfg, free_bytes, capacity, wanted_slots, mean_positions, config, ranks, chunk)
@@ -60,9 +62,7 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
 
 def _plan_for_chunk(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: int,
                     mean_positions: int | None, config: EngineConfig, ranks: int | None, chunk: int) -> MemoryPlan:
-    """plan_memory with the sliding layers' rings of window + chunk positions per slot (no step carries
-    more of one sequence than prefill_tokens, so a smaller budget needs no more)."""
-    chunk = min(chunk, config.prefill_tokens, capacity)
+    """plan_memory with the sliding layers' rings of window + chunk positions per slot."""
     width = pages_per_slot(capacity)
     mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
 
