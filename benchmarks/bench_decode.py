@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     capacity = max(args.prompt_len, args.context) + args.steps + 16
     max_b = max(batches)
     model = GPUModel(weights, slots=max_b, capacity=capacity,
-                     max_step_tokens=max(args.prompt_len, max_b), max_chunk=args.prompt_len,
-                     kernels=kernels)
+                     max_step_tokens=max(args.prompt_len, max_b), kernels=kernels)
     rng = np.random.default_rng(0)
     results = {"preset": args.preset, "experts": args.experts, "dense_experts": args.dense_experts,
                "kernels": model.kernels.mode,

@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from benchmarks.common import add_json_option, json_path_error, write_json  # noqa: E402
-from gptoss.engine.config import AUTO_PREFILL_CHUNKS  # noqa: E402
 from gptoss.kernels import KERNEL_MODES  # noqa: E402
 from gptoss.ops.attention import KV_DTYPES  # noqa: E402
 
@@ -47,10 +46,6 @@ def main(argv=None) -> int:
     p.add_argument("-b", "--batch", type=int, default=None, help="cap on sequences in flight")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="most prompt tokens prefilled per step (default EngineConfig.prefill_tokens)")
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="positions of one sequence the sliding layers take per launch; their KV rings hold "
-                        f"window + N per slot (default: the first of {', '.join(map(str, AUTO_PREFILL_CHUNKS))} "
-                        "whose plan fits every sequence, else the last; EngineConfig.prefill_chunk)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory the run may use, weights included (run.py --gpu-memory): e.g. 78 to "
                         "size the batch as on an 80 GB card")
@@ -84,7 +79,7 @@ def main(argv=None) -> int:
     from gptoss.kernels import KernelOptions
 
     options = {"max_seqs": args.batch, "promise": args.promise, "prefill_tokens": args.prefill_tokens,
-               "swap_space": args.swap_space, "prefill_chunk": args.prefill_chunk,
+               "swap_space": args.swap_space,
                "memory_limit": None if args.gpu_memory is None else int(args.gpu_memory * 2**30),
                "kernels": KernelOptions.from_env(mode=args.kernels), "kv_cache_dtype": args.kv_cache_dtype,
                "dense_experts": args.dense_experts}

@@ -60,7 +60,7 @@ def gpu_logits(device_weights, seqs: np.ndarray, prompt: int, kv_cache_dtype: st
     from gptoss.model import GPUModel
 
     N, T = seqs.shape
-    model = GPUModel(device_weights, slots=N, capacity=T, max_step_tokens=N * prompt, max_chunk=prompt,
+    model = GPUModel(device_weights, slots=N, capacity=T, max_step_tokens=N * prompt,
                      max_rows=N * prompt, kv_cache_dtype=kv_cache_dtype)
     out = np.empty((N, T, device_weights.config.vocab_size), np.float32)
     step = StepBatch.prefill([s[:prompt] for s in seqs], list(range(N)))

@@ -36,8 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def random_model(preset: str, slots: int, capacity: int, max_step_tokens: int, max_chunk: int,
-                 dense_experts: bool = False):
+def random_model(preset: str, slots: int, capacity: int, max_step_tokens: int, dense_experts: bool = False):
     """A GPUModel of random weights of the preset's shape (MXFP4 experts, with their dense copies when
     dense_experts) whose KV caches hold random rows (every slot the same rows: cheap, and real reads)."""
     from benchmarks.kernel_attention import _rand_bf16
@@ -48,7 +47,7 @@ def random_model(preset: str, slots: int, capacity: int, max_step_tokens: int, m
 
     weights = DeviceWeights(random_weights(PRESETS[preset], "mxfp4", seed=0), progress=False,
                             dense_experts=dense_experts)
-    model = GPUModel(weights, slots=slots, capacity=capacity, max_step_tokens=max_step_tokens, max_chunk=max_chunk)
+    model = GPUModel(weights, slots=slots, capacity=capacity, max_step_tokens=max_step_tokens)
     for cache in model.cache.k + model.cache.v:
         cache[...] = _rand_bf16((1,) + cache.shape[1:])
     return model
@@ -61,8 +60,7 @@ def run(args) -> None:
     from gptoss.batch import StepBatch
 
     B, extra = args.batch, args.chunks * args.chunk if args.kind == "mixed" else 0
-    model = random_model(args.preset, B + args.chunks, args.context + 256 + args.chunk, B + extra, args.chunk,
-                         args.dense_experts)
+    model = random_model(args.preset, B + args.chunks, args.context + 256 + args.chunk, B + extra, args.dense_experts)
     cfg = model.cfg
     rng = np.random.default_rng(0)
     step = StepBatch.decode(rng.integers(0, cfg.vocab_size, B), np.full(B, args.context),
@@ -154,7 +152,7 @@ def roofline(args) -> int:
     t0 = time.perf_counter()
     max_b = max(args.batches)
     model = random_model(args.preset, max_b, max(args.context + 1, args.prefill) + 16, max(max_b, args.prefill),
-                         max(args.prefill, 1), args.dense_experts)
+                         args.dense_experts)
     cupy.cuda.Device().synchronize()
     print(f"{args.preset}: random weights uploaded and caches filled in {time.perf_counter() - t0:.1f} s", flush=True)
 

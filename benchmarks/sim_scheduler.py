@@ -2,7 +2,7 @@
 """The continuous-batching scheduler on a modeled GPU: how batch policies play out, without a GPU.
 
   python benchmarks/sim_scheduler.py [--prompts 2048] [-n 1024] [--free 65.5] [--stop-rate 0,0.003]
-                                     [--prefill-chunk 128] [--prefill-tokens 8192]
+                                     [--prefill-tokens 8192]
 
 Runs the real engine (gptoss.engine: the GPU runner's memory plan, admission, pages, preemption) over
 a stand-in runner whose step takes a MODELED time, fitted to the H200 measurements of gpt-oss-20b (BENCHMARKS.md,
@@ -76,17 +76,15 @@ class ModeledRunner:
         return np.where(self.rng.random(R) < self.stop_rate, STOP, 2).astype(np.int32)
 
 
-def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True, prefill_chunk=None,
-             prefill_tokens=None):
+def simulate(cfg, lengths, new, free_gib, stop_rate, promise, paged=True, prefill_tokens=None):
     """One row: the engine over a ModeledRunner (`paged` False: the contiguous cache before paging,
-    every slot sized for a whole capacity, promise 1); prefill_chunk, prefill_tokens: EngineConfig's (the
-    sliding layers' rings hold window + prefill_chunk per slot; a step prefills at most prefill_tokens
-    prompt tokens; None: the defaults)."""
+    every slot sized for a whole capacity, promise 1); prefill_tokens: EngineConfig's (a step prefills
+    at most prefill_tokens prompt tokens; None: the default)."""
     from gptoss.engine import Engine, EngineConfig
     from gptoss.sampling import SamplingParams
 
-    sizes = {"prefill_chunk": prefill_chunk, "prefill_tokens": prefill_tokens}
-    config = EngineConfig(promise=promise if paged else 1.0, **{k: v for k, v in sizes.items() if v is not None})
+    sizes = {} if prefill_tokens is None else {"prefill_tokens": prefill_tokens}
+    config = EngineConfig(promise=promise if paged else 1.0, **sizes)
     runner = ModeledRunner(cfg, free_gib, config, stop_rate, paged)
     engine = Engine(runner, eos_token_ids=(STOP,))
     params = SamplingParams(max_tokens=new)
@@ -113,9 +111,6 @@ def main(argv=None) -> int:
     p.add_argument("--free", type=float, default=65.5,
                    help="GiB beside the weights (65.5: an H100 80GB with 20b; 126: an H200)")
     p.add_argument("--stop-rate", default="0", help="comma-separated stop probabilities per token")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="EngineConfig.prefill_chunk (the sliding layers' rings: window + this per slot; "
-                        "default: the memory plan's choice, EngineConfig.prefill_chunks())")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="EngineConfig.prefill_tokens: most prompt tokens one step prefills (default: its default)")
     p.add_argument("--promise", default="0,0.5,1,auto",
@@ -125,7 +120,7 @@ def main(argv=None) -> int:
     from gptoss.config import PRESETS
 
     lengths = np.random.default_rng(0).integers(args.min_len, args.max_len + 1, args.prompts)
-    sizes = {"prefill_chunk": args.prefill_chunk, "prefill_tokens": args.prefill_tokens}
+    sizes = {"prefill_tokens": args.prefill_tokens}
     for rate in (float(x) for x in args.stop_rate.split(",")):
         print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False, **sizes),
               flush=True)

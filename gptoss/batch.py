@@ -92,45 +92,97 @@ class StepBatch:
 
 
 @dataclass
-class RunOrder:
-    """A step's tokens reordered for caches that take at most `run` positions of one sequence per
-    launch (the sliding layers' rings: window + run positions per slot). Every sequence's tokens are cut
-    into runs of `run` (the last one shorter); the runs are listed run-major (every sequence's first
-    run, then every second run, ...), so piece k -- the k-th runs of all sequences -- is one contiguous
-    range of the reordered tokens and holds at most `run` tokens of any sequence. A sliding layer
-    writes and attends piece by piece; every other operation treats a token alone and runs once over
-    all of them. A run of a prompt chunk is attended exactly as the same tokens would be as a chunk of
-    their own (docs/notes/attention.md, batch invariance), so the order changes no bits."""
+class StageGroup:
+    """Staged sequences of a step that one sliding-layer launch takes (WindowPlan): tokens [first, end)
+    and sequences [seq_first, seq_end) of the reordered step. The staging cache is paged (PAGE positions
+    a page): row r of `table` holds the pages of the group's r-th sequence, for its positions from
+    window - 1 before its chunk to the chunk's end (`spare` elsewhere). Cache rows below are flat rows of
+    the caches seen as [rows, Hkv, D]: slot * window + p % window in a ring, page * PAGE + p % PAGE in
+    the staging cache."""
+    first: int
+    end: int
+    seq_first: int
+    seq_end: int
+    table: np.ndarray  # [sequences, width] int32: the staging pages
+    token_rows: np.ndarray  # [end - first] int32: each token's row of `table` (its "slot" while staged)
+    fill: np.ndarray  # [2, n] int32: (ring row, staging row) of the older keys the chunks' queries read
+    keep: np.ndarray  # [2, n] int32: (staging row, ring row) of the chunks' keys the ring keeps
+
+
+@dataclass
+class WindowPlan:
+    """A step's sliding layers over rings of exactly `window` positions per slot (position p at row
+    p % window). A sequence with one token of the step writes its key over the one that leaves its
+    window and attends its ring directly. A longer chunk cannot: its first query needs keys that its
+    later keys would overwrite. So the chunks are staged, per sliding layer and per group of at most
+    `group_seqs` sequences: the window - 1 keys before each chunk are copied from its ring into a paged
+    staging cache (`fill`), the chunk's keys are written there and attended as on a full layer with a
+    window, and the last `window` of them go back into the ring (`keep`). Same keys, same tiles: the
+    bits are those of a ring long enough for the chunk.
+
+    The step's tokens are reordered: the one-token sequences first (tokens [0, ring_end)), then each
+    group's; every other operation treats a token alone, so the order changes no bits."""
     order: np.ndarray  # [T] int64: the original index of each reordered token
-    q_lens: list  # tokens per run, run-major
-    seq_slots: list  # slot per run
-    seq_starts: list  # position of each run's first token
-    pieces: list  # (first token, end token, first run, end run) of each piece, in order
+    q_lens: list  # tokens per sequence, reordered
+    seq_slots: list
+    seq_starts: list
+    ring_end: int  # the one-token sequences' tokens: [0, ring_end)
+    ring_seqs: int  # and their count (the first ring_seqs sequences)
+    groups: list  # StageGroup, in order
 
     @classmethod
-    def split(cls, q_lens, seq_slots, seq_starts, run: int) -> "RunOrder | None":
-        """The run order of sequences with these token counts (contiguous, in order), slots and start
-        positions; None when no sequence has more than `run` tokens (one piece, the original order)."""
-        if run < 1:
-            raise ValueError(f"a run needs at least one position, got {run}")
+    def build(cls, q_lens, seq_slots, seq_starts, window: int, page: int, width: int, spare: int,
+              group_seqs: int) -> "WindowPlan | None":
+        """The plan of a step of sequences with these token counts (contiguous, in order), slots and start
+        positions, for a staging cache of `spare` pages of `page` positions (and a spare one after them,
+        where the page tables' unused entries point), page tables `width` wide; None when no sequence
+        has more than one token."""
         lens = np.asarray(q_lens, np.int64).reshape(-1)
-        if not len(lens) or lens.max() <= run:
+        slots, starts = np.asarray(seq_slots, np.int64), np.asarray(seq_starts, np.int64)
+        if not len(lens) or lens.max() <= 1:
             return None
+        if window < 1 or group_seqs < 1:
+            raise ValueError(f"a window plan needs a window and group size of at least 1 (got {window}, {group_seqs})")
         offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        count = -(-lens // run)  # runs per sequence
-        # runs as (k, sequence), ordered by k then sequence: the sequences with a k-th run, for each k
-        having = [np.flatnonzero(count > j) for j in range(int(count.max()))]
-        seq = np.concatenate(having)
-        k = np.repeat(np.arange(len(having)), [len(h) for h in having])
-        first = k * run
-        n = np.minimum(lens[seq] - first, run)
-        order = np.concatenate([np.arange(o, o + m) for o, m in zip(offsets[seq] + first, n)])
-        ends = np.cumsum(n)
-        bounds = np.flatnonzero(np.diff(k)) + 1  # the first run of each piece after the first
-        run_edges = np.concatenate([[0], bounds, [len(seq)]])
-        token_edges = np.concatenate([[0], ends])[run_edges]
-        pieces = [(int(token_edges[i]), int(token_edges[i + 1]), int(run_edges[i]), int(run_edges[i + 1]))
-                  for i in range(len(run_edges) - 1)]
-        slots = np.asarray(seq_slots, np.int64)[seq]
-        starts = np.asarray(seq_starts, np.int64)[seq] + first
-        return cls(order, n.tolist(), slots.tolist(), starts.tolist(), pieces)
+        single, staged = np.flatnonzero(lens == 1), np.flatnonzero(lens > 1)
+        seqs = np.concatenate([single, staged])
+        order = np.concatenate([np.arange(offsets[i], offsets[i] + lens[i]) for i in seqs])
+        token_edges = np.concatenate([[0], np.cumsum(lens[seqs])])
+        groups = []
+        for g0 in range(len(single), len(seqs), group_seqs):
+            g1 = min(g0 + group_seqs, len(seqs))
+            groups.append(_stage_group(lens[seqs[g0:g1]], slots[seqs[g0:g1]], starts[seqs[g0:g1]], window, page,
+                                       width, spare, int(token_edges[g0]), int(token_edges[g1]), g0, g1))
+        return cls(order, lens[seqs].tolist(), slots[seqs].tolist(), starts[seqs].tolist(),
+                   int(token_edges[len(single)]), len(single), groups)
+
+    @staticmethod
+    def pages(tokens: int, window: int, page: int, group_seqs: int) -> int:
+        """Staging pages that any group of at most group_seqs sequences and `tokens` tokens needs: a
+        sequence of n tokens spans at most (n + window - 2) // page + 2 pages (window - 1 older keys)."""
+        return -(-tokens // page) + group_seqs * (-(-(window - 2) // page) + 2)
+
+
+def _stage_group(lens, slots, starts, window: int, page: int, width: int, spare: int, first: int, end: int,
+                 seq_first: int, seq_end: int) -> StageGroup:
+    table = np.full((len(lens), width), spare, np.int32)
+    fill, keep = [], []
+    used = 0
+    for r, (n, slot, start) in enumerate(zip(lens, slots, starts)):
+        lo, stop = max(0, start - window + 1), start + n  # the keys its queries read: [lo, stop)
+        first_page, last_page = lo // page, (stop - 1) // page
+        if used + last_page - first_page + 1 > spare:
+            raise ValueError(f"a staged group needs more than the staging cache's {spare} pages")
+        table[r, first_page:last_page + 1] = np.arange(used, used + last_page - first_page + 1)
+        used += last_page - first_page + 1
+
+        def rows(p):  # (ring rows, staging rows) of positions p
+            return slot * window + p % window, table[r, p // page].astype(np.int64) * page + p % page
+
+        ring, stage = rows(np.arange(lo, start))
+        fill.append(np.stack([ring, stage]))
+        ring, stage = rows(np.arange(max(start, stop - window), stop))
+        keep.append(np.stack([stage, ring]))
+    token_rows = np.repeat(np.arange(len(lens)), lens).astype(np.int32)
+    return StageGroup(first, end, seq_first, seq_end, table, token_rows,
+                      np.concatenate(fill, axis=1).astype(np.int32), np.concatenate(keep, axis=1).astype(np.int32))

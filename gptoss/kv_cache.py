@@ -1,9 +1,10 @@
 """The GPU KV cache: K and V per layer in bf16 (uint16 bits) or FP8 (uint8 OCP e4m3 codes, half the bytes:
 `kv_dtype` "fp8", EngineConfig.kv_cache_dtype), and the kernels' copy of the page table.
 
-Sliding layers: [slots, ring, Hkv, D], a ring of window + max_chunk positions per slot (position p at
-row p % ring; a chunk's keys are written before its queries read, so the ring covers window - 1 older
-keys plus the chunk). Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page
+Sliding layers: [slots, window, Hkv, D], a ring of exactly the window per slot (position p at row
+p % window; the whole capacity where that is shorter). A prompt chunk goes through a staging cache
+(stage_k, stage_v: [stage_pages + 1, PAGE, Hkv, D], shared by the sliding layers, which use it in turn;
+gptoss/batch.py WindowPlan), since its keys would overwrite the older ones its first queries read. Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page
 table [slots, ceil(capacity / PAGE)] int32: position p of slot s sits in page table[s, p // PAGE]. The
 last page is a spare: every entry not given to a sequence points there, so a stray write (a padding
 row of a captured decode step) lands there and nowhere else.
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .batch import WindowPlan
 from .config import ModelConfig
 from .ops.attention import TILE, kv_numpy_dtype
 
 PAGE = TILE  # positions per page of the full layers' cache: one attention tile, the kernels' smallest page
+STAGE_GROUP_SEQS = 64  # prompt chunks one sliding-layer launch stages (WindowPlan), which sizes the staging cache
 
 
 def pages_per_slot(capacity: int) -> int:
@@ -33,13 +36,14 @@ def pages_per_slot(capacity: int) -> int:
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int | None = None,
-                 kv_dtype: str = "bf16"):
+    def __init__(self, cfg: ModelConfig, slots: int, capacity: int, pages: int | None = None,
+                 kv_dtype: str = "bf16", stage_tokens: int = 0):
+        """stage_tokens: most tokens of the prompt chunks one step stages (its token budget)."""
         import cupy
 
         if capacity <= 0 or slots <= 0:
             raise ValueError(f"a KV cache needs slots and capacity > 0, got {slots} and {capacity}")
-        self.slots, self.capacity, self.max_chunk = slots, capacity, max_chunk
+        self.slots, self.capacity = slots, capacity
         self.kv_dtype = kv_dtype
         dtype = kv_numpy_dtype(kv_dtype)
         self.width = pages_per_slot(capacity)
@@ -56,37 +60,58 @@ class KVCache:
         self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
         self._in_flight: list = []  # (event, pinned arrays) of queued copies, kept until the stream passes them
         for i in range(cfg.num_layers):
-            shape = self.layer_shape(cfg, i, slots, capacity, max_chunk, self.pages)
+            shape = self.layer_shape(cfg, i, slots, capacity, self.pages)
             self.k.append(cupy.empty(shape, dtype=dtype))
             self.v.append(cupy.empty(shape, dtype=dtype))
+        self.window = cfg.sliding_window if self.staged(cfg, capacity) else None  # rings that need staging
+        self.stage_pages = self.staging_pages(cfg, capacity, stage_tokens)
+        shape = (self.stage_pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)  # (+ a spare page)
+        self.stage_k, self.stage_v = (cupy.empty(shape if self.stage_pages else (0,) + shape[1:], dtype=dtype)
+                                      for _ in range(2))
 
     @staticmethod
-    def layer_shape(cfg: ModelConfig, layer: int, slots: int, capacity: int, max_chunk: int, pages: int) -> tuple:
+    def staged(cfg: ModelConfig, capacity: int) -> bool:
+        """Whether prompt chunks go through the staging cache: some layer slides over a window shorter
+        than the capacity (its ring wraps)."""
+        return any(cfg.is_sliding(i) for i in range(cfg.num_layers)) and cfg.sliding_window < capacity
+
+    @classmethod
+    def staging_pages(cls, cfg: ModelConfig, capacity: int, stage_tokens: int) -> int:
+        """Pages of the staging cache for steps of up to stage_tokens tokens (0 where nothing is staged)."""
+        if not cls.staged(cfg, capacity) or stage_tokens <= 0:
+            return 0
+        return WindowPlan.pages(stage_tokens, cfg.sliding_window, PAGE, STAGE_GROUP_SEQS)
+
+    @staticmethod
+    def layer_shape(cfg: ModelConfig, layer: int, slots: int, capacity: int, pages: int) -> tuple:
         """The shape of layer `layer`'s K (and V) array (elements of the cache's dtype)."""
         if cfg.is_sliding(layer):
-            return (slots, min(capacity, cfg.sliding_window + max_chunk), cfg.num_kv_heads, cfg.head_dim)
+            return (slots, min(capacity, cfg.sliding_window), cfg.num_kv_heads, cfg.head_dim)
         return (pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
 
     @classmethod
-    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_chunk: int, pages: int,
-               kv_dtype: str = "bf16") -> int:
-        """GPU bytes of a cache of these dimensions: every layer's K and V and the page table."""
+    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, pages: int, kv_dtype: str = "bf16",
+               stage_tokens: int = 0) -> int:
+        """GPU bytes of a cache of these dimensions: every layer's K and V, the page table and the
+        staging cache."""
         size = kv_numpy_dtype(kv_dtype).itemsize
-        kv = sum(2 * size * int(np.prod(cls.layer_shape(cfg, i, slots, capacity, max_chunk, pages)))
+        kv = sum(2 * size * int(np.prod(cls.layer_shape(cfg, i, slots, capacity, pages)))
                  for i in range(cfg.num_layers))
-        return kv + slots * pages_per_slot(capacity) * 4
+        stage = cls.staging_pages(cfg, capacity, stage_tokens)
+        stage = 2 * size * (stage + 1) * PAGE * cfg.num_kv_heads * cfg.head_dim if stage else 0
+        return kv + slots * pages_per_slot(capacity) * 4 + stage
 
     @classmethod
-    def slot_bytes(cls, cfg: ModelConfig, capacity: int, max_chunk: int, kv_dtype: str = "bf16") -> int:
+    def slot_bytes(cls, cfg: ModelConfig, capacity: int, kv_dtype: str = "bf16") -> int:
         """GPU bytes of one more slot's rings (the sliding layers' K and V), what a swap copies beside the
         sequence's pages."""
-        one, two = (cls.nbytes(cfg, n, capacity, max_chunk, 0, kv_dtype) for n in (1, 2))
+        one, two = (cls.nbytes(cfg, n, capacity, 0, kv_dtype) for n in (1, 2))
         return two - one - pages_per_slot(capacity) * 4  # (less the page table's row)
 
     @classmethod
     def page_bytes(cls, cfg: ModelConfig, kv_dtype: str = "bf16") -> int:
         """GPU bytes of one more page (PAGE positions of every full layer)."""
-        return cls.nbytes(cfg, 1, PAGE, 1, 1, kv_dtype) - cls.nbytes(cfg, 1, PAGE, 1, 0, kv_dtype)
+        return cls.nbytes(cfg, 1, PAGE, 1, kv_dtype) - cls.nbytes(cfg, 1, PAGE, 0, kv_dtype)
 
     def copy_out(self, slot: int, pages: np.ndarray) -> list:
         """The slot's rings and the rows of `pages` (position order) of every layer's K and V, as pinned

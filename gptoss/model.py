@@ -9,11 +9,11 @@ import dataclasses
 
 import numpy as np
 
-from .batch import RunOrder, StepBatch
+from .batch import StepBatch, WindowPlan
 from .config import ModelConfig
 from .gpu_weights import DeviceWeights
 from .kernels import KernelOptions, is_amd
-from .kv_cache import KVCache
+from .kv_cache import PAGE, STAGE_GROUP_SEQS, KVCache
 
 
 class StepBuffers:
@@ -115,13 +115,12 @@ class GPUModel:
     the ranks' partial out projections and MoE sums and adds them in rank order (_tp_out, _tp_moe); every
     rank then holds the same residual stream and logits. Without it, the one-GPU forward, unchanged.
 
-    max_chunk: positions of one sequence that a sliding layer's ring takes per launch (the ring holds
-    window + max_chunk positions per slot). A step may carry longer prompt chunks (up to max_step_tokens):
-    the sliding layers then write and attend them in runs of max_chunk (gptoss.batch.RunOrder), every other
-    operation runs once over the whole step."""
+    The sliding layers' rings hold exactly their window per slot; a step's prompt chunks go through
+    them staged (gptoss.batch.WindowPlan: the step's tokens reordered, one-token sequences first),
+    every other operation runs once over the whole step."""
 
     def __init__(self, weights: DeviceWeights, slots: int, capacity: int, max_step_tokens: int,
-                 max_chunk: int, max_rows: int | None = None, pages: int | None = None,
+                 max_rows: int | None = None, pages: int | None = None,
                  kernels: KernelOptions | None = None, collective=None, kv_cache_dtype: str = "bf16"):
         import cupy
 
@@ -136,8 +135,7 @@ class GPUModel:
         self.slots = slots
         self.pad_slot = slots
         self.max_step_tokens, rows = self.step_sizes(slots, max_step_tokens, max_rows)
-        self.cache = KVCache(cfg, slots + 1, capacity, max_chunk, pages, kv_cache_dtype)
-        self.sliding_run = self.ring_run(cfg, capacity, max_chunk)
+        self.cache = KVCache(cfg, slots + 1, capacity, pages, kv_cache_dtype, stage_tokens=self.max_step_tokens)
         self.rope = rope_table(cfg, capacity)
         self.buf = StepBuffers(cfg, self.max_step_tokens, rows, ranks)
         self._graphs: dict = {}  # (padded batch, key bound, greedy) -> (graph, inputs, what it reads)
@@ -154,27 +152,19 @@ class GPUModel:
         return max(max_step_tokens, bucket), max(bucket, max_rows or 0)
 
     @staticmethod
-    def ring_run(cfg: ModelConfig, capacity: int, max_chunk: int) -> int | None:
-        """Most positions of one sequence a sliding layer writes and attends per launch: its ring holds
-        window + max_chunk positions per slot, and a launch's keys must not overwrite the window its own
-        queries read. None when the rings hold whole sequences (or no layer slides): no limit."""
-        sliding = any(cfg.is_sliding(i) for i in range(cfg.num_layers))
-        return max_chunk if sliding and cfg.sliding_window + max_chunk < capacity else None
-
-    @staticmethod
     def _decode_floats(cfg: ModelConfig, slots: int, capacity: int) -> int:
         from .ops.attention import decode_workspace_floats
 
         return decode_workspace_floats(decode_batch_bucket(slots), capacity, cfg.num_heads)
 
     @classmethod
-    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_step_tokens: int, max_chunk: int,
-               pages: int, max_rows: int | None = None, ranks: int | None = None, kv_cache_dtype: str = "bf16") -> int:
+    def nbytes(cls, cfg: ModelConfig, slots: int, capacity: int, max_step_tokens: int, pages: int,
+               max_rows: int | None = None, ranks: int | None = None, kv_cache_dtype: str = "bf16") -> int:
         """GPU bytes a model of these dimensions allocates beside its weights, from the shapes its
         constructor allocates: the KV cache, the step buffers and the decode partials (the RoPE table,
         each step's attention layout and the captured graphs are small and not counted)."""
         tokens, rows = cls.step_sizes(slots, max_step_tokens, max_rows)
-        return (KVCache.nbytes(cfg, slots + 1, capacity, max_chunk, pages, kv_cache_dtype)
+        return (KVCache.nbytes(cfg, slots + 1, capacity, pages, kv_cache_dtype, stage_tokens=tokens)
                 + StepBuffers.nbytes(cfg, tokens, rows, ranks)
                 + 4 * cls._decode_floats(cfg, slots, capacity))
 
@@ -185,8 +175,9 @@ class GPUModel:
     # ---- the forward, on preallocated buffers -------------------------------------------------------
     def _layers(self, T: int, batch, prof: "Profile | None" = None, inputs=None, pieces=None) -> None:
         """Embedding through the last block for the T tokens (ids, positions, slots: `inputs`, default
-        the step buffers'); x holds the residual stream. pieces: (first token, end token, AttentionBatch)
-        of each piece the sliding layers write and attend in turn (RunOrder); None = all T at once."""
+        the step buffers'); x holds the residual stream. pieces: (first token, end token, AttentionBatch,
+        staged) of each piece the sliding layers write and attend in turn (_window_pieces); None = all T
+        at once, on the rings."""
         from .ops import attention as A, embed as E, gemm as G, moe as M, norm as N
 
         cfg, w, b, kernels = self.cfg, self.w, self.buf, self.kernels
@@ -202,12 +193,18 @@ class GPUModel:
             mark("qkv gemm")
             table = self.cache.layer_table(i, cfg)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            for a, e, piece in (pieces if pieces is not None and layer.window else ((0, T, batch),)):
-                A.rope_and_cache(qkv[a:e], positions[a:e], slots[a:e], self.rope, k_cache, v_cache, q_out=q[a:e],
-                                 page_table=table, kernels=kernels)
+            for a, e, piece, staged in (pieces if pieces is not None and layer.window else ((0, T, batch, None),)):
+                k_to, v_to, slots_to, table_to = k_cache, v_cache, slots[a:e], table
+                if staged is not None:  # a group of prompt chunks: the older keys they read, into the stage
+                    k_to, v_to, slots_to, table_to = self.cache.stage_k, self.cache.stage_v, staged.rows, staged.table
+                    A.copy_kv_rows(k_cache, v_cache, k_to, v_to, staged.fill, kernels=kernels)
+                A.rope_and_cache(qkv[a:e], positions[a:e], slots_to, self.rope, k_to, v_to, q_out=q[a:e],
+                                 page_table=table_to, kernels=kernels)
                 mark("rope + kv write")
-                A.attention(q[a:e], k_cache, v_cache, piece, layer.sinks, layer.window, out=attn[a:e],
-                            page_table=table, kernels=kernels)
+                A.attention(q[a:e], k_to, v_to, piece, layer.sinks, layer.window, out=attn[a:e],
+                            page_table=table_to, kernels=kernels)
+                if staged is not None:  # the window's last keys back into the rings
+                    A.copy_kv_rows(k_to, v_to, k_cache, v_cache, staged.keep, kernels=kernels)
                 mark("attention full" if layer.window == 0 else "attention sliding")
             if self.collective is None:
                 G.linear(attn, layer.out_w, layer.out_b, out=o, kernels=kernels)
@@ -337,12 +334,12 @@ class GPUModel:
         self._check(step)
         T, R = len(step.tokens), len(step.logit_rows)
         pieces = None
-        runs = RunOrder.split(step.q_lens, step.seq_slots, step.seq_starts, self.sliding_run) \
-            if self.sliding_run is not None else None
-        if runs is not None:  # a chunk longer than the rings take: the sliding layers go piece by piece
-            step = self._reordered(step, runs)
-            pieces = [(a, e, self._attention_batch(runs.q_lens[r0:r1], runs.seq_slots[r0:r1],
-                                                   runs.seq_starts[r0:r1])) for a, e, r0, r1 in runs.pieces]
+        plan = None if self.cache.window is None else WindowPlan.build(
+            step.q_lens, step.seq_slots, step.seq_starts, self.cache.window, PAGE, self.cache.width,
+            self.cache.stage_pages, STAGE_GROUP_SEQS)
+        if plan is not None:  # prompt chunks: the sliding layers take the rings' and each staged group in turn
+            step = self._reordered(step, plan)
+            pieces = self._window_pieces(plan)
         self._load_inputs(step)
         batch = self._attention_batch(step.q_lens, step.seq_slots, step.seq_starts)
         identity = R == T and np.array_equal(step.logit_rows, np.arange(T))
@@ -360,15 +357,35 @@ class GPUModel:
         batch._workspace = self._decode_ws
         return batch
 
+    def _window_pieces(self, plan: WindowPlan) -> list:
+        """(first token, end token, AttentionBatch, staged) of the sliding layers' launches: the one-token
+        sequences on the rings (staged None), then each group of prompt chunks through the staging cache
+        (staged: its page table, each token's row of it, and the fill and keep rows, on the device)."""
+        import cupy
+
+        pieces = []
+        if plan.ring_seqs:
+            n = plan.ring_seqs
+            pieces.append((0, plan.ring_end, self._attention_batch(plan.q_lens[:n], plan.seq_slots[:n],
+                                                                   plan.seq_starts[:n]), None))
+        for g in plan.groups:
+            rows = range(g.seq_end - g.seq_first)  # the group's sequences are the rows of its page table
+            batch = self._attention_batch(plan.q_lens[g.seq_first:g.seq_end], rows,
+                                          plan.seq_starts[g.seq_first:g.seq_end])
+            staged = _Staged(cupy.asarray(g.table), cupy.asarray(g.token_rows), cupy.asarray(g.fill),
+                             cupy.asarray(g.keep))
+            pieces.append((g.first, g.end, batch, staged))
+        return pieces
+
     @staticmethod
-    def _reordered(step: StepBatch, runs: RunOrder) -> StepBatch:
-        """The step with its tokens in run order: the runs as its sequences, each logit row moved with
-        its token (the logits come out in the step's row order all the same)."""
-        where = np.empty(len(runs.order), np.int64)
-        where[runs.order] = np.arange(len(runs.order))
-        return dataclasses.replace(step, tokens=step.tokens[runs.order], positions=step.positions[runs.order],
-                                   slots=step.slots[runs.order], q_lens=runs.q_lens, seq_slots=runs.seq_slots,
-                                   seq_starts=runs.seq_starts,
+    def _reordered(step: StepBatch, plan: WindowPlan) -> StepBatch:
+        """The step with its tokens in the plan's order and its sequences as the plan lists them, each logit
+        row moved with its token (the logits come out in the step's row order all the same)."""
+        where = np.empty(len(plan.order), np.int64)
+        where[plan.order] = np.arange(len(plan.order))
+        return dataclasses.replace(step, tokens=step.tokens[plan.order], positions=step.positions[plan.order],
+                                   slots=step.slots[plan.order], q_lens=plan.q_lens, seq_slots=plan.seq_slots,
+                                   seq_starts=plan.seq_starts,
                                    logit_rows=where[np.asarray(step.logit_rows, np.int64)].astype(np.int32))
 
     def forward(self, step: StepBatch):
@@ -472,6 +489,15 @@ class GPUModel:
         cupy.cuda.get_current_stream().synchronize()
         # the graph holds raw device pointers: every array it reads must live as long as it does
         return graph, inputs, (batch, args, self._decode_ws)
+
+
+@dataclasses.dataclass
+class _Staged:
+    """A staged group's device arrays (gptoss.batch.StageGroup)."""
+    table: object  # cupy int32 [sequences, width]
+    rows: object  # cupy int32 [tokens]
+    fill: object  # cupy int32 [2, n]
+    keep: object  # cupy int32 [2, n]
 
 
 class Profile:

@@ -24,8 +24,7 @@ def test_plan_fits_and_grows_with_memory():
     large = plan_memory(GPT_OSS_20B, free_bytes=60 << 30, capacity=2048, wanted_slots=100000)
     assert 0 < small.slots < large.slots and small.pages < large.pages
     for plan, free in ((small, 20 << 30), (large, 60 << 30)):
-        assert plan.bytes == GPUModel.nbytes(GPT_OSS_20B, plan.slots, 2048, plan.max_step_tokens, plan.max_chunk,
-                                             plan.pages)
+        assert plan.bytes == GPUModel.nbytes(GPT_OSS_20B, plan.slots, 2048, plan.max_step_tokens, plan.pages)
         assert plan.bytes <= free - HEADROOM
         assert plan.pages >= plan.slots * (2048 // PAGE)  # no sharing assumed: every slot can fill up
         # all that is left beside the slots went to pages: one more page would not fit
@@ -45,37 +44,30 @@ def test_sharing_pages_fits_more_slots():
 def test_plan_respects_the_cap_and_the_engine_config():
     plan = plan_memory(TINY, free_bytes=8 << 30, capacity=64, wanted_slots=5)
     assert plan.slots == 5 and plan.max_step_tokens >= 5
-    config = EngineConfig(prefill_tokens=100, prefill_chunk=16)
+    config = EngineConfig(prefill_tokens=100)
     plan = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64, config=config)
-    assert plan.max_chunk == 16 and plan.max_step_tokens == 64 + 100
-    small = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64,
-                        config=EngineConfig(prefill_tokens=8, prefill_chunk=16))
-    assert small.max_chunk == 8  # the rings need no room for more than a step's budget
+    assert plan.max_step_tokens == 64 + 100
 
 
-def test_automatic_chunk_takes_small_rings_only_where_memory_binds():
-    """EngineConfig.prefill_chunk None: rings of window + 256 where every wanted sequence gets a slot and
-    its whole capacity; where memory binds, window + 128 if that is enough, else window + 64, which
-    leave more memory to slots and pages."""
-    assert EngineConfig().prefill_chunk is None and EngineConfig().prefill_chunks() == (256, 128, 64)
-    roomy = plan_memory(GPT_OSS_20B, free_bytes=40 << 30, capacity=2048, wanted_slots=64)
-    assert roomy.max_chunk == 256 and roomy.slots == 64 and roomy.pages == 64 * (2048 // PAGE)
-
-    def plan(free, chunk=None, mean=600):
-        return plan_memory(GPT_OSS_20B, free_bytes=free, capacity=2048, wanted_slots=100000, mean_positions=mean,
-                           config=EngineConfig(prefill_chunk=chunk))
-
-    tight, big, mid, small = plan(40 << 30), plan(40 << 30, 256), plan(40 << 30, 128), plan(40 << 30, 64)
-    assert tight == small and (tight.max_chunk, mid.max_chunk, big.max_chunk) == (64, 128, 256)
-    assert tight.slots > mid.slots > big.slots  # the rings' bytes went to more sequences
-    # a memory that holds one sequence only with the smaller rings: a plan, not an error
-    step_tokens = EngineConfig().step_tokens(1, 131072)[0]
-    need_small, need_big = (GPUModel.nbytes(GPT_OSS_20B, 1, 131072, step_tokens, chunk, 131072 // PAGE)
-                            for chunk in (128, 256))
-    free = HEADROOM + (need_small + need_big) // 2
-    with pytest.raises(ModelTooLargeError):
-        plan_memory(GPT_OSS_20B, free, 131072, 1, config=EngineConfig(prefill_chunk=256))
-    assert plan_memory(GPT_OSS_20B, free, 131072, 1).max_chunk == 128
+def test_rings_hold_the_window_and_the_staging_cache_a_steps_chunks():
+    """The sliding layers' rings hold exactly the window (whole sequences where the capacity is
+    shorter); the staging cache that prompt chunks go through grows with the step's tokens, not with
+    the slots, and exists only where a ring wraps."""
+    cfg = GPT_OSS_20B
+    row = 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of one position, bf16
+    table = 9 * -(-2048 // PAGE) * 4
+    assert KVCache.nbytes(cfg, 9, 2048, 0) == 12 * 9 * 128 * row + 12 * PAGE * row + table  # (+ the spare pages)
+    assert KVCache.nbytes(TINY, 3, TINY.sliding_window, 0) == KVCache.nbytes(TINY, 3, TINY.sliding_window, 0, stage_tokens=500)
+    assert KVCache.staging_pages(cfg, 2048, 0) == 0 and KVCache.staging_pages(cfg, 128, 4096) == 0
+    small, large = (KVCache.nbytes(cfg, 9, 2048, 0, stage_tokens=t) - KVCache.nbytes(cfg, 9, 2048, 0)
+                    for t in (1024, 8192))
+    # 64 chunks of window - 1 older keys each, on at most 4 pages a chunk, beside the tokens' own pages
+    assert small == (1024 // PAGE + 64 * 4 + 1) * PAGE * row
+    assert large - small == (8192 - 1024) * row
+    assert GPUModel.nbytes(cfg, 8, 2048, 100, 50) == KVCache.nbytes(cfg, 9, 2048, 50, stage_tokens=100) + \
+        StepBuffers.nbytes(cfg, 100, 8) + 4 * GPUModel._decode_floats(cfg, 8, 2048)
+    # a whole-capacity ring per slot where the capacity is shorter than the window (no staging)
+    assert KVCache.layer_shape(cfg, 0, 9, 100, 0)[1] == 100 and KVCache.layer_shape(cfg, 0, 9, 2048, 0)[1] == 128
 
 
 def test_counts_are_the_allocated_shapes():
@@ -86,15 +78,15 @@ def test_counts_are_the_allocated_shapes():
     assert own > 300 * cfg.hidden_size * (4 + 2 + 4 + 2) + 70 * cfg.vocab_size * 4
     assert StepBuffers.nbytes(cfg, 300, 70) > own  # + the router partials and expert rows
     assert StepBuffers.nbytes(cfg, 600, 70) - StepBuffers.nbytes(cfg, 300, 70) >= 300 * 32 * cfg.num_experts * 4
-    a, b = (KVCache.nbytes(cfg, 9, 2048, 256, pages) for pages in (10, 11))
+    a, b = (KVCache.nbytes(cfg, 9, 2048, pages) for pages in (10, 11))
     assert b - a == KVCache.page_bytes(cfg) == 12 * PAGE * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-    # a slot's rings (what a swap copies beside its pages): 12 sliding layers x (window 128 + chunk 256)
-    ring = 12 * (128 + 256) * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-    assert KVCache.slot_bytes(cfg, 2048, 256) == ring == 6 * KVCache.page_bytes(cfg)
-    assert KVCache.slot_bytes(cfg, 2048, 256, "fp8") * 2 == ring
+    # a slot's rings (what a swap copies beside its pages): 12 sliding layers x window 128
+    ring = 12 * 128 * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    assert KVCache.slot_bytes(cfg, 2048) == ring == 2 * KVCache.page_bytes(cfg)
+    assert KVCache.slot_bytes(cfg, 2048, "fp8") * 2 == ring
     tokens, rows = GPUModel.step_sizes(8, 100)
     assert (tokens, rows) == (100, 8)
-    assert GPUModel.nbytes(cfg, 8, 2048, 100, 256, 50) > KVCache.nbytes(cfg, 9, 2048, 256, 50) + \
+    assert GPUModel.nbytes(cfg, 8, 2048, 100, 50) > KVCache.nbytes(cfg, 9, 2048, 50) + \
         StepBuffers.nbytes(cfg, 100, 8)
 
 
@@ -104,7 +96,7 @@ def test_fp8_cache_halves_the_kv_bytes_and_doubles_the_pages():
     cfg = GPT_OSS_20B
     assert KVCache.page_bytes(cfg, "fp8") * 2 == KVCache.page_bytes(cfg)
     table = 9 * -(-2048 // PAGE) * 4
-    bf16, fp8 = (KVCache.nbytes(cfg, 9, 2048, 256, 50, dtype) for dtype in ("bf16", "fp8"))
+    bf16, fp8 = (KVCache.nbytes(cfg, 9, 2048, 50, dtype, stage_tokens=300) for dtype in ("bf16", "fp8"))
     assert (fp8 - table) * 2 == bf16 - table
     free = 60 << 30
     plans = {dtype: plan_memory(cfg, free, 2048, 100000, config=EngineConfig(kv_cache_dtype=dtype))
@@ -112,7 +104,7 @@ def test_fp8_cache_halves_the_kv_bytes_and_doubles_the_pages():
     assert 1.9 < plans["fp8"].slots / plans["bf16"].slots < 2.1
     assert 1.9 < plans["fp8"].pages / plans["bf16"].pages < 2.1
     p = plans["fp8"]
-    assert p.bytes == GPUModel.nbytes(cfg, p.slots, 2048, p.max_step_tokens, p.max_chunk, p.pages,
+    assert p.bytes == GPUModel.nbytes(cfg, p.slots, 2048, p.max_step_tokens, p.pages,
                                       kv_cache_dtype="fp8") <= free - HEADROOM
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp16")

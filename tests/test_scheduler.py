@@ -564,25 +564,22 @@ def test_modeled_auto_promise_runs_120b_getp_in_one_wave_and_keeps_20b_at_one():
 
 
 def test_modeled_larger_prefill_budget_leaves_fewer_pages_for_120b_getp():
-    """benchmarks/sim_scheduler.py --prefill-tokens over the real 120b plan (BENCHMARKS.md, the twelfth
-    session's prefill budgets): a step that may prefill more prompt tokens needs a larger workspace, so
-    fewer pages are left and the one wave preempts more (none at 3,072, some at 8,192, with the rings of
-    prefill_chunk 128); smaller sliding rings (prefill_chunk 64) give those pages back, and the default
-    plan (a budget of 6,144, rings chosen by the plan) preempts none."""
+    """benchmarks/sim_scheduler.py --prefill-tokens over the real 120b plan (BENCHMARKS.md, the prefill
+    budgets): a step that may prefill more prompt tokens needs a larger workspace, so fewer pages are
+    left; with the sliding rings of exactly the window, the one wave of the default budget (6,144) and
+    of 8,192 preempts none."""
     import re
 
     from benchmarks.sim_scheduler import simulate
     from gptoss.config import GPT_OSS_120B
 
-    def row(prefill_tokens, prefill_chunk=None):
-        text = simulate(GPT_OSS_120B, [1000] * 1024, 1000, 78.5, 0.0, None, prefill_chunk=prefill_chunk,
-                        prefill_tokens=prefill_tokens)
+    def row(prefill_tokens):
+        text = simulate(GPT_OSS_120B, [1000] * 1024, 1000, 78.5, 0.0, None, prefill_tokens=prefill_tokens)
         return tuple(int(x) for x in re.search(r"pages\s+(\d+).*preemptions\s+(\d+)", text).groups())
 
-    small, large = row(3072, prefill_chunk=128), row(8192, prefill_chunk=128)
-    assert large[0] < small[0] and small[1] == 0 < large[1]
-    assert row(8192, prefill_chunk=64)[0] > small[0]
-    assert row(None)[1] == 0
+    small, default, large = row(3072), row(None), row(8192)
+    assert large[0] < default[0] < small[0]
+    assert small[1] == default[1] == large[1] == 0
 
 
 def test_slots_keep_room_for_generated_tokens_as_sequences_grow():

@@ -5,8 +5,6 @@ from dataclasses import dataclass
 
 from ..ops.attention import KV_DTYPES as KV_CACHE_DTYPES  # (host-side: the module imports no GPU library)
 
-AUTO_PREFILL_CHUNKS = (256, 128, 64)  # what EngineConfig.prefill_chunk None tries, in this order
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -14,12 +12,6 @@ class EngineConfig:
         (on the CPU: every waiting request).
     prefill_tokens: most prompt tokens one step prefills, over all sequences; one sequence may take all
         of them (a lone long prompt is prefilled prefill_tokens at a time).
-    prefill_chunk: positions of one sequence the sliding layers write and attend per launch (their KV
-        rings hold window + min(this, prefill_tokens) positions per slot); a longer prompt chunk goes
-        through them in runs of this many, in the same step. None (the default): the first of
-        AUTO_PREFILL_CHUNKS (256, 128, 64) whose memory plan gives every wanted sequence a slot and
-        pages for its whole capacity, else the last: where memory binds, smaller rings leave more of it
-        to pages (fewer preemptions), and where it does not, longer runs mean fewer launches.
     promise: admission promises each sequence KV pages for its prompt and this share of its token
         budget. 1: no sequence is ever preempted; below 1, more sequences run at once and one that needs
         a page when none is free preempts the latest admitted, which resumes later (swap_space). None
@@ -49,7 +41,6 @@ class EngineConfig:
 
     max_seqs: int | None = None
     prefill_tokens: int = 6144
-    prefill_chunk: int | None = None
     promise: float | None = None
     swap_space: float = 16.0
     memory_limit: int | None = None
@@ -66,10 +57,6 @@ class EngineConfig:
         chunk = min(self.prefill_tokens, capacity)
         return slots + min(self.prefill_tokens, slots * chunk), chunk
 
-    def prefill_chunks(self) -> tuple[int, ...]:
-        """The sliding layers' chunks the memory plan tries, in order (prefill_chunk)."""
-        return AUTO_PREFILL_CHUNKS if self.prefill_chunk is None else (self.prefill_chunk,)
-
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})")
@@ -77,9 +64,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (got {value})")
-        if self.prefill_tokens < 1 or (self.prefill_chunk is not None and self.prefill_chunk < 1):
-            raise ValueError(f"prefill_tokens and prefill_chunk must be at least 1 (got {self.prefill_tokens} "
-                             f"and {self.prefill_chunk})")
+        if self.prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1 (got {self.prefill_tokens})")
         if not self.swap_space >= 0:
             raise ValueError(f"swap_space must be at least 0 GiB (got {self.swap_space})")
         if self.promise is not None and not 0.0 <= self.promise <= 1.0:

@@ -2,7 +2,8 @@
 (KV cache, step buffers, captured graphs) sized by the memory plan whenever the engine asks.
 
 The memory plan counts what GPUModel will allocate from the shapes it allocates (GPUModel.nbytes:
-the KV cache's rings and pages, the step buffers, the decode partials), so it cannot drift from them.
+the KV cache's rings, pages and staging cache, the step buffers, the decode partials), so it cannot
+drift from them.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ class MemoryPlan:
     pages: int
     capacity: int
     max_step_tokens: int
-    max_chunk: int  # positions of one sequence per sliding-layer launch (their rings: window + this)
     bytes: int  # what the GPUModel of this plan allocates beside the weights (GPUModel.nbytes)
 
 
@@ -44,25 +44,7 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: 
     which every slot can hold `mean_positions` positions (a running sequence's expected length;
     default `capacity`, i.e. no sharing) and one sequence its whole capacity; every byte left then
     goes to pages (at most a whole capacity per slot). ranks: a tensor-parallel rank of that many
-    (cfg is then its shard's config; its collective buffers are counted too). The sliding layers' rings
-    take the first of config.prefill_chunks() whose plan gives every wanted slot its whole capacity, else
-    the last."""
-    # (no step carries more of one sequence than prefill_tokens, so a smaller budget needs no larger rings;
-    # candidates that come out equal are planned once)
-    *first, last = dict.fromkeys(min(c, config.prefill_tokens, capacity) for c in config.prefill_chunks())
-    for chunk in first:
-        try:
-            plan = _plan_for_chunk(cfg, free_bytes, capacity, wanted_slots, mean_positions, config, ranks, chunk)
-        except ModelTooLargeError:
-            continue  # (smaller rings may leave room for one)
-        if plan.slots >= wanted_slots and plan.pages >= plan.slots * pages_per_slot(capacity):
-            return plan
-    return _plan_for_chunk(cfg, free_bytes, capacity, wanted_slots, mean_positions, config, ranks, last)
-
-
-def _plan_for_chunk(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slots: int,
-                    mean_positions: int | None, config: EngineConfig, ranks: int | None, chunk: int) -> MemoryPlan:
-    """plan_memory with the sliding layers' rings of window + chunk positions per slot."""
+    (cfg is then its shard's config; its collective buffers are counted too)."""
     width = pages_per_slot(capacity)
     mean_pages = int(pages_for(max(1, min(mean_positions or capacity, capacity))))
 
@@ -70,7 +52,7 @@ def _plan_for_chunk(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slo
         return config.step_tokens(slots, capacity)[0]
 
     def nbytes(slots: int, pages: int) -> int:
-        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), chunk, pages, ranks=ranks,
+        return GPUModel.nbytes(cfg, slots, capacity, step_tokens(slots), pages, ranks=ranks,
                                kv_cache_dtype=config.kv_cache_dtype)
 
     budget = free_bytes - HEADROOM
@@ -88,7 +70,7 @@ def _plan_for_chunk(cfg: ModelConfig, free_bytes: int, capacity: int, wanted_slo
             "Lower -n or shorten the prompts.")
     pages = min((budget - nbytes(lo, 0)) // KVCache.page_bytes(cfg, config.kv_cache_dtype),
                 lo * width)  # (ranks: page bytes alike)
-    return MemoryPlan(lo, int(pages), capacity, step_tokens(lo), chunk, nbytes(lo, int(pages)))
+    return MemoryPlan(lo, int(pages), capacity, step_tokens(lo), nbytes(lo, int(pages)))
 
 
 class GPUModelRunner:
@@ -171,13 +153,12 @@ class GPUModelRunner:
                                  f"positions ({pages_per_slot(capacity)} pages)")
             pages = min(pages, self.config.num_pages)
         with _out_of_memory_as_error("the KV cache and step buffers"):
-            self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, plan.max_chunk,
-                                  pages=pages, kernels=self.kernels, collective=self.collective,
+            self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, pages=pages, kernels=self.kernels, collective=self.collective,
                                   kv_cache_dtype=self.config.kv_cache_dtype)
         # host memory for preempted sequences' KV: EngineConfig.swap_space, at most half of what is available
         kv_dtype = self.config.kv_cache_dtype
         page = KVCache.page_bytes(self.model_config, kv_dtype)
-        rings = KVCache.slot_bytes(self.model_config, capacity, plan.max_chunk, kv_dtype)
+        rings = KVCache.slot_bytes(self.model_config, capacity, kv_dtype)
         swap = min(self.config.swap_space * 2**30, available_host_bytes() // 2)
         return Layout(plan.slots, capacity, pages, self.model.max_step_tokens,
                       self.config.step_tokens(plan.slots, capacity)[1], swap_pages=int(swap // page),

@@ -161,6 +161,27 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, p
     return q
 
 
+def copy_kv_rows(k_src, v_src, k_dst, v_dst, rows, kernels: KernelOptions | None = None) -> None:
+    """k_dst[rows[1]] = k_src[rows[0]] and the same for V, for caches [blocks, L, Hkv, D] seen as
+    [blocks * L, Hkv, D] rows; rows [2, n] int32 (source row, destination row). The four caches share
+    one dtype (bf16 bits or e4m3 codes) and a row's shape; the bits are copied."""
+    import cupy
+
+    fp8 = _check_caches(k_src, v_src)
+    if _check_caches(k_dst, v_dst) != fp8 or k_src.shape[2:] != k_dst.shape[2:]:
+        raise ValueError(f"copy_kv_rows: caches of {k_src.dtype} rows {k_src.shape[2:]} into "
+                         f"{k_dst.dtype} rows {k_dst.shape[2:]}")
+    check(rows, "rows", cupy.int32, ndim=2)
+    n = rows.shape[1]
+    if rows.shape[0] != 2:
+        raise ValueError(f"rows must be [2, n] (source, destination), got {tuple(rows.shape)}")
+    if n == 0:
+        return
+    units = k_src.shape[2] * k_src.shape[3] * k_src.itemsize // 2
+    kernel("attention", "copy_kv_rows", kernels=resolved(kernels))(
+        (n, 2), (128,), (k_src, v_src, k_dst, v_dst, rows, np.int32(n), np.int32(units)))
+
+
 @dataclass
 class AttentionBatch:
     """The varlen layout of one attention launch, on the device, with its host-known bounds.

@@ -30,7 +30,7 @@ def make(cfg, experts, seed=0, slots=4, capacity=None, chunk=256, kernels=None):
     w = random_weights(cfg, experts, seed=seed)
     capacity = capacity or cfg.max_context
     model = GPUModel(DeviceWeights(w, progress=False, kernels=kernels), slots=slots, capacity=capacity,
-                     max_step_tokens=chunk * 2, max_chunk=chunk, max_rows=chunk * 2, kernels=kernels)
+                     max_step_tokens=chunk * 2, max_rows=chunk * 2, kernels=kernels)
     return w, model
 
 
@@ -39,7 +39,8 @@ def poison(model):
     b = model.buf
     for a in (b.x, b.last, b.logits):
         a.fill(np.nan)
-    for a in (b.t, b.qkv, b.q, b.attn, b.o, b.last_t, *model.cache.k, *model.cache.v):
+    for a in (b.t, b.qkv, b.q, b.attn, b.o, b.last_t, *model.cache.k, *model.cache.v, model.cache.stage_k,
+              model.cache.stage_v):
         a.fill(0x7FC0)  # bf16 NaN
 
 
@@ -203,48 +204,60 @@ def test_dense_experts_give_the_same_greedy_tokens():
     assert generate(engine, prompts, params) == plain
 
 
+@pytest.mark.parametrize("group_seqs", [64, 1])
 @pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
-def test_long_chunks_through_the_rings_give_the_chunked_bits(kernels):
-    """A step of prompt chunks longer than the sliding rings take (runs of max_chunk through the sliding
-    layers, gptoss.batch.RunOrder) beside a decode token gives the logits of the same step on rings
-    that hold the whole chunks, bit for bit, and then the same decode steps (captured graphs)."""
+def test_long_chunks_through_the_staging_cache_give_the_unstaged_bits(kernels, group_seqs, monkeypatch):
+    """A step of prompt chunks longer than the sliding window (staged, gptoss.batch.WindowPlan, in groups
+    of group_seqs) beside a decode token gives, bit for bit, the logits of the same tokens fed one per
+    step straight through the rings of the window, and then the same decode steps (captured graphs)."""
     import cupy
 
+    import gptoss.model
     from gptoss.batch import StepBatch
     from gptoss.gpu_weights import DeviceWeights
     from gptoss.model import GPUModel
 
     skip_if_portable_is_the_default(kernels)
+    monkeypatch.setattr(gptoss.model, "STAGE_GROUP_SEQS", group_seqs)
     cfg = TINY_REAL_HEADS  # window 16, capacity 512
     weights = DeviceWeights(random_weights(cfg, "mxfp4", seed=4), progress=False, kernels=kernels)
     rng = np.random.default_rng(12)
     lead = rng.integers(0, cfg.vocab_size, 20).astype(np.int32)
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (150, 37)]
-    results = []
-    for ring_chunk in (16, 256):  # runs of 16 (ring 32 < 512), or whole chunks
-        model = GPUModel(weights, slots=4, capacity=cfg.max_context, max_step_tokens=512, max_chunk=ring_chunk,
-                         max_rows=64, kernels=kernels)
-        assert (model.sliding_run == 16) == (ring_chunk == 16)
+    staged, single = (GPUModel(weights, slots=4, capacity=cfg.max_context, max_step_tokens=512, max_rows=512,
+                               kernels=kernels) for _ in range(2))
+    assert staged.cache.window == cfg.sliding_window and staged.cache.k[0].shape[1] == cfg.sliding_window
+    for model in (staged, single):
         poison(model)
-        model.forward(StepBatch.prefill([lead], [2]))
-        step = StepBatch.prefill([lead[-1:], *prompts], [2, 0, 1], [20, 0, 0])
-        step.logit_rows = np.asarray([0, 1, 80, 150, 151, 187], np.int32)  # the decode row, mid-chunk rows, last rows
-        logits = [cupy.asnumpy(model.forward(step)).copy()]
-        tokens, positions = logits[0][[0, 3, 5]].argmax(-1).astype(np.int32), np.asarray([21, 150, 37], np.int32)
-        for _ in range(3):
-            ids = model.step(StepBatch.decode(tokens, positions, [2, 0, 1]), use_graph=True)
-            logits.append(cupy.asnumpy(model.buf.logits[:3]).copy())
-            tokens, positions = ids.astype(np.int32), positions + 1
-        results.append(logits)
-    for runs, whole in zip(*results):
-        assert np.isfinite(runs).all()
-        np.testing.assert_array_equal(runs, whole)
+    # staged: the lead (20 tokens) in one chunk, then a decode token beside the two prompts' chunks
+    staged.forward(StepBatch.prefill([lead], [2]))
+    step = StepBatch.prefill([lead[-1:], *prompts], [2, 0, 1], [20, 0, 0])
+    step.logit_rows = np.arange(188, dtype=np.int32)
+    got = cupy.asnumpy(staged.forward(step)).copy()
+    # one token per sequence per step: the lead, then the prompts side by side (seq 2's token at first)
+    for t, token in enumerate(lead):
+        single.forward(StepBatch.decode([token], [t], [2]))
+    want = np.empty_like(got)
+    for t in range(150):
+        rows = [1 + t] + [151 + t] * (t < 37) + [0] * (t == 0)
+        tokens = [prompts[0][t]] + [prompts[1][t]] * (t < 37) + [lead[-1]] * (t == 0)
+        slots = [0] + [1] * (t < 37) + [2] * (t == 0)
+        positions = [t] + [t] * (t < 37) + [20] * (t == 0)
+        want[rows] = cupy.asnumpy(single.forward(StepBatch.decode(tokens, positions, slots)))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    tokens, positions = got[[0, 150, 187]].argmax(-1).astype(np.int32), np.asarray([21, 150, 37], np.int32)
+    for _ in range(3):
+        ids = [model.step(StepBatch.decode(tokens, positions, [2, 0, 1]), use_graph=True) for model in (staged, single)]
+        np.testing.assert_array_equal(cupy.asnumpy(staged.buf.logits[:3]), cupy.asnumpy(single.buf.logits[:3]))
+        np.testing.assert_array_equal(*ids)
+        tokens, positions = ids[0].astype(np.int32), positions + 1
 
 
 @pytest.mark.parametrize("kernels", [None, PORTABLE], ids=["default", "portable"])
 def test_a_whole_budget_chunk_gives_the_greedy_tokens_of_small_chunks(kernels):
-    """The engine prefilling each prompt a whole step budget at a time (runs of 16 through the rings)
-    and prefilling 16 tokens per step give every prompt the same greedy tokens."""
+    """The engine prefilling each prompt a whole step budget at a time (staged chunks of up to 300
+    tokens beside rings of 16) and prefilling 16 tokens per step give every prompt the same greedy tokens."""
     from gptoss.sampling import SamplingParams
 
     skip_if_portable_is_the_default(kernels)
@@ -253,10 +266,8 @@ def test_a_whole_budget_chunk_gives_the_greedy_tokens_of_small_chunks(kernels):
     rng = np.random.default_rng(10)
     prompts = [rng.integers(0, cfg.vocab_size, int(m)).tolist() for m in (300, 17, 90, 1, 250, 64)]
     params = SamplingParams(max_tokens=8)
-    big = generate(engine_on(weights, max_seqs=4, prefill_chunk=16, prefill_tokens=400, kernels=kernels), prompts,
-                   params)
-    small = generate(engine_on(weights, max_seqs=4, prefill_chunk=16, prefill_tokens=16, kernels=kernels), prompts,
-                     params)
+    big = generate(engine_on(weights, max_seqs=4, prefill_tokens=400, kernels=kernels), prompts, params)
+    small = generate(engine_on(weights, max_seqs=4, prefill_tokens=16, kernels=kernels), prompts, params)
     assert big == small
     assert all(len(v) == 8 for v in big.values())
 
@@ -298,7 +309,7 @@ def test_page_table_updates_keep_the_device_table_equal_to_the_pool():
     from gptoss.kv_cache import PAGE, KVCache
 
     slots, capacity, pages = 6, PAGE * 40, 150
-    cache = KVCache(TINY, slots + 1, capacity, PAGE, pages)
+    cache = KVCache(TINY, slots + 1, capacity, pages)
     pool = PagePool(slots + 1, cache.width, pages)
     rng = np.random.default_rng(3)
     kinds = set()
@@ -395,15 +406,16 @@ def test_buffers_hold_what_the_memory_plan_counts():
 
     cfg = TINY_REAL_HEADS
     model = GPUModel(DeviceWeights(random_weights(cfg, "mxfp4", seed=0), progress=False), slots=5, capacity=300,
-                     max_step_tokens=700, max_chunk=128, pages=9)
+                     max_step_tokens=700, pages=9)
     b = model.buf
     held = sum(getattr(b, name).nbytes for name in StepBuffers.shapes(cfg, 1, 1))
     held += sum(a.nbytes for a in vars(b.moe).values() if isinstance(a, cupy.ndarray))
     held += sum(a.nbytes for a in b.moe.tiles.values())
     assert held == StepBuffers.nbytes(cfg, b.max_tokens, b.max_rows)
-    cache = sum(a.nbytes for a in model.cache.k + model.cache.v) + model.cache.table.nbytes
-    assert cache == KVCache.nbytes(cfg, 6, 300, 128, 9)
-    assert held + cache + model._decode_ws.nbytes == GPUModel.nbytes(cfg, 5, 300, 700, 128, 9)
+    c = model.cache
+    cache = sum(a.nbytes for a in c.k + c.v + [c.stage_k, c.stage_v]) + c.table.nbytes
+    assert c.stage_k.nbytes > 0 and cache == KVCache.nbytes(cfg, 6, 300, 9, stage_tokens=700)
+    assert held + cache + model._decode_ws.nbytes == GPUModel.nbytes(cfg, 5, 300, 700, 9)
 
 
 def test_profile_runs_the_forward():
@@ -446,6 +458,6 @@ def test_model_refuses_experts_laid_out_for_other_kernels():
     weights = DeviceWeights(random_weights(TINY, "mxfp4", seed=1), progress=False)
     assert all(layer.w1.wgmma_order and layer.w2.wgmma_order for layer in weights.layers)
     with pytest.raises(ValueError, match="same KernelOptions"):
-        GPUModel(weights, slots=2, capacity=64, max_step_tokens=64, max_chunk=32, kernels=KernelOptions(wgmma=False))
+        GPUModel(weights, slots=2, capacity=64, max_step_tokens=64, kernels=KernelOptions(wgmma=False))
     plain = DeviceWeights(random_weights(TINY, "mxfp4", seed=1), progress=False, kernels=KernelOptions(wgmma=False))
     assert not plain.layers[0].w1.wgmma_order

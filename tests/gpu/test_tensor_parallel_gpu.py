@@ -55,7 +55,7 @@ def build(weights, collective=None, ranks=1, rank=0):
 
     w = weights if collective is None else ShardWeights(weights, ranks, rank)
     return GPUModel(DeviceWeights(w, progress=False), slots=4, capacity=CFG.max_context, max_step_tokens=128,
-                    max_chunk=64, max_rows=64, collective=collective)
+                    max_rows=64, collective=collective)
 
 
 def run_model(model, tokens, use_graph=False):
