@@ -4,8 +4,8 @@
 Sliding layers: [slots, window, Hkv, D], a ring of exactly the window per slot (position p at row
 p % window; the whole capacity where that is shorter). A prompt chunk goes through a staging cache
 (stage_k, stage_v: [stage_pages + 1, PAGE, Hkv, D], shared by the sliding layers, which use it in turn;
-gptoss/batch.py WindowPlan), since its keys would overwrite the older ones its first queries read. Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page
-table [slots, ceil(capacity / PAGE)] int32: position p of slot s sits in page table[s, p // PAGE]. The
+gptoss/batch.py WindowPlan), since its keys would overwrite the older ones its first queries read.
+Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page table [slots, ceil(capacity / PAGE)] int32: position p of slot s sits in page table[s, p // PAGE]. The
 last page is a spare: every entry not given to a sequence points there, so a stray write (a padding
 row of a captured decode step) lands there and nowhere else.
 

@@ -183,14 +183,16 @@ extern "C" __global__ void __launch_bounds__(256) rope_and_cache_fp8(ROPE_ARGS(u
 // K and V rows copied from one pair of caches to another (the sliding layers' staged prompt chunks,
 // gptoss/batch.py WindowPlan): rows [2, n] = (source row, destination row) of the caches seen as
 // [rows, Hkv * D] elements, `units` 16-bit words a row (bf16: Hkv D; e4m3: Hkv D / 2). Block (i, 0)
-// copies row pair i of K, block (i, 1) of V.
+// copies row pair i of K, block (i, 1) of V. A pair with a row outside its cache (src_rows, dst_rows)
+// copies nothing.
 extern "C" __global__ void __launch_bounds__(128) copy_kv_rows(
     const bf16_t* __restrict__ k_src, const bf16_t* __restrict__ v_src, bf16_t* __restrict__ k_dst,
-    bf16_t* __restrict__ v_dst, const int* __restrict__ rows, int n, int units)
+    bf16_t* __restrict__ v_dst, const int* __restrict__ rows, int n, int units, int src_rows, int dst_rows)
 {
     GPTOSS_WAIT_PRIOR_GRID();
     GPTOSS_LAUNCH_DEPENDENTS();
     const int i = blockIdx.x;
+    if ((unsigned)rows[i] >= (unsigned)src_rows || (unsigned)rows[n + i] >= (unsigned)dst_rows) return;
     const bf16_t* src = blockIdx.y ? v_src : k_src;
     bf16_t* dst = blockIdx.y ? v_dst : k_dst;
     const long long from = (long long)rows[i] * units, to = (long long)rows[n + i] * units;

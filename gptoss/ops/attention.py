@@ -164,7 +164,8 @@ def rope_and_cache(qkv, positions, slots, table, k_cache, v_cache, q_out=None, p
 def copy_kv_rows(k_src, v_src, k_dst, v_dst, rows, kernels: KernelOptions | None = None) -> None:
     """k_dst[rows[1]] = k_src[rows[0]] and the same for V, for caches [blocks, L, Hkv, D] seen as
     [blocks * L, Hkv, D] rows; rows [2, n] int32 (source row, destination row). The four caches share
-    one dtype (bf16 bits or e4m3 codes) and a row's shape; the bits are copied."""
+    one dtype (bf16 bits or e4m3 codes) and a row's shape; the bits are copied. A pair with a row outside
+    its cache copies nothing."""
     import cupy
 
     fp8 = _check_caches(k_src, v_src)
@@ -179,7 +180,8 @@ def copy_kv_rows(k_src, v_src, k_dst, v_dst, rows, kernels: KernelOptions | None
         return
     units = k_src.shape[2] * k_src.shape[3] * k_src.itemsize // 2
     kernel("attention", "copy_kv_rows", kernels=resolved(kernels))(
-        (n, 2), (128,), (k_src, v_src, k_dst, v_dst, rows, np.int32(n), np.int32(units)))
+        (n, 2), (128,), (k_src, v_src, k_dst, v_dst, rows, np.int32(n), np.int32(units),
+                         np.int32(k_src.shape[0] * k_src.shape[1]), np.int32(k_dst.shape[0] * k_dst.shape[1])))
 
 
 @dataclass

@@ -466,3 +466,30 @@ def test_errors():
         A.attention(cp.zeros((20, Hq, D), dtype=cp.uint16), kc, vc, big, sinks, 16)
     with pytest.raises(ValueError):  # out of the wrong shape
         A.attention(q, kc, vc, batch, sinks, 0, out=cp.zeros((3, Hq * D + 1), dtype=cp.uint16))
+
+
+@pytest.mark.parametrize("dtype,geometry", [("bf16", "tiny"), ("bf16", "real"), ("fp8", "real")])
+def test_copy_kv_rows(dtype, geometry):
+    """copy_kv_rows (the sliding layers' staging, gptoss.batch.WindowPlan): the destination rows get the
+    source rows' bits, K from K and V from V; every other row keeps its poison; a pair with a row outside
+    its cache copies nothing."""
+    import cupy
+
+    from gptoss.ops.attention import copy_kv_rows
+
+    cfg = TINY if geometry == "tiny" else TINY_REAL_HEADS
+    Hkv, D = cfg.num_kv_heads, cfg.head_dim
+    rng = np.random.default_rng(7)
+    itype = np.uint16 if dtype == "bf16" else np.uint8
+    src = [rng.integers(0, 0x7F00, (5, 16, Hkv, D)).astype(itype) for _ in range(2)]  # finite, not zero
+    poison = 0x7FC0 if dtype == "bf16" else 0x7F
+    dst = [np.full((9, 64, Hkv, D), poison, itype) for _ in range(2)]
+    n = 57
+    rows = np.stack([rng.choice(5 * 16, n), rng.choice(9 * 64, n, replace=False)]).astype(np.int32)
+    bad = np.asarray([[5 * 16, 3], [4, 9 * 64]], np.int32).T  # (source out of range, destination out of range)
+    dev_dst = [cupy.asarray(a) for a in dst]
+    copy_kv_rows(*[cupy.asarray(a) for a in src], *dev_dst, cupy.asarray(np.concatenate([rows, bad], axis=1)))
+    for s, d, got in zip(src, dst, dev_dst):
+        want = d.reshape(9 * 64, Hkv, D).copy()
+        want[rows[1]] = s.reshape(5 * 16, Hkv, D)[rows[0]]
+        np.testing.assert_array_equal(cupy.asnumpy(got).reshape(9 * 64, Hkv, D), want)
