@@ -239,10 +239,12 @@ def test_long_chunks_through_the_staging_cache_give_the_unstaged_bits(kernels, g
         single.forward(StepBatch.decode([token], [t], [2]))
     want = np.empty_like(got)
     for t in range(150):
-        rows = [1 + t] + [151 + t] * (t < 37) + [0] * (t == 0)
-        tokens = [prompts[0][t]] + [prompts[1][t]] * (t < 37) + [lead[-1]] * (t == 0)
-        slots = [0] + [1] * (t < 37) + [2] * (t == 0)
-        positions = [t] + [t] * (t < 37) + [20] * (t == 0)
+        seqs = [(1 + t, prompts[0][t], t, 0)]  # (row of got, token, position, slot)
+        if t < 37:
+            seqs.append((151 + t, prompts[1][t], t, 1))
+        if t == 0:
+            seqs.append((0, lead[-1], 20, 2))
+        rows, tokens, positions, slots = (list(column) for column in zip(*seqs))
         want[rows] = cupy.asnumpy(single.forward(StepBatch.decode(tokens, positions, slots)))
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got, want)
