@@ -566,8 +566,8 @@ def test_modeled_auto_promise_runs_120b_getp_in_one_wave_and_keeps_20b_at_one():
 def test_modeled_larger_prefill_budget_leaves_fewer_pages_for_120b_getp():
     """benchmarks/sim_scheduler.py --prefill-tokens over the real 120b plan (BENCHMARKS.md, the prefill
     budgets): a step that may prefill more prompt tokens needs a larger workspace, so fewer pages are
-    left; with the sliding rings of exactly the window, the one wave of the default budget (6,144) and
-    of 8,192 preempts none."""
+    left; with the sliding rings of exactly the window, the one wave of the default budget (8,192) and
+    of 4,096 preempts none (the device measured 3 preemptions at 12,288, where the model gives none)."""
     import re
 
     from benchmarks.sim_scheduler import simulate
@@ -577,9 +577,9 @@ def test_modeled_larger_prefill_budget_leaves_fewer_pages_for_120b_getp():
         text = simulate(GPT_OSS_120B, [1000] * 1024, 1000, 78.5, 0.0, None, prefill_tokens=prefill_tokens)
         return tuple(int(x) for x in re.search(r"pages\s+(\d+).*preemptions\s+(\d+)", text).groups())
 
-    small, default, large = row(3072), row(None), row(8192)
+    small, default, large = row(4096), row(None), row(12288)
     assert large[0] < default[0] < small[0]
-    assert small[1] == default[1] == large[1] == 0
+    assert small[1] == default[1] == 0
 
 
 def test_slots_keep_room_for_generated_tokens_as_sequences_grow():

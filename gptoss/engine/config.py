@@ -40,7 +40,7 @@ class EngineConfig:
     """
 
     max_seqs: int | None = None
-    prefill_tokens: int = 6144
+    prefill_tokens: int = 8192
     promise: float | None = None
     swap_space: float = 16.0
     memory_limit: int | None = None
