@@ -66,11 +66,19 @@ DEVICE void router_logits_tile(const TIn* __restrict__ t, const bf16_t* __restri
     const bf16_t* wp = w + (size_t)(w_ok ? e0 + lr : 0) * H + lh;
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // 4 bf16 = 8 bytes (rows start 64-byte aligned: H % 32 == 0 and the launcher checks the bases). The
+    // next chunk's loads are issued before this chunk's FMAs, so a CTA's few chunks overlap their latency.
+    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 tn = t_ok && c_begin < c_end ? router_load4(tp + c_begin * ROUTER_HC) : zero4;
+    uint2 wn = w_ok && c_begin < c_end ? *reinterpret_cast<const uint2*>(wp + c_begin * ROUTER_HC) : make_uint2(0u, 0u);
     for (int c = c_begin; c < c_end; ++c) {
-        const int h0 = c * ROUTER_HC;
-        // 4 bf16 = 8 bytes (rows start 64-byte aligned: H % 32 == 0 and the launcher checks the bases)
-        const float4 tq = t_ok ? router_load4(tp + h0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const uint2 wq = w_ok ? *reinterpret_cast<const uint2*>(wp + h0) : make_uint2(0u, 0u);
+        const float4 tq = tn;
+        const uint2 wq = wn;
+        if (c + 1 < c_end) {
+            const int h1 = (c + 1) * ROUTER_HC;
+            tn = t_ok ? router_load4(tp + h1) : zero4;
+            wn = w_ok ? *reinterpret_cast<const uint2*>(wp + h1) : make_uint2(0u, 0u);
+        }
         __syncthreads();  // the previous chunk's readers are done
         st[lh + 0][lr] = tq.x; st[lh + 1][lr] = tq.y;
         st[lh + 2][lr] = tq.z; st[lh + 3][lr] = tq.w;
