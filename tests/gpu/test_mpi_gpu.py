@@ -43,7 +43,10 @@ print("nccl via mpi ok", len(nccl_id))
 
 
 def mpiexec(ranks, *command):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # Open MPI's mpiexec refuses root (CI and containers run as root) unless both variables say yes; MPICH
+    # ignores them.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *command], env=env, capture_output=True,
                           text=True, timeout=300)
 
