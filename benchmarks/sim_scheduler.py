@@ -120,13 +120,12 @@ def main(argv=None) -> int:
     from gptoss.config import PRESETS
 
     lengths = np.random.default_rng(0).integers(args.min_len, args.max_len + 1, args.prompts)
-    sizes = {"prefill_tokens": args.prefill_tokens}
     for rate in (float(x) for x in args.stop_rate.split(",")):
-        print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False, **sizes),
-              flush=True)
+        print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, 1.0, paged=False,
+                       prefill_tokens=args.prefill_tokens), flush=True)
         for promise in (None if x == "auto" else float(x) for x in args.promise.split(",")):
-            print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, promise, **sizes),
-                  flush=True)
+            print(simulate(PRESETS[args.preset], lengths, args.steps, args.free, rate, promise,
+                           prefill_tokens=args.prefill_tokens), flush=True)
     return 0
 
 

@@ -5,8 +5,9 @@ Sliding layers: [slots, window, Hkv, D], a ring of exactly the window per slot (
 p % window; the whole capacity where that is shorter). A prompt chunk goes through a staging cache
 (stage_k, stage_v: [stage_pages + 1, PAGE, Hkv, D], shared by the sliding layers, which use it in turn;
 gptoss/batch.py WindowPlan), since its keys would overwrite the older ones its first queries read.
-Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page table [slots, ceil(capacity / PAGE)] int32: position p of slot s sits in page table[s, p // PAGE]. The
-last page is a spare: every entry not given to a sequence points there, so a stray write (a padding
+Full layers: [pages + 1, PAGE, Hkv, D], pages the slots share through a page table
+[slots, ceil(capacity / PAGE)] int32: position p of slot s sits in page table[s, p // PAGE]. The last
+page is a spare: every entry not given to a sequence points there, so a stray write (a padding
 row of a captured decode step) lands there and nowhere else.
 
 Without `pages` each slot owns the pages of its whole capacity for good (tests and benchmarks of one
@@ -65,9 +66,8 @@ class KVCache:
             self.v.append(cupy.empty(shape, dtype=dtype))
         self.window = cfg.sliding_window if self.staged(cfg, capacity) else None  # rings that need staging
         self.stage_pages = self.staging_pages(cfg, capacity, stage_tokens)
-        shape = (self.stage_pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)  # (+ a spare page)
-        self.stage_k, self.stage_v = (cupy.empty(shape if self.stage_pages else (0,) + shape[1:], dtype=dtype)
-                                      for _ in range(2))
+        shape = self.stage_shape(cfg, self.stage_pages)
+        self.stage_k, self.stage_v = (cupy.empty(shape, dtype=dtype) for _ in range(2))
 
     @staticmethod
     def staged(cfg: ModelConfig, capacity: int) -> bool:
@@ -81,6 +81,11 @@ class KVCache:
         if not cls.staged(cfg, capacity) or stage_tokens <= 0:
             return 0
         return WindowPlan.pages(stage_tokens, cfg.sliding_window, PAGE, STAGE_GROUP_SEQS)
+
+    @staticmethod
+    def stage_shape(cfg: ModelConfig, stage_pages: int) -> tuple:
+        """The shape of the staging cache's K (and V): stage_pages and a spare page, or none at all."""
+        return (stage_pages + 1 if stage_pages else 0, PAGE, cfg.num_kv_heads, cfg.head_dim)
 
     @staticmethod
     def layer_shape(cfg: ModelConfig, layer: int, slots: int, capacity: int, pages: int) -> tuple:
@@ -97,8 +102,7 @@ class KVCache:
         size = kv_numpy_dtype(kv_dtype).itemsize
         kv = sum(2 * size * int(np.prod(cls.layer_shape(cfg, i, slots, capacity, pages)))
                  for i in range(cfg.num_layers))
-        stage = cls.staging_pages(cfg, capacity, stage_tokens)
-        stage = 2 * size * (stage + 1) * PAGE * cfg.num_kv_heads * cfg.head_dim if stage else 0
+        stage = 2 * size * int(np.prod(cls.stage_shape(cfg, cls.staging_pages(cfg, capacity, stage_tokens))))
         return kv + slots * pages_per_slot(capacity) * 4 + stage
 
     @classmethod

@@ -153,7 +153,8 @@ class GPUModelRunner:
                                  f"positions ({pages_per_slot(capacity)} pages)")
             pages = min(pages, self.config.num_pages)
         with _out_of_memory_as_error("the KV cache and step buffers"):
-            self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, pages=pages, kernels=self.kernels, collective=self.collective,
+            self.model = GPUModel(self.weights, plan.slots, capacity, plan.max_step_tokens, pages=pages,
+                                  kernels=self.kernels, collective=self.collective,
                                   kv_cache_dtype=self.config.kv_cache_dtype)
         # host memory for preempted sequences' KV: EngineConfig.swap_space, at most half of what is available
         kv_dtype = self.config.kv_cache_dtype
