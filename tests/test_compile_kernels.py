@@ -234,6 +234,7 @@ def test_portable_build_has_no_nvidia_only_instruction_and_every_kernel_the_ops_
     launched = {"gemm": {f"gemm_{n}" for n, v in gemm.VARIANTS.items() if not v.wgmma},
                 "moe": {n for n, v in moe.VARIANTS.items() if not v.sm90a},
                 "attention": {"rope_and_cache", "attn_simple", "copy_kv_rows"},
-                "routing": {"router_logits", "router_logits_f32", "router_topk", "moe_dispatch",
-                            "moe_combine_add"}}[family]
+                "routing": {"router_logits", "router_logits_f32", "router_topk", "router_topk_summed", "moe_dispatch",
+                            "moe_combine_add", *(f"router_sums_{n}{f}" for n in moe.ROUTER_TILES
+                                                 for f in ("", "_f32"))}}[family]
     assert launched <= entries, sorted(launched - entries)

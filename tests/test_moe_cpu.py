@@ -655,3 +655,24 @@ def test_mbarrier_ring_protocol_cpu(S, LAG):
         for _ in range(20):
             reads = _ring_run(KT, S, LAG, warps=8, rng=rng)
             assert reads == [list(range(KT))] * 8
+
+
+def test_router_choice_names_a_router_kernel_and_keeps_small_steps_on_router_logits():
+    """router_choice returns one of router_choices() for every step; router_logits below the tiled
+    threshold (decode of up to 255 sequences on 120b, 1,023 on 20b), a register tile above it, and all of
+    H per CTA only with enough CTAs for every multiprocessor several times over."""
+    choices = M.router_choices()
+    assert choices[0] == M.LOGITS and len(set(choices)) == len(choices)
+    for E in (4, 32, 128):
+        for T in (1, 2, 64, 255, 256, 1023, 1024, 2048, 4096, 8192, 9216, 10240, 65536):
+            for sms in (66, 132):
+                got = M.router_choice(T, E, sms)
+                assert got in choices
+                assert (got == M.LOGITS) == (T * E < M.ROUTER_TILED_MIN_LOGITS)
+                if got.endswith(":1"):
+                    tt, te = M.ROUTER_TILES[got.split(":")[0]][:2]
+                    assert -(-T // tt) * -(-E // te) >= M.ROUTER_WHOLE_H_MIN_WAVES * sms
+    assert M.router_choice(255, 128, 132) == M.LOGITS and M.router_choice(1024, 128, 132) != M.LOGITS
+    assert M.router_choice(1023, 32, 132) == M.LOGITS and M.router_choice(2048, 32, 132) != M.LOGITS
+    with pytest.raises(ValueError, match="router kernel"):
+        M._router_choice("64x64_4x4:2")  # only ROUTER_SPLITS or 1 slices per launch give the same bits

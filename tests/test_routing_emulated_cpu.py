@@ -34,6 +34,8 @@ def emulators(tmp_path_factory):
         pytest.skip("no g++ for the kernel emulator")
     build = tmp_path_factory.mktemp("routing-emulator")
     (build / "routing_expanded.inc").write_text(expanded_source("routing"))
+    (build / "router_sums_rows.inc").write_text(  # the driver runs every router_sums tile of the source
+        "".join(f"ROUTER_SUMS_KERNEL(router_sums_{n}, {', '.join(map(str, v))})\n" for n, v in M.ROUTER_TILES.items()))
     libs = {}
     for mode, (define, width) in MODES.items():
         lib = build / f"routing-{mode}.so"
@@ -121,3 +123,41 @@ def test_route_dispatch_equals_three_launches_emulated_cpu(emulators, mode, T, E
     assert (three["sorted_slots"][len(mine):] == POISON).all()  # a rank's view writes only its rows
     for bm in M.TILE_BMS:
         np.testing.assert_array_equal(three[f"tiles{bm}"], tile_schedule(offsets, bm, M.tile_bound(T * K, E_d, bm)))
+
+
+def _tiles(lib) -> list[str]:
+    """ROUTER_TILES in the driver's order; the driver has every one of them."""
+    n = lib.emu_sums(0, 10**6, 1, *([None] * 6), *([0] * 5))
+    assert n == len(M.ROUTER_TILES)
+    return list(M.ROUTER_TILES)
+
+
+# (T, E, H): tiles cut by T and by E; H of 2 and 3 chunks (most slices empty) and of 33 (slices of 1 and 2)
+SUMS_CASES = [(37, 32, 64), (70, 128, 96), (5, 4, 1056)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, E, H", SUMS_CASES)
+def test_router_sums_give_the_logits_bits_emulated_cpu(emulators, mode, T, E, H):
+    """Every router_sums tile with Z = ROUTER_SPLITS (partials) and Z = 1 (the sum), then router_topk over
+    its Z partials: the experts and weights of router_logits + router_topk bit for bit (the same fp32 sums
+    in the same order), both inputs."""
+    lib = emulators[mode]
+    rng = np.random.default_rng(T * 7 + E + H)
+    t_bits = to_bf16_bits(rng.standard_normal((T, H)).astype(np.float32))
+    w = to_bf16_bits((rng.standard_normal((E, H)) / np.sqrt(H)).astype(np.float32))
+    b = to_bf16_bits((rng.standard_normal(E) * 0.5).astype(np.float32))
+    k = min(K, E)
+    for t in (t_bits, from_bf16_bits(t_bits).astype(np.float32)):
+        want = _run(lib, False, t, w, b, E, 0, seed=1)
+        for i, name in enumerate(_tiles(lib)):
+            for z in (M.ROUTER_SPLITS, 1):
+                partial = np.full(z * T * E, np.nan, np.float32)
+                experts = np.full((T, k), POISON, np.int32)
+                weights = np.full((T, k), np.nan, np.float32)
+                f32 = ctypes.c_int(t.dtype == np.float32)
+                assert lib.emu_sums(f32, i, z, _ptr(t), _ptr(w), _ptr(b), _ptr(partial), _ptr(experts),
+                                    _ptr(weights), T, E, H, k, ctypes.c_uint(5 + i)) == -1
+                assert np.isfinite(partial).all(), (name, z)
+                np.testing.assert_array_equal(experts, want["experts"], err_msg=f"{name}:{z}")
+                np.testing.assert_array_equal(weights.view(np.uint32), want["weights"], err_msg=f"{name}:{z}")

@@ -35,6 +35,8 @@ ALLOWED = [
     ("routing.hip", r"#define ROUTER_(SPLITS|TT|TE|HC) 32", "router tile sizes (H slices, tokens, experts, h per "
      "chunk): no warp-level primitive in router_logits"),
     ("routing.hip", r"#define DISPATCH_CACHE 32", "register cache depth of the dispatch (steps per warp), any width"),
+    ("routing.hip", r"^ROUTER_SUMS_KERNEL\(", "tile shapes of the router_sums table (tokens, experts per CTA), "
+     "not warp widths: no warp-level primitive in router_sums_tile"),
     ("moe.hip", r"K/32|K / 32|k0 / 32|% 32|KB \* 32|kb \* 32", "MXFP4: 32 values per block and scale"),
     ("moe.hip", r"#define MOE_PORTABLE_BK 32", "portable MoE k chunk = one MXFP4 block of 32 values"),
     ("moe.hip", r"__launch_bounds__\(32 \* WARPS_N\)|32 \* \(WARPS_N\)",

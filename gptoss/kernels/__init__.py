@@ -113,6 +113,20 @@ def gpu_available() -> bool:
         return False
 
 
+def sm_count() -> int:
+    """The current device's multiprocessors (the grid sizes the launch wrappers weigh against)."""
+    import cupy
+
+    return _sm_count(cupy.cuda.runtime.getDevice())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
 @functools.lru_cache(maxsize=None)
 def is_amd() -> bool:
     """True when CuPy runs on ROCm (HIP): the kernels compile for AMD and take their portable paths (no

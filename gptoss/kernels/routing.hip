@@ -2,13 +2,16 @@
 // groups the T*k (token, expert) slots by expert on the GPU, and the final combine of the k expert
 // outputs of each token into the residual stream. The expert GEMMs themselves are in moe.hip.
 // Small steps run the router and the dispatch as one launch (route_dispatch: the router-logits grid, whose
-// last CTA to finish does the top-k and the dispatch); larger ones as three (router_logits, router_topk,
-// moe_dispatch). Both run the same device functions, so they give the same bits.
+// last CTA to finish does the top-k and the dispatch); larger ones as three (router_logits or, for large
+// steps, router_sums_*; router_topk; moe_dispatch). All give the same bits: the sums are the same fp32
+// additions in the same order, whichever kernel makes them.
 //
 // Batch invariance (docs/DESIGN.md): every float result of a token depends only on that token's data.
 //  - router_logits: logit[t][e] = (((p0 + p1) + p2) + ... + p31) + bias[e], where p_s is the fp32 sum, in
 //    increasing h, of t[t][h] * w[e][h] over the s-th of ROUTER_SPLITS fixed slices of H. The split
-//    exists only to give decode (T = 1..64) enough CTAs; it is the same for every T.
+//    exists only to give decode (T = 1..64) enough CTAs; it is the same for every T. router_logits writes
+//    each p_s for router_topk to sum; router_sums_* (larger T) makes the same p_s with more outputs per
+//    thread, and with one CTA per tile over all of H (Z = 1) adds them up itself in the same order.
 //  - dispatch is integer work (counts and a stable order: slot order inside an expert), exact.
 //  - combine: x[t] += ((o0 + o1) + o2) + o3, in increasing j, no atomics.
 #include "common.h"
@@ -120,12 +123,187 @@ router_logits_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, flo
     router_logits_tile<float>(t, w, partial, T, E, H);
 }
 
+// ---- router logits, register-tiled (larger steps) -----------------------------------------------------
+// router_sums_<TT>x<TE>_<RT>x<RE>(_f32): grid (ceil(T / TT), ceil(E / TE), Z) with Z = ROUTER_SPLITS or 1,
+// TT * TE / (RT * RE) threads. Thread (qt = tid / (TE/RE), qe = tid % (TE/RE)) owns tokens RT qt .. + RT-1
+// and experts RE qe .. + RE-1 of the tile: per h RT floats of t and RE of w from shared memory for RT RE
+// FMAs (router_logits: 4 FMAs per 5 floats). Each p_s is fmaf
+// from 0 in increasing h over slice s, as in router_logits. Z = ROUTER_SPLITS: CTA z makes p_z and writes
+// it to partial z of [ROUTER_SPLITS, T, E] (router_logits' output). Z = 1: a CTA runs all slices in order
+// and keeps ((p0 + p1) + ...) + p_s, the order router_topk adds the partials in, and writes the sum to
+// [T, E] (router_topk_summed). Either way the same bits as router_logits + router_topk.
+// Loader: a piece is 8 consecutive h of one row; piece p of a round is row p % rows, h (p / rows) * 8, so
+// consecutive threads store consecutive rows of st / sw (different banks).
+DEVICE void router_load8(const bf16_t* p, float v[8]) {  // 8-byte aligned (rows of H % 32 == 0)
+    const uint2 a = *reinterpret_cast<const uint2*>(p), b = *reinterpret_cast<const uint2*>(p + 4);
+    v[0] = bf16x2_lo(a.x); v[1] = bf16x2_hi(a.x); v[2] = bf16x2_lo(a.y); v[3] = bf16x2_hi(a.y);
+    v[4] = bf16x2_lo(b.x); v[5] = bf16x2_hi(b.x); v[6] = bf16x2_lo(b.y); v[7] = bf16x2_hi(b.y);
+}
+DEVICE void router_load8(const float* p, float v[8]) {  // 16-byte aligned
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+// A 32-h chunk of a tile's operand (ROWS rows): PIECES pieces per thread, loaded into registers while
+// the previous chunk is multiplied, then stored transposed into shared memory [h][row].
+template <typename TIn, int ROWS, int THREADS>
+struct RouterChunk {
+    static constexpr int PIECES = (4 * ROWS + THREADS - 1) / THREADS;  // 4 pieces of 8 h per row
+    const TIn* src[PIECES];
+    bool ok[PIECES];
+    float v[PIECES][8];
+    DEVICE static int piece(int i) { return (int)threadIdx.x + i * THREADS; }
+    DEVICE void init(const TIn* base, int row0, int rows, int H) {
+        #pragma unroll
+        for (int i = 0; i < PIECES; ++i) {
+            const int pc = piece(i), r = pc % ROWS;
+            ok[i] = pc < 4 * ROWS && row0 + r < rows;
+            src[i] = base + (size_t)(ok[i] ? row0 + r : 0) * H + (pc / ROWS % 4) * 8;
+        }
+    }
+    DEVICE void load(int c) {  // chunk c
+        #pragma unroll
+        for (int i = 0; i < PIECES; ++i) {
+            if (ok[i]) {
+                router_load8(src[i] + c * ROUTER_HC, v[i]);
+            } else {
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) v[i][j] = 0.0f;
+            }
+        }
+    }
+    DEVICE void store(float (*dst)[ROWS]) const {
+        #pragma unroll
+        for (int i = 0; i < PIECES; ++i) {
+            const int pc = piece(i);
+            if (pc < 4 * ROWS)
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) dst[(pc / ROWS) * 8 + j][pc % ROWS] = v[i][j];
+        }
+    }
+};
+
+template <int N>
+DEVICE void router_lds(const float* p, float v[N]) {  // N consecutive floats, aligned to min(N, 4) floats
+    if constexpr (N % 4 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            const float4 q = *reinterpret_cast<const float4*>(p + i);
+            v[i] = q.x; v[i + 1] = q.y; v[i + 2] = q.z; v[i + 3] = q.w;
+        }
+    } else if constexpr (N == 2) {
+        const float2 q = *reinterpret_cast<const float2*>(p);
+        v[0] = q.x; v[1] = q.y;
+    } else {
+        static_assert(N == 1, "1, 2 or a multiple of 4 floats");
+        v[0] = *p;
+    }
+}
+
+template <typename TIn, int TT, int TE, int RT, int RE>
+DEVICE void router_sums_tile(const TIn* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ out,
+                             int T, int E, int H) {
+    constexpr int QE = TE / RE, THREADS = TT * TE / (RT * RE);
+    static_assert(TT % RT == 0 && TE % RE == 0, "RT x RE outputs per thread");
+    __shared__ __align__(16) float st[ROUTER_HC][TT];  // [h][token]
+    __shared__ __align__(16) float sw[ROUTER_HC][TE];  // [h][expert]
+    const int tid = threadIdx.x, qt = tid / QE, qe = tid % QE;
+    const int t0 = blockIdx.x * TT, e0 = blockIdx.y * TE;
+    const int chunks = H / ROUTER_HC;  // H % 32 == 0 (the launcher checks)
+    auto slice_end = [&](int s) { return (int)((long long)(s + 1) * chunks / ROUTER_SPLITS); };
+    const int per_cta = ROUTER_SPLITS / (int)gridDim.z;  // slices: ROUTER_SPLITS / Z, Z = 1 or ROUTER_SPLITS
+    const int s_first = blockIdx.z * per_cta, s_last = s_first + per_cta - 1;
+    const int c_begin = s_first == 0 ? 0 : slice_end(s_first - 1), c_end = slice_end(s_last);
+    RouterChunk<TIn, TT, THREADS> tr;
+    RouterChunk<bf16_t, TE, THREADS> wr;
+    tr.init(t, t0, T, H);
+    wr.init(w, e0, E, H);
+
+    float acc[RT][RE], sum[RT][RE];
+    #pragma unroll
+    for (int i = 0; i < RT; ++i)
+        #pragma unroll
+        for (int j = 0; j < RE; ++j) acc[i][j] = sum[i][j] = 0.0f;
+    int s = s_first;           // the slice acc belongs to
+    int s_end = slice_end(s);  // its end chunk
+    auto fold = [&]() {        // slice s is done: sum += p_s
+        #pragma unroll
+        for (int i = 0; i < RT; ++i)
+            #pragma unroll
+            for (int j = 0; j < RE; ++j) {
+                sum[i][j] = s == s_first ? acc[i][j] : sum[i][j] + acc[i][j];
+                acc[i][j] = 0.0f;
+            }
+        ++s;
+        s_end = slice_end(s);
+    };
+    if (c_begin < c_end) {
+        tr.load(c_begin);
+        wr.load(c_begin);
+    }
+    for (int c = c_begin; c < c_end; ++c) {
+        __syncthreads();  // the previous chunk's readers are done
+        tr.store(st);
+        wr.store(sw);
+        __syncthreads();
+        if (c + 1 < c_end) {  // the next chunk's loads, in flight while this one is multiplied
+            tr.load(c + 1);
+            wr.load(c + 1);
+        }
+        while (c == s_end) fold();  // the slices that end before chunk c (empty ones too: p_s = 0)
+        #pragma unroll 4
+        for (int h = 0; h < ROUTER_HC; ++h) {
+            float xs[RT], ws[RE];
+            router_lds<RT>(&st[h][RT * qt], xs);
+            router_lds<RE>(&sw[h][RE * qe], ws);
+            #pragma unroll
+            for (int i = 0; i < RT; ++i)
+                #pragma unroll
+                for (int j = 0; j < RE; ++j) acc[i][j] = fmaf(xs[i], ws[j], acc[i][j]);
+        }
+    }
+    while (s <= s_last) fold();
+    float* dst = out + (size_t)blockIdx.z * T * E;
+    #pragma unroll
+    for (int i = 0; i < RT; ++i) {
+        const int tok = t0 + RT * qt + i;
+        #pragma unroll
+        for (int j = 0; j < RE; ++j) {
+            const int e = e0 + RE * qe + j;
+            if (tok < T && e < E) dst[(size_t)tok * E + e] = sum[i][j];
+        }
+    }
+}
+
+// The tiles ops/moe.py launches (its ROUTER_TILES): name, TT, TE, RT, RE (threads TT * TE / (RT RE)).
+#define ROUTER_SUMS_KERNEL(NAME, TT, TE, RT, RE)                                                     \
+    extern "C" __global__ void __launch_bounds__((TT) * (TE) / ((RT) * (RE)))                           \
+    NAME(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ out, int T,     \
+         int E, int H) {                                                                                \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
+        router_sums_tile<bf16_t, TT, TE, RT, RE>(t, w, out, T, E, H);                                \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__((TT) * (TE) / ((RT) * (RE)))                           \
+    NAME##_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ out, int T, \
+               int E, int H) {                                                                          \
+        GPTOSS_WAIT_PRIOR_GRID();                                                                       \
+        GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
+        router_sums_tile<float, TT, TE, RT, RE>(t, w, out, T, E, H);                                 \
+    }
+//                 name                    TT  TE  RT  RE
+ROUTER_SUMS_KERNEL(router_sums_64x64_4x4,  64, 64, 4,  4)
+ROUTER_SUMS_KERNEL(router_sums_64x32_8x4,  64, 32, 8,  4)
+
 // ---- top-k and softmax --------------------------------------------------------------------------
-// Logit (tok, e) = the ROUTER_SPLITS partials in increasing split order, then the bias: the one order of
-// the file header, whichever kernel sums it.
+// Logit (tok, e) = the `splits` partials [splits, T, E] in increasing split order, then the bias: the one
+// order of the file header, whichever kernel sums it (router_logits: ROUTER_SPLITS partials; router_sums_*:
+// 1, the sum already made in that order).
+template <int SPLITS>
 DEVICE float router_logit(const float* partial, const bf16_t* bias, int T, int E, int tok, int e) {
     float s = partial[(size_t)tok * E + e];
-    for (int p = 1; p < ROUTER_SPLITS; ++p) s += partial[((size_t)p * T + tok) * E + e];
+    #pragma unroll
+    for (int p = 1; p < SPLITS; ++p) s += partial[((size_t)p * T + tok) * E + e];  // loads all in flight
     return s + bf16_to_float(bias[e]);
 }
 
@@ -177,17 +355,32 @@ DEVICE void topk_softmax_warp(Logit logit, int lane, int tok, int E, int k, int*
     }
 }
 
-// One warp per token.
+// One warp per token: router_topk adds the ROUTER_SPLITS partials of router_logits or router_sums_* with
+// Z = ROUTER_SPLITS, router_topk_summed reads the one sum of router_sums_* with Z = 1.
+template <int SPLITS>
+DEVICE void router_topk_body(const float* partial, const bf16_t* bias, int* experts, float* weights, int T,
+                             int E, int k) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (tok >= T) return;  // whole warps leave together
+    topk_softmax_warp([&](int e) { return router_logit<SPLITS>(partial, bias, T, E, tok, e); }, lane, tok, E, k,
+                      experts, weights, experts, 0);
+}
+
 extern "C" __global__ void
 router_topk(const float* __restrict__ partial, const bf16_t* __restrict__ bias, int* __restrict__ experts,
             float* __restrict__ weights, int T, int E, int k) {
     GPTOSS_WAIT_PRIOR_GRID();
     GPTOSS_LAUNCH_DEPENDENTS();
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int tok = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (tok >= T) return;  // whole warps leave together
-    topk_softmax_warp([&](int e) { return router_logit(partial, bias, T, E, tok, e); }, lane, tok, E, k,
-                      experts, weights, experts, 0);
+    router_topk_body<ROUTER_SPLITS>(partial, bias, experts, weights, T, E, k);
+}
+
+extern "C" __global__ void
+router_topk_summed(const float* __restrict__ partial, const bf16_t* __restrict__ bias, int* __restrict__ experts,
+                   float* __restrict__ weights, int T, int E, int k) {
+    GPTOSS_WAIT_PRIOR_GRID();
+    GPTOSS_LAUNCH_DEPENDENTS();
+    router_topk_body<1>(partial, bias, experts, weights, T, E, k);
 }
 
 // ---- dispatch -----------------------------------------------------------------------------------
@@ -404,7 +597,7 @@ DEVICE void route_dispatch_body(const TIn* __restrict__ t, const bf16_t* __restr
     for (int t0 = 0; t0 < T; t0 += per_round) {
         const int n = min(per_round, T - t0);
         for (int i = tid; i < n * E; i += ROUTER_THREADS)
-            s_logit[i] = router_logit(partial, bias, T, E, t0 + i / E, i % E);
+            s_logit[i] = router_logit<ROUTER_SPLITS>(partial, bias, T, E, t0 + i / E, i % E);
         __syncthreads();
         for (int j = warp; j < n; j += NW)
             topk_softmax_warp([&](int e) { return s_logit[j * E + e]; }, lane, t0 + j, E, k, experts, weights,

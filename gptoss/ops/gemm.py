@@ -22,12 +22,11 @@ invariance; docs/DESIGN.md).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, resolved
+from ..kernels import WGMMA_SMEM_SLACK, KernelOptions, define, kernel, macro_rows, resolved, sm_count
 from . import tma as _tma
 from ._check import check, out_or_new
 
@@ -127,19 +126,10 @@ def available_variants(wgmma: bool | None = None, tma: bool | None = None) -> li
     return [name for name, v in VARIANTS.items() if (wgmma or not v.wgmma) and (tma or not v.tma)]
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_id: int) -> int:
-    import cupy
-
-    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
-
-
 def auto_variant(M: int, N: int, wgmma: bool) -> str:
     """The variant linear() picks for an M x N product on the current device (its multiprocessors; the
     TMA variant where tensor maps can be made) with the wgmma kernels on or off."""
-    import cupy
-
-    return pick_variant(M, N, _sm_count(cupy.cuda.runtime.getDevice()), wgmma, wgmma and _tma.available())
+    return pick_variant(M, N, sm_count(), wgmma, wgmma and _tma.available())
 
 
 def linear(x, w, bias=None, out=None, out_dtype: str = "bf16", *, variant: str | None = None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..kernels import KernelOptions, define, kernel, macro_rows, resolved, warp_size
+from ..kernels import KernelOptions, define, kernel, macro_rows, resolved, sm_count, warp_size
 from . import tma as _tma
 from ._check import check, out_or_new
 
@@ -426,29 +426,85 @@ def _router_grid(T: int, E: int) -> tuple[int, int, int]:
     return (-(-T // ROUTER_TT), -(-E // ROUTER_TE), ROUTER_SPLITS)
 
 
-def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: KernelOptions | None = None):
+# The register-tiled router kernels (routing.hip ROUTER_SUMS_KERNEL lines): tile name -> (tokens TT,
+# experts TE, per thread RT x RE). Each runs with Z = ROUTER_SPLITS (a slice of H per
+# CTA, partials) or Z = 1 (all of H per CTA, the sum). route() names a choice "<tile>:<Z>", or LOGITS for
+# router_logits (4 x 1 outputs per thread, Z = ROUTER_SPLITS); every choice gives the same bits.
+ROUTER_TILES = {name.removeprefix("router_sums_"): tuple(int(v) for v in rest)
+                for name, *rest in macro_rows("routing", "ROUTER_SUMS_KERNEL")}
+LOGITS = "logits"
+
+
+def router_choices() -> list[str]:
+    """Every router kernel choice route() takes: LOGITS, then "<tile>:<Z>" for each tile and Z."""
+    return [LOGITS] + [f"{name}:{z}" for name in ROUTER_TILES for z in (ROUTER_SPLITS, 1)]
+
+
+def _router_choice(choice: str) -> tuple[str, int]:
+    """(tile, Z) of a router choice (LOGITS: ("", ROUTER_SPLITS)); ValueError for an unknown one."""
+    if choice == LOGITS:
+        return "", ROUTER_SPLITS
+    tile, _, z = choice.partition(":")
+    if tile not in ROUTER_TILES or z not in (str(ROUTER_SPLITS), "1"):
+        raise ValueError(f"router kernel {choice!r}: one of {', '.join(router_choices())}")
+    return tile, int(z)
+
+
+# router_choice's thresholds, from benchmarks/kernel_routing.py --routers all on the H200 (docs/notes/moe.md,
+# "Router kernels"): router_logits below ROUTER_TILED_MIN_LOGITS logits a step (T = 256 at E = 128: the
+# 4 x 4 tile already 11% faster; T = 256 at E = 32: router_logits 13% faster); all of H per CTA (Z = 1) from
+# ROUTER_WHOLE_H_MIN_WAVES CTAs per multiprocessor (120b, T = 9,216: 576 CTAs, 419 against 435 us a layer;
+# T = 4,096: 256 CTAs, 239 against 201).
+ROUTER_TILED_MIN_LOGITS = 32768
+ROUTER_WHOLE_H_MIN_WAVES = 3
+
+
+def router_choice(num_tokens: int, num_experts: int, sms: int) -> str:
+    """The router kernel route() takes for a step of num_tokens tokens over num_experts experts on `sms`
+    multiprocessors (all choices give the same bits): router_logits for small steps; else a slice of H per
+    CTA with 64 x 64 tiles (64 x 32 for fewer than 64 experts), or all of H per CTA with 64 x 32 tiles when
+    those fill ROUTER_WHOLE_H_MIN_WAVES CTAs per multiprocessor."""
+    if num_tokens * num_experts < ROUTER_TILED_MIN_LOGITS:
+        return LOGITS
+    if -(-num_tokens // 64) * -(-num_experts // 32) >= ROUTER_WHOLE_H_MIN_WAVES * sms:
+        return "64x32_8x4:1"
+    return f"{'64x64_4x4' if num_experts >= 64 else '64x32_8x4'}:{ROUTER_SPLITS}"
+
+
+def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: KernelOptions | None = None,
+          router: str | None = None):
     """experts [T, k] int32, weights [T, k] float32 for t [T, H] bf16 or float32, router_w [E, H] bf16,
     router_b [E] bf16: logits in fp32 (summed in a fixed order), top k by decreasing logit (ties to the
     lower expert index), softmax over the k. `out` = (experts, weights) to fill; `scratch` float32
     [ROUTER_SPLITS * T * E] for the partial sums (allocated when None). kernels: as in expert_mlp1 (the
-    routing family's build: portable or not). Two launches (router_logits, router_topk); route_dispatch
-    does this and the dispatch in one."""
+    routing family's build: portable or not). router: the logits kernel, one of router_choices() (default
+    router_choice's pick; every choice gives the same bits). Two launches (the logits, router_topk);
+    route_dispatch does this and the dispatch in one."""
     import cupy
 
     T, H, E = _router_sizes(t, router_w, router_b, k)
     experts, weights = (None, None) if out is None else out
     experts = out_or_new(experts, "experts", (T, k), cupy.int32)
     weights = out_or_new(weights, "weights", (T, k), cupy.float32)
+    if router is not None:
+        _router_choice(router)  # an unknown name fails before any work
     if T == 0:
         return experts, weights
     scratch = _router_scratch(scratch, T, E)
-    name = "router_logits_f32" if t.dtype == cupy.float32 else "router_logits"
+    f32 = "_f32" if t.dtype == cupy.float32 else ""
     kernels = resolved(kernels)
-    kernel("routing", name, kernels=kernels)(_router_grid(T, E), (ROUTER_THREADS,),
-                                             (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H)))
+    tile, splits = _router_choice(router if router is not None else router_choice(T, E, sm_count()))
+    args = (t, router_w, scratch, np.int32(T), np.int32(E), np.int32(H))
+    if not tile:
+        kernel("routing", "router_logits" + f32, kernels=kernels)(_router_grid(T, E), (ROUTER_THREADS,), args)
+    else:
+        tt, te, rt, re = ROUTER_TILES[tile]
+        kernel("routing", f"router_sums_{tile}{f32}", kernels=kernels)(
+            (-(-T // tt), -(-E // te), splits), (tt * te // (rt * re),), args)
     per_block = TOPK_THREADS // warp_size()  # one warp per token
-    kernel("routing", "router_topk", kernels=kernels)((-(-T // per_block),), (TOPK_THREADS,),
-                                     (scratch, router_b, experts, weights, np.int32(T), np.int32(E), np.int32(k)))
+    kernel("routing", "router_topk" if splits > 1 else "router_topk_summed", kernels=kernels)(
+        (-(-T // per_block),), (TOPK_THREADS,), (scratch, router_b, experts, weights, np.int32(T), np.int32(E),
+                                                 np.int32(k)))
     return experts, weights
 
 

@@ -29,6 +29,7 @@ struct dim3 { unsigned x, y, z; };
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
 struct uint2 { unsigned x, y; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }

@@ -146,6 +146,34 @@ def test_route(T, E, H):
 
 
 @gpu
+@pytest.mark.parametrize("kernels", [pytest.param(None, id="default"), pytest.param(PORTABLE, id="portable")])
+@pytest.mark.parametrize("E", [4, 32, 128])
+@pytest.mark.parametrize("T, H", [(1, 2880), (37, 96), (300, 2880), (1025, 2880), (4160, 1056)])
+def test_every_router_kernel_gives_the_same_bits(T, H, E, kernels):
+    """route() with each router kernel (router_logits; each register tile with a slice of H per CTA and
+    with all of H per CTA): the same experts and weights bit for bit, both inputs; poisoned outputs and
+    scratch. H = 96 and 1056: slices of 0-1 and 1-2 chunks."""
+    import cupy
+
+    skip_if_portable_is_the_default(kernels)
+    rng = np.random.default_rng(T * 13 + E + H)
+    t, w, b = _router_inputs(rng, T, E, H, f32=True)
+    k = min(4, E)
+    for t_in in (t, cupy.asarray(to_bf16_bits(cupy.asnumpy(t)))):
+        got = {}
+        for router in M.router_choices():
+            ex = cupy.full((T, k), -1, dtype=cupy.int32)
+            wt = cupy.full((T, k), np.nan, dtype=cupy.float32)
+            scratch = cupy.full(M.ROUTER_SPLITS * T * E, np.nan, dtype=cupy.float32)
+            M.route(t_in, w, b, k, out=(ex, wt), scratch=scratch, kernels=kernels, router=router)
+            got[router] = (cupy.asnumpy(ex), cupy.asnumpy(wt).view(np.uint32))
+            assert (got[router][0] >= 0).all() and np.isfinite(cupy.asnumpy(wt)).all(), router
+        for router, (ex, wt) in got.items():
+            np.testing.assert_array_equal(ex, got[M.LOGITS][0], err_msg=router)
+            np.testing.assert_array_equal(wt, got[M.LOGITS][1], err_msg=router)
+
+
+@gpu
 def test_route_ties_lower_index_first():
     """Equal logits (identical router rows and biases): the lower expert index wins."""
     import cupy
