@@ -1,8 +1,9 @@
 """routing.hip's portable code run on the CPU (tests/emulated: a thread per GPU thread, g++), both warp
 widths: route_dispatch (one launch) gives the same bits as router_logits + router_topk + moe_dispatch
 (three), for the whole router and for a tensor-parallel rank's view, across its rounds of logits, with the
-CTAs finishing in any order; its counter is 0 after every launch; and the results are the top k of the
-float64 logits and their stable sort. The NVIDIA-only code (__match_any_sync, PDL) and the memory model
+CTAs finishing in any order; its counter is 0 after every launch; the results are the top k of the
+float64 logits and their stable sort; and every router_sums tile, a slice of H per CTA or all of it, gives
+router_logits' experts and weights. The NVIDIA-only code (__match_any_sync, PDL) and the memory model
 of a real GPU are not exercised here: tests/gpu/test_moe.py runs the same comparisons on the device.
 """
 from __future__ import annotations

@@ -127,12 +127,12 @@ router_logits_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, flo
 // router_sums_<TT>x<TE>_<RT>x<RE>(_f32): grid (ceil(T / TT), ceil(E / TE), Z) with Z = ROUTER_SPLITS or 1,
 // TT * TE / (RT * RE) threads. Thread (qt = tid / (TE/RE), qe = tid % (TE/RE)) owns tokens RT qt .. + RT-1
 // and experts RE qe .. + RE-1 of the tile: per h RT floats of t and RE of w from shared memory for RT RE
-// FMAs (router_logits: 4 FMAs per 5 floats). Each p_s is fmaf
-// from 0 in increasing h over slice s, as in router_logits. Z = ROUTER_SPLITS: CTA z makes p_z and writes
-// it to partial z of [ROUTER_SPLITS, T, E] (router_logits' output). Z = 1: a CTA runs all slices in order
-// and keeps ((p0 + p1) + ...) + p_s, the order router_topk adds the partials in, and writes the sum to
-// [T, E] (router_topk_summed). Either way the same bits as router_logits + router_topk.
-// Loader: a piece is 8 consecutive h of one row; piece p of a round is row p % rows, h (p / rows) * 8, so
+// FMAs (router_logits: 4 FMAs per 5 floats). Each p_s is fmaf from 0 in increasing h over slice s, as in
+// router_logits. Z = ROUTER_SPLITS: CTA z makes p_z and writes it to partial z of [ROUTER_SPLITS, T, E]
+// (router_logits' output). Z = 1: a CTA runs all slices in order and keeps ((p0 + p1) + ...) + p_s, the
+// order router_topk adds the partials in, and writes the sum to [T, E] (router_topk_summed). Either way the
+// same bits as router_logits + router_topk.
+// Loader: a piece is 8 consecutive h of one row; piece p of a chunk is row p % rows, h (p / rows) * 8, so
 // consecutive threads store consecutive rows of st / sw (different banks).
 DEVICE void router_load8(const bf16_t* p, float v[8]) {  // 8-byte aligned (rows of H % 32 == 0)
     const uint2 a = *reinterpret_cast<const uint2*>(p), b = *reinterpret_cast<const uint2*>(p + 4);
@@ -276,29 +276,29 @@ DEVICE void router_sums_tile(const TIn* __restrict__ t, const bf16_t* __restrict
 }
 
 // The tiles ops/moe.py launches (its ROUTER_TILES): name, TT, TE, RT, RE (threads TT * TE / (RT RE)).
-#define ROUTER_SUMS_KERNEL(NAME, TT, TE, RT, RE)                                                     \
+#define ROUTER_SUMS_KERNEL(NAME, TT, TE, RT, RE)                                                        \
     extern "C" __global__ void __launch_bounds__((TT) * (TE) / ((RT) * (RE)))                           \
-    NAME(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ out, int T,     \
+    NAME(const bf16_t* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ out, int T,    \
          int E, int H) {                                                                                \
         GPTOSS_WAIT_PRIOR_GRID();                                                                       \
         GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
-        router_sums_tile<bf16_t, TT, TE, RT, RE>(t, w, out, T, E, H);                                \
+        router_sums_tile<bf16_t, TT, TE, RT, RE>(t, w, out, T, E, H);                                   \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__((TT) * (TE) / ((RT) * (RE)))                           \
     NAME##_f32(const float* __restrict__ t, const bf16_t* __restrict__ w, float* __restrict__ out, int T, \
                int E, int H) {                                                                          \
         GPTOSS_WAIT_PRIOR_GRID();                                                                       \
         GPTOSS_LAUNCH_DEPENDENTS();                                                                     \
-        router_sums_tile<float, TT, TE, RT, RE>(t, w, out, T, E, H);                                 \
+        router_sums_tile<float, TT, TE, RT, RE>(t, w, out, T, E, H);                                    \
     }
 //                 name                    TT  TE  RT  RE
 ROUTER_SUMS_KERNEL(router_sums_64x64_4x4,  64, 64, 4,  4)
 ROUTER_SUMS_KERNEL(router_sums_64x32_8x4,  64, 32, 8,  4)
 
 // ---- top-k and softmax --------------------------------------------------------------------------
-// Logit (tok, e) = the `splits` partials [splits, T, E] in increasing split order, then the bias: the one
-// order of the file header, whichever kernel sums it (router_logits: ROUTER_SPLITS partials; router_sums_*:
-// 1, the sum already made in that order).
+// Logit (tok, e) = the SPLITS partials [SPLITS, T, E] in increasing split order, then the bias: the one
+// order of the file header, whichever kernel sums it (ROUTER_SPLITS partials of router_logits or of
+// router_sums_* with Z = ROUTER_SPLITS; 1, the sum already made in that order, with Z = 1).
 template <int SPLITS>
 DEVICE float router_logit(const float* partial, const bf16_t* bias, int T, int E, int tok, int e) {
     float s = partial[(size_t)tok * E + e];
