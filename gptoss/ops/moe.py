@@ -457,18 +457,21 @@ def _router_choice(choice: str) -> tuple[str, int]:
 # T = 4,096: 256 CTAs, 239 against 201).
 ROUTER_TILED_MIN_LOGITS = 32768
 ROUTER_WHOLE_H_MIN_WAVES = 3
+ROUTER_WIDE_TILE, ROUTER_NARROW_TILE = "64x64_4x4", "64x32_8x4"  # the narrow one also runs all of H
 
 
 def router_choice(num_tokens: int, num_experts: int, sms: int) -> str:
     """The router kernel route() takes for a step of num_tokens tokens over num_experts experts on `sms`
     multiprocessors (all choices give the same bits): router_logits for small steps; else a slice of H per
-    CTA with 64 x 64 tiles (64 x 32 for fewer than 64 experts), or all of H per CTA with 64 x 32 tiles when
-    those fill ROUTER_WHOLE_H_MIN_WAVES CTAs per multiprocessor."""
+    CTA with the wide tile (the narrow one where the experts do not fill the wide one's), or all of H per
+    CTA with the narrow tile when its CTAs fill ROUTER_WHOLE_H_MIN_WAVES per multiprocessor."""
     if num_tokens * num_experts < ROUTER_TILED_MIN_LOGITS:
         return LOGITS
-    if -(-num_tokens // 64) * -(-num_experts // 32) >= ROUTER_WHOLE_H_MIN_WAVES * sms:
-        return "64x32_8x4:1"
-    return f"{'64x64_4x4' if num_experts >= 64 else '64x32_8x4'}:{ROUTER_SPLITS}"
+    tt, te = ROUTER_TILES[ROUTER_NARROW_TILE][:2]
+    if -(-num_tokens // tt) * -(-num_experts // te) >= ROUTER_WHOLE_H_MIN_WAVES * sms:
+        return f"{ROUTER_NARROW_TILE}:1"
+    wide = num_experts >= ROUTER_TILES[ROUTER_WIDE_TILE][1]
+    return f"{ROUTER_WIDE_TILE if wide else ROUTER_NARROW_TILE}:{ROUTER_SPLITS}"
 
 
 def route(t, router_w, router_b, k: int, out=None, scratch=None, kernels: KernelOptions | None = None,
